@@ -1,0 +1,45 @@
+"""bnfused: fused BatchNorm(+activation) for PyTorch — Triton, C++/CUDA and pure-PyTorch backends.
+
+    import bnfused
+    bn = bnfused.BatchNorm2d(64)                       # drop-in for torch.nn.BatchNorm2d
+    bn = bnfused.BatchNorm2d(64, activation="relu")    # BN + ReLU in one kernel
+    y = bnfused.functional.batch_norm(x, rm, rv, w, b, training=True, activation="relu")
+    model = bnfused.convert_model(model, fuse_relu=True)
+"""
+
+from bnfused import functional
+from bnfused.backends import BackendUnavailableError, availability, get_backend, set_backend
+from bnfused.convert import convert_model
+from bnfused.functional import batch_norm
+from bnfused.modules import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchNormReLU1d,
+    BatchNormReLU2d,
+    BatchNormReLU3d,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchNormReLU1d",
+    "BatchNormReLU2d",
+    "BatchNormReLU3d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
+    "availability",
+    "batch_norm",
+    "convert_model",
+    "functional",
+    "get_backend",
+    "set_backend",
+]

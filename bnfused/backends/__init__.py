@@ -1,0 +1,134 @@
+"""Backend registry and selection: the one place that decides which implementation runs.
+
+Every backend is a module exposing the same functions with the same arguments (the reference
+backend, ``reference.py``, defines them and their semantics):
+
+    available(device) -> str | None          reason the backend cannot run on ``device``, or None
+    forward_train(x, weight, bias, running_mean, running_var, momentum, eps, act, slope) -> (y, mean, invstd)
+    forward_eval(x, weight, bias, running_mean, running_var, eps, act, slope) -> y
+    backward(dy, x, y, weight, mean, invstd, act, slope, training, needs_input, needs_weight, needs_bias)
+        -> (dx | None, dweight | None, dbias | None)
+    and the split primitives used by SyncBatchNorm:
+    batch_stats(x) -> (mean, biased_var)
+    normalize(x, weight, bias, mean, invstd, act, slope) -> y
+    backward_reduce(dy, x, y, mean, invstd, act, slope) -> (sum_g, sum_g_xhat)
+    backward_elemt(dy, x, y, weight, mean, invstd, sum_g, sum_g_xhat, count, act, slope) -> dx
+
+Arguments: x is (N, C, *) with N * prod(*) > 0, dense, with its spatial dims collapsible to one
+stride (contiguous, channels_last, or an (N, L, C) tensor viewed as (N, C, L)); dy has x's strides.
+weight, bias, running_mean, running_var are (C,) or None. mean and invstd are (C,) float32 (float64
+for float64 x). y, dx come back with x's dtype and strides; dweight and dbias in float32 (float64).
+``act`` is a code from ``bnfused.activation``; ``slope`` the leaky_relu slope (0 for relu).
+
+Names: "reference" (pure PyTorch, anywhere), "triton" (CUDA tensors, or CPU tensors when
+TRITON_INTERPRET=1), "cpp" (the C++ extension on CPU tensors), "cuda" (the extension's CUDA kernels),
+and "auto", which picks the first available of ``AUTO_ORDER[device type]`` and warns once when it
+has to fall back. The default comes from ``set_backend`` or the BNFUSED_BACKEND environment variable.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+_MODULES = {
+    "reference": "bnfused.backends.reference",
+    "triton": "bnfused.backends.triton",
+    "cpp": "bnfused.backends.native",
+    "cuda": "bnfused.backends.native",
+}
+NAMES = ("auto", *_MODULES)
+
+# Fastest first. The reference path closes every list, so "auto" always finds something.
+AUTO_ORDER = {
+    "cuda": ("triton", "cuda", "reference"),
+    "cpu": ("cpp", "reference"),
+}
+_AUTO_DEFAULT_ORDER = ("reference",)
+
+_loaded: dict[str, ModuleType] = {}
+_resolved: dict[tuple[str, str], str] = {}
+_default = os.environ.get("BNFUSED_BACKEND", "auto").strip().lower() or "auto"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend that was asked for by name cannot run here; the message says why."""
+
+
+def _check_name(name: str) -> str:
+    name = name.lower()
+    if name not in NAMES:
+        raise ValueError(f"bnfused: unknown backend {name!r}; choose one of {', '.join(NAMES)}")
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Sets the backend used by modules and functions that are not given one explicitly."""
+    global _default
+    _default = _check_name(name)
+    _resolved.clear()
+
+
+def get_backend() -> str:
+    """The process-wide default backend name ("auto" unless changed)."""
+    return _default
+
+
+def module(name: str) -> ModuleType:
+    """Imports a backend module (lazily: Triton and the C++ build are only touched when used)."""
+    mod = _loaded.get(name)
+    if mod is None:
+        mod = _loaded[name] = importlib.import_module(_MODULES[name])
+    return mod
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot run on ``device``, or None when it can."""
+    try:
+        return module(name).available(device)
+    except Exception as exc:  # an import or build failure is a reason, not a crash
+        return f"{type(exc).__name__}: {exc}"
+
+
+def resolve(name: str | None, device: torch.device) -> str:
+    """Turns a requested backend ("auto", None or a name) into a concrete, available backend name.
+
+    Cached per (request, device type), so a module call pays one dict lookup after the first.
+    """
+    key = (name or _default, device.type)
+    found = _resolved.get(key)
+    if found is None:
+        found = _resolved[key] = _resolve_uncached(key[0], device)
+    return found
+
+
+def _resolve_uncached(name: str, device: torch.device) -> str:
+    name = _check_name(name)
+    if name != "auto":
+        reason = unavailable_reason(name, device)
+        if reason is not None:
+            raise BackendUnavailableError(f"bnfused: backend {name!r} is unavailable for {device.type} tensors: {reason}")
+        return name
+    skipped = []
+    for candidate in AUTO_ORDER.get(device.type, _AUTO_DEFAULT_ORDER):
+        reason = unavailable_reason(candidate, device)
+        if reason is None:
+            if skipped:
+                warnings.warn(
+                    f"bnfused: using backend {candidate!r} for {device.type} tensors; "
+                    + "; ".join(f"{n!r} is unavailable ({r})" for n, r in skipped),
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return candidate
+        skipped.append((candidate, reason))
+    raise AssertionError("unreachable: the reference backend is always available")
+
+
+def availability(device: torch.device) -> dict[str, str | None]:
+    """Every concrete backend name mapped to None (available) or the reason it is not."""
+    return {name: unavailable_reason(name, device) for name in _MODULES}

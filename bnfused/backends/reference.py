@@ -1,0 +1,156 @@
+"""Pure-PyTorch BatchNorm: the semantic definition every other backend is tested against.
+
+Runs on any device. Arithmetic is done in float32 (float64 for float64 inputs) whatever the input
+dtype, with the same formulas the fused kernels use:
+
+Forward (training), per channel c over the M = N * spatial values of that channel:
+    mean_c   = sum(x) / M
+    var_c    = sum((x - mean_c)^2) / M                   (biased; two-pass, so stable for |mean| >> std)
+    invstd_c = 1 / sqrt(var_c + eps)
+    z        = (x - mean_c) * (invstd_c * w_c) + b_c     (subtract first: no cancellation at large mean)
+    y        = act(z)
+    running_mean <- (1 - momentum) * running_mean + momentum * mean_c
+    running_var  <- (1 - momentum) * running_var  + momentum * var_c * M / (M - 1)   (unbiased)
+
+Backward, with g = dy * act'(z) (act' recovered from the saved y: y > 0 exactly where z > 0) and
+x_hat = (x - mean_c) * invstd_c:
+    db_c = sum(g)                dw_c = sum(g * x_hat)
+    training: dx = w_c * invstd_c * (g - db_c / M - x_hat * dw_c / M)
+    eval:     dx = w_c * invstd_c * g          (mean and invstd are constants: the running stats)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bnfused import activation as act_codes
+
+
+def available(device: torch.device) -> str | None:
+    """Always available: returns no reason against it."""
+    return None
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _reduce_dims(x: torch.Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+def _per_channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Views a (C,) tensor so that it broadcasts against x of shape (N, C, *)."""
+    return t.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+def _activate(z: torch.Tensor, act: int, slope: float) -> torch.Tensor:
+    if act == act_codes.NONE:
+        return z
+    return torch.where(z > 0, z, z * slope)
+
+
+def _activation_grad(dy: torch.Tensor, y: torch.Tensor | None, act: int, slope: float):
+    if act == act_codes.NONE:
+        return dy
+    return torch.where(y > 0, dy, dy * slope)
+
+
+def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of x: (N, C, *) -> two (C,) tensors in the accumulation dtype."""
+    xf = x.to(accumulation_dtype(x.dtype))
+    var, mean = torch.var_mean(xf, dim=_reduce_dims(x), correction=0)
+    return mean, var
+
+
+def update_running_stats(
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    count: int,
+    momentum: float,
+) -> None:
+    """In-place exponential (or, via the momentum the caller picks, cumulative) average update."""
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        if running_var is not None:
+            unbiased = var * (count / (count - 1))
+            running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+
+def normalize(x, weight, bias, mean, invstd, act: int, slope: float) -> torch.Tensor:
+    """y = act((x - mean) * invstd * weight + bias), returned in x's dtype and layout."""
+    acc = accumulation_dtype(x.dtype)
+    scale = invstd if weight is None else invstd * weight.to(acc)
+    z = (x.to(acc) - _per_channel(mean, x)) * _per_channel(scale, x)
+    if bias is not None:
+        z = z + _per_channel(bias.to(acc), x)
+    return _activate(z, act, slope).to(x.dtype)
+
+
+def forward_train(x, weight, bias, running_mean, running_var, momentum: float, eps: float, act: int, slope: float):
+    """Training forward. x: (N, C, *) float16|bfloat16|float32|float64.
+
+    Returns (y like x, mean (C,), invstd (C,)), mean and invstd in the accumulation dtype; updates the
+    running stats in place when given.
+    """
+    mean, var = batch_stats(x)
+    update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
+    invstd = torch.rsqrt(var + eps)
+    return normalize(x, weight, bias, mean, invstd, act, slope), mean, invstd
+
+
+def eval_stats(running_mean: torch.Tensor, running_var: torch.Tensor, eps: float, dtype: torch.dtype):
+    """The (mean, invstd) pair that eval mode normalises with, in the accumulation dtype of ``dtype``."""
+    acc = accumulation_dtype(dtype)
+    return running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps)
+
+
+def forward_eval(x, weight, bias, running_mean, running_var, eps: float, act: int, slope: float):
+    """Eval forward with the running statistics: one elementwise pass."""
+    mean, invstd = eval_stats(running_mean, running_var, eps, x.dtype)
+    return normalize(x, weight, bias, mean, invstd, act, slope)
+
+
+def backward_reduce(dy, x, y, mean, invstd, act: int, slope: float):
+    """Per-channel (sum(g), sum(g * x_hat)) with g = dy * act'(z); both (C,) in the accumulation dtype."""
+    acc = accumulation_dtype(x.dtype)
+    g = _activation_grad(dy.to(acc), y, act, slope)
+    x_hat = (x.to(acc) - _per_channel(mean, x)) * _per_channel(invstd, x)
+    dims = _reduce_dims(x)
+    return g.sum(dims), (g * x_hat).sum(dims)
+
+
+def backward_elemt(dy, x, y, weight, mean, invstd, sum_dy, sum_dy_xhat, count: int, act: int, slope: float):
+    """Training-mode dx from the per-channel sums; count is the number of values per channel (M)."""
+    acc = accumulation_dtype(x.dtype)
+    g = _activation_grad(dy.to(acc), y, act, slope)
+    x_hat = (x.to(acc) - _per_channel(mean, x)) * _per_channel(invstd, x)
+    scale = invstd if weight is None else invstd * weight.to(acc)
+    dx = (g - _per_channel(sum_dy / count, x) - x_hat * _per_channel(sum_dy_xhat / count, x)) * _per_channel(
+        scale, x
+    )
+    return dx.to(x.dtype)
+
+
+def backward(dy, x, y, weight, mean, invstd, act: int, slope: float, training: bool, needs_input: bool, needs_weight: bool, needs_bias: bool):
+    """Gradients (dx, dweight, dbias); each is None when not asked for.
+
+    dy, x and y share one shape and strides; y is only read when an activation is fused. dweight and
+    dbias come back in the accumulation dtype (the caller casts them to the parameters' dtype).
+    """
+    acc = accumulation_dtype(x.dtype)
+    sum_dy = sum_dy_xhat = None
+    if needs_weight or needs_bias or (training and needs_input):
+        sum_dy, sum_dy_xhat = backward_reduce(dy, x, y, mean, invstd, act, slope)
+    dx = None
+    if needs_input:
+        if training:
+            dx = backward_elemt(dy, x, y, weight, mean, invstd, sum_dy, sum_dy_xhat, x.numel() // x.shape[1], act, slope)
+        else:
+            g = _activation_grad(dy.to(acc), y, act, slope)
+            scale = invstd if weight is None else invstd * weight.to(acc)
+            dx = (g * _per_channel(scale, x)).to(x.dtype)
+    return dx, (sum_dy_xhat if needs_weight else None), (sum_dy if needs_bias else None)

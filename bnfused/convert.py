@@ -1,0 +1,56 @@
+"""``convert_model``: swap the BatchNorm layers of an existing model for bnfused's."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from bnfused.modules import EQUIVALENTS, _FusedBatchNorm
+
+
+def _convert_one(bn: nn.Module, backend: str | None) -> nn.Module:
+    cls = EQUIVALENTS[type(bn)]
+    if isinstance(bn, nn.modules.lazy.LazyModuleMixin) and bn.has_uninitialized_params():
+        # Its hooks are bound to the old object: build a fresh lazy module with the same settings.
+        factory = {"device": bn.weight.device if bn.affine else None, "dtype": bn.weight.dtype if bn.affine else None}
+        new = cls(bn.eps, bn.momentum, bn.affine, bn.track_running_stats, backend=backend, **factory)
+        return new.train(bn.training)
+    new = cls.__new__(cls)
+    # The same Parameter and buffer objects, hooks and train/eval flag: optimizers keep working.
+    new.__dict__.update(bn.__dict__)
+    new._init_fused(None, 0.01, backend)
+    return new
+
+
+def _fuse_following_relu(seq: nn.Sequential) -> None:
+    names = list(seq._modules)
+    for first, second in zip(names, names[1:]):
+        bn, nxt = seq._modules[first], seq._modules[second]
+        if not isinstance(bn, _FusedBatchNorm) or bn.activation is not None:
+            continue
+        if type(nxt) is nn.ReLU:
+            bn.activation = "relu"
+        elif type(nxt) is nn.LeakyReLU and nxt.negative_slope >= 0:
+            bn.activation, bn.negative_slope = "leaky_relu", nxt.negative_slope
+        else:
+            continue
+        seq._modules[second] = nn.Identity()  # keeps the indices (and state_dict keys) of what follows
+
+
+def convert_model(model: nn.Module, fuse_relu: bool = False, backend: str | None = None) -> nn.Module:
+    """Replaces every ``nn.BatchNorm1d/2d/3d`` (and lazy variant) in ``model`` with bnfused's.
+
+    Parameters, buffers, device, dtype and train/eval state are kept (the very same tensors). With
+    ``fuse_relu=True``, an ``nn.ReLU`` (or ``nn.LeakyReLU`` with slope >= 0) directly after a BatchNorm
+    in an ``nn.Sequential`` becomes the BatchNorm's fused activation and is replaced by ``nn.Identity``.
+    Returns the model (converted in place), or the new module when ``model`` itself is a BatchNorm.
+    """
+    if type(model) in EQUIVALENTS:
+        return _convert_one(model, backend)
+    for name, child in model.named_children():
+        if type(child) in EQUIVALENTS:
+            model._modules[name] = _convert_one(child, backend)
+        else:
+            convert_model(child, fuse_relu, backend)
+    if fuse_relu and isinstance(model, nn.Sequential):
+        _fuse_following_relu(model)
+    return model

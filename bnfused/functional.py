@@ -1,0 +1,108 @@
+"""``batch_norm``: ``torch.nn.functional.batch_norm`` plus a fused activation and a backend choice.
+
+All argument checking lives here, with torch's exception types and wording where torch has them,
+so that backends receive only valid, kernel-ready tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bnfused import activation as act_codes
+from bnfused import backends, layout
+from bnfused.ops import BatchNormFunction
+
+_FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_REDUCED = (torch.float16, torch.bfloat16)
+# ATen's names, which torch's "not implemented for" messages use.
+_ATEN_NAMES = {
+    torch.bool: "Bool", torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short",
+    torch.int32: "Int", torch.int64: "Long", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+}  # fmt: skip
+
+
+def _check_per_channel(name: str, t: torch.Tensor | None, x: torch.Tensor, num_channels: int, dtypes: set) -> None:
+    if t is None:
+        return
+    if t.numel() != num_channels:
+        raise RuntimeError(f"{name} should contain {num_channels} elements not {t.numel()}")
+    if t.device != x.device:
+        raise RuntimeError(
+            f"Expected all tensors to be on the same device, but found {name} on {t.device} and input on {x.device}"
+        )
+    dtypes.add(t.dtype)
+
+
+def _check_inputs(x, running_mean, running_var, weight, bias, training) -> None:
+    if x.dtype not in _FLOATING:
+        raise NotImplementedError(f'"batch_norm" not implemented for \'{_ATEN_NAMES.get(x.dtype, x.dtype)}\'')
+    if x.dim() < 2:
+        raise ValueError(f"batch_norm expected an input of at least 2D (N, C, *) (got {x.dim()}D input)")
+    num_channels = x.shape[1]
+    dtypes: set[torch.dtype] = set()
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        _check_per_channel(name, t, x, num_channels, dtypes)
+    if dtypes and dtypes != {x.dtype} and not (x.dtype in _REDUCED and dtypes == {torch.float32}):
+        allowed = f"{x.dtype}" + (" (or all float32)" if x.dtype in _REDUCED else "")
+        found = ", ".join(sorted(str(d) for d in dtypes))
+        raise RuntimeError(
+            f"mixed dtype: expected weight, bias, running_mean and running_var to be {allowed}, got {found}"
+        )
+    if training:
+        values_per_channel = x.numel() // num_channels if num_channels else 0
+        if values_per_channel == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+    elif running_mean is None or running_var is None:
+        raise RuntimeError("running_mean must be defined in evaluation mode")
+
+
+def _empty_batch_norm(x, weight, bias, act: int, slope: float) -> torch.Tensor:
+    """Output for an input with no elements: an empty tensor still connected to weight and bias
+    (their gradients come out as zeros, as torch's do); running stats are left alone."""
+    shape = (1, -1, *([1] * (x.dim() - 2)))
+    y = x * weight.view(shape) if weight is not None else x.clone()
+    if bias is not None:
+        y = y + bias.view(shape)
+    return torch.nn.functional.leaky_relu(y, slope) if act else y
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Batch normalization over dim 1 of ``input``, then an optional fused activation.
+
+    Same meaning as ``torch.nn.functional.batch_norm`` for every shared argument: ``training=True``
+    normalises with batch statistics and, when running stats are given, updates them in place
+    (``momentum`` weights the new batch; the running variance is unbiased); ``training=False`` uses
+    the running statistics.
+
+    Args:
+        input: (N, C, *) float16 | bfloat16 | float32 | float64.
+        running_mean, running_var: (C,) or None; input's dtype, or float32 for half/bfloat16 input.
+        weight, bias: (C,) or None, same dtype rule.
+        activation: None, "relu" or "leaky_relu", applied after the affine step, inside the kernels.
+        negative_slope: leaky_relu's slope (>= 0).
+        backend: "auto", "triton", "cpp", "cuda", "reference", or None for the global default.
+
+    Returns:
+        (N, C, *) tensor with input's dtype (and layout, for contiguous and channels_last input).
+    """
+    act, slope = act_codes.parse(activation, negative_slope)
+    _check_inputs(input, running_mean, running_var, weight, bias, training)
+    if input.numel() == 0:
+        return _empty_batch_norm(input, weight, bias, act, slope)
+    name = backends.resolve(backend, input.device)
+    return BatchNormFunction.apply(
+        layout.kernel_ready(input), weight, bias, running_mean, running_var,
+        bool(training), float(momentum), float(eps), act, slope, name,
+    )  # fmt: skip

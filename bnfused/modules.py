@@ -1,0 +1,111 @@
+"""Drop-in BatchNorm modules: the classes of ``torch.nn`` with bnfused's forward.
+
+Each class subclasses its ``torch.nn`` namesake, so the constructor, parameters, buffers,
+``state_dict`` keys and versioning, ``reset_parameters``, input-dimension checks and
+``isinstance(m, nn.BatchNorm2d)`` are torch's own. Added: ``activation=`` (fused relu/leaky_relu),
+``negative_slope=`` and ``backend=`` keyword arguments.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bnfused import activation as act_codes
+from bnfused.functional import batch_norm
+
+
+class _FusedBatchNorm:
+    """The forward shared by every bnfused BatchNorm module (mirrors ``nn.modules.batchnorm._BatchNorm``)."""
+
+    def _init_fused(self, activation: str | None, negative_slope: float, backend: str | None) -> None:
+        act_codes.parse(activation, negative_slope)  # fail at construction, not at the first forward
+        self.activation = activation
+        self.negative_slope = negative_slope
+        self.backend = backend
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(self.num_batches_tracked)
+        # Batch statistics in training, and in eval when there are no running stats to use.
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep_running = not self.training or self.track_running_stats
+        return batch_norm(
+            input,
+            self.running_mean if keep_running else None,
+            self.running_var if keep_running else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            momentum,
+            self.eps,
+            self.activation,
+            self.negative_slope,
+            self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.activation is not None:
+            text += f", activation={self.activation!r}"
+            if act_codes.parse(self.activation, self.negative_slope)[0] == act_codes.LEAKY_RELU:
+                text += f", negative_slope={self.negative_slope}"
+        if self.backend is not None:
+            text += f", backend={self.backend!r}"
+        return text
+
+
+def _fused_class(torch_cls: type, doc: str) -> type:
+    def __init__(self, *args, activation=None, negative_slope=0.01, backend=None, **kwargs):
+        torch_cls.__init__(self, *args, **kwargs)
+        self._init_fused(activation, negative_slope, backend)
+
+    return type(torch_cls.__name__, (_FusedBatchNorm, torch_cls), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+_DOC = """Drop-in for ``torch.nn.{name}`` (same constructor, state_dict and behaviour).
+
+    Extra keyword arguments: ``activation`` (None, "relu", "leaky_relu") fused after the affine step,
+    ``negative_slope`` for leaky_relu, ``backend`` ("auto", "triton", "cpp", "cuda", "reference";
+    None follows ``bnfused.set_backend``). Input: {shape}.
+    """
+
+BatchNorm1d = _fused_class(nn.BatchNorm1d, _DOC.format(name="BatchNorm1d", shape="(N, C) or (N, C, L)"))
+BatchNorm2d = _fused_class(nn.BatchNorm2d, _DOC.format(name="BatchNorm2d", shape="(N, C, H, W)"))
+BatchNorm3d = _fused_class(nn.BatchNorm3d, _DOC.format(name="BatchNorm3d", shape="(N, C, D, H, W)"))
+LazyBatchNorm1d = _fused_class(nn.LazyBatchNorm1d, _DOC.format(name="LazyBatchNorm1d", shape="(N, C) or (N, C, L)"))
+LazyBatchNorm2d = _fused_class(nn.LazyBatchNorm2d, _DOC.format(name="LazyBatchNorm2d", shape="(N, C, H, W)"))
+LazyBatchNorm3d = _fused_class(nn.LazyBatchNorm3d, _DOC.format(name="LazyBatchNorm3d", shape="(N, C, D, H, W)"))
+# Once its parameters are inferred, a lazy module turns into this class (torch's would drop the fusion).
+LazyBatchNorm1d.cls_to_become = BatchNorm1d
+LazyBatchNorm2d.cls_to_become = BatchNorm2d
+LazyBatchNorm3d.cls_to_become = BatchNorm3d
+
+
+def _relu_class(base: type) -> type:
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("activation", "relu")
+        base.__init__(self, *args, **kwargs)
+
+    name = base.__name__.replace("BatchNorm", "BatchNormReLU")
+    doc = f"``{base.__name__}`` followed by a ReLU, fused in one kernel (``activation='relu'``)."
+    return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+BatchNormReLU1d = _relu_class(BatchNorm1d)
+BatchNormReLU2d = _relu_class(BatchNorm2d)
+BatchNormReLU3d = _relu_class(BatchNorm3d)
+
+# torch class -> bnfused class, for convert_model.
+EQUIVALENTS = {
+    nn.BatchNorm1d: BatchNorm1d,
+    nn.BatchNorm2d: BatchNorm2d,
+    nn.BatchNorm3d: BatchNorm3d,
+    nn.LazyBatchNorm1d: LazyBatchNorm1d,
+    nn.LazyBatchNorm2d: LazyBatchNorm2d,
+    nn.LazyBatchNorm3d: LazyBatchNorm3d,
+}
