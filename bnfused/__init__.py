@@ -1,10 +1,10 @@
 """bnfused: fused BatchNorm(+activation) for PyTorch — Triton, C++/CUDA and pure-PyTorch backends.
 
-    import bnfused
-    bn = bnfused.BatchNorm2d(64)                       # drop-in for torch.nn.BatchNorm2d
-    bn = bnfused.BatchNorm2d(64, activation="relu")    # BN + ReLU in one kernel
-    y = bnfused.functional.batch_norm(x, rm, rv, w, b, training=True, activation="relu")
-    model = bnfused.convert_model(model, fuse_relu=True)
+import bnfused
+bn = bnfused.BatchNorm2d(64)                       # drop-in for torch.nn.BatchNorm2d
+bn = bnfused.BatchNorm2d(64, activation="relu")    # BN + ReLU in one kernel
+y = bnfused.functional.batch_norm(x, rm, rv, w, b, training=True, activation="relu")
+model = bnfused.convert_model(model, fuse_relu=True)
 """
 
 from bnfused import functional

@@ -19,7 +19,8 @@ def _version(dist: str) -> str:
 
 
 def main() -> None:
-    print(f"bnfused {bnfused.__version__}  python {platform.python_version()}  torch {torch.__version__}  triton {_version('triton')}")
+    versions = f"python {platform.python_version()}  torch {torch.__version__}  triton {_version('triton')}"
+    print(f"bnfused {bnfused.__version__}  {versions}")
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]

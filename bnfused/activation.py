@@ -24,9 +24,7 @@ def parse(activation: str | None, negative_slope: float) -> tuple[int, float]:
     try:
         code = _CODES[activation.lower() if isinstance(activation, str) else activation]
     except (KeyError, AttributeError):
-        raise ValueError(
-            f"bnfused: activation must be None, 'relu' or 'leaky_relu', got {activation!r}"
-        ) from None
+        raise ValueError(f"bnfused: activation must be None, 'relu' or 'leaky_relu', got {activation!r}") from None
     if code == NONE:
         return NONE, 0.0
     if code == RELU:

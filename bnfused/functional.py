@@ -35,7 +35,7 @@ def _check_per_channel(name: str, t: torch.Tensor | None, x: torch.Tensor, num_c
 
 def _check_inputs(x, running_mean, running_var, weight, bias, training) -> None:
     if x.dtype not in _FLOATING:
-        raise NotImplementedError(f'"batch_norm" not implemented for \'{_ATEN_NAMES.get(x.dtype, x.dtype)}\'')
+        raise NotImplementedError(f"\"batch_norm\" not implemented for '{_ATEN_NAMES.get(x.dtype, x.dtype)}'")
     if x.dim() < 2:
         raise ValueError(f"batch_norm expected an input of at least 2D (N, C, *) (got {x.dim()}D input)")
     num_channels = x.shape[1]

@@ -64,7 +64,9 @@ def _fused_class(torch_cls: type, doc: str) -> type:
         torch_cls.__init__(self, *args, **kwargs)
         self._init_fused(activation, negative_slope, backend)
 
-    return type(torch_cls.__name__, (_FusedBatchNorm, torch_cls), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+    return type(
+        torch_cls.__name__, (_FusedBatchNorm, torch_cls), {"__init__": __init__, "__doc__": doc, "__module__": __name__}
+    )
 
 
 _DOC = """Drop-in for ``torch.nn.{name}`` (same constructor, state_dict and behaviour).

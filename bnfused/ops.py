@@ -10,13 +10,12 @@ Two routes into the same backend functions (``bnfused.backends``):
   breaks and AOTAutograd functionalises the buffer update.
 
 The backward is an explicit formula (saved mean and invstd, x_hat recomputed), never autograd
-through the forward; it is once-differentiable, so double backward raises instead of being wrong.
+through the forward; double backward raises instead of returning a silently constant gradient.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from bnfused import backends, layout
 
@@ -143,7 +142,9 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope, backend):
         if training:
-            y, mean, invstd = forward_train(backend, x, weight, bias, running_mean, running_var, momentum, eps, act, slope)
+            y, mean, invstd = forward_train(
+                backend, x, weight, bias, running_mean, running_var, momentum, eps, act, slope
+            )
             ctx.save_for_backward(x, y if act else None, weight, mean, invstd)
         else:
             y = forward_eval(backend, x, weight, bias, running_mean, running_var, eps, act, slope)
@@ -153,8 +154,14 @@ class BatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # create_graph=True: a second derivative through this formula is not implemented, and
+            # returning a constant gradient would make e.g. a gradient penalty silently wrong.
+            raise RuntimeError(
+                "bnfused: double backward (create_graph=True) through BatchNorm is not supported; "
+                "use torch.nn.BatchNorm for higher-order gradients"
+            )
         x, y, weight, mean, invstd = ctx.saved_tensors
         training, eps, act, slope, backend, bias_dtype = ctx.config
         if not training:
@@ -166,4 +173,3 @@ class BatchNormFunction(torch.autograd.Function):
         if db is not None:
             db = db.to(bias_dtype)
         return dx, dw, db, None, None, None, None, None, None, None, None
-

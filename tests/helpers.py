@@ -101,9 +101,15 @@ def assert_matches_torch(
         y_ref.backward(grad)
         y_mod.backward(grad.to(dtype))
         where = f"step {step}"
-        torch.testing.assert_close(y_mod.to(ref_dtype), y_ref, atol=atol, rtol=rtol, msg=lambda m: f"output, {where}: {m}")
         torch.testing.assert_close(
-            x_mod.grad.to(ref_dtype), x_ref.grad, atol=atol * 5, rtol=rtol * 5, msg=lambda m: f"input grad, {where}: {m}"
+            y_mod.to(ref_dtype), y_ref, atol=atol, rtol=rtol, msg=lambda m, w=where: f"output, {w}: {m}"
+        )
+        torch.testing.assert_close(
+            x_mod.grad.to(ref_dtype),
+            x_ref.grad,
+            atol=atol * 5,
+            rtol=rtol * 5,
+            msg=lambda m, w=where: f"input grad, {w}: {m}",
         )
         if affine:
             # Parameter grads are sums over N * spatial values: their error grows with that count.
@@ -111,12 +117,12 @@ def assert_matches_torch(
             for name in ("weight", "bias"):
                 torch.testing.assert_close(
                     getattr(mod, name).grad.to(ref_dtype), getattr(ref, name).grad.to(ref_dtype),
-                    atol=atol * 5 * scale, rtol=rtol * 5, msg=lambda m, n=name: f"{n} grad, {where}: {m}",
+                    atol=atol * 5 * scale, rtol=rtol * 5, msg=lambda m, n=name, w=where: f"{n} grad, {w}: {m}",
                 )  # fmt: skip
         if track_running_stats:
             for name in ("running_mean", "running_var"):
                 torch.testing.assert_close(
                     getattr(mod, name).to(ref_dtype), getattr(ref, name).to(ref_dtype), atol=atol, rtol=rtol,
-                    msg=lambda m, n=name: f"{n}, {where}: {m}",
+                    msg=lambda m, n=name, w=where: f"{n}, {w}: {m}",
                 )  # fmt: skip
             assert mod.num_batches_tracked.item() == ref.num_batches_tracked.item()

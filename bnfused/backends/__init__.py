@@ -111,7 +111,9 @@ def _resolve_uncached(name: str, device: torch.device) -> str:
     if name != "auto":
         reason = unavailable_reason(name, device)
         if reason is not None:
-            raise BackendUnavailableError(f"bnfused: backend {name!r} is unavailable for {device.type} tensors: {reason}")
+            raise BackendUnavailableError(
+                f"bnfused: backend {name!r} is unavailable for {device.type} tensors: {reason}"
+            )
         return name
     skipped = []
     for candidate in AUTO_ORDER.get(device.type, _AUTO_DEFAULT_ORDER):

@@ -129,13 +129,24 @@ def backward_elemt(dy, x, y, weight, mean, invstd, sum_dy, sum_dy_xhat, count: i
     g = _activation_grad(dy.to(acc), y, act, slope)
     x_hat = (x.to(acc) - _per_channel(mean, x)) * _per_channel(invstd, x)
     scale = invstd if weight is None else invstd * weight.to(acc)
-    dx = (g - _per_channel(sum_dy / count, x) - x_hat * _per_channel(sum_dy_xhat / count, x)) * _per_channel(
-        scale, x
-    )
+    dx = (g - _per_channel(sum_dy / count, x) - x_hat * _per_channel(sum_dy_xhat / count, x)) * _per_channel(scale, x)
     return dx.to(x.dtype)
 
 
-def backward(dy, x, y, weight, mean, invstd, act: int, slope: float, training: bool, needs_input: bool, needs_weight: bool, needs_bias: bool):
+def backward(
+    dy,
+    x,
+    y,
+    weight,
+    mean,
+    invstd,
+    act: int,
+    slope: float,
+    training: bool,
+    needs_input: bool,
+    needs_weight: bool,
+    needs_bias: bool,
+):
     """Gradients (dx, dweight, dbias); each is None when not asked for.
 
     dy, x and y share one shape and strides; y is only read when an activation is fused. dweight and
@@ -148,7 +159,9 @@ def backward(dy, x, y, weight, mean, invstd, act: int, slope: float, training: b
     dx = None
     if needs_input:
         if training:
-            dx = backward_elemt(dy, x, y, weight, mean, invstd, sum_dy, sum_dy_xhat, x.numel() // x.shape[1], act, slope)
+            dx = backward_elemt(
+                dy, x, y, weight, mean, invstd, sum_dy, sum_dy_xhat, x.numel() // x.shape[1], act, slope
+            )
         else:
             g = _activation_grad(dy.to(acc), y, act, slope)
             scale = invstd if weight is None else invstd * weight.to(acc)

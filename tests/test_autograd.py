@@ -1,0 +1,77 @@
+"""The explicit backward: gradcheck in float64 with a random upstream gradient (with bias=0 and a plain
+sum() the input gradient of BN is identically zero and would pass trivially)."""
+
+import pytest
+import torch
+
+from bnfused.functional import batch_norm
+
+
+def _gradcheck(backend, shape, training, activation, affine, channels_last=False):
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 3
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    c = shape[1]
+    w = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_() if affine else None
+    b = torch.randn(c, dtype=torch.float64).requires_grad_() if affine else None
+    rm, rv = torch.randn(c, dtype=torch.float64), torch.rand(c, dtype=torch.float64) + 0.5
+    upstream = torch.randn(shape, dtype=torch.float64)
+
+    def f(x, w, b):
+        y = batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, activation, 0.1, backend)
+        return (y * upstream).sum()
+
+    inputs = (x, w, b) if affine else (x,)
+    assert torch.autograd.gradcheck(lambda *a: f(*a, *([None, None] if not affine else [])), inputs)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation", [None, "relu", "leaky_relu"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_gradcheck_reference(training, activation, affine):
+    _gradcheck("reference", (5, 3, 4), training, activation, affine)
+
+
+def test_gradcheck_channels_last_reference():
+    _gradcheck("reference", (3, 4, 3, 2), True, "relu", True, channels_last=True)
+
+
+def test_eval_backward_treats_running_stats_as_constants():
+    """Eval-mode dx = dy * w / sqrt(running_var + eps): no batch-statistics terms (a known bug elsewhere)."""
+    x = torch.randn(6, 3, 4, requires_grad=True)
+    w = torch.rand(3) + 0.5
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    g = torch.randn(6, 3, 4)
+    batch_norm(x, rm, rv, w, None, training=False).backward(g)
+    torch.testing.assert_close(x.grad, g * (w / torch.sqrt(rv + 1e-5)).view(1, 3, 1))
+
+
+def test_only_requested_gradients_are_computed():
+    x = torch.randn(6, 3, 4)
+    w = torch.rand(3, requires_grad=True)
+    b = torch.randn(3)  # no grad wanted
+    batch_norm(x, None, None, w, b, training=True).pow(2).sum().backward()
+    assert w.grad is not None and b.grad is None and x.grad is None
+
+
+def test_double_backward_raises_a_clear_error():
+    x = torch.randn(6, 3, requires_grad=True)
+    y = batch_norm(x, None, None, training=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad((y * torch.randn_like(y)).sum(), x, create_graph=True)
+
+
+def test_grad_of_non_contiguous_upstream():
+    """dy in another layout than x, or with stride 0 (what sum() sends), must still be handled."""
+    x = torch.randn(4, 3, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w, b = torch.rand(3) + 0.5, torch.randn(3)
+    g = torch.randn(4, 3, 5, 5)  # contiguous NCHW while x is channels_last
+    (gx,) = torch.autograd.grad(batch_norm(x, None, None, w, b, training=True), x, g)
+    x2 = x.detach().contiguous().requires_grad_()
+    (gx2,) = torch.autograd.grad(torch.nn.functional.batch_norm(x2, None, None, w, b, True), x2, g)
+    torch.testing.assert_close(gx, gx2)
+    assert gx.is_contiguous(memory_format=torch.channels_last)
+    # d(sum(BN(x)))/dx is 0 in training mode: every value's shift is cancelled by the mean's
+    batch_norm(x, None, None, w, b, training=True).sum().backward()
+    torch.testing.assert_close(x.grad, torch.zeros_like(x), atol=1e-5, rtol=0)

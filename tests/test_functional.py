@@ -1,0 +1,170 @@
+"""bnfused.functional.batch_norm: the argument checks and edge cases, against torch's own behaviour."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bnfused
+from bnfused.functional import batch_norm
+
+
+def _stats(c=3, dtype=torch.float32):
+    return torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_same_result_as_torch_functional(training):
+    x = torch.randn(4, 3, 5, 5) * 2 + 1
+    w, b = torch.rand(3) + 0.5, torch.randn(3)
+    rm1, rv1 = torch.randn(3), torch.rand(3) + 0.5
+    rm2, rv2 = rm1.clone(), rv1.clone()
+    y1 = F.batch_norm(x, rm1, rv1, w, b, training, 0.3, 1e-3)
+    y2 = batch_norm(x, rm2, rv2, w, b, training, 0.3, 1e-3)
+    torch.testing.assert_close(y2, y1)
+    torch.testing.assert_close(rm2, rm1)
+    torch.testing.assert_close(rv2, rv1)
+
+
+def test_training_without_running_stats():
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(batch_norm(x, None, None, training=True), F.batch_norm(x, None, None, training=True))
+
+
+def test_activation_is_applied_after_affine():
+    x = torch.randn(8, 3, 4)
+    w, b = torch.rand(3) + 0.5, torch.randn(3)
+    plain = batch_norm(x, None, None, w, b, training=True)
+    torch.testing.assert_close(batch_norm(x, None, None, w, b, True, activation="relu"), F.relu(plain))
+    torch.testing.assert_close(
+        batch_norm(x, None, None, w, b, True, activation="leaky_relu", negative_slope=0.3), F.leaky_relu(plain, 0.3)
+    )
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: batch_norm(torch.randn(1, 3), *_stats(), training=True), ValueError, "more than 1 value per channel"),
+        (lambda: batch_norm(torch.randn(1, 3, 1, 1), None, None, training=True), ValueError, "more than 1 value"),
+        (lambda: batch_norm(torch.randn(3), *_stats(), training=True), ValueError, "at least 2D"),
+        (
+            lambda: batch_norm(torch.randn(4, 3), torch.zeros(4), torch.ones(3), training=True),
+            RuntimeError,
+            "running_mean should contain 3 elements not 4",
+        ),
+        (
+            lambda: batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(2), training=True),
+            RuntimeError,
+            "running_var should contain 3 elements not 2",
+        ),
+        (
+            lambda: batch_norm(torch.randn(4, 3), *_stats(), torch.ones(5), training=True),
+            RuntimeError,
+            "weight should contain 3 elements not 5",
+        ),
+        (
+            lambda: batch_norm(torch.randn(4, 3), *_stats(), None, torch.ones(5), training=True),
+            RuntimeError,
+            "bias should contain 3 elements not 5",
+        ),
+        (
+            lambda: batch_norm(torch.ones(4, 3, dtype=torch.long), *_stats(), training=True),
+            NotImplementedError,
+            "not implemented for 'Long'",
+        ),
+        (
+            lambda: batch_norm(torch.ones(4, 3, dtype=torch.int32), *_stats()),
+            NotImplementedError,
+            "not implemented for 'Int'",
+        ),
+        (
+            lambda: batch_norm(torch.randn(4, 3), None, None, training=False),
+            RuntimeError,
+            "running_mean must be defined in evaluation mode",
+        ),
+        (
+            lambda: batch_norm(torch.randn(4, 3), torch.zeros(3, device="meta"), torch.ones(3), training=True),
+            RuntimeError,
+            "same device",
+        ),
+        (
+            lambda: batch_norm(torch.randn(4, 3), *_stats(dtype=torch.float16), training=True),
+            RuntimeError,
+            "mixed dtype",
+        ),
+        (lambda: batch_norm(torch.randn(4, 3).double(), *_stats(), training=True), RuntimeError, "mixed dtype"),
+        (
+            lambda: batch_norm(torch.randn(4, 3).half(), *_stats(dtype=torch.bfloat16), training=True),
+            RuntimeError,
+            "mixed dtype",
+        ),
+        (
+            lambda: batch_norm(torch.randn(4, 3), None, None, training=True, activation="gelu"),
+            ValueError,
+            "activation must be",
+        ),
+        (
+            lambda: batch_norm(torch.randn(4, 3), None, None, True, activation="leaky_relu", negative_slope=-0.1),
+            ValueError,
+            "negative_slope >= 0",
+        ),
+        (
+            lambda: batch_norm(torch.randn(4, 3), None, None, training=True, backend="nope"),
+            ValueError,
+            "unknown backend",
+        ),
+    ],  # fmt: skip
+)
+def test_bad_input_raises_a_clear_error(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_mixed_precision_half_input_fp32_params():
+    x = torch.randn(6, 4, 3).half()
+    rm, rv = _stats(4)
+    y = batch_norm(x, rm, rv, torch.ones(4), torch.zeros(4), training=True)
+    assert y.dtype == torch.float16
+    assert rm.dtype == torch.float32 and rm.abs().sum() > 0  # updated, kept in fp32
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 4), (0, 3)], ids=str)
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch_behaves_like_torch(shape, training):
+    x1 = torch.randn(shape, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    w1, b1 = torch.rand(3, requires_grad=True), torch.rand(3, requires_grad=True)
+    w2, b2 = w1.detach().clone().requires_grad_(), b1.detach().clone().requires_grad_()
+    rm1, rv1 = torch.randn(3), torch.rand(3) + 0.5
+    rm2, rv2 = rm1.clone(), rv1.clone()
+    y1 = F.batch_norm(x1, rm1, rv1, w1, b1, training)
+    y2 = batch_norm(x2, rm2, rv2, w2, b2, training)
+    assert y2.shape == y1.shape
+    y1.sum().backward()
+    y2.sum().backward()
+    torch.testing.assert_close(rm2, rm1)
+    torch.testing.assert_close(rv2, rv1)
+    torch.testing.assert_close(w2.grad, w1.grad)
+    torch.testing.assert_close(b2.grad, b1.grad)
+    assert x2.grad.shape == x1.grad.shape
+
+
+def test_non_contiguous_inputs_give_correct_results():
+    base = torch.randn(6, 8, 10, 12)
+    views = [
+        base[:, ::2],  # channel slice: strided, not dense
+        base[..., ::3],  # spatial slice
+        base.permute(0, 1, 3, 2),  # swapped spatial dims
+        base.transpose(0, 1)[:4].transpose(0, 1),  # batch and channel strides swapped
+    ]
+    for x in views:
+        c = x.shape[1]
+        torch.testing.assert_close(
+            batch_norm(x, None, None, torch.linspace(0.5, 2, c), torch.linspace(-1, 1, c), training=True),
+            F.batch_norm(
+                x.contiguous(), None, None, torch.linspace(0.5, 2, c), torch.linspace(-1, 1, c), training=True
+            ),
+        )
+
+
+def test_module_and_functional_share_one_public_entry():
+    assert bnfused.batch_norm is batch_norm

@@ -1,0 +1,166 @@
+"""The drop-in modules: torch's constructor, state_dict and behaviour, plus the fused activation."""
+
+import copy
+import inspect
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import bnfused
+
+PAIRS = [
+    (nn.BatchNorm1d, bnfused.BatchNorm1d, (8, 5)),
+    (nn.BatchNorm1d, bnfused.BatchNorm1d, (8, 5, 6)),
+    (nn.BatchNorm2d, bnfused.BatchNorm2d, (4, 5, 6, 3)),
+    (nn.BatchNorm3d, bnfused.BatchNorm3d, (2, 5, 3, 4, 2)),
+]
+LAZY = [
+    (nn.LazyBatchNorm1d, bnfused.LazyBatchNorm1d, bnfused.BatchNorm1d, (8, 5)),
+    (nn.LazyBatchNorm2d, bnfused.LazyBatchNorm2d, bnfused.BatchNorm2d, (4, 5, 6, 3)),
+    (nn.LazyBatchNorm3d, bnfused.LazyBatchNorm3d, bnfused.BatchNorm3d, (2, 5, 3, 4, 2)),
+]
+
+
+def _torch_parameters(cls):
+    return list(inspect.signature(cls.__init__).parameters.values())
+
+
+@pytest.mark.parametrize("torch_cls, cls", [(t, f) for t, f, _ in PAIRS] + [(t, f) for t, f, _, _ in LAZY])
+def test_constructor_accepts_torch_arguments(torch_cls, cls):
+    # Every argument of the installed torch's constructor, by name and position.
+    for p in _torch_parameters(torch_cls)[1:]:
+        assert p.name in {"num_features", "eps", "momentum", "affine", "track_running_stats", "device", "dtype", "bias"}
+    positional = (5, 1e-3, 0.2, True, False) if "num_features" in inspect.signature(torch_cls).parameters else (
+        1e-3, 0.2, True, False)  # fmt: skip
+    a, b = torch_cls(*positional), cls(*positional)
+    assert (a.eps, a.momentum, a.affine, a.track_running_stats) == (b.eps, b.momentum, b.affine, b.track_running_stats)
+    assert isinstance(b, torch_cls)
+
+
+@pytest.mark.parametrize("torch_cls, cls, shape", PAIRS, ids=str)
+def test_parameters_buffers_and_state_dict_keys_match(torch_cls, cls, shape):
+    a, b = torch_cls(shape[1]), cls(shape[1])
+    assert list(a.state_dict()) == list(b.state_dict())
+    assert [n for n, _ in a.named_parameters()] == [n for n, _ in b.named_parameters()]
+    assert [n for n, _ in a.named_buffers()] == [n for n, _ in b.named_buffers()]
+    assert a.state_dict()._metadata[""]["version"] == b.state_dict()._metadata[""]["version"]
+
+
+@pytest.mark.parametrize("torch_cls, cls, shape", PAIRS, ids=str)
+def test_checkpoint_round_trip_both_ways(torch_cls, cls, shape):
+    src = torch_cls(shape[1])
+    src.train()
+    for _ in range(3):  # non-trivial running stats and parameters
+        src(torch.randn(shape) * 2 + 1)
+    with torch.no_grad():
+        src.weight.uniform_(0.5, 1.5)
+        src.bias.uniform_(-1, 1)
+    buffer = io.BytesIO()
+    torch.save(src.state_dict(), buffer)
+    buffer.seek(0)
+    dst = cls(shape[1])
+    dst.load_state_dict(torch.load(buffer))
+    back = torch_cls(shape[1])
+    back.load_state_dict(dst.state_dict())
+    x = torch.randn(shape)
+    for m in (src, dst, back):
+        m.eval()
+    torch.testing.assert_close(dst(x), src(x))
+    torch.testing.assert_close(back(x), src(x))
+    assert dst.num_batches_tracked.item() == 3
+
+
+def test_old_checkpoint_without_num_batches_tracked_loads():
+    state = nn.BatchNorm2d(3).state_dict()
+    del state["num_batches_tracked"]
+    state._metadata = {"": {"version": 1}}
+    m = bnfused.BatchNorm2d(3)
+    m.load_state_dict(state)  # torch's versioned loader fills num_batches_tracked in
+    assert m.num_batches_tracked.item() == 0
+
+
+@pytest.mark.parametrize("torch_cls, cls, shape", PAIRS, ids=str)
+def test_wrong_input_dimension_raises_torchs_error(torch_cls, cls, shape):
+    bad = torch.randn(*shape, 2, 2) if len(shape) == 2 else torch.randn(*shape, 2)
+    with pytest.raises(ValueError) as theirs:
+        torch_cls(shape[1])(bad)
+    with pytest.raises(ValueError) as ours:
+        cls(shape[1])(bad)
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_wrong_channel_count_raises():
+    with pytest.raises(RuntimeError, match="running_mean should contain 4 elements not 5"):
+        bnfused.BatchNorm2d(5)(torch.randn(2, 4, 3, 3))
+
+
+def test_one_value_per_channel_in_training_raises_but_eval_works():
+    m = bnfused.BatchNorm1d(4)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        m(torch.randn(1, 4))
+    m.eval()
+    assert m(torch.randn(1, 4)).shape == (1, 4)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [dict(momentum=None), dict(track_running_stats=False), dict(affine=False), dict(affine=True, bias=False)],
+    ids=str,
+)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_behaviour_flags_follow_torch(flags, mode):
+    if "bias" in flags and "bias" not in inspect.signature(nn.BatchNorm2d.__init__).parameters:
+        pytest.skip("this torch has no bias= argument")  # torch < 2.10
+    a, b = nn.BatchNorm2d(3, **flags), bnfused.BatchNorm2d(3, **flags)
+    b.load_state_dict(a.state_dict())
+    for step in range(3):
+        x = torch.randn(4, 3, 5, 5) * 2 + 1
+        if mode == "eval" and step == 1:
+            a.eval()
+            b.eval()
+        torch.testing.assert_close(b(x), a(x))
+        for name, buf in a.named_buffers():
+            torch.testing.assert_close(dict(b.named_buffers())[name], buf)
+
+
+def test_eval_without_running_stats_uses_batch_statistics():
+    a, b = nn.BatchNorm2d(3, track_running_stats=False).eval(), bnfused.BatchNorm2d(3, track_running_stats=False).eval()
+    x = torch.randn(4, 3, 5, 5) + 3
+    torch.testing.assert_close(b(x), a(x))
+    assert b.running_mean is None
+
+
+@pytest.mark.parametrize("torch_lazy, lazy, final, shape", LAZY, ids=str)
+def test_lazy_modules_infer_features_and_become_bnfused(torch_lazy, lazy, final, shape):
+    a, b = torch_lazy(), lazy(activation="relu")
+    x = torch.randn(shape)
+    torch.testing.assert_close(b(x), torch.relu(a(x)))
+    assert type(b) is final and b.num_features == shape[1] and b.activation == "relu"
+    assert list(a.state_dict()) == list(b.state_dict())
+
+
+def test_batchnorm_relu_sugar_and_repr():
+    m = bnfused.BatchNormReLU2d(4)
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(m(x), torch.relu(nn.BatchNorm2d(4)(x)))
+    assert "activation='relu'" in repr(m)
+    assert "negative_slope=0.2" in repr(bnfused.BatchNorm1d(3, activation="leaky_relu", negative_slope=0.2))
+    with pytest.raises(ValueError, match="activation must be"):
+        bnfused.BatchNorm2d(4, activation="tanh")
+
+
+def test_modules_pickle_and_deepcopy():
+    m = bnfused.BatchNorm2d(3, activation="relu")
+    m(torch.randn(2, 3, 4, 4))
+    for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert type(clone) is bnfused.BatchNorm2d and clone.activation == "relu"
+        torch.testing.assert_close(clone.running_mean, m.running_mean)
+
+
+def test_module_dtype_and_device_arguments():
+    m = bnfused.BatchNorm1d(3, dtype=torch.float64, device="cpu")
+    assert m.weight.dtype == torch.float64
+    assert m(torch.randn(4, 3, dtype=torch.float64)).dtype == torch.float64
