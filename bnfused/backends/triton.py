@@ -1,0 +1,313 @@
+"""The "triton" backend: launchers for the kernels in ``triton_kernels.py``.
+
+Same functions and arguments as ``reference.py`` (see ``bnfused.backends``); x is (N, C, *)
+float16 | bfloat16 | float32 on a CUDA device, or on the CPU under ``TRITON_INTERPRET=1``.
+float64 input is passed to the reference backend: the kernels accumulate in fp32 only.
+
+Passes over memory (E = x's element size, per value of x):
+    forward_train   stats (read x) + tiny merge + normalize (read x, write y)       3E
+    forward_eval    normalize (read x, write y)                                    2E
+    backward        reduce (read dy, x, y if fused act) + tiny merge
+                    + dx (read dy, x, y if fused act; write dx)                    5E (+2E with act)
+    eval backward   dx only (read dy, y if fused act; write dx)                    2E (+E)
+The reductions split N * S into chunks so the whole GPU works on them even when C is small, and
+merge the chunks deterministically (no atomics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import NamedTuple
+
+import torch
+
+from bnfused import layout
+from bnfused.backends import reference
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_NO_DEVICE = "Triton needs a CUDA device (or TRITON_INTERPRET=1 for its CPU interpreter)"
+
+
+try:
+    from bnfused.backends import triton_kernels as kernels
+except ImportError as exc:  # reported by available(), so "auto" can fall back with the reason
+    kernels, _IMPORT_ERROR = None, f"triton is not importable ({exc})"
+
+
+def available(device: torch.device) -> str | None:
+    """None when Triton can run kernels on ``device``, else the reason it cannot."""
+    if kernels is None:
+        return _IMPORT_ERROR
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "torch sees no CUDA device"
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return _NO_DEVICE
+
+
+# --------------------------------------------------------------------------- planning
+
+_TILE = 4096  # values per [BLOCK_C, BLOCK_S] tile: 16 KiB of fp32, a few loads in flight per thread
+_FINALIZE_BLOCK_C = 64
+_FINALIZE_BLOCK_K = 16
+_INT32_LIMIT = 2**31
+
+
+class _Plan(NamedTuple):
+    """How the kernels walk one (shape, strides, dtype): see the ``triton_kernels`` docstring."""
+
+    C: int
+    cols: int
+    col_blocks: int
+    num_tiles: int
+    stride_row: int
+    stride_col: int
+    stride_c: int
+    block_c: int
+    block_s: int
+    c_blocks: int
+    chunks: int  # K: how many pieces each channel's reduction is split into
+    tiles_per_chunk: int
+    int64: bool
+    num_warps: int
+    count: int  # N * S
+
+
+class _Forced(NamedTuple):
+    block_c: int
+    block_s: int
+    chunks: int
+    int64: bool
+
+
+_forced: _Forced | None = None
+_plans: dict[tuple, _Plan] = {}
+
+
+@contextlib.contextmanager
+def forced_blocks(block_c: int, block_s: int, chunks: int, int64: bool = False):
+    """Within the block, every launch uses these block sizes (powers of two), at most ``chunks``
+    reduction chunks and, if ``int64``, 64-bit offsets: lets tests exercise multi-tile, multi-chunk
+    merges and the 64-bit indexing on tiny shapes."""
+    global _forced
+    for name, value in (("block_c", block_c), ("block_s", block_s)):
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"bnfused: {name} must be a power of two, got {value}")
+    if chunks < 1:
+        raise ValueError(f"bnfused: chunks must be >= 1, got {chunks}")
+    previous, _forced = _forced, _Forced(block_c, block_s, chunks, int64)
+    _plans.clear()
+    try:
+        yield
+    finally:
+        _forced = previous
+        _plans.clear()
+
+
+@functools.cache
+def _target_programs(device: torch.device) -> int:
+    """Reduction programs worth launching: a few per SM on a GPU; few under the (serial) interpreter."""
+    if device.type != "cuda" or _INTERPRETED:
+        return 4
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _plan(x: torch.Tensor) -> _Plan:
+    key = (x.shape, x.stride(), x.element_size(), x.device)
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) > 4096:  # shapes keep changing (dynamic batch sizes): don't grow forever
+            _plans.clear()
+        plan = _plans[key] = _make_plan(x)
+    return plan
+
+
+def _make_plan(x: torch.Tensor) -> _Plan:
+    n, c, s, stride_n, stride_c, stride_s = layout.ncs(x)
+    # Collapse the N * S values of a channel into as few (rows x cols) as the strides allow.
+    if s == 1:
+        rows, cols, stride_row, stride_col = 1, n, 0, stride_n
+    elif n == 1 or stride_n == s * stride_s:  # channels_last-like: (n, s) is one run of stride_s
+        rows, cols, stride_row, stride_col = 1, n * s, 0, stride_s
+    else:
+        rows, cols, stride_row, stride_col = n, s, stride_n, stride_s
+    if _forced is not None:
+        block_c, block_s = min(_forced.block_c, _next_pow2(c)), min(_forced.block_s, _next_pow2(cols))
+    elif stride_c == 1 and stride_col != 1:
+        # Channels are the contiguous axis: a tile row spans 256 bytes of channels.
+        block_c = min(_next_pow2(c), 256 // x.element_size())
+        block_s = min(_next_pow2(cols), _TILE // block_c)
+    else:
+        block_s = min(_next_pow2(cols), _TILE)
+        block_c = min(_next_pow2(c), max(1, _TILE // block_s))
+    col_blocks = _cdiv(cols, block_s)
+    num_tiles = rows * col_blocks
+    c_blocks = _cdiv(c, block_c)
+    if _forced is not None:
+        chunks = min(_forced.chunks, num_tiles)
+    else:
+        chunks = max(1, min(num_tiles, _cdiv(_target_programs(x.device), c_blocks)))
+    tiles_per_chunk = _cdiv(num_tiles, chunks)
+    chunks = _cdiv(num_tiles, tiles_per_chunk)  # no empty chunk
+    # Largest offset any lane computes, masked lanes included.
+    max_offset = (rows - 1) * stride_row + (col_blocks * block_s) * stride_col + (c_blocks * block_c) * stride_c
+    int64 = max_offset >= _INT32_LIMIT or (_forced is not None and _forced.int64)
+    num_warps = 8 if block_c * block_s >= 2048 else 4
+    return _Plan(
+        c, cols, col_blocks, num_tiles, stride_row, stride_col, stride_c, block_c, block_s, c_blocks,
+        chunks, tiles_per_chunk, int64, num_warps, n * s,
+    )  # fmt: skip
+
+
+def _tiling(plan: _Plan) -> tuple:
+    """The tile-geometry arguments every data kernel takes, in order."""
+    return (plan.C, plan.cols, plan.col_blocks, plan.num_tiles)
+
+
+def _strides(plan: _Plan) -> tuple:
+    return (plan.stride_row, plan.stride_col, plan.stride_c)
+
+
+def _empty_like(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor with x's shape, dtype and strides (kernels index both with one offset)."""
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+
+
+def _stats(x, plan: _Plan, running_mean, running_var, momentum: float, eps: float, output_invstd: bool):
+    """(mean, invstd or biased var), both (C,) fp32; updates the running stats that are given."""
+    C, K = plan.C, plan.chunks
+    partial = torch.empty((3, K, C), dtype=torch.float32, device=x.device)
+    kernels._stats_partial_kernel[(plan.c_blocks, K)](
+        x, partial, *_tiling(plan), plan.tiles_per_chunk, *_strides(plan),
+        BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, INT64=plan.int64, num_warps=plan.num_warps,
+    )  # fmt: skip
+    mean = torch.empty(C, dtype=torch.float32, device=x.device)
+    second = torch.empty(C, dtype=torch.float32, device=x.device)
+    kernels._stats_finalize_kernel[(_cdiv(C, _FINALIZE_BLOCK_C),)](
+        partial, mean, second,
+        mean if running_mean is None else running_mean, mean if running_var is None else running_var,
+        C, K, float(plan.count), momentum, eps,
+        OUTPUT_INVSTD=output_invstd, HAS_RUNNING_MEAN=running_mean is not None,
+        HAS_RUNNING_VAR=running_var is not None, BLOCK_C=_FINALIZE_BLOCK_C, BLOCK_K=_FINALIZE_BLOCK_K,
+    )  # fmt: skip
+    return mean, second
+
+
+def _normalize(x, plan: _Plan, weight, bias, mean, spread, from_running_var: bool, eps: float, act: int, slope: float):
+    y = _empty_like(x)
+    kernels._normalize_kernel[(plan.c_blocks * plan.num_tiles,)](
+        x, y, mean if weight is None else weight, mean if bias is None else bias, mean, spread,
+        *_tiling(plan), *_strides(plan), eps, slope,
+        FROM_RUNNING_VAR=from_running_var, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=act,
+        BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, INT64=plan.int64, num_warps=plan.num_warps,
+    )  # fmt: skip
+    return y
+
+
+# --------------------------------------------------------------------------- the backend contract
+
+
+def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, biased var) of x: (N, C, *) -> two (C,) fp32 tensors."""
+    if x.dtype == torch.float64:
+        return reference.batch_stats(x)
+    return _stats(x, _plan(x), None, None, 0.0, 0.0, output_invstd=False)
+
+
+def normalize(x, weight, bias, mean, invstd, act: int, slope: float) -> torch.Tensor:
+    """y = act((x - mean) * invstd * weight + bias): x's shape, dtype and strides. mean, invstd: (C,) fp32."""
+    if x.dtype == torch.float64:
+        return reference.normalize(x, weight, bias, mean, invstd, act, slope)
+    return _normalize(x, _plan(x), weight, bias, mean, invstd, False, 0.0, act, slope)
+
+
+def forward_train(x, weight, bias, running_mean, running_var, momentum: float, eps: float, act: int, slope: float):
+    """Training forward. x: (N, C, *) fp16|bf16|fp32. Returns (y like x, mean (C,) fp32, invstd (C,) fp32)
+    and updates running_mean / running_var (each (C,) or None) in place."""
+    if x.dtype == torch.float64:
+        return reference.forward_train(x, weight, bias, running_mean, running_var, momentum, eps, act, slope)
+    plan = _plan(x)
+    mean, invstd = _stats(x, plan, running_mean, running_var, momentum, eps, output_invstd=True)
+    return _normalize(x, plan, weight, bias, mean, invstd, False, 0.0, act, slope), mean, invstd
+
+
+def forward_eval(x, weight, bias, running_mean, running_var, eps: float, act: int, slope: float) -> torch.Tensor:
+    """Eval forward with the running stats ((C,) tensors), one elementwise pass: y like x."""
+    if x.dtype == torch.float64:
+        return reference.forward_eval(x, weight, bias, running_mean, running_var, eps, act, slope)
+    return _normalize(x, _plan(x), weight, bias, running_mean, running_var, True, eps, act, slope)
+
+
+def _reduce(dy, x, y, mean, invstd, act: int, slope: float, plan: _Plan, need_g_xhat: bool):
+    C, K = plan.C, plan.chunks
+    partial = torch.empty((2, K, C), dtype=torch.float32, device=x.device)
+    kernels._backward_partial_kernel[(plan.c_blocks, K)](
+        dy, x, dy if y is None else y, mean, invstd, partial,
+        *_tiling(plan), plan.tiles_per_chunk, *_strides(plan), slope,
+        ACT=act, NEED_G_XHAT=need_g_xhat,
+        BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, INT64=plan.int64, num_warps=plan.num_warps,
+    )  # fmt: skip
+    sum_g = torch.empty(C, dtype=torch.float32, device=x.device)
+    sum_g_xhat = torch.empty(C, dtype=torch.float32, device=x.device) if need_g_xhat else None
+    kernels._sum_chunks_kernel[(_cdiv(C, _FINALIZE_BLOCK_C),)](
+        partial, sum_g, sum_g if sum_g_xhat is None else sum_g_xhat, C, K,
+        BOTH=need_g_xhat, BLOCK_C=_FINALIZE_BLOCK_C, BLOCK_K=_FINALIZE_BLOCK_K,
+    )  # fmt: skip
+    return sum_g, sum_g_xhat
+
+
+def _dx(dy, x, y, weight, mean, invstd, sum_g, sum_g_xhat, count: int, act: int, slope: float, plan: _Plan, training):
+    dx = _empty_like(x)
+    kernels._backward_dx_kernel[(plan.c_blocks * plan.num_tiles,)](
+        dy, x, dy if y is None else y, dx, invstd if weight is None else weight, mean, invstd,
+        invstd if sum_g is None else sum_g, invstd if sum_g_xhat is None else sum_g_xhat,
+        *_tiling(plan), *_strides(plan), 1.0 / count, slope,
+        TRAINING=training, HAS_WEIGHT=weight is not None, ACT=act,
+        BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, INT64=plan.int64, num_warps=plan.num_warps,
+    )  # fmt: skip
+    return dx
+
+
+def backward_reduce(dy, x, y, mean, invstd, act: int, slope: float):
+    """Per-channel (sum(g), sum(g * x_hat)), g = dy * act'(z): two (C,) fp32 tensors."""
+    if x.dtype == torch.float64:
+        return reference.backward_reduce(dy, x, y, mean, invstd, act, slope)
+    dy = layout.like(x, dy)
+    return _reduce(dy, x, y, mean, invstd, act, slope, _plan(x), need_g_xhat=True)
+
+
+def backward_elemt(dy, x, y, weight, mean, invstd, sum_dy, sum_dy_xhat, count: int, act: int, slope: float):
+    """Training-mode dx (like x) from the per-channel sums; count is the values per channel they cover."""
+    if x.dtype == torch.float64:
+        return reference.backward_elemt(dy, x, y, weight, mean, invstd, sum_dy, sum_dy_xhat, count, act, slope)
+    dy = layout.like(x, dy)
+    return _dx(dy, x, y, weight, mean, invstd, sum_dy, sum_dy_xhat, count, act, slope, _plan(x), training=True)
+
+
+def backward(dy, x, y, weight, mean, invstd, act: int, slope: float, training: bool, needs_input: bool,
+             needs_weight: bool, needs_bias: bool):  # fmt: skip
+    """(dx like x | None, dweight (C,) fp32 | None, dbias (C,) fp32 | None); only the asked-for work runs."""
+    if x.dtype == torch.float64:
+        return reference.backward(
+            dy, x, y, weight, mean, invstd, act, slope, training, needs_input, needs_weight, needs_bias
+        )
+    dy = layout.like(x, dy)
+    plan = _plan(x)
+    sum_g = sum_g_xhat = None
+    need_g_xhat = needs_weight or (training and needs_input)
+    if need_g_xhat or needs_bias:
+        sum_g, sum_g_xhat = _reduce(dy, x, y, mean, invstd, act, slope, plan, need_g_xhat)
+    dx = None
+    if needs_input:
+        dx = _dx(dy, x, y, weight, mean, invstd, sum_g, sum_g_xhat, plan.count, act, slope, plan, training)
+    return dx, (sum_g_xhat if needs_weight else None), (sum_g if needs_bias else None)
