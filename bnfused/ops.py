@@ -168,8 +168,8 @@ class BatchNormFunction(torch.autograd.Function):
             mean, invstd = backends.module("reference").eval_stats(mean, invstd, eps, x.dtype)
         needs = ctx.needs_input_grad[:3]
         dx, dw, db = backward(backend, layout.like(x, dy), x, y, weight, mean, invstd, act, slope, training, needs)
-        if dw is not None:
+        if dw is not None and dw.dtype != weight.dtype:
             dw = dw.to(weight.dtype)
-        if db is not None:
+        if db is not None and db.dtype != bias_dtype:
             db = db.to(bias_dtype)
         return dx, dw, db, None, None, None, None, None, None, None, None
