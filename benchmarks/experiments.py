@@ -1,0 +1,120 @@
+"""The classic BatchNorm training experiments with torch.nn.BatchNorm, bnfused and the from-scratch BatchNorm.
+
+    python benchmarks/experiments.py {mlp-fashion,lenet,mnist-bn,mnist-dropout,all} \\
+        [--bn {torch,bnfused,scratch,all}] [--epochs N] [--device cpu|cuda] [--seed S] \\
+        [--data-root DIR] [--download] [--limit N] [--out DIR] [--quiet]
+
+Each run appends one record per configuration and BatchNorm implementation to ``OUT/results.json``,
+then rewrites ``OUT/experiments.md`` (the comparison table, latest record of each run) and
+``OUT/experiments-<experiment>.png`` (loss and accuracy curves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+# Runnable as a script from anywhere: the repository root holds the ``benchmarks`` package.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from benchmarks import datasets, experiment_records, experiment_report  # noqa: E402
+from benchmarks.experiment_plots import plot  # noqa: E402
+from benchmarks.experiment_specs import EXPERIMENTS, Experiment  # noqa: E402
+from benchmarks.experiment_train import Data, bnfused_backend, run_experiment  # noqa: E402
+from benchmarks.models import NORMS  # noqa: E402
+
+RESULTS_NAME = "results.json"
+REPORT_NAME = "experiments.md"
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="benchmarks/experiments.py",
+        description="Train the classic BatchNorm experiments with torch.nn.BatchNorm, bnfused and a from-scratch "
+        "BatchNorm; write results.json, a Markdown table and plots.",
+    )
+    p.add_argument("experiment", choices=[*EXPERIMENTS, "all"])
+    p.add_argument("--bn", choices=[*NORMS, "all"], default="all", help="BatchNorm implementation(s) (default: all)")
+    p.add_argument("--epochs", type=_positive, help="epochs per run (default: the experiment's own)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-root", type=Path, default=datasets.default_data_root(),
+                   help="folder holding MNIST/raw and FashionMNIST/raw (default: %(default)s)")  # fmt: skip
+    p.add_argument("--download", action="store_true", help="download the datasets into --data-root if missing")
+    p.add_argument("--limit", type=_positive, help="use only the first N training and N test samples")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "experiments", help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (they are off anyway when not on a TTY)")
+    return p
+
+
+def load_data(experiment: Experiment, args: argparse.Namespace, cache: dict) -> Data:
+    """The experiment's splits on ``args.device`` (loaded once per dataset and normalisation)."""
+    key = (experiment.dataset, experiment.normalize)
+    if key not in cache:
+        cache[key] = tuple(
+            datasets.load(experiment.dataset, args.data_root, train=train, download=args.download,
+                          normalize=experiment.normalize, limit=args.limit).to(torch.device(args.device))
+            for train in (True, False)
+        )  # fmt: skip
+    train, test = cache[key]
+    if experiment.val_fraction:
+        # Its own generator: the same split for every run, whatever else consumed random numbers.
+        train, val = datasets.random_split(train, 1 - experiment.val_fraction, torch.Generator().manual_seed(args.seed))
+        return Data(train=train, eval=val, test=test)
+    return Data(train=train, eval=test, test=test)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    device = torch.device(args.device)
+    norms = list(NORMS) if args.bn == "all" else [args.bn]
+    names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
+    progress = not args.quiet and sys.stderr.isatty()
+    command = "python benchmarks/experiments.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    env = experiment_records.environment(device)
+    cache: dict = {}
+    records = []
+    for name in names:
+        experiment = EXPERIMENTS[name]
+        try:
+            data = load_data(experiment, args, cache)
+        except datasets.DatasetMissingError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        epochs = args.epochs or experiment.epochs
+        tqdm.write(f"== {name}: {experiment.title}; {len(data.train)} training samples, {epochs} epochs, "
+                   f"BatchNorm {', '.join(norms)}, device {device}")  # fmt: skip
+        runs = run_experiment(experiment, norms, data, epochs, args.seed, progress, tqdm.write)
+        backend = bnfused_backend(device) if "bnfused" in norms else None
+        date = experiment_records.now()
+        new = [
+            experiment_records.make_record(run, experiment, data, seed=args.seed, limit=args.limit, backend=backend,
+                                           env=env, command=command, date=date)
+            for run in runs
+        ]  # fmt: skip
+        # Saved after each experiment, so a long "all" run that dies keeps what it finished.
+        records = experiment_records.append(args.out / RESULTS_NAME, new)
+    latest = experiment_records.latest(records)
+    (args.out / REPORT_NAME).write_text(experiment_report.markdown(latest))
+    for name in dict.fromkeys(r["experiment"] for r in latest):
+        plot(latest, name, args.out)
+    tqdm.write(f"results: {args.out / RESULTS_NAME}, table: {args.out / REPORT_NAME}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
