@@ -22,6 +22,7 @@ from bnfused.modules import (
     LazyBatchNorm2d,
     LazyBatchNorm3d,
 )
+from bnfused.sync import SyncBatchNorm
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,7 @@ __all__ = [
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
+    "SyncBatchNorm",
     "availability",
     "batch_norm",
     "convert_model",

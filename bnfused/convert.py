@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from bnfused.modules import EQUIVALENTS, _FusedBatchNorm
+from bnfused.sync import SyncBatchNorm
 
 
 def _convert_one(bn: nn.Module, backend: str | None) -> nn.Module:
@@ -36,14 +37,20 @@ def _fuse_following_relu(seq: nn.Sequential) -> None:
         seq._modules[second] = nn.Identity()  # keeps the indices (and state_dict keys) of what follows
 
 
-def convert_model(model: nn.Module, fuse_relu: bool = False, backend: str | None = None) -> nn.Module:
+def convert_model(
+    model: nn.Module, fuse_relu: bool = False, backend: str | None = None, sync: bool = False
+) -> nn.Module:
     """Replaces every ``nn.BatchNorm1d/2d/3d`` (and lazy variant) in ``model`` with bnfused's.
 
     Parameters, buffers, device, dtype and train/eval state are kept (the very same tensors). With
     ``fuse_relu=True``, an ``nn.ReLU`` (or ``nn.LeakyReLU`` with slope >= 0) directly after a BatchNorm
     in an ``nn.Sequential`` becomes the BatchNorm's fused activation and is replaced by ``nn.Identity``.
+    With ``sync=True`` every BatchNorm then becomes a ``bnfused.SyncBatchNorm`` (statistics over all
+    processes of the default group; see ``SyncBatchNorm.convert_sync_batchnorm``).
     Returns the model (converted in place), or the new module when ``model`` itself is a BatchNorm.
     """
+    if sync:
+        return SyncBatchNorm.convert_sync_batchnorm(convert_model(model, fuse_relu, backend))
     if type(model) in EQUIVALENTS:
         return _convert_one(model, backend)
     for name, child in model.named_children():

@@ -1,0 +1,367 @@
+"""SyncBatchNorm across 2 and 3 processes (gloo on loopback) against one nn.BatchNorm over the global batch.
+
+``torch.nn.SyncBatchNorm`` refuses CPU tensors, so the oracle is a plain ``nn.BatchNorm`` run on the
+concatenation of every rank's batch: each rank's output and input gradient must equal its slice,
+the running stats on every rank must equal the oracle's, and the local weight/bias gradients summed
+over ranks must equal the oracle's. Every rank builds the same global batch from a shared seed.
+
+Spawning costs seconds, so one spawned job runs many cases. A collective that never completes
+fails the test: the process group has a 60 s timeout and the parent stops waiting after
+``JOIN_TIMEOUT_S``.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import inspect
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import TOLERANCES, TORCH_CLASSES, _activate, make_input
+from torch import nn
+
+import bnfused
+from bnfused import backends
+from bnfused.sync import merge_stats
+
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
+JOIN_TIMEOUT_S = 240
+SYNC_BACKENDS = ("reference", "cpp", "triton")  # the backends that run on CPU tensors
+COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_reduce")
+ONE_VALUE_ERROR = "Expected more than 1 value per channel when training"
+
+
+# --------------------------------------------------------------------------- process plumbing
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, job, args) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT
+    )
+    torch.set_num_threads(1)  # up to 3 processes share the CI machine's 2 cores
+    try:
+        job(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_in_processes(world_size: int, job, *args) -> None:
+    """Runs ``job(rank, world_size, *args)`` in ``world_size`` spawned processes; an exception or a
+    hang in any of them fails the calling test."""
+    context = mp.spawn(_worker, args=(world_size, _free_port(), job, args), nprocs=world_size, join=False)
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    while not context.join(timeout=max(0.0, deadline - time.monotonic()), grace_period=5):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            pytest.fail(f"the {world_size} processes did not finish within {JOIN_TIMEOUT_S} s (a hung collective?)")
+
+
+class _CountCollectives:
+    """Counts calls of the torch.distributed collectives while active (patched in this process only)."""
+
+    def __enter__(self):
+        self.calls: list[str] = []
+        self._originals = {name: getattr(dist, name) for name in COLLECTIVES}
+        for name, original in self._originals.items():
+            setattr(dist, name, self._counted(name, original))
+        return self
+
+    def _counted(self, name, original):
+        def call(*args, **kwargs):
+            self.calls.append(name)
+            return original(*args, **kwargs)
+
+        return call
+
+    def __exit__(self, *exc):
+        for name, original in self._originals.items():
+            setattr(dist, name, original)
+
+
+def _require_backend(name: str) -> None:
+    reason = backends.unavailable_reason(name, torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(f"backend {name!r} unavailable on CPU: {reason}")
+
+
+# --------------------------------------------------------------------------- the oracle
+
+
+def _pair(num_features, dims, backend, dtype, *, affine=True, track=True, momentum=0.1, activation=None, slope=0.01):
+    """(bnfused.SyncBatchNorm, torch oracle) with the same random affine parameters."""
+    kwargs = dict(affine=affine, track_running_stats=track, momentum=momentum, dtype=dtype)
+    ref = TORCH_CLASSES[dims](num_features, **kwargs)
+    mod = bnfused.SyncBatchNorm(num_features, activation=activation, negative_slope=slope, backend=backend, **kwargs)
+    if affine:
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 1.5)
+            ref.bias.uniform_(-0.5, 0.5)
+    mod.load_state_dict(ref.state_dict())
+    return mod, ref
+
+
+def _check_sync_step(rank, sizes, tail, mod, ref, *, dtype=torch.float32, activation=None, slope=0.01,
+                     channels_last=False, offset=2.0, scale=3.0, where=""):  # fmt: skip
+    """One forward/backward of mod on this rank's slice and of ref on the global batch; asserts parity
+    and that the layer used exactly one collective each way."""
+    x = make_input((sum(sizes), *tail), dtype, channels_last, offset=offset, scale=scale)
+    dy = torch.randn(x.shape, dtype=dtype)
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    x_ref = x.detach().requires_grad_()
+    y_ref = _activate(ref(x_ref), activation, slope)
+    y_ref.backward(dy)
+    x_mod = x[lo:hi].detach().requires_grad_()
+    for p in mod.parameters():
+        p.grad = None
+    with _CountCollectives() as forward:
+        y = mod(x_mod)
+    with _CountCollectives() as backward:
+        y.backward(dy[lo:hi])
+    where = f"{where} rank {rank} sizes {sizes}"
+    assert forward.calls == ["all_gather"], f"{where}: forward collectives {forward.calls}"
+    assert backward.calls == ["all_reduce"], f"{where}: backward collectives {backward.calls}"
+    atol, rtol = TOLERANCES[dtype]
+    assert y.shape == x_mod.shape and y.dtype == dtype
+    torch.testing.assert_close(y, y_ref[lo:hi], atol=atol, rtol=rtol, msg=lambda m: f"output, {where}: {m}")
+    torch.testing.assert_close(x_mod.grad, x_ref.grad[lo:hi], atol=atol * 5, rtol=rtol * 5,
+                               msg=lambda m: f"input grad, {where}: {m}")  # fmt: skip
+    if ref.affine:
+        grad_scale = max(1.0, (x.numel() / x.shape[1]) ** 0.5)  # sums over more values carry more rounding
+        for name in ("weight", "bias"):
+            summed = getattr(mod, name).grad.clone()
+            dist.all_reduce(summed)
+            torch.testing.assert_close(summed, getattr(ref, name).grad, atol=atol * 5 * grad_scale, rtol=rtol * 5,
+                                       msg=lambda m, n=name: f"{n} grad summed over ranks, {where}: {m}")  # fmt: skip
+        ref.zero_grad()
+    _assert_same_running_stats(mod, ref, atol, rtol, where)
+
+
+def _assert_same_running_stats(mod, ref, atol, rtol, where):
+    if not ref.track_running_stats:
+        assert mod.running_mean is None and mod.running_var is None
+        return
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(mod, name), getattr(ref, name), atol=atol, rtol=rtol,
+                                   msg=lambda m, n=name: f"{n}, {where}: {m}")  # fmt: skip
+    assert mod.num_batches_tracked.item() == ref.num_batches_tracked.item(), where
+
+
+# --------------------------------------------------------------------------- jobs run in every process
+
+# (local batch sizes per world size, trailing shape (C, *), options); one row per case.
+CASES = {
+    2: [
+        ((3, 3), (4, 3, 2), dict(steps=2)),
+        ((5, 2), (3, 4, 3), dict(activation="relu", momentum=None, steps=3, channels_last=True)),
+        ((4, 0), (3, 5), dict(activation="leaky_relu", slope=0.2, steps=2)),
+        ((1, 1), (6,), dict(steps=2)),  # 1 value per channel per rank, 2 globally: allowed
+        ((2, 5), (3, 4), dict(affine=False, track=False)),
+        # |mean| >> std: only a merge made of deviations from the mean stays exact in float64
+        ((3, 4), (2, 5), dict(dtype=torch.float64, offset=1e4, scale=0.1, steps=2)),
+    ],
+    3: [
+        ((3, 0, 2), (3, 2, 3), dict(activation="relu", momentum=None, steps=2)),
+        ((1, 1, 0), (4,), dict(steps=2)),
+        ((2, 3, 4), (2, 3), dict(dtype=torch.float64, activation="leaky_relu", slope=0.1)),
+    ],
+}
+
+
+def _job_sync_cases(rank: int, world_size: int, backend: str) -> None:
+    torch.manual_seed(1234)  # same on every rank: every rank builds the same global batches
+    for case, (sizes, tail, opts) in enumerate(CASES[world_size]):
+        opts = dict(opts)
+        steps, dtype = opts.pop("steps", 1), opts.pop("dtype", torch.float32)
+        data = {k: opts.pop(k) for k in ("channels_last", "offset", "scale") if k in opts}
+        activation, slope = opts.get("activation"), opts.get("slope", 0.01)
+        mod, ref = _pair(tail[0], 1 + len(tail), backend, dtype, **opts)
+        for step in range(steps):
+            _check_sync_step(rank, sizes, tail, mod, ref, dtype=dtype, activation=activation, slope=slope,
+                             where=f"case {case} step {step}", **data)  # fmt: skip
+    _check_eval_without_communication(rank, mod, ref)
+    _check_global_one_value_error(rank, world_size, backend)
+
+
+def _check_eval_without_communication(rank: int, mod, ref) -> None:
+    """Eval mode uses the running stats and never communicates: only rank 0 runs it here, so a
+    collective would pair with the barrier below and fail."""
+    mod.eval()
+    ref.eval()
+    if rank == 0:
+        x = make_input((3, *mod.running_mean.shape, 3), mod.running_mean.dtype).requires_grad_()
+        with _CountCollectives() as counted:
+            y = mod(x)
+            y.sum().backward()
+        assert counted.calls == [], f"eval mode communicated: {counted.calls}"
+        x_ref = x.detach().requires_grad_()
+        y_ref = _activate(ref(x_ref), mod.activation, mod.negative_slope)
+        y_ref.sum().backward()
+        torch.testing.assert_close(y, y_ref)
+        torch.testing.assert_close(x.grad, x_ref.grad)
+    dist.barrier()
+
+
+def _check_global_one_value_error(rank: int, world_size: int, backend: str) -> None:
+    """A global batch of 1 value per channel raises on every rank (after the one collective, so no
+    rank is left waiting)."""
+    mod = bnfused.SyncBatchNorm(3, backend=backend)
+    x = torch.randn(1 if rank == 0 else 0, 3)
+    with pytest.raises(ValueError, match=ONE_VALUE_ERROR):
+        mod(x)
+    assert torch.equal(mod.running_mean, torch.zeros(3)), "a refused batch must not update the running stats"
+
+
+def _job_converted_model_under_ddp(rank: int, world_size: int, sizes) -> None:
+    """convert_model(sync=True) + DistributedDataParallel: one step equals the original model on the
+    global batch; DDP averages the parameter gradients, so they equal the global ones / world_size."""
+    torch.manual_seed(99)
+    original = nn.Sequential(
+        nn.Conv2d(2, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 3, 1), bnfused.BatchNorm2d(3, activation="leaky_relu", negative_slope=0.1),
+        nn.Flatten(), nn.Linear(3 * 16, 5), nn.BatchNorm1d(5),
+    )  # fmt: skip
+    converted = bnfused.convert_model(copy.deepcopy(original), fuse_relu=True, sync=True)
+    assert [type(converted[i]) for i in (1, 4, 7)] == [bnfused.SyncBatchNorm] * 3
+    assert converted[1].activation == "relu" and isinstance(converted[2], nn.Identity)
+    assert (converted[4].activation, converted[4].negative_slope) == ("leaky_relu", 0.1)
+    model = nn.parallel.DistributedDataParallel(converted)
+    for step in range(2):
+        x = torch.randn(sum(sizes), 2, 6, 6)
+        dy = torch.randn(sum(sizes), 5)
+        lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        original.zero_grad()
+        model.zero_grad()
+        y_ref = original(x)
+        y_ref.backward(dy)
+        y = model(x[lo:hi])
+        y.backward(dy[lo:hi])
+        where = f"step {step} rank {rank}"
+        torch.testing.assert_close(y, y_ref[lo:hi], atol=1e-4, rtol=1e-4, msg=lambda m, w=where: f"output, {w}: {m}")
+        for (name, p_ref), p in zip(original.named_parameters(), converted.parameters()):
+            torch.testing.assert_close(p.grad * world_size, p_ref.grad, atol=1e-4, rtol=1e-4,
+                                       msg=lambda m, n=name, w=where: f"{n} grad, {w}: {m}")  # fmt: skip
+        for (name, b_ref), b in zip(original.named_buffers(), converted.buffers()):
+            torch.testing.assert_close(b, b_ref, atol=1e-5, rtol=1e-5,
+                                       msg=lambda m, n=name, w=where: f"{n}, {w}: {m}")  # fmt: skip
+
+
+# --------------------------------------------------------------------------- the tests
+
+
+@pytest.mark.parametrize("backend", SYNC_BACKENDS)
+def test_two_processes_match_batchnorm_over_global_batch(backend):
+    _require_backend(backend)
+    _run_in_processes(2, _job_sync_cases, backend)
+
+
+def test_three_processes_match_batchnorm_over_global_batch():
+    _run_in_processes(3, _job_sync_cases, "reference")
+
+
+def test_converted_model_under_ddp_matches_global_batch():
+    _run_in_processes(2, _job_converted_model_under_ddp, (3, 1))
+
+
+def _check_local_fallback(backend: str) -> None:
+    """Plain BatchNorm semantics with no collective: matches nn.BatchNorm2d, and a local batch of 1
+    value per channel is refused as torch refuses it."""
+    mod, ref = _pair(3, 4, backend, torch.float32, activation="relu", momentum=None)
+    for _ in range(2):
+        x = make_input((4, 3, 2, 2), torch.float32).requires_grad_()
+        x_ref = x.detach().requires_grad_()
+        with _CountCollectives() as counted:
+            y = mod(x)
+            y.sum().backward()
+        assert counted.calls == []
+        y_ref = _activate(ref(x_ref), "relu", 0.0)
+        y_ref.sum().backward()
+        torch.testing.assert_close(y, y_ref)
+        torch.testing.assert_close(x.grad, x_ref.grad)
+        _assert_same_running_stats(mod, ref, *TOLERANCES[torch.float32], "fallback")
+    with pytest.raises(ValueError, match=ONE_VALUE_ERROR):
+        mod(torch.randn(1, 3, 1, 1))
+
+
+def test_falls_back_to_plain_batch_norm_when_not_distributed():
+    assert not dist.is_initialized()
+    _check_local_fallback("reference")
+
+
+def test_falls_back_to_plain_batch_norm_with_world_size_one(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1,
+                            timeout=COLLECTIVE_TIMEOUT)  # fmt: skip
+    try:
+        _check_local_fallback("reference")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_merge_stats_handles_empty_ranks_and_large_means():
+    torch.manual_seed(0)
+    parts = [torch.randn(n, 3, dtype=torch.float64) * 0.01 + 1e5 for n in (4, 0, 7, 1)]
+    rows = [
+        torch.cat([torch.tensor([float(len(p))], dtype=torch.float64), p.mean(0) if len(p) else p.new_zeros(3),
+                   p.var(0, correction=0) if len(p) else p.new_zeros(3)])
+        for p in parts
+    ]  # fmt: skip
+    count, mean, var = merge_stats(torch.stack(rows), 3)
+    everything = torch.cat(parts)
+    assert count.item() == 12
+    torch.testing.assert_close(mean, everything.mean(0), atol=0, rtol=1e-14)
+    torch.testing.assert_close(var, everything.var(0, correction=0), atol=0, rtol=1e-7)
+
+
+def test_convert_sync_batchnorm_keeps_tensors_state_and_activation():
+    model = nn.Sequential(
+        nn.Linear(4, 6), nn.BatchNorm1d(6, momentum=None, eps=1e-3, dtype=torch.float64),
+        bnfused.BatchNorm1d(6, activation="leaky_relu", negative_slope=0.3, backend="reference"),
+        nn.Sequential(nn.BatchNorm2d(2, affine=False, track_running_stats=False)),
+    )  # fmt: skip
+    model[1].eval()
+    torch_bn = model[1]
+    state = copy.deepcopy(model.state_dict())
+    converted = bnfused.SyncBatchNorm.convert_sync_batchnorm(model, process_group=None)
+    assert converted is model
+    first, second, third = converted[1], converted[2], converted[3][0]
+    assert all(type(m) is bnfused.SyncBatchNorm for m in (first, second, third))
+    assert first.weight is torch_bn.weight and first.running_var is torch_bn.running_var
+    assert first.num_batches_tracked is torch_bn.num_batches_tracked
+    assert not first.training and second.training
+    assert (first.momentum, first.eps, first.weight.dtype) == (None, 1e-3, torch.float64)
+    assert (second.activation, second.negative_slope, second.backend) == ("leaky_relu", 0.3, "reference")
+    assert third.weight is None and third.running_mean is None
+    assert converted.state_dict().keys() == state.keys()
+    assert isinstance(bnfused.SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm3d(2)), bnfused.SyncBatchNorm)
+
+
+def test_convert_sync_batchnorm_refuses_uninitialized_lazy_layer():
+    with pytest.raises(ValueError, match="num_features"):
+        bnfused.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.LazyBatchNorm2d()))
+
+
+def test_constructor_matches_torch_sync_batch_norm():
+    mod = bnfused.SyncBatchNorm(5, 1e-3, 0.2, True, True, None, activation="relu")
+    ref = nn.SyncBatchNorm(5, 1e-3, 0.2, True, True, None)
+    # DistributedDataParallel refuses nn.SyncBatchNorm instances on CPU: bnfused's must not be one.
+    assert isinstance(mod, nn.modules.batchnorm._BatchNorm) and not isinstance(mod, nn.SyncBatchNorm)
+    torch_params = list(inspect.signature(nn.SyncBatchNorm).parameters)[:8]
+    assert list(inspect.signature(bnfused.SyncBatchNorm).parameters)[:8] == torch_params
+    assert mod.state_dict().keys() == ref.state_dict().keys()
+    assert (mod.eps, mod.momentum, mod.activation) == (1e-3, 0.2, "relu")
+    with pytest.raises(ValueError, match="activation"):
+        bnfused.SyncBatchNorm(5, activation="gelu")
+    with pytest.raises(ValueError, match="non-zero"):
+        bnfused.SyncBatchNorm(0)(torch.randn(2, 0))
