@@ -178,6 +178,11 @@ def _strides(plan: _Plan) -> tuple:
     return (plan.stride_row, plan.stride_col, plan.stride_c)
 
 
+def _round_bf16(t: torch.Tensor | None) -> bool:
+    """Whether kernels must round bf16 stores by hand (the interpreter's cast truncates)."""
+    return _INTERPRETED and t is not None and t.dtype == torch.bfloat16
+
+
 def _empty_like(x: torch.Tensor) -> torch.Tensor:
     """An uninitialised tensor with x's shape, dtype and strides (kernels index both with one offset)."""
     return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
@@ -198,7 +203,8 @@ def _stats(x, plan: _Plan, running_mean, running_var, momentum: float, eps: floa
         mean if running_mean is None else running_mean, mean if running_var is None else running_var,
         C, K, float(plan.count), momentum, eps,
         OUTPUT_INVSTD=output_invstd, HAS_RUNNING_MEAN=running_mean is not None,
-        HAS_RUNNING_VAR=running_var is not None, BLOCK_C=_FINALIZE_BLOCK_C, BLOCK_K=_FINALIZE_BLOCK_K,
+        HAS_RUNNING_VAR=running_var is not None, ROUND_BF16=_round_bf16(running_mean) or _round_bf16(running_var),
+        BLOCK_C=_FINALIZE_BLOCK_C, BLOCK_K=_FINALIZE_BLOCK_K,
     )  # fmt: skip
     return mean, second
 
@@ -209,6 +215,7 @@ def _normalize(x, plan: _Plan, weight, bias, mean, spread, from_running_var: boo
         x, y, mean if weight is None else weight, mean if bias is None else bias, mean, spread,
         *_tiling(plan), *_strides(plan), eps, slope,
         FROM_RUNNING_VAR=from_running_var, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=act,
+        ROUND_BF16=_round_bf16(x),
         BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, INT64=plan.int64, num_warps=plan.num_warps,
     )  # fmt: skip
     return y
@@ -272,7 +279,7 @@ def _dx(dy, x, y, weight, mean, invstd, sum_g, sum_g_xhat, count: int, act: int,
         dy, x, dy if y is None else y, dx, invstd if weight is None else weight, mean, invstd,
         invstd if sum_g is None else sum_g, invstd if sum_g_xhat is None else sum_g_xhat,
         *_tiling(plan), *_strides(plan), 1.0 / count, slope,
-        TRAINING=training, HAS_WEIGHT=weight is not None, ACT=act,
+        TRAINING=training, HAS_WEIGHT=weight is not None, ACT=act, ROUND_BF16=_round_bf16(x),
         BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, INT64=plan.int64, num_warps=plan.num_warps,
     )  # fmt: skip
     return dx

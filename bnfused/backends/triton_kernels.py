@@ -39,7 +39,7 @@ def _tile(
     c = c_start + tl.arange(0, BLOCK_C)
     s = tl.arange(0, BLOCK_S)
     if INT64:
-        t = t.to(tl.int64)
+        t = tl.cast(t, tl.int64)  # a plain int, not a tensor, in the interpreter's loops
         c = c.to(tl.int64)
         s = s.to(tl.int64)
     row = t // col_blocks
@@ -52,10 +52,27 @@ def _tile(
 
 @triton.jit
 def _activation_grad(dy, y, ACT: tl.constexpr, slope):
-    """g = dy * act'(z). act' comes from the saved output: y > 0 exactly where z > 0 (slope >= 0)."""
+    """g = dy * act'(z). act' comes from the saved output: y > 0 exactly where z > 0 (slope >= 0).
+
+    Callers pass y as fp32: Triton's CPU interpreter compares bfloat16 as raw bits (-1 > 0 holds there).
+    """
     if ACT:
         dy = tl.where(y > 0, dy, dy * slope)
     return dy
+
+
+@triton.jit
+def _output(value, ptr, ROUND_BF16: tl.constexpr):
+    """fp32 ``value`` cast to ``ptr``'s element type.
+
+    ROUND_BF16 (set only under the CPU interpreter, whose fp32 -> bf16 cast truncates where compiled
+    kernels round to nearest even): round by hand first, so the cast below is exact.
+    """
+    if ROUND_BF16:
+        bits = value.to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        value = tl.where(value == value, (bits & 0xFFFF0000).to(tl.float32, bitcast=True), value)  # keep NaN
+    return value.to(ptr.dtype.element_ty)
 
 
 # --------------------------------------------------------------------------- forward statistics
@@ -136,6 +153,7 @@ def _stats_finalize_kernel(
     OUTPUT_INVSTD: tl.constexpr,
     HAS_RUNNING_MEAN: tl.constexpr,
     HAS_RUNNING_VAR: tl.constexpr,
+    ROUND_BF16: tl.constexpr,  # see _output
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -170,12 +188,12 @@ def _stats_finalize_kernel(
     if HAS_RUNNING_MEAN:
         old = tl.load(running_mean_ptr + c, mask=c_mask).to(tl.float32)
         new = (1.0 - momentum) * old + momentum * mean
-        tl.store(running_mean_ptr + c, new.to(running_mean_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(running_mean_ptr + c, _output(new, running_mean_ptr, ROUND_BF16), mask=c_mask)
     if HAS_RUNNING_VAR:
         old = tl.load(running_var_ptr + c, mask=c_mask).to(tl.float32)
         unbiased = var * (total / (total - 1.0))
         new = (1.0 - momentum) * old + momentum * unbiased
-        tl.store(running_var_ptr + c, new.to(running_var_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(running_var_ptr + c, _output(new, running_var_ptr, ROUND_BF16), mask=c_mask)
 
 
 # --------------------------------------------------------------------------- elementwise forward
@@ -202,6 +220,7 @@ def _normalize_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,  # nonzero: z -> where(z > 0, z, z * slope)
+    ROUND_BF16: tl.constexpr,  # see _output
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     INT64: tl.constexpr,
@@ -231,7 +250,7 @@ def _normalize_kernel(
         z += tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[:, None]
     if ACT:
         z = tl.where(z > 0, z, z * slope)
-    tl.store(y_ptr + offsets, z.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offsets, _output(z, y_ptr, ROUND_BF16), mask=mask)
 
 
 # --------------------------------------------------------------------------- backward
@@ -294,7 +313,7 @@ def _backward_partial_kernel(
         )
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         if ACT:
-            y = tl.load(y_ptr + offsets, mask=mask, other=0.0)
+            y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         else:
             y = dy
         g = _activation_grad(dy, y, ACT, slope)
@@ -359,6 +378,7 @@ def _backward_dx_kernel(
     TRAINING: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     ACT: tl.constexpr,
+    ROUND_BF16: tl.constexpr,  # see _output
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     INT64: tl.constexpr,
@@ -378,7 +398,7 @@ def _backward_dx_kernel(
     )
     dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if ACT:
-        y = tl.load(y_ptr + offsets, mask=mask, other=0.0)
+        y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     else:
         y = dy
     g = _activation_grad(dy, y, ACT, slope)
@@ -388,4 +408,4 @@ def _backward_dx_kernel(
         xhat_coef = tl.load(sum_g_xhat_ptr + c, mask=c_mask, other=0.0) * (invstd * inv_count)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         g = g - mean_g[:, None] - (x - mean[:, None]) * xhat_coef[:, None]
-    tl.store(dx_ptr + offsets, (g * scale[:, None]).to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + offsets, _output(g * scale[:, None], dx_ptr, ROUND_BF16), mask=mask)

@@ -1,0 +1,324 @@
+"""The Triton backend: parity with torch.nn.BatchNorm and with the reference backend, on every layout,
+dtype and flag, plus the numerics and the torch.library / torch.compile routes.
+
+Without a GPU the kernels run under TRITON_INTERPRET=1 (set by conftest), so shapes stay small;
+``forced_blocks`` makes tiny shapes span many tiles and reduction chunks. GPU-only tests (larger
+shapes, a tensor past 2^31 elements) each have a CPU twin with the same assertions.
+"""
+
+import os
+
+import pytest
+import torch
+from helpers import TOLERANCES, assert_matches_torch, make_input
+from test_compile import _op_samples, assert_compiled_matches_eager
+
+from bnfused import activation
+from bnfused.backends import reference
+from bnfused.backends import triton as triton_backend
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+LOW_PRECISION = [torch.float16, torch.bfloat16]
+
+# Shapes with prime / odd extents and C not a power of two, in every layout the kernels index.
+LAYOUTS = [
+    pytest.param((7, 5), False, id="NC"),
+    pytest.param((3, 5, 11), False, id="NCL"),
+    pytest.param((3, 5, 11), True, id="NCL-channel-stride-1"),
+    pytest.param((3, 6, 5, 7), False, id="NCHW"),
+    pytest.param((3, 6, 5, 7), True, id="channels_last"),
+    pytest.param((2, 3, 3, 4, 5), False, id="NCDHW"),
+    pytest.param((2, 3, 3, 4, 5), True, id="channels_last_3d"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _default_device():
+    """Every tensor a test (or the shared oracle) creates lands on the device the kernels run on."""
+    with torch.device(DEVICE):
+        yield
+
+
+# --------------------------------------------------------------------------- availability
+
+
+def test_available_on_this_machine():
+    assert triton_backend.available(DEVICE) is None
+
+
+def test_cpu_without_interpreter_gives_the_reason(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    reason = triton_backend.available(torch.device("cpu"))
+    assert reason is not None and "TRITON_INTERPRET=1" in reason and "CUDA" in reason
+
+
+def test_other_devices_give_the_reason():
+    assert "CUDA" in triton_backend.available(torch.device("meta"))
+
+
+# --------------------------------------------------------------------------- parity with torch.nn
+
+
+@pytest.mark.parametrize("shape, channels_last", LAYOUTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_matches_torch_layouts(shape, channels_last, training):
+    assert_matches_torch("triton", shape, channels_last=channels_last, training=training, activation="relu")
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_matches_torch_low_precision(dtype, channels_last, training):
+    assert_matches_torch("triton", (4, 6, 5, 3), dtype=dtype, channels_last=channels_last, training=training)
+
+
+def test_half_input_with_half_params():
+    assert_matches_torch("triton", (4, 6, 5, 3), dtype=torch.float16, param_dtype=torch.float16)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        dict(momentum=None, steps=3),
+        dict(momentum=0.7),
+        dict(affine=False),
+        dict(affine=False, training=False, activation="leaky_relu"),
+        dict(track_running_stats=False),
+        dict(track_running_stats=False, training=False),
+        dict(activation="leaky_relu", negative_slope=0.2),
+        dict(activation="leaky_relu", negative_slope=0.2, channels_last=True, dtype=torch.bfloat16),
+        dict(activation="relu", affine=False, channels_last=True),
+    ],
+    ids=str,
+)
+def test_matches_torch_flags(flags):
+    assert_matches_torch("triton", (5, 6, 3, 4), **flags)
+
+
+def test_float64_routes_to_reference():
+    assert_matches_torch("triton", (4, 3, 5), dtype=torch.float64)
+
+
+# Tiny blocks make every shape span many tiles (with tails) and several chunks per channel.
+@pytest.mark.parametrize(
+    "shape, channels_last",
+    [pytest.param((19, 5), False, id="NC"), *LAYOUTS[3:5], pytest.param((2, 3, 3, 4, 5), True, id="channels_last_3d")],
+)
+@pytest.mark.parametrize("int64", [False, True], ids=["int32-offsets", "int64-offsets"])
+def test_matches_torch_multi_chunk(shape, channels_last, int64):
+    with triton_backend.forced_blocks(block_c=2, block_s=8, chunks=3, int64=int64):
+        plan = triton_backend._plan(make_input(shape, torch.float32, channels_last))
+        assert plan.chunks > 1 and plan.col_blocks > 1 and plan.c_blocks > 1 and plan.int64 == int64
+        assert_matches_torch("triton", shape, channels_last=channels_last, activation="leaky_relu", steps=1)
+
+
+# --------------------------------------------------------------------------- each contract function
+
+
+def _contract_inputs(shape, dtype, channels_last):
+    x = make_input(shape, dtype, channels_last)
+    c = shape[1]
+    dy = make_input(shape, dtype, channels_last, offset=0.0, scale=1.0)
+    weight = torch.rand(c) + 0.5
+    bias = torch.randn(c)
+    mean, var = reference.batch_stats(x)
+    invstd = torch.rsqrt(var + 1e-5)
+    y = reference.normalize(x, weight, bias, mean, invstd, activation.LEAKY_RELU, 0.1)
+    return x, dy, y, weight, bias, mean, invstd
+
+
+def _assert_close(actual, expected, dtype):
+    atol, rtol = TOLERANCES[dtype]
+    assert actual.dtype == expected.dtype and actual.stride() == expected.stride()
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("shape, channels_last", [LAYOUTS[0], LAYOUTS[2], LAYOUTS[3], LAYOUTS[4]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_primitives_match_reference(shape, channels_last, dtype):
+    x, dy, y, weight, bias, mean, invstd = _contract_inputs(shape, dtype, channels_last)
+    for got, want in zip(triton_backend.batch_stats(x), reference.batch_stats(x)):
+        _assert_close(got, want, torch.float32)
+    for w, b, act in ((weight, bias, activation.LEAKY_RELU), (None, None, activation.NONE)):
+        _assert_close(
+            triton_backend.normalize(x, w, b, mean, invstd, act, 0.1),
+            reference.normalize(x, w, b, mean, invstd, act, 0.1),
+            dtype,
+        )
+    sums = triton_backend.backward_reduce(dy, x, y, mean, invstd, activation.LEAKY_RELU, 0.1)
+    ref_sums = reference.backward_reduce(dy, x, y, mean, invstd, activation.LEAKY_RELU, 0.1)
+    for got, want in zip(sums, ref_sums):
+        _assert_close(got, want, torch.float32)
+    # A count that is not N * S (SyncBatchNorm passes the global one) must be used as given.
+    count = 3 * x.numel() // x.shape[1]
+    _assert_close(
+        triton_backend.backward_elemt(dy, x, y, weight, mean, invstd, *ref_sums, count, activation.LEAKY_RELU, 0.1),
+        reference.backward_elemt(dy, x, y, weight, mean, invstd, *ref_sums, count, activation.LEAKY_RELU, 0.1),
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("shape, channels_last", [LAYOUTS[3], LAYOUTS[4]])
+def test_forward_train_and_eval_match_reference(shape, channels_last):
+    x = make_input(shape, torch.float16, channels_last)
+    c = shape[1]
+    weight, bias = torch.rand(c) + 0.5, torch.randn(c)
+    # Half-precision running stats: loaded, updated in fp32 and stored back as half.
+    running = [torch.linspace(-1, 1, c).half(), torch.linspace(0.5, 2, c).half()]
+    ref_running = [t.clone() for t in running]
+    got = triton_backend.forward_train(x, weight, bias, *running, 0.3, 1e-3, activation.RELU, 0.0)
+    want = reference.forward_train(x, weight, bias, *ref_running, 0.3, 1e-3, activation.RELU, 0.0)
+    for a, b, dtype in zip(got, want, (torch.float16, torch.float32, torch.float32)):
+        _assert_close(a, b, dtype)
+    for a, b in zip(running, ref_running):
+        _assert_close(a, b, torch.float16)
+    _assert_close(
+        triton_backend.forward_eval(x, weight, None, *running, 1e-3, activation.LEAKY_RELU, 0.2),
+        reference.forward_eval(x, weight, None, *running, 1e-3, activation.LEAKY_RELU, 0.2),
+        torch.float16,
+    )
+
+
+NEEDS = [(True, True, True), (True, False, False), (False, True, False), (False, False, True), (True, False, True)]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("needs", NEEDS, ids=str)
+def test_backward_matches_reference_and_skips_unneeded(training, needs):
+    x, dy, y, weight, _, mean, invstd = _contract_inputs((4, 6, 3, 5), torch.float32, True)
+    args = (dy, x, y, weight, mean, invstd, activation.LEAKY_RELU, 0.1, training, *needs)
+    for got, want, needed in zip(triton_backend.backward(*args), reference.backward(*args), needs):
+        assert (got is None) == (not needed)
+        if needed:
+            _assert_close(got, want, torch.float32)
+
+
+def test_backward_without_weight_or_activation():
+    x, dy, _, _, _, mean, invstd = _contract_inputs((5, 3, 7), torch.float32, False)
+    args = (dy, x, None, None, mean, invstd, activation.NONE, 0.0, True, True, True, True)
+    for got, want in zip(triton_backend.backward(*args), reference.backward(*args)):
+        _assert_close(got, want, torch.float32)
+
+
+def test_dy_with_other_strides_is_accepted():
+    x, dy, y, weight, _, mean, invstd = _contract_inputs((4, 6, 3, 5), torch.float32, True)
+    args = (x, y, weight, mean, invstd, activation.RELU, 0.0, True, True, True, True)
+    got = triton_backend.backward(dy.contiguous(), *args)
+    for a, b in zip(got, reference.backward(dy, *args)):
+        _assert_close(a, b, torch.float32)
+
+
+# --------------------------------------------------------------------------- numerics
+
+
+@pytest.mark.parametrize("forced", [False, True], ids=["default-blocks", "multi-chunk"])
+def test_large_mean_variance_is_accurate_in_fp32(forced):
+    """mean 1e4, std 1: E[x^2]-E[x]^2 in fp32 loses every digit of the variance; the kernels must not."""
+    x = (torch.randn(16, 3, 9, 11, dtype=torch.float64) + 1e4).float()
+    want_var, want_mean = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    if forced:
+        with triton_backend.forced_blocks(block_c=2, block_s=16, chunks=5):
+            mean, var = triton_backend.batch_stats(x)
+    else:
+        mean, var = triton_backend.batch_stats(x)
+    torch.testing.assert_close(var.double().cpu(), want_var, rtol=1e-4, atol=0)
+    torch.testing.assert_close(mean.double().cpu(), want_mean, rtol=1e-7, atol=0)
+
+
+def test_results_are_deterministic():
+    x, dy, y, weight, _, mean, invstd = _contract_inputs((6, 5, 7, 3), torch.float32, True)
+    with triton_backend.forced_blocks(block_c=4, block_s=8, chunks=4):
+        first = (*triton_backend.batch_stats(x), *triton_backend.backward_reduce(dy, x, y, mean, invstd, 2, 0.1))
+        second = (*triton_backend.batch_stats(x), *triton_backend.backward_reduce(dy, x, y, mean, invstd, 2, 0.1))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_plan_uses_64_bit_offsets_past_2_31_elements():
+    big = torch.empty((1, 2, 2**30 + 7), device="meta")
+    small = torch.empty((64, 2, 2**10), device="meta")
+    assert triton_backend._make_plan(big).int64 and not triton_backend._make_plan(small).int64
+
+
+def test_forced_blocks_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="block_s must be a power of two"):
+        with triton_backend.forced_blocks(block_c=2, block_s=6, chunks=2):
+            pass
+
+
+def _assert_low_precision_rule(shape, dtype, channels_last):
+    """Error of the triton result vs an fp32 reference <= 2x torch's own low-precision error + atol."""
+    x32 = make_input(shape, torch.float32, channels_last)
+    x = x32.to(dtype)
+    c = shape[1]
+    weight, bias = torch.rand(c) + 0.5, torch.randn(c)
+    y32 = torch.nn.functional.batch_norm(x.float(), None, None, weight, bias, training=True)
+    y_torch = torch.nn.functional.batch_norm(x, None, None, weight.to(dtype), bias.to(dtype), training=True)
+    y, _, _ = triton_backend.forward_train(x, weight, bias, None, None, 0.1, 1e-5, activation.NONE, 0.0)
+    atol = TOLERANCES[dtype][0] / 10
+    ours = (y.float() - y32).abs().max().item()
+    theirs = (y_torch.float() - y32).abs().max().item()
+    assert ours <= 2 * theirs + atol, f"{dtype}: error {ours} vs torch's {theirs}"
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "channels_last"])
+def test_low_precision_error_rule(dtype, channels_last):
+    _assert_low_precision_rule((4, 5, 6, 7), dtype, channels_last)
+
+
+# --------------------------------------------------------------------------- torch.library and torch.compile
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_opcheck(case):
+    op, args = _op_samples("triton")[case]
+    torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    assert_compiled_matches_eager("triton")
+
+
+# --------------------------------------------------------------------------- GPU: larger shapes, compiled kernels
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gpu_matches_torch_larger_shape(dtype, channels_last, training):
+    """CPU twins: test_matches_torch_layouts and test_matches_torch_low_precision."""
+    assert_matches_torch(
+        "triton", (16, 64, 28, 28), dtype=dtype, channels_last=channels_last, training=training, activation="relu"
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "channels_last"])
+def test_gpu_low_precision_error_rule_larger_shape(dtype, channels_last):
+    """CPU twin: test_low_precision_error_rule."""
+    _assert_low_precision_rule((32, 64, 28, 28), dtype, channels_last)
+
+
+@pytest.mark.gpu
+def test_gpu_past_2_31_elements():
+    """CPU twins: test_matches_torch_multi_chunk[int64-offsets] and test_plan_uses_64_bit_offsets_past_2_31_elements."""
+    x = torch.randn((1, 2, 2**30 + 2**20), device="cuda", dtype=torch.float16)
+    assert triton_backend._plan(x).int64
+    mean, var = triton_backend.batch_stats(x)
+    want_var, want_mean = torch.var_mean(x[0].float(), dim=1, correction=0)
+    torch.testing.assert_close(mean, want_mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(var, want_var, rtol=1e-4, atol=1e-5)
+    y = triton_backend.normalize(x, None, None, mean, torch.rsqrt(var + 1e-5), activation.NONE, 0.0)
+    torch.testing.assert_close(y[0, 1, -5:].float(), ((x[0, 1, -5:].float() - mean[1]) * torch.rsqrt(var[1] + 1e-5)))
+
+
+def test_interpreter_is_active_without_gpu():
+    """The CPU runs of this file mean something only if the kernels really ran in the interpreter."""
+    if DEVICE.type == "cpu":
+        assert os.environ.get("TRITON_INTERPRET") == "1"
+    else:
+        assert os.environ.get("TRITON_INTERPRET") != "1"
