@@ -2,7 +2,7 @@
 
     python benchmarks/experiments.py {mlp-fashion,lenet,mnist-bn,mnist-dropout,all} \\
         [--bn {torch,bnfused,scratch,all}] [--epochs N] [--device cpu|cuda] [--seed S] \\
-        [--data-root DIR] [--download] [--limit N] [--out DIR] [--quiet]
+        [--data-root DIR] [--download] [--limit N] [--out DIR] [--threads N] [--quiet]
 
 Each run appends one record per configuration and BatchNorm implementation to ``OUT/results.json``,
 then rewrites ``OUT/experiments.md`` (the comparison table, latest record of each run) and
@@ -57,6 +57,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="download the datasets into --data-root if missing")
     p.add_argument("--limit", type=_positive, help="use only the first N training and N test samples")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "experiments", help="output folder")
+    p.add_argument("--threads", type=_positive,
+                   help="CPU threads for torch (default: torch's own). On a CPU shared with other jobs, 1 avoids "
+                   "threads waiting for descheduled ones, which can make these small models 10x slower")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars (they are off anyway when not on a TTY)")
     return p
 
@@ -80,6 +83,8 @@ def load_data(experiment: Experiment, args: argparse.Namespace, cache: dict) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     norms = list(NORMS) if args.bn == "all" else [args.bn]
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
