@@ -6,7 +6,10 @@ Without a GPU the kernels run under TRITON_INTERPRET=1 (set by conftest), so sha
 shapes, a tensor past 2^31 elements) each have a CPU twin with the same assertions.
 """
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -279,6 +282,81 @@ def test_opcheck(case):
 def test_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
     assert_compiled_matches_eager("triton")
+
+
+# --------------------------------------------------------------------------- compiled kernels, without a GPU
+
+# Run in a fresh interpreter (the test process has TRITON_INTERPRET=1, under which @triton.jit does
+# not compile). Compiles each kernel for sm_90 as a launch on aligned tensors would (pointers, sizes
+# and non-unit strides divisible by 16, which Triton detects and specialises on), for both layouts
+# and both offset widths, and reports whether global loads and stores came out as 128-bit vectors,
+# i.e. along the unit-stride axis.
+_COMPILE_SCRIPT = r"""
+import json, re, sys
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from bnfused.backends import triton_kernels as K
+
+TILE_ARGS = ("C", "cols", "col_blocks", "num_tiles", "tiles_per_chunk", "stride_row", "stride_col", "stride_c")
+KERNELS = {
+    K._stats_partial_kernel: {},
+    K._normalize_kernel: dict(FROM_RUNNING_VAR=False, HAS_WEIGHT=True, HAS_BIAS=True, ACT=1, ROUND_BF16=False),
+    K._backward_partial_kernel: dict(ACT=1, NEED_G_XHAT=True),
+    K._backward_dx_kernel: dict(TRAINING=True, HAS_WEIGHT=True, ACT=1, ROUND_BF16=False),
+    K._stats_finalize_kernel: dict(OUTPUT_INVSTD=True, HAS_RUNNING_MEAN=True, HAS_RUNNING_VAR=True, ROUND_BF16=False,
+                                   BLOCK_C=64, BLOCK_K=16),
+    K._sum_chunks_kernel: dict(BOTH=True, BLOCK_C=64, BLOCK_K=16),
+}
+LAYOUTS = {
+    "contiguous": dict(stride_col=1, BLOCK_C=2, BLOCK_S=1024),
+    "channels_last": dict(stride_c=1, BLOCK_C=64, BLOCK_S=32),
+}
+report = {}
+for fn, flags in KERNELS.items():
+    tiled = "BLOCK_S" in fn.arg_names
+    for layout, layout_consts in (LAYOUTS.items() if tiled else [("-", {})]):
+        for int64 in ((False, True) if tiled else (False,)):
+            consts = {**flags, **layout_consts, "INT64": int64} if tiled else flags
+            signature, attrs = {}, {}
+            for i, name in enumerate(fn.arg_names):
+                if name in consts:
+                    signature[name] = "constexpr"
+                elif name.endswith("_ptr"):
+                    signature[name], attrs[(i,)] = "*fp32", [["tt.divisibility", 16]]
+                elif name in TILE_ARGS or name == "K":
+                    signature[name] = "i32"
+                    if name.startswith("stride") or name in ("C", "cols"):
+                        attrs[(i,)] = [["tt.divisibility", 16]]
+                else:
+                    signature[name] = "fp32"
+            kernel = compile(ASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", 90, 32))
+            ptx = kernel.asm["ptx"]
+            report[f"{fn.__name__}[{layout},int64={int64}]"] = {
+                "vector_loads": bool(re.search(r"ld\.global(\.[a-z0-9]+)*\.v[24]", ptx)),
+                "vector_stores": bool(re.search(r"st\.global(\.[a-z0-9]+)*\.v[24]", ptx)),
+            }
+json.dump(report, sys.stdout)
+"""
+
+
+def test_kernels_compile_for_gpu_with_coalesced_vector_access():
+    """Catches what the interpreter cannot: kernels that fail to compile, or tiles whose fast axis
+    is not the unit-stride one (no 128-bit vector accesses) in either layout."""
+    import inspect
+
+    from triton.compiler import ASTSource
+
+    if "constexprs" not in inspect.signature(ASTSource.__init__).parameters:
+        pytest.skip("ahead-of-time compile through ASTSource(constexprs=...) needs triton >= 3.3")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert len(report) == 4 * 2 * 2 + 2, report
+    for name, access in report.items():
+        assert access["vector_loads"], f"{name}: scalar global loads"
+        if name.startswith(("_normalize_kernel", "_backward_dx_kernel")):
+            assert access["vector_stores"], f"{name}: scalar global stores"
 
 
 # --------------------------------------------------------------------------- GPU: larger shapes, compiled kernels
