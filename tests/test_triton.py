@@ -102,17 +102,25 @@ def test_float64_routes_to_reference():
     assert_matches_torch("triton", (4, 3, 5), dtype=torch.float64)
 
 
-# Tiny blocks make every shape span many tiles (with tails) and several chunks per channel.
+# Tiny blocks make every shape span many tiles (with tails): in several chunks per channel (the
+# two-stage kernels), or in one (the fused kernels, which walk all the tiles of their channels).
 @pytest.mark.parametrize(
     "shape, channels_last",
     [pytest.param((19, 5), False, id="NC"), *LAYOUTS[3:5], pytest.param((2, 3, 3, 4, 5), True, id="channels_last_3d")],
 )
+@pytest.mark.parametrize("chunks", [3, 1], ids=["two-stage", "fused"])
 @pytest.mark.parametrize("int64", [False, True], ids=["int32-offsets", "int64-offsets"])
-def test_matches_torch_multi_chunk(shape, channels_last, int64):
-    with triton_backend.forced_blocks(block_c=2, block_s=8, chunks=3, int64=int64):
+def test_matches_torch_multi_tile(shape, channels_last, chunks, int64):
+    with triton_backend.forced_blocks(block_c=2, block_s=8, chunks=chunks, int64=int64):
         plan = triton_backend._plan(make_input(shape, torch.float32, channels_last))
-        assert plan.chunks > 1 and plan.col_blocks > 1 and plan.c_blocks > 1 and plan.int64 == int64
+        assert plan.chunks == chunks and plan.col_blocks > 1 and plan.c_blocks > 1 and plan.int64 == int64
         assert_matches_torch("triton", shape, channels_last=channels_last, activation="leaky_relu", steps=1)
+
+
+def test_small_tensors_take_the_fused_kernels_and_large_ones_split():
+    small = triton_backend._make_plan(torch.empty((64, 32, 8, 8), device="meta"))
+    large = triton_backend._make_plan(torch.empty((64, 8, 32, 32), device="meta"))
+    assert small.chunks == 1 and large.chunks > 1
 
 
 # --------------------------------------------------------------------------- each contract function
@@ -224,8 +232,12 @@ def test_large_mean_variance_is_accurate_in_fp32(forced):
             mean, var = triton_backend.batch_stats(x)
     else:
         mean, var = triton_backend.batch_stats(x)
-    torch.testing.assert_close(var.double().cpu(), want_var, rtol=1e-4, atol=0)
-    torch.testing.assert_close(mean.double().cpu(), want_mean, rtol=1e-7, atol=0)
+    torch.testing.assert_close(var.double(), want_var, rtol=1e-4, atol=0)
+    torch.testing.assert_close(mean.double(), want_mean, rtol=1e-7, atol=0)
+    if not forced:  # the training forward (fused kernels at this size) computes the same statistics
+        _, mean, invstd = triton_backend.forward_train(x, None, None, None, None, 0.1, 1e-5, activation.NONE, 0.0)
+        torch.testing.assert_close(invstd.double(), (want_var + 1e-5).rsqrt(), rtol=1e-4, atol=0)
+        torch.testing.assert_close(mean.double(), want_mean, rtol=1e-7, atol=0)
 
 
 def test_results_are_deterministic():
@@ -303,6 +315,9 @@ KERNELS = {
     K._normalize_kernel: dict(FROM_RUNNING_VAR=False, HAS_WEIGHT=True, HAS_BIAS=True, ACT=1, ROUND_BF16=False),
     K._backward_partial_kernel: dict(ACT=1, NEED_G_XHAT=True),
     K._backward_dx_kernel: dict(TRAINING=True, HAS_WEIGHT=True, ACT=1, ROUND_BF16=False),
+    K._forward_fused_kernel: dict(HAS_WEIGHT=True, HAS_BIAS=True, HAS_RUNNING_MEAN=True, HAS_RUNNING_VAR=True, ACT=1,
+                                  ROUND_BF16=False, ROUND_BF16_RUNNING=False),
+    K._backward_fused_kernel: dict(NEED_G_XHAT=True, NEED_DX=True, HAS_WEIGHT=True, ACT=1, ROUND_BF16=False),
     K._stats_finalize_kernel: dict(OUTPUT_INVSTD=True, HAS_RUNNING_MEAN=True, HAS_RUNNING_VAR=True, ROUND_BF16=False,
                                    BLOCK_C=64, BLOCK_K=16),
     K._sum_chunks_kernel: dict(BOTH=True, BLOCK_C=64, BLOCK_K=16),
@@ -352,10 +367,10 @@ def test_kernels_compile_for_gpu_with_coalesced_vector_access():
     done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
-    assert len(report) == 4 * 2 * 2 + 2, report
+    assert len(report) == 6 * 2 * 2 + 2, report
     for name, access in report.items():
         assert access["vector_loads"], f"{name}: scalar global loads"
-        if name.startswith(("_normalize_kernel", "_backward_dx_kernel")):
+        if name.startswith(("_normalize_kernel", "_backward_dx_kernel", "_forward_fused", "_backward_fused")):
             assert access["vector_stores"], f"{name}: scalar global stores"
 
 
@@ -383,7 +398,7 @@ def test_gpu_low_precision_error_rule_larger_shape(dtype, channels_last):
 
 @pytest.mark.gpu
 def test_gpu_past_2_31_elements():
-    """CPU twins: test_matches_torch_multi_chunk[int64-offsets] and test_plan_uses_64_bit_offsets_past_2_31_elements."""
+    """CPU twins: test_matches_torch_multi_tile[int64-offsets] and test_plan_uses_64_bit_offsets_past_2_31_elements."""
     x = torch.randn((1, 2, 2**30 + 2**20), device="cuda", dtype=torch.float16)
     assert triton_backend._plan(x).int64
     mean, var = triton_backend.batch_stats(x)

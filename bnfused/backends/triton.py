@@ -10,8 +10,10 @@ Passes over memory (E = x's element size, per value of x):
     backward        reduce (read dy, x, y if fused act) + tiny merge
                     + dx (read dy, x, y if fused act; write dx)                    5E (+2E with act)
     eval backward   dx only (read dy, y if fused act; write dx)                    2E (+E)
-The reductions split N * S into chunks so the whole GPU works on them even when C is small, and
-merge the chunks deterministically (no atomics).
+For large tensors the reductions split N * S into chunks so the whole GPU works on them even when
+C is small, and merge the chunks deterministically (no atomics). Small tensors (and those with
+enough channel blocks to fill the GPU) take the fused kernels instead: one launch for the whole
+training forward or backward, whose second read of x (and dy) hits the cache.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ def available(device: torch.device) -> str | None:
 # --------------------------------------------------------------------------- planning
 
 _TILE = 4096  # values per [BLOCK_C, BLOCK_S] tile: 16 KiB of fp32, a few loads in flight per thread
+# Up to this many values, one launch beats spreading the reduction over the GPU (three launches).
+_FUSED_MAX_NUMEL = 2**18
 _FINALIZE_BLOCK_C = 64
 _FINALIZE_BLOCK_K = 16
 _INT32_LIMIT = 2**31
@@ -68,7 +72,7 @@ class _Plan(NamedTuple):
     block_c: int
     block_s: int
     c_blocks: int
-    chunks: int  # K: how many pieces each channel's reduction is split into
+    chunks: int  # K: how many pieces each channel's reduction is split into; 1: the fused kernels
     tiles_per_chunk: int
     int64: bool
     num_warps: int
@@ -89,8 +93,8 @@ _plans: dict[tuple, _Plan] = {}
 @contextlib.contextmanager
 def forced_blocks(block_c: int, block_s: int, chunks: int, int64: bool = False):
     """Within the block, every launch uses these block sizes (powers of two), at most ``chunks``
-    reduction chunks and, if ``int64``, 64-bit offsets: lets tests exercise multi-tile, multi-chunk
-    merges and the 64-bit indexing on tiny shapes."""
+    reduction chunks (1: the fused kernels) and, if ``int64``, 64-bit offsets: lets tests exercise
+    multi-tile, multi-chunk merges and the 64-bit indexing on tiny shapes."""
     global _forced
     for name, value in (("block_c", block_c), ("block_s", block_s)):
         if value < 1 or value & (value - 1):
@@ -155,6 +159,8 @@ def _make_plan(x: torch.Tensor) -> _Plan:
     c_blocks = _cdiv(c, block_c)
     if _forced is not None:
         chunks = min(_forced.chunks, num_tiles)
+    elif x.numel() <= _FUSED_MAX_NUMEL:
+        chunks = 1
     else:
         chunks = max(1, min(num_tiles, _cdiv(_target_programs(x.device), c_blocks)))
     tiles_per_chunk = _cdiv(num_tiles, chunks)
@@ -221,6 +227,36 @@ def _normalize(x, plan: _Plan, weight, bias, mean, spread, from_running_var: boo
     return y
 
 
+def _forward_fused(x, plan: _Plan, weight, bias, running_mean, running_var, momentum, eps, act, slope):
+    y = _empty_like(x)
+    mean = torch.empty(plan.C, dtype=torch.float32, device=x.device)
+    invstd = torch.empty(plan.C, dtype=torch.float32, device=x.device)
+    kernels._forward_fused_kernel[(plan.c_blocks,)](
+        x, y, mean if weight is None else weight, mean if bias is None else bias, mean, invstd,
+        mean if running_mean is None else running_mean, mean if running_var is None else running_var,
+        *_tiling(plan), *_strides(plan), float(plan.count), momentum, eps, slope,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING_MEAN=running_mean is not None,
+        HAS_RUNNING_VAR=running_var is not None, ACT=act, ROUND_BF16=_round_bf16(x),
+        ROUND_BF16_RUNNING=_round_bf16(running_mean) or _round_bf16(running_var),
+        BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, INT64=plan.int64, num_warps=plan.num_warps,
+    )  # fmt: skip
+    return y, mean, invstd
+
+
+def _backward_fused(dy, x, y, weight, mean, invstd, act: int, slope: float, plan: _Plan, need_g_xhat, need_dx):
+    """Training-mode (dx | None, sum(g), sum(g * x_hat) | None) in one launch."""
+    dx = _empty_like(x) if need_dx else None
+    sum_g = torch.empty(plan.C, dtype=torch.float32, device=x.device)
+    sum_g_xhat = torch.empty(plan.C, dtype=torch.float32, device=x.device) if need_g_xhat else None
+    kernels._backward_fused_kernel[(plan.c_blocks,)](
+        dy, x, dy if y is None else y, dy if dx is None else dx, invstd if weight is None else weight, mean, invstd,
+        sum_g, sum_g if sum_g_xhat is None else sum_g_xhat, *_tiling(plan), *_strides(plan), 1.0 / plan.count, slope,
+        NEED_G_XHAT=need_g_xhat, NEED_DX=need_dx, HAS_WEIGHT=weight is not None, ACT=act, ROUND_BF16=_round_bf16(x),
+        BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, INT64=plan.int64, num_warps=plan.num_warps,
+    )  # fmt: skip
+    return dx, sum_g, sum_g_xhat
+
+
 # --------------------------------------------------------------------------- the backend contract
 
 
@@ -244,6 +280,8 @@ def forward_train(x, weight, bias, running_mean, running_var, momentum: float, e
     if x.dtype == torch.float64:
         return reference.forward_train(x, weight, bias, running_mean, running_var, momentum, eps, act, slope)
     plan = _plan(x)
+    if plan.chunks == 1:
+        return _forward_fused(x, plan, weight, bias, running_mean, running_var, momentum, eps, act, slope)
     mean, invstd = _stats(x, plan, running_mean, running_var, momentum, eps, output_invstd=True)
     return _normalize(x, plan, weight, bias, mean, invstd, False, 0.0, act, slope), mean, invstd
 
@@ -310,11 +348,13 @@ def backward(dy, x, y, weight, mean, invstd, act: int, slope: float, training: b
         )
     dy = layout.like(x, dy)
     plan = _plan(x)
-    sum_g = sum_g_xhat = None
+    dx = sum_g = sum_g_xhat = None
     need_g_xhat = needs_weight or (training and needs_input)
-    if need_g_xhat or needs_bias:
+    if (need_g_xhat or needs_bias) and plan.chunks == 1:
+        need_dx = training and needs_input
+        dx, sum_g, sum_g_xhat = _backward_fused(dy, x, y, weight, mean, invstd, act, slope, plan, need_g_xhat, need_dx)
+    elif need_g_xhat or needs_bias:
         sum_g, sum_g_xhat = _reduce(dy, x, y, mean, invstd, act, slope, plan, need_g_xhat)
-    dx = None
-    if needs_input:
+    if needs_input and dx is None:
         dx = _dx(dy, x, y, weight, mean, invstd, sum_g, sum_g_xhat, plan.count, act, slope, plan, training)
     return dx, (sum_g_xhat if needs_weight else None), (sum_g if needs_bias else None)

@@ -9,10 +9,18 @@ an integer argument equal to 1, so whichever of ``stride_col`` and ``stride_c`` 
 tile's contiguous axis and loads coalesce in both contiguous and channels_last layouts, with one
 kernel and no copy.
 
-Design limits: every reduction is two-stage and deterministic (per-chunk partials in fp32
-workspace, then a fixed-order merge); there are no atomics. Arithmetic is fp32 whatever the input
-dtype (fp64 never reaches these kernels). Offsets are 64-bit only when the launcher says a tensor
-needs it (``INT64``).
+Two ways to run a training forward or backward:
+* two-stage, for large tensors: the N * S reduction of each channel block is split into K chunks
+  that run in parallel (partials in fp32 workspace), a tiny kernel merges them in a fixed order,
+  then an elementwise kernel over all tiles writes y or dx;
+* fused (K = 1), for small tensors where launches cost more than the data: one program per channel
+  block reduces its channels, then walks the same tiles again (now in cache) to write y or dx —
+  one launch instead of three.
+The per-tile math lives in the ``@triton.jit`` helpers below, shared by both.
+
+Design limits: reductions are deterministic (fixed order, no atomics). Arithmetic is fp32 whatever
+the input dtype (fp64 never reaches these kernels). Offsets are 64-bit only when the launcher says
+a tensor needs it (``INT64``).
 """
 
 from __future__ import annotations
@@ -51,14 +59,15 @@ def _tile(
 
 
 @triton.jit
-def _activation_grad(dy, y, ACT: tl.constexpr, slope):
-    """g = dy * act'(z). act' comes from the saved output: y > 0 exactly where z > 0 (slope >= 0).
-
-    Callers pass y as fp32: Triton's CPU interpreter compares bfloat16 as raw bits (-1 > 0 holds there).
-    """
+def _activation_grad(dy_ptr, y_ptr, offsets, mask, ACT: tl.constexpr, slope):
+    """g = dy * act'(z) as fp32, 0 where masked. act' comes from the saved output: y > 0 exactly
+    where z > 0 (slope >= 0), so no mask tensor is stored."""
+    g = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if ACT:
-        dy = tl.where(y > 0, dy, dy * slope)
-    return dy
+        # Compared in fp32: Triton's CPU interpreter compares bfloat16 as raw bits (-1 > 0 holds there).
+        y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        g = tl.where(y > 0, g, g * slope)
+    return g
 
 
 @triton.jit
@@ -75,30 +84,27 @@ def _output(value, ptr, ROUND_BF16: tl.constexpr):
     return value.to(ptr.dtype.element_ty)
 
 
-# --------------------------------------------------------------------------- forward statistics
+# --------------------------------------------------------------------------- forward: the math
 #
-# Stage 1 (``_stats_partial_kernel``), grid (channel blocks, chunks): chunk k of a channel block
-# walks its run of tiles. Each tile is reduced exactly in registers (mean_t, then the sum of squared
-# deviations from mean_t: no E[x^2] - E[x]^2 cancellation), and folded into the chunk's running
-# (n, mean, M2) with Chan's pairwise merge:
+# Statistics of a run of tiles (``_chunk_stats``): each tile is reduced exactly in registers (its
+# mean, then the sum of squared deviations from that mean: no E[x^2] - E[x]^2 cancellation) and
+# folded into the running (n, mean, M2) with Chan's pairwise merge:
 #     n = n_a + n_b,  delta = mean_b - mean_a,  mean = mean_a + delta * n_b / n,
 #     M2 = M2_a + M2_b + delta^2 * n_a * n_b / n.
-# Stage 2 (``_stats_finalize_kernel``), one program per channel block: the K chunk partials merged
-# in a fixed order by the K-way form of the same identity,
+# K chunk partials are merged (``_stats_finalize_kernel``) in a fixed order by the K-way form,
 #     mean = sum_k n_k mean_k / n,   M2 = sum_k (M2_k + n_k (mean_k - mean)^2),
 # so the result is deterministic and every subtraction is between nearby values.
 
 
 @triton.jit
-def _stats_partial_kernel(
-    x_ptr,  # *x: input, any float dtype, indexed through the strides below
-    partial_ptr,  # *fp32 [3, K, C] out: for chunk k and channel c, the count of values seen, their
-    #               mean, and the sum of their squared deviations from that mean (M2)
+def _chunk_stats(
+    x_ptr,
+    c_start,
+    t_start,
+    t_end,
     C,
     cols,
     col_blocks,
-    num_tiles,  # rows * col_blocks
-    tiles_per_chunk,
     stride_row,
     stride_col,
     stride_c,
@@ -106,14 +112,10 @@ def _stats_partial_kernel(
     BLOCK_S: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    """Per-chunk (count, mean, M2) of each channel. Grid: (cdiv(C, BLOCK_C), K)."""
-    c_start = tl.program_id(0) * BLOCK_C
-    chunk = tl.program_id(1)
+    """(count, mean, M2) per channel, each fp32 [BLOCK_C], over tiles [t_start, t_end)."""
     count = tl.zeros([BLOCK_C], dtype=tl.float32)
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    t_start = chunk * tiles_per_chunk
-    t_end = tl.minimum(t_start + tiles_per_chunk, num_tiles)
     for t in range(t_start, t_end):
         offsets, mask, n_valid = _tile(
             t, c_start, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64
@@ -129,6 +131,110 @@ def _stats_partial_kernel(
         mean += delta * weight
         m2 += m2_tile + delta * delta * count * weight
         count = new_count
+    return count, mean, m2
+
+
+@triton.jit
+def _finish_stats(
+    mean,  # fp32 [BLOCK_C]: batch mean
+    m2,  # fp32 [BLOCK_C]: sum of squared deviations from it
+    c,  # channel indices [BLOCK_C]
+    c_mask,
+    running_mean_ptr,  # *[C] in/out (fp32, fp16 or bf16), touched only if HAS_RUNNING_MEAN
+    running_var_ptr,  # *[C] in/out, touched only if HAS_RUNNING_VAR
+    total,  # fp32: N * S
+    momentum,  # fp32: weight of this batch in the running averages
+    HAS_RUNNING_MEAN: tl.constexpr,
+    HAS_RUNNING_VAR: tl.constexpr,
+    ROUND_BF16: tl.constexpr,  # see _output
+):
+    """Biased variance; updates the running stats (their variance unbiased: * n / (n - 1))."""
+    var = m2 / total
+    if HAS_RUNNING_MEAN:
+        old = tl.load(running_mean_ptr + c, mask=c_mask).to(tl.float32)
+        new = (1.0 - momentum) * old + momentum * mean
+        tl.store(running_mean_ptr + c, _output(new, running_mean_ptr, ROUND_BF16), mask=c_mask)
+    if HAS_RUNNING_VAR:
+        old = tl.load(running_var_ptr + c, mask=c_mask).to(tl.float32)
+        new = (1.0 - momentum) * old + momentum * (var * (total / (total - 1.0)))
+        tl.store(running_var_ptr + c, _output(new, running_var_ptr, ROUND_BF16), mask=c_mask)
+    return var
+
+
+@triton.jit
+def _affine(invstd, c, c_mask, weight_ptr, bias_ptr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Per-channel (scale, shift) = (invstd * w, b), fp32 [BLOCK_C]."""
+    scale = invstd
+    if HAS_WEIGHT:
+        scale *= tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    shift = tl.zeros_like(invstd)
+    if HAS_BIAS:
+        shift = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    return scale, shift
+
+
+@triton.jit
+def _normalize_tile(
+    x_ptr,
+    y_ptr,
+    t,
+    c_start,
+    mean,  # fp32 [BLOCK_C]
+    scale,  # fp32 [BLOCK_C]: invstd * w
+    shift,  # fp32 [BLOCK_C]: b
+    C,
+    cols,
+    col_blocks,
+    stride_row,
+    stride_col,
+    stride_c,
+    slope,
+    ACT: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    INT64: tl.constexpr,
+):
+    """Tile t of y = act((x - mean) * scale + shift).
+
+    The subtraction comes first: at |mean| >> std, x * scale + (shift - mean * scale) would cancel.
+    """
+    offsets, mask, _ = _tile(t, c_start, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64)
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    z = (x - mean[:, None]) * scale[:, None] + shift[:, None]
+    if ACT:
+        z = tl.where(z > 0, z, z * slope)
+    tl.store(y_ptr + offsets, _output(z, y_ptr, ROUND_BF16), mask=mask)
+
+
+# --------------------------------------------------------------------------- forward: the kernels
+
+
+@triton.jit
+def _stats_partial_kernel(
+    x_ptr,  # *x: input (fp32, fp16 or bf16), indexed through the strides below
+    partial_ptr,  # *fp32 [3, K, C] out: for chunk k and channel c, the count of values seen, their
+    #               mean, and the sum of their squared deviations from that mean (M2)
+    C,
+    cols,
+    col_blocks,
+    num_tiles,  # rows * col_blocks
+    tiles_per_chunk,
+    stride_row,
+    stride_col,
+    stride_c,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    INT64: tl.constexpr,
+):
+    """Stage 1 of the statistics: per-chunk (count, mean, M2). Grid: (cdiv(C, BLOCK_C), K)."""
+    c_start = tl.program_id(0) * BLOCK_C
+    chunk = tl.program_id(1)
+    t_start = chunk * tiles_per_chunk
+    t_end = tl.minimum(t_start + tiles_per_chunk, num_tiles)
+    count, mean, m2 = _chunk_stats(
+        x_ptr, c_start, t_start, t_end, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64
+    )
     c = c_start + tl.arange(0, BLOCK_C)
     out = partial_ptr + chunk * C + c
     c_mask = c < C
@@ -143,8 +249,8 @@ def _stats_finalize_kernel(
     partial_ptr,  # *fp32 [3, K, C]: stage-1 (count, mean, M2) partials
     mean_ptr,  # *fp32 [C] out: batch mean
     second_ptr,  # *fp32 [C] out: invstd = 1/sqrt(var + eps) if OUTPUT_INVSTD, else the biased var
-    running_mean_ptr,  # *[C] in/out (fp32, fp16 or bf16), read only if HAS_RUNNING_MEAN
-    running_var_ptr,  # *[C] in/out, read only if HAS_RUNNING_VAR
+    running_mean_ptr,  # *[C] in/out (fp32, fp16 or bf16), touched only if HAS_RUNNING_MEAN
+    running_var_ptr,  # *[C] in/out, touched only if HAS_RUNNING_VAR
     C,
     K,
     total,  # fp32: N * S, the values per channel
@@ -153,11 +259,11 @@ def _stats_finalize_kernel(
     OUTPUT_INVSTD: tl.constexpr,
     HAS_RUNNING_MEAN: tl.constexpr,
     HAS_RUNNING_VAR: tl.constexpr,
-    ROUND_BF16: tl.constexpr,  # see _output
+    ROUND_BF16: tl.constexpr,  # see _output (for the running stats)
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Merges the K partials of each channel; updates the running stats. Grid: (cdiv(C, BLOCK_C),)."""
+    """Stage 2: merges the K partials of each channel; updates the running stats. Grid: (cdiv(C, BLOCK_C),)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     count_ptr = partial_ptr
@@ -179,24 +285,15 @@ def _stats_finalize_kernel(
         n = tl.load(count_ptr + offsets, mask=mask, other=0.0)
         delta = tl.load(mean_part_ptr + offsets, mask=mask, other=0.0) - mean[None, :]
         m2 += tl.load(m2_part_ptr + offsets, mask=mask, other=0.0) + n * delta * delta
-    var = tl.sum(m2, axis=0) / total
+    var = _finish_stats(
+        mean, tl.sum(m2, axis=0), c, c_mask, running_mean_ptr, running_var_ptr, total, momentum,
+        HAS_RUNNING_MEAN, HAS_RUNNING_VAR, ROUND_BF16,
+    )  # fmt: skip
     tl.store(mean_ptr + c, mean, mask=c_mask)
     if OUTPUT_INVSTD:
         tl.store(second_ptr + c, 1.0 / tl.sqrt(var + eps), mask=c_mask)
     else:
         tl.store(second_ptr + c, var, mask=c_mask)
-    if HAS_RUNNING_MEAN:
-        old = tl.load(running_mean_ptr + c, mask=c_mask).to(tl.float32)
-        new = (1.0 - momentum) * old + momentum * mean
-        tl.store(running_mean_ptr + c, _output(new, running_mean_ptr, ROUND_BF16), mask=c_mask)
-    if HAS_RUNNING_VAR:
-        old = tl.load(running_var_ptr + c, mask=c_mask).to(tl.float32)
-        unbiased = var * (total / (total - 1.0))
-        new = (1.0 - momentum) * old + momentum * unbiased
-        tl.store(running_var_ptr + c, _output(new, running_var_ptr, ROUND_BF16), mask=c_mask)
-
-
-# --------------------------------------------------------------------------- elementwise forward
 
 
 @triton.jit
@@ -225,35 +322,78 @@ def _normalize_kernel(
     BLOCK_S: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    """y = act((x - mean) * (invstd * w) + b), one tile per program. Grid: (cdiv(C, BLOCK_C) * num_tiles,).
-
-    The subtraction comes first: at |mean| >> std, x * scale + shift would cancel catastrophically.
-    """
+    """y = act((x - mean) * (invstd * w) + b), one tile per program. Grid: (cdiv(C, BLOCK_C) * num_tiles,)."""
     pid = tl.program_id(0)
     c_block = pid // num_tiles
-    t = pid - c_block * num_tiles
-    c = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_start = c_block * BLOCK_C
+    c = c_start + tl.arange(0, BLOCK_C)
     c_mask = c < C
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    spread = tl.load(spread_ptr + c, mask=c_mask, other=1.0).to(tl.float32)
     if FROM_RUNNING_VAR:
-        scale = 1.0 / tl.sqrt(tl.load(spread_ptr + c, mask=c_mask, other=1.0).to(tl.float32) + eps)
-    else:
-        scale = tl.load(spread_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-    if HAS_WEIGHT:
-        scale *= tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-    offsets, mask, _ = _tile(
-        t, c_block * BLOCK_C, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64
+        spread = 1.0 / tl.sqrt(spread + eps)
+    scale, shift = _affine(spread, c, c_mask, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS)
+    _normalize_tile(
+        x_ptr, y_ptr, pid - c_block * num_tiles, c_start, mean, scale, shift, C, cols, col_blocks,
+        stride_row, stride_col, stride_c, slope, ACT, ROUND_BF16, BLOCK_C, BLOCK_S, INT64,
+    )  # fmt: skip
+
+
+@triton.jit
+def _forward_fused_kernel(
+    x_ptr,  # *x: input (fp32, fp16 or bf16), indexed through the strides below
+    y_ptr,  # *y out: x's dtype and strides
+    weight_ptr,  # *[C] (any float dtype), read only if HAS_WEIGHT
+    bias_ptr,  # *[C], read only if HAS_BIAS
+    mean_ptr,  # *fp32 [C] out: batch mean
+    invstd_ptr,  # *fp32 [C] out: 1 / sqrt(biased var + eps)
+    running_mean_ptr,  # *[C] in/out, touched only if HAS_RUNNING_MEAN
+    running_var_ptr,  # *[C] in/out, touched only if HAS_RUNNING_VAR
+    C,
+    cols,
+    col_blocks,
+    num_tiles,
+    stride_row,
+    stride_col,
+    stride_c,
+    total,  # fp32: N * S
+    momentum,
+    eps,
+    slope,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RUNNING_MEAN: tl.constexpr,
+    HAS_RUNNING_VAR: tl.constexpr,
+    ACT: tl.constexpr,
+    ROUND_BF16: tl.constexpr,  # see _output (for y)
+    ROUND_BF16_RUNNING: tl.constexpr,  # the same for the running stats
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    INT64: tl.constexpr,
+):
+    """The whole training forward of a channel block in one program. Grid: (cdiv(C, BLOCK_C),)."""
+    c_start = tl.program_id(0) * BLOCK_C
+    c = c_start + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    _, mean, m2 = _chunk_stats(
+        x_ptr, c_start, 0, num_tiles, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64
     )
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    z = (x - mean[:, None]) * scale[:, None]
-    if HAS_BIAS:
-        z += tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[:, None]
-    if ACT:
-        z = tl.where(z > 0, z, z * slope)
-    tl.store(y_ptr + offsets, _output(z, y_ptr, ROUND_BF16), mask=mask)
+    var = _finish_stats(
+        mean, m2, c, c_mask, running_mean_ptr, running_var_ptr, total, momentum,
+        HAS_RUNNING_MEAN, HAS_RUNNING_VAR, ROUND_BF16_RUNNING,
+    )  # fmt: skip
+    invstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(mean_ptr + c, mean, mask=c_mask)
+    tl.store(invstd_ptr + c, invstd, mask=c_mask)
+    scale, shift = _affine(invstd, c, c_mask, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS)
+    for t in range(0, num_tiles):
+        _normalize_tile(
+            x_ptr, y_ptr, t, c_start, mean, scale, shift, C, cols, col_blocks,
+            stride_row, stride_col, stride_c, slope, ACT, ROUND_BF16, BLOCK_C, BLOCK_S, INT64,
+        )  # fmt: skip
 
 
-# --------------------------------------------------------------------------- backward
+# --------------------------------------------------------------------------- backward: the math
 #
 # With x_hat = (x - mean) * invstd, z = w * x_hat + b, y = act(z) and g = dL/dz = dy * act'(z):
 #     dL/db = sum(g),   dL/dw = sum(g * x_hat)                         (sums over the M = N * S values)
@@ -262,11 +402,91 @@ def _normalize_kernel(
 # gives
 #     dL/dx_i = invstd * (dx_hat_i - sum(dx_hat)/M - x_hat_i * sum(dx_hat * x_hat)/M)
 #             = w * invstd * (g_i - sum(g)/M - x_hat_i * sum(g * x_hat)/M).
-# So one reduction pass produces the two per-channel sums (which are also db and dw), and one
-# elementwise pass applies dx = (g - a - (x - mean) * b2) * (w * invstd) with a = sum(g)/M and
-# b2 = sum(g * x_hat) * invstd / M.
+# So one reduction produces the two per-channel sums (which are also db and dw), and one
+# elementwise pass applies dx = (g - mean_g - (x - mean) * xhat_coef) * (w * invstd) with
+# mean_g = sum(g)/M and xhat_coef = sum(g * x_hat) * invstd / M.
 # Eval mode: mean and invstd are the running stats, constants, so dL/dx = w * invstd * g; no sums
 # needed for dx, and no x read.
+
+
+@triton.jit
+def _chunk_grad_sums(
+    dy_ptr,
+    x_ptr,
+    y_ptr,
+    mean,  # fp32 [BLOCK_C]
+    invstd,  # fp32 [BLOCK_C]
+    c_start,
+    t_start,
+    t_end,
+    C,
+    cols,
+    col_blocks,
+    stride_row,
+    stride_col,
+    stride_c,
+    slope,
+    ACT: tl.constexpr,
+    NEED_G_XHAT: tl.constexpr,  # else the second sum is left 0 and x is not read
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    INT64: tl.constexpr,
+):
+    """(sum(g), sum(g * x_hat)) per channel, fp32 [BLOCK_C], over tiles [t_start, t_end).
+
+    Tiles are accumulated elementwise and reduced once at the end: one cross-lane reduction per
+    program instead of one per tile.
+    """
+    acc_g = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    acc_g_xhat = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    for t in range(t_start, t_end):
+        offsets, mask, _ = _tile(
+            t, c_start, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64
+        )
+        g = _activation_grad(dy_ptr, y_ptr, offsets, mask, ACT, slope)
+        acc_g += g
+        if NEED_G_XHAT:
+            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            acc_g_xhat += g * ((x - mean[:, None]) * invstd[:, None])  # g is 0 where masked
+    return tl.sum(acc_g, axis=1), tl.sum(acc_g_xhat, axis=1)
+
+
+@triton.jit
+def _dx_tile(
+    dy_ptr,
+    x_ptr,
+    y_ptr,
+    dx_ptr,
+    t,
+    c_start,
+    mean,  # fp32 [BLOCK_C], used only if TRAINING
+    scale,  # fp32 [BLOCK_C]: w * invstd
+    mean_g,  # fp32 [BLOCK_C]: sum(g) / M, used only if TRAINING
+    xhat_coef,  # fp32 [BLOCK_C]: sum(g * x_hat) * invstd / M, used only if TRAINING
+    C,
+    cols,
+    col_blocks,
+    stride_row,
+    stride_col,
+    stride_c,
+    slope,
+    TRAINING: tl.constexpr,
+    ACT: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    INT64: tl.constexpr,
+):
+    """Tile t of dx, by the formulas above."""
+    offsets, mask, _ = _tile(t, c_start, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64)
+    g = _activation_grad(dy_ptr, y_ptr, offsets, mask, ACT, slope)
+    if TRAINING:
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        g = g - mean_g[:, None] - (x - mean[:, None]) * xhat_coef[:, None]
+    tl.store(dx_ptr + offsets, _output(g * scale[:, None], dx_ptr, ROUND_BF16), mask=mask)
+
+
+# --------------------------------------------------------------------------- backward: the kernels
 
 
 @triton.jit
@@ -292,39 +512,23 @@ def _backward_partial_kernel(
     BLOCK_S: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    """Per-chunk sum(g) and sum(g * x_hat) of each channel. Grid: (cdiv(C, BLOCK_C), K).
-
-    Tiles are accumulated elementwise and reduced once at the end: one cross-lane reduction per
-    program instead of one per tile.
-    """
+    """Per-chunk sum(g) and sum(g * x_hat) of each channel. Grid: (cdiv(C, BLOCK_C), K)."""
     c_start = tl.program_id(0) * BLOCK_C
     chunk = tl.program_id(1)
     c = c_start + tl.arange(0, BLOCK_C)
     c_mask = c < C
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
     invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
-    acc_g = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-    acc_g_xhat = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     t_start = chunk * tiles_per_chunk
     t_end = tl.minimum(t_start + tiles_per_chunk, num_tiles)
-    for t in range(t_start, t_end):
-        offsets, mask, _ = _tile(
-            t, c_start, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64
-        )
-        dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        if ACT:
-            y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        else:
-            y = dy
-        g = _activation_grad(dy, y, ACT, slope)
-        acc_g += g
-        if NEED_G_XHAT:
-            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            acc_g_xhat += g * ((x - mean[:, None]) * invstd[:, None])  # g is 0 where masked
+    sum_g, sum_g_xhat = _chunk_grad_sums(
+        dy_ptr, x_ptr, y_ptr, mean, invstd, c_start, t_start, t_end, C, cols, col_blocks,
+        stride_row, stride_col, stride_c, slope, ACT, NEED_G_XHAT, BLOCK_C, BLOCK_S, INT64,
+    )  # fmt: skip
     out = partial_ptr + chunk * C + c
-    tl.store(out, tl.sum(acc_g, axis=1), mask=c_mask)
+    tl.store(out, sum_g, mask=c_mask)
     if NEED_G_XHAT:
-        tl.store(out + tl.num_programs(1) * C, tl.sum(acc_g_xhat, axis=1), mask=c_mask)
+        tl.store(out + tl.num_programs(1) * C, sum_g_xhat, mask=c_mask)
 
 
 @triton.jit
@@ -356,6 +560,24 @@ def _sum_chunks_kernel(
 
 
 @triton.jit
+def _dx_coefficients(
+    c, c_mask, weight_ptr, mean_ptr, invstd_ptr, sum_g_ptr, sum_g_xhat_ptr, inv_count,
+    TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+):  # fmt: skip
+    """Per-channel (mean, scale = w * invstd, mean_g, xhat_coef) of _dx_tile, from the sums in memory."""
+    invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
+    scale, _ = _affine(invstd, c, c_mask, weight_ptr, weight_ptr, HAS_WEIGHT, False)
+    mean = tl.zeros_like(invstd)
+    mean_g = tl.zeros_like(invstd)
+    xhat_coef = tl.zeros_like(invstd)
+    if TRAINING:
+        mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
+        mean_g = tl.load(sum_g_ptr + c, mask=c_mask, other=0.0) * inv_count
+        xhat_coef = tl.load(sum_g_xhat_ptr + c, mask=c_mask, other=0.0) * (invstd * inv_count)
+    return mean, scale, mean_g, xhat_coef
+
+
+@triton.jit
 def _backward_dx_kernel(
     dy_ptr,  # *dy: x's dtype and strides
     x_ptr,  # *x, read only if TRAINING
@@ -383,29 +605,68 @@ def _backward_dx_kernel(
     BLOCK_S: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    """dx from the derivation above, one tile per program. Grid: (cdiv(C, BLOCK_C) * num_tiles,)."""
+    """dx, one tile per program. Grid: (cdiv(C, BLOCK_C) * num_tiles,)."""
     pid = tl.program_id(0)
     c_block = pid // num_tiles
-    t = pid - c_block * num_tiles
-    c = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
-    scale = invstd
-    if HAS_WEIGHT:
-        scale *= tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-    offsets, mask, _ = _tile(
-        t, c_block * BLOCK_C, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64
+    c_start = c_block * BLOCK_C
+    c = c_start + tl.arange(0, BLOCK_C)
+    mean, scale, mean_g, xhat_coef = _dx_coefficients(
+        c, c < C, weight_ptr, mean_ptr, invstd_ptr, sum_g_ptr, sum_g_xhat_ptr, inv_count, TRAINING, HAS_WEIGHT
     )
-    dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    if ACT:
-        y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    else:
-        y = dy
-    g = _activation_grad(dy, y, ACT, slope)
-    if TRAINING:
-        mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
-        mean_g = tl.load(sum_g_ptr + c, mask=c_mask, other=0.0) * inv_count
-        xhat_coef = tl.load(sum_g_xhat_ptr + c, mask=c_mask, other=0.0) * (invstd * inv_count)
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        g = g - mean_g[:, None] - (x - mean[:, None]) * xhat_coef[:, None]
-    tl.store(dx_ptr + offsets, _output(g * scale[:, None], dx_ptr, ROUND_BF16), mask=mask)
+    _dx_tile(
+        dy_ptr, x_ptr, y_ptr, dx_ptr, pid - c_block * num_tiles, c_start, mean, scale, mean_g, xhat_coef, C, cols,
+        col_blocks, stride_row, stride_col, stride_c, slope, TRAINING, ACT, ROUND_BF16, BLOCK_C, BLOCK_S, INT64,
+    )  # fmt: skip
+
+
+@triton.jit
+def _backward_fused_kernel(
+    dy_ptr,  # *dy: x's dtype and strides
+    x_ptr,  # *x, read only if NEED_G_XHAT
+    y_ptr,  # *y: saved output, read only if ACT
+    dx_ptr,  # *dx out: x's dtype and strides, written only if NEED_DX
+    weight_ptr,  # *[C] (any float dtype), read only if HAS_WEIGHT
+    mean_ptr,  # *fp32 [C]
+    invstd_ptr,  # *fp32 [C]
+    sum_g_ptr,  # *fp32 [C] out: sum(g), i.e. dbias
+    sum_g_xhat_ptr,  # *fp32 [C] out: sum(g * x_hat), i.e. dweight; written only if NEED_G_XHAT
+    C,
+    cols,
+    col_blocks,
+    num_tiles,
+    stride_row,
+    stride_col,
+    stride_c,
+    inv_count,  # fp32: 1 / (N * S)
+    slope,
+    NEED_G_XHAT: tl.constexpr,
+    NEED_DX: tl.constexpr,  # training-mode dx (eval-mode dx needs no sums: _backward_dx_kernel)
+    HAS_WEIGHT: tl.constexpr,
+    ACT: tl.constexpr,
+    ROUND_BF16: tl.constexpr,  # see _output
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    INT64: tl.constexpr,
+):
+    """The whole training backward of a channel block in one program. Grid: (cdiv(C, BLOCK_C),)."""
+    c_start = tl.program_id(0) * BLOCK_C
+    c = c_start + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
+    invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
+    sum_g, sum_g_xhat = _chunk_grad_sums(
+        dy_ptr, x_ptr, y_ptr, mean, invstd, c_start, 0, num_tiles, C, cols, col_blocks,
+        stride_row, stride_col, stride_c, slope, ACT, NEED_G_XHAT, BLOCK_C, BLOCK_S, INT64,
+    )  # fmt: skip
+    tl.store(sum_g_ptr + c, sum_g, mask=c_mask)
+    if NEED_G_XHAT:
+        tl.store(sum_g_xhat_ptr + c, sum_g_xhat, mask=c_mask)
+    if NEED_DX:
+        scale, _ = _affine(invstd, c, c_mask, weight_ptr, weight_ptr, HAS_WEIGHT, False)
+        mean_g = sum_g * inv_count
+        xhat_coef = sum_g_xhat * (invstd * inv_count)
+        for t in range(0, num_tiles):
+            _dx_tile(
+                dy_ptr, x_ptr, y_ptr, dx_ptr, t, c_start, mean, scale, mean_g, xhat_coef, C, cols, col_blocks,
+                stride_row, stride_col, stride_c, slope, True, ACT, ROUND_BF16, BLOCK_C, BLOCK_S, INT64,
+            )  # fmt: skip
