@@ -1,0 +1,269 @@
+#!/usr/bin/env python
+"""Kernel benchmark: one BatchNorm layer, every provider side by side, on whatever device is here.
+
+    python benchmarks/bench_kernels.py                      # CUDA if present, else CPU; default shapes
+    python benchmarks/bench_kernels.py --quick              # a few seconds: the CI smoke test
+    python benchmarks/bench_kernels.py --shapes resnet50 --dtype bfloat16 --layout channels_last \\
+        --csv benchmarks/results/kernels.csv --plot benchmarks/results/kernels.png
+
+For each shape, provider and mode it reports the median time (and 20th/80th percentiles), the
+speedup over torch.nn.BatchNorm from the same run, the effective bandwidth from the minimum bytes
+the mode must move (byte model in benchmarks/memory.py) and that bandwidth as a fraction of a
+device copy measured in the same run, the bytes kept for backward, and (CUDA) the peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+import torch  # noqa: E402
+
+from benchmarks import cli, memory, providers, report, timing  # noqa: E402
+
+SHAPE_SETS = {
+    # The BatchNorm inputs of ResNet-50 at batch 256 (stem, then the last BN of each stage).
+    "resnet50": [(256, 64, 112, 112), (256, 256, 56, 56), (256, 512, 28, 28), (256, 1024, 14, 14), (256, 2048, 7, 7)],
+    # Large enough to leave the caches of a CPU, small enough to time in seconds.
+    "cpu": [(32, 64, 56, 56), (128, 256, 14, 14)],
+    # LeNet-5 and MLP layers at batch 64: microseconds of work, where per-call overhead dominates.
+    "lenet-mlp": [(64, 6, 24, 24), (64, 16, 8, 8), (64, 120), (64, 84), (64, 512), (64, 256)],
+    "tiny": [(8, 16, 8, 8), (16, 32)],
+}
+DEFAULT_SHAPES = {"cuda": "resnet50,lenet-mlp", "cpu": "cpu,lenet-mlp"}
+QUICK_SHAPES = "tiny"
+LAYOUTS = ("nchw", "channels_last")
+# Big enough to leave every cache, so the copy measures memory bandwidth.
+COPY_BYTES = {"cuda": 1 << 30, "cpu": 1 << 28}
+QUICK_COPY_BYTES = 1 << 24
+
+COLUMNS = (
+    "provider", "backend", "shape", "dtype", "layout", "mode",
+    "ms", "q20_ms", "q80_ms", "speedup_vs_torch", "gbps", "roofline_frac", "copy_gbps",
+    "min_bytes", "saved_bytes", "peak_mem_bytes",
+    "device", "torch", "triton", "commit", "date",
+)  # fmt: skip
+NUMERIC_COLUMNS = COLUMNS[6:16]
+
+
+def shape_text(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape))
+
+
+def parse_shapes(text: str) -> list[tuple[int, ...]]:
+    """Comma-separated named sets (resnet50, cpu, lenet-mlp, tiny) and/or explicit NxCx... shapes."""
+    shapes: list[tuple[int, ...]] = []
+    for item in filter(None, (s.strip().lower() for s in text.split(","))):
+        if item in SHAPE_SETS:
+            shapes += SHAPE_SETS[item]
+            continue
+        try:
+            shape = tuple(int(d) for d in item.split("x"))
+        except ValueError:
+            shape = ()
+        if not 2 <= len(shape) <= 5 or min(shape) < 1 or math.prod(shape) // shape[1] < 2:
+            raise ValueError(
+                f"bad shape {item!r}: expected a set ({', '.join(SHAPE_SETS)}) or N x C x ... with 2 to 5 "
+                "positive sizes and at least 2 values per channel, e.g. 32x64x56x56"
+            )
+        shapes.append(shape)
+    return list(dict.fromkeys(shapes))
+
+
+def make_input(shape: tuple[int, ...], dtype: torch.dtype, layout: str, device: torch.device) -> torch.Tensor:
+    """Random (N, C, *) input with a non-zero mean; channels_last is channels-innermost memory order."""
+    x = torch.randn(shape, device=device).mul_(3.0).add_(2.0).to(dtype)
+    if layout == "channels_last":
+        if x.dim() in (4, 5):
+            return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+        if x.dim() == 3:  # (N, L, C) data seen as (N, C, L), as a transformer's activations are
+            return x.transpose(1, 2).contiguous().transpose(1, 2)
+    return x  # (N, C) already has channels innermost
+
+
+def _mode_call(mode: str, layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], object]:
+    """The callable one timed iteration of ``mode`` runs (the layer is put in the right train/eval state)."""
+    layer.train(mode != "fwd-eval")
+    if mode == "fwd-train":
+        return lambda: layer(x)
+    if mode == "fwd-eval":
+        return lambda: layer(x)  # measured under torch.no_grad(), as inference runs
+    if mode == "bwd":
+        y = layer(x)  # one forward; the graph is kept so that only the backward is timed
+        return lambda: y.backward(dy, retain_graph=True)
+    return lambda: layer(x).backward(dy)
+
+
+def _short_reason(exc: BaseException) -> str:
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first_line[:160]}"
+
+
+class KernelBenchmark:
+    """Runs every (shape, provider, mode) case of one configuration and collects CSV rows."""
+
+    def __init__(self, device, dtype, layout, provider_names, modes, budget, log=print):
+        self.device, self.dtype, self.layout, self.modes, self.budget = device, dtype, layout, modes, budget
+        self.param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.providers = [providers.parse(n) for n in provider_names]
+        self.log = log
+        self.failures: list[str] = []
+        self.metadata = report.run_metadata(device)
+
+    def run(self, shapes: Sequence[tuple[int, ...]], copy_bytes: int) -> list[dict]:
+        self.copy_gbps = timing.copy_bandwidth_gbps(self.device, self.budget, copy_bytes)
+        self.log(f"device copy bandwidth: {self.copy_gbps:.1f} GB/s (read + write of {copy_bytes >> 20} MiB)")
+        rows = []
+        for i, shape in enumerate(shapes):
+            self.log(f"[{i + 1}/{len(shapes)}] {shape_text(shape)}")
+            for provider in self.providers:
+                rows += self._run_layer(provider, shape)
+        report.add_speedups(rows, ("shape", "dtype", "layout", "mode"))
+        return rows
+
+    def _fail(self, provider, shape, what: str, exc: BaseException) -> None:
+        message = f"{provider.name} {shape_text(shape)} {what}: skipped ({_short_reason(exc)})"
+        self.failures.append(message)
+        self.log(message)
+
+    def _run_layer(self, provider, shape) -> list[dict]:
+        try:
+            layer = providers.build_layer(provider, shape, self.device, self.param_dtype)
+            backend = providers.resolved_backend(provider, self.device)
+            x = make_input(shape, self.dtype, self.layout, self.device).requires_grad_()
+            dy = torch.randn_like(x)
+            state = [b.detach().clone() for b in layer.buffers()]
+            saved = memory.saved_bytes(layer.train(), x)
+        except Exception as exc:  # a provider that cannot run this shape must not stop the others
+            self._fail(provider, shape, "setup", exc)
+            return []
+        grads = [x, *layer.parameters()]
+        rows = []
+        for mode in self.modes:
+            try:
+                with torch.set_grad_enabled(mode != "fwd-eval"):
+                    call = _mode_call(mode, layer, x, dy)
+                    measured = timing.measure(call, self.device, self.budget, grads)
+                    peak = memory.peak_memory_bytes(call, self.device)
+            except Exception as exc:
+                self._fail(provider, shape, mode, exc)
+                continue
+            finally:
+                with torch.no_grad():  # timing ran many training steps: put the running stats back
+                    for buffer, value in zip(layer.buffers(), state):
+                        buffer.copy_(value)
+            nbytes = memory.min_bytes(mode, shape, self.dtype, self.param_dtype, provider.relu)
+            gbps = nbytes / (measured.ms * 1e-3) / 1e9
+            rows.append({
+                "provider": provider.name, "backend": backend, "shape": shape_text(shape),
+                "dtype": str(self.dtype).replace("torch.", ""), "layout": self.layout, "mode": mode,
+                "ms": f"{measured.ms:.6g}", "q20_ms": f"{measured.q20_ms:.6g}", "q80_ms": f"{measured.q80_ms:.6g}",
+                "gbps": f"{gbps:.4g}", "roofline_frac": f"{gbps / self.copy_gbps:.4g}",
+                "copy_gbps": f"{self.copy_gbps:.4g}", "min_bytes": nbytes, "saved_bytes": saved,
+                "peak_mem_bytes": peak, **self.metadata,
+            })  # fmt: skip
+        return rows
+
+
+def results_table(rows: Sequence[dict], modes: Sequence[str], markdown: bool = False) -> str:
+    """One line per (shape, provider): each mode's median and speedup, step bandwidth, saved bytes."""
+    cells: dict[tuple[str, str], dict[str, dict]] = {}
+    for r in rows:
+        cells.setdefault((r["shape"], r["provider"]), {})[r["mode"]] = r
+    header = ["shape", "provider", *(f"{m} ms (vs torch)" for m in modes)]
+    last = modes[-1]
+    header += [f"{last} GB/s (% of copy)", "saved / x"]
+    body = []
+    for (shape, provider), by_mode in cells.items():
+        line = [shape, provider]
+        for m in modes:
+            r = by_mode.get(m)
+            speedup = f" ({float(r['speedup_vs_torch']):.2f}x)" if r and r["speedup_vs_torch"] else ""
+            line.append(f"{float(r['ms']):.4g}{speedup}" if r else "failed")
+        any_row = next(iter(by_mode.values()))
+        r = by_mode.get(last)
+        line.append(f"{float(r['gbps']):.3g} ({100 * float(r['roofline_frac']):.0f}%)" if r else "-")
+        x_bytes = math.prod(int(d) for d in shape.split("x")) * cli.DTYPES[any_row["dtype"]].itemsize
+        line.append(f"{any_row['saved_bytes'] / x_bytes:.2f}")
+        body.append(line)
+    return report.format_table(header, body, markdown)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] + " Prints a table; optional CSV and PNG.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    )
+    cli.add_common_arguments(
+        parser,
+        quick_help="a few seconds: tiny shapes, short timings, no compile (a smoke test)",
+        csv_help="write one row per shape x provider x mode",
+    )
+    parser.add_argument("--layout", choices=LAYOUTS, default="nchw", help="input memory layout")
+    parser.add_argument(
+        "--shapes",
+        help=f"comma-separated: named sets ({', '.join(SHAPE_SETS)}) and/or shapes like 32x64x56x56,64x512 "
+        f"(default: {DEFAULT_SHAPES['cuda']} on CUDA, {DEFAULT_SHAPES['cpu']} on CPU, {QUICK_SHAPES} with --quick)",
+    )
+    parser.add_argument(
+        "--providers",
+        help="comma-separated: torch, compile, scratch, bnfused, bnfused-<backend>, each optionally +relu "
+        "(default: all, with every bnfused backend available on the device; triton on CPU only by name; "
+        "no compile with --quick)",
+    )
+    parser.add_argument(
+        "--modes", default=",".join(memory.MODES), help=f"comma-separated subset of {', '.join(memory.MODES)}"
+    )
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG of the speedups (benchmarks/plot_results.py)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    args = build_parser().parse_args(argv)
+    device = cli.setup_device(args)
+    if device.type == "cpu" and "triton" in (args.providers or ""):
+        # Triton on CPU means its interpreter, which must be chosen before Triton is imported.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    modes = cli.split(args.modes)
+    unknown = [m for m in modes if m not in memory.MODES]
+    if unknown or not modes:
+        raise SystemExit(f"--modes: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(memory.MODES)}")
+    if args.providers:
+        names = cli.split(args.providers)
+    else:
+        names = [n for n in providers.default_names(device) if not (args.quick and n.startswith("compile"))]
+    try:
+        for name in names:
+            providers.parse(name)
+        shapes = parse_shapes(args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES.get(device.type, "cpu")))
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+
+    budget = timing.QUICK if args.quick else timing.FULL
+    bench = KernelBenchmark(device, cli.DTYPES[args.dtype], args.layout, names, modes, budget, log=cli.log)
+    print(f"{bench.metadata['device']} | torch {bench.metadata['torch']} | triton {bench.metadata['triton']} "
+          f"| commit {bench.metadata['commit']} | {bench.metadata['date']} | {args.dtype} {args.layout}")  # fmt: skip
+    rows = bench.run(shapes, QUICK_COPY_BYTES if args.quick else COPY_BYTES.get(device.type, COPY_BYTES["cpu"]))
+    print(results_table(rows, modes, args.markdown))
+    if bench.failures:
+        print(f"\n{len(bench.failures)} case(s) skipped:\n  " + "\n  ".join(bench.failures))
+    if args.csv:
+        report.write_csv(args.csv, rows, COLUMNS)
+        print(f"wrote {args.csv}")
+    if args.plot:
+        from benchmarks.plot_results import plot_speedups
+
+        plot_speedups(rows, args.plot)
+        print(f"wrote {args.plot}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

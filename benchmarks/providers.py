@@ -1,0 +1,112 @@
+"""Providers: the BatchNorm implementations a benchmark puts side by side, by name.
+
+A provider name is ``<base>[+relu]``:
+
+    torch              torch.nn.BatchNorm (native kernels; cuDNN / MIOpen on GPUs)
+    compile            torch.compile of the torch.nn module
+    scratch            the from-scratch tutorial BatchNorm (benchmarks/scratch_bn.py), the teaching baseline
+    bnfused            bnfused with its default backend ("auto")
+    bnfused-<backend>  bnfused with one backend: reference, triton, cpp, cuda, ...
+    <base>+relu        followed by ReLU: a separate nn.ReLU for torch/compile/scratch, the fused
+                       activation for bnfused
+
+The bnfused backends are discovered with ``bnfused.availability``, so a new backend shows up here
+without a change to this file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import bnfused
+from benchmarks.scratch_bn import ScratchBatchNorm
+
+BASES = ("torch", "compile", "scratch", "bnfused")
+RELU_SUFFIX = "+relu"
+# The Triton interpreter is orders of magnitude slower than any real kernel: on CPU it is a
+# correctness tool, not a benchmark candidate, so it is only run when asked for by name.
+_NOT_BENCHMARKED_BY_DEFAULT = {"cpu": ("triton",)}
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One parsed provider name. ``backend`` is the bnfused backend request (None outside bnfused)."""
+
+    name: str
+    base: str
+    backend: str | None
+    relu: bool
+
+    @property
+    def compiled(self) -> bool:
+        return self.base == "compile"
+
+
+def parse(name: str) -> Provider:
+    """Parses ``<base>[+relu]`` (see the module docstring); raises ValueError naming what is wrong."""
+    text = name.strip().lower()
+    relu = text.endswith(RELU_SUFFIX)
+    base = text[: -len(RELU_SUFFIX)] if relu else text
+    backend = None
+    if base.startswith("bnfused-"):
+        base, backend = "bnfused", base[len("bnfused-") :]
+        known = tuple(n for n in bnfused.backends.NAMES if n != "auto")
+        if backend not in known:
+            raise ValueError(f"unknown bnfused backend {backend!r} in provider {name!r}; known: {', '.join(known)}")
+    elif base == "bnfused":
+        backend = "auto"
+    if base not in BASES:
+        raise ValueError(
+            f"unknown provider {name!r}: expected one of {', '.join(BASES)}, bnfused-<backend>, each optionally +relu"
+        )
+    return Provider(text, base, backend, relu)
+
+
+def default_names(device: torch.device) -> list[str]:
+    """torch, torch+relu, compile, compile+relu, bnfused-<every available backend>, bnfused+relu, scratch."""
+    skip = _NOT_BENCHMARKED_BY_DEFAULT.get(device.type, ())
+    backends = [n for n, reason in bnfused.availability(device).items() if reason is None and n not in skip]
+    return [
+        "torch", "torch+relu", "compile", "compile+relu",
+        *(f"bnfused-{b}" for b in backends), "bnfused+relu", "scratch",
+    ]  # fmt: skip
+
+
+def resolved_backend(provider: Provider, device: torch.device) -> str:
+    """The concrete bnfused backend the provider runs ("" for non-bnfused providers)."""
+    if provider.base != "bnfused":
+        return ""
+    return bnfused.backends.resolve(provider.backend, device)
+
+
+_TORCH_CLASSES = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+_FUSED_CLASSES = {2: bnfused.BatchNorm1d, 3: bnfused.BatchNorm1d, 4: bnfused.BatchNorm2d, 5: bnfused.BatchNorm3d}
+
+
+def build_layer(
+    provider: Provider, shape: tuple[int, ...], device: torch.device, param_dtype: torch.dtype
+) -> nn.Module:
+    """A BatchNorm (+ReLU) layer for inputs of ``shape`` (N, C, *), with parameters in ``param_dtype``."""
+    if len(shape) not in _TORCH_CLASSES:
+        raise ValueError(f"BatchNorm takes 2D to 5D inputs (N, C, *); got shape {shape}")
+    num_features = shape[1]
+    factory = {"device": device, "dtype": param_dtype}
+    if provider.base == "bnfused":
+        activation = "relu" if provider.relu else None
+        return _FUSED_CLASSES[len(shape)](num_features, activation=activation, backend=provider.backend, **factory)
+    if provider.base == "scratch":
+        layer: nn.Module = ScratchBatchNorm(num_features).to(**factory)
+    else:
+        layer = _TORCH_CLASSES[len(shape)](num_features, **factory)
+    if provider.relu:
+        # In place, as torchvision's ResNets do: BatchNorm's backward does not need its output.
+        layer = nn.Sequential(layer, nn.ReLU(inplace=True))
+    if provider.compiled:
+        # Dynamo caches compiled code per code object and gives up after a few recompiles; every
+        # layer here is a new module, so start each from a clean cache rather than fall back to eager.
+        torch._dynamo.reset()
+        layer = torch.compile(layer)
+    return layer

@@ -1,0 +1,120 @@
+"""Timing a callable the right way for its device, and the device-copy bandwidth that is the roofline.
+
+GPU: ``triton.testing.do_bench`` (CUDA events around many calls, L2 flushed between them, gradients
+reset outside the timed region). CPU: ``torch.utils.benchmark.Timer`` over many blocks of about
+0.5 ms each (enough calls per block that the timer's overhead is negligible).
+Both report the median and the 20th / 80th percentiles in milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.utils.benchmark as torch_benchmark
+
+QUANTILES = (0.5, 0.2, 0.8)
+# CPU blocks: long enough that the timer's own cost (about a microsecond) is noise, short enough
+# that most of them run without being preempted; at least a few of them per measurement.
+_BLOCK_SECONDS = 5e-4
+_MAX_BLOCK_CALLS = 1 << 16
+_MIN_BLOCKS = 3
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds per call: the median and the 20th / 80th percentiles."""
+
+    ms: float
+    q20_ms: float
+    q80_ms: float
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long to measure: ``seconds`` of timed calls (CPU), ``warmup_ms`` / ``rep_ms`` (GPU)."""
+
+    seconds: float
+    warmup_calls: int
+    warmup_ms: int
+    rep_ms: int
+
+
+FULL = Budget(seconds=0.25, warmup_calls=3, warmup_ms=25, rep_ms=100)
+QUICK = Budget(seconds=0.05, warmup_calls=2, warmup_ms=5, rep_ms=10)
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile of an ascending, non-empty sequence."""
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def _reset_grads(tensors: Sequence[torch.Tensor]) -> None:
+    for t in tensors:
+        t.grad = None
+
+
+def _time_cuda(fn: Callable[[], object], budget: Budget, grad_to_none: Sequence[torch.Tensor]) -> Timing:
+    try:
+        from triton.testing import do_bench
+    except ImportError:  # no Triton: torch.utils.benchmark synchronises CUDA itself
+        return _time_cpu(fn, budget, grad_to_none)
+    median, q20, q80 = do_bench(
+        fn, warmup=budget.warmup_ms, rep=budget.rep_ms, grad_to_none=list(grad_to_none), quantiles=list(QUANTILES)
+    )
+    return Timing(median, q20, q80)
+
+
+def _time_cpu(fn: Callable[[], object], budget: Budget, grad_to_none: Sequence[torch.Tensor]) -> Timing:
+    def call():
+        # Inside the timed statement, but only a few attribute stores: without it every backward
+        # would also pay for accumulating into the previous call's gradients.
+        _reset_grads(grad_to_none)
+        fn()
+
+    for _ in range(budget.warmup_calls):
+        call()
+    # Timer defaults to one thread; the layers must be timed with the threads they really get.
+    timer = torch_benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads())
+    # Many short blocks rather than blocked_autorange's few long ones (>= 10 ms each): on a shared
+    # machine a block that loses the CPU to another process is an outlier the median can then drop,
+    # instead of a delay that every block contains.
+    number = 1
+    while True:
+        per_call = timer.timeit(number).times[0]
+        if per_call * number >= _BLOCK_SECONDS or number >= _MAX_BLOCK_CALLS:
+            break
+        number = min(_MAX_BLOCK_CALLS, max(2 * number, math.ceil(_BLOCK_SECONDS / max(per_call, 1e-9))))
+    times = []
+    start = time.perf_counter()
+    while len(times) < _MIN_BLOCKS or time.perf_counter() - start < budget.seconds:
+        times.append(timer.timeit(number).times[0])
+    times.sort()
+    return Timing(*(1e3 * _quantile(times, q) for q in QUANTILES))
+
+
+def measure(
+    fn: Callable[[], object], device: torch.device, budget: Budget, grad_to_none: Sequence[torch.Tensor] = ()
+) -> Timing:
+    """Times ``fn()`` on ``device`` after a warm-up; ``.grad`` of ``grad_to_none`` is reset before every call."""
+    if device.type == "cuda":
+        return _time_cuda(fn, budget, grad_to_none)
+    return _time_cpu(fn, budget, grad_to_none)
+
+
+def copy_bandwidth_gbps(device: torch.device, budget: Budget, nbytes: int) -> float:
+    """Bandwidth of ``dst.copy_(src)`` for an ``nbytes`` buffer, counting bytes read + written (GB/s).
+
+    This is what a memory-bound elementwise kernel can reach on this device, measured in the same
+    run: the denominator of ``roofline_frac``. Choose ``nbytes`` well above the last-level cache.
+    """
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    timing = measure(lambda: dst.copy_(src), device, budget)
+    return 2 * src.nbytes / (timing.ms * 1e-3) / 1e9

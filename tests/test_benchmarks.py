@@ -1,0 +1,180 @@
+"""The benchmark harness runs and writes well-formed output. No test here asserts a speed."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import bench_kernels, bench_models, memory, providers, timing
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def one_thread():
+    """The in-process runs below pass --threads 1 (steady timings on a busy machine); undo it afterwards."""
+    threads = torch.get_num_threads()
+    yield ["--threads", "1"]
+    torch.set_num_threads(threads)
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def _assert_metadata(row: dict, device: str) -> None:
+    for column in ("device", "torch", "triton", "commit", "date"):
+        assert row[column], f"empty {column}"
+    assert row["torch"] == torch.__version__
+    if device == "cuda":
+        assert row["device"] == torch.cuda.get_device_name()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bench_kernels_quick_writes_csv_and_plot(tmp_path, device):
+    names = ["torch", "torch+relu", "bnfused-reference", "bnfused+relu", "scratch"]
+    shapes = ["4x3x5x5", "6x7"]
+    csv_path, png_path = tmp_path / "kernels.csv", tmp_path / "kernels.png"
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    command = [
+        sys.executable, "benchmarks/bench_kernels.py", "--quick", "--device", device, "--layout", "channels_last",
+        "--threads", "1",
+        "--providers", ",".join(names), "--shapes", ",".join(shapes), "--csv", str(csv_path), "--plot", str(png_path),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "skipped" not in done.stdout, done.stdout
+
+    header, rows = _read_csv(csv_path)
+    assert header == list(bench_kernels.COLUMNS)
+    keys = sorted((r["provider"], r["shape"], r["mode"]) for r in rows)
+    assert keys == sorted((p, s, m) for p in names for s in shapes for m in memory.MODES)
+    for r in rows:
+        assert (r["dtype"], r["layout"]) == ("float32", "channels_last")
+        for column in bench_kernels.NUMERIC_COLUMNS:
+            if column == "peak_mem_bytes" and device == "cpu":
+                assert r[column] == ""  # the CPU allocator keeps no peak statistic
+                continue
+            value = float(r[column])
+            assert math.isfinite(value) and value >= 0, (column, r[column])
+        assert float(r["q20_ms"]) <= float(r["ms"]) <= float(r["q80_ms"])
+        assert float(r["ms"]) > 0 and float(r["gbps"]) > 0
+        assert float(r["roofline_frac"]) == pytest.approx(float(r["gbps"]) / float(r["copy_gbps"]), rel=1e-3)
+        shape = tuple(int(d) for d in r["shape"].split("x"))
+        assert int(r["min_bytes"]) == memory.min_bytes(
+            r["mode"], shape, torch.float32, torch.float32, r["provider"].endswith("+relu")
+        )
+        assert int(r["saved_bytes"]) >= math.prod(shape) * 4  # every provider keeps at least x
+        if r["provider"] == "torch":
+            assert float(r["speedup_vs_torch"]) == 1.0
+        _assert_metadata(r, device)
+    assert {r["backend"] for r in rows if r["provider"] == "bnfused-reference"} == {"reference"}
+    assert png_path.read_bytes().startswith(PNG_MAGIC)
+    assert "fwd-train ms" in done.stdout  # the printed table
+
+
+def test_bench_kernels_compile_provider_runs(one_thread):
+    rows = bench_kernels.main(["--quick", *one_thread, "--providers", "torch,compile", "--shapes", "4x3x4x4"])
+    assert sorted((r["provider"], r["mode"]) for r in rows) == sorted(
+        (p, m) for p in ("torch", "compile") for m in memory.MODES
+    )
+
+
+def test_bench_models_quick_writes_csv(tmp_path, one_thread):
+    csv_path = tmp_path / "models.csv"
+    names = ["torch", "bnfused-reference", "bnfused+relu", "scratch"]
+    rows = bench_models.main(
+        ["--quick", *one_thread, "--device", "cpu", "--providers", ",".join(names), "--csv", str(csv_path)]
+    )
+    header, read = _read_csv(csv_path)
+    assert header == list(bench_models.COLUMNS)
+    assert len(read) == len(rows)
+    pairs = {(r["model"], r["provider"]) for r in read}
+    # LeNet has sigmoids, so fuse_relu has nothing to fuse there: that pair is skipped, the rest run.
+    expected = {(m, p) for m in bench_models.QUICK_MODELS.split(",") for p in names} - {("lenet", "bnfused+relu")}
+    assert pairs == expected
+    for r in read:
+        for column in bench_models.NUMERIC_COLUMNS:
+            assert math.isfinite(float(r[column])) and float(r[column]) > 0, (column, r[column])
+        assert float(r["samples_per_s"]) == pytest.approx(int(r["batch"]) / (float(r["ms"]) * 1e-3), rel=1e-4)
+        if r["provider"] == "torch":
+            assert float(r["speedup_vs_torch"]) == 1.0
+        _assert_metadata(r, "cpu")
+
+
+def test_bench_models_resnet18_tiny(one_thread):
+    rows = bench_models.main(["--quick", *one_thread, "--models", "resnet18", "--providers", "torch,bnfused-reference"])
+    assert [r["provider"] for r in rows] == ["torch", "bnfused-reference"]
+    assert rows[0]["input_shape"] == "3x32x32"
+
+
+def test_converted_models_really_use_the_provider():
+    torch_model = bench_models.build_model("mnist_bn_mlp", providers.parse("torch"), torch.device("cpu"), torch.float32)
+    fused = bench_models.build_model(
+        "mnist_bn_mlp", providers.parse("bnfused+relu"), torch.device("cpu"), torch.float32
+    )
+    scratch = bench_models.build_model("resnet18", providers.parse("scratch"), torch.device("cpu"), torch.float32)
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in torch_model.modules()) == 2
+    assert [m.activation for m in fused.modules() if hasattr(m, "activation")] == ["relu", "relu"]
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in scratch.modules())
+    with pytest.raises(ValueError, match="no BatchNorm followed by nn.ReLU"):
+        bench_models.build_model("lenet", providers.parse("bnfused+relu"), torch.device("cpu"), torch.float32)
+
+
+def test_parse_shapes_sets_explicit_and_errors():
+    assert bench_kernels.parse_shapes("cpu") == [(32, 64, 56, 56), (128, 256, 14, 14)]
+    assert bench_kernels.parse_shapes("8x3x4x4, 64x512,8x3x4x4") == [(8, 3, 4, 4), (64, 512)]
+    assert len(bench_kernels.parse_shapes("resnet50,lenet-mlp")) == 11
+    for bad in ("64", "8x3x0x4", "1x3", "axb", "1x2x3x4x5x6", "nope"):
+        with pytest.raises(ValueError, match="bad shape"):
+            bench_kernels.parse_shapes(bad)
+
+
+def test_provider_names():
+    p = providers.parse("bnfused-reference+relu")
+    assert (p.base, p.backend, p.relu, p.compiled) == ("bnfused", "reference", True, False)
+    assert providers.parse("bnfused").backend == "auto"
+    assert providers.parse("compile+relu").compiled
+    for bad, message in (("cudnn", "unknown provider"), ("bnfused-magic", "unknown bnfused backend")):
+        with pytest.raises(ValueError, match=message):
+            providers.parse(bad)
+    defaults = providers.default_names(torch.device("cpu"))
+    assert defaults[:4] == ["torch", "torch+relu", "compile", "compile+relu"]
+    assert "bnfused-reference" in defaults and "bnfused-triton" not in defaults
+
+
+def test_byte_model():
+    shape, e, v = (4, 8, 3, 3), 4 * 8 * 9 * 2, 8 * 4  # float16 activations, float32 parameters
+    assert memory.min_bytes("fwd-train", shape, torch.float16, torch.float32, False) == 2 * e + 8 * v
+    assert memory.min_bytes("fwd-eval", shape, torch.float16, torch.float32, True) == 2 * e + 4 * v
+    assert memory.min_bytes("bwd", shape, torch.float16, torch.float32, False) == 3 * e + 5 * v
+    assert memory.min_bytes("bwd", shape, torch.float16, torch.float32, True) == 4 * e + 5 * v
+    assert memory.min_bytes("step", shape, torch.float16, torch.float32, True) == 6 * e + 13 * v
+
+
+def test_saved_bytes_counts_each_storage_once():
+    x = torch.randn(4, 8, 3, 3, requires_grad=True)
+    # torch's BatchNorm keeps x and the (C,) fp32 batch mean and invstd; its parameters are not counted.
+    assert memory.saved_bytes(nn.BatchNorm2d(8), x) == x.nbytes + 2 * 8 * 4
+    # Two ops saving the same tensor cost it once.
+    double = nn.Sequential(nn.Identity())
+    double.forward = lambda t: t * t
+    assert memory.saved_bytes(double, x) == x.nbytes
+
+
+def test_timing_quantiles_are_ordered():
+    result = timing.measure(lambda: torch.ones(64).sum(), torch.device("cpu"), timing.QUICK)
+    assert 0 < result.q20_ms <= result.ms <= result.q80_ms
+    assert timing.copy_bandwidth_gbps(torch.device("cpu"), timing.QUICK, 1 << 20) > 0
