@@ -59,6 +59,23 @@ def _tile(
 
 
 @triton.jit
+def _elementwise_program(num_tiles, BLOCK_C: tl.constexpr):
+    """(tile number, first channel, channels [BLOCK_C]) of this program in a one-tile-per-program grid
+    of cdiv(C, BLOCK_C) * num_tiles programs."""
+    pid = tl.program_id(0)
+    c_block = pid // num_tiles
+    c_start = c_block * BLOCK_C
+    return pid - c_block * num_tiles, c_start, c_start + tl.arange(0, BLOCK_C)
+
+
+@triton.jit
+def _partials_block(k0, c, c_mask, C, K, BLOCK_K: tl.constexpr):
+    """Offsets [BLOCK_K, BLOCK_C] into a [K, C] partials plane for chunks k0.., and their mask."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    return k[:, None] * C + c[None, :], (k < K)[:, None] & c_mask[None, :]
+
+
+@triton.jit
 def _activation_grad(dy_ptr, y_ptr, offsets, mask, ACT: tl.constexpr, slope):
     """g = dy * act'(z) as fp32, 0 where masked. act' comes from the saved output: y > 0 exactly
     where z > 0 (slope >= 0), so no mask tensor is stored."""
@@ -271,17 +288,13 @@ def _stats_finalize_kernel(
     m2_part_ptr = partial_ptr + 2 * K * C
     weighted = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        offsets = k[:, None] * C + c[None, :]
-        mask = (k < K)[:, None] & c_mask[None, :]
+        offsets, mask = _partials_block(k0, c, c_mask, C, K, BLOCK_K)
         n = tl.load(count_ptr + offsets, mask=mask, other=0.0)
         weighted += n * tl.load(mean_part_ptr + offsets, mask=mask, other=0.0)
     mean = tl.sum(weighted, axis=0) / total
     m2 = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        offsets = k[:, None] * C + c[None, :]
-        mask = (k < K)[:, None] & c_mask[None, :]
+        offsets, mask = _partials_block(k0, c, c_mask, C, K, BLOCK_K)
         n = tl.load(count_ptr + offsets, mask=mask, other=0.0)
         delta = tl.load(mean_part_ptr + offsets, mask=mask, other=0.0) - mean[None, :]
         m2 += tl.load(m2_part_ptr + offsets, mask=mask, other=0.0) + n * delta * delta
@@ -323,10 +336,7 @@ def _normalize_kernel(
     INT64: tl.constexpr,
 ):
     """y = act((x - mean) * (invstd * w) + b), one tile per program. Grid: (cdiv(C, BLOCK_C) * num_tiles,)."""
-    pid = tl.program_id(0)
-    c_block = pid // num_tiles
-    c_start = c_block * BLOCK_C
-    c = c_start + tl.arange(0, BLOCK_C)
+    t, c_start, c = _elementwise_program(num_tiles, BLOCK_C)
     c_mask = c < C
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
     spread = tl.load(spread_ptr + c, mask=c_mask, other=1.0).to(tl.float32)
@@ -334,7 +344,7 @@ def _normalize_kernel(
         spread = 1.0 / tl.sqrt(spread + eps)
     scale, shift = _affine(spread, c, c_mask, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS)
     _normalize_tile(
-        x_ptr, y_ptr, pid - c_block * num_tiles, c_start, mean, scale, shift, C, cols, col_blocks,
+        x_ptr, y_ptr, t, c_start, mean, scale, shift, C, cols, col_blocks,
         stride_row, stride_col, stride_c, slope, ACT, ROUND_BF16, BLOCK_C, BLOCK_S, INT64,
     )  # fmt: skip
 
@@ -548,9 +558,7 @@ def _sum_chunks_kernel(
     acc_first = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
     acc_second = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        mask = (k < K)[:, None] & c_mask[None, :]
-        offsets = k[:, None] * C + c[None, :]
+        offsets, mask = _partials_block(k0, c, c_mask, C, K, BLOCK_K)
         acc_first += tl.load(partial_ptr + offsets, mask=mask, other=0.0)
         if BOTH:
             acc_second += tl.load(partial_ptr + K * C + offsets, mask=mask, other=0.0)
@@ -606,15 +614,12 @@ def _backward_dx_kernel(
     INT64: tl.constexpr,
 ):
     """dx, one tile per program. Grid: (cdiv(C, BLOCK_C) * num_tiles,)."""
-    pid = tl.program_id(0)
-    c_block = pid // num_tiles
-    c_start = c_block * BLOCK_C
-    c = c_start + tl.arange(0, BLOCK_C)
+    t, c_start, c = _elementwise_program(num_tiles, BLOCK_C)
     mean, scale, mean_g, xhat_coef = _dx_coefficients(
         c, c < C, weight_ptr, mean_ptr, invstd_ptr, sum_g_ptr, sum_g_xhat_ptr, inv_count, TRAINING, HAS_WEIGHT
     )
     _dx_tile(
-        dy_ptr, x_ptr, y_ptr, dx_ptr, pid - c_block * num_tiles, c_start, mean, scale, mean_g, xhat_coef, C, cols,
+        dy_ptr, x_ptr, y_ptr, dx_ptr, t, c_start, mean, scale, mean_g, xhat_coef, C, cols,
         col_blocks, stride_row, stride_col, stride_c, slope, TRAINING, ACT, ROUND_BF16, BLOCK_C, BLOCK_S, INT64,
     )  # fmt: skip
 
