@@ -255,6 +255,12 @@ def test_plan_uses_64_bit_offsets_past_2_31_elements():
     assert triton_backend._make_plan(big).int64 and not triton_backend._make_plan(small).int64
 
 
+def test_input_whose_spatial_dims_do_not_collapse_is_refused():
+    x = torch.empty((2, 3, 4, 6), device="meta")[:, :, ::2, :]
+    with pytest.raises(ValueError, match="do not collapse"):
+        triton_backend._make_plan(x)
+
+
 def test_forced_blocks_rejects_bad_sizes():
     with pytest.raises(ValueError, match="block_s must be a power of two"):
         with triton_backend.forced_blocks(block_c=2, block_s=6, chunks=2):

@@ -138,6 +138,11 @@ def _plan(x: torch.Tensor) -> _Plan:
 
 def _make_plan(x: torch.Tensor) -> _Plan:
     n, c, s, stride_n, stride_c, stride_s = layout.ncs(x)
+    if stride_s is None:
+        raise ValueError(
+            f"bnfused triton backend: the spatial dims of x (strides {x.stride()}) do not collapse to one "
+            "stride; pass it through bnfused.layout.kernel_ready first"
+        )
     # Collapse the N * S values of a channel into as few (rows x cols) as the strides allow.
     if s == 1:
         rows, cols, stride_row, stride_col = 1, n, 0, stride_n
