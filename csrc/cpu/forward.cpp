@@ -1,0 +1,140 @@
+// CPU forward ops: forward_train, forward_eval, batch_stats, normalize (schemas in ../bnfused.cpp).
+#include <torch/library.h>
+
+#include "../layout.h"
+#include "channel_values.h"
+#include "kernels.h"
+
+namespace bnfused::cpu {
+namespace {
+
+using at::Tensor;
+using std::optional;
+
+void check_forward_args(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
+                        int64_t act, double slope) {
+  check_input_dtype(x);
+  check_channel_arg(weight, x, "weight");
+  check_channel_arg(bias, x, "bias");
+  check_act(act, slope);
+}
+
+// y = act((x - mean) * invstd * weight + bias) with per-channel A arrays mean and invstd.
+template <typename T>
+Tensor normalize_with(const Tensor& x, const Tiling& tl, const std::vector<acc_t<T>>& mean,
+                      const std::vector<acc_t<T>>& invstd, const optional<Tensor>& weight,
+                      const optional<Tensor>& bias, int64_t act, double slope) {
+  using A = acc_t<T>;
+  const int64_t C = tl.L.c;
+  std::vector<A> scale = channel_values<A>(weight, C, A(1));
+  for (int64_t c = 0; c < C; ++c) scale[c] *= invstd[c];
+  const std::vector<A> shift = channel_values<A>(bias, C, A(0));
+  Tensor y = at::empty_like(x);
+  normalize<T>(x, tl, mean.data(), scale.data(), shift.data(), act, slope, y);
+  return y;
+}
+
+// running <- (1 - momentum) * running + momentum * batch, in place.
+void update_running(const optional<Tensor>& running, const std::vector<double>& batch, double momentum) {
+  if (!present(running)) return;
+  Tensor r = *running;
+  const auto dtype = r.scalar_type();
+  if ((dtype == at::kFloat || dtype == at::kDouble) && r.is_contiguous()) {
+    AT_DISPATCH_FLOATING_TYPES(dtype, "bnfused_native::update_running", [&] {
+      scalar_t* p = r.mutable_data_ptr<scalar_t>();
+      for (size_t c = 0; c < batch.size(); ++c) {
+        p[c] = static_cast<scalar_t>((1.0 - momentum) * double(p[c]) + momentum * batch[c]);
+      }
+    });
+  } else {  // float16/bfloat16 running stats: the same update, in their own dtype, as torch does it
+    r.mul_(1.0 - momentum).add_(channel_tensor(batch, at::kDouble).to(dtype), momentum);
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& x, const optional<Tensor>& weight,
+                                                 const optional<Tensor>& bias, const optional<Tensor>& running_mean,
+                                                 const optional<Tensor>& running_var, double momentum, double eps,
+                                                 int64_t act, double slope) {
+  check_forward_args(x, weight, bias, act, slope);
+  check_channel_arg(running_mean, x, "running_mean");
+  check_channel_arg(running_var, x, "running_var");
+  const Tiling tl = Tiling::of(ncs_of(x));
+  const int64_t C = tl.L.c, M = tl.L.per_channel();
+  std::vector<double> mean(C), m2(C);
+  Tensor y, mean_out, invstd_out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_native::forward_train", [&] {
+    using A = acc_t<scalar_t>;
+    moments<scalar_t>(x, tl, mean.data(), m2.data());
+    std::vector<A> mean_a(C), invstd_a(C);
+    for (int64_t c = 0; c < C; ++c) {
+      mean_a[c] = static_cast<A>(mean[c]);
+      invstd_a[c] = static_cast<A>(1.0 / std::sqrt(m2[c] / double(M) + eps));
+    }
+    y = normalize_with<scalar_t>(x, tl, mean_a, invstd_a, weight, bias, act, slope);
+    mean_out = channel_tensor(mean_a, acc_type(x.scalar_type()));
+    invstd_out = channel_tensor(invstd_a, acc_type(x.scalar_type()));
+  });
+  update_running(running_mean, mean, momentum);
+  if (present(running_var)) {
+    std::vector<double> unbiased(C);
+    for (int64_t c = 0; c < C; ++c) unbiased[c] = m2[c] / double(M - 1);
+    update_running(running_var, unbiased, momentum);
+  }
+  return {y, mean_out, invstd_out};
+}
+
+Tensor forward_eval(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
+                    const Tensor& running_mean, const Tensor& running_var, double eps, int64_t act, double slope) {
+  check_forward_args(x, weight, bias, act, slope);
+  check_channel_arg(running_mean, x, "running_mean");
+  check_channel_arg(running_var, x, "running_var");
+  const Tiling tl = Tiling::of(ncs_of(x));
+  const int64_t C = tl.L.c;
+  Tensor y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_native::forward_eval", [&] {
+    using A = acc_t<scalar_t>;
+    const std::vector<A> mean = channel_values<A>(running_mean, C, A(0));
+    std::vector<A> invstd = channel_values<A>(running_var, C, A(0));
+    for (int64_t c = 0; c < C; ++c) invstd[c] = A(1) / std::sqrt(invstd[c] + static_cast<A>(eps));
+    y = normalize_with<scalar_t>(x, tl, mean, invstd, weight, bias, act, slope);
+  });
+  return y;
+}
+
+std::tuple<Tensor, Tensor> batch_stats(const Tensor& x) {
+  check_input_dtype(x);
+  const Tiling tl = Tiling::of(ncs_of(x));
+  const int64_t C = tl.L.c;
+  std::vector<double> mean(C), var(C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_native::batch_stats",
+                                  [&] { moments<scalar_t>(x, tl, mean.data(), var.data()); });
+  for (int64_t c = 0; c < C; ++c) var[c] /= double(tl.L.per_channel());
+  const auto acc = acc_type(x.scalar_type());
+  return {channel_tensor(mean, acc), channel_tensor(var, acc)};
+}
+
+Tensor normalize_op(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
+                    const Tensor& mean, const Tensor& invstd, int64_t act, double slope) {
+  check_forward_args(x, weight, bias, act, slope);
+  check_channel_arg(mean, x, "mean");
+  check_channel_arg(invstd, x, "invstd");
+  const Tiling tl = Tiling::of(ncs_of(x));
+  Tensor y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_native::normalize", [&] {
+    using A = acc_t<scalar_t>;
+    y = normalize_with<scalar_t>(x, tl, channel_values<A>(mean, tl.L.c, A(0)),
+                                 channel_values<A>(invstd, tl.L.c, A(0)), weight, bias, act, slope);
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnfused_native, CPU, m) {
+  m.impl("forward_train", &forward_train);
+  m.impl("forward_eval", &forward_eval);
+  m.impl("batch_stats", &batch_stats);
+  m.impl("normalize", &normalize_op);
+}
+
+}  // namespace bnfused::cpu

@@ -1,0 +1,177 @@
+// How the CPU kernels cut the (N, C, S) grid into tiles, walk a tile in vector chunks, and sum.
+//
+// Two walks cover every layout without a copy:
+//   planes  (spatial stride 1, e.g. NCHW): a tile is a block of one (n, c) plane's S values,
+//           all of channel c; a plane longer than kMaxPlaneBlock is split into several tiles.
+//   rows    (channel stride 1, e.g. channels_last, (N, C)): a tile is a block of (n, s) rows, each
+//           C contiguous values; vector lanes are consecutive channels.
+// Any other dense layout is walked as planes with a gather (stride `es`).
+//
+// Tiles are the unit of parallelism AND of reduction: each tile writes its own partial result,
+// and partials are merged per channel in tile order afterwards. The result is therefore the same
+// bit for bit whatever the number of threads (deterministic), and a channel with few values
+// (LeNet's 6..120 channels) still spreads over all cores, since tiles also split N * S.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+
+#include "../layout.h"
+#include "vec_chunks.h"
+
+namespace bnfused::cpu {
+
+constexpr int64_t kRowTileValues = 16384;   // a row tile's values: two passes stay in L1/L2
+constexpr int64_t kMaxPlaneBlock = 32768;   // longest plane block per tile (128 KiB of fp32)
+constexpr int64_t kMinTaskValues = 32768;   // fewer values than this per thread is not worth a fork
+
+struct Tiling {
+  Ncs L;
+  bool rows;       // true: rows walk; false: planes walk
+  int64_t es;      // planes: element stride along S (1, or the gather stride)
+  int64_t block;   // planes: values per tile; rows: rows per tile
+  int64_t blocks;  // planes: tiles per (n, c) plane
+  int64_t tiles;
+
+  static Tiling of(const Ncs& L) {
+    Tiling t{L, false, 1, 0, 1, 0};
+    if (L.s > 1 && L.ss == 1) {
+      t.rows = false;
+    } else if (L.sc == 1 || L.c == 1) {
+      t.rows = true;
+    } else {
+      t.es = L.ss;
+    }
+    if (t.rows) {
+      t.block = std::max<int64_t>(1, kRowTileValues / L.c);
+      t.tiles = (L.n * L.s + t.block - 1) / t.block;
+    } else {
+      t.block = std::min(L.s, kMaxPlaneBlock);
+      t.blocks = (L.s + t.block - 1) / t.block;
+      t.tiles = L.c * L.n * t.blocks;
+    }
+    return t;
+  }
+
+  // Channels a tile holds partial sums for: all C for a row tile, one for a plane tile.
+  int64_t width() const { return rows ? L.c : 1; }
+  // Plane tiles are ordered channel-major, so one channel's tiles are consecutive.
+  int64_t plane_channel(int64_t t) const { return t / (L.n * blocks); }
+  // Values of each channel inside tile t.
+  int64_t count(int64_t t) const {
+    if (rows) return std::min(block, L.n * L.s - t * block);
+    return std::min(block, L.s - (t % blocks) * block);
+  }
+  int64_t plane_offset(int64_t t) const {
+    const int64_t c = plane_channel(t), rest = t % (L.n * blocks);
+    return (rest / blocks) * L.sn + c * L.sc + (rest % blocks) * block * es;
+  }
+  int64_t row_offset(int64_t r) const { return (r / L.s) * L.sn + (r % L.s) * L.ss; }
+
+  // Calls f(t, j) for every tile holding values of channel c, in a fixed order; j indexes c's
+  // slot among that tile's `width()` partials.
+  template <typename F>
+  void for_channel_tiles(int64_t c, F&& f) const {
+    if (rows) {
+      for (int64_t t = 0; t < tiles; ++t) f(t, c);
+    } else {
+      const int64_t per_channel = L.n * blocks;
+      for (int64_t t = c * per_channel; t < (c + 1) * per_channel; ++t) f(t, int64_t{0});
+    }
+  }
+};
+
+// Runs body(t) for every tile, in parallel. Tiles write disjoint outputs.
+template <typename F>
+void parallel_tiles(const Tiling& tl, F&& body) {
+  const int64_t values = tl.rows ? tl.block * tl.L.c : tl.block;
+  const int64_t grain = std::max<int64_t>(1, kMinTaskValues / values);
+  at::parallel_for(0, tl.tiles, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) body(t);
+  });
+}
+
+// Plane tile t in chunks: f(tag, offset of the chunk's first element).
+template <typename A, typename F>
+inline void walk_plane(const Tiling& tl, int64_t t, F&& f) {
+  constexpr int64_t VW = vec_width<A>();
+  const int64_t off = tl.plane_offset(t), len = tl.count(t);
+  if (tl.es == 1) {
+    int64_t i = 0;
+    for (; i + VW <= len; i += VW) f(Full{}, off + i);
+    if (i < len) f(Part{len - i}, off + i);
+  } else {
+    for (int64_t i = 0; i < len; i += VW) f(Gather{std::min(VW, len - i), tl.es}, off + i * tl.es);
+  }
+}
+
+// Row tile t in chunks: f(tag, offset of the chunk's first element, channel of its first lane).
+template <typename A, typename F>
+inline void walk_rows(const Tiling& tl, int64_t t, F&& f) {
+  constexpr int64_t VW = vec_width<A>();
+  const int64_t C = tl.L.c, r0 = t * tl.block, r1 = r0 + tl.count(t);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t off = tl.row_offset(r);
+    int64_t c = 0;
+    for (; c + VW <= C; c += VW) f(Full{}, off + c, c);
+    if (c < C) f(Part{C - c}, off + c, c);
+  }
+}
+
+// Elementwise pass: op(tag, offset, coef) for every chunk of every tile, in parallel, where
+// coef(array) gives the per-channel array's values for the chunk's lanes (one broadcast channel
+// for planes, consecutive channels for rows).
+template <typename A, typename Op>
+void for_each_chunk(const Tiling& tl, Op&& op) {
+  using V = at::vec::Vectorized<A>;
+  parallel_tiles(tl, [&](int64_t t) {
+    if (tl.rows) {
+      walk_rows<A>(tl, t, [&](auto tag, int64_t off, int64_t c) {
+        op(tag, off, [&](const A* arr) { return ld(tag, arr + c); });
+      });
+    } else {
+      const int64_t c = tl.plane_channel(t);
+      walk_plane<A>(tl, t, [&](auto tag, int64_t off) { op(tag, off, [&](const A* arr) { return V(arr[c]); }); });
+    }
+  });
+}
+
+template <typename A>
+inline A lane_sum(const at::vec::Vectorized<A>& v) {
+  A lanes[vec_width<A>()];
+  v.store(lanes);
+  A total = 0;
+  for (int64_t i = 0; i < vec_width<A>(); ++i) total += lanes[i];
+  return total;
+}
+
+// K per-channel sums over tile t of contrib(tag, offset, center) -> std::array<Vec, K>, written to
+// out[k * width + j] (out zeroed by the caller). center points at the tile's per-channel centre
+// values (center[0] for a plane tile, center[c] for a row tile) or is null (centre 0).
+template <int K, typename A, typename Contrib>
+void tile_sums(const Tiling& tl, int64_t t, const A* center, Contrib&& contrib, A* out) {
+  using V = at::vec::Vectorized<A>;
+  if (!tl.rows) {
+    std::array<V, K> acc;
+    acc.fill(V(0));
+    const V cen(center ? center[0] : A(0));
+    walk_plane<A>(tl, t, [&](auto tag, int64_t off) {
+      const std::array<V, K> v = contrib(tag, off, cen);
+      for (int k = 0; k < K; ++k) acc[k] += valid(tag, v[k]);
+    });
+    for (int k = 0; k < K; ++k) out[k] = lane_sum(acc[k]);
+    return;
+  }
+  const int64_t C = tl.L.c;
+  walk_rows<A>(tl, t, [&](auto tag, int64_t off, int64_t c) {
+    const std::array<V, K> v = contrib(tag, off, center ? ld(tag, center + c) : V(0));
+    for (int k = 0; k < K; ++k) {
+      A* o = out + k * C + c;
+      st(tag, o, ld(tag, o) + valid(tag, v[k]));
+    }
+  });
+}
+
+}  // namespace bnfused::cpu

@@ -1,0 +1,323 @@
+"""The C++/CUDA backend ("cpp" on CPU tensors, "cuda" on CUDA tensors): build, parity, ops, gradients.
+
+The first test that touches the backend builds the extension (minutes when ~/.cache/torch_extensions
+is cold); every later one reuses the process-wide library.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bnfused
+from bnfused import activation as act_codes
+from bnfused import backends
+from bnfused.backends import native
+from bnfused.backends import reference as ref
+from helpers import assert_matches_torch, make_input
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+ACTS = [(act_codes.NONE, 0.0), (act_codes.RELU, 0.0), (act_codes.LEAKY_RELU, 0.2)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    lib = native.library()
+    assert lib.error is None, f"the C++ extension did not build: {lib.error}"
+    return lib
+
+
+def backend_for(device: str) -> str:
+    return "cpp" if device == "cpu" else "cuda"
+
+
+# --------------------------------------------------------------------------- parity with torch.nn
+
+
+@pytest.mark.parametrize(
+    "shape, channels_last",
+    [
+        ((8, 5), False),  # (N, C): rows of C values
+        ((4, 7, 9), False),  # (N, C, L)
+        ((4, 7, 9), True),  # (N, L, C) data viewed as (N, C, L)
+        ((3, 6, 5, 7), False),  # NCHW
+        ((3, 6, 5, 7), True),  # channels_last
+        ((2, 3, 4, 5, 3), False),  # NCDHW
+        ((2, 3, 4, 5, 3), True),  # channels_last_3d
+        ((7, 13, 11, 3), False),  # primes everywhere
+        ((5, 37, 1, 1), False),  # 1x1 spatial: C not a multiple of any vector width
+        ((2, 19, 41, 43), False),  # a plane longer than one vector, odd tail
+        ((2, 70, 3, 5), True),  # channels_last, C over a vector plus a tail
+    ],
+)
+def test_matches_torch_layouts(shape, channels_last):
+    assert_matches_torch("cpp", shape, channels_last=channels_last, steps=2)
+
+
+@pytest.mark.parametrize(
+    "dtype, param_dtype, channels_last",
+    [
+        (torch.float64, None, False),
+        (torch.float64, None, True),
+        (torch.float16, None, False),  # half input, float32 parameters (mixed)
+        (torch.float16, None, True),
+        (torch.bfloat16, None, False),
+        (torch.bfloat16, None, True),
+        (torch.float16, torch.float16, False),  # half parameters and running stats too
+        (torch.bfloat16, torch.bfloat16, True),
+    ],
+)
+def test_matches_torch_dtypes(dtype, param_dtype, channels_last):
+    assert_matches_torch("cpp", (4, 11, 6, 5), dtype=dtype, param_dtype=param_dtype, channels_last=channels_last)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(training=False),
+        dict(training=False, activation="relu"),
+        dict(affine=False),
+        dict(affine=False, training=False, activation="leaky_relu", negative_slope=0.1),
+        dict(activation="relu"),
+        dict(activation="leaky_relu", negative_slope=0.2, channels_last=True),
+        dict(momentum=None, steps=3),  # cumulative moving average
+        dict(momentum=0.5, steps=3),
+        dict(track_running_stats=False),
+        dict(track_running_stats=False, training=False),  # eval without running stats: batch stats
+    ],
+    ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()),
+)
+def test_matches_torch_modes(kwargs):
+    assert_matches_torch("cpp", (6, 9, 7, 5), **kwargs)
+
+
+def test_lenet_and_mlp_shapes():
+    for shape in ((64, 6, 24, 24), (64, 16, 8, 8), (64, 512), (64, 120)):
+        assert_matches_torch("cpp", shape, steps=1)
+
+
+# --------------------------------------------------------------------------- contract functions vs reference
+
+
+def _layouts(device):
+    """(name, x) pairs covering the three walks: planes, rows, and strided (gathered) planes."""
+    base = torch.randn(3, 10, 6, 7, device=device, dtype=torch.float64) * 2 + 3
+    return [
+        ("nchw", base),
+        ("channels_last", base.contiguous(memory_format=torch.channels_last)),
+        ("nlc", (torch.randn(4, 9, 10, device=device, dtype=torch.float64) - 1).transpose(1, 2)),
+        # Dense but neither spatial nor channel stride 1: (N, C, H, W) strides (1, 3, 90, 18).
+        ("strided", (torch.randn(4, 5, 6, 3, device=device, dtype=torch.float64) + 1).permute(3, 2, 0, 1)),
+    ]
+
+
+def _params(x, affine=True):
+    c = x.shape[1]
+    if not affine:
+        return None, None
+    g = torch.Generator().manual_seed(1)
+    w = (torch.rand(c, generator=g, dtype=x.dtype) + 0.5).to(x.device)
+    b = torch.randn(c, generator=g, dtype=x.dtype).to(x.device)
+    return w, b
+
+
+def _close(actual, expected, **kw):
+    if expected is None:
+        assert actual is None
+        return
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    torch.testing.assert_close(actual, expected, **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act, slope", ACTS)
+def test_forward_functions_match_reference(device, act, slope):
+    for name, x in _layouts(device):
+        w, b = _params(x, affine=act != act_codes.LEAKY_RELU)
+        rm = torch.linspace(-1, 1, x.shape[1], dtype=x.dtype, device=device)
+        rv = torch.linspace(0.5, 2, x.shape[1], dtype=x.dtype, device=device)
+        got_rm, got_rv = rm.clone(), rv.clone()
+        y, mean, invstd = native.forward_train(x, w, b, got_rm, got_rv, 0.3, 1e-5, act, slope)
+        y_ref, mean_ref, invstd_ref = ref.forward_train(x, w, b, rm, rv, 0.3, 1e-5, act, slope)
+        for got, want in ((y, y_ref), (mean, mean_ref), (invstd, invstd_ref), (got_rm, rm), (got_rv, rv)):
+            _close(got, want, msg=lambda m, n=name: f"{n}: {m}")
+        assert y.stride() == x.stride(), f"{name}: output lost the input's layout"
+        _close(
+            native.forward_eval(x, w, b, rm, rv, 1e-3, act, slope), ref.forward_eval(x, w, b, rm, rv, 1e-3, act, slope)
+        )
+        for got, want in zip(native.batch_stats(x), ref.batch_stats(x)):
+            _close(got, want)
+        _close(
+            native.normalize(x, w, b, mean_ref, invstd_ref, act, slope),
+            ref.normalize(x, w, b, mean_ref, invstd_ref, act, slope),
+        )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act, slope", ACTS)
+def test_backward_functions_match_reference(device, act, slope):
+    for name, x in _layouts(device):
+        w, _ = _params(x)
+        y, mean, invstd = ref.forward_train(x, w, None, None, None, 0.1, 1e-5, act, slope)
+        dy = torch.randn_like(x)
+        y_arg = y if act else None
+        for training in (True, False):
+            for needs in ((True, True, True), (True, False, False), (False, True, False), (False, False, True)):
+                got = native.backward(dy, x, y_arg, w, mean, invstd, act, slope, training, *needs)
+                want = ref.backward(dy, x, y_arg, w, mean, invstd, act, slope, training, *needs)
+                for g, r in zip(got, want):
+                    _close(g, r, msg=lambda m, n=name: f"{n} training={training} needs={needs}: {m}")
+                if got[0] is not None:
+                    assert got[0].stride() == x.stride()
+        sums = native.backward_reduce(dy, x, y_arg, mean, invstd, act, slope)
+        for g, r in zip(sums, ref.backward_reduce(dy, x, y_arg, mean, invstd, act, slope)):
+            _close(g, r)
+        count = x.numel() // x.shape[1]
+        _close(
+            native.backward_elemt(dy, x, y_arg, w, mean, invstd, *sums, count, act, slope),
+            ref.backward_elemt(dy, x, y_arg, w, mean, invstd, *sums, count, act, slope),
+        )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dy_with_other_strides_is_accepted(device):
+    x = torch.randn(3, 4, 5, 6, device=device).contiguous(memory_format=torch.channels_last)
+    _, mean, invstd = ref.forward_train(x, None, None, None, None, 0.1, 1e-5, 0, 0.0)
+    dy = torch.randn(3, 4, 5, 6, device=device)  # NCHW while x is channels_last
+    got = native.backward(dy, x, None, None, mean, invstd, 0, 0.0, True, True, True, True)
+    want = ref.backward(dy, x, None, None, mean, invstd, 0, 0.0, True, True, True, True)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_variance_is_stable_at_large_mean(device, channels_last):
+    """|mean| = 1e4 with std 1: E[x^2] - E[x]^2 in float32 would lose every digit of the variance."""
+    x = make_input((16, 3, 32, 32), torch.float32, channels_last, offset=1e4, scale=1.0).to(device)
+    mean, var = native.batch_stats(x)
+    var_exact, mean_exact = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), mean_exact, rtol=1e-7, atol=0)
+    torch.testing.assert_close(var.double(), var_exact, rtol=1e-4, atol=0)
+
+
+def test_results_do_not_depend_on_thread_count():
+    x = make_input((8, 6, 33, 17), torch.float32)
+    dy = torch.randn_like(x)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            y, mean, invstd = native.forward_train(x, None, None, None, None, 0.1, 1e-5, 0, 0.0)
+            results.append(
+                (y, mean, invstd, *native.backward(dy, x, None, None, mean, invstd, 0, 0.0, True, True, True, True))
+            )
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b), "results changed with the number of threads"
+
+
+def test_bad_arguments_raise_clear_errors():
+    x = torch.randn(4, 3, 5)
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        native.forward_train(x, torch.ones(4), None, None, None, 0.1, 1e-5, 0, 0.0)
+    with pytest.raises(RuntimeError, match="act must be"):
+        native.forward_eval(x, None, None, torch.zeros(3), torch.ones(3), 1e-5, 7, 0.0)
+    with pytest.raises(RuntimeError, match="x must be float16, bfloat16, float32 or float64"):
+        native.batch_stats(torch.ones(4, 3, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="dense"):
+        native.batch_stats(torch.randn(4, 6, 5)[:, ::2])
+    with pytest.raises(RuntimeError, match="y .the forward output. is needed"):
+        native.backward(x, x, None, None, torch.zeros(3), torch.ones(3), 1, 0.0, True, True, False, False)
+
+
+# --------------------------------------------------------------------------- torch.library and autograd
+
+
+def _opcheck_samples():
+    x = make_input((3, 4, 5, 6), torch.float32)
+    w, b = torch.rand(4) + 0.5, torch.randn(4)
+    y, mean, invstd = ref.forward_train(x, w, b, None, None, 0.1, 1e-5, 1, 0.0)
+    dy = torch.randn_like(x)
+    sums = ref.backward_reduce(dy, x, y, mean, invstd, 1, 0.0)
+    ops = torch.ops.bnfused_native
+    return [
+        (ops.forward_train.default, (x, w, b, torch.zeros(4), torch.ones(4), 0.1, 1e-5, 1, 0.0)),
+        (
+            ops.forward_train.default,
+            (x.contiguous(memory_format=torch.channels_last), None, None, None, None, 0.1, 1e-5, 0, 0.0),
+        ),
+        (ops.forward_eval.default, (x, w, b, torch.zeros(4), torch.ones(4), 1e-5, 2, 0.1)),
+        (ops.backward.default, (dy, x, y, w, mean, invstd, 1, 0.0, True, True, True, True)),
+        (ops.backward.default, (dy, x, y, w, mean, invstd, 1, 0.0, False, True, False, True)),
+        (ops.batch_stats.default, (x,)),
+        (ops.normalize.default, (x, w, b, mean, invstd, 0, 0.0)),
+        (ops.backward_reduce.default, (dy, x, y, mean, invstd, 1, 0.0)),
+        (ops.backward_elemt.default, (dy, x, y, w, mean, invstd, *sums, x.numel() // 4, 1, 0.0)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(9))
+def test_opcheck(index):
+    op, args = _opcheck_samples()[index]
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("activation", [None, "relu", "leaky_relu"])
+def test_gradcheck_float64(training, activation):
+    x = make_input((4, 3, 3, 2), torch.float64).requires_grad_()
+    w = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64).requires_grad_()
+    rm, rv = torch.linspace(-1, 1, 3, dtype=torch.float64), torch.linspace(0.5, 2, 3, dtype=torch.float64)
+    upstream = torch.randn(x.shape, dtype=torch.float64)
+
+    def loss(x, w, b):
+        y = bnfused.functional.batch_norm(
+            x, None if training else rm, None if training else rv, w, b, training=training,
+            activation=activation, negative_slope=0.1, backend="cpp",
+        )  # fmt: skip
+        return (y * upstream).sum()
+
+    assert torch.autograd.gradcheck(loss, (x, w, b))
+
+
+# --------------------------------------------------------------------------- build and availability
+
+
+def test_cuda_kernels_are_registered_when_a_toolkit_is_present():
+    home, reason = native.cuda_toolkit()
+    if home is None:
+        pytest.skip(f"no CUDA compilation possible here: {reason}")
+    if native.library().origin == "aot":
+        pytest.skip("the prebuilt bnfused._C is in use; its build chose whether to include CUDA")
+    for name in native.OP_NAMES:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"bnfused_native::{name}", "CUDA"), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"bnfused_native::{name}", "CPU"), name
+    assert native.available(torch.device("cuda")) is None
+
+
+def test_cpu_availability():
+    assert native.available(torch.device("cpu")) is None
+    assert "no kernels for meta tensors" in native.available(torch.device("meta"))
+
+
+def test_failed_build_falls_back_with_a_warning_and_explicit_request_raises(monkeypatch):
+    def broken_build(with_cuda):
+        raise RuntimeError("simulated: no C++ compiler")
+
+    monkeypatch.setattr(native, "_import_prebuilt", lambda: False)
+    monkeypatch.setattr(native, "_jit_build", broken_build)
+    failed = native._load()
+    assert failed.error is not None and "simulated: no C++ compiler" in failed.error
+
+    monkeypatch.setattr(native, "library", lambda: failed)
+    monkeypatch.setattr(backends, "_resolved", {})
+    x = torch.randn(4, 3, 5)
+    with pytest.warns(RuntimeWarning, match="simulated: no C.. compiler"):
+        y = bnfused.functional.batch_norm(x, None, None, training=True, backend="auto")
+    torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, training=True))
+    with pytest.raises(bnfused.BackendUnavailableError, match="simulated: no C.. compiler"):
+        bnfused.functional.batch_norm(x, None, None, training=True, backend="cpp")
