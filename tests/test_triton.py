@@ -195,10 +195,14 @@ NEEDS = [(True, True, True), (True, False, False), (False, True, False), (False,
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("needs", NEEDS, ids=str)
-def test_backward_matches_reference_and_skips_unneeded(training, needs):
+@pytest.mark.parametrize("chunks", [1, 3], ids=["fused", "two-stage"])
+def test_backward_matches_reference_and_skips_unneeded(training, needs, chunks):
     x, dy, y, weight, _, mean, invstd = _contract_inputs((4, 6, 3, 5), torch.float32, True)
     args = (dy, x, y, weight, mean, invstd, activation.LEAKY_RELU, 0.1, training, *needs)
-    for got, want, needed in zip(triton_backend.backward(*args), reference.backward(*args), needs):
+    with triton_backend.forced_blocks(block_c=4, block_s=8, chunks=chunks):
+        assert triton_backend._plan(x).chunks == chunks
+        results = triton_backend.backward(*args)
+    for got, want, needed in zip(results, reference.backward(*args), needs):
         assert (got is None) == (not needed)
         if needed:
             _assert_close(got, want, torch.float32)
