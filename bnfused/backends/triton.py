@@ -11,9 +11,10 @@ Passes over memory (E = x's element size, per value of x):
                     + dx (read dy, x, y if fused act; write dx)                    5E (+2E with act)
     eval backward   dx only (read dy, y if fused act; write dx)                    2E (+E)
 For large tensors the reductions split N * S into chunks so the whole GPU works on them even when
-C is small, and merge the chunks deterministically (no atomics). Small tensors (and those with
-enough channel blocks to fill the GPU) take the fused kernels instead: one launch for the whole
-training forward or backward, whose second read of x (and dy) hits the cache.
+C is small, and merge the chunks deterministically (no atomics). Channel blocks of at most
+_FUSED_MAX_TILES tiles (and any, once the channel blocks alone fill the GPU) take the fused kernels
+instead: one launch for the whole training forward or backward, whose second read of x (and dy)
+hits the cache when the block is small.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def available(device: torch.device) -> str | None:
 # --------------------------------------------------------------------------- planning
 
 _TILE = 4096  # values per [BLOCK_C, BLOCK_S] tile: 16 KiB of fp32, a few loads in flight per thread
-# Up to this many values, one launch beats spreading the reduction over the GPU (three launches).
-_FUSED_MAX_NUMEL = 2**18
+# A channel block with at most this many tiles is reduced and normalised by one program (the fused
+# kernels): 64K values, a few microseconds of one SM, about what the two launches it saves cost.
+_FUSED_MAX_TILES = 16
 _FINALIZE_BLOCK_C = 64
 _FINALIZE_BLOCK_K = 16
 _INT32_LIMIT = 2**31
@@ -164,9 +166,9 @@ def _make_plan(x: torch.Tensor) -> _Plan:
     c_blocks = _cdiv(c, block_c)
     if _forced is not None:
         chunks = min(_forced.chunks, num_tiles)
-    elif x.numel() <= _FUSED_MAX_NUMEL:
+    elif num_tiles <= _FUSED_MAX_TILES:
         chunks = 1
-    else:
+    else:  # enough chunks for the GPU to be busy; 1 (fused) once the channel blocks alone fill it
         chunks = max(1, min(num_tiles, _cdiv(_target_programs(x.device), c_blocks)))
     tiles_per_chunk = _cdiv(num_tiles, chunks)
     chunks = _cdiv(num_tiles, tiles_per_chunk)  # no empty chunk
