@@ -13,9 +13,9 @@ Two ways to run a training forward or backward:
 * two-stage, for large tensors: the N * S reduction of each channel block is split into K chunks
   that run in parallel (partials in fp32 workspace), a tiny kernel merges them in a fixed order,
   then an elementwise kernel over all tiles writes y or dx;
-* fused (K = 1), for small tensors where launches cost more than the data: one program per channel
-  block reduces its channels, then walks the same tiles again (now in cache) to write y or dx —
-  one launch instead of three.
+* fused (K = 1), when a channel block has few tiles (launches would cost more than the data) or
+  the channel blocks alone fill the GPU: one program per channel block reduces its channels, then
+  walks the same tiles again (in cache, when they are few) to write y or dx — one launch, not three.
 The per-tile math lives in the ``@triton.jit`` helpers below, shared by both.
 
 Design limits: reductions are deterministic (fixed order, no atomics). Arithmetic is fp32 whatever
