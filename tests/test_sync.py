@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import datetime
 import inspect
-import socket
 import time
 
 import pytest
@@ -26,10 +25,11 @@ from helpers import TOLERANCES, TORCH_CLASSES, _activate, make_input
 from torch import nn
 
 import bnfused
+from benchmarks.bench_sync import run_processes
 from bnfused import backends
 from bnfused.sync import merge_stats
 
-COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
+COLLECTIVE_TIMEOUT_S = 60
 JOIN_TIMEOUT_S = 240
 SYNC_BACKENDS = ("reference", "cpp", "triton")  # the backends that run on CPU tensors
 COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_reduce")
@@ -39,34 +39,10 @@ ONE_VALUE_ERROR = "Expected more than 1 value per channel when training"
 # --------------------------------------------------------------------------- process plumbing
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world_size: int, port: int, job, args) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT
-    )
-    torch.set_num_threads(1)  # up to 3 processes share the CI machine's 2 cores
-    try:
-        job(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
-
-
 def _run_in_processes(world_size: int, job, *args) -> None:
-    """Runs ``job(rank, world_size, *args)`` in ``world_size`` spawned processes; an exception or a
-    hang in any of them fails the calling test."""
-    context = mp.spawn(_worker, args=(world_size, _free_port(), job, args), nprocs=world_size, join=False)
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    while not context.join(timeout=max(0.0, deadline - time.monotonic()), grace_period=5):
-        if time.monotonic() >= deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            pytest.fail(f"the {world_size} processes did not finish within {JOIN_TIMEOUT_S} s (a hung collective?)")
+    """Runs ``job(rank, world_size, *args)`` in ``world_size`` processes (gloo, loopback); an exception
+    or a hang in any of them fails the calling test."""
+    run_processes(world_size, job, *args, timeout_s=JOIN_TIMEOUT_S, collective_timeout_s=COLLECTIVE_TIMEOUT_S)
 
 
 class _CountCollectives:
@@ -181,6 +157,7 @@ CASES = {
 
 
 def _job_sync_cases(rank: int, world_size: int, backend: str) -> None:
+    torch.set_num_threads(1)  # up to 3 processes share the CI machine's 2 cores
     torch.manual_seed(1234)  # same on every rank: every rank builds the same global batches
     for case, (sizes, tail, opts) in enumerate(CASES[world_size]):
         opts = dict(opts)
@@ -193,6 +170,11 @@ def _job_sync_cases(rank: int, world_size: int, backend: str) -> None:
                              where=f"case {case} step {step}", **data)  # fmt: skip
     _check_eval_without_communication(rank, mod, ref)
     _check_global_one_value_error(rank, world_size, backend)
+
+
+def _job_three_processes(rank: int, world_size: int) -> None:
+    _job_sync_cases(rank, world_size, "reference")
+    _check_converted_model_under_ddp(rank, world_size, (3, 1, 0))
 
 
 def _check_eval_without_communication(rank: int, mod, ref) -> None:
@@ -224,8 +206,8 @@ def _check_global_one_value_error(rank: int, world_size: int, backend: str) -> N
     assert torch.equal(mod.running_mean, torch.zeros(3)), "a refused batch must not update the running stats"
 
 
-def _job_converted_model_under_ddp(rank: int, world_size: int, sizes) -> None:
-    """convert_model(sync=True) + DistributedDataParallel: one step equals the original model on the
+def _check_converted_model_under_ddp(rank: int, world_size: int, sizes) -> None:
+    """convert_model(sync=True) + DistributedDataParallel: two steps equal the original model on the
     global batch; DDP averages the parameter gradients, so they equal the global ones / world_size."""
     torch.manual_seed(99)
     original = nn.Sequential(
@@ -267,12 +249,21 @@ def test_two_processes_match_batchnorm_over_global_batch(backend):
     _run_in_processes(2, _job_sync_cases, backend)
 
 
-def test_three_processes_match_batchnorm_over_global_batch():
-    _run_in_processes(3, _job_sync_cases, "reference")
+def test_three_processes_match_batchnorm_over_global_batch_also_under_ddp():
+    backends.resolve(None, torch.device("cpu"))  # the DDP model's backend: built here, not while ranks wait
+    _run_in_processes(3, _job_three_processes)
 
 
-def test_converted_model_under_ddp_matches_global_batch():
-    _run_in_processes(2, _job_converted_model_under_ddp, (3, 1))
+def _job_rank_one_skips_the_collective(rank: int, world_size: int) -> None:
+    if rank == 0:
+        bnfused.SyncBatchNorm(2, backend="reference")(torch.randn(4, 2))  # waits for a partner that never comes
+    else:
+        time.sleep(3)
+
+
+def test_a_collective_without_partner_fails_instead_of_hanging():
+    with pytest.raises(mp.ProcessRaisedException):
+        run_processes(2, _job_rank_one_skips_the_collective, timeout_s=60, collective_timeout_s=2)
 
 
 def _check_local_fallback(backend: str) -> None:
@@ -302,7 +293,7 @@ def test_falls_back_to_plain_batch_norm_when_not_distributed():
 
 def test_falls_back_to_plain_batch_norm_with_world_size_one(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1,
-                            timeout=COLLECTIVE_TIMEOUT)  # fmt: skip
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))  # fmt: skip
     try:
         _check_local_fallback("reference")
     finally:
