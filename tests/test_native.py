@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_matches_torch, make_input
 
 import bnfused
 from bnfused import activation as act_codes
 from bnfused import backends
 from bnfused.backends import native
 from bnfused.backends import reference as ref
-from helpers import assert_matches_torch, make_input
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 ACTS = [(act_codes.NONE, 0.0), (act_codes.RELU, 0.0), (act_codes.LEAKY_RELU, 0.2)]
@@ -166,7 +166,7 @@ def test_backward_functions_match_reference(device, act, slope):
                 got = native.backward(dy, x, y_arg, w, mean, invstd, act, slope, training, *needs)
                 want = ref.backward(dy, x, y_arg, w, mean, invstd, act, slope, training, *needs)
                 for g, r in zip(got, want):
-                    _close(g, r, msg=lambda m, n=name: f"{n} training={training} needs={needs}: {m}")
+                    _close(g, r, msg=lambda m, n=name, t=training, k=needs: f"{n} training={t} needs={k}: {m}")
                 if got[0] is not None:
                     assert got[0].stride() == x.stride()
         sums = native.backward_reduce(dy, x, y_arg, mean, invstd, act, slope)

@@ -175,7 +175,7 @@ def _load() -> Library:
     return Library(None, cuda_reason, origin)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def library() -> Library:
     """The loaded extension (built on the first call in a process; the outcome is cached)."""
     return _load()

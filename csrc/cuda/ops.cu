@@ -52,6 +52,11 @@ Tensor as_acc(const optional<Tensor>& t, at::ScalarType acc) {
   return t->to(acc).contiguous();
 }
 
+// The stride the elementwise kernels divide by: a size-1 channel dim may carry any stride, even 0.
+int64_t channel_stride(const Ncs& L) {
+  return L.c == 1 ? 1 : L.sc;
+}
+
 template <typename A>
 const A* ptr_or_null(const Tensor& t) {
   return t.defined() ? t.const_data_ptr<A>() : nullptr;
@@ -118,7 +123,7 @@ Tensor normalize_impl(const Tensor& x, const Ncs& L, const Tensor& mean, const T
       with_index(x.numel(), [&](auto index) {
         using I = decltype(index);
         normalize_kernel<scalar_t, decltype(act_c)::value, I><<<elementwise_blocks(x.numel()), kThreads, 0, stream>>>(
-            x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), I(x.numel()), I(L.sc), I(L.c),
+            x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), I(x.numel()), I(channel_stride(L)), I(L.c),
             mean_a.const_data_ptr<A>(), invstd_a.const_data_ptr<A>(), ptr_or_null<A>(w), ptr_or_null<A>(b),
             static_cast<A>(slope));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -241,7 +246,7 @@ Tensor elemt_impl(const GradInputs& in, const Tensor& x, const optional<Tensor>&
         grad_input_kernel<scalar_t, decltype(act_c)::value, I><<<elementwise_blocks(x.numel()), kThreads, 0, stream>>>(
             in.dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
             in.y.defined() ? in.y.const_data_ptr<scalar_t>() : nullptr, dx.mutable_data_ptr<scalar_t>(),
-            I(x.numel()), I(in.L.sc), I(in.L.c), mean_a.const_data_ptr<A>(), invstd_a.const_data_ptr<A>(),
+            I(x.numel()), I(channel_stride(in.L)), I(in.L.c), mean_a.const_data_ptr<A>(), invstd_a.const_data_ptr<A>(),
             ptr_or_null<A>(w), ptr_or_null<A>(sg), ptr_or_null<A>(sgx), static_cast<A>(1.0 / count),
             static_cast<A>(slope));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
