@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -100,11 +101,6 @@ def _mode_call(mode: str, layer: torch.nn.Module, x: torch.Tensor, dy: torch.Ten
     return lambda: layer(x).backward(dy)
 
 
-def _short_reason(exc: BaseException) -> str:
-    first_line = (str(exc).strip().splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {first_line[:160]}"
-
-
 class KernelBenchmark:
     """Runs every (shape, provider, mode) case of one configuration and collects CSV rows."""
 
@@ -116,41 +112,56 @@ class KernelBenchmark:
         self.failures: list[str] = []
         self.metadata = report.run_metadata(device)
 
-    def run(self, shapes: Sequence[tuple[int, ...]], copy_bytes: int) -> list[dict]:
-        self.copy_gbps = timing.copy_bandwidth_gbps(self.device, self.budget, copy_bytes)
-        self.log(f"device copy bandwidth: {self.copy_gbps:.1f} GB/s (read + write of {copy_bytes >> 20} MiB)")
-        rows = []
-        for i, shape in enumerate(shapes):
-            self.log(f"[{i + 1}/{len(shapes)}] {shape_text(shape)}")
-            for provider in self.providers:
-                rows += self._run_layer(provider, shape)
+    def run(self, shapes: Sequence[tuple[int, ...]], copy_bytes: int, repeat: int = 1) -> list[dict]:
+        """Measures every case ``repeat`` times, a whole round after another, and keeps the median of
+        the rounds: a burst of load from another process then spoils one round, not one provider."""
+        cases: dict[tuple, dict] = {}  # (shape, provider, mode) -> the row's fixed fields and its timings
+        copies = []
+        for round_index in range(repeat):
+            copies.append(timing.copy_bandwidth_gbps(self.device, self.budget, copy_bytes))
+            self.log(f"round {round_index + 1}/{repeat}: device copy bandwidth {copies[-1]:.1f} GB/s "
+                     f"(read + write of {copy_bytes >> 20} MiB)")  # fmt: skip
+            for i, shape in enumerate(shapes):
+                self.log(f"  [{i + 1}/{len(shapes)}] {shape_text(shape)}")
+                for provider in self.providers:
+                    self._run_layer(provider, shape, cases)
+        self.copy_gbps = statistics.median(copies)
+        rows = [self._row(case["fields"], timing.median_timing(case["timings"])) for case in cases.values()]
         report.add_speedups(rows, ("shape", "dtype", "layout", "mode"))
         return rows
 
+    def _row(self, fields: dict, measured: timing.Timing) -> dict:
+        gbps = fields["min_bytes"] / (measured.ms * 1e-3) / 1e9
+        return {
+            **fields, **timing.as_columns(measured), "gbps": f"{gbps:.4g}",
+            "roofline_frac": f"{gbps / self.copy_gbps:.4g}", "copy_gbps": f"{self.copy_gbps:.4g}", **self.metadata,
+        }  # fmt: skip
+
     def _fail(self, provider, shape, what: str, exc: BaseException) -> None:
-        message = f"{provider.name} {shape_text(shape)} {what}: skipped ({_short_reason(exc)})"
+        message = f"{provider.name} {shape_text(shape)} {what}: skipped ({report.short_reason(exc)})"
         self.failures.append(message)
         self.log(message)
 
-    def _run_layer(self, provider, shape) -> list[dict]:
+    def _run_layer(self, provider, shape, cases: dict[tuple, dict]) -> None:
+        """Measures every mode of one (provider, shape) and appends the timings to ``cases``."""
         try:
             layer = providers.build_layer(provider, shape, self.device, self.param_dtype)
             backend = providers.resolved_backend(provider, self.device)
             x = make_input(shape, self.dtype, self.layout, self.device).requires_grad_()
-            dy = torch.randn_like(x)
+            # Shaped like the layer's output (the scratch layer promotes half inputs to its fp32 parameters).
+            dy = torch.randn_like(layer(x.detach()))
             state = [b.detach().clone() for b in layer.buffers()]
             saved = memory.saved_bytes(layer.train(), x)
         except Exception as exc:  # a provider that cannot run this shape must not stop the others
             self._fail(provider, shape, "setup", exc)
-            return []
+            return
         grads = [x, *layer.parameters()]
-        rows = []
         for mode in self.modes:
             try:
                 with torch.set_grad_enabled(mode != "fwd-eval"):
                     call = _mode_call(mode, layer, x, dy)
                     measured = timing.measure(call, self.device, self.budget, grads)
-                    peak = memory.peak_memory_bytes(call, self.device)
+                    peak = memory.peak_memory_bytes(timing.with_grad_reset(call, grads), self.device)
             except Exception as exc:
                 self._fail(provider, shape, mode, exc)
                 continue
@@ -158,17 +169,14 @@ class KernelBenchmark:
                 with torch.no_grad():  # timing ran many training steps: put the running stats back
                     for buffer, value in zip(layer.buffers(), state):
                         buffer.copy_(value)
-            nbytes = memory.min_bytes(mode, shape, self.dtype, self.param_dtype, provider.relu)
-            gbps = nbytes / (measured.ms * 1e-3) / 1e9
-            rows.append({
+            fields = {
                 "provider": provider.name, "backend": backend, "shape": shape_text(shape),
                 "dtype": str(self.dtype).replace("torch.", ""), "layout": self.layout, "mode": mode,
-                "ms": f"{measured.ms:.6g}", "q20_ms": f"{measured.q20_ms:.6g}", "q80_ms": f"{measured.q80_ms:.6g}",
-                "gbps": f"{gbps:.4g}", "roofline_frac": f"{gbps / self.copy_gbps:.4g}",
-                "copy_gbps": f"{self.copy_gbps:.4g}", "min_bytes": nbytes, "saved_bytes": saved,
-                "peak_mem_bytes": peak, **self.metadata,
-            })  # fmt: skip
-        return rows
+                "min_bytes": memory.min_bytes(mode, shape, self.dtype, self.param_dtype, provider.relu),
+                "saved_bytes": saved, "peak_mem_bytes": peak,
+            }  # fmt: skip
+            case = cases.setdefault((fields["shape"], provider.name, mode), {"fields": fields, "timings": []})
+            case["timings"].append(measured)
 
 
 def results_table(rows: Sequence[dict], modes: Sequence[str], markdown: bool = False) -> str:
@@ -227,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
-    device = cli.setup_device(args)
+    device = cli.setup(args)
     if device.type == "cpu" and "triton" in (args.providers or ""):
         # Triton on CPU means its interpreter, which must be chosen before Triton is imported.
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -250,7 +258,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     bench = KernelBenchmark(device, cli.DTYPES[args.dtype], args.layout, names, modes, budget, log=cli.log)
     print(f"{bench.metadata['device']} | torch {bench.metadata['torch']} | triton {bench.metadata['triton']} "
           f"| commit {bench.metadata['commit']} | {bench.metadata['date']} | {args.dtype} {args.layout}")  # fmt: skip
-    rows = bench.run(shapes, QUICK_COPY_BYTES if args.quick else COPY_BYTES.get(device.type, COPY_BYTES["cpu"]))
+    copy_bytes = QUICK_COPY_BYTES if args.quick else COPY_BYTES.get(device.type, COPY_BYTES["cpu"])
+    rows = bench.run(shapes, copy_bytes, args.repeat)
     print(results_table(rows, modes, args.markdown))
     if bench.failures:
         print(f"\n{len(bench.failures)} case(s) skipped:\n  " + "\n  ".join(bench.failures))

@@ -103,33 +103,41 @@ def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Ca
     return step
 
 
-def run(model_names, provider_names, device, dtype, batches: tuple[int, int, int], budget, log) -> list[dict]:
-    """Measures every (model, provider) pair; returns CSV rows. A pair that fails is logged and skipped."""
-    resnet_batch, image_size, small_batch = batches
+def run(model_names, provider_names, device, dtype, sizes: tuple[int, int, int], budget, log, repeat=1) -> list[dict]:
+    """Measures every (model, provider) pair ``repeat`` times, round after round, and keeps the median
+    of the rounds; returns CSV rows. A pair that fails is logged and skipped."""
+    resnet_batch, image_size, small_batch = sizes
     metadata = report.run_metadata(device)
+    cases: dict[tuple[str, str], dict] = {}  # (model, provider) -> the row's fixed fields and its timings
+    for round_index in range(repeat):
+        log(f"round {round_index + 1}/{repeat}")
+        for model_name in model_names:
+            batch = resnet_batch if model_name == "resnet18" else small_batch
+            shape = (batch, *MODELS[model_name][1](image_size))
+            log(f"  {model_name} {'x'.join(map(str, shape))}")
+            for name in provider_names:
+                provider = providers.parse(name)
+                try:
+                    torch.manual_seed(0)
+                    model = build_model(model_name, provider, device, dtype)
+                    x = torch.randn(shape, device=device, dtype=dtype)
+                    target = torch.randint(0, NUM_CLASSES, (batch,), device=device)
+                    measured = timing.measure(training_step(model, x, target), device, budget)
+                    backend = providers.resolved_backend(provider, device)
+                except Exception as exc:  # one provider failing must not stop the others
+                    log(f"    {name}: skipped ({report.short_reason(exc)})")
+                    continue
+                fields = {
+                    "model": model_name, "provider": name, "backend": backend, "batch": batch,
+                    "input_shape": "x".join(map(str, shape[1:])), "dtype": str(dtype).replace("torch.", ""),
+                }  # fmt: skip
+                cases.setdefault((model_name, name), {"fields": fields, "timings": []})["timings"].append(measured)
     rows = []
-    for model_name in model_names:
-        batch = resnet_batch if model_name == "resnet18" else small_batch
-        shape = (batch, *MODELS[model_name][1](image_size))
-        log(f"{model_name} {'x'.join(map(str, shape))}")
-        for name in provider_names:
-            provider = providers.parse(name)
-            try:
-                torch.manual_seed(0)
-                model = build_model(model_name, provider, device, dtype)
-                x = torch.randn(shape, device=device, dtype=dtype)
-                target = torch.randint(0, NUM_CLASSES, (batch,), device=device)
-                measured = timing.measure(training_step(model, x, target), device, budget)
-                backend = providers.resolved_backend(provider, device)
-            except Exception as exc:  # one provider failing must not stop the others
-                log(f"  {name}: skipped ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]})")
-                continue
-            rows.append({
-                "model": model_name, "provider": name, "backend": backend, "batch": batch,
-                "input_shape": "x".join(map(str, shape[1:])), "dtype": str(dtype).replace("torch.", ""),
-                "ms": f"{measured.ms:.6g}", "q20_ms": f"{measured.q20_ms:.6g}", "q80_ms": f"{measured.q80_ms:.6g}",
-                "samples_per_s": f"{batch / (measured.ms * 1e-3):.6g}", **metadata,
-            })  # fmt: skip
+    for case in cases.values():
+        measured = timing.median_timing(case["timings"])
+        batch = case["fields"]["batch"]
+        samples_per_s = f"{batch / (measured.ms * 1e-3):.6g}"
+        rows.append({**case["fields"], **timing.as_columns(measured), "samples_per_s": samples_per_s, **metadata})
     report.add_speedups(rows, ("model", "batch", "dtype"))
     return rows
 
@@ -137,7 +145,7 @@ def run(model_names, provider_names, device, dtype, batches: tuple[int, int, int
 def results_table(rows: Sequence[dict], markdown: bool = False) -> str:
     header = ["model", "batch", "provider", "ms / step", "samples/s", "vs torch"]
     body = [
-        [r["model"], str(r["batch"]), r["provider"], f"{float(r['ms']):.4g}", f"{float(r['samples_per_s']):.4g}",
+        [r["model"], str(r["batch"]), r["provider"], f"{float(r['ms']):.4g}", f"{float(r['samples_per_s']):,.0f}",
          f"{float(r['speedup_vs_torch']):.2f}x" if r["speedup_vs_torch"] else "-"]
         for r in rows
     ]  # fmt: skip
@@ -163,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
-    device = cli.setup_device(args)
+    device = cli.setup(args)
     model_names = cli.split(args.models or (QUICK_MODELS if args.quick else ",".join(MODELS)))
     unknown = [m for m in model_names if m not in MODELS]
     if unknown or not model_names:
@@ -185,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         )
     budget = timing.QUICK if args.quick else timing.FULL
     sizes = (resnet_batch, image_size, small_batch)
-    rows = run(model_names, names, device, cli.DTYPES[args.dtype], sizes, budget, cli.log)
+    rows = run(model_names, names, device, cli.DTYPES[args.dtype], sizes, budget, cli.log, args.repeat)
     if rows:
         meta = rows[0]
         print(f"{meta['device']} | torch {meta['torch']} | commit {meta['commit']} | {meta['date']} | {args.dtype}")

@@ -65,10 +65,27 @@ def parse(name: str) -> Provider:
     return Provider(text, base, backend, relu)
 
 
+def available_backends(device: torch.device) -> list[str]:
+    """The bnfused backends that can run on ``device``, each implementation once, auto's choices first.
+
+    Two names can share one implementation ("cpp" and "cuda" are one extension whose op dispatches
+    on the tensor's device); the name auto uses for this device is the one kept.
+    """
+    skip = _NOT_BENCHMARKED_BY_DEFAULT.get(device.type, ())
+    available = [n for n, reason in bnfused.availability(device).items() if reason is None and n not in skip]
+    preferred = [n for n in bnfused.backends.AUTO_ORDER.get(device.type, ()) if n in available]
+    names, modules = [], []
+    for name in preferred + [n for n in available if n not in preferred]:
+        module = bnfused.backends.module(name)
+        if not any(module is seen for seen in modules):
+            names.append(name)
+            modules.append(module)
+    return names
+
+
 def default_names(device: torch.device) -> list[str]:
     """torch, torch+relu, compile, compile+relu, bnfused-<every available backend>, bnfused+relu, scratch."""
-    skip = _NOT_BENCHMARKED_BY_DEFAULT.get(device.type, ())
-    backends = [n for n, reason in bnfused.availability(device).items() if reason is None and n not in skip]
+    backends = available_backends(device)
     return [
         "torch", "torch+relu", "compile", "compile+relu",
         *(f"bnfused-{b}" for b in backends), "bnfused+relu", "scratch",

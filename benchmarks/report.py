@@ -83,6 +83,12 @@ def write_csv(path: str | os.PathLike, rows: Sequence[dict], columns: Sequence[s
             writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
 
 
+def short_reason(exc: BaseException) -> str:
+    """One line saying why a case failed: the exception type and the first line of its message."""
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first_line[:160]}"
+
+
 def add_speedups(rows: Sequence[dict], same: Sequence[str]) -> None:
     """Sets ``speedup_vs_torch`` = the torch provider's ``ms`` / the row's ``ms``, between rows that agree
     on the ``same`` columns (one run: one device, one moment). None where there is no torch row."""

@@ -9,6 +9,7 @@ Both report the median and the 20th / 80th percentiles in milliseconds.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,16 @@ FULL = Budget(seconds=0.25, warmup_calls=3, warmup_ms=25, rep_ms=100)
 QUICK = Budget(seconds=0.05, warmup_calls=2, warmup_ms=5, rep_ms=10)
 
 
+def as_columns(measured: Timing) -> dict[str, str]:
+    """The ms, q20_ms and q80_ms CSV fields."""
+    return {"ms": f"{measured.ms:.6g}", "q20_ms": f"{measured.q20_ms:.6g}", "q80_ms": f"{measured.q80_ms:.6g}"}
+
+
+def median_timing(timings: Sequence[Timing]) -> Timing:
+    """Field by field median of repeated measurements of one case."""
+    return Timing(*(statistics.median(getattr(t, f) for t in timings) for f in ("ms", "q20_ms", "q80_ms")))
+
+
 def _quantile(sorted_values: Sequence[float], q: float) -> float:
     """Linear-interpolated quantile of an ascending, non-empty sequence."""
     pos = q * (len(sorted_values) - 1)
@@ -55,31 +66,31 @@ def _quantile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
-def _reset_grads(tensors: Sequence[torch.Tensor]) -> None:
-    for t in tensors:
-        t.grad = None
+def with_grad_reset(fn: Callable[[], object], tensors: Sequence[torch.Tensor]) -> Callable[[], None]:
+    """``fn`` preceded by setting ``.grad`` of ``tensors`` to None, so a backward allocates fresh
+    gradients each call instead of accumulating into the previous call's."""
+
+    def call() -> None:
+        for t in tensors:
+            t.grad = None
+        fn()
+
+    return call
 
 
 def _time_cuda(fn: Callable[[], object], budget: Budget, grad_to_none: Sequence[torch.Tensor]) -> Timing:
     try:
         from triton.testing import do_bench
-    except ImportError:  # no Triton: torch.utils.benchmark synchronises CUDA itself
-        return _time_cpu(fn, budget, grad_to_none)
+    except ImportError:  # no Triton: torch.utils.benchmark's timer synchronises CUDA itself
+        return _time_cpu(with_grad_reset(fn, grad_to_none), budget)
+    # do_bench resets the gradients outside its CUDA-event-timed region.
     median, q20, q80 = do_bench(
         fn, warmup=budget.warmup_ms, rep=budget.rep_ms, grad_to_none=list(grad_to_none), quantiles=list(QUANTILES)
     )
     return Timing(median, q20, q80)
 
 
-def _time_cpu(fn: Callable[[], object], budget: Budget, grad_to_none: Sequence[torch.Tensor]) -> Timing:
-    def call():
-        # Inside the timed statement, but only a few attribute stores: without it every backward
-        # would also pay for accumulating into the previous call's gradients.
-        _reset_grads(grad_to_none)
-        fn()
-
-    for _ in range(budget.warmup_calls):
-        call()
+def _time_cpu(call: Callable[[], object], budget: Budget) -> Timing:
     # Timer defaults to one thread; the layers must be timed with the threads they really get.
     timer = torch_benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads())
     # Many short blocks rather than blocked_autorange's few long ones (>= 10 ms each): on a shared
@@ -102,10 +113,17 @@ def _time_cpu(fn: Callable[[], object], budget: Budget, grad_to_none: Sequence[t
 def measure(
     fn: Callable[[], object], device: torch.device, budget: Budget, grad_to_none: Sequence[torch.Tensor] = ()
 ) -> Timing:
-    """Times ``fn()`` on ``device`` after a warm-up; ``.grad`` of ``grad_to_none`` is reset before every call."""
+    """Times ``fn()`` on ``device``; ``.grad`` of ``grad_to_none`` is reset before every call.
+
+    A few untimed calls come first: they compile (torch.compile, Triton), autotune and allocate.
+    On CPU the reset is inside the timed statement, but it is a few attribute stores.
+    """
+    call = with_grad_reset(fn, grad_to_none)
+    for _ in range(budget.warmup_calls):
+        call()
     if device.type == "cuda":
         return _time_cuda(fn, budget, grad_to_none)
-    return _time_cpu(fn, budget, grad_to_none)
+    return _time_cpu(call, budget)
 
 
 def copy_bandwidth_gbps(device: torch.device, budget: Budget, nbytes: int) -> float:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+import bnfused
 from benchmarks import bench_kernels, bench_models, memory, providers, timing
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -92,6 +93,40 @@ def test_bench_kernels_compile_provider_runs(one_thread):
     )
 
 
+def test_bench_kernels_repeat_keeps_one_row_per_case(one_thread):
+    argv = ["--quick", *one_thread, "--providers", "torch,scratch", "--shapes", "6x7", "--modes", "fwd-train,bwd"]
+    rows = bench_kernels.main([*argv, "--repeat", "2"])
+    assert sorted((r["provider"], r["mode"]) for r in rows) == sorted(
+        (p, m) for p in ("torch", "scratch") for m in ("fwd-train", "bwd")
+    )
+
+
+def test_bench_kernels_failing_provider_is_reported_and_skipped(monkeypatch, capsys, one_thread):
+    build = providers.build_layer
+
+    def build_or_fail(provider, *args):
+        if provider.base == "scratch":
+            raise RuntimeError("no kernel for this shape")
+        return build(provider, *args)
+
+    monkeypatch.setattr(providers, "build_layer", build_or_fail)
+    rows = bench_kernels.main(["--quick", *one_thread, "--providers", "torch,scratch", "--shapes", "6x7"])
+    assert {r["provider"] for r in rows} == {"torch"} and len(rows) == len(memory.MODES)
+    out = capsys.readouterr().out
+    assert "scratch 6x7 setup: skipped (RuntimeError: no kernel for this shape)" in out
+
+
+def test_bad_options_exit_with_a_message():
+    for argv, message in (
+        (["--shapes", "8x0"], "bad shape"),
+        (["--providers", "cudnn"], "unknown provider"),
+        (["--modes", "fwd"], "--modes: unknown fwd"),
+        (["--repeat", "0"], "--repeat must be >= 1"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            bench_kernels.main(["--quick", "--device", "cpu", *argv])
+
+
 def test_bench_models_quick_writes_csv(tmp_path, one_thread):
     csv_path = tmp_path / "models.csv"
     names = ["torch", "bnfused-reference", "bnfused+relu", "scratch"]
@@ -153,6 +188,9 @@ def test_provider_names():
     defaults = providers.default_names(torch.device("cpu"))
     assert defaults[:4] == ["torch", "torch+relu", "compile", "compile+relu"]
     assert "bnfused-reference" in defaults and "bnfused-triton" not in defaults
+    backends = providers.available_backends(torch.device("cpu"))
+    assert backends[-1] == "reference"  # auto's order for the device, the reference last
+    assert len({id(bnfused.backends.module(b)) for b in backends}) == len(backends)  # each implementation once
 
 
 def test_byte_model():
