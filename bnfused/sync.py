@@ -47,7 +47,8 @@ _EXCHANGE_DTYPE = torch.float64
 
 def _gather(packed: torch.Tensor, process_group, world_size: int) -> torch.Tensor:
     """all_gather of one (K,) tensor per rank -> (world_size, K)."""
-    if dist.get_backend(process_group) == "gloo":  # gloo has no all_gather_into_tensor
+    # gloo (CPU tensors, also under a "cpu:gloo,cuda:nccl" group) has no all_gather_into_tensor.
+    if packed.device.type == "cpu" or dist.get_backend(process_group) == "gloo":
         parts = [torch.empty_like(packed) for _ in range(world_size)]
         dist.all_gather(parts, packed, group=process_group)
         return torch.stack(parts)
@@ -140,6 +141,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None, None, None
 
 
+# Dynamo would split this at the host read of the count anyway; running it eagerly as a whole keeps
+# the collectives out of compiled graphs.
+@torch.compiler.disable
 def sync_batch_norm(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,

@@ -175,6 +175,23 @@ def _job_sync_cases(rank: int, world_size: int, backend: str) -> None:
 def _job_three_processes(rank: int, world_size: int) -> None:
     _job_sync_cases(rank, world_size, "reference")
     _check_converted_model_under_ddp(rank, world_size, (3, 1, 0))
+    _check_under_torch_compile(rank, (4, 2, 0))
+
+
+def _check_under_torch_compile(rank: int, sizes) -> None:
+    """torch.compile(model) runs the synchronised layer eagerly (one graph break) with the same numbers."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 4), bnfused.SyncBatchNorm(4, activation="relu", backend="reference"))
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(sum(sizes), 3)
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    for m in (compiled, twin):
+        m(x[lo:hi]).sum().backward()
+    for (name, p), p_twin in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, p_twin.grad, msg=lambda m, n=name: f"{n} grad under compile: {m}")
+    for (name, b), b_twin in zip(model.named_buffers(), twin.buffers()):
+        torch.testing.assert_close(b, b_twin, msg=lambda m, n=name: f"{n} under compile: {m}")
 
 
 def _check_eval_without_communication(rank: int, mod, ref) -> None:
@@ -249,7 +266,7 @@ def test_two_processes_match_batchnorm_over_global_batch(backend):
     _run_in_processes(2, _job_sync_cases, backend)
 
 
-def test_three_processes_match_batchnorm_over_global_batch_also_under_ddp():
+def test_three_processes_match_global_batch_also_under_ddp_and_compile():
     backends.resolve(None, torch.device("cpu"))  # the DDP model's backend: built here, not while ranks wait
     _run_in_processes(3, _job_three_processes)
 
