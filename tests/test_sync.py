@@ -317,6 +317,39 @@ def test_falls_back_to_plain_batch_norm_with_world_size_one(tmp_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_sync_path_in_one_process_matches_torch(device, tmp_path):
+    """The synchronised path itself (collectives included: gloo on CPU, NCCL on CUDA) in a group of
+    one, against nn.SyncBatchNorm on CUDA (its world-size-1 fallback) or nn.BatchNorm2d on CPU."""
+    init = f"file://{tmp_path}/store"
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=init, rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))  # fmt: skip
+    try:
+        ref = (nn.SyncBatchNorm if device == "cuda" else nn.BatchNorm2d)(3, momentum=0.5).to(device)
+        weight, bias = nn.Parameter(torch.rand(3, device=device) + 0.5), nn.Parameter(torch.randn(3, device=device))
+        with torch.no_grad():
+            ref.weight.copy_(weight)
+            ref.bias.copy_(bias)
+        running_mean, running_var = torch.zeros(3, device=device), torch.ones(3, device=device)
+        for _ in range(2):
+            x = make_input((4, 3, 5, 5), torch.float32).to(device).requires_grad_()
+            x_ref = x.detach().requires_grad_()
+            dy = torch.randn_like(x)
+            y = bnfused.sync.sync_batch_norm(x, running_mean, running_var, weight, bias, 0.5, 1e-5, "relu")
+            y.backward(dy)
+            y_ref = torch.nn.functional.relu(ref(x_ref))
+            y_ref.backward(dy)
+            atol, rtol = TOLERANCES[torch.float32]
+            torch.testing.assert_close(y, y_ref, atol=atol, rtol=rtol)
+            torch.testing.assert_close(x.grad, x_ref.grad, atol=atol * 5, rtol=rtol * 5)
+            torch.testing.assert_close(running_mean, ref.running_mean, atol=atol, rtol=rtol)
+            torch.testing.assert_close(running_var, ref.running_var, atol=atol, rtol=rtol)
+        torch.testing.assert_close(weight.grad, ref.weight.grad, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(bias.grad, ref.bias.grad, atol=1e-4, rtol=1e-4)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_merge_stats_handles_empty_ranks_and_large_means():
     torch.manual_seed(0)
     parts = [torch.randn(n, 3, dtype=torch.float64) * 0.01 + 1e5 for n in (4, 0, 7, 1)]
