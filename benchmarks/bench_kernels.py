@@ -106,7 +106,7 @@ class KernelBenchmark:
 
     def __init__(self, device, dtype, layout, provider_names, modes, budget, log=print):
         self.device, self.dtype, self.layout, self.modes, self.budget = device, dtype, layout, modes, budget
-        self.param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.param_dtype = providers.param_dtype(dtype)
         self.providers = [providers.parse(n) for n in provider_names]
         self.log = log
         self.failures: list[str] = []
@@ -145,10 +145,10 @@ class KernelBenchmark:
     def _run_layer(self, provider, shape, cases: dict[tuple, dict]) -> None:
         """Measures every mode of one (provider, shape) and appends the timings to ``cases``."""
         try:
-            layer = providers.build_layer(provider, shape, self.device, self.param_dtype)
+            layer = providers.build_layer(provider, shape, self.device, self.dtype)
             backend = providers.resolved_backend(provider, self.device)
             x = make_input(shape, self.dtype, self.layout, self.device).requires_grad_()
-            # Shaped like the layer's output (the scratch layer promotes half inputs to its fp32 parameters).
+            # The upstream gradient arrives in the output's dtype and memory layout.
             dy = torch.randn_like(layer(x.detach()))
             state = [b.detach().clone() for b in layer.buffers()]
             saved = memory.saved_bytes(layer.train(), x)
@@ -179,24 +179,36 @@ class KernelBenchmark:
             case["timings"].append(measured)
 
 
+def _speedup_text(row: dict) -> str:
+    if not row["speedup_vs_torch"]:
+        return ""
+    value = float(row["speedup_vs_torch"])
+    return f" ({value:.2f}x)" if value >= 0.1 else f" ({value:.2g}x)"
+
+
 def results_table(rows: Sequence[dict], modes: Sequence[str], markdown: bool = False) -> str:
-    """One line per (shape, provider): each mode's median and speedup, step bandwidth, saved bytes."""
+    """One line per (shape, provider): each mode's median ms and speedup, then the last mode's
+    bandwidth (and, on CUDA, peak memory) and the bytes saved for backward as a multiple of x's."""
     cells: dict[tuple[str, str], dict[str, dict]] = {}
     for r in rows:
         cells.setdefault((r["shape"], r["provider"]), {})[r["mode"]] = r
-    header = ["shape", "provider", *(f"{m} ms (vs torch)" for m in modes)]
     last = modes[-1]
-    header += [f"{last} GB/s (% of copy)", "saved / x"]
+    with_peak = any(r["peak_mem_bytes"] is not None for r in rows)
+    header = ["shape", "provider", *(f"{m} ms (vs torch)" for m in modes), f"{last} GB/s (% of copy)"]
+    header += [f"{last} peak MiB"] * with_peak + ["saved / x"]
     body = []
     for (shape, provider), by_mode in cells.items():
-        line = [shape, provider]
-        for m in modes:
-            r = by_mode.get(m)
-            speedup = f" ({float(r['speedup_vs_torch']):.2f}x)" if r and r["speedup_vs_torch"] else ""
-            line.append(f"{float(r['ms']):.4g}{speedup}" if r else "failed")
-        any_row = next(iter(by_mode.values()))
+        backend = next(iter(by_mode.values()))["backend"]
+        # "bnfused" picks its backend itself: say which one ran.
+        line = [shape, f"{provider} [{backend}]" if backend and backend not in provider else provider]
+        line += [
+            f"{float(by_mode[m]['ms']):.4g}{_speedup_text(by_mode[m])}" if m in by_mode else "failed" for m in modes
+        ]
         r = by_mode.get(last)
         line.append(f"{float(r['gbps']):.3g} ({100 * float(r['roofline_frac']):.0f}%)" if r else "-")
+        if with_peak:
+            line.append(f"{r['peak_mem_bytes'] / 2**20:.1f}" if r else "-")
+        any_row = next(iter(by_mode.values()))
         x_bytes = math.prod(int(d) for d in shape.split("x")) * cli.DTYPES[any_row["dtype"]].itemsize
         line.append(f"{any_row['saved_bytes'] / x_bytes:.2f}")
         body.append(line)

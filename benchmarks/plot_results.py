@@ -28,6 +28,9 @@ def plot_speedups(rows: Sequence[dict], path: str) -> None:
     Rows without a speedup (no torch row to compare with) are left out; the y axis is logarithmic
     so that 2x faster and 2x slower are the same distance from the 1.0 line.
     """
+    missing = {"mode", "shape", "provider", "speedup_vs_torch"} - set(rows[0] if rows else ())
+    if missing:
+        raise ValueError(f"not bench_kernels.py rows: no {', '.join(sorted(missing))} column")
     rows = [r for r in rows if r.get("speedup_vs_torch") not in (None, "")]
     if not rows:
         raise ValueError("no rows with speedup_vs_torch to plot (is the torch provider in the run?)")
@@ -47,8 +50,10 @@ def plot_speedups(rows: Sequence[dict], path: str) -> None:
             ax.bar(xs, ys, width, label=name)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
-        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-            axis(ticker.FuncFormatter(lambda value, _: f"{value:g}"))  # 0.5, not 5x10^-1
+        # Ticks at 1-2-5 steps labelled 0.5, 1, 2 (not 5x10^-1); the other minor ticks unlabelled.
+        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_title(mode, fontsize=10)
         ax.set_ylabel("speedup vs torch")
         ax.set_xticks(range(len(shapes)))

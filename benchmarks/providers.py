@@ -103,19 +103,27 @@ _TORCH_CLASSES = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn
 _FUSED_CLASSES = {2: bnfused.BatchNorm1d, 3: bnfused.BatchNorm1d, 4: bnfused.BatchNorm2d, 5: bnfused.BatchNorm3d}
 
 
-def build_layer(
-    provider: Provider, shape: tuple[int, ...], device: torch.device, param_dtype: torch.dtype
-) -> nn.Module:
-    """A BatchNorm (+ReLU) layer for inputs of ``shape`` (N, C, *), with parameters in ``param_dtype``."""
+def param_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Parameters and running stats of a layer fed ``dtype`` inputs: float32 (float64 for float64),
+    as mixed-precision training keeps them."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def build_layer(provider: Provider, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A BatchNorm (+ReLU) layer for ``dtype`` inputs of ``shape`` (N, C, *).
+
+    Parameters are in ``param_dtype(dtype)``, except the scratch layer's: written without mixed
+    precision in mind, it keeps everything in the input dtype, as tutorial code does.
+    """
     if len(shape) not in _TORCH_CLASSES:
         raise ValueError(f"BatchNorm takes 2D to 5D inputs (N, C, *); got shape {shape}")
     num_features = shape[1]
-    factory = {"device": device, "dtype": param_dtype}
+    factory = {"device": device, "dtype": param_dtype(dtype)}
     if provider.base == "bnfused":
         activation = "relu" if provider.relu else None
         return _FUSED_CLASSES[len(shape)](num_features, activation=activation, backend=provider.backend, **factory)
     if provider.base == "scratch":
-        layer: nn.Module = ScratchBatchNorm(num_features).to(**factory)
+        layer: nn.Module = ScratchBatchNorm(num_features).to(device=device, dtype=dtype)
     else:
         layer = _TORCH_CLASSES[len(shape)](num_features, **factory)
     if provider.relu:
