@@ -115,8 +115,9 @@ def append(path: Path, records: list[dict]) -> list[dict]:
 
 
 def latest(records: list[dict]) -> list[dict]:
-    """The most recent record of each (experiment, config, bn), in the order they first appeared."""
+    """The most recent record of each (experiment, config, bn, seed), in the order they first appeared."""
     by_key: dict[tuple, dict] = {}
     for record in records:
-        by_key[(record["experiment"], record["config"], record["bn"])] = record  # a dict keeps first-insertion order
+        key = (record["experiment"], record["config"], record["bn"], record["seed"])
+        by_key[key] = record  # a dict keeps first-insertion order
     return list(by_key.values())

@@ -10,7 +10,8 @@ import math
 from benchmarks.experiment_specs import EXPERIMENTS
 
 PLOT_NAME = "experiments-{experiment}.png"
-_METRIC_NAMES = {"test_acc": "test acc", "val_acc": "val acc"}
+PUBLISHED_TOLERANCE = 2.0  # points: acceptance asks every configuration to land this close to the published number
+_METRIC_NAMES = {"test_acc": "test acc", "val_acc": "val acc", "test_acc_train_mode": "test acc, BN in train mode"}
 
 
 def _num(value: float | None, digits: int = 2, signed: bool = False) -> str:
@@ -19,12 +20,16 @@ def _num(value: float | None, digits: int = 2, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
+def _same_run(a: dict, b: dict) -> bool:
+    """Same experiment, configuration and seed: records that differ at most in the BatchNorm."""
+    return a["experiment"] == b["experiment"] and a["config"] == b["config"] and a["seed"] == b["seed"]
+
+
 def _torch_twin(record: dict, records: list[dict]) -> dict | None:
-    """The nn.BatchNorm record of the same experiment and configuration, if any."""
+    """The nn.BatchNorm record of the same experiment, configuration and seed, if any."""
     if record["bn"] in ("torch", "none"):
         return None
-    return next((r for r in records if r["experiment"] == record["experiment"] and r["config"] == record["config"]
-                 and r["bn"] == "torch"), None)  # fmt: skip
+    return next((r for r in records if r["bn"] == "torch" and _same_run(r, record)), None)
 
 
 def _diff(record: dict, other: dict | None, key: str) -> float | None:
@@ -47,6 +52,7 @@ def _columns(name: str, rows: list[dict]) -> list[tuple[str, callable]]:
 
     columns = [
         ("config", lambda r, t: r["config"]),
+        *([("seed", lambda r, t: str(r["seed"]))] if len({r["seed"] for r in rows}) > 1 else []),
         ("BN", lambda r, t: r["bn"] + (f" ({r['backend']})" if r.get("backend") else "")),
         ("epochs", lambda r, t: str(r["epochs"])),
         (label, lambda r, t: _num(r.get(metric))),
@@ -81,26 +87,23 @@ def _table(rows: list[dict], columns, records: list[dict]) -> list[str]:
 
 
 def _summary(records: list[dict]) -> list[str]:
-    """One line per BatchNorm configuration: bnfused and scratch against nn.BatchNorm."""
+    """One line per BatchNorm configuration (and seed): bnfused and scratch against nn.BatchNorm."""
+    seeds = len({r["seed"] for r in records}) > 1
     lines = [
-        "| experiment | config | metric | bnfused − torch (points) | bnfused time / torch | scratch − torch (points) "
-        "| scratch time / torch |",
-        "|---|---|---|---|---|---|---|",
+        "| experiment | config |" + (" seed |" if seeds else "") + " metric | bnfused − torch (points) "
+        "| bnfused time / torch | scratch − torch (points) | scratch time / torch |",
+        "|---|---|" + ("---|" if seeds else "") + "---|---|---|---|---|",
     ]
     for torch_rec in (r for r in records if r["bn"] == "torch"):
-        twins = {r["bn"]: r for r in records if r["experiment"] == torch_rec["experiment"]
-                 and r["config"] == torch_rec["config"]}  # fmt: skip
+        twins = {r["bn"]: r for r in records if _same_run(r, torch_rec)}
         metric = torch_rec["metric"]
         cells = []
         for bn in ("bnfused", "scratch"):
             other = twins.get(bn)
             cells += [_num(_diff(other, torch_rec, metric), signed=True) if other else "–",
                       _ratio(other, torch_rec) if other else "–"]  # fmt: skip
-        lines.append(
-            f"| {torch_rec['experiment']} | {torch_rec['config']} | {_METRIC_NAMES[metric]} | "
-            + " | ".join(cells)
-            + " |"
-        )
+        head = [torch_rec["experiment"], torch_rec["config"], *([str(torch_rec["seed"])] if seeds else [])]
+        lines.append("| " + " | ".join([*head, _METRIC_NAMES[metric], *cells]) + " |")
     return lines
 
 
@@ -116,6 +119,11 @@ def _notes(name: str, rows: list[dict]) -> list[str]:
     short = sorted({r["epochs"] for r in rows if r["epochs"] < experiment.epochs})
     if short:
         notes.append(f"**Fewer epochs than specified**: {', '.join(map(str, short))} instead of {experiment.epochs}.")
+    for r in rows:
+        for key, want in r["published"].items():
+            if key in _METRIC_NAMES and key in r and abs(r[key] - want) > PUBLISHED_TOLERANCE:
+                notes.append(f"**More than {PUBLISHED_TOLERANCE:g} points from the published number**: {r['config']} / "
+                             f"{r['bn']}, {_METRIC_NAMES[key]} {r[key]:.2f} vs {want:.2f}.")  # fmt: skip
     limits = sorted({r["limit"] for r in rows if r.get("limit")})
     if limits:
         notes.append(f"**Subset run**: --limit {', '.join(map(str, limits))} (first samples only); "
@@ -142,7 +150,7 @@ def markdown(records: list[dict], notes: dict[str, list[str]] | None = None) -> 
         f"- Versions: {versions}; bnfused backend: {', '.join(backends) or 'not used'}",
         *(f"- Command: `{c}`" for c in sorted({r["command"] for r in records})),
         "",
-        "Accuracies in percent after the last epoch (one seed). s/epoch: median wall time of a training "
+        "Accuracies in percent after the last epoch of one run per seed. s/epoch: median wall time of a training "
         "epoch (evaluation excluded); the implementations take turns epoch by epoch in one process, so "
         "their times see the same machine load. “vs torch”: against nn.BatchNorm with the same seed, "
         "hence the same initial weights and data order.",

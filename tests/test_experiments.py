@@ -99,13 +99,17 @@ def test_experiment_runs_end_to_end(name, data_root, tmp_path):
     assert png.read_bytes()[:8] == PNG_SIGNATURE and png.stat().st_size > 10_000
 
 
-def test_records_accumulate_and_report_keeps_latest(data_root, tmp_path):
+def test_records_accumulate_and_report_keeps_latest_per_seed(data_root, tmp_path):
     _run("mnist-dropout", data_root, tmp_path, "--bn", "torch")
-    records = _run("mnist-dropout", data_root, tmp_path, "--bn", "torch", "--seed", "3", "--limit", "40")
-    assert len(records) == 4 and [r["seed"] for r in records] == [0, 0, 3, 3]
-    assert records[-1]["limit"] == 40 and records[-1]["n_train"] + records[-1]["n_eval"] == 40
+    records = _run("mnist-dropout", data_root, tmp_path, "--bn", "torch", "--limit", "40")
+    assert len(records) == 4 and records[-1]["limit"] == 40 and records[-1]["n_train"] + records[-1]["n_eval"] == 40
     report = (tmp_path / experiments.REPORT_NAME).read_text()
-    assert report.count("| BN after ReLU | torch |") == 1 and "--limit 40" in report
+    assert report.count("| BN after ReLU | torch |") == 1 and "--limit 40" in report  # the rerun replaced the first
+
+    records = _run("mnist-dropout", data_root, tmp_path, "--bn", "torch", "--seed", "3")
+    assert [r["seed"] for r in records] == [0, 0, 0, 0, 3, 3]
+    report = (tmp_path / experiments.REPORT_NAME).read_text()
+    assert "| BN after ReLU | 0 | torch |" in report and "| BN after ReLU | 3 | torch |" in report
 
 
 def test_missing_dataset_names_the_folder_and_download(tmp_path):
