@@ -10,6 +10,10 @@ For each shape, provider and mode it reports the median time (and 20th/80th perc
 speedup over torch.nn.BatchNorm from the same run, the effective bandwidth from the minimum bytes
 the mode must move (byte model in benchmarks/memory.py) and that bandwidth as a fraction of a
 device copy measured in the same run, the bytes kept for backward, and (CUDA) the peak memory.
+A fraction above 1 means the data stayed in cache, which the copy of a large buffer cannot.
+
+On a CPU that other processes keep busy, multi-threaded timings stall whenever one thread loses
+its core; ``--threads 1`` (and ``--repeat 3``) then give steadier numbers.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ COLUMNS = (
     "provider", "backend", "shape", "dtype", "layout", "mode",
     "ms", "q20_ms", "q80_ms", "speedup_vs_torch", "gbps", "roofline_frac", "copy_gbps",
     "min_bytes", "saved_bytes", "peak_mem_bytes",
-    "device", "torch", "triton", "commit", "date",
+    "clock", "device", "torch", "triton", "commit", "date",
 )  # fmt: skip
 NUMERIC_COLUMNS = COLUMNS[6:16]
 
@@ -110,7 +114,7 @@ class KernelBenchmark:
         self.providers = [providers.parse(n) for n in provider_names]
         self.log = log
         self.failures: list[str] = []
-        self.metadata = report.run_metadata(device)
+        self.metadata = {"clock": timing.clock_name(device), **report.run_metadata(device)}
 
     def run(self, shapes: Sequence[tuple[int, ...]], copy_bytes: int, repeat: int = 1) -> list[dict]:
         """Measures every case ``repeat`` times, a whole round after another, and keeps the median of
@@ -269,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     budget = timing.QUICK if args.quick else timing.FULL
     bench = KernelBenchmark(device, cli.DTYPES[args.dtype], args.layout, names, modes, budget, log=cli.log)
     print(f"{bench.metadata['device']} | torch {bench.metadata['torch']} | triton {bench.metadata['triton']} "
-          f"| commit {bench.metadata['commit']} | {bench.metadata['date']} | {args.dtype} {args.layout}")  # fmt: skip
+          f"| commit {bench.metadata['commit']} | {bench.metadata['date']} | {args.dtype} {args.layout} "
+          f"| clock {bench.metadata['clock']}")  # fmt: skip
     copy_bytes = QUICK_COPY_BYTES if args.quick else COPY_BYTES.get(device.type, COPY_BYTES["cpu"])
     rows = bench.run(shapes, copy_bytes, args.repeat)
     print(results_table(rows, modes, args.markdown))

@@ -55,7 +55,7 @@ QUICK_MODELS = "lenet,mnist_bn_mlp"
 COLUMNS = (
     "model", "provider", "backend", "batch", "input_shape", "dtype",
     "ms", "q20_ms", "q80_ms", "samples_per_s", "speedup_vs_torch",
-    "device", "torch", "triton", "commit", "date",
+    "clock", "device", "torch", "triton", "commit", "date",
 )  # fmt: skip
 NUMERIC_COLUMNS = ("batch", "ms", "q20_ms", "q80_ms", "samples_per_s", "speedup_vs_torch")
 
@@ -107,7 +107,7 @@ def run(model_names, provider_names, device, dtype, sizes: tuple[int, int, int],
     """Measures every (model, provider) pair ``repeat`` times, round after round, and keeps the median
     of the rounds; returns CSV rows. A pair that fails is logged and skipped."""
     resnet_batch, image_size, small_batch = sizes
-    metadata = report.run_metadata(device)
+    metadata = {"clock": timing.clock_name(device), **report.run_metadata(device)}
     cases: dict[tuple[str, str], dict] = {}  # (model, provider) -> the row's fixed fields and its timings
     for round_index in range(repeat):
         log(f"round {round_index + 1}/{repeat}")
@@ -164,8 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--models", help=f"subset of {', '.join(MODELS)} (default: all; {QUICK_MODELS} with --quick)")
     parser.add_argument("--providers", help="default: torch, bnfused-<each available backend>, bnfused+relu, scratch")
-    parser.add_argument("--batch", type=int, help=f"batch size of every model (default: {DEFAULTS})")
-    parser.add_argument("--image-size", type=int, help="ResNet-18 input height and width (default: see --batch)")
+    cpu, cuda = DEFAULTS["cpu"], DEFAULTS["cuda"]
+    parser.add_argument(
+        "--batch", type=int,
+        help=f"batch size of every model (default: ResNet-18 {cpu[0]}, others {cpu[2]} on CPU; "
+        f"{cuda[0]} and {cuda[2]} on CUDA)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--image-size", type=int, help=f"ResNet-18 input height and width (default: {cpu[1]} on CPU, {cuda[1]} on CUDA)"
+    )
     return parser
 
 
@@ -196,7 +203,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     rows = run(model_names, names, device, cli.DTYPES[args.dtype], sizes, budget, cli.log, args.repeat)
     if rows:
         meta = rows[0]
-        print(f"{meta['device']} | torch {meta['torch']} | commit {meta['commit']} | {meta['date']} | {args.dtype}")
+        print(
+            f"{meta['device']} | torch {meta['torch']} | commit {meta['commit']} | {meta['date']} | {args.dtype} "
+            f"| clock {meta['clock']}"
+        )
     print(results_table(rows, args.markdown))
     if args.csv:
         report.write_csv(args.csv, rows, COLUMNS)

@@ -2,7 +2,8 @@
 
 GPU: ``triton.testing.do_bench`` (CUDA events around many calls, L2 flushed between them, gradients
 reset outside the timed region). CPU: ``torch.utils.benchmark.Timer`` over many blocks of about
-0.5 ms each (enough calls per block that the timer's overhead is negligible).
+0.5 ms each (enough calls per block that the timer's overhead is negligible), on the wall clock,
+or on the thread's CPU clock when torch runs single-threaded (see ``clock_name``).
 Both report the median and the 20th / 80th percentiles in milliseconds.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import timeit
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -90,9 +92,23 @@ def _time_cuda(fn: Callable[[], object], budget: Budget, grad_to_none: Sequence[
     return Timing(median, q20, q80)
 
 
+def clock_name(device: torch.device) -> str:
+    """What the times of ``device`` are measured with: "cuda-events" (do_bench), "wall", or
+    "thread-cpu" (single-threaded CPU runs: the calling thread's CPU time, which excludes the time
+    the scheduler gives the core to other processes)."""
+    if device.type == "cuda":
+        return "cuda-events"
+    return "thread-cpu" if torch.get_num_threads() == 1 else "wall"
+
+
 def _time_cpu(call: Callable[[], object], budget: Budget) -> Timing:
+    # With one thread all the work runs on this thread, so its CPU clock measures the work alone;
+    # with more, time spent in other threads would be missed and only the wall clock is right.
+    clock = time.thread_time if clock_name(torch.device("cpu")) == "thread-cpu" else timeit.default_timer
     # Timer defaults to one thread; the layers must be timed with the threads they really get.
-    timer = torch_benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads())
+    timer = torch_benchmark.Timer(
+        stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads(), timer=clock
+    )
     # Many short blocks rather than blocked_autorange's few long ones (>= 10 ms each): on a shared
     # machine a block that loses the CPU to another process is an outlier the median can then drop,
     # instead of a delay that every block contains.

@@ -36,9 +36,11 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
 
 
 def _assert_metadata(row: dict, device: str) -> None:
+    """Columns saying where, when and how a row was measured (every run here is single-threaded)."""
     for column in ("device", "torch", "triton", "commit", "date"):
         assert row[column], f"empty {column}"
     assert row["torch"] == torch.__version__
+    assert row["clock"] == {"cpu": "thread-cpu", "cuda": "cuda-events"}[device]
     if device == "cuda":
         assert row["device"] == torch.cuda.get_device_name()
 
@@ -210,6 +212,15 @@ def test_saved_bytes_counts_each_storage_once():
     double = nn.Sequential(nn.Identity())
     double.forward = lambda t: t * t
     assert memory.saved_bytes(double, x) == x.nbytes
+
+
+def test_clock_follows_the_thread_count(one_thread):
+    cpu = torch.device("cpu")
+    torch.set_num_threads(2)
+    assert timing.clock_name(cpu) == "wall"  # other threads' work would be missed by one thread's clock
+    torch.set_num_threads(1)
+    assert timing.clock_name(cpu) == "thread-cpu"
+    assert timing.clock_name(torch.device("cuda")) == "cuda-events"
 
 
 def test_timing_quantiles_are_ordered():
