@@ -77,8 +77,9 @@ def _require_backend(name: str) -> None:
 
 
 def _pair(num_features, dims, backend, dtype, *, affine=True, track=True, momentum=0.1, activation=None, slope=0.01):
-    """(bnfused.SyncBatchNorm, torch oracle) with the same random affine parameters."""
-    kwargs = dict(affine=affine, track_running_stats=track, momentum=momentum, dtype=dtype)
+    """(bnfused.SyncBatchNorm, torch oracle) with the same random affine parameters; for float16 and
+    bfloat16 input both hold float32 parameters and the oracle runs in float32 (the helpers' rule)."""
+    kwargs = dict(affine=affine, track_running_stats=track, momentum=momentum, dtype=_oracle_dtype(dtype))
     ref = TORCH_CLASSES[dims](num_features, **kwargs)
     mod = bnfused.SyncBatchNorm(num_features, activation=activation, negative_slope=slope, backend=backend, **kwargs)
     if affine:
@@ -89,16 +90,21 @@ def _pair(num_features, dims, backend, dtype, *, affine=True, track=True, moment
     return mod, ref
 
 
+def _oracle_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _check_sync_step(rank, sizes, tail, mod, ref, *, dtype=torch.float32, activation=None, slope=0.01,
                      channels_last=False, offset=2.0, scale=3.0, where=""):  # fmt: skip
     """One forward/backward of mod on this rank's slice and of ref on the global batch; asserts parity
     and that the layer used exactly one collective each way."""
     x = make_input((sum(sizes), *tail), dtype, channels_last, offset=offset, scale=scale)
-    dy = torch.randn(x.shape, dtype=dtype)
+    dy = torch.randn(x.shape, dtype=_oracle_dtype(dtype))
     lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
-    x_ref = x.detach().requires_grad_()
+    x_ref = x.to(_oracle_dtype(dtype)).detach().requires_grad_()
     y_ref = _activate(ref(x_ref), activation, slope)
     y_ref.backward(dy)
+    dy = dy.to(dtype)
     x_mod = x[lo:hi].detach().requires_grad_()
     for p in mod.parameters():
         p.grad = None
@@ -111,8 +117,9 @@ def _check_sync_step(rank, sizes, tail, mod, ref, *, dtype=torch.float32, activa
     assert backward.calls == ["all_reduce"], f"{where}: backward collectives {backward.calls}"
     atol, rtol = TOLERANCES[dtype]
     assert y.shape == x_mod.shape and y.dtype == dtype
+    y, dx = y.to(y_ref.dtype), x_mod.grad.to(y_ref.dtype)
     torch.testing.assert_close(y, y_ref[lo:hi], atol=atol, rtol=rtol, msg=lambda m: f"output, {where}: {m}")
-    torch.testing.assert_close(x_mod.grad, x_ref.grad[lo:hi], atol=atol * 5, rtol=rtol * 5,
+    torch.testing.assert_close(dx, x_ref.grad[lo:hi], atol=atol * 5, rtol=rtol * 5,
                                msg=lambda m: f"input grad, {where}: {m}")  # fmt: skip
     if ref.affine:
         grad_scale = max(1.0, (x.numel() / x.shape[1]) ** 0.5)  # sums over more values carry more rounding
@@ -147,11 +154,13 @@ CASES = {
         ((2, 5), (3, 4), dict(affine=False, track=False)),
         # |mean| >> std: only a merge made of deviations from the mean stays exact in float64
         ((3, 4), (2, 5), dict(dtype=torch.float64, offset=1e4, scale=0.1, steps=2)),
+        ((3, 2), (3, 4), dict(dtype=torch.float16)),
     ],
     3: [
         ((3, 0, 2), (3, 2, 3), dict(activation="relu", momentum=None, steps=2)),
         ((1, 1, 0), (4,), dict(steps=2)),
         ((2, 3, 4), (2, 3), dict(dtype=torch.float64, activation="leaky_relu", slope=0.1)),
+        ((2, 0, 3), (3, 2, 2), dict(dtype=torch.bfloat16, activation="relu", steps=2)),
     ],
 }
 
@@ -168,7 +177,7 @@ def _job_sync_cases(rank: int, world_size: int, backend: str) -> None:
         for step in range(steps):
             _check_sync_step(rank, sizes, tail, mod, ref, dtype=dtype, activation=activation, slope=slope,
                              where=f"case {case} step {step}", **data)  # fmt: skip
-    _check_eval_without_communication(rank, mod, ref)
+    _check_eval_without_communication(rank, mod, ref, tail)
     _check_global_one_value_error(rank, world_size, backend)
 
 
@@ -194,13 +203,13 @@ def _check_under_torch_compile(rank: int, sizes) -> None:
         torch.testing.assert_close(b, b_twin, msg=lambda m, n=name: f"{n} under compile: {m}")
 
 
-def _check_eval_without_communication(rank: int, mod, ref) -> None:
+def _check_eval_without_communication(rank: int, mod, ref, tail) -> None:
     """Eval mode uses the running stats and never communicates: only rank 0 runs it here, so a
     collective would pair with the barrier below and fail."""
     mod.eval()
     ref.eval()
     if rank == 0:
-        x = make_input((3, *mod.running_mean.shape, 3), mod.running_mean.dtype).requires_grad_()
+        x = make_input((3, *tail), mod.running_mean.dtype).requires_grad_()
         with _CountCollectives() as counted:
             y = mod(x)
             y.sum().backward()
