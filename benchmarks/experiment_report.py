@@ -113,6 +113,8 @@ def _notes(name: str, rows: list[dict]) -> list[str]:
     if experiment is None:
         return notes
     for config in experiment.configs:
+        if config.note:
+            notes.append(f"{config.name}: {config.note}")
         if config.uses_bn and len(config.norms) < 3:
             notes.append(f"“{config.name}” runs with {' and '.join(config.norms)} only: the from-scratch "
                          "BatchNorm has no lazy variant.")  # fmt: skip
