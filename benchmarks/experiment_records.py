@@ -10,6 +10,7 @@ import importlib.metadata
 import json
 import platform
 import statistics
+import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,6 +40,18 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _git_commit() -> str | None:
+    """HEAD of the checkout the benchmarks run from, with "+dirty" when files differ from it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, check=True)  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def environment(device: torch.device) -> dict:
     """Where the runs happen: device name, thread count and library versions."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
@@ -46,6 +59,7 @@ def environment(device: torch.device) -> dict:
         "device": str(device),
         "device_name": name,
         "threads": torch.get_num_threads(),
+        "git_commit": _git_commit(),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
