@@ -178,7 +178,7 @@ def _job_sync_cases(rank: int, world_size: int, backend: str) -> None:
             _check_sync_step(rank, sizes, tail, mod, ref, dtype=dtype, activation=activation, slope=slope,
                              where=f"case {case} step {step}", **data)  # fmt: skip
     _check_eval_without_communication(rank, mod, ref, tail)
-    _check_global_one_value_error(rank, world_size, backend)
+    _check_global_batch_of_one_or_none(rank, world_size, backend)
 
 
 def _job_three_processes(rank: int, world_size: int) -> None:
@@ -222,14 +222,18 @@ def _check_eval_without_communication(rank: int, mod, ref, tail) -> None:
     dist.barrier()
 
 
-def _check_global_one_value_error(rank: int, world_size: int, backend: str) -> None:
+def _check_global_batch_of_one_or_none(rank: int, world_size: int, backend: str) -> None:
     """A global batch of 1 value per channel raises on every rank (after the one collective, so no
-    rank is left waiting)."""
+    rank is left waiting); a global batch of 0 values is an empty output."""
     mod = bnfused.SyncBatchNorm(3, backend=backend)
     x = torch.randn(1 if rank == 0 else 0, 3)
     with pytest.raises(ValueError, match=ONE_VALUE_ERROR):
         mod(x)
     assert torch.equal(mod.running_mean, torch.zeros(3)), "a refused batch must not update the running stats"
+    # Every rank empty: an empty output, as for an empty batch without synchronisation; stats untouched.
+    y = mod(torch.randn(0, 3))
+    assert y.shape == (0, 3)
+    assert torch.equal(mod.running_mean, torch.zeros(3)) and torch.equal(mod.running_var, torch.ones(3))
 
 
 def _check_converted_model_under_ddp(rank: int, world_size: int, sizes) -> None:
