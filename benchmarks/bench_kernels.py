@@ -54,7 +54,10 @@ COLUMNS = (
     "min_bytes", "saved_bytes", "peak_mem_bytes",
     "clock", "device", "torch", "triton", "commit", "date",
 )  # fmt: skip
-NUMERIC_COLUMNS = COLUMNS[6:16]
+NUMERIC_COLUMNS = (
+    "ms", "q20_ms", "q80_ms", "speedup_vs_torch", "gbps", "roofline_frac", "copy_gbps",
+    "min_bytes", "saved_bytes", "peak_mem_bytes",
+)  # fmt: skip
 
 
 def shape_text(shape: Sequence[int]) -> str:
@@ -202,8 +205,9 @@ def results_table(rows: Sequence[dict], modes: Sequence[str], markdown: bool = F
     header += [f"{last} peak MiB"] * with_peak + ["saved / x"]
     body = []
     for (shape, provider), by_mode in cells.items():
-        backend = next(iter(by_mode.values()))["backend"]
+        first = next(iter(by_mode.values()))
         # "bnfused" picks its backend itself: say which one ran.
+        backend = first["backend"]
         line = [shape, f"{provider} [{backend}]" if backend and backend not in provider else provider]
         line += [
             f"{float(by_mode[m]['ms']):.4g}{_speedup_text(by_mode[m])}" if m in by_mode else "failed" for m in modes
@@ -212,9 +216,8 @@ def results_table(rows: Sequence[dict], modes: Sequence[str], markdown: bool = F
         line.append(f"{float(r['gbps']):.3g} ({100 * float(r['roofline_frac']):.0f}%)" if r else "-")
         if with_peak:
             line.append(f"{r['peak_mem_bytes'] / 2**20:.1f}" if r else "-")
-        any_row = next(iter(by_mode.values()))
-        x_bytes = math.prod(int(d) for d in shape.split("x")) * cli.DTYPES[any_row["dtype"]].itemsize
-        line.append(f"{any_row['saved_bytes'] / x_bytes:.2f}")
+        x_bytes = math.prod(int(d) for d in shape.split("x")) * cli.DTYPES[first["dtype"]].itemsize
+        line.append(f"{first['saved_bytes'] / x_bytes:.2f}")
         body.append(line)
     return report.format_table(header, body, markdown)
 
@@ -259,16 +262,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     unknown = [m for m in modes if m not in memory.MODES]
     if unknown or not modes:
         raise SystemExit(f"--modes: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(memory.MODES)}")
-    if args.providers:
-        names = cli.split(args.providers)
-    else:
-        names = [n for n in providers.default_names(device) if not (args.quick and n.startswith("compile"))]
     try:
+        shapes = parse_shapes(args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES.get(device.type, "cpu")))
+        names = cli.split(args.providers or "")
         for name in names:
             providers.parse(name)
-        shapes = parse_shapes(args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES.get(device.type, "cpu")))
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
+    if not names:  # discovering the backends may build the C++ extension: only once the options are valid
+        names = [n for n in providers.default_names(device) if not (args.quick and n.startswith("compile"))]
 
     budget = timing.QUICK if args.quick else timing.FULL
     bench = KernelBenchmark(device, cli.DTYPES[args.dtype], args.layout, names, modes, budget, log=cli.log)

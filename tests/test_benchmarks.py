@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import bnfused
-from benchmarks import bench_kernels, bench_models, memory, providers, timing
+from benchmarks import bench_kernels, bench_models, memory, plot_results, providers, timing
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -85,6 +85,8 @@ def test_bench_kernels_quick_writes_csv_and_plot(tmp_path, device):
         _assert_metadata(r, device)
     assert {r["backend"] for r in rows if r["provider"] == "bnfused-reference"} == {"reference"}
     assert png_path.read_bytes().startswith(PNG_MAGIC)
+    plot_results.main([str(csv_path), "--out", str(tmp_path / "from_csv.png")])  # the CSV alone is enough
+    assert (tmp_path / "from_csv.png").read_bytes().startswith(PNG_MAGIC)
     assert "fwd-train ms" in done.stdout  # the printed table
 
 
@@ -168,6 +170,14 @@ def test_converted_models_really_use_the_provider():
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in scratch.modules())
     with pytest.raises(ValueError, match="no BatchNorm followed by nn.ReLU"):
         bench_models.build_model("lenet", providers.parse("bnfused+relu"), torch.device("cpu"), torch.float32)
+
+
+def test_plot_refuses_rows_it_cannot_plot(tmp_path):
+    with pytest.raises(ValueError, match="no mode, shape column"):
+        plot_results.plot_speedups([{"model": "lenet", "provider": "torch", "speedup_vs_torch": "1"}], "x.png")
+    row = {"mode": "bwd", "shape": "6x7", "provider": "torch", "speedup_vs_torch": ""}
+    with pytest.raises(ValueError, match="is the torch provider in the run"):
+        plot_results.plot_speedups([row], str(tmp_path / "x.png"))
 
 
 def test_parse_shapes_sets_explicit_and_errors():
