@@ -37,7 +37,9 @@ def native_extension() -> dict:
     sources = [os.path.relpath(s, ROOT) for s in kwargs["sources"]]  # setuptools wants relative paths
     compile_args = {"cxx": kwargs["extra_cflags"], "nvcc": kwargs.get("extra_cuda_cflags", [])}
     return {
-        "ext_modules": [extension("bnfused._C", sources, extra_compile_args=compile_args)],
+        "ext_modules": [
+            extension("bnfused._C", sources, extra_compile_args=compile_args, extra_link_args=kwargs["extra_ldflags"])
+        ],
         "cmdclass": {"build_ext": cpp_extension.BuildExtension},
     }
 

@@ -5,6 +5,10 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(bnfused_native, m) {
+  // The whole layer, autograd included, in C++ (autograd.cpp): the low-overhead eager route.
+  m.def(
+      "batch_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "bool training, float momentum, float eps, int act, float slope) -> Tensor");
   m.def(
       "forward_train(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "float momentum, float eps, int act, float slope) -> (Tensor, Tensor, Tensor)");

@@ -36,6 +36,10 @@ OP_NAMES = (
     "backward_reduce",
     "backward_elemt",
 )
+# Beyond the contract: the whole layer with its autograd in C++ (csrc/autograd.cpp), for eager
+# calls where a Python autograd.Function would cost more than the kernels of a small layer:
+# batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope) -> y
+LAYER_OP = "batch_norm"
 # torch's CPU capability -> compiler flags giving at::vec the same vector width ATen itself uses.
 _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
@@ -77,7 +81,13 @@ def _cpu_flags() -> tuple[str, list[str]]:
     if isa is None:
         capability, isa = "DEFAULT", []
     macros = [f"-DCPU_CAPABILITY={capability}"] + ([f"-DCPU_CAPABILITY_{capability}"] if isa else [])
-    return capability.lower(), ["-O3", *isa, *macros]
+    return capability.lower(), ["-O3", *isa, *macros, *_openmp_flags()]
+
+
+def _openmp_flags() -> list[str]:
+    # With ATen's OpenMP backend, at::parallel_for is an inline `#pragma omp parallel` compiled into
+    # the extension: without -fopenmp it silently runs on one thread.
+    return ["-fopenmp"] if "parallel backend: OpenMP" in torch.__config__.parallel_info() else []
 
 
 def _cuda_flags() -> list[str]:
@@ -93,8 +103,8 @@ def _cuda_flags() -> list[str]:
 def extension_kwargs(with_cuda: bool) -> dict:
     """Name, sources and flags of the extension, shared by the JIT build here and setup.py."""
     isa, cflags = _cpu_flags()
-    sources = [CSRC / "bnfused.cpp", *sorted((CSRC / "cpu").glob("*.cpp"))]
-    kwargs = {"sources": [str(s) for s in sources], "extra_cflags": cflags}
+    sources = [CSRC / "bnfused.cpp", CSRC / "autograd.cpp", *sorted((CSRC / "cpu").glob("*.cpp"))]
+    kwargs = {"sources": [str(s) for s in sources], "extra_cflags": cflags, "extra_ldflags": _openmp_flags()}
     if with_cuda:
         kwargs["sources"] += [str(s) for s in sorted((CSRC / "cuda").glob("*.cu"))]
         kwargs["extra_cuda_cflags"] = _cuda_flags()
@@ -195,7 +205,7 @@ def available(device: torch.device) -> str | None:
 
 def __getattr__(name: str):
     """The contract functions: the op overloads themselves, looked up once (PEP 562)."""
-    if name not in OP_NAMES:
+    if name not in OP_NAMES and name != LAYER_OP:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     lib = library()
     if lib.error is not None:

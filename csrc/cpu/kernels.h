@@ -53,7 +53,7 @@ void moments(const at::Tensor& x, const Tiling& tl, double* mean, double* m2) {
   parallel_tiles(tl, [&](int64_t t) {
     A* tile_mean = part.data() + t * 2 * W;
     A* tile_m2 = tile_mean + W;
-    const int64_t first = tl.rows ? tl.row_offset(t * tl.block) : tl.plane_offset(t);
+    const int64_t first = tl.first_offset(t);
     for (int64_t j = 0; j < W; ++j) tile_mean[j] = static_cast<A>(xp[first + j]);  // the shift
     auto centered = [&](auto tag, int64_t off, const V& center) { return ld(tag, xp + off) - center; };
     tile_sums<1>(
@@ -72,20 +72,20 @@ void moments(const at::Tensor& x, const Tiling& tl, double* mean, double* m2) {
         },
         tile_m2);
   });
-  at::parallel_for(0, tl.L.c, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      double n = 0, mu = 0, q = 0;
-      tl.for_channel_tiles(c, [&](int64_t t, int64_t j) {
-        const double nb = double(tl.count(t)), delta = double(part[t * 2 * W + j]) - mu;
-        const double total = n + nb;
-        mu += delta * nb / total;
-        q += double(part[t * 2 * W + W + j]) + delta * delta * n * nb / total;
-        n = total;
-      });
-      mean[c] = mu;
-      m2[c] = q;
-    }
-  });
+  // Serial: C x tiles is small next to the data, and one parallel region less is one barrier less
+  // (on a loaded machine, a barrier waits for the slowest, descheduled thread).
+  for (int64_t c = 0; c < tl.L.c; ++c) {
+    double n = 0, mu = 0, q = 0;
+    tl.for_channel_tiles(c, [&](int64_t t, int64_t j) {
+      const double nb = double(tl.count(t)), delta = double(part[t * 2 * W + j]) - mu;
+      const double total = n + nb;
+      mu += delta * nb / total;
+      q += double(part[t * 2 * W + W + j]) + delta * delta * n * nb / total;
+      n = total;
+    });
+    mean[c] = mu;
+    m2[c] = q;
+  }
 }
 
 // y = act((x - mean[c]) * scale[c] + shift[c]); y has x's layout. Subtracting the mean first keeps
@@ -129,17 +129,15 @@ void grad_sums(const T* dyp, const T* xp, const T* yp, const Tiling& tl, const a
           part.data() + t * 2 * W);
     });
   });
-  at::parallel_for(0, tl.L.c, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      double sg = 0, sgx = 0;
-      tl.for_channel_tiles(c, [&](int64_t t, int64_t j) {
-        sg += double(part[t * 2 * W + j]);
-        sgx += double(part[t * 2 * W + W + j]);
-      });
-      sum_g[c] = sg;
-      sum_gxc[c] = sgx;
-    }
-  });
+  for (int64_t c = 0; c < tl.L.c; ++c) {  // serial, as in moments()
+    double sg = 0, sgx = 0;
+    tl.for_channel_tiles(c, [&](int64_t t, int64_t j) {
+      sg += double(part[t * 2 * W + j]);
+      sgx += double(part[t * 2 * W + W + j]);
+    });
+    sum_g[c] = sg;
+    sum_gxc[c] = sgx;
+  }
 }
 
 // dx = g * k1[c] - (x - mean[c]) * k2[c] - k3[c], g = dy * act'(z); dx has x's layout.

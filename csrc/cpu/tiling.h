@@ -1,8 +1,9 @@
 // How the CPU kernels cut the (N, C, S) grid into tiles, walk a tile in vector chunks, and sum.
 //
 // Two walks cover every layout without a copy:
-//   planes  (spatial stride 1, e.g. NCHW): a tile is a block of one (n, c) plane's S values,
-//           all of channel c; a plane longer than kMaxPlaneBlock is split into several tiles.
+//   planes  (spatial stride 1, e.g. NCHW): a tile holds values of one channel c: a block of one
+//           (n, c) plane when planes are long, else several whole planes n0..n1 (LeNet's 8x8
+//           planes would otherwise pay a tile's fixed costs every 64 values).
 //   rows    (channel stride 1, e.g. channels_last, (N, C)): a tile is a block of (n, s) rows, each
 //           C contiguous values; vector lanes are consecutive channels.
 // Any other dense layout is walked as planes with a gather (stride `es`).
@@ -23,20 +24,26 @@
 
 namespace bnfused::cpu {
 
-constexpr int64_t kRowTileValues = 16384;   // a row tile's values: two passes stay in L1/L2
-constexpr int64_t kMaxPlaneBlock = 32768;   // longest plane block per tile (128 KiB of fp32)
-constexpr int64_t kMinTaskValues = 32768;   // fewer values than this per thread is not worth a fork
+constexpr int64_t kTileValues = 16384;     // values per tile: its two passes stay in L1/L2
+constexpr int64_t kMinTaskValues = 65536;  // fewer values than this per thread is not worth a fork
+
+// The values of one plane tile: channel c, planes n0..n1-1, positions s0..s0+len-1 of each.
+struct PlaneSpan {
+  int64_t c, n0, n1, s0, len;
+};
 
 struct Tiling {
   Ncs L;
   bool rows;       // true: rows walk; false: planes walk
   int64_t es;      // planes: element stride along S (1, or the gather stride)
-  int64_t block;   // planes: values per tile; rows: rows per tile
-  int64_t blocks;  // planes: tiles per (n, c) plane
+  int64_t block;   // planes: positions per tile along S; rows: rows per tile
+  int64_t blocks;  // planes: tiles per plane (> 1 only when planes > kTileValues)
+  int64_t group;   // planes: whole planes per tile (> 1 only when planes are short)
+  int64_t per_channel_tiles;  // planes
   int64_t tiles;
 
   static Tiling of(const Ncs& L) {
-    Tiling t{L, false, 1, 0, 1, 0};
+    Tiling t{L, false, 1, 0, 1, 1, 0, 0};
     if (L.s > 1 && L.ss == 1) {
       t.rows = false;
     } else if (L.sc == 1 || L.c == 1) {
@@ -45,12 +52,14 @@ struct Tiling {
       t.es = L.ss;
     }
     if (t.rows) {
-      t.block = std::max<int64_t>(1, kRowTileValues / L.c);
+      t.block = std::max<int64_t>(1, kTileValues / L.c);
       t.tiles = (L.n * L.s + t.block - 1) / t.block;
     } else {
-      t.block = std::min(L.s, kMaxPlaneBlock);
-      t.blocks = (L.s + t.block - 1) / t.block;
-      t.tiles = L.c * L.n * t.blocks;
+      t.blocks = (L.s + kTileValues - 1) / kTileValues;
+      t.block = (L.s + t.blocks - 1) / t.blocks;
+      t.group = t.blocks > 1 ? 1 : std::max<int64_t>(1, kTileValues / L.s);
+      t.per_channel_tiles = t.blocks > 1 ? L.n * t.blocks : (L.n + t.group - 1) / t.group;
+      t.tiles = L.c * t.per_channel_tiles;
     }
     return t;
   }
@@ -58,15 +67,26 @@ struct Tiling {
   // Channels a tile holds partial sums for: all C for a row tile, one for a plane tile.
   int64_t width() const { return rows ? L.c : 1; }
   // Plane tiles are ordered channel-major, so one channel's tiles are consecutive.
-  int64_t plane_channel(int64_t t) const { return t / (L.n * blocks); }
+  int64_t plane_channel(int64_t t) const { return t / per_channel_tiles; }
+  PlaneSpan plane_span(int64_t t) const {
+    const int64_t c = t / per_channel_tiles, k = t % per_channel_tiles;
+    if (blocks > 1) {
+      const int64_t s0 = (k % blocks) * block;
+      return {c, k / blocks, k / blocks + 1, s0, std::min(block, L.s - s0)};
+    }
+    return {c, k * group, std::min(L.n, (k + 1) * group), 0, L.s};
+  }
   // Values of each channel inside tile t.
   int64_t count(int64_t t) const {
     if (rows) return std::min(block, L.n * L.s - t * block);
-    return std::min(block, L.s - (t % blocks) * block);
+    const PlaneSpan p = plane_span(t);
+    return (p.n1 - p.n0) * p.len;
   }
-  int64_t plane_offset(int64_t t) const {
-    const int64_t c = plane_channel(t), rest = t % (L.n * blocks);
-    return (rest / blocks) * L.sn + c * L.sc + (rest % blocks) * block * es;
+  // Offset of the first value of tile t (of its first channel, for a row tile).
+  int64_t first_offset(int64_t t) const {
+    if (rows) return row_offset(t * block);
+    const PlaneSpan p = plane_span(t);
+    return p.n0 * L.sn + p.c * L.sc + p.s0 * es;
   }
   int64_t row_offset(int64_t r) const { return (r / L.s) * L.sn + (r % L.s) * L.ss; }
 
@@ -77,8 +97,7 @@ struct Tiling {
     if (rows) {
       for (int64_t t = 0; t < tiles; ++t) f(t, c);
     } else {
-      const int64_t per_channel = L.n * blocks;
-      for (int64_t t = c * per_channel; t < (c + 1) * per_channel; ++t) f(t, int64_t{0});
+      for (int64_t t = c * per_channel_tiles; t < (c + 1) * per_channel_tiles; ++t) f(t, int64_t{0});
     }
   }
 };
@@ -86,8 +105,8 @@ struct Tiling {
 // Runs body(t) for every tile, in parallel. Tiles write disjoint outputs.
 template <typename F>
 void parallel_tiles(const Tiling& tl, F&& body) {
-  const int64_t values = tl.rows ? tl.block * tl.L.c : tl.block;
-  const int64_t grain = std::max<int64_t>(1, kMinTaskValues / values);
+  const int64_t mean_tile_values = std::max<int64_t>(1, tl.L.numel() / tl.tiles);
+  const int64_t grain = std::max<int64_t>(1, kMinTaskValues / mean_tile_values);
   at::parallel_for(0, tl.tiles, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) body(t);
   });
@@ -97,13 +116,16 @@ void parallel_tiles(const Tiling& tl, F&& body) {
 template <typename A, typename F>
 inline void walk_plane(const Tiling& tl, int64_t t, F&& f) {
   constexpr int64_t VW = vec_width<A>();
-  const int64_t off = tl.plane_offset(t), len = tl.count(t);
-  if (tl.es == 1) {
-    int64_t i = 0;
-    for (; i + VW <= len; i += VW) f(Full{}, off + i);
-    if (i < len) f(Part{len - i}, off + i);
-  } else {
-    for (int64_t i = 0; i < len; i += VW) f(Gather{std::min(VW, len - i), tl.es}, off + i * tl.es);
+  const PlaneSpan p = tl.plane_span(t);
+  for (int64_t n = p.n0; n < p.n1; ++n) {
+    const int64_t off = n * tl.L.sn + p.c * tl.L.sc + p.s0 * tl.es;
+    if (tl.es == 1) {
+      int64_t i = 0;
+      for (; i + VW <= p.len; i += VW) f(Full{}, off + i);
+      if (i < p.len) f(Part{p.len - i}, off + i);
+    } else {
+      for (int64_t i = 0; i < p.len; i += VW) f(Gather{std::min(VW, p.len - i), tl.es}, off + i * tl.es);
+    }
   }
 }
 
