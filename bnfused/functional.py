@@ -33,7 +33,8 @@ def _check_per_channel(name: str, t: torch.Tensor | None, x: torch.Tensor, num_c
     dtypes.add(t.dtype)
 
 
-def _check_inputs(x, running_mean, running_var, weight, bias, training) -> None:
+def check_arguments(x, running_mean, running_var, weight, bias) -> None:
+    """Input dtype and rank, and each per-channel tensor's size, device and dtype (torch's messages)."""
     if x.dtype not in _FLOATING:
         raise NotImplementedError(f"\"batch_norm\" not implemented for '{_ATEN_NAMES.get(x.dtype, x.dtype)}'")
     if x.dim() < 2:
@@ -48,15 +49,19 @@ def _check_inputs(x, running_mean, running_var, weight, bias, training) -> None:
         raise RuntimeError(
             f"mixed dtype: expected weight, bias, running_mean and running_var to be {allowed}, got {found}"
         )
+
+
+def _check_mode(x, running_mean, running_var, training: bool) -> None:
+    """Training needs more than one value per channel (in this process's batch); eval needs running stats."""
     if training:
-        values_per_channel = x.numel() // num_channels if num_channels else 0
+        values_per_channel = x.numel() // x.shape[1] if x.shape[1] else 0
         if values_per_channel == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
     elif running_mean is None or running_var is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
 
 
-def _empty_batch_norm(x, weight, bias, act: int, slope: float) -> torch.Tensor:
+def empty_batch_norm(x, weight, bias, act: int, slope: float) -> torch.Tensor:
     """Output for an input with no elements: an empty tensor still connected to weight and bias
     (their gradients come out as zeros, as torch's do); running stats are left alone."""
     shape = (1, -1, *([1] * (x.dim() - 2)))
@@ -98,9 +103,10 @@ def batch_norm(
         (N, C, *) tensor with input's dtype (and layout, for contiguous and channels_last input).
     """
     act, slope = act_codes.parse(activation, negative_slope)
-    _check_inputs(input, running_mean, running_var, weight, bias, training)
+    check_arguments(input, running_mean, running_var, weight, bias)
+    _check_mode(input, running_mean, running_var, training)
     if input.numel() == 0:
-        return _empty_batch_norm(input, weight, bias, act, slope)
+        return empty_batch_norm(input, weight, bias, act, slope)
     name = backends.resolve(backend, input.device)
     return BatchNormFunction.apply(
         layout.kernel_ready(input), weight, bias, running_mean, running_var,

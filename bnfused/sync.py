@@ -38,7 +38,7 @@ from torch.autograd.function import once_differentiable
 
 from bnfused import activation as act_codes
 from bnfused import backends, layout
-from bnfused.functional import _check_inputs, _empty_batch_norm
+from bnfused.functional import check_arguments, empty_batch_norm
 from bnfused.modules import _FusedBatchNorm
 
 # Dtype of the exchanged statistics: float64 keeps per-rank counts exact far beyond 2^24 values.
@@ -172,9 +172,8 @@ def sync_batch_norm(
         ValueError: the global batch has only 1 value per channel.
     """
     act, slope = act_codes.parse(activation, negative_slope)
-    # functional's checks minus its per-process batch-size rule (an empty view has no values):
-    # here only the global count matters, and it is checked after the gather.
-    _check_inputs(input[:0] if input.dim() else input, running_mean, running_var, weight, bias, True)
+    # No per-process batch-size rule here: only the global count matters, checked after the gather.
+    check_arguments(input, running_mean, running_var, weight, bias)
     if process_group is None:
         process_group = dist.group.WORLD
     world_size = dist.get_world_size(process_group)
@@ -188,7 +187,7 @@ def sync_batch_norm(
             f"{world_size} processes (local input size {tuple(input.shape)})"
         )
     if count == 0:  # every rank is empty: nothing to normalise, running stats stay as they are
-        return _empty_batch_norm(input, weight, bias, act, slope)
+        return empty_batch_norm(input, weight, bias, act, slope)
     backends.module("reference").update_running_stats(running_mean, running_var, mean, var, count, momentum)
     invstd = torch.rsqrt(var + eps)
     return SyncBatchNormFunction.apply(x, weight, bias, mean, invstd, count, act, slope, name, process_group)
@@ -250,11 +249,7 @@ class SyncBatchNorm(_FusedBatchNorm, nn.modules.batchnorm._BatchNorm):
         group, world_size = self._sync_group()
         if world_size == 1:
             return super().forward(input)  # the plain bnfused BatchNorm
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(self.num_batches_tracked)
+        momentum = self._step_momentum()
         tracked = self.track_running_stats
         return sync_batch_norm(
             input,
