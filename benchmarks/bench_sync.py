@@ -17,27 +17,24 @@ Every rank runs the same fixed number of steps (collectives pair up by call orde
 repetition counts are ruled out); a block of ``--inner`` steps is timed between barriers, and the
 row reports the median block over ``--blocks`` blocks, per step, of the slowest rank.
 
-``run_processes`` (spawn + gloo on loopback + a deadline) lives here: ``ddp_lenet.py`` and
-``tests/test_sync.py`` launch their processes with it too.
+Processes are launched with ``benchmarks.processes.run_processes`` (spawn, gloo on loopback).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import socket
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import bnfused
 from benchmarks import report
+from benchmarks.processes import run_processes
 
 # (per-rank batch shape, what it stands for)
 SHAPES = {
@@ -46,53 +43,6 @@ SHAPES = {
 }
 SYNC_BACKENDS = ("reference", "cpp")  # the CPU backends worth timing (Triton on CPU is its interpreter)
 COLUMNS = ("provider", "shape_per_rank", "world_size", "ms", "ms_min", "ms_max", "device", "torch", "commit", "date")
-
-
-# --------------------------------------------------------------------------- process launching
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _init_and_run(rank: int, world_size: int, port: int, collective_timeout_s: float, fn, args) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=collective_timeout_s),
-    )
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def run_processes(world_size: int, fn, *args, timeout_s: float = 600.0, collective_timeout_s: float = 60.0) -> None:
-    """Runs ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes that share a gloo
-    process group on 127.0.0.1 (a free port chosen now). ``fn`` must be importable (module level).
-
-    Raises:
-        torch.multiprocessing.ProcessRaisedException: a process raised (its traceback is in the message);
-            a collective that waits more than ``collective_timeout_s`` raises inside its process.
-        TimeoutError: not all processes finished within ``timeout_s`` (they are killed).
-    """
-    context = mp.spawn(
-        _init_and_run,
-        args=(world_size, _free_port(), collective_timeout_s, fn, args),
-        nprocs=world_size,
-        join=False,
-    )
-    deadline = time.monotonic() + timeout_s
-    while not context.join(timeout=max(0.0, deadline - time.monotonic()), grace_period=5):
-        if time.monotonic() >= deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            raise TimeoutError(f"{world_size} processes did not finish within {timeout_s} s (a hung collective?)")
 
 
 # --------------------------------------------------------------------------- what one step is

@@ -14,7 +14,7 @@ handles. The loss is scaled so that DistributedDataParallel's gradient averaging
 gradient of the mean loss over the global batch. After training, rank 0 evaluates alone: eval-mode
 SyncBatchNorm uses the running statistics and never communicates.
 
-Processes are launched with ``benchmarks.bench_sync.run_processes`` (spawn, gloo on loopback).
+Processes are launched with ``benchmarks.processes.run_processes`` (spawn, gloo on loopback).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from torch import nn
 
 import bnfused
 from benchmarks import datasets
-from benchmarks.bench_sync import run_processes
 from benchmarks.models import lenet
+from benchmarks.processes import run_processes
 
 NUM_CLASSES = 10
 

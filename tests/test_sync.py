@@ -25,7 +25,7 @@ from helpers import TOLERANCES, TORCH_CLASSES, _activate, make_input
 from torch import nn
 
 import bnfused
-from benchmarks.bench_sync import run_processes
+from benchmarks.processes import run_processes
 from bnfused import backends
 from bnfused.sync import merge_stats
 
