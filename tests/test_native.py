@@ -284,6 +284,99 @@ def test_gradcheck_float64(training, activation):
     assert torch.autograd.gradcheck(loss, (x, w, b))
 
 
+# --------------------------------------------------------------------------- the C++ autograd layer op
+
+
+def _layer_vs_torch(shape, training, act, slope, channels_last=False, dtype=torch.float32, affine=True):
+    """Runs native.batch_norm and torch's batch_norm (+activation) side by side; compares everything."""
+    x = make_input(shape, dtype, channels_last)
+    c = shape[1]
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    w = (torch.rand(c, dtype=pdtype) + 0.5).requires_grad_() if affine else None
+    b = torch.randn(c, dtype=pdtype).requires_grad_() if affine else None
+    rm, rv = torch.linspace(-1, 1, c, dtype=pdtype), torch.linspace(0.5, 2, c, dtype=pdtype)
+    x1, x2 = x.clone().requires_grad_(), x.to(pdtype).requires_grad_()
+    rm1, rv1, rm2, rv2 = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+    w2 = b2 = None
+    if affine:
+        w2, b2 = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    y1 = native.batch_norm(x1, w, b, rm1, rv1, training, 0.2, 1e-5, act, slope)
+    y2 = torch.nn.functional.batch_norm(x2, rm2, rv2, w2, b2, training, 0.2, 1e-5)
+    if act != act_codes.NONE:
+        y2 = torch.nn.functional.leaky_relu(y2, slope)
+    grad = torch.randn(shape, dtype=pdtype)
+    y1.backward(grad.to(dtype))
+    y2.backward(grad)
+    atol, rtol = (1e-2, 1e-2) if dtype in (torch.float16, torch.bfloat16) else (1e-5, 1e-5)
+    torch.testing.assert_close(y1.to(pdtype), y2, atol=atol, rtol=rtol)
+    assert y1.dtype == dtype and y1.stride() == x.stride()
+    torch.testing.assert_close(x1.grad.to(pdtype), x2.grad, atol=atol * 5, rtol=rtol * 5)
+    if affine:
+        assert w.grad.dtype == w.dtype and b.grad.dtype == b.dtype
+        torch.testing.assert_close(w.grad, w2.grad, atol=atol * 20, rtol=rtol * 5)
+        torch.testing.assert_close(b.grad, b2.grad, atol=atol * 20, rtol=rtol * 5)
+    torch.testing.assert_close(rm1, rm2)
+    torch.testing.assert_close(rv1, rv2)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("act, slope", ACTS)
+def test_layer_op_matches_torch(training, act, slope):
+    _layer_vs_torch((6, 5, 4, 3), training, act, slope)
+
+
+@pytest.mark.parametrize(
+    "shape, channels_last, dtype, affine",
+    [
+        ((64, 120), False, torch.float32, True),
+        ((5, 7, 9), True, torch.float32, False),
+        ((4, 6, 5, 3), True, torch.float16, True),
+        ((2, 3, 4, 5, 3), False, torch.bfloat16, True),
+        ((4, 6, 5, 3), False, torch.float64, True),
+    ],
+)
+def test_layer_op_layouts_and_dtypes(shape, channels_last, dtype, affine):
+    _layer_vs_torch(shape, True, act_codes.RELU, 0.0, channels_last, dtype, affine)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("act, slope", [(act_codes.NONE, 0.0), (act_codes.LEAKY_RELU, 0.1)])
+def test_layer_op_gradcheck_float64(training, act, slope):
+    x = make_input((4, 3, 3, 2), torch.float64).requires_grad_()
+    w = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64).requires_grad_()
+    rm, rv = torch.linspace(-1, 1, 3, dtype=torch.float64), torch.linspace(0.5, 2, 3, dtype=torch.float64)
+    upstream = torch.randn(x.shape, dtype=torch.float64)
+
+    def loss(x, w, b):
+        return (
+            native.batch_norm(
+                x, w, b, None if training else rm, None if training else rv, training, 0.1, 1e-5, act, slope
+            )
+            * upstream
+        ).sum()
+
+    assert torch.autograd.gradcheck(loss, (x, w, b))
+
+
+def test_layer_op_refuses_double_backward():
+    x = make_input((4, 3, 5), torch.float64).requires_grad_()
+    y = native.batch_norm(x, None, None, None, None, True, 0.1, 1e-5, 0, 0.0)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+
+
+def test_layer_op_opcheck():
+    x = make_input((3, 4, 5, 6), torch.float32)
+    w, b = torch.rand(4) + 0.5, torch.randn(4)
+    torch.library.opcheck(
+        torch.ops.bnfused_native.batch_norm.default, (x, w, b, torch.zeros(4), torch.ones(4), True, 0.1, 1e-5, 1, 0.0)
+    )
+    torch.library.opcheck(
+        torch.ops.bnfused_native.batch_norm.default, (x, w, b, torch.zeros(4), torch.ones(4), False, 0.1, 1e-5, 2, 0.1)
+    )
+
+
 # --------------------------------------------------------------------------- build and availability
 
 

@@ -55,9 +55,9 @@ void moments(const at::Tensor& x, const Tiling& tl, double* mean, double* m2) {
     A* tile_m2 = tile_mean + W;
     const int64_t first = tl.first_offset(t);
     for (int64_t j = 0; j < W; ++j) tile_mean[j] = static_cast<A>(xp[first + j]);  // the shift
-    auto centered = [&](auto tag, int64_t off, const V& center) { return ld(tag, xp + off) - center; };
+    auto centered = [=](auto tag, int64_t off, const V& center) { return ld(tag, xp + off) - center; };
     tile_sums<1>(
-        tl, t, tile_mean, [&](auto tag, int64_t off, const V& c) { return std::array<V, 1>{centered(tag, off, c)}; },
+        tl, t, tile_mean, [=](auto tag, int64_t off, const V& c) { return std::array<V, 1>{centered(tag, off, c)}; },
         tile_m2);
     const A inv_count = A(1) / A(tl.count(t));
     for (int64_t j = 0; j < W; ++j) {
@@ -66,7 +66,7 @@ void moments(const at::Tensor& x, const Tiling& tl, double* mean, double* m2) {
     }
     tile_sums<1>(
         tl, t, tile_mean,
-        [&](auto tag, int64_t off, const V& c) {
+        [=](auto tag, int64_t off, const V& c) {
           const V d = centered(tag, off, c);
           return std::array<V, 1>{d * d};
         },
@@ -99,7 +99,7 @@ void normalize(const at::Tensor& x, const Tiling& tl, const acc_t<T>* mean, cons
   const V vslope(static_cast<acc_t<T>>(slope));
   with_act(act, [&](auto act_c) {
     constexpr int kAct = decltype(act_c)::value;
-    for_each_chunk<acc_t<T>>(tl, [&](auto tag, int64_t off, auto coef) {
+    for_each_chunk<acc_t<T>>(tl, [=](auto tag, int64_t off, auto coef) {
       const V z = at::vec::fmadd(ld(tag, xp + off) - coef(mean), coef(scale), coef(shift));
       st(tag, yp + off, activate<kAct>(z, vslope));
     });
@@ -122,7 +122,7 @@ void grad_sums(const T* dyp, const T* xp, const T* yp, const Tiling& tl, const a
       const A* center = tl.rows ? mean : mean + tl.plane_channel(t);
       tile_sums<2>(
           tl, t, center,
-          [&](auto tag, int64_t off, const V& cen) {
+          [=](auto tag, int64_t off, const V& cen) {
             const V g = act_grad<kAct>(ld(tag, dyp + off), kAct == kNone ? V(0) : ld(tag, yp + off), vslope);
             return std::array<V, 2>{g, g * (ld(tag, xp + off) - cen)};
           },
@@ -148,7 +148,7 @@ void grad_input(const T* dyp, const T* xp, const T* yp, const Tiling& tl, const 
   const V vslope(static_cast<acc_t<T>>(slope));
   with_act(act, [&](auto act_c) {
     constexpr int kAct = decltype(act_c)::value;
-    for_each_chunk<acc_t<T>>(tl, [&](auto tag, int64_t off, auto coef) {
+    for_each_chunk<acc_t<T>>(tl, [=](auto tag, int64_t off, auto coef) {
       const V g = act_grad<kAct>(ld(tag, dyp + off), kAct == kNone ? V(0) : ld(tag, yp + off), vslope);
       const V centered = ld(tag, xp + off) - coef(mean);
       st(tag, dxp + off, at::vec::fmsub(g, coef(k1), at::vec::fmadd(centered, coef(k2), coef(k3))));

@@ -145,17 +145,22 @@ inline void walk_rows(const Tiling& tl, int64_t t, F&& f) {
 // Elementwise pass: op(tag, offset, coef) for every chunk of every tile, in parallel, where
 // coef(array) gives the per-channel array's values for the chunk's lanes (one broadcast channel
 // for planes, consecutive channels for rows).
+//
+// Kernels pass lambdas that capture their pointers BY VALUE, and each tile calls a local copy: the
+// compiler can then keep the pointers in registers, where a captured reference would be re-read
+// after every store (a store through a T* might, for all it knows, overwrite the pointer).
 template <typename A, typename Op>
-void for_each_chunk(const Tiling& tl, Op&& op) {
+void for_each_chunk(const Tiling& tl, const Op& op) {
   using V = at::vec::Vectorized<A>;
   parallel_tiles(tl, [&](int64_t t) {
+    const Op local = op;
     if (tl.rows) {
-      walk_rows<A>(tl, t, [&](auto tag, int64_t off, int64_t c) {
-        op(tag, off, [&](const A* arr) { return ld(tag, arr + c); });
+      walk_rows<A>(tl, t, [=](auto tag, int64_t off, int64_t c) {
+        local(tag, off, [=](const A* arr) { return ld(tag, arr + c); });
       });
     } else {
       const int64_t c = tl.plane_channel(t);
-      walk_plane<A>(tl, t, [&](auto tag, int64_t off) { op(tag, off, [&](const A* arr) { return V(arr[c]); }); });
+      walk_plane<A>(tl, t, [=](auto tag, int64_t off) { local(tag, off, [=](const A* arr) { return V(arr[c]); }); });
     }
   });
 }
@@ -172,9 +177,11 @@ inline A lane_sum(const at::vec::Vectorized<A>& v) {
 // K per-channel sums over tile t of contrib(tag, offset, center) -> std::array<Vec, K>, written to
 // out[k * width + j] (out zeroed by the caller). center points at the tile's per-channel centre
 // values (center[0] for a plane tile, center[c] for a row tile) or is null (centre 0).
+// contrib captures by value, as for for_each_chunk.
 template <int K, typename A, typename Contrib>
-void tile_sums(const Tiling& tl, int64_t t, const A* center, Contrib&& contrib, A* out) {
+void tile_sums(const Tiling& tl, int64_t t, const A* center, const Contrib& contrib_in, A* out) {
   using V = at::vec::Vectorized<A>;
+  const Contrib contrib = contrib_in;
   if (!tl.rows) {
     std::array<V, K> acc;
     acc.fill(V(0));
@@ -187,7 +194,7 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, Contrib&& contrib, 
     return;
   }
   const int64_t C = tl.L.c;
-  walk_rows<A>(tl, t, [&](auto tag, int64_t off, int64_t c) {
+  walk_rows<A>(tl, t, [=](auto tag, int64_t off, int64_t c) {  // by value: this loop stores
     const std::array<V, K> v = contrib(tag, off, center ? ld(tag, center + c) : V(0));
     for (int k = 0; k < K; ++k) {
       A* o = out + k * C + c;
