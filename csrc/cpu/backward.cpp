@@ -78,8 +78,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dy, const Tensor& x, c
                                             bool needs_weight, bool needs_bias) {
   const GradInputs in(dy, x, y, act, slope);
   check_channel_arg(weight, x, "weight");
-  check_channel_arg(mean, x, "mean");
-  check_channel_arg(invstd, x, "invstd");
+  check_stats_args(x, mean, invstd);
   const int64_t C = in.tl.L.c;
   const auto acc = acc_type(x.scalar_type());
   Tensor dx, dweight, dbias;  // undefined (None in Python) unless asked for
@@ -104,8 +103,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dy, const Tensor& x, c
 std::tuple<Tensor, Tensor> backward_reduce(const Tensor& dy, const Tensor& x, const optional<Tensor>& y,
                                            const Tensor& mean, const Tensor& invstd, int64_t act, double slope) {
   const GradInputs in(dy, x, y, act, slope);
-  check_channel_arg(mean, x, "mean");
-  check_channel_arg(invstd, x, "invstd");
+  check_stats_args(x, mean, invstd);
   const int64_t C = in.tl.L.c;
   const auto acc = acc_type(x.scalar_type());
   Tensor sum_g, sum_gxhat;
@@ -122,12 +120,7 @@ Tensor backward_elemt(const Tensor& dy, const Tensor& x, const optional<Tensor>&
                       const Tensor& mean, const Tensor& invstd, const Tensor& sum_dy, const Tensor& sum_dy_xhat,
                       int64_t count, int64_t act, double slope) {
   const GradInputs in(dy, x, y, act, slope);
-  check_channel_arg(weight, x, "weight");
-  check_channel_arg(mean, x, "mean");
-  check_channel_arg(invstd, x, "invstd");
-  check_channel_arg(sum_dy, x, "sum_dy");
-  check_channel_arg(sum_dy_xhat, x, "sum_dy_xhat");
-  TORCH_CHECK(count > 0, "bnfused_native: count must be positive, got ", count);
+  check_elemt_args(x, weight, mean, invstd, sum_dy, sum_dy_xhat, count);
   const int64_t C = in.tl.L.c;
   Tensor dx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_native::backward_elemt", [&] {

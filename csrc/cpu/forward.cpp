@@ -11,14 +11,6 @@ namespace {
 using at::Tensor;
 using std::optional;
 
-void check_forward_args(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
-                        int64_t act, double slope) {
-  check_input_dtype(x);
-  check_channel_arg(weight, x, "weight");
-  check_channel_arg(bias, x, "bias");
-  check_act(act, slope);
-}
-
 // y = act((x - mean) * invstd * weight + bias) with per-channel A arrays mean and invstd.
 template <typename T>
 Tensor normalize_with(const Tensor& x, const Tiling& tl, const std::vector<acc_t<T>>& mean,
@@ -56,8 +48,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& x, const optional
                                                  const optional<Tensor>& running_var, double momentum, double eps,
                                                  int64_t act, double slope) {
   check_forward_args(x, weight, bias, act, slope);
-  check_channel_arg(running_mean, x, "running_mean");
-  check_channel_arg(running_var, x, "running_var");
+  check_running_args(x, running_mean, running_var);
   const Tiling tl = Tiling::of(ncs_of(x));
   const int64_t C = tl.L.c, M = tl.L.per_channel();
   std::vector<double> mean(C), m2(C);
@@ -86,8 +77,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& x, const optional
 Tensor forward_eval(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
                     const Tensor& running_mean, const Tensor& running_var, double eps, int64_t act, double slope) {
   check_forward_args(x, weight, bias, act, slope);
-  check_channel_arg(running_mean, x, "running_mean");
-  check_channel_arg(running_var, x, "running_var");
+  check_running_args(x, running_mean, running_var);
   const Tiling tl = Tiling::of(ncs_of(x));
   const int64_t C = tl.L.c;
   Tensor y;
@@ -116,8 +106,7 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& x) {
 Tensor normalize_op(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
                     const Tensor& mean, const Tensor& invstd, int64_t act, double slope) {
   check_forward_args(x, weight, bias, act, slope);
-  check_channel_arg(mean, x, "mean");
-  check_channel_arg(invstd, x, "invstd");
+  check_stats_args(x, mean, invstd);
   const Tiling tl = Tiling::of(ncs_of(x));
   Tensor y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_native::normalize", [&] {

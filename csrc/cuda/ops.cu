@@ -133,21 +133,12 @@ Tensor normalize_impl(const Tensor& x, const Ncs& L, const Tensor& mean, const T
   return y;
 }
 
-void check_forward(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias, int64_t act,
-                   double slope) {
-  check_input_dtype(x);
-  check_channel_arg(weight, x, "weight");
-  check_channel_arg(bias, x, "bias");
-  check_act(act, slope);
-}
-
 std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& x, const optional<Tensor>& weight,
                                                  const optional<Tensor>& bias, const optional<Tensor>& running_mean,
                                                  const optional<Tensor>& running_var, double momentum, double eps,
                                                  int64_t act, double slope) {
-  check_forward(x, weight, bias, act, slope);
-  check_channel_arg(running_mean, x, "running_mean");
-  check_channel_arg(running_var, x, "running_var");
+  check_forward_args(x, weight, bias, act, slope);
+  check_running_args(x, running_mean, running_var);
   const c10::cuda::CUDAGuard guard(x.device());
   const Ncs L = ncs_of(x);
   Stats st = batch_statistics(x, L, eps, momentum, running_mean, running_var);
@@ -156,9 +147,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& x, const optional
 
 Tensor forward_eval(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
                     const Tensor& running_mean, const Tensor& running_var, double eps, int64_t act, double slope) {
-  check_forward(x, weight, bias, act, slope);
-  check_channel_arg(running_mean, x, "running_mean");
-  check_channel_arg(running_var, x, "running_var");
+  check_forward_args(x, weight, bias, act, slope);
+  check_running_args(x, running_mean, running_var);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto acc = acc_type(x.scalar_type());
   return normalize_impl(x, ncs_of(x), running_mean, at::rsqrt(running_var.to(acc) + eps), weight, bias, act, slope);
@@ -173,9 +163,8 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& x) {
 
 Tensor normalize_op(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias, const Tensor& mean,
                     const Tensor& invstd, int64_t act, double slope) {
-  check_forward(x, weight, bias, act, slope);
-  check_channel_arg(mean, x, "mean");
-  check_channel_arg(invstd, x, "invstd");
+  check_forward_args(x, weight, bias, act, slope);
+  check_stats_args(x, mean, invstd);
   const c10::cuda::CUDAGuard guard(x.device());
   return normalize_impl(x, ncs_of(x), mean, invstd, weight, bias, act, slope);
 }
@@ -261,8 +250,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dy, const Tensor& x, c
                                             int64_t act, double slope, bool training, bool needs_input,
                                             bool needs_weight, bool needs_bias) {
   check_channel_arg(weight, x, "weight");
-  check_channel_arg(mean, x, "mean");
-  check_channel_arg(invstd, x, "invstd");
+  check_stats_args(x, mean, invstd);
   const c10::cuda::CUDAGuard guard(x.device());
   const GradInputs in(dy, x, y, act, slope);
   Tensor sum_g, sum_gxhat, dx;
@@ -278,8 +266,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dy, const Tensor& x, c
 
 std::tuple<Tensor, Tensor> backward_reduce(const Tensor& dy, const Tensor& x, const optional<Tensor>& y,
                                            const Tensor& mean, const Tensor& invstd, int64_t act, double slope) {
-  check_channel_arg(mean, x, "mean");
-  check_channel_arg(invstd, x, "invstd");
+  check_stats_args(x, mean, invstd);
   const c10::cuda::CUDAGuard guard(x.device());
   return reduce_impl(GradInputs(dy, x, y, act, slope), x, mean, invstd, act, slope);
 }
@@ -287,12 +274,7 @@ std::tuple<Tensor, Tensor> backward_reduce(const Tensor& dy, const Tensor& x, co
 Tensor backward_elemt(const Tensor& dy, const Tensor& x, const optional<Tensor>& y, const optional<Tensor>& weight,
                       const Tensor& mean, const Tensor& invstd, const Tensor& sum_dy, const Tensor& sum_dy_xhat,
                       int64_t count, int64_t act, double slope) {
-  check_channel_arg(weight, x, "weight");
-  check_channel_arg(mean, x, "mean");
-  check_channel_arg(invstd, x, "invstd");
-  check_channel_arg(sum_dy, x, "sum_dy");
-  check_channel_arg(sum_dy_xhat, x, "sum_dy_xhat");
-  TORCH_CHECK(count > 0, "bnfused_native: count must be positive, got ", count);
+  check_elemt_args(x, weight, mean, invstd, sum_dy, sum_dy_xhat, count);
   const c10::cuda::CUDAGuard guard(x.device());
   return elemt_impl(GradInputs(dy, x, y, act, slope), x, weight, mean, invstd, sum_dy, sum_dy_xhat, double(count),
                     act, slope);
