@@ -204,11 +204,10 @@ def results_table(rows: Sequence[dict], modes: Sequence[str], markdown: bool = F
     header = ["shape", "provider", *(f"{m} ms (vs torch)" for m in modes), f"{last} GB/s (% of copy)"]
     header += [f"{last} peak MiB"] * with_peak + ["saved / x"]
     body = []
-    for (shape, provider), by_mode in cells.items():
+    for by_mode in cells.values():
         first = next(iter(by_mode.values()))
-        # "bnfused" picks its backend itself: say which one ran.
-        backend = first["backend"]
-        line = [shape, f"{provider} [{backend}]" if backend and backend not in provider else provider]
+        shape = first["shape"]
+        line = [shape, report.provider_label(first)]
         line += [
             f"{float(by_mode[m]['ms']):.4g}{_speedup_text(by_mode[m])}" if m in by_mode else "failed" for m in modes
         ]

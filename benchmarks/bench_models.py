@@ -145,8 +145,8 @@ def run(model_names, provider_names, device, dtype, sizes: tuple[int, int, int],
 def results_table(rows: Sequence[dict], markdown: bool = False) -> str:
     header = ["model", "batch", "provider", "ms / step", "samples/s", "vs torch"]
     body = [
-        [r["model"], str(r["batch"]), r["provider"], f"{float(r['ms']):.4g}", f"{float(r['samples_per_s']):,.0f}",
-         f"{float(r['speedup_vs_torch']):.2f}x" if r["speedup_vs_torch"] else "-"]
+        [r["model"], str(r["batch"]), report.provider_label(r), f"{float(r['ms']):.4g}",
+         f"{float(r['samples_per_s']):,.0f}", f"{float(r['speedup_vs_torch']):.2f}x" if r["speedup_vs_torch"] else "-"]
         for r in rows
     ]  # fmt: skip
     return report.format_table(header, body, markdown)

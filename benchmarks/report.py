@@ -98,6 +98,12 @@ def add_speedups(rows: Sequence[dict], same: Sequence[str]) -> None:
         r["speedup_vs_torch"] = None if base is None else f"{base / float(r['ms']):.4g}"
 
 
+def provider_label(row: dict) -> str:
+    """The row's provider, with the backend that ran when the name does not say it ("bnfused+relu [cpp]")."""
+    backend = row.get("backend")
+    return f"{row['provider']} [{backend}]" if backend and backend not in row["provider"] else row["provider"]
+
+
 def format_table(header: Sequence[str], body: Iterable[Sequence[str]], markdown: bool = False) -> str:
     """A table with a header row: aligned plain text, or GitHub Markdown."""
     body = [list(r) for r in body]
