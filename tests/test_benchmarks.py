@@ -23,9 +23,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture
 def one_thread():
-    """The in-process runs below pass --threads 1 (steady timings on a busy machine); undo it afterwards."""
+    """Options of the in-process runs below: CPU, one thread (steady timings on a busy machine).
+    Restores the thread count afterwards."""
     threads = torch.get_num_threads()
-    yield ["--threads", "1"]
+    yield ["--device", "cpu", "--threads", "1"]
     torch.set_num_threads(threads)
 
 
@@ -134,9 +135,7 @@ def test_bad_options_exit_with_a_message():
 def test_bench_models_quick_writes_csv(tmp_path, one_thread):
     csv_path = tmp_path / "models.csv"
     names = ["torch", "bnfused-reference", "bnfused+relu", "scratch"]
-    rows = bench_models.main(
-        ["--quick", *one_thread, "--device", "cpu", "--providers", ",".join(names), "--csv", str(csv_path)]
-    )
+    rows = bench_models.main(["--quick", *one_thread, "--providers", ",".join(names), "--csv", str(csv_path)])
     header, read = _read_csv(csv_path)
     assert header == list(bench_models.COLUMNS)
     assert len(read) == len(rows)
