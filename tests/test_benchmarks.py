@@ -22,7 +22,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture
-def one_thread():
+def cpu_one_thread():
     """Options of the in-process runs below: CPU, one thread (steady timings on a busy machine).
     Restores the thread count afterwards."""
     threads = torch.get_num_threads()
@@ -91,22 +91,22 @@ def test_bench_kernels_quick_writes_csv_and_plot(tmp_path, device):
     assert "fwd-train ms" in done.stdout  # the printed table
 
 
-def test_bench_kernels_compile_provider_runs(one_thread):
-    rows = bench_kernels.main(["--quick", *one_thread, "--providers", "torch,compile", "--shapes", "4x3x4x4"])
+def test_bench_kernels_compile_provider_runs(cpu_one_thread):
+    rows = bench_kernels.main(["--quick", *cpu_one_thread, "--providers", "torch,compile", "--shapes", "4x3x4x4"])
     assert sorted((r["provider"], r["mode"]) for r in rows) == sorted(
         (p, m) for p in ("torch", "compile") for m in memory.MODES
     )
 
 
-def test_bench_kernels_repeat_keeps_one_row_per_case(one_thread):
-    argv = ["--quick", *one_thread, "--providers", "torch,scratch", "--shapes", "6x7", "--modes", "fwd-train,bwd"]
+def test_bench_kernels_repeat_keeps_one_row_per_case(cpu_one_thread):
+    argv = ["--quick", *cpu_one_thread, "--providers", "torch,scratch", "--shapes", "6x7", "--modes", "fwd-train,bwd"]
     rows = bench_kernels.main([*argv, "--repeat", "2"])
     assert sorted((r["provider"], r["mode"]) for r in rows) == sorted(
         (p, m) for p in ("torch", "scratch") for m in ("fwd-train", "bwd")
     )
 
 
-def test_bench_kernels_failing_provider_is_reported_and_skipped(monkeypatch, capsys, one_thread):
+def test_bench_kernels_failing_provider_is_reported_and_skipped(monkeypatch, capsys, cpu_one_thread):
     build = providers.build_layer
 
     def build_or_fail(provider, *args):
@@ -115,7 +115,7 @@ def test_bench_kernels_failing_provider_is_reported_and_skipped(monkeypatch, cap
         return build(provider, *args)
 
     monkeypatch.setattr(providers, "build_layer", build_or_fail)
-    rows = bench_kernels.main(["--quick", *one_thread, "--providers", "torch,scratch", "--shapes", "6x7"])
+    rows = bench_kernels.main(["--quick", *cpu_one_thread, "--providers", "torch,scratch", "--shapes", "6x7"])
     assert {r["provider"] for r in rows} == {"torch"} and len(rows) == len(memory.MODES)
     out = capsys.readouterr().out
     assert "scratch 6x7 setup: skipped (RuntimeError: no kernel for this shape)" in out
@@ -132,10 +132,10 @@ def test_bad_options_exit_with_a_message():
             bench_kernels.main(["--quick", "--device", "cpu", *argv])
 
 
-def test_bench_models_quick_writes_csv(tmp_path, one_thread):
+def test_bench_models_quick_writes_csv(tmp_path, cpu_one_thread):
     csv_path = tmp_path / "models.csv"
     names = ["torch", "bnfused-reference", "bnfused+relu", "scratch"]
-    rows = bench_models.main(["--quick", *one_thread, "--providers", ",".join(names), "--csv", str(csv_path)])
+    rows = bench_models.main(["--quick", *cpu_one_thread, "--providers", ",".join(names), "--csv", str(csv_path)])
     header, read = _read_csv(csv_path)
     assert header == list(bench_models.COLUMNS)
     assert len(read) == len(rows)
@@ -152,8 +152,10 @@ def test_bench_models_quick_writes_csv(tmp_path, one_thread):
         _assert_metadata(r, "cpu")
 
 
-def test_bench_models_resnet18_tiny(one_thread):
-    rows = bench_models.main(["--quick", *one_thread, "--models", "resnet18", "--providers", "torch,bnfused-reference"])
+def test_bench_models_resnet18_tiny(cpu_one_thread):
+    rows = bench_models.main(
+        ["--quick", *cpu_one_thread, "--models", "resnet18", "--providers", "torch,bnfused-reference"]
+    )
     assert [r["provider"] for r in rows] == ["torch", "bnfused-reference"]
     assert rows[0]["input_shape"] == "3x32x32"
 
@@ -223,7 +225,7 @@ def test_saved_bytes_counts_each_storage_once():
     assert memory.saved_bytes(double, x) == x.nbytes
 
 
-def test_clock_follows_the_thread_count(one_thread):
+def test_clock_follows_the_thread_count(cpu_one_thread):
     cpu = torch.device("cpu")
     torch.set_num_threads(2)
     assert timing.clock_name(cpu) == "wall"  # other threads' work would be missed by one thread's clock
