@@ -39,36 +39,34 @@ struct GradInputs {
   }
 };
 
-// Per-channel (sum(g), sum(g * x_hat)) in double.
+// The one backward pass every op here uses. With `reduce`, the per-channel sums are computed into
+// sum_g and sum_gxhat; without, the given ones are used. dx (when wanted) is the training-mode dx
+// from those sums and `count` = M when `training`, else the eval-mode dx (k2 = k3 = 0).
 template <typename T>
-std::pair<std::vector<double>, std::vector<double>> reduce(const GradInputs& in, const Tensor& x,
-                                                           const std::vector<acc_t<T>>& mean,
-                                                           const std::vector<acc_t<T>>& invstd, int64_t act,
-                                                           double slope) {
-  const int64_t C = in.tl.L.c;
-  std::vector<double> sum_g(C), sum_gx(C);
-  grad_sums<T>(in.dy.const_data_ptr<T>(), x.const_data_ptr<T>(), in.y_ptr<T>(), in.tl, mean.data(), act, slope,
-               sum_g.data(), sum_gx.data());
-  for (int64_t c = 0; c < C; ++c) sum_gx[c] *= double(invstd[c]);
-  return {sum_g, sum_gx};
-}
-
-// dx from the per-channel sums; `count` is M (zero sums and any count give the eval-mode dx).
-template <typename T>
-Tensor elemt(const GradInputs& in, const Tensor& x, const optional<Tensor>& weight, const std::vector<acc_t<T>>& mean,
-             const std::vector<acc_t<T>>& invstd, const std::vector<double>& sum_g, const std::vector<double>& sum_gxhat,
-             double count, int64_t act, double slope) {
+Tensor run_backward(const GradInputs& in, const Tensor& x, const optional<Tensor>& weight, const Tensor& mean,
+                    const Tensor& invstd, bool reduce, std::vector<double>& sum_g, std::vector<double>& sum_gxhat,
+                    double count, bool training, bool want_dx, int64_t act, double slope) {
   using A = acc_t<T>;
   const int64_t C = in.tl.L.c;
-  std::vector<A> k1 = channel_values<A>(weight, C, A(1)), k2(C), k3(C);
-  for (int64_t c = 0; c < C; ++c) {
-    k1[c] *= invstd[c];
-    k2[c] = static_cast<A>(double(k1[c]) * double(invstd[c]) * sum_gxhat[c] / count);
+  const std::vector<A> mean_a = channel_values<A>(mean, C, A(0)), invstd_a = channel_values<A>(invstd, C, A(0));
+  std::vector<A> k1 = channel_values<A>(weight, C, A(1)), k2(C, A(0)), k3(C, A(0));
+  for (int64_t c = 0; c < C; ++c) k1[c] *= invstd_a[c];
+  auto coefficients = [&](int64_t c) {
+    if (!training) return;
+    k2[c] = static_cast<A>(double(k1[c]) * double(invstd_a[c]) * sum_gxhat[c] / count);
     k3[c] = static_cast<A>(double(k1[c]) * sum_g[c] / count);
+  };
+  if (!reduce) {
+    for (int64_t c = 0; c < C; ++c) coefficients(c);
   }
-  Tensor dx = at::empty_like(x);
-  grad_input<T>(in.dy.const_data_ptr<T>(), x.const_data_ptr<T>(), in.y_ptr<T>(), in.tl, mean.data(), k1.data(),
-                k2.data(), k3.data(), act, slope, dx.mutable_data_ptr<T>());
+  auto finish = [&](int64_t c, double sum_g_c, double sum_gxc_c) {
+    sum_g[c] = sum_g_c;
+    sum_gxhat[c] = sum_gxc_c * double(invstd_a[c]);
+    coefficients(c);
+  };
+  Tensor dx = want_dx ? at::empty_like(x) : Tensor();
+  grad_sums_then_input<T>(in.dy.const_data_ptr<T>(), x.const_data_ptr<T>(), in.y_ptr<T>(), in.tl, mean_a.data(), reduce, finish,
+              k1.data(), k2.data(), k3.data(), act, slope, want_dx ? dx.mutable_data_ptr<T>() : nullptr);
   return dx;
 }
 
@@ -81,23 +79,15 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dy, const Tensor& x, c
   check_stats_args(x, mean, invstd);
   const int64_t C = in.tl.L.c;
   const auto acc = acc_type(x.scalar_type());
-  Tensor dx, dweight, dbias;  // undefined (None in Python) unless asked for
+  const bool reduce = needs_weight || needs_bias || (training && needs_input);
+  std::vector<double> sum_g(C, 0.0), sum_gxhat(C, 0.0);
+  Tensor dx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_native::backward", [&] {
-    using A = acc_t<scalar_t>;
-    const std::vector<A> mean_a = channel_values<A>(mean, C, A(0)), invstd_a = channel_values<A>(invstd, C, A(0));
-    std::vector<double> sum_g(C, 0.0), sum_gxhat(C, 0.0);
-    if (needs_weight || needs_bias || (training && needs_input)) {
-      std::tie(sum_g, sum_gxhat) = reduce<scalar_t>(in, x, mean_a, invstd_a, act, slope);
-      if (needs_weight) dweight = channel_tensor(sum_gxhat, acc);
-      if (needs_bias) dbias = channel_tensor(sum_g, acc);
-    }
-    if (needs_input) {
-      if (!training) std::fill(sum_g.begin(), sum_g.end(), 0.0), std::fill(sum_gxhat.begin(), sum_gxhat.end(), 0.0);
-      dx = elemt<scalar_t>(in, x, weight, mean_a, invstd_a, sum_g, sum_gxhat, double(in.tl.L.per_channel()), act,
-                           slope);
-    }
+    dx = run_backward<scalar_t>(in, x, weight, mean, invstd, reduce, sum_g, sum_gxhat, double(in.tl.L.per_channel()),
+                                training, needs_input, act, slope);
   });
-  return {dx, dweight, dbias};
+  // Undefined (None in Python) unless asked for.
+  return {dx, needs_weight ? channel_tensor(sum_gxhat, acc) : Tensor(), needs_bias ? channel_tensor(sum_g, acc) : Tensor()};
 }
 
 std::tuple<Tensor, Tensor> backward_reduce(const Tensor& dy, const Tensor& x, const optional<Tensor>& y,
@@ -105,15 +95,12 @@ std::tuple<Tensor, Tensor> backward_reduce(const Tensor& dy, const Tensor& x, co
   const GradInputs in(dy, x, y, act, slope);
   check_stats_args(x, mean, invstd);
   const int64_t C = in.tl.L.c;
-  const auto acc = acc_type(x.scalar_type());
-  Tensor sum_g, sum_gxhat;
+  std::vector<double> sum_g(C), sum_gxhat(C);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_native::backward_reduce", [&] {
-    using A = acc_t<scalar_t>;
-    auto sums = reduce<scalar_t>(in, x, channel_values<A>(mean, C, A(0)), channel_values<A>(invstd, C, A(0)), act, slope);
-    sum_g = channel_tensor(sums.first, acc);
-    sum_gxhat = channel_tensor(sums.second, acc);
+    run_backward<scalar_t>(in, x, std::nullopt, mean, invstd, true, sum_g, sum_gxhat, 1.0, false, false, act, slope);
   });
-  return {sum_g, sum_gxhat};
+  const auto acc = acc_type(x.scalar_type());
+  return {channel_tensor(sum_g, acc), channel_tensor(sum_gxhat, acc)};
 }
 
 Tensor backward_elemt(const Tensor& dy, const Tensor& x, const optional<Tensor>& y, const optional<Tensor>& weight,
@@ -122,12 +109,12 @@ Tensor backward_elemt(const Tensor& dy, const Tensor& x, const optional<Tensor>&
   const GradInputs in(dy, x, y, act, slope);
   check_elemt_args(x, weight, mean, invstd, sum_dy, sum_dy_xhat, count);
   const int64_t C = in.tl.L.c;
+  std::vector<double> sum_g = channel_values<double>(sum_dy, C, 0.0);
+  std::vector<double> sum_gxhat = channel_values<double>(sum_dy_xhat, C, 0.0);
   Tensor dx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_native::backward_elemt", [&] {
-    using A = acc_t<scalar_t>;
-    dx = elemt<scalar_t>(in, x, weight, channel_values<A>(mean, C, A(0)), channel_values<A>(invstd, C, A(0)),
-                         channel_values<double>(sum_dy, C, 0.0), channel_values<double>(sum_dy_xhat, C, 0.0),
-                         double(count), act, slope);
+    dx = run_backward<scalar_t>(in, x, weight, mean, invstd, false, sum_g, sum_gxhat, double(count), true, true, act,
+                                slope);
   });
   return dx;
 }

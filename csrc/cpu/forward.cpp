@@ -22,7 +22,8 @@ Tensor normalize_with(const Tensor& x, const Tiling& tl, const std::vector<acc_t
   for (int64_t c = 0; c < C; ++c) scale[c] *= invstd[c];
   const std::vector<A> shift = channel_values<A>(bias, C, A(0));
   Tensor y = at::empty_like(x);
-  normalize<T>(x, tl, mean.data(), scale.data(), shift.data(), act, slope, y);
+  normalize<T>(x.const_data_ptr<T>(), tl, mean.data(), scale.data(), shift.data(), act, slope,
+               y.mutable_data_ptr<T>());
   return y;
 }
 
@@ -55,13 +56,18 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& x, const optional
   Tensor y, mean_out, invstd_out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_native::forward_train", [&] {
     using A = acc_t<scalar_t>;
-    moments<scalar_t>(x, tl, mean.data(), m2.data());
-    std::vector<A> mean_a(C), invstd_a(C);
-    for (int64_t c = 0; c < C; ++c) {
-      mean_a[c] = static_cast<A>(mean[c]);
-      invstd_a[c] = static_cast<A>(1.0 / std::sqrt(m2[c] / double(M) + eps));
-    }
-    y = normalize_with<scalar_t>(x, tl, mean_a, invstd_a, weight, bias, act, slope);
+    std::vector<A> mean_a(C), invstd_a(C), scale = channel_values<A>(weight, C, A(1));
+    const std::vector<A> shift = channel_values<A>(bias, C, A(0));
+    y = at::empty_like(x);
+    auto finish = [&](int64_t c, double mean_c, double m2_c) {
+      mean[c] = mean_c;
+      m2[c] = m2_c;
+      mean_a[c] = static_cast<A>(mean_c);
+      invstd_a[c] = static_cast<A>(1.0 / std::sqrt(m2_c / double(M) + eps));
+      scale[c] *= invstd_a[c];
+    };
+    stats_then_normalize<scalar_t>(x.const_data_ptr<scalar_t>(), tl, finish, mean_a.data(), scale.data(), shift.data(), act, slope,
+                      y.mutable_data_ptr<scalar_t>());
     mean_out = channel_tensor(mean_a, acc_type(x.scalar_type()));
     invstd_out = channel_tensor(invstd_a, acc_type(x.scalar_type()));
   });
@@ -96,9 +102,14 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& x) {
   const Tiling tl = Tiling::of(ncs_of(x));
   const int64_t C = tl.L.c;
   std::vector<double> mean(C), var(C);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_native::batch_stats",
-                                  [&] { moments<scalar_t>(x, tl, mean.data(), var.data()); });
-  for (int64_t c = 0; c < C; ++c) var[c] /= double(tl.L.per_channel());
+  const double M = double(tl.L.per_channel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_native::batch_stats", [&] {
+    auto finish = [&](int64_t c, double mean_c, double m2_c) {
+      mean[c] = mean_c;
+      var[c] = m2_c / M;
+    };
+    stats_then_normalize<scalar_t>(x.const_data_ptr<scalar_t>(), tl, finish, nullptr, nullptr, nullptr, kNone, 0.0, nullptr);
+  });
   const auto acc = acc_type(x.scalar_type());
   return {channel_tensor(mean, acc), channel_tensor(var, acc)};
 }

@@ -142,27 +142,58 @@ inline void walk_rows(const Tiling& tl, int64_t t, F&& f) {
   }
 }
 
-// Elementwise pass: op(tag, offset, coef) for every chunk of every tile, in parallel, where
-// coef(array) gives the per-channel array's values for the chunk's lanes (one broadcast channel
-// for planes, consecutive channels for rows).
+// Elementwise work on tile t: op(tag, offset, coef) for every chunk, where coef(array) gives the
+// per-channel array's values for the chunk's lanes (one broadcast channel for planes, consecutive
+// channels for rows).
 //
 // Kernels pass lambdas that capture their pointers BY VALUE, and each tile calls a local copy: the
 // compiler can then keep the pointers in registers, where a captured reference would be re-read
 // after every store (a store through a T* might, for all it knows, overwrite the pointer).
 template <typename A, typename Op>
-void for_each_chunk(const Tiling& tl, const Op& op) {
+void tile_chunks(const Tiling& tl, int64_t t, const Op& op) {
   using V = at::vec::Vectorized<A>;
-  parallel_tiles(tl, [&](int64_t t) {
-    const Op local = op;
-    if (tl.rows) {
-      walk_rows<A>(tl, t, [=](auto tag, int64_t off, int64_t c) {
-        local(tag, off, [=](const A* arr) { return ld(tag, arr + c); });
-      });
-    } else {
-      const int64_t c = tl.plane_channel(t);
-      walk_plane<A>(tl, t, [=](auto tag, int64_t off) { local(tag, off, [=](const A* arr) { return V(arr[c]); }); });
-    }
-  });
+  const Op local = op;
+  if (tl.rows) {
+    walk_rows<A>(tl, t, [=](auto tag, int64_t off, int64_t c) {
+      local(tag, off, [=](const A* arr) { return ld(tag, arr + c); });
+    });
+  } else {
+    const int64_t c = tl.plane_channel(t);
+    walk_plane<A>(tl, t, [=](auto tag, int64_t off) { local(tag, off, [=](const A* arr) { return V(arr[c]); }); });
+  }
+}
+
+// Channels whose values (times `streams` tensors) take at most this many bytes are reduced and
+// then transformed by one task while they sit in its core's L2.
+constexpr int64_t kFuseBytes = 1 << 20;
+
+// The schedule of every two-pass kernel: reduce(t) on every tile, then finish(c) on every channel
+// (it merges c's tile partials, in tile order), then apply(t) on every tile; either pass may be
+// absent (null flags). For planes whose channels fit in L2, and with at least as many channels as
+// threads, one task per channel runs all three for its channel, so apply() re-reads values that
+// reduce() just brought into cache; otherwise each step runs over all tiles (channels) at once.
+// The same functions see the same tiles in the same order both ways: the results are identical.
+template <typename Reduce, typename Finish, typename Apply>
+void two_pass(const Tiling& tl, int64_t bytes_per_value, bool has_reduce, bool has_apply, const Reduce& reduce,
+              const Finish& finish, const Apply& apply) {
+  const bool by_channel = !tl.rows && has_reduce && has_apply && tl.L.c >= at::get_num_threads() &&
+                          tl.L.per_channel() * bytes_per_value <= kFuseBytes;
+  if (by_channel) {
+    const int64_t grain = std::max<int64_t>(1, kMinTaskValues / tl.L.per_channel());
+    at::parallel_for(0, tl.L.c, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        tl.for_channel_tiles(c, [&](int64_t t, int64_t) { reduce(t); });
+        finish(c);
+        tl.for_channel_tiles(c, [&](int64_t t, int64_t) { apply(t); });
+      }
+    });
+    return;
+  }
+  if (has_reduce) parallel_tiles(tl, reduce);
+  // Serial: C x tiles is small next to the data, and one parallel region less is one barrier less
+  // (on a loaded machine, a barrier waits for the slowest, descheduled thread).
+  for (int64_t c = 0; c < tl.L.c; ++c) finish(c);
+  if (has_apply) parallel_tiles(tl, apply);
 }
 
 template <typename A>
