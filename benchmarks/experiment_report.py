@@ -6,6 +6,7 @@ Built from result records (``experiment_records``); accuracies in percent.
 from __future__ import annotations
 
 import math
+import statistics
 
 from benchmarks.experiment_specs import EXPERIMENTS
 
@@ -107,6 +108,30 @@ def _summary(records: list[dict]) -> list[str]:
     return lines
 
 
+def _over_seeds(rows: list[dict], records: list[dict]) -> list[str]:
+    """Spread of the final accuracy across seeds, per configuration and BatchNorm (rows of several seeds)."""
+    metric = rows[0]["metric"]
+    label = _METRIC_NAMES[metric]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for record in rows:
+        groups.setdefault((record["config"], record["bn"]), []).append(record)
+    lines = [
+        f"| config | BN | seeds | {label}: mean ± std | min – max | Δ vs torch: mean (min … max) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (config, bn), group in groups.items():
+        values = [r[metric] for r in group]
+        spread = statistics.stdev(values) if len(values) > 1 else float("nan")
+        diffs = [_diff(r, _torch_twin(r, records), metric) for r in group]
+        diffs = [d for d in diffs if d is not None]
+        vs_torch = f"{statistics.fmean(diffs):+.2f} ({min(diffs):+.2f} … {max(diffs):+.2f})" if diffs else "–"
+        lines.append(
+            f"| {config} | {bn} | {', '.join(str(r['seed']) for r in group)} | {statistics.fmean(values):.2f} ± "
+            f"{_num(spread)} | {min(values):.2f} – {max(values):.2f} | {vs_torch} |"
+        )
+    return lines
+
+
 def _notes(name: str, rows: list[dict]) -> list[str]:
     experiment = EXPERIMENTS.get(name)
     notes = []
@@ -166,6 +191,8 @@ def markdown(records: list[dict], notes: dict[str, list[str]] | None = None) -> 
         experiment = EXPERIMENTS.get(name)
         lines += ["", f"## {name}: {experiment.title if experiment else ''}", ""]
         lines += _table(rows, _columns(name, rows), records)
+        if len({r["seed"] for r in rows}) > 1:
+            lines += ["", "Over seeds:", "", *_over_seeds(rows, records)]
         extra = _notes(name, rows) + notes.get(name, [])
         if extra:
             lines += ["", *(f"- {n}" for n in extra)]

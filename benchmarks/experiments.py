@@ -2,7 +2,7 @@
 
     python benchmarks/experiments.py {mlp-fashion,lenet,mnist-bn,mnist-dropout,all} \\
         [--bn {torch,bnfused,scratch,all}] [--epochs N] [--device cpu|cuda] [--seed S] \\
-        [--data-root DIR] [--download] [--limit N] [--out DIR] [--threads N] [--quiet]
+        [--data-root DIR] [--download] [--limit N] [--out DIR] [--threads N] [--report-only] [--quiet]
 
 Each run appends one record per configuration and BatchNorm implementation to ``OUT/results.json``,
 then rewrites ``OUT/experiments.md`` (the comparison table, latest record of each run) and
@@ -60,6 +60,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive,
                    help="CPU threads for torch (default: torch's own). On a CPU shared with other jobs, 1 avoids "
                    "threads waiting for descheduled ones, which can make these small models 10x slower")  # fmt: skip
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: rebuild the table and plots from every record in OUT/results.json")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars (they are off anyway when not on a TTY)")
     return p
 
@@ -81,25 +83,23 @@ def load_data(experiment: Experiment, args: argparse.Namespace, cache: dict) -> 
     return Data(train=train, eval=test, test=test)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def train(args: argparse.Namespace) -> list[dict]:
+    """Runs the chosen experiments, appending each one's records to OUT/results.json; returns all records there.
+
+    Raises:
+        datasets.DatasetMissingError: a dataset is not under --data-root (and --download was not given).
+    """
     device = torch.device(args.device)
     norms = list(NORMS) if args.bn == "all" else [args.bn]
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     progress = not args.quiet and sys.stderr.isatty()
-    command = "python benchmarks/experiments.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/experiments.py " + shlex.join(args.argv)
     env = experiment_records.environment(device)
     cache: dict = {}
-    records = []
+    records = experiment_records.load(args.out / RESULTS_NAME)
     for name in names:
         experiment = EXPERIMENTS[name]
-        try:
-            data = load_data(experiment, args, cache)
-        except datasets.DatasetMissingError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        data = load_data(experiment, args, cache)
         epochs = args.epochs or experiment.epochs
         tqdm.write(f"== {name}: {experiment.title}; {len(data.train)} training samples, {epochs} epochs, "
                    f"BatchNorm {', '.join(norms)}, device {device}")  # fmt: skip
@@ -113,6 +113,22 @@ def main(argv: list[str] | None = None) -> int:
         ]  # fmt: skip
         # Saved after each experiment, so a long "all" run that dies keeps what it finished.
         records = experiment_records.append(args.out / RESULTS_NAME, new)
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        records = experiment_records.load(args.out / RESULTS_NAME) if args.report_only else train(args)
+    except datasets.DatasetMissingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not records:
+        print(f"error: no records to report in {args.out / RESULTS_NAME}", file=sys.stderr)
+        return 2
     latest = experiment_records.latest(records)
     (args.out / REPORT_NAME).write_text(experiment_report.markdown(latest))
     for name in dict.fromkeys(r["experiment"] for r in latest):

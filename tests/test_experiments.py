@@ -111,6 +111,13 @@ def test_records_accumulate_and_report_keeps_latest_per_seed(data_root, tmp_path
     assert [r["seed"] for r in records] == [0, 0, 0, 0, 3, 3]
     report = (tmp_path / experiments.REPORT_NAME).read_text()
     assert "| BN after ReLU | 0 | torch |" in report and "| BN after ReLU | 3 | torch |" in report
+    assert "Over seeds:" in report and "| BN after ReLU | torch | 0, 3 |" in report
+
+    (tmp_path / experiments.REPORT_NAME).unlink()
+    assert experiments.main(["all", "--report-only", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / experiments.REPORT_NAME).read_text() == report
+    assert len(json.loads((tmp_path / experiments.RESULTS_NAME).read_text())) == 6  # nothing trained, nothing added
+    assert experiments.main(["all", "--report-only", "--out", str(tmp_path / "empty")]) == 2
 
 
 def test_missing_dataset_names_the_folder_and_download(tmp_path):
