@@ -197,7 +197,7 @@ def test_variance_is_stable_at_large_mean(device, channels_last):
     x = make_input((16, 3, 32, 32), torch.float32, channels_last, offset=1e4, scale=1.0).to(device)
     mean, var = native.batch_stats(x)
     var_exact, mean_exact = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
-    torch.testing.assert_close(mean.double(), mean_exact, rtol=1e-7, atol=0)
+    torch.testing.assert_close(mean.double(), mean_exact, rtol=3e-7, atol=0)  # a few float32 ulps
     torch.testing.assert_close(var.double(), var_exact, rtol=1e-4, atol=0)
 
 

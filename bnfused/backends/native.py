@@ -227,7 +227,15 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape[1], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
 
     def fake(name):
-        return torch.library.register_fake(f"bnfused_native::{name}")
+        def register(fn):
+            try:
+                torch.library.register_fake(f"bnfused_native::{name}")(fn)
+            except RuntimeError as exc:  # a second _load() in one process (a reloaded module)
+                if "already" not in str(exc):
+                    raise
+            return fn
+
+        return register
 
     @fake("forward_train")
     def _(x, weight, bias, running_mean, running_var, momentum, eps, act, slope):
