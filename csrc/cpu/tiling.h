@@ -133,12 +133,17 @@ inline void walk_plane(const Tiling& tl, int64_t t, F&& f) {
 template <typename A, typename F>
 inline void walk_rows(const Tiling& tl, int64_t t, F&& f) {
   constexpr int64_t VW = vec_width<A>();
-  const int64_t C = tl.L.c, r0 = t * tl.block, r1 = r0 + tl.count(t);
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t off = tl.row_offset(r);
+  const int64_t C = tl.L.c, r0 = t * tl.block, rows = tl.count(t);
+  int64_t n = r0 / tl.L.s, s = r0 % tl.L.s;  // row r = n * S + s, stepped without a division per row
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t off = n * tl.L.sn + s * tl.L.ss;
     int64_t c = 0;
     for (; c + VW <= C; c += VW) f(Full{}, off + c, c);
     if (c < C) f(Part{C - c}, off + c, c);
+    if (++s == tl.L.s) {
+      s = 0;
+      ++n;
+    }
   }
 }
 
