@@ -6,66 +6,32 @@ numbers (accuracies in percent), per-epoch curves, timing, and where it ran (dev
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import platform
 import statistics
-import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from benchmarks import report
 from benchmarks.experiment_specs import Experiment
 from benchmarks.experiment_train import Data, Run
 
 REQUIRED_FIELDS = ("experiment", "config", "bn", "epochs", "test_acc", "sec_per_epoch", "losses", "device", "date")
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_commit() -> str | None:
-    """HEAD of the checkout the benchmarks run from, with "+dirty" when files differ from it."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                               text=True, check=True)  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
 def environment(device: torch.device) -> dict:
-    """Where the runs happen: device name, thread count and library versions."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    """Where the runs happen: device name, thread count, commit and library versions."""
     return {
         "device": str(device),
-        "device_name": name,
+        "device_name": report.device_name(device),
         "threads": torch.get_num_threads(),
-        "git_commit": _git_commit(),
+        "git_commit": report.git_commit(),
         "versions": {
             "python": platform.python_version(),
-            "torch": torch.__version__,
-            "torchvision": _version("torchvision"),
-            "triton": _version("triton"),
-            "bnfused": _version("bnfused"),
+            "torch": torch.__version__,  # with its build tag (+cu132, +cpu), which the package metadata lacks
+            **{dist: report._version(dist) for dist in ("torchvision", "triton", "bnfused")},
         },
     }
 

@@ -165,7 +165,7 @@ def markdown(records: list[dict], notes: dict[str, list[str]] | None = None) -> 
     """
     notes = notes or {}
     first = records[0]
-    devices = sorted({f"{r['device']} ({r['device_name']}, {r['threads']} threads)" for r in records})
+    devices = sorted({f"{r['device']} ({r['device_name']})" for r in records})
     dates = sorted(r["date"] for r in records)
     backends = sorted({r["backend"] for r in records if r.get("backend")})
     versions = ", ".join(f"{k} {v}" for k, v in first["versions"].items() if v)
@@ -176,6 +176,8 @@ def markdown(records: list[dict], notes: dict[str, list[str]] | None = None) -> 
         f"- Dates: {dates[0]} to {dates[-1]} (UTC)",
         f"- Versions: {versions}; bnfused backend: {', '.join(backends) or 'not used'}",
         *(f"- Command: `{c}`" for c in sorted({r["command"] for r in records})),
+        f"- Git commits: {', '.join(sorted({str(r.get('git_commit')) for r in records}))} "
+        "(+dirty: the working tree had uncommitted changes)",
         "",
         "Accuracies in percent after the last epoch of one run per seed. s/epoch: median wall time of a training "
         "epoch (evaluation excluded); the implementations take turns epoch by epoch in one process, so "
