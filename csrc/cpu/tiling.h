@@ -25,7 +25,7 @@
 namespace bnfused::cpu {
 
 constexpr int64_t kTileValues = 16384;     // values per tile: its two passes stay in L1/L2
-constexpr int64_t kMinTaskValues = 65536;  // fewer values than this per thread is not worth a fork
+constexpr int64_t kMinTaskValues = 32768;  // fewer values than this per thread is not worth a fork
 
 // The values of one plane tile: channel c, planes n0..n1-1, positions s0..s0+len-1 of each.
 struct PlaneSpan {
