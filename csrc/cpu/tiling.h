@@ -213,7 +213,7 @@ inline A lane_sum(const at::vec::Vectorized<A>& v) {
 // K per-channel sums over tile t of contrib(tag, offset, center) -> std::array<Vec, K>, written to
 // out[k * width + j] (out zeroed by the caller). center points at the tile's per-channel centre
 // values (center[0] for a plane tile, center[c] for a row tile) or is null (centre 0).
-// contrib captures by value, as for for_each_chunk.
+// contrib captures by value, as for tile_chunks.
 template <int K, typename A, typename Contrib>
 void tile_sums(const Tiling& tl, int64_t t, const A* center, const Contrib& contrib_in, A* out) {
   using V = at::vec::Vectorized<A>;
