@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 
 from bnfused import activation as act_codes
-from bnfused import backends, layout
-from bnfused.ops import BatchNormFunction
+from bnfused import backends, layout, ops
 
 _FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _REDUCED = (torch.float16, torch.bfloat16)
@@ -108,7 +107,7 @@ def batch_norm(
     if input.numel() == 0:
         return empty_batch_norm(input, weight, bias, act, slope)
     name = backends.resolve(backend, input.device)
-    return BatchNormFunction.apply(
-        layout.kernel_ready(input), weight, bias, running_mean, running_var,
-        bool(training), float(momentum), float(eps), act, slope, name,
+    return ops.batch_norm(
+        name, layout.kernel_ready(input), weight, bias, running_mean, running_var,
+        bool(training), float(momentum), float(eps), act, slope,
     )  # fmt: skip

@@ -129,6 +129,25 @@ def backward(backend, dy, x, y, weight, mean, invstd, act, slope, training, need
     return backends.module(backend).backward(dy, x, y, weight, mean, invstd, act, slope, training, *needs)
 
 
+# --------------------------------------------------------------------------- the one entry point
+
+
+def batch_norm(backend, x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope):
+    """y = act(batch_norm(x)) on a checked, kernel-ready x with a concrete backend name.
+
+    Eager calls take the backend's own whole-layer op when it has one (the C++ extension's, whose
+    autograd lives in C++ and costs less than a Python Function on small layers); everything else,
+    and every compiled call, goes through ``BatchNormFunction``.
+    """
+    if not torch.compiler.is_compiling():
+        layer = getattr(backends.module(backend), "batch_norm", None)
+        if layer is not None:
+            return layer(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope)
+    return BatchNormFunction.apply(
+        x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope, backend
+    )
+
+
 # --------------------------------------------------------------------------- autograd
 
 

@@ -13,6 +13,9 @@ backend, ``reference.py``, defines them and their semantics):
     normalize(x, weight, bias, mean, invstd, act, slope) -> y
     backward_reduce(dy, x, y, mean, invstd, act, slope) -> (sum_g, sum_g_xhat)
     backward_elemt(dy, x, y, weight, mean, invstd, sum_g, sum_g_xhat, count, act, slope) -> dx
+    and optionally, for eager calls where a Python autograd.Function costs more than a small layer:
+    batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope) -> y
+        the whole layer with an autograd of its own (same forward and backward as the functions above)
 
 Arguments: x is (N, C, *) with N * prod(*) > 0, dense, with its spatial dims collapsible to one
 stride (contiguous, channels_last, or an (N, L, C) tensor viewed as (N, C, L)); dy has x's strides.
@@ -49,6 +52,9 @@ AUTO_ORDER = {
     "cpu": ("cpp", "reference"),
 }
 _AUTO_DEFAULT_ORDER = ("reference",)
+
+# Names that share a module but serve one device type each (the C++ extension's CPU and CUDA kernels).
+_DEVICE_TYPE = {"cpp": "cpu", "cuda": "cuda"}
 
 _loaded: dict[str, ModuleType] = {}
 _resolved: dict[tuple[str, str], str] = {}
@@ -88,6 +94,10 @@ def module(name: str) -> ModuleType:
 
 def unavailable_reason(name: str, device: torch.device) -> str | None:
     """Why backend ``name`` cannot run on ``device``, or None when it can."""
+    wanted = _DEVICE_TYPE.get(name)
+    if wanted is not None and device.type != wanted:
+        other = next(n for n, t in _DEVICE_TYPE.items() if t == device.type) if device.type in ("cpu", "cuda") else None
+        return f"backend {name!r} runs on {wanted} tensors" + (f"; use {other!r}" if other else "")
     try:
         return module(name).available(device)
     except Exception as exc:  # an import or build failure is a reason, not a crash
