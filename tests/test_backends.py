@@ -85,3 +85,29 @@ def test_python_m_bnfused_reports_backends():
     out = subprocess.run([sys.executable, "-m", "bnfused"], capture_output=True, text=True, check=True, timeout=600)
     assert "torch" in out.stdout and "reference" in out.stdout and "available" in out.stdout
     assert "auto ->" in out.stdout
+
+
+def test_eager_calls_use_a_backends_whole_layer_op(monkeypatch):
+    """A backend that offers ``batch_norm`` (a layer with its own autograd) gets eager calls whole."""
+    reference = backends.module("reference")
+    calls = []
+
+    def layer(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope):
+        calls.append((training, momentum, eps, act, slope))
+        return x * 2
+
+    monkeypatch.setattr(reference, "batch_norm", layer, raising=False)
+    x = torch.randn(4, 3)
+    y = bnfused.batch_norm(x, None, None, training=True, momentum=0.3, eps=1e-3, activation="relu", backend="reference")
+    torch.testing.assert_close(y, x * 2)
+    assert calls == [(True, 0.3, 1e-3, 1, 0.0)]
+
+
+def test_compiled_calls_bypass_the_layer_op(monkeypatch):
+    """Under torch.compile the layer op is not traceable: the library ops are used instead."""
+    reference = backends.module("reference")
+    monkeypatch.setattr(reference, "batch_norm", lambda *a: pytest.fail("layer op used while compiling"), raising=False)
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: bnfused.batch_norm(x, None, None, training=True, backend="reference"), fullgraph=True)
+    x = torch.randn(6, 3)
+    torch.testing.assert_close(f(x), torch.nn.functional.batch_norm(x, None, None, training=True))
