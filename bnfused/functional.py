@@ -20,34 +20,50 @@ _ATEN_NAMES = {
 }  # fmt: skip
 
 
-def _check_per_channel(name: str, t: torch.Tensor | None, x: torch.Tensor, num_channels: int, dtypes: set) -> None:
-    if t is None:
-        return
-    if t.numel() != num_channels:
-        raise RuntimeError(f"{name} should contain {num_channels} elements not {t.numel()}")
-    if t.device != x.device:
-        raise RuntimeError(
-            f"Expected all tensors to be on the same device, but found {name} on {t.device} and input on {x.device}"
-        )
-    dtypes.add(t.dtype)
+def _raise_for_per_channel(x, named: tuple) -> None:
+    """The slow path of ``check_arguments``: finds the offending tensor and raises torch's message."""
+    num_channels = x.shape[1]
+    dtypes: set[torch.dtype] = set()
+    for name, t in named:
+        if t is None:
+            continue
+        if t.numel() != num_channels:
+            raise RuntimeError(f"{name} should contain {num_channels} elements not {t.numel()}")
+        if t.device != x.device:
+            raise RuntimeError(
+                f"Expected all tensors to be on the same device, but found {name} on {t.device} and input on {x.device}"
+            )
+        dtypes.add(t.dtype)
+    allowed = f"{x.dtype}" + (" (or all float32)" if x.dtype in _REDUCED else "")
+    found = ", ".join(sorted(str(d) for d in dtypes))
+    raise RuntimeError(f"mixed dtype: expected weight, bias, running_mean and running_var to be {allowed}, got {found}")
 
 
 def check_arguments(x, running_mean, running_var, weight, bias) -> None:
-    """Input dtype and rank, and each per-channel tensor's size, device and dtype (torch's messages)."""
-    if x.dtype not in _FLOATING:
-        raise NotImplementedError(f"\"batch_norm\" not implemented for '{_ATEN_NAMES.get(x.dtype, x.dtype)}'")
+    """Input dtype and rank, and each per-channel tensor's size, device and dtype (torch's messages).
+
+    Runs on every layer call, so the common case is a handful of attribute reads; messages are only
+    composed once something is wrong.
+    """
+    dtype = x.dtype
+    if dtype not in _FLOATING:
+        raise NotImplementedError(f"\"batch_norm\" not implemented for '{_ATEN_NAMES.get(dtype, dtype)}'")
     if x.dim() < 2:
         raise ValueError(f"batch_norm expected an input of at least 2D (N, C, *) (got {x.dim()}D input)")
-    num_channels = x.shape[1]
-    dtypes: set[torch.dtype] = set()
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        _check_per_channel(name, t, x, num_channels, dtypes)
-    if dtypes and dtypes != {x.dtype} and not (x.dtype in _REDUCED and dtypes == {torch.float32}):
-        allowed = f"{x.dtype}" + (" (or all float32)" if x.dtype in _REDUCED else "")
-        found = ", ".join(sorted(str(d) for d in dtypes))
-        raise RuntimeError(
-            f"mixed dtype: expected weight, bias, running_mean and running_var to be {allowed}, got {found}"
-        )
+    num_channels, device = x.shape[1], x.device
+    param_dtype = None
+    for t in (running_mean, running_var, weight, bias):
+        if t is None:
+            continue
+        if param_dtype is None:
+            param_dtype = t.dtype
+        if t.numel() != num_channels or t.device != device or t.dtype != param_dtype:
+            break
+    else:
+        if param_dtype is None or param_dtype == dtype or (param_dtype == torch.float32 and dtype in _REDUCED):
+            return
+    named = (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias))
+    _raise_for_per_channel(x, named)
 
 
 def _check_mode(x, running_mean, running_var, training: bool) -> None:
