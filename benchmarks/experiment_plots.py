@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on these machines
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from benchmarks.experiment_report import PLOT_NAME  # noqa: E402
 
@@ -37,6 +38,7 @@ def plot(records: list[dict], experiment: str, out_dir: Path) -> Path:
     ax_acc.set(title=f"{metric_name} accuracy (BN in eval mode)", xlabel="epoch", ylabel="accuracy (%)")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.legend(fontsize=8)
     fig.suptitle(f"{experiment} (seed {seed})")
     fig.tight_layout()
