@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+import bnfused
 from benchmarks import report
 from benchmarks.experiment_specs import Experiment
 from benchmarks.experiment_train import Data, Run
@@ -31,7 +32,7 @@ def environment(device: torch.device) -> dict:
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,  # with its build tag (+cu132, +cpu), which the package metadata lacks
-            **{dist: report._version(dist) for dist in ("torchvision", "triton", "bnfused")},
+            **{dist: bnfused.package_version(dist) for dist in ("torchvision", "triton", "bnfused")},
         },
     }
 

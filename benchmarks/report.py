@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import datetime
-import importlib.metadata
 import os
 import platform
 import subprocess
@@ -12,6 +11,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
+
+import bnfused
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,13 +28,6 @@ def device_name(device: torch.device) -> str:
     except (OSError, StopIteration):
         pass
     return f"{model} ({torch.get_num_threads()} threads)"
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "none"
 
 
 def git_commit() -> str:
@@ -67,7 +61,7 @@ def run_metadata(device: torch.device) -> dict[str, str]:
     return {
         "device": device_name(device),
         "torch": torch.__version__,
-        "triton": _version("triton"),
+        "triton": bnfused.package_version("triton"),
         "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }

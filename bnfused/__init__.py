@@ -26,6 +26,17 @@ from bnfused.sync import SyncBatchNorm
 
 __version__ = "0.1.0"
 
+
+def package_version(dist: str) -> str:
+    """Installed version of a distribution (e.g. "triton"), or "not installed"."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 __all__ = [
     "BackendUnavailableError",
     "BatchNorm1d",
@@ -43,5 +54,6 @@ __all__ = [
     "convert_model",
     "functional",
     "get_backend",
+    "package_version",
     "set_backend",
 ]

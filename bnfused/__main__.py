@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import platform
 
 import torch
@@ -11,16 +10,9 @@ import bnfused
 from bnfused import backends
 
 
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def main() -> None:
-    versions = f"python {platform.python_version()}  torch {torch.__version__}  triton {_version('triton')}"
-    print(f"bnfused {bnfused.__version__}  {versions}")
+    python, triton = platform.python_version(), bnfused.package_version("triton")
+    print(f"bnfused {bnfused.__version__}  python {python}  torch {torch.__version__}  triton {triton}")
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
