@@ -66,14 +66,28 @@ def check_arguments(x, running_mean, running_var, weight, bias) -> None:
     _raise_for_per_channel(x, named)
 
 
+def check_eps(eps: float, training: bool) -> None:
+    """torch's rule: eps > 0 in training (a constant channel would divide by zero), >= 0 in eval."""
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
 def _check_mode(x, running_mean, running_var, training: bool) -> None:
     """Training needs more than one value per channel (in this process's batch); eval needs running stats."""
     if training:
-        values_per_channel = x.numel() // x.shape[1] if x.shape[1] else 0
+        if (running_mean is None) != (running_var is None):
+            raise ValueError("running_mean and running_var must either both be None or neither be None")
+        values_per_channel = x.shape[0]  # counted as torch does, so a (1, 0) input is refused too
+        for size in x.shape[2:]:
+            values_per_channel *= size
         if values_per_channel == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
-    elif running_mean is None or running_var is None:
+    elif running_mean is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
+    elif running_var is None:
+        raise RuntimeError("running_var must be defined in evaluation mode")
 
 
 def empty_batch_norm(x, weight, bias, act: int, slope: float) -> torch.Tensor:
@@ -83,7 +97,8 @@ def empty_batch_norm(x, weight, bias, act: int, slope: float) -> torch.Tensor:
     y = x * weight.view(shape) if weight is not None else x.clone()
     if bias is not None:
         y = y + bias.view(shape)
-    return torch.nn.functional.leaky_relu(y, slope) if act else y
+    y = torch.nn.functional.leaky_relu(y, slope) if act else y
+    return y.to(x.dtype)  # float32 parameters must not promote a half/bfloat16 output
 
 
 def batch_norm(
@@ -115,11 +130,12 @@ def batch_norm(
         backend: "auto", "triton", "cpp", "cuda", "reference", or None for the global default.
 
     Returns:
-        (N, C, *) tensor with input's dtype (and layout, for contiguous and channels_last input).
+        (N, C, *) tensor with input's dtype; channels_last (3d) if input is, else contiguous (as torch).
     """
     act, slope = act_codes.parse(activation, negative_slope)
     check_arguments(input, running_mean, running_var, weight, bias)
     _check_mode(input, running_mean, running_var, training)
+    check_eps(eps, training)
     if input.numel() == 0:
         return empty_batch_norm(input, weight, bias, act, slope)
     name = backends.resolve(backend, input.device)

@@ -38,7 +38,7 @@ from torch.autograd.function import once_differentiable
 
 from bnfused import activation as act_codes
 from bnfused import backends, layout
-from bnfused.functional import check_arguments, empty_batch_norm
+from bnfused.functional import check_arguments, check_eps, empty_batch_norm
 from bnfused.modules import _FusedBatchNorm
 
 # Dtype of the exchanged statistics: float64 keeps per-rank counts exact far beyond 2^24 values.
@@ -174,6 +174,7 @@ def sync_batch_norm(
     act, slope = act_codes.parse(activation, negative_slope)
     # No per-process batch-size rule here: only the global count matters, checked after the gather.
     check_arguments(input, running_mean, running_var, weight, bias)
+    check_eps(eps, True)
     if process_group is None:
         process_group = dist.group.WORLD
     world_size = dist.get_world_size(process_group)
