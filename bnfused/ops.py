@@ -167,8 +167,12 @@ class BatchNormFunction(torch.autograd.Function):
             ctx.save_for_backward(x, y if act else None, weight, mean, invstd)
         else:
             y = forward_eval(backend, x, weight, bias, running_mean, running_var, eps, act, slope)
-            # Eval-mode backward treats the running stats as constants: keep them, not batch stats.
-            ctx.save_for_backward(x, y if act else None, weight, running_mean, running_var)
+            # Eval-mode backward treats the running stats as constants. Saved as copies: a later
+            # training step updates the buffers in place, and this graph must still backpropagate.
+            mean = invstd = None
+            if any(ctx.needs_input_grad[:3]):
+                mean, invstd = backends.module("reference").eval_stats(running_mean, running_var, eps, x.dtype)
+            ctx.save_for_backward(x, y if act else None, weight, mean, invstd)
         ctx.config = (training, eps, act, slope, backend, bias.dtype if bias is not None else None)
         return y
 
@@ -183,8 +187,6 @@ class BatchNormFunction(torch.autograd.Function):
             )
         x, y, weight, mean, invstd = ctx.saved_tensors
         training, eps, act, slope, backend, bias_dtype = ctx.config
-        if not training:
-            mean, invstd = backends.module("reference").eval_stats(mean, invstd, eps, x.dtype)
         needs = ctx.needs_input_grad[:3]
         dx, dw, db = backward(backend, layout.like(x, dy), x, y, weight, mean, invstd, act, slope, training, needs)
         if dw is not None and dw.dtype != weight.dtype:

@@ -61,7 +61,12 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
                         double slope) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [y, mean, invstd] = run_forward(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope);
-    // Eval mode keeps the running stats (constants of the backward), not batch statistics.
+    // Eval mode keeps the running stats (constants of the backward), not batch statistics: as copies,
+    // because a later training step updates the buffers in place before this graph may backpropagate.
+    if (!training && (x.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
+      mean = mean.clone();
+      invstd = invstd.clone();
+    }
     ctx->save_for_backward({x, act != kNone ? y : Tensor(), weight.value_or(Tensor()), mean, invstd});
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;

@@ -105,7 +105,8 @@ def forward_train(x, weight, bias, running_mean, running_var, momentum: float, e
 def eval_stats(running_mean: torch.Tensor, running_var: torch.Tensor, eps: float, dtype: torch.dtype):
     """The (mean, invstd) pair that eval mode normalises with, in the accumulation dtype of ``dtype``."""
     acc = accumulation_dtype(dtype)
-    return running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps)
+    # A copy, never the buffer itself: saved for backward, it must not change with the next update.
+    return running_mean.to(acc, copy=True), torch.rsqrt(running_var.to(acc) + eps)
 
 
 def forward_eval(x, weight, bias, running_mean, running_var, eps: float, act: int, slope: float):
