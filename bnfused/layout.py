@@ -1,8 +1,9 @@
 """Memory layouts the kernels accept, and the (N, C, S) view they index with.
 
-Kernels see a tensor as N x C x S (S = product of the spatial dims) with three strides. That view
+Kernels see a tensor as N x C x S (S = product of the spatial dims) with three strides, which
 exists without a copy for contiguous tensors, channels_last / channels_last_3d, and an (N, L, C)
-tensor transposed to (N, C, L) — the layouts models produce. Anything else is copied once.
+tensor transposed to (N, C, L). The public API hands them contiguous or channels_last input only
+(``kernel_ready``), so that outputs have the layout torch's BatchNorm gives them.
 """
 
 from __future__ import annotations
@@ -26,22 +27,18 @@ def spatial_stride(x: torch.Tensor) -> int | None:
     return 1 if stride is None else stride
 
 
-def _is_dense(x: torch.Tensor) -> bool:
-    """True when x's elements fill its storage span exactly (no gaps, no overlap)."""
-    dims = sorted((x.stride(d), x.shape[d]) for d in range(x.dim()) if x.shape[d] != 1)
-    expected = 1
-    for stride, size in dims:
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def kernel_ready(x: torch.Tensor) -> torch.Tensor:
-    """x itself when kernels can index it as (N, C, S) in place, else a contiguous copy."""
+    """x itself when contiguous or channels_last (3d), else a contiguous copy.
+
+    The kernels could index any layout whose spatial dims collapse, but the output takes the input's
+    strides, and torch's BatchNorm returns contiguous output for every other layout: code that
+    ``view``s the result relies on that, so other layouts are copied here, once.
+    """
     if x.is_contiguous():
         return x
-    if _is_dense(x) and spatial_stride(x) is not None:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
         return x
     return x.contiguous()
 
