@@ -104,6 +104,7 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
         return f"{type(exc).__name__}: {exc}"
 
 
+@torch.compiler.assume_constant_result  # traced as its value: the first call imports and may build
 def resolve(name: str | None, device: torch.device) -> str:
     """Turns a requested backend ("auto", None or a name) into a concrete, available backend name.
 
