@@ -12,12 +12,16 @@ def _convert_one(bn: nn.Module, backend: str | None) -> nn.Module:
     cls = EQUIVALENTS[type(bn)]
     if isinstance(bn, nn.modules.lazy.LazyModuleMixin) and bn.has_uninitialized_params():
         # Its hooks are bound to the old object: build a fresh lazy module with the same settings.
-        factory = {"device": bn.weight.device if bn.affine else None, "dtype": bn.weight.dtype if bn.affine else None}
-        new = cls(bn.eps, bn.momentum, bn.affine, bn.track_running_stats, backend=backend, **factory)
+        template = bn.weight if bn.affine else bn.running_mean
+        kwargs = {"device": template.device, "dtype": template.dtype} if template is not None else {}
+        if bn.affine and bn.bias is None:
+            kwargs["bias"] = False  # torch's bias=False (torch >= 2.10)
+        new = cls(bn.eps, bn.momentum, bn.affine, bn.track_running_stats, backend=backend, **kwargs)
         return new.train(bn.training)
     new = cls.__new__(cls)
-    # The same Parameter and buffer objects, hooks and train/eval flag: optimizers keep working.
-    new.__dict__.update(bn.__dict__)
+    # The same Parameter and buffer objects, hooks and train/eval flag: optimizers keep working. The
+    # registries are copied, so the old module and the new one don't share later changes.
+    new.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in bn.__dict__.items()})
     new._init_fused(None, 0.01, backend)
     return new
 
