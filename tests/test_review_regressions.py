@@ -1,0 +1,103 @@
+"""Behaviours where an outside review found bnfused differing from torch.nn.BatchNorm; each now matches."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bnfused
+from bnfused.functional import batch_norm
+
+
+def test_lazy_conversion_keeps_bias_false():
+    original = nn.LazyBatchNorm2d(bias=False)
+    converted = bnfused.convert_model(nn.LazyBatchNorm2d(bias=False))
+    x = torch.randn(2, 3, 4, 4)
+    original(x)
+    converted(x)
+    assert converted.bias is None
+    assert list(converted.state_dict()) == list(original.state_dict())
+
+
+def test_lazy_conversion_keeps_dtype_without_affine():
+    converted = bnfused.convert_model(nn.LazyBatchNorm2d(affine=False, dtype=torch.float64))
+    y = converted(torch.randn(2, 3, 4, 4, dtype=torch.float64))
+    assert y.dtype == torch.float64 and converted.running_mean.dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_half_batch_keeps_its_dtype(dtype, training):
+    m = bnfused.BatchNorm1d(3, activation="relu").train(training)
+    assert m(torch.randn(0, 3, 4, dtype=dtype)).dtype == dtype
+
+
+def test_compile_fullgraph_before_any_eager_call():
+    """In a fresh process the first backend resolution (imports, maybe a build) must not be traced."""
+    code = (
+        "import torch, bnfused\n"
+        "m = bnfused.BatchNorm2d(3)\n"
+        "y = torch.compile(m, fullgraph=True)(torch.randn(2, 3, 4, 4))\n"
+        "assert y.shape == (2, 3, 4, 4)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=600, capture_output=True)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda bn, x: bn(x, torch.zeros(3), torch.ones(3), training=True, eps=0.0), "eps must be positive"),
+        (lambda bn, x: bn(x, torch.zeros(3), torch.ones(3), training=False, eps=-2.0), "eps must be non-negative"),
+        (lambda bn, x: bn(x, torch.zeros(3), None, training=True), "both be None or neither"),
+        (lambda bn, x: bn(torch.randn(1, 0), None, None, training=True), "more than 1 value per channel"),
+    ],
+)
+@pytest.mark.parametrize("bn", [batch_norm, F.batch_norm], ids=["bnfused", "torch"])
+def test_value_errors_like_torch(bn, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(bn, torch.randn(4, 3, 5))
+
+
+def test_eval_with_running_var_missing_names_it():
+    with pytest.raises(RuntimeError, match="running_var must be defined in evaluation mode"):
+        batch_norm(torch.randn(4, 3), torch.zeros(3), None, training=False)
+
+
+@pytest.mark.parametrize("backend", ["reference", None])
+def test_eval_graph_survives_a_later_training_step(backend):
+    """Backward of an eval forward after a train step updated the running stats in place: the gradient
+    is the one of the forward that ran (torch's own module uses the updated buffers instead)."""
+    m = bnfused.BatchNorm2d(3, backend=backend).eval()
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    running_var_then = m.running_var.clone()
+    y = m(x)
+    m.train()
+    m(torch.randn(4, 3, 5, 5) * 3)
+    assert not torch.equal(m.running_var, running_var_then)
+    g = torch.randn_like(y)
+    y.backward(g)
+    expected = g * (m.weight.detach() / torch.sqrt(running_var_then + m.eps)).view(1, 3, 1, 1)
+    torch.testing.assert_close(x.grad, expected)
+
+
+@pytest.mark.parametrize("make", [lambda: torch.randn(4, 7, 3).transpose(1, 2), lambda: torch.randn(3, 5).t()])
+def test_output_layout_follows_torch(make):
+    x = make()
+    c = x.shape[1]
+    ours = bnfused.BatchNorm1d(c)(x)
+    theirs = nn.BatchNorm1d(c)(x)
+    assert ours.stride() == theirs.stride()
+    assert ours.view(-1).shape == theirs.view(-1).shape  # torch's output can be viewed: so must ours
+
+
+def test_converted_module_does_not_share_registries_with_the_original():
+    old = nn.BatchNorm1d(3)
+    new = bnfused.convert_model(old)
+    assert new.weight is old.weight  # the same tensors
+    new.register_buffer("extra", torch.zeros(1))
+    assert "extra" not in dict(old.named_buffers())
