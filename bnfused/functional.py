@@ -138,6 +138,11 @@ def batch_norm(
     check_eps(eps, training)
     if input.numel() == 0:
         return empty_batch_norm(input, weight, bias, act, slope)
+    # torch accepts weight and bias of any C-element shape, e.g. (1, C); the kernels index vectors.
+    if weight is not None and weight.dim() != 1:
+        weight = weight.reshape(-1)
+    if bias is not None and bias.dim() != 1:
+        bias = bias.reshape(-1)
     name = backends.resolve(backend, input.device)
     return ops.batch_norm(
         name, layout.kernel_ready(input), weight, bias, running_mean, running_var,

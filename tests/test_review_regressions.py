@@ -101,3 +101,18 @@ def test_converted_module_does_not_share_registries_with_the_original():
     assert new.weight is old.weight  # the same tensors
     new.register_buffer("extra", torch.zeros(1))
     assert "extra" not in dict(old.named_buffers())
+
+
+def test_weight_and_bias_of_another_shape_are_accepted_like_torch():
+    """torch's forward takes a (1, C) weight and bias (its CPU backward then fails; ours works)."""
+    x = torch.randn(4, 3, 5)
+    w, b = torch.rand(1, 3, requires_grad=True), torch.randn(1, 3, requires_grad=True)
+    w1, b1 = w.detach().view(-1).clone().requires_grad_(), b.detach().view(-1).clone().requires_grad_()
+    y = batch_norm(x, torch.zeros(3), torch.ones(3), w, b, training=True)
+    torch.testing.assert_close(y, F.batch_norm(x, torch.zeros(3), torch.ones(3), w, b, training=True))
+    g = torch.randn(4, 3, 5)
+    y.backward(g)
+    batch_norm(x, torch.zeros(3), torch.ones(3), w1, b1, training=True).backward(g)
+    assert w.grad.shape == (1, 3) and b.grad.shape == (1, 3)
+    torch.testing.assert_close(w.grad.view(-1), w1.grad)
+    torch.testing.assert_close(b.grad.view(-1), b1.grad)
