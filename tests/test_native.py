@@ -242,6 +242,41 @@ def test_channels_too_large_for_cache_match_reference():
         torch.testing.assert_close(g, r, atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "shape, dtype, channels_last",
+    [
+        ((3, 5, 601, 467), torch.float32, False),  # odd planes: aligned (streamed) and unaligned chunks mix
+        ((4, 35, 241, 127), torch.float32, True),  # rows of 35 channels: vectors straddle cache lines
+        ((2, 3, 1201, 1171), torch.bfloat16, False),
+    ],
+)
+def test_outputs_large_enough_to_stream_are_exact(shape, dtype, channels_last):
+    """Outputs of 16 MiB and more are written with streaming stores wherever a whole vector is aligned,
+    and with ordinary stores elsewhere; every element must be what the elementwise pass computes on a
+    small tensor (ordinary stores only), bit for bit, and the gradients must match the reference."""
+    x = make_input(shape, dtype, channels_last=channels_last)
+    assert x.numel() * x.element_size() >= 16 << 20
+    C = shape[1]
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    rm, rv = torch.zeros(C), torch.ones(C)
+    y, mean, invstd = native.forward_train(x, w, b, rm, rv, 0.1, 1e-5, act_codes.RELU, 0.0)
+    head = x[:1]  # one sample: far below the streaming size, the same values and layout
+    assert torch.equal(y[:1], native.normalize(head, w, b, mean, invstd, act_codes.RELU, 0.0))
+    y_eval = native.forward_eval(x, w, b, rm, rv, 1e-5, act_codes.LEAKY_RELU, 0.2)
+    assert torch.equal(y_eval[:1], native.forward_eval(head, w, b, rm, rv, 1e-5, act_codes.LEAKY_RELU, 0.2))
+
+    y_ref, mean_ref, invstd_ref = ref.forward_train(x, w, b, None, None, 0.1, 1e-5, act_codes.RELU, 0.0)
+    torch.testing.assert_close(mean, mean_ref)
+    torch.testing.assert_close(invstd, invstd_ref)
+    dy = torch.randn_like(x)
+    got = native.backward(dy, x, y, w, mean, invstd, act_codes.RELU, 0.0, True, True, True, True)
+    want = ref.backward(dy, x, y, w, mean, invstd, act_codes.RELU, 0.0, True, True, True, True)
+    atol, rtol = (1e-3, 1e-4) if dtype == torch.float32 else (1.6e-2, 1.6e-2)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, atol=atol, rtol=rtol)
+    assert got[0].stride() == x.stride()
+
+
 def test_bad_arguments_raise_clear_errors():
     x = torch.randn(4, 3, 5)
     with pytest.raises(RuntimeError, match="weight must have shape"):

@@ -38,6 +38,15 @@ inline V act_grad(const V& dy, const V& y, const V& slope) {
   }
 }
 
+// Outputs of at least this many bytes are written with streaming stores (see st_out): below it, the
+// output (or most of it) can still be in cache when the next layer reads it.
+constexpr int64_t kStreamBytes = int64_t{16} << 20;
+
+template <typename T>
+inline bool streams_output(const Tiling& tl) {
+  return tl.L.numel() * int64_t(sizeof(T)) >= kStreamBytes;
+}
+
 // Tile t's (mean, M2) of x for each of its `width()` channels, into part[t * 2W ..]: W means, W M2s.
 //
 // Stable for |mean| >> std: the tile is summed twice while it sits in cache, first its mean (as a
@@ -92,10 +101,12 @@ template <int kAct, typename T>
 void normalize_tile(const T* xp, T* yp, const Tiling& tl, int64_t t, const acc_t<T>* mean, const acc_t<T>* scale,
                     const acc_t<T>* shift, const VecA<T>& vslope) {
   using V = VecA<T>;
+  const bool stream = streams_output<T>(tl);
   tile_chunks<acc_t<T>>(tl, t, [=](auto tag, int64_t off, auto coef) {
     const V z = at::vec::fmadd(ld(tag, xp + off) - coef(mean), coef(scale), coef(shift));
-    st(tag, yp + off, activate<kAct>(z, vslope));
-  });
+    st_out(tag, yp + off, activate<kAct>(z, vslope), stream);
+  }, stream);
+  stream_fence(stream);
 }
 
 // The forward: statistics of x, then finish(c, mean_c, m2_c) for each channel (it must fill
@@ -168,11 +179,14 @@ void grad_sums_then_input(const T* dyp, const T* xp, const T* yp, const Tiling& 
       });
       finish(c, sg, sgx);
     };
+    const bool stream = streams_output<T>(tl);
     auto input_grad = [&](int64_t t) {
       tile_chunks<A>(tl, t, [=](auto tag, int64_t off, auto coef) {
         const V centered = ld(tag, xp + off) - coef(mean);
-        st(tag, dxp + off, at::vec::fmsub(grad(tag, off), coef(k1), at::vec::fmadd(centered, coef(k2), coef(k3))));
-      });
+        const V dx = at::vec::fmsub(grad(tag, off), coef(k1), at::vec::fmadd(centered, coef(k2), coef(k3)));
+        st_out(tag, dxp + off, dx, stream);
+      }, stream);
+      stream_fence(stream);
     };
     two_pass(tl, streams * int64_t(sizeof(T)), reduce, dxp != nullptr, sums, merge, input_grad);
   });

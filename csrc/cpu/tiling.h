@@ -112,15 +112,19 @@ void parallel_tiles(const Tiling& tl, F&& body) {
   });
 }
 
-// Plane tile t in chunks: f(tag, offset of the chunk's first element).
+// Plane tile t in chunks: f(tag, offset of the chunk's first element). With `aligned`, each run
+// starts with a partial chunk up to the next multiple of VW elements, so that the full chunks after
+// it sit on whole vectors of a 64-byte-aligned tensor (and can be streamed, see st_out); only
+// elementwise passes may ask for it, since it changes how a sum would be grouped.
 template <typename A, typename F>
-inline void walk_plane(const Tiling& tl, int64_t t, F&& f) {
+inline void walk_plane(const Tiling& tl, int64_t t, F&& f, bool aligned = false) {
   constexpr int64_t VW = vec_width<A>();
   const PlaneSpan p = tl.plane_span(t);
   for (int64_t n = p.n0; n < p.n1; ++n) {
     const int64_t off = n * tl.L.sn + p.c * tl.L.sc + p.s0 * tl.es;
     if (tl.es == 1) {
-      int64_t i = 0;
+      int64_t i = aligned ? std::min(p.len, (VW - off % VW) % VW) : 0;
+      if (i > 0) f(Part{i}, off);
       for (; i + VW <= p.len; i += VW) f(Full{}, off + i);
       if (i < p.len) f(Part{p.len - i}, off + i);
     } else {
@@ -155,7 +159,7 @@ inline void walk_rows(const Tiling& tl, int64_t t, F&& f) {
 // compiler can then keep the pointers in registers, where a captured reference would be re-read
 // after every store (a store through a T* might, for all it knows, overwrite the pointer).
 template <typename A, typename Op>
-void tile_chunks(const Tiling& tl, int64_t t, const Op& op) {
+void tile_chunks(const Tiling& tl, int64_t t, const Op& op, bool aligned = false) {
   using V = at::vec::Vectorized<A>;
   const Op local = op;
   if (tl.rows) {
@@ -164,7 +168,8 @@ void tile_chunks(const Tiling& tl, int64_t t, const Op& op) {
     });
   } else {
     const int64_t c = tl.plane_channel(t);
-    walk_plane<A>(tl, t, [=](auto tag, int64_t off) { local(tag, off, [=](const A* arr) { return V(arr[c]); }); });
+    walk_plane<A>(
+        tl, t, [=](auto tag, int64_t off) { local(tag, off, [=](const A* arr) { return V(arr[c]); }); }, aligned);
   }
 }
 
