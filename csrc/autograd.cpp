@@ -2,12 +2,18 @@
 //
 // The per-step cost of a Python autograd.Function (apply, ctx, the backward's Python frame) is
 // tens of microseconds: the whole run time of LeNet's or an MLP's small layers. Here the forward
-// and the backward node are C++ (torch::autograd::Function), and they call the same
-// forward_train / forward_eval / backward ops as every other route, so the math exists once.
+// and the backward node are C++, and they call the same forward_train / forward_eval / backward
+// ops as every other route, so the math exists once. The node is written the way torch's generated
+// ones are (fields, not torch::autograd::Function's ctx->saved_data dictionary): that dictionary and
+// its CppNode wrapper cost microseconds per step, as much as the kernels of a (64, 120) layer.
 // Like bnfused.ops.BatchNormFunction, the backward is once-differentiable.
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
+
+#include <memory>
+#include <type_traits>
 
 #include "activation.h"
 #include "channel_args.h"
@@ -17,17 +23,12 @@ namespace {
 
 using at::Tensor;
 using std::optional;
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 
 using ForwardTrainFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const optional<Tensor>&,
                                                           const optional<Tensor>&, const optional<Tensor>&,
                                                           const optional<Tensor>&, double, double, int64_t, double);
 using ForwardEvalFn = Tensor(const Tensor&, const optional<Tensor>&, const optional<Tensor>&, const Tensor&,
                              const Tensor&, double, int64_t, double);
-using BackwardFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const optional<Tensor>&,
-                                                      const optional<Tensor>&, const Tensor&, const Tensor&, int64_t,
-                                                      double, bool, bool, bool, bool);
 
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> op(const char* name) {
@@ -54,61 +55,105 @@ bool requires_grad(const optional<Tensor>& t) {
   return present(t) && t->requires_grad();
 }
 
-struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const optional<Tensor>& weight,
-                        const optional<Tensor>& bias, const optional<Tensor>& running_mean,
-                        const optional<Tensor>& running_var, bool training, double momentum, double eps, int64_t act,
-                        double slope) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [y, mean, invstd] = run_forward(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope);
-    // Eval mode keeps the running stats (constants of the backward), not batch statistics: as copies,
-    // because a later training step updates the buffers in place before this graph may backpropagate.
-    if (!training && (x.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
-      mean = mean.clone();
-      invstd = invstd.clone();
-    }
-    ctx->save_for_backward({x, act != kNone ? y : Tensor(), weight.value_or(Tensor()), mean, invstd});
-    ctx->saved_data["training"] = training;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["act"] = act;
-    ctx->saved_data["slope"] = slope;
-    ctx->saved_data["needs"] = c10::List<bool>({x.requires_grad(), requires_grad(weight), requires_grad(bias)});
-    if (present(bias)) ctx->saved_data["bias_dtype"] = bias->scalar_type();
-    return y;
+// torch 2.12 made autograd nodes c10::intrusive_ptr targets (std::shared_ptr before). Both are
+// supported: only the branch matching the installed torch is instantiated.
+using NodePtr = decltype(torch::autograd::Edge{}.function);
+constexpr bool kIntrusiveNodes = !std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>;
+
+template <typename N>
+auto make_node() {
+  if constexpr (kIntrusiveNodes) {
+    return c10::make_intrusive<N>();
+  } else {
+    return std::shared_ptr<N>(new N(), [](N* node) { deleteNode(node); });  // found by ADL on Node
+  }
+}
+
+// An owning pointer to `node`, for SavedVariable::unpack of an output the node itself saved.
+template <typename N>
+NodePtr owning(N* node) {
+  if constexpr (kIntrusiveNodes) {
+    using Ptr = std::conditional_t<sizeof(N) != 0, NodePtr, void>;  // dependent: not looked up otherwise
+    return Ptr::unsafe_reclaim_from_nonowning(node);
+  } else {
+    return node->shared_from_this();
+  }
+}
+
+struct BatchNormBackward : public torch::autograd::Node {
+  using SavedVariable = torch::autograd::SavedVariable;
+  // x, y (only with an activation: its derivative is read off y), weight, and the statistics:
+  // batch mean and invstd when training; copies of the running mean and var in eval mode.
+  SavedVariable x, y, weight, mean, invstd;
+  bool training = true;
+  double eps = 0.0;
+  int64_t act = kNone;
+  double slope = 0.0;
+  std::optional<at::ScalarType> weight_dtype, bias_dtype;
+
+  std::string name() const override { return "BatchNormBackward"; }
+
+  void release_variables() override {
+    for (SavedVariable* v : {&x, &y, &weight, &mean, &invstd}) v->reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    using BackwardFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const optional<Tensor>&,
+                                                          const optional<Tensor>&, const Tensor&, const Tensor&,
+                                                          int64_t, double, bool, bool, bool, bool);
     static const auto backward_op = op<BackwardFn>("bnfused_native::backward");
     TORCH_CHECK(!at::GradMode::is_enabled(),
                 "bnfused: the BatchNorm backward is not differentiable (double backward / create_graph=True)");
-    const variable_list saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &y = saved[1], &weight = saved[2];
-    Tensor mean = saved[3], invstd = saved[4];
-    const bool training = ctx->saved_data["training"].toBool();
-    const int64_t act = ctx->saved_data["act"].toInt();
-    const double slope = ctx->saved_data["slope"].toDouble();
-    const c10::List<bool> needs = ctx->saved_data["needs"].toBoolList();
+    const bool needs_input = task_should_compute_output(0), needs_weight = task_should_compute_output(1),
+               needs_bias = task_should_compute_output(2);
+    if (!grads[0].defined() || !(needs_input || needs_weight || needs_bias)) return {Tensor(), Tensor(), Tensor()};
+    const Tensor x_ = x.unpack(), y_ = y.unpack(owning(this)), weight_ = weight.unpack();
+    Tensor mean_ = mean.unpack(), invstd_ = invstd.unpack();
     if (!training) {
-      const auto acc = acc_type(x.scalar_type());
-      mean = mean.to(acc);
-      invstd = (invstd.to(acc) + ctx->saved_data["eps"].toDouble()).rsqrt();
+      const auto acc = acc_type(x_.scalar_type());
+      mean_ = mean_.to(acc);
+      invstd_ = (invstd_.to(acc) + eps).rsqrt();
     }
-    auto [dx, dweight, dbias] = backward_op.call(grads[0], x, y.defined() ? optional<Tensor>(y) : std::nullopt,
-                                                 weight.defined() ? optional<Tensor>(weight) : std::nullopt, mean,
-                                                 invstd, act, slope, training, needs[0], needs[1], needs[2]);
-    if (dweight.defined() && dweight.scalar_type() != weight.scalar_type()) dweight = dweight.to(weight.scalar_type());
-    if (dbias.defined()) {
-      const auto bias_dtype = ctx->saved_data["bias_dtype"].toScalarType();
-      if (dbias.scalar_type() != bias_dtype) dbias = dbias.to(bias_dtype);
-    }
-    return {dx, dweight, dbias, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    auto [dx, dweight, dbias] = backward_op.call(grads[0], x_, y_.defined() ? optional<Tensor>(y_) : std::nullopt,
+                                                 weight_.defined() ? optional<Tensor>(weight_) : std::nullopt,
+                                                 mean_, invstd_, act, slope, training, needs_input, needs_weight,
+                                                 needs_bias);
+    if (dweight.defined() && dweight.scalar_type() != *weight_dtype) dweight = dweight.to(*weight_dtype);
+    if (dbias.defined() && dbias.scalar_type() != *bias_dtype) dbias = dbias.to(*bias_dtype);
+    return {dx, dweight, dbias};
   }
 };
 
 Tensor batch_norm_autograd(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
                            const optional<Tensor>& running_mean, const optional<Tensor>& running_var, bool training,
                            double momentum, double eps, int64_t act, double slope) {
-  return BatchNormFunction::apply(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope);
+  const bool grad = at::GradMode::is_enabled() && (x.requires_grad() || requires_grad(weight) || requires_grad(bias));
+  auto node = grad ? make_node<BatchNormBackward>() : decltype(make_node<BatchNormBackward>())();
+  if (grad) {
+    node->set_next_edges(torch::autograd::collect_next_edges(x, weight.value_or(Tensor()), bias.value_or(Tensor())));
+  }
+  auto [y, mean, invstd] = [&] {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return run_forward(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope);
+  }();
+  if (!grad) return y;
+  torch::autograd::set_history(y, node);
+  node->x = torch::autograd::SavedVariable(x, false);
+  if (act != kNone) node->y = torch::autograd::SavedVariable(y, true);
+  if (present(weight)) {
+    node->weight = torch::autograd::SavedVariable(*weight, false);
+    node->weight_dtype = weight->scalar_type();
+  }
+  if (present(bias)) node->bias_dtype = bias->scalar_type();
+  // Eval mode keeps the running stats (constants of the backward), not batch statistics: as copies,
+  // because a later training step updates the buffers in place before this graph may backpropagate.
+  node->mean = torch::autograd::SavedVariable(training ? mean : mean.clone(), false);
+  node->invstd = torch::autograd::SavedVariable(training ? invstd : invstd.clone(), false);
+  node->training = training;
+  node->eps = eps;
+  node->act = act;
+  node->slope = slope;
+  return y;
 }
 
 // Below autograd (inference tensors, fake tensors): the forward alone.

@@ -411,6 +411,56 @@ def test_layer_op_refuses_double_backward():
         torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
 
 
+def test_layer_op_saved_tensors_follow_autograd_rules():
+    """The C++ node saves x, y and weight as torch's own nodes do: in-place changes are caught,
+    saved-tensor hooks apply, a second backward is refused, and only requested gradients are computed."""
+    x = make_input((4, 3, 5), torch.float32).requires_grad_()
+    w, b = (torch.rand(3) + 0.5).requires_grad_(), torch.randn(3).requires_grad_()
+
+    def run(x, w, b):
+        return native.batch_norm(x * 1.0, w, b, None, None, True, 0.1, 1e-5, act_codes.RELU, 0.0)
+
+    y = run(x, w, b)
+    assert y.grad_fn.name() == "BatchNormBackward"
+    y.mul_(2.0)  # y is saved (the relu mask is read off it)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+    y = run(x, w, b)
+    y.sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.sum().backward()
+    expected = (x.grad.clone(), w.grad.clone(), b.grad.clone())
+
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t.clone(), lambda t: t):
+        y = run(x, w, b)
+    assert len(packed) >= 3  # x, y, weight, mean, invstd
+    dx, dw, db = torch.autograd.grad(y.sum(), (x, w, b))
+    for got, want in zip((dx, dw, db), expected):
+        torch.testing.assert_close(got, want)
+    (dw_only,) = torch.autograd.grad(run(x, w, b).sum(), w)
+    torch.testing.assert_close(dw_only, expected[1])
+
+
+def test_layer_op_graph_is_freed_with_its_output():
+    """y is saved by its own node (for the relu mask): that must not form a cycle that keeps the
+    graph, and so every 4 MB output, alive after the output is dropped."""
+
+    def rss_bytes():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    x = make_input((1, 1, 1024, 1024), torch.float32).requires_grad_()
+    w, b = (torch.rand(1) + 0.5).requires_grad_(), torch.randn(1).requires_grad_()
+    native.batch_norm(x, w, b, None, None, True, 0.1, 1e-5, act_codes.RELU, 0.0)
+    before = rss_bytes()
+    for _ in range(50):
+        y = native.batch_norm(x, w, b, None, None, True, 0.1, 1e-5, act_codes.RELU, 0.0)
+        del y
+    assert rss_bytes() - before < 100 << 20, "outputs of dropped graphs were not freed"
+
+
 def test_layer_op_opcheck():
     x = make_input((3, 4, 5, 6), torch.float32)
     w, b = torch.rand(4) + 0.5, torch.randn(4)
