@@ -48,17 +48,17 @@ def check_arguments(x, running_mean, running_var, weight, bias) -> None:
     dtype = x.dtype
     if dtype not in _FLOATING:
         raise NotImplementedError(f"\"batch_norm\" not implemented for '{_ATEN_NAMES.get(dtype, dtype)}'")
-    if x.dim() < 2:
-        raise ValueError(f"batch_norm expected an input of at least 2D (N, C, *) (got {x.dim()}D input)")
-    num_channels, device = x.shape[1], x.device
+    shape = x.shape
+    if len(shape) < 2:
+        raise ValueError(f"batch_norm expected an input of at least 2D (N, C, *) (got {len(shape)}D input)")
+    num_channels, device = shape[1], x.device
     param_dtype = None
     for t in (running_mean, running_var, weight, bias):
-        if t is None:
-            continue
-        if param_dtype is None:
-            param_dtype = t.dtype
-        if t.numel() != num_channels or t.device != device or t.dtype != param_dtype:
-            break
+        if t is not None:
+            if param_dtype is None:
+                param_dtype = t.dtype
+            if t.numel() != num_channels or t.dtype != param_dtype or t.device != device:
+                break
     else:
         if param_dtype is None or param_dtype == dtype or (param_dtype == torch.float32 and dtype in _REDUCED):
             return
@@ -79,11 +79,13 @@ def _check_mode(x, running_mean, running_var, training: bool) -> None:
     if training:
         if (running_mean is None) != (running_var is None):
             raise ValueError("running_mean and running_var must either both be None or neither be None")
-        values_per_channel = x.shape[0]  # counted as torch does, so a (1, 0) input is refused too
-        for size in x.shape[2:]:
-            values_per_channel *= size
-        if values_per_channel == 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+        shape = x.shape
+        if shape[0] == 1:  # N > 1 (or 0) can never give exactly one value per channel
+            values_per_channel = 1  # counted as torch does, so a (1, 0) input is refused too
+            for size in shape[2:]:
+                values_per_channel *= size
+            if values_per_channel == 1:
+                raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
     elif running_mean is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
     elif running_var is None:
@@ -132,7 +134,7 @@ def batch_norm(
     Returns:
         (N, C, *) tensor with input's dtype; channels_last (3d) if input is, else contiguous (as torch).
     """
-    act, slope = act_codes.parse(activation, negative_slope)
+    act, slope = (act_codes.NONE, 0.0) if activation is None else act_codes.parse(activation, negative_slope)
     check_arguments(input, running_mean, running_var, weight, bias)
     _check_mode(input, running_mean, running_var, training)
     check_eps(eps, training)
