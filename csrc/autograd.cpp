@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <memory>
+#include <mutex>
 #include <type_traits>
 
 #include "activation.h"
@@ -93,7 +94,10 @@ struct BatchNormBackward : public torch::autograd::Node {
 
   std::string name() const override { return "BatchNormBackward"; }
 
+  // Nodes of a graph that several threads backpropagate through are shared (see torch's Note
+  // [Thread Safety on Autograd Node]): the saved variables are read and released under the lock.
   void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
     for (SavedVariable* v : {&x, &y, &weight, &mean, &invstd}) v->reset_data();
   }
 
@@ -104,11 +108,13 @@ struct BatchNormBackward : public torch::autograd::Node {
     static const auto backward_op = op<BackwardFn>("bnfused_native::backward");
     TORCH_CHECK(!at::GradMode::is_enabled(),
                 "bnfused: the BatchNorm backward is not differentiable (double backward / create_graph=True)");
+    std::lock_guard<std::mutex> lock(mutex_);
+    // Unpacked first: a second backward through a released graph must fail even with no gradient.
+    const Tensor x_ = x.unpack(), y_ = y.unpack(owning(this)), weight_ = weight.unpack();
+    Tensor mean_ = mean.unpack(), invstd_ = invstd.unpack();
     const bool needs_input = task_should_compute_output(0), needs_weight = task_should_compute_output(1),
                needs_bias = task_should_compute_output(2);
     if (!grads[0].defined() || !(needs_input || needs_weight || needs_bias)) return {Tensor(), Tensor(), Tensor()};
-    const Tensor x_ = x.unpack(), y_ = y.unpack(owning(this)), weight_ = weight.unpack();
-    Tensor mean_ = mean.unpack(), invstd_ = invstd.unpack();
     if (!training) {
       const auto acc = acc_type(x_.scalar_type());
       mean_ = mean_.to(acc);
@@ -127,6 +133,9 @@ struct BatchNormBackward : public torch::autograd::Node {
 Tensor batch_norm_autograd(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
                            const optional<Tensor>& running_mean, const optional<Tensor>& running_var, bool training,
                            double momentum, double eps, int64_t act, double slope) {
+  TORCH_CHECK(!torch::autograd::isFwGradDefined(x) && !torch::autograd::isFwGradDefined(weight) &&
+                  !torch::autograd::isFwGradDefined(bias),
+              "bnfused: forward-mode AD (dual tensors, jvp) through BatchNorm is not supported; use torch.nn.BatchNorm");
   const bool grad = at::GradMode::is_enabled() && (x.requires_grad() || requires_grad(weight) || requires_grad(bias));
   auto node = grad ? make_node<BatchNormBackward>() : decltype(make_node<BatchNormBackward>())();
   if (grad) {

