@@ -23,6 +23,7 @@ from bnfused.modules import (
     LazyBatchNorm3d,
 )
 from bnfused.sync import SyncBatchNorm
+from bnfused.torch_ops import get_compile_mode, set_compile_mode
 
 __version__ = "0.1.0"
 
@@ -54,6 +55,8 @@ __all__ = [
     "convert_model",
     "functional",
     "get_backend",
+    "get_compile_mode",
     "package_version",
     "set_backend",
+    "set_compile_mode",
 ]

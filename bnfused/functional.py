@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from bnfused import activation as act_codes
-from bnfused import backends, layout, ops
+from bnfused import backends, layout, ops, torch_ops
 
 _FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _REDUCED = (torch.float16, torch.bfloat16)
@@ -138,6 +138,8 @@ def batch_norm(
     check_arguments(input, running_mean, running_var, weight, bias)
     _check_mode(input, running_mean, running_var, training)
     check_eps(eps, training)
+    if torch_ops.use_torch_ops(input, training):  # compiled, traced or exported: torch's own graph
+        return torch_ops.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, act, slope)
     if input.numel() == 0:
         return empty_batch_norm(input, weight, bias, act, slope)
     # torch accepts weight and bias of any C-element shape, e.g. (1, C); the kernels index vectors.

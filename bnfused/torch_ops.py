@@ -1,0 +1,78 @@
+"""BatchNorm(+activation) written as torch's own ops, for compilers, tracers and exporters.
+
+Under ``torch.compile`` an opaque custom op is a wall for Inductor: it cannot fuse BatchNorm with
+its neighbours (the activation, a residual add, the next elementwise op) nor fold an eval-mode
+BatchNorm into the preceding convolution (``torch._inductor.config.freezing``). Written as
+``F.batch_norm`` followed by the activation, a bnfused layer gives Inductor exactly the graph that
+``torch.nn.BatchNorm`` gives it, so a compiled model with bnfused layers is compiled as torch's is.
+The same graph is what ``torch.jit.trace`` records and what ONNX exporters translate (into a
+standard BatchNormalization node and the activation after it).
+
+The compile policy picks, per device type, what a *training-mode* layer becomes under
+``torch.compile``: "decompose" (this module) or "kernels" (bnfused's own kernels as opaque
+``torch.ops.bnfused`` ops). Eval mode always decomposes: it is a per-channel affine, which Inductor
+fuses and folds better than any standalone kernel.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from bnfused import activation as act_codes
+
+COMPILE_MODES = ("decompose", "kernels")
+# Measured on whole models (benchmarks/bench_models.py, README "Under torch.compile"): on CPU the
+# decomposition is what Inductor compiles best. CUDA has not been measured yet; it decomposes too,
+# which is by construction what torch.nn.BatchNorm compiles to.
+_DEFAULT_COMPILE_MODE = {"cpu": "decompose", "cuda": "decompose"}
+
+
+def _mode_from_env() -> str | None:
+    value = os.environ.get("BNFUSED_COMPILE", "").strip().lower()
+    if value and value not in COMPILE_MODES:
+        raise ValueError(f"bnfused: BNFUSED_COMPILE must be one of {', '.join(COMPILE_MODES)}, got {value!r}")
+    return value or None
+
+
+_compile_mode: str | None = _mode_from_env()
+
+
+def set_compile_mode(mode: str | None) -> None:
+    """What a training-mode bnfused layer becomes under ``torch.compile``, on every device.
+
+    "decompose": torch's own ops, which Inductor fuses with neighbouring ops (the default);
+    "kernels": bnfused's kernels as opaque ops (``torch.ops.bnfused.*``);
+    None: back to the per-device default. The BNFUSED_COMPILE environment variable sets it at import.
+    Takes effect for graphs compiled afterwards (call ``torch._dynamo.reset()`` to recompile).
+    """
+    global _compile_mode
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ValueError(f"bnfused: compile mode must be one of {', '.join(COMPILE_MODES)} or None, got {mode!r}")
+    _compile_mode = mode
+
+
+def get_compile_mode(device_type: str = "cpu") -> str:
+    """The compile mode in force for training-mode layers on ``device_type``."""
+    return _compile_mode or _DEFAULT_COMPILE_MODE.get(device_type, "decompose")
+
+
+def use_torch_ops(x: torch.Tensor, training: bool) -> bool:
+    """True when this call must be expressed in torch's ops: under jit tracing (a traced or exported
+    graph must hold ops that torch, TorchScript and ONNX know), and under torch.compile in eval
+    mode or when the compile mode says so."""
+    if torch.compiler.is_compiling():
+        return not training or get_compile_mode(x.device.type) == "decompose"
+    return torch.jit.is_tracing()
+
+
+def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, act, slope) -> torch.Tensor:
+    """``act(F.batch_norm(...))`` on checked arguments: the graph torch's BatchNorm + activation gives."""
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    if act == act_codes.RELU:
+        return F.relu(y)
+    if act == act_codes.LEAKY_RELU:
+        return F.leaky_relu(y, slope)
+    return y
