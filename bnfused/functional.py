@@ -138,7 +138,7 @@ def batch_norm(
     check_arguments(input, running_mean, running_var, weight, bias)
     _check_mode(input, running_mean, running_var, training)
     check_eps(eps, training)
-    if torch_ops.use_torch_ops(input, training):  # compiled, traced or exported: torch's own graph
+    if torch_ops.use_torch_ops(input, training):  # compiled, traced, exported, torch.func or jvp: torch's graph
         return torch_ops.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, act, slope)
     if input.numel() == 0:
         return empty_batch_norm(input, weight, bias, act, slope)

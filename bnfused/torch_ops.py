@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
 from bnfused import activation as act_codes
@@ -61,11 +62,27 @@ def get_compile_mode(device_type: str = "cpu") -> str:
 
 def use_torch_ops(x: torch.Tensor, training: bool) -> bool:
     """True when this call must be expressed in torch's ops: under jit tracing (a traced or exported
-    graph must hold ops that torch, TorchScript and ONNX know), and under torch.compile in eval
-    mode or when the compile mode says so."""
+    graph must hold ops that torch, TorchScript and ONNX know), under torch.func transforms and
+    forward-mode AD (see ``transform_active``), and under torch.compile in eval mode or when the
+    compile mode says so."""
     if torch.compiler.is_compiling():
         return not training or get_compile_mode(x.device.type) == "decompose"
-    return torch.jit.is_tracing()
+    return transform_active() or torch.jit.is_tracing()
+
+
+_peek_interpreter_stack = torch._C._functorch.peek_interpreter_stack
+
+
+def transform_active() -> bool:
+    """A torch.func transform (vmap, grad, jvp, jacrev, jacfwd, hessian) is running, or a
+    forward-mode AD level (``torch.autograd.forward_ad.dual_level``) is open.
+
+    bnfused's kernels see plain tensors only: under vmap they would normalise the whole stacked
+    batch as one, and their autograd has no forward-mode (jvp) formula. torch's ops carry batching
+    rules and forward derivatives, with torch's errors where torch refuses (e.g. an in-place
+    running-stat update of an unbatched buffer under vmap). Two reads, about 50 ns together.
+    """
+    return _peek_interpreter_stack() is not None or forward_ad._current_level >= 0
 
 
 def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, act, slope) -> torch.Tensor:
