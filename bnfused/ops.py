@@ -10,7 +10,8 @@ Two routes into the same backend functions (``bnfused.backends``):
   breaks and AOTAutograd functionalises the buffer update.
 
 The backward is an explicit formula (saved mean and invstd, x_hat recomputed), never autograd
-through the forward; double backward raises instead of returning a silently constant gradient.
+through the forward. Under ``create_graph=True`` (double backward) that same formula runs as
+differentiable torch ops (``differentiable_backward``), so autograd records it.
 """
 
 from __future__ import annotations
@@ -151,6 +152,23 @@ def batch_norm(backend, x, weight, bias, running_mean, running_var, training, mo
 # --------------------------------------------------------------------------- autograd
 
 
+def differentiable_backward(dy, x, y, weight, mean, invstd, training, eps, act, slope, needs):
+    """(dx, dweight, dbias) as differentiable torch ops: the backward under ``create_graph=True``.
+
+    The reference backward's formula, recorded by autograd, which is cheaper to differentiate than
+    the forward (it is already the first derivative). In training, mean and invstd are recomputed
+    from x so that the recorded graph holds their dependence on x; eval's are constants (the running
+    stats). The activation's mask, read off the saved output, is a constant too: relu'' = 0, and at
+    the kink torch's convention (relu' = 0, leaky_relu' = slope). The C++ layer op does the same in
+    ATen (``differentiable_backward`` in csrc/autograd.cpp).
+    """
+    reference = backends.module("reference")
+    if training:
+        mean, var = reference.batch_stats(x)
+        invstd = torch.rsqrt(var + eps)
+    return reference.backward(dy, x, y, weight, mean, invstd, act, slope, training, *needs)
+
+
 class BatchNormFunction(torch.autograd.Function):
     """y = act(batch_norm(x)) with an explicit backward.
 
@@ -178,17 +196,13 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            # create_graph=True: a second derivative through this formula is not implemented, and
-            # returning a constant gradient would make e.g. a gradient penalty silently wrong.
-            raise RuntimeError(
-                "bnfused: double backward (create_graph=True) through BatchNorm is not supported; "
-                "use torch.nn.BatchNorm for higher-order gradients"
-            )
         x, y, weight, mean, invstd = ctx.saved_tensors
         training, eps, act, slope, backend, bias_dtype = ctx.config
         needs = ctx.needs_input_grad[:3]
-        dx, dw, db = backward(backend, layout.like(x, dy), x, y, weight, mean, invstd, act, slope, training, needs)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # create_graph=True
+            dx, dw, db = differentiable_backward(dy, x, y, weight, mean, invstd, training, eps, act, slope, needs)
+        else:
+            dx, dw, db = backward(backend, layout.like(x, dy), x, y, weight, mean, invstd, act, slope, training, needs)
         if dw is not None and dw.dtype != weight.dtype:
             dw = dw.to(weight.dtype)
         if db is not None and db.dtype != bias_dtype:

@@ -6,7 +6,8 @@
 // ops as every other route, so the math exists once. The node is written the way torch's generated
 // ones are (fields, not torch::autograd::Function's ctx->saved_data dictionary): that dictionary and
 // its CppNode wrapper cost microseconds per step, as much as the kernels of a (64, 120) layer.
-// Like bnfused.ops.BatchNormFunction, the backward is once-differentiable.
+// Like bnfused.ops.BatchNormFunction, the backward runs the fused kernel, except under
+// create_graph=True, where it is written in differentiable ATen ops (differentiable_backward).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -14,7 +15,9 @@
 
 #include <memory>
 #include <mutex>
+#include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "activation.h"
 #include "channel_args.h"
@@ -81,6 +84,38 @@ NodePtr owning(N* node) {
   }
 }
 
+// create_graph=True (double backward, MAML, gradient penalties): the kernels' formula
+// (bnfused/backends/reference.py) in differentiable ATen ops, so that autograd records it. In
+// training, mean and invstd are recomputed from x, so the recorded graph holds their dependence on
+// x; in eval mode they are the running stats, constants. The activation's mask is read off the
+// saved output and is a constant of the graph: relu'' = 0, and at the kink torch's convention
+// (relu' = 0, leaky_relu' = slope: y > 0 exactly where z > 0). Returns (dx, dweight, dbias) with
+// dx in x's dtype and the sums in the accumulation dtype.
+std::tuple<Tensor, Tensor, Tensor> differentiable_backward(const Tensor& dy, const Tensor& x, const Tensor& y,
+                                                           const Tensor& weight, Tensor mean, Tensor invstd,
+                                                           bool training, double eps, int64_t act, double slope) {
+  const auto acc = acc_type(x.scalar_type());
+  std::vector<int64_t> dims{0}, per_channel(x.dim(), 1);
+  for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
+  per_channel[1] = -1;
+  const Tensor xf = x.to(acc);
+  if (training) {
+    auto [var, batch_mean] = at::var_mean(xf, dims, at::Scalar(0), /*keepdim=*/false);
+    mean = batch_mean;
+    invstd = (var + eps).rsqrt();
+  }
+  Tensor g = dy.to(acc);
+  if (act != kNone) g = at::where(y > 0, g, g * slope);
+  const Tensor x_hat = (xf - mean.view(per_channel)) * invstd.view(per_channel);
+  const Tensor sum_g = g.sum(dims), sum_g_xhat = (g * x_hat).sum(dims);
+  if (training) {
+    const double count = static_cast<double>(x.numel() / x.size(1));
+    g = g - (sum_g / count).view(per_channel) - x_hat * (sum_g_xhat / count).view(per_channel);
+  }
+  const Tensor scale = weight.defined() ? invstd * weight.to(acc) : invstd;
+  return {(g * scale.view(per_channel)).to(x.scalar_type()), sum_g_xhat, sum_g};
+}
+
 struct BatchNormBackward : public torch::autograd::Node {
   using SavedVariable = torch::autograd::SavedVariable;
   // x, y (only with an activation: its derivative is read off y), weight, and the statistics:
@@ -106,8 +141,6 @@ struct BatchNormBackward : public torch::autograd::Node {
                                                           const optional<Tensor>&, const Tensor&, const Tensor&,
                                                           int64_t, double, bool, bool, bool, bool);
     static const auto backward_op = op<BackwardFn>("bnfused_native::backward");
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "bnfused: the BatchNorm backward is not differentiable (double backward / create_graph=True)");
     std::lock_guard<std::mutex> lock(mutex_);
     // Unpacked first: a second backward through a released graph must fail even with no gradient.
     const Tensor x_ = x.unpack(), y_ = y.unpack(owning(this)), weight_ = weight.unpack();
@@ -120,10 +153,19 @@ struct BatchNormBackward : public torch::autograd::Node {
       mean_ = mean_.to(acc);
       invstd_ = (invstd_.to(acc) + eps).rsqrt();
     }
-    auto [dx, dweight, dbias] = backward_op.call(grads[0], x_, y_.defined() ? optional<Tensor>(y_) : std::nullopt,
-                                                 weight_.defined() ? optional<Tensor>(weight_) : std::nullopt,
-                                                 mean_, invstd_, act, slope, training, needs_input, needs_weight,
-                                                 needs_bias);
+    Tensor dx, dweight, dbias;
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      std::tie(dx, dweight, dbias) =
+          differentiable_backward(grads[0], x_, y_, weight_, mean_, invstd_, training, eps, act, slope);
+      if (!needs_input) dx = Tensor();
+      if (!needs_weight) dweight = Tensor();
+      if (!needs_bias) dbias = Tensor();
+    } else {
+      std::tie(dx, dweight, dbias) =
+          backward_op.call(grads[0], x_, y_.defined() ? optional<Tensor>(y_) : std::nullopt,
+                           weight_.defined() ? optional<Tensor>(weight_) : std::nullopt, mean_, invstd_, act, slope,
+                           training, needs_input, needs_weight, needs_bias);
+    }
     if (dweight.defined() && dweight.scalar_type() != *weight_dtype) dweight = dweight.to(*weight_dtype);
     if (dbias.defined() && dbias.scalar_type() != *bias_dtype) dbias = dbias.to(*bias_dtype);
     return {dx, dweight, dbias};
@@ -135,7 +177,8 @@ Tensor batch_norm_autograd(const Tensor& x, const optional<Tensor>& weight, cons
                            double momentum, double eps, int64_t act, double slope) {
   TORCH_CHECK(!torch::autograd::isFwGradDefined(x) && !torch::autograd::isFwGradDefined(weight) &&
                   !torch::autograd::isFwGradDefined(bias),
-              "bnfused: forward-mode AD (dual tensors, jvp) through BatchNorm is not supported; use torch.nn.BatchNorm");
+              "bnfused_native::batch_norm has no forward-mode AD (dual tensors, jvp) formula; call "
+              "bnfused.functional.batch_norm, which computes dual inputs with torch's ops");
   const bool grad = at::GradMode::is_enabled() && (x.requires_grad() || requires_grad(weight) || requires_grad(bias));
   auto node = grad ? make_node<BatchNormBackward>() : decltype(make_node<BatchNormBackward>())();
   if (grad) {
