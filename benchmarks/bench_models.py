@@ -1,26 +1,38 @@
 #!/usr/bin/env python
-"""End-to-end benchmark: training throughput (samples/s) of whole models with each BatchNorm.
+"""Whole-model benchmark: what a user who swaps in bnfused runs, eager and compiled, train and inference.
 
-    python benchmarks/bench_models.py                    # CUDA if present, else CPU
-    python benchmarks/bench_models.py --quick            # seconds: small models, short timings
-    python benchmarks/bench_models.py --models resnet18 --batch 64 --csv benchmarks/results/models.csv
+    python benchmarks/bench_models.py                    # every model, layout and mode; CUDA if present, else CPU
+    python benchmarks/bench_models.py --quick            # seconds: the small models, short timings
+    python benchmarks/bench_models.py --models resnet18,mobilenet_v3_small --modes eval --layouts channels_last
 
-One training step (zero_grad, forward, cross-entropy, backward, SGD step) on random data, timed
-like the kernel benchmark. Providers (same names as bench_kernels.py):
+Each model is timed as written (torch.nn.BatchNorm) and as converted with
+``bnfused.convert_model(model, fuse_relu=True)``, eagerly and under ``torch.compile``, on random
+data. Providers:
 
-    torch              the model as written, with torch.nn.BatchNorm
-    compile            torch.compile of that model
-    scratch            the model with the from-scratch tutorial BatchNorm (benchmarks/scratch_bn.py)
-    bnfused[-backend]  bnfused.convert_model(model, backend=...)
-    bnfused+relu       bnfused.convert_model(model, fuse_relu=True): only models with a BatchNorm
-                       directly followed by nn.ReLU in an nn.Sequential (the MLPs), others are skipped
+    torch                       the model as written
+    compile                     torch.compile of that model
+    bnfused[-backend]           bnfused.convert_model(model, fuse_relu=True[, backend=...])
+    bnfused[-backend]+compile   torch.compile of the converted model
+    scratch                     every BatchNorm swapped for the from-scratch tutorial BatchNorm
+
+Modes: ``train`` (zero_grad, forward, cross-entropy, backward, SGD step) and ``eval`` (the model in
+eval mode under ``torch.no_grad()``, forward only). Layouts: ``nchw`` and ``channels_last`` (model
+and input; the MLPs take flattened images, so they run in nchw only).
+
+Every row has ``ratio``: its time over its baseline's, where the baseline is ``compile`` for compiled
+providers and ``torch`` for the others (below 1: faster). The providers of one (model, layout, mode)
+are timed in turn, round after round (``--repeat``), and the ratio is the median of the per-round
+ratios, so that a burst of load on a shared machine hits the provider and its baseline alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
@@ -31,125 +43,223 @@ import torchvision  # noqa: E402
 from torch import nn  # noqa: E402
 
 import bnfused  # noqa: E402
-from benchmarks import cli, models, providers, report, timing  # noqa: E402
+from benchmarks import cli, models, report, timing  # noqa: E402
 
-
-def _resnet18(norm: str) -> nn.Module:
-    return torchvision.models.resnet18(weights=None, num_classes=10, norm_layer=lambda c: models.batch_norm(norm, c, 2))
-
-
-# name -> (builder taking a norm name, input shape without the batch dim given the image size)
-MODELS: dict[str, tuple[Callable[[str], nn.Module], Callable[[int], tuple[int, ...]]]] = {
-    "resnet18": (_resnet18, lambda size: (3, size, size)),
-    "lenet": (models.lenet, lambda size: (1, 28, 28)),
-    "mlp_fashion": (models.mlp_fashion, lambda size: (1, 28, 28)),
-    "mnist_bn_mlp": (models.mnist_bn_mlp, lambda size: (1, 28, 28)),
-    "mnist_bn_after_relu": (models.mnist_bn_after_relu, lambda size: (1, 28, 28)),
-}
 NUM_CLASSES = 10
-# Per device: (ResNet-18 batch, ResNet-18 image size, batch of the other models).
-DEFAULTS = {"cuda": (128, 224, 256), "cpu": (16, 64, 64)}
-QUICK = (2, 32, 32)
+
+
+@dataclass(frozen=True)
+class Model:
+    """A benchmark model: its builder (with torch.nn.BatchNorm), and the input shape without the batch dim."""
+
+    build: Callable[[], nn.Module]
+    input_shape: Callable[[int], tuple[int, ...]]  # image size -> (C, H, W)
+    large: bool  # a torchvision network (batch and image size from --batch / --image-size)
+    convolutional: bool  # takes images as images (so channels_last applies)
+
+
+def _torchvision(name: str) -> Callable[[], nn.Module]:
+    return lambda: getattr(torchvision.models, name)(weights=None, num_classes=NUM_CLASSES)
+
+
+def _image(size: int) -> tuple[int, ...]:
+    return (3, size, size)
+
+
+def _digit(size: int) -> tuple[int, ...]:
+    return (1, 28, 28)
+
+
+MODELS: dict[str, Model] = {
+    "resnet18": Model(_torchvision("resnet18"), _image, large=True, convolutional=True),
+    "resnet50": Model(_torchvision("resnet50"), _image, large=True, convolutional=True),
+    "mobilenet_v3_small": Model(_torchvision("mobilenet_v3_small"), _image, large=True, convolutional=True),
+    "efficientnet_b0": Model(_torchvision("efficientnet_b0"), _image, large=True, convolutional=True),
+    "lenet": Model(lambda: models.lenet("torch"), _digit, large=False, convolutional=True),
+    "mlp_fashion": Model(lambda: models.mlp_fashion("torch"), _digit, large=False, convolutional=False),
+    "mnist_bn_mlp": Model(lambda: models.mnist_bn_mlp("torch"), _digit, large=False, convolutional=False),
+    "mnist_bn_after_relu": Model(lambda: models.mnist_bn_after_relu("torch"), _digit, large=False, convolutional=False),
+}
+MODES = ("train", "eval")
+LAYOUTS = ("nchw", "channels_last")
+BASES = ("torch", "scratch", "bnfused")
+COMPILE_SUFFIX = "+compile"
+# Per device: (batch of the torchvision models, their image size, batch of the small models).
+DEFAULTS = {"cuda": (128, 224, 256), "cpu": (16, 112, 64)}
+QUICK = (2, 32, 16)
 QUICK_MODELS = "lenet,mnist_bn_mlp"
 
 COLUMNS = (
-    "model", "provider", "backend", "batch", "input_shape", "dtype",
-    "ms", "q20_ms", "q80_ms", "samples_per_s", "speedup_vs_torch",
+    "model", "mode", "layout", "provider", "backend", "baseline", "batch", "input_shape", "dtype",
+    "ms", "q20_ms", "q80_ms", "samples_per_s", "ratio",
     "clock", "device", "torch", "triton", "commit", "date",
 )  # fmt: skip
-NUMERIC_COLUMNS = ("batch", "ms", "q20_ms", "q80_ms", "samples_per_s", "speedup_vs_torch")
+NUMERIC_COLUMNS = ("batch", "ms", "q20_ms", "q80_ms", "samples_per_s", "ratio")
 
 
-def default_provider_names(device: torch.device) -> list[str]:
-    """torch, every available bnfused backend, bnfused+relu and scratch (compile only by name: its
-    compilation of a whole model takes minutes on a small CPU)."""
-    keep = []
-    for name in providers.default_names(device):
-        p = providers.parse(name)
-        if p.base == "bnfused" or (p.base in ("torch", "scratch") and not p.relu):
-            keep.append(name)
-    return keep
+@dataclass(frozen=True)
+class Provider:
+    """A parsed provider name: ``torch`` | ``scratch`` | ``bnfused[-backend]``, optionally ``+compile``
+    (``compile`` is ``torch+compile``)."""
+
+    name: str
+    base: str
+    backend: str | None  # the bnfused backend request; None outside bnfused
+    compiled: bool
+
+    @property
+    def baseline(self) -> str:
+        return "compile" if self.compiled else "torch"
 
 
-def build_model(name: str, provider: providers.Provider, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Model ``name`` with ``provider``'s BatchNorm, on ``device`` in ``dtype``, in training mode.
+def parse_provider(name: str) -> Provider:
+    text = name.strip().lower()
+    if text == "compile":
+        return Provider(text, "torch", None, True)
+    compiled = text.endswith(COMPILE_SUFFIX)
+    base = text[: -len(COMPILE_SUFFIX)] if compiled else text
+    backend = None
+    if base.startswith("bnfused-"):
+        base, backend = "bnfused", base[len("bnfused-") :]
+        known = tuple(n for n in bnfused.backends.NAMES if n != "auto")
+        if backend not in known:
+            raise ValueError(f"unknown bnfused backend {backend!r} in provider {name!r}; known: {', '.join(known)}")
+    elif base == "bnfused":
+        backend = "auto"
+    if base not in BASES or (base == "torch" and compiled):
+        raise ValueError(
+            f"unknown provider {name!r}: expected torch, compile, scratch, "
+            "bnfused[-<backend>] or bnfused[-<backend>]+compile"
+        )
+    return Provider(text, base, backend, compiled)
 
-    Raises ValueError when the provider does not apply (a ReLU to fuse that the model does not have).
-    """
-    builder = MODELS[name][0]
-    if provider.relu and provider.base != "bnfused":
-        raise ValueError("only bnfused fuses ReLU into a model; the others keep the model's own ReLU")
-    model = builder("scratch" if provider.base == "scratch" else "torch")
+
+DEFAULT_PROVIDERS = "torch,compile,bnfused,bnfused+compile,scratch"
+
+
+def build_model(name: str, provider: Provider, device: torch.device, dtype: torch.dtype, layout: str, mode: str):
+    """Model ``name`` with ``provider``'s BatchNorm, on ``device`` in ``dtype``, ``layout`` and ``mode``."""
+    model = MODELS[name].build()
     if provider.base == "bnfused":
-        model = bnfused.convert_model(model, fuse_relu=provider.relu, backend=provider.backend)
-        if provider.relu and not any(getattr(m, "activation", None) for m in model.modules()):
-            raise ValueError("fuse_relu=True found no BatchNorm followed by nn.ReLU in an nn.Sequential")
-    model = model.to(device=device, dtype=dtype).train()
+        model = bnfused.convert_model(model, fuse_relu=True, backend=provider.backend)
+    elif provider.base == "scratch":
+        model = models.to_scratch(model)
+    model = model.to(device=device, dtype=dtype).train(mode == "train")
+    if layout == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
     if provider.compiled:
-        torch._dynamo.reset()  # a fresh cache per model: see providers.build_layer
         model = torch.compile(model)
     return model
 
 
-def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
-    """One SGD-with-momentum step on the batch (x, target)."""
+def step_function(model: nn.Module, x: torch.Tensor, target: torch.Tensor, mode: str) -> Callable[[], None]:
+    """One SGD-with-momentum training step, or one inference forward."""
+    if mode == "eval":
+
+        def infer() -> None:
+            with torch.no_grad():
+                model(x)
+
+        return infer
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
-    def step() -> None:
+    def train() -> None:
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), target).backward()
         optimizer.step()
 
-    return step
+    return train
 
 
-def run(model_names, provider_names, device, dtype, sizes: tuple[int, int, int], budget, log, repeat=1) -> list[dict]:
-    """Measures every (model, provider) pair ``repeat`` times, round after round, and keeps the median
-    of the rounds; returns CSV rows. A pair that fails is logged and skipped."""
-    resnet_batch, image_size, small_batch = sizes
+def _cases(model_names, modes, layouts):
+    for model_name in model_names:
+        for layout in layouts:
+            if layout == "channels_last" and not MODELS[model_name].convolutional:
+                continue
+            for mode in modes:
+                yield model_name, layout, mode
+
+
+def run(model_names, provider_names, modes, layouts, device, dtype, sizes, budget, log, repeat=1) -> list[dict]:
+    """Times every provider on every (model, layout, mode), interleaved round by round; returns CSV rows.
+
+    A provider that fails to build or run is logged and left out; its baseline's row stays.
+    """
+    large_batch, image_size, small_batch = sizes
     metadata = {"clock": timing.clock_name(device), **report.run_metadata(device)}
-    cases: dict[tuple[str, str], dict] = {}  # (model, provider) -> the row's fixed fields and its timings
-    for round_index in range(repeat):
-        log(f"round {round_index + 1}/{repeat}")
-        for model_name in model_names:
-            batch = resnet_batch if model_name == "resnet18" else small_batch
-            shape = (batch, *MODELS[model_name][1](image_size))
-            log(f"  {model_name} {'x'.join(map(str, shape))}")
-            for name in provider_names:
-                provider = providers.parse(name)
-                try:
-                    torch.manual_seed(0)
-                    model = build_model(model_name, provider, device, dtype)
-                    x = torch.randn(shape, device=device, dtype=dtype)
-                    target = torch.randint(0, NUM_CLASSES, (batch,), device=device)
-                    measured = timing.measure(training_step(model, x, target), device, budget)
-                    backend = providers.resolved_backend(provider, device)
-                except Exception as exc:  # one provider failing must not stop the others
-                    log(f"    {name}: skipped ({report.short_reason(exc)})")
-                    continue
-                fields = {
-                    "model": model_name, "provider": name, "backend": backend, "batch": batch,
-                    "input_shape": "x".join(map(str, shape[1:])), "dtype": str(dtype).replace("torch.", ""),
-                }  # fmt: skip
-                cases.setdefault((model_name, name), {"fields": fields, "timings": []})["timings"].append(measured)
+    parsed = [parse_provider(n) for n in provider_names]
     rows = []
-    for case in cases.values():
-        measured = timing.median_timing(case["timings"])
-        batch = case["fields"]["batch"]
-        samples_per_s = f"{batch / (measured.ms * 1e-3):.6g}"
-        rows.append({**case["fields"], **timing.as_columns(measured), "samples_per_s": samples_per_s, **metadata})
-    report.add_speedups(rows, ("model", "batch", "dtype"))
+    for model_name, layout, mode in _cases(model_names, modes, layouts):
+        spec = MODELS[model_name]
+        batch = large_batch if spec.large else small_batch
+        shape = (batch, *spec.input_shape(image_size))
+        log(f"{model_name} {'x'.join(map(str, shape))} {layout} {mode}")
+        torch.manual_seed(0)
+        x = torch.randn(shape, device=device, dtype=dtype)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        target = torch.randint(0, NUM_CLASSES, (batch,), device=device)
+        steps: dict[str, Callable[[], None]] = {}
+        for provider in parsed:
+            try:
+                torch.manual_seed(0)
+                model = build_model(model_name, provider, device, dtype, layout, mode)
+                step = step_function(model, x, target, mode)
+                step()  # builds the extension, compiles: not part of any timing
+                steps[provider.name] = step
+            except Exception as exc:  # one provider failing must not stop the others
+                log(f"  {provider.name}: skipped ({report.short_reason(exc)})")
+        timings: dict[str, list[timing.Timing]] = {name: [] for name in steps}
+        for _ in range(repeat):
+            for name, step in steps.items():
+                timings[name].append(timing.measure(step, device, budget))
+        for provider in parsed:
+            if provider.name not in steps:
+                continue
+            measured = timing.median_timing(timings[provider.name])
+            baseline = timings.get(provider.baseline)
+            ratio = None
+            if baseline is not None:
+                ratio = statistics.median(t.ms / b.ms for t, b in zip(timings[provider.name], baseline))
+            rows.append({
+                "model": model_name, "mode": mode, "layout": layout, "provider": provider.name,
+                "backend": bnfused.backends.resolve(provider.backend, device) if provider.backend else "",
+                "baseline": provider.baseline, "batch": batch, "input_shape": "x".join(map(str, shape[1:])),
+                "dtype": str(dtype).replace("torch.", ""), **timing.as_columns(measured),
+                "samples_per_s": f"{batch / (measured.ms * 1e-3):.6g}",
+                "ratio": None if ratio is None else f"{ratio:.4g}", **metadata,
+            })  # fmt: skip
+            log(f"  {provider.name:<22} {measured.ms:9.4g} ms" + (f"  ratio {ratio:.3f}" if ratio else ""))
     return rows
 
 
 def results_table(rows: Sequence[dict], markdown: bool = False) -> str:
-    header = ["model", "batch", "provider", "ms / step", "samples/s", "vs torch"]
+    header = ["model", "mode", "layout", "batch", "provider", "ms", "samples/s", "ratio (vs baseline)"]
     body = [
-        [r["model"], str(r["batch"]), report.provider_label(r), f"{float(r['ms']):.4g}",
-         f"{float(r['samples_per_s']):,.0f}", f"{float(r['speedup_vs_torch']):.2f}x" if r["speedup_vs_torch"] else "-"]
+        [r["model"], r["mode"], r["layout"], str(r["batch"]), report.provider_label(r), f"{float(r['ms']):.4g}",
+         f"{float(r['samples_per_s']):,.0f}",
+         f"{float(r['ratio']):.3f} (vs {r['baseline']})" if r["ratio"] and r["provider"] != r["baseline"] else "-"]
         for r in rows
     ]  # fmt: skip
     return report.format_table(header, body, markdown)
+
+
+def summary(rows: Sequence[dict]) -> str:
+    """One line per (provider, mode): geometric mean and worst of its ratios over the models and layouts."""
+    groups: dict[tuple[str, str], list[tuple[float, str]]] = {}
+    for r in rows:
+        if r["ratio"] and r["provider"] != r["baseline"]:
+            where = f"{r['model']} {r['layout']}"
+            groups.setdefault((r["provider"], r["mode"]), []).append((float(r["ratio"]), where))
+    lines = []
+    for (provider, mode), ratios in groups.items():
+        geomean = math.exp(statistics.fmean(math.log(v) for v, _ in ratios))
+        worst, where = max(ratios)
+        lines.append(
+            f"{provider} {mode}: time ratio geometric mean {geomean:.3f} over {len(ratios)} configurations, "
+            f"worst {worst:.3f} ({where})"
+        )
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,56 +268,65 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
     )  # fmt: skip
     cli.add_common_arguments(
-        parser,
-        quick_help="seconds: small models, small batches, short timings",
-        csv_help="write one row per model x provider",
+        parser, quick_help="seconds: small models, small batches, short timings", csv_help="write one row per case"
     )
     parser.add_argument("--models", help=f"subset of {', '.join(MODELS)} (default: all; {QUICK_MODELS} with --quick)")
-    parser.add_argument("--providers", help="default: torch, bnfused-<each available backend>, bnfused+relu, scratch")
+    parser.add_argument("--providers", help=f"comma-separated (default: {DEFAULT_PROVIDERS})")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"subset of {', '.join(MODES)} (default: both)")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"subset of {', '.join(LAYOUTS)} (default: both)")
     cpu, cuda = DEFAULTS["cpu"], DEFAULTS["cuda"]
     parser.add_argument(
         "--batch", type=int,
-        help=f"batch size of every model (default: ResNet-18 {cpu[0]}, others {cpu[2]} on CPU; "
+        help=f"batch size of every model (default: torchvision models {cpu[0]}, others {cpu[2]} on CPU; "
         f"{cuda[0]} and {cuda[2]} on CUDA)",
     )  # fmt: skip
     parser.add_argument(
-        "--image-size", type=int, help=f"ResNet-18 input height and width (default: {cpu[1]} on CPU, {cuda[1]} on CUDA)"
+        "--image-size", type=int, help=f"torchvision models' input size (default: {cpu[1]} on CPU, {cuda[1]} on CUDA)"
     )
     return parser
+
+
+def _choose(text: str, allowed: Sequence[str], option: str) -> list[str]:
+    chosen = cli.split(text)
+    unknown = [c for c in chosen if c not in allowed]
+    if unknown or not chosen:
+        raise SystemExit(f"{option}: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(allowed)}")
+    return chosen
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
     device = cli.setup(args)
-    model_names = cli.split(args.models or (QUICK_MODELS if args.quick else ",".join(MODELS)))
-    unknown = [m for m in model_names if m not in MODELS]
-    if unknown or not model_names:
-        raise SystemExit(f"--models: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(MODELS)}")
-    names = cli.split(args.providers) if args.providers else default_provider_names(device)
+    model_names = _choose(args.models or (QUICK_MODELS if args.quick else ",".join(MODELS)), list(MODELS), "--models")
+    modes = _choose(args.modes, MODES, "--modes")
+    layouts = _choose(args.layouts, LAYOUTS, "--layouts")
+    names = cli.split(args.providers or DEFAULT_PROVIDERS)
     try:
         for name in names:
-            providers.parse(name)
+            parse_provider(name)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
-    resnet_batch, image_size, small_batch = QUICK if args.quick else DEFAULTS.get(device.type, DEFAULTS["cpu"])
+    large_batch, image_size, small_batch = QUICK if args.quick else DEFAULTS.get(device.type, DEFAULTS["cpu"])
     if args.batch is not None:
-        resnet_batch = small_batch = args.batch
+        large_batch = small_batch = args.batch
     if args.image_size is not None:
         image_size = args.image_size
-    if min(resnet_batch, small_batch) < 2 or image_size < 32:
+    if min(large_batch, small_batch) < 2 or image_size < 32:
         raise SystemExit(
-            "--batch must be >= 2 (BatchNorm needs 2 samples), --image-size >= 32 (ResNet downsamples 32x)"
+            "--batch must be >= 2 (BatchNorm needs 2 samples), --image-size >= 32 (the nets downsample 32x)"
         )
     budget = timing.QUICK if args.quick else timing.FULL
-    sizes = (resnet_batch, image_size, small_batch)
-    rows = run(model_names, names, device, cli.DTYPES[args.dtype], sizes, budget, cli.log, args.repeat)
+    sizes = (large_batch, image_size, small_batch)
+    dtype = cli.DTYPES[args.dtype]
+    rows = run(model_names, names, modes, layouts, device, dtype, sizes, budget, cli.log, args.repeat)
     if rows:
         meta = rows[0]
         print(
             f"{meta['device']} | torch {meta['torch']} | commit {meta['commit']} | {meta['date']} | {args.dtype} "
-            f"| clock {meta['clock']}"
+            f"| clock {meta['clock']} | ratio = time / baseline's time, median of {args.repeat} interleaved rounds"
         )
     print(results_table(rows, args.markdown))
+    print(summary(rows))
     if args.csv:
         report.write_csv(args.csv, rows, COLUMNS)
         print(f"wrote {args.csv}")

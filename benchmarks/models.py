@@ -77,3 +77,16 @@ def mnist_bn_after_relu(norm: str | None, dropout: float = 0.25) -> nn.Module:
     """Linear(784,256) -> ReLU -> BN(256) -> Linear(256,10); without ``norm``, Dropout in BN's place."""
     middle = batch_norm(norm, 256) if norm is not None else nn.Dropout(dropout)
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), middle, nn.Linear(256, 10))
+
+
+def to_scratch(model: nn.Module) -> nn.Module:
+    """``model`` with every torch.nn BatchNorm replaced (in place) by the from-scratch BatchNorm, same
+    eps, momentum, parameters and running statistics."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            scratch = ScratchBatchNorm(child.num_features, child.eps, child.momentum or 0.1)
+            scratch.load_state_dict({k: v for k, v in child.state_dict().items() if k != "num_batches_tracked"})
+            model._modules[name] = scratch.to(child.weight.device)
+        else:
+            to_scratch(child)
+    return model

@@ -134,43 +134,56 @@ def test_bad_options_exit_with_a_message():
 
 def test_bench_models_quick_writes_csv(tmp_path, cpu_one_thread):
     csv_path = tmp_path / "models.csv"
-    names = ["torch", "bnfused-reference", "bnfused+relu", "scratch"]
-    rows = bench_models.main(["--quick", *cpu_one_thread, "--providers", ",".join(names), "--csv", str(csv_path)])
+    names = ["torch", "compile", "bnfused-reference", "bnfused-reference+compile", "scratch"]
+    argv = ["--quick", *cpu_one_thread, "--models", "mnist_bn_mlp,lenet", "--providers", ",".join(names)]
+    rows = bench_models.main([*argv, "--layouts", "nchw", "--csv", str(csv_path)])
     header, read = _read_csv(csv_path)
     assert header == list(bench_models.COLUMNS)
     assert len(read) == len(rows)
-    pairs = {(r["model"], r["provider"]) for r in read}
-    # LeNet has sigmoids, so fuse_relu has nothing to fuse there: that pair is skipped, the rest run.
-    expected = {(m, p) for m in bench_models.QUICK_MODELS.split(",") for p in names} - {("lenet", "bnfused+relu")}
-    assert pairs == expected
+    cases = {(r["model"], r["mode"], r["layout"], r["provider"]) for r in read}
+    assert cases == {
+        (m, mode, "nchw", p) for m in ("mnist_bn_mlp", "lenet") for mode in ("train", "eval") for p in names
+    }
     for r in read:
         for column in bench_models.NUMERIC_COLUMNS:
             assert math.isfinite(float(r[column])) and float(r[column]) > 0, (column, r[column])
         assert float(r["samples_per_s"]) == pytest.approx(int(r["batch"]) / (float(r["ms"]) * 1e-3), rel=1e-4)
-        if r["provider"] == "torch":
-            assert float(r["speedup_vs_torch"]) == 1.0
+        assert r["baseline"] == ("compile" if r["provider"].endswith("compile") else "torch")
+        if r["provider"] == r["baseline"]:
+            assert float(r["ratio"]) == 1.0
+        assert r["backend"] == ("reference" if r["provider"].startswith("bnfused") else "")
         _assert_metadata(r, "cpu")
 
 
-def test_bench_models_resnet18_tiny(cpu_one_thread):
-    rows = bench_models.main(
-        ["--quick", *cpu_one_thread, "--models", "resnet18", "--providers", "torch,bnfused-reference"]
-    )
-    assert [r["provider"] for r in rows] == ["torch", "bnfused-reference"]
+def test_bench_models_layouts_and_modes(cpu_one_thread, capsys):
+    argv = ["--quick", *cpu_one_thread, "--models", "resnet18,mnist_bn_mlp", "--providers", "torch,bnfused-reference"]
+    rows = bench_models.main([*argv, "--modes", "eval", "--layouts", "channels_last"])
+    # The MLP takes flattened images: it has no channels_last case.
+    assert [(r["model"], r["layout"], r["mode"], r["provider"]) for r in rows] == [
+        ("resnet18", "channels_last", "eval", "torch"),
+        ("resnet18", "channels_last", "eval", "bnfused-reference"),
+    ]
     assert rows[0]["input_shape"] == "3x32x32"
+    assert "bnfused-reference eval: time ratio geometric mean" in capsys.readouterr().out
 
 
 def test_converted_models_really_use_the_provider():
-    torch_model = bench_models.build_model("mnist_bn_mlp", providers.parse("torch"), torch.device("cpu"), torch.float32)
-    fused = bench_models.build_model(
-        "mnist_bn_mlp", providers.parse("bnfused+relu"), torch.device("cpu"), torch.float32
-    )
-    scratch = bench_models.build_model("resnet18", providers.parse("scratch"), torch.device("cpu"), torch.float32)
+    cpu, f32 = torch.device("cpu"), torch.float32
+    parse = bench_models.parse_provider
+    torch_model = bench_models.build_model("mnist_bn_mlp", parse("torch"), cpu, f32, "nchw", "train")
+    fused = bench_models.build_model("mnist_bn_mlp", parse("bnfused-reference"), cpu, f32, "nchw", "train")
+    scratch = bench_models.build_model("resnet18", parse("scratch"), cpu, f32, "channels_last", "eval")
     assert sum(isinstance(m, nn.BatchNorm1d) for m in torch_model.modules()) == 2
-    assert [m.activation for m in fused.modules() if hasattr(m, "activation")] == ["relu", "relu"]
+    assert [m.activation for m in fused.modules() if hasattr(m, "activation")] == ["relu", "relu"]  # fuse_relu=True
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in scratch.modules())
-    with pytest.raises(ValueError, match="no BatchNorm followed by nn.ReLU"):
-        bench_models.build_model("lenet", providers.parse("bnfused+relu"), torch.device("cpu"), torch.float32)
+    assert not scratch.training and scratch.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert parse("compile") == bench_models.Provider("compile", "torch", None, True)
+    assert parse("bnfused-cpp+compile").baseline == "compile" and parse("scratch").baseline == "torch"
+    for bad, message in (("torch+compile", "unknown provider"), ("bnfused-magic", "unknown bnfused backend")):
+        with pytest.raises(ValueError, match=message):
+            parse(bad)
+    with pytest.raises(SystemExit, match="--modes: unknown step"):
+        bench_models.main(["--quick", "--modes", "step"])
 
 
 def test_plot_refuses_rows_it_cannot_plot(tmp_path):

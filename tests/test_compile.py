@@ -1,9 +1,15 @@
 """torch.library registration: opcheck on the ops, and torch.compile(fullgraph=True) through the modules."""
 
+import contextlib
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 import bnfused
@@ -42,27 +48,165 @@ def _small_model():
     )  # fmt: skip
 
 
-def assert_compiled_matches_eager(backend: str, steps: int = 2) -> None:
-    """torch.compile(fullgraph=True) of a bnfused model gives the eager model's outputs, grads and buffers."""
+@contextlib.contextmanager
+def compile_mode(mode):
+    """bnfused's compile mode for the duration of a test, on a fresh Dynamo cache."""
+    bnfused.set_compile_mode(mode)
+    torch._dynamo.reset()
+    try:
+        yield
+    finally:
+        bnfused.set_compile_mode(None)
+        torch._dynamo.reset()
+
+
+def assert_compiled_matches_eager(backend: str, steps: int = 2, mode: str = "kernels") -> None:
+    """torch.compile(fullgraph=True) of a bnfused model gives the eager model's outputs, grads and buffers.
+
+    ``mode`` is bnfused's compile mode for training: "kernels" runs the backend's own kernels inside
+    the compiled graph, "decompose" torch's ops. The last step is in eval mode (always torch's ops).
+    """
     torch.manual_seed(0)
     eager = bnfused.convert_model(_small_model(), fuse_relu=True, backend=backend)
     compiled_model = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_model, fullgraph=True)
-    for step in range(steps):
-        x = torch.randn(4, 3, 10, 10)
-        if step == steps - 1:
-            eager.eval()
-            compiled_model.eval()
-        out_e, out_c = eager(x), compiled(x)
-        torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-5)
-        out_e.square().sum().backward()
-        out_c.square().sum().backward()
+    with compile_mode(mode):
+        compiled = torch.compile(compiled_model, fullgraph=True)
+        for step in range(steps):
+            x = torch.randn(4, 3, 10, 10)
+            if step == steps - 1:
+                eager.eval()
+                compiled_model.eval()
+            out_e, out_c = eager(x), compiled(x)
+            torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-5)
+            out_e.square().sum().backward()
+            out_c.square().sum().backward()
     for (name, p_e), p_c in zip(eager.named_parameters(), compiled_model.parameters()):
         torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
     for (name, b_e), b_c in zip(eager.named_buffers(), compiled_model.buffers()):
         torch.testing.assert_close(b_c, b_e, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_compile_fullgraph_matches_eager_reference():
+@pytest.mark.parametrize("mode", ["kernels", "decompose"])
+def test_compile_fullgraph_matches_eager_reference(mode):
+    assert_compiled_matches_eager("reference", mode=mode)
+
+
+# --------------------------------------------------------------------------- what Inductor is given
+
+
+def _captured_graphs(model, x, mode):
+    """The FX graphs Dynamo hands a compiler backend for ``model(x)``, under bnfused compile ``mode``."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with compile_mode(mode):
+        torch.compile(model, backend=backend, fullgraph=True)(x)
+    return graphs
+
+
+def _call_targets(graphs):
+    """Every function called, in the graphs and in the subgraphs they hold (an autograd.Function's
+    forward and backward are captured as subgraphs)."""
+    modules = [m for g in graphs for m in g.modules() if isinstance(m, torch.fx.GraphModule)]
+    return [n.target for m in modules for n in m.graph.nodes if n.op == "call_function"]
+
+
+def _is_bnfused_op(target) -> bool:
+    return isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) and target.namespace in (
+        "bnfused",
+        "bnfused_native",
+    )
+
+
+@pytest.mark.parametrize("mode", ["kernels", "decompose"])
+@pytest.mark.parametrize("activation", [None, "relu", "leaky_relu"])
+def test_eval_under_compile_is_torch_batch_norm_not_a_bnfused_op(mode, activation):
+    """Eval mode is a per-channel affine: Inductor must see it (to fuse it and fold it into a conv)."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), bnfused.BatchNorm2d(4, activation=activation, negative_slope=0.2, backend="reference")
+    ).eval()
+    targets = _call_targets(_captured_graphs(model, torch.randn(2, 3, 6, 6), mode))
+    assert not any(_is_bnfused_op(t) for t in targets), targets
+    assert F.batch_norm in targets
+    assert (F.relu in targets) == (activation == "relu")
+    assert (F.leaky_relu in targets) == (activation == "leaky_relu")
+
+
+@pytest.mark.parametrize(("mode", "expect_bnfused_op"), [("kernels", True), ("decompose", False)])
+def test_training_under_compile_follows_the_compile_mode(mode, expect_bnfused_op):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), bnfused.BatchNorm2d(4, activation="relu", backend="reference")).train()
+    targets = _call_targets(_captured_graphs(model, torch.randn(2, 3, 6, 6), mode))
+    assert any(_is_bnfused_op(t) for t in targets) == expect_bnfused_op, targets
+    assert (F.batch_norm in targets) != expect_bnfused_op
+
+
+def test_compile_mode_setting():
+    assert bnfused.get_compile_mode("cpu") == "decompose"  # measured default (README, "Under torch.compile")
+    with compile_mode("kernels"):
+        assert bnfused.get_compile_mode("cpu") == bnfused.get_compile_mode("cuda") == "kernels"
+    with pytest.raises(ValueError, match="compile mode must be one of decompose, kernels"):
+        bnfused.set_compile_mode("inductor")
+
+
+def test_compile_mode_from_the_environment():
+    code = "import bnfused; print(bnfused.get_compile_mode('cpu'))"
+    env = {**os.environ, "BNFUSED_COMPILE": "kernels"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "kernels"
+    env["BNFUSED_COMPILE"] = "fast"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "BNFUSED_COMPILE must be one of decompose, kernels" in bad.stderr
+
+
+# --------------------------------------------------------------------------- whole torchvision models
+
+_TORCHVISION_MODELS = ["resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0"]
+
+
+def _models_pair(name):
+    torch.manual_seed(0)
+    original = getattr(torchvision.models, name)(weights=None, num_classes=5).double()
+    return original, bnfused.convert_model(copy.deepcopy(original), fuse_relu=True, backend="reference")
+
+
+def _step(model, x, training):
+    torch.manual_seed(1)  # the same dropout masks for each model
+    model.train(training)
+    out = model(x)
+    if training:
+        out.square().mean().backward()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", _TORCHVISION_MODELS)
+def test_compiled_torchvision_models_match_eager_and_torch(name, training):
+    """Values, gradients, running stats and num_batches_tracked of the compiled converted model equal
+    the eager converted model and the torch.nn original (float64, one graph, no graph break).
+
+    Compiled with aot_eager: Dynamo capture and AOTAutograd (functionalised buffer updates, the
+    backward graph) are bnfused's concern; Inductor's code generation for torch's ops is torch's,
+    and is run on the small model above."""
+    original, converted = _models_pair(name)
+    twin = copy.deepcopy(converted)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    explained = torch._dynamo.explain(copy.deepcopy(twin).train(training))(x)  # explain runs the model
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
     torch._dynamo.reset()
-    assert_compiled_matches_eager("reference")
+    compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
+    outs = [_step(m, x, training) for m in (original, converted, compiled)]
+    torch.testing.assert_close(outs[1], outs[0])
+    torch.testing.assert_close(outs[2], outs[0])
+    for reference in (original, converted):
+        for (name_r, t_r), (_, t_c) in zip(
+            [*reference.named_parameters(), *reference.named_buffers()],
+            [*twin.named_parameters(), *twin.named_buffers()],
+        ):
+            torch.testing.assert_close(t_c, t_r, msg=lambda m, n=name_r: f"{n}: {m}")
+            if isinstance(t_r, nn.Parameter) and training:
+                torch.testing.assert_close(t_c.grad, t_r.grad, msg=lambda m, n=name_r: f"{n}.grad: {m}")
+    torch._dynamo.reset()
