@@ -12,7 +12,10 @@ data. Providers:
     torch                       the model as written
     compile                     torch.compile of that model
     bnfused[-backend]           bnfused.convert_model(model, fuse_relu=True[, backend=...])
-    bnfused[-backend]+compile   torch.compile of the converted model
+    bnfused[-backend]+compile   torch.compile of the converted model (bnfused's default compile mode)
+    bnfused[-backend]+compile-kernels, ...+compile-decompose
+                                the same in that compile mode (``bnfused.set_compile_mode``): how the
+                                choice of default was measured
     scratch                     every BatchNorm swapped for the from-scratch tutorial BatchNorm
 
 Modes: ``train`` (zero_grad, forward, cross-entropy, backward, SGD step) and ``eval`` (the model in
@@ -106,6 +109,7 @@ class Provider:
     base: str
     backend: str | None  # the bnfused backend request; None outside bnfused
     compiled: bool
+    compile_mode: str | None = None  # bnfused's compile mode; None: its default
 
     @property
     def baseline(self) -> str:
@@ -116,6 +120,10 @@ def parse_provider(name: str) -> Provider:
     text = name.strip().lower()
     if text == "compile":
         return Provider(text, "torch", None, True)
+    compile_mode = None
+    for mode in bnfused.torch_ops.COMPILE_MODES:
+        if text.endswith(f"{COMPILE_SUFFIX}-{mode}"):
+            text, compile_mode = text[: -len(mode) - 1], mode
     compiled = text.endswith(COMPILE_SUFFIX)
     base = text[: -len(COMPILE_SUFFIX)] if compiled else text
     backend = None
@@ -126,12 +134,12 @@ def parse_provider(name: str) -> Provider:
             raise ValueError(f"unknown bnfused backend {backend!r} in provider {name!r}; known: {', '.join(known)}")
     elif base == "bnfused":
         backend = "auto"
-    if base not in BASES or (base == "torch" and compiled):
+    if base not in BASES or (base == "torch" and compiled) or (compile_mode and base != "bnfused"):
         raise ValueError(
             f"unknown provider {name!r}: expected torch, compile, scratch, "
-            "bnfused[-<backend>] or bnfused[-<backend>]+compile"
+            "bnfused[-<backend>] or bnfused[-<backend>]+compile[-kernels|-decompose]"
         )
-    return Provider(text, base, backend, compiled)
+    return Provider(name.strip().lower(), base, backend, compiled, compile_mode)
 
 
 DEFAULT_PROVIDERS = "torch,compile,bnfused,bnfused+compile,scratch"
@@ -171,6 +179,22 @@ def step_function(model: nn.Module, x: torch.Tensor, target: torch.Tensor, mode:
     return train
 
 
+def in_compile_mode(step: Callable[[], None], compile_mode: str | None) -> Callable[[], None]:
+    """``step`` run with bnfused's compile mode set: Dynamo guards on it, so a compiled model must see
+    the mode it was compiled in at every call, or it would be recompiled in the other."""
+    if compile_mode is None:
+        return step
+
+    def call() -> None:
+        bnfused.set_compile_mode(compile_mode)
+        try:
+            step()
+        finally:
+            bnfused.set_compile_mode(None)  # the benchmark sets no mode of its own otherwise
+
+    return call
+
+
 def _cases(model_names, modes, layouts):
     for model_name in model_names:
         for layout in layouts:
@@ -204,7 +228,7 @@ def run(model_names, provider_names, modes, layouts, device, dtype, sizes, budge
             try:
                 torch.manual_seed(0)
                 model = build_model(model_name, provider, device, dtype, layout, mode)
-                step = step_function(model, x, target, mode)
+                step = in_compile_mode(step_function(model, x, target, mode), provider.compile_mode)
                 step()  # builds the extension, compiles: not part of any timing
                 steps[provider.name] = step
             except Exception as exc:  # one provider failing must not stop the others
