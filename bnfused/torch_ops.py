@@ -64,13 +64,16 @@ def use_torch_ops(x: torch.Tensor, training: bool) -> bool:
     """True when this call must be expressed in torch's ops: under jit tracing (a traced or exported
     graph must hold ops that torch, TorchScript and ONNX know), under torch.func transforms and
     forward-mode AD (see ``transform_active``), and under torch.compile in eval mode or when the
-    compile mode says so."""
+    compile mode says so (the kernels' ops have no batching rule or jvp formula, so transforms
+    decompose there too)."""
     if torch.compiler.is_compiling():
-        return not training or get_compile_mode(x.device.type) == "decompose"
+        return not training or get_compile_mode(x.device.type) == "decompose" or transform_active()
     return transform_active() or torch.jit.is_tracing()
 
 
-_peek_interpreter_stack = torch._C._functorch.peek_interpreter_stack
+# The depth rather than peek_interpreter_stack(): Dynamo traces the depth as its true value, while it
+# answers peek_interpreter_stack() with an interpreter even outside any transform.
+_functorch_depth = torch._C._functorch.get_dynamic_layer_stack_depth
 
 
 def transform_active() -> bool:
@@ -82,7 +85,7 @@ def transform_active() -> bool:
     rules and forward derivatives, with torch's errors where torch refuses (e.g. an in-place
     running-stat update of an unbatched buffer under vmap). Two reads, about 50 ns together.
     """
-    return _peek_interpreter_stack() is not None or forward_ad._current_level >= 0
+    return _functorch_depth() > 0 or forward_ad._current_level >= 0
 
 
 def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, act, slope) -> torch.Tensor:
