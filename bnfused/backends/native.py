@@ -2,10 +2,13 @@
 
 The ``bnfused_native`` operator library is found, in order, as
   1. the ahead-of-time module ``bnfused._C`` (``BNFUSED_BUILD_EXT=1 pip install -e . --no-build-isolation``);
-  2. a just-in-time build with ``torch.utils.cpp_extension.load`` and ninja, cached under
-     ~/.cache/torch_extensions (or $TORCH_EXTENSIONS_DIR) and rebuilt when a source changes.
-CUDA sources are compiled whenever torch is a CUDA build and a CUDA toolkit is found ($CUDA_HOME,
-then /usr/local/cuda), whether or not a GPU is visible. Nothing happens at import: the first call
+  2. a just-in-time build with ``torch.utils.cpp_extension.load`` and ninja, under
+     ~/.cache/torch_extensions (or $TORCH_EXTENSIONS_DIR) in a folder named after a hash of the
+     sources and flags (``build_key``): a tree built once is loaded without a compiler from then on,
+     and two trees (a pip install and a checkout, two branches) never rebuild each other's.
+The JIT build compiles the CUDA sources when torch is a CUDA build, a CUDA toolkit is found
+($CUDA_HOME, then /usr/local/cuda) and a GPU is visible, or when $BNFUSED_BUILD_CUDA=1; the
+ahead-of-time build whenever a toolkit is found. Nothing happens at import: the first call
 to ``available`` or to an op builds or loads the library, once per process, and a failure becomes
 the reason ``available`` returns, never an exception at ``import bnfused``.
 
@@ -18,9 +21,12 @@ setup.py can load it by path for the ahead-of-time build flags (``extension_kwar
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +67,16 @@ class Library:
 
 # --------------------------------------------------------------------------- build configuration
 
+# "1": the JIT build compiles the CUDA sources even with no GPU visible; "0": never. Unset: only when
+# a GPU is visible (they cannot run otherwise, and they double the build time).
+BUILD_CUDA_ENV = "BNFUSED_BUILD_CUDA"
+# Core-seconds a cold build took on this project's 2-core CI machine, for the build message's estimate:
+# the C++ translation units (they compile in parallel), and the CUDA ones (per target architecture).
+_CPU_BUILD_CORE_S = 100
+_CUDA_BUILD_S_PER_ARCH = 35
+# The file a completed JIT build leaves in its folder: the source tree it was built from.
+_BUILT_MARKER = "bnfused_build.txt"
+
 
 def cuda_toolkit() -> tuple[str | None, str | None]:
     """(CUDA_HOME, None) when CUDA sources can be compiled here, else (None, reason).
@@ -73,6 +89,24 @@ def cuda_toolkit() -> tuple[str | None, str | None]:
         if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
             return home, None
     return None, "no CUDA toolkit found (no bin/nvcc under $CUDA_HOME or /usr/local/cuda)"
+
+
+def jit_cuda_plan() -> tuple[str | None, str | None]:
+    """(CUDA_HOME, None) when the JIT build compiles the CUDA sources, else (None, why not).
+
+    They are compiled when a toolkit exists and a GPU is visible, or when $BNFUSED_BUILD_CUDA is 1.
+    """
+    choice = os.environ.get(BUILD_CUDA_ENV, "").strip()
+    if choice not in ("", "0", "1"):
+        raise ValueError(f"bnfused: ${BUILD_CUDA_ENV} must be 1 (compile the CUDA kernels), 0 or unset, got {choice!r}")
+    if choice == "0":
+        return None, f"the CUDA kernels were not compiled (${BUILD_CUDA_ENV}=0)"
+    home, reason = cuda_toolkit()
+    if home is None:
+        return None, reason
+    if choice == "1" or torch.cuda.is_available():
+        return home, None
+    return None, f"no GPU was visible, so only the CPU kernels were compiled (${BUILD_CUDA_ENV}=1 compiles them too)"
 
 
 def _cpu_flags() -> tuple[str, list[str]]:
@@ -100,41 +134,129 @@ def _cuda_flags() -> list[str]:
     return flags
 
 
-def extension_kwargs(with_cuda: bool) -> dict:
+def extension_kwargs(with_cuda: bool, csrc: Path = CSRC) -> dict:
     """Name, sources and flags of the extension, shared by the JIT build here and setup.py."""
     isa, cflags = _cpu_flags()
-    sources = [CSRC / "bnfused.cpp", CSRC / "autograd.cpp", *sorted((CSRC / "cpu").glob("*.cpp"))]
+    sources = [*sorted(csrc.glob("*.cpp")), *sorted((csrc / "cpu").glob("*.cpp"))]
     kwargs = {"sources": [str(s) for s in sources], "extra_cflags": cflags, "extra_ldflags": _openmp_flags()}
     if with_cuda:
-        kwargs["sources"] += [str(s) for s in sorted((CSRC / "cuda").glob("*.cu"))]
+        kwargs["sources"] += [str(s) for s in sorted((csrc / "cuda").glob("*.cu"))]
         kwargs["extra_cuda_cflags"] = _cuda_flags()
     kwargs["name"] = f"bnfused_native_{isa}" + ("_cuda" if with_cuda else "")
     return kwargs
 
 
+def build_key(kwargs: dict, csrc: Path = CSRC) -> str:
+    """A short hash of everything a JIT build's result depends on: the contents of every source and
+    header under csrc/, the flags, the compilers, torch and Python. Equal trees share one build,
+    wherever they are; any edit, flag or toolchain change gets a build folder of its own."""
+    digest = hashlib.sha256()
+    environment = [os.environ.get(v, "") for v in ("CXX", "CUDA_HOME", "TORCH_CUDA_ARCH_LIST")]
+    inputs = [kwargs.get(k) for k in ("name", "extra_cflags", "extra_cuda_cflags", "extra_ldflags")]
+    sources = sorted(os.path.relpath(s, csrc) for s in kwargs["sources"])
+    digest.update(repr((inputs, sources, environment, torch.__version__, sys.version)).encode())
+    for path in sorted(p for p in csrc.rglob("*") if p.suffix in _SOURCE_SUFFIXES and p.is_file()):
+        digest.update(path.relative_to(csrc).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+_SOURCE_SUFFIXES = {".cpp", ".h", ".hpp", ".cu", ".cuh"}
+
+
 # --------------------------------------------------------------------------- loading
 
 
+def build_estimate(kwargs: dict) -> str:
+    """Roughly how long a cold build of ``kwargs`` takes on this machine, in words."""
+    cores = max(1, min(os.cpu_count() or 1, len(kwargs["sources"])))
+    seconds = _CPU_BUILD_CORE_S / cores
+    if "extra_cuda_cflags" in kwargs:
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(";", " ").split() or _DEFAULT_CUDA_ARCHS
+        seconds += _CUDA_BUILD_S_PER_ARCH * len(archs)
+    if seconds >= 90:
+        return f"about {round(seconds / 60)} min on {os.cpu_count()} cores"
+    return f"about {max(10, round(seconds, -1)):.0f} s on {os.cpu_count()} cores"
+
+
+def _seed_from_previous_build(build_dir: Path, stem: str, csrc: Path) -> None:
+    """Starts a new build folder from the newest completed build of the same source tree (its object
+    files, with their times, and ninja's logs), so that ninja recompiles only what the edit changed."""
+    if build_dir.exists():
+        return
+    previous = [
+        d
+        for d in build_dir.parent.glob(f"{stem}_*")
+        if d.name.rsplit("_", 1)[0] == stem
+        and (d / _BUILT_MARKER).is_file()
+        and (d / _BUILT_MARKER).read_text().strip() == str(csrc)
+    ]
+    if not previous:
+        return
+    newest = max(previous, key=lambda d: (d / _BUILT_MARKER).stat().st_mtime)
+    staging = Path(tempfile.mkdtemp(prefix=f".{build_dir.name}.", dir=build_dir.parent))
+    for item in newest.iterdir():
+        if item.suffix == ".o" or item.name in (".ninja_log", ".ninja_deps"):
+            shutil.copy2(item, staging / item.name)
+    try:
+        staging.rename(build_dir)  # atomic: another process may be creating the same folder
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _jit_build(with_cuda: bool) -> None:
+    """Loads the build of this source tree and flags, compiling it first if there is none yet."""
     home = cuda_toolkit()[0]
     if home is not None:
         # Before cpp_extension is imported: it fixes its CUDA_HOME then, from the nvcc on PATH when the
         # variable is unset, and that nvcc may be a wrapper script outside the toolkit.
         os.environ.setdefault("CUDA_HOME", home)
-    from torch.utils import cpp_extension
-
-    kwargs = extension_kwargs(with_cuda)
-    if with_cuda:
-        cpp_extension.CUDA_HOME = home  # in case cpp_extension was imported (and guessed) earlier
     if not CSRC.is_dir():
         raise FileNotFoundError(f"C++ sources not found at {CSRC} (install bnfused from a source checkout)")
+    kwargs = extension_kwargs(with_cuda)
+    name = kwargs["name"]
+    key = build_key(kwargs)
+    build_dir = extensions_root() / f"{name}_{key}"
+    library_file = build_dir / f"{name}.so"
+    if (build_dir / _BUILT_MARKER).is_file() and library_file.is_file():
+        torch.ops.load_library(str(library_file))  # built before: no compiler, no ninja, no lock
+        return
+    from torch.utils import cpp_extension
+
+    if with_cuda:
+        cpp_extension.CUDA_HOME = home  # in case cpp_extension was imported (and guessed) earlier
     cpp_extension.verify_ninja_availability()
-    built = Path(cpp_extension._get_build_directory(kwargs["name"], verbose=False)) / f"{kwargs['name']}.so"
-    newest_source = max(p.stat().st_mtime for p in CSRC.rglob("*") if p.is_file())
-    if not built.exists() or built.stat().st_mtime < newest_source:
-        kind = "C++/CUDA" if with_cuda else "C++"
-        print(f"bnfused: compiling the {kind} extension into {built.parent} (once; a few minutes)", file=sys.stderr)
-    cpp_extension.load(**kwargs, with_cuda=with_cuda, is_python_module=False, verbose=False)
+    kind = "C++ and CUDA kernels" if with_cuda else "C++ CPU kernels only"
+    why = "" if with_cuda else f"; ${BUILD_CUDA_ENV}=1 adds the CUDA kernels"
+    print(
+        f"bnfused: compiling the extension ({kind}{why}) into {build_dir}: {build_estimate(kwargs)}, "
+        "once for these sources and flags",
+        file=sys.stderr,
+        flush=True,
+    )
+    _seed_from_previous_build(build_dir, name, CSRC)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(**kwargs, build_directory=str(build_dir), with_cuda=with_cuda, is_python_module=False)
+    # Recomputed from fresh kwargs (cpp_extension appends to the flag lists it is given): when csrc/
+    # changed while ninja compiled it, the folder stays unmarked and the next process lets ninja check it.
+    if build_key(extension_kwargs(with_cuda)) == key:
+        (build_dir / _BUILT_MARKER).write_text(f"{CSRC}\n")
+
+
+def extensions_root() -> Path:
+    """Where JIT builds go: $TORCH_EXTENSIONS_DIR, else torch's default folder for this Python and toolkit."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return Path(root)
+    import torch._appdirs  # what cpp_extension.get_default_build_root reads (importing that module logs warnings)
+
+    accelerator = "cpu"
+    if torch.version.hip is not None:
+        accelerator = f"rocm{torch.version.hip.replace('.', '')}"
+    elif torch.version.cuda is not None:
+        accelerator = f"cu{torch.version.cuda.replace('.', '')}"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    default_root = os.path.realpath(torch._appdirs.user_cache_dir(appname="torch_extensions"))
+    return Path(default_root) / f"{python}_{accelerator}"
 
 
 def _describe(exc: Exception) -> str:
@@ -162,11 +284,14 @@ def _import_prebuilt() -> bool:
 
 
 def _load() -> Library:
-    """Imports the ahead-of-time module, else JIT-builds (with CUDA when possible, else without)."""
+    """Imports the ahead-of-time module, else JIT-builds (with CUDA when planned and possible, else without)."""
     origin = "aot" if _import_prebuilt() else "jit"
     cuda_reason = None
     if origin == "jit":
-        home, cuda_reason = cuda_toolkit()
+        try:
+            home, cuda_reason = jit_cuda_plan()
+        except ValueError as exc:
+            return Library(str(exc), str(exc), "none")
         try:
             _jit_build(with_cuda=home is not None)
         except Exception as exc:
