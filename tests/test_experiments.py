@@ -1,4 +1,4 @@
-"""The training experiments (benchmarks/experiments.py) end to end, on tiny datasets in the real IDX format."""
+"""The training experiments (python -m benchmarks.experiments) end to end, on tiny datasets in the real IDX format."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import experiments
 from benchmarks.datasets import RAW_FILES
-from benchmarks.experiment_records import REQUIRED_FIELDS
-from benchmarks.experiment_specs import EXPERIMENTS
-from benchmarks.experiment_train import NO_BN, build_run
+from benchmarks.experiments import command as experiments
+from benchmarks.experiments.records import REQUIRED_FIELDS
+from benchmarks.experiments.specs import EXPERIMENTS
+from benchmarks.experiments.train import NO_BN, build_run
 
-SCRIPT = Path(experiments.__file__)
+REPO_ROOT = Path(__file__).resolve().parent.parent
 N_TRAIN, N_TEST = 64, 32  # one batch of 64: the first epoch's loss is measured before any update
 IDX_IMAGES, IDX_LABELS = 0x0803, 0x0801  # IDX magic numbers: unsigned bytes, 3 and 1 dimensions
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -122,10 +122,11 @@ def test_records_accumulate_and_report_keeps_latest_per_seed(data_root, tmp_path
 
 def test_missing_dataset_names_the_folder_and_download(tmp_path):
     empty = tmp_path / "nowhere"
-    # A subprocess from another folder: the script must find its own package.
+    # The README's command, as a subprocess from the repository root.
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "mnist-bn", "--data-root", str(empty), "--out", str(tmp_path / "out")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "benchmarks.experiments", "mnist-bn", "--data-root", str(empty),
+         "--out", str(tmp_path / "out")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert str(empty.resolve() / "MNIST" / "raw") in result.stderr

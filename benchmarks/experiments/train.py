@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import bnfused
 from benchmarks.datasets import Split
-from benchmarks.experiment_specs import Config, Experiment
+from benchmarks.experiments.specs import Config, Experiment
 
 NO_BN = "none"
 EVAL_BATCH_SIZE = 1000  # eval-mode BatchNorm is per sample, so the batch size only sets the speed

@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only; no display on these machines
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from benchmarks.experiment_report import PLOT_NAME  # noqa: E402
+from benchmarks.experiments.report import PLOT_NAME  # noqa: E402
 
 _COLORS = {"torch": "tab:blue", "bnfused": "tab:orange", "scratch": "tab:green", "none": "tab:gray"}
 # Implementations that agree draw on top of each other: distinct markers keep each one visible.

@@ -16,8 +16,8 @@ import torch
 
 import bnfused
 from benchmarks import report
-from benchmarks.experiment_specs import Experiment
-from benchmarks.experiment_train import Data, Run
+from benchmarks.experiments.specs import Experiment
+from benchmarks.experiments.train import Data, Run
 
 REQUIRED_FIELDS = ("experiment", "config", "bn", "epochs", "test_acc", "sec_per_epoch", "losses", "device", "date")
 

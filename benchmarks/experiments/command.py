@@ -1,6 +1,6 @@
-"""The classic BatchNorm training experiments with torch.nn.BatchNorm, bnfused and the from-scratch BatchNorm.
+"""The command line of the training experiments: parse, train each experiment, write records, table and plots.
 
-    python benchmarks/experiments.py {mlp-fashion,lenet,mnist-bn,mnist-dropout,all} \\
+    python -m benchmarks.experiments {mlp-fashion,lenet,mnist-bn,mnist-dropout,all} \\
         [--bn {torch,bnfused,scratch,all}] [--epochs N] [--device cpu|cuda] [--seed S] \\
         [--data-root DIR] [--download] [--limit N] [--out DIR] [--threads N] [--report-only] [--quiet]
 
@@ -16,19 +16,19 @@ import shlex
 import sys
 from pathlib import Path
 
-# Runnable as a script from anywhere: the repository root holds the ``benchmarks`` package.
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from benchmarks import datasets
+from benchmarks.experiments import records as experiment_records
+from benchmarks.experiments import report as experiment_report
+from benchmarks.experiments.plots import plot
+from benchmarks.experiments.specs import EXPERIMENTS, Experiment
+from benchmarks.experiments.train import Data, bnfused_backend, run_experiment
+from benchmarks.models import NORMS
+from benchmarks.report import REPO_ROOT
 
-from benchmarks import datasets, experiment_records, experiment_report  # noqa: E402
-from benchmarks.experiment_plots import plot  # noqa: E402
-from benchmarks.experiment_specs import EXPERIMENTS, Experiment  # noqa: E402
-from benchmarks.experiment_train import Data, bnfused_backend, run_experiment  # noqa: E402
-from benchmarks.models import NORMS  # noqa: E402
+PROG = "python -m benchmarks.experiments"
 
 RESULTS_NAME = "results.json"
 REPORT_NAME = "experiments.md"
@@ -43,7 +43,7 @@ def _positive(text: str) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="benchmarks/experiments.py",
+        prog=PROG,
         description="Train the classic BatchNorm experiments with torch.nn.BatchNorm, bnfused and a from-scratch "
         "BatchNorm; write results.json, a Markdown table and plots.",
     )
@@ -93,7 +93,7 @@ def train(args: argparse.Namespace) -> list[dict]:
     norms = list(NORMS) if args.bn == "all" else [args.bn]
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     progress = not args.quiet and sys.stderr.isatty()
-    command = "python benchmarks/experiments.py " + shlex.join(args.argv)
+    command = f"{PROG} {shlex.join(args.argv)}"
     env = experiment_records.environment(device)
     cache: dict = {}
     records = experiment_records.load(args.out / RESULTS_NAME)
@@ -135,7 +135,3 @@ def main(argv: list[str] | None = None) -> int:
         plot(latest, name, args.out)
     tqdm.write(f"results: {args.out / RESULTS_NAME}, table: {args.out / REPORT_NAME}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

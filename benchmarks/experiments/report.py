@@ -1,6 +1,6 @@
 """The Markdown report of the experiments: torch vs bnfused vs from-scratch BatchNorm vs published numbers.
 
-Built from result records (``experiment_records``); accuracies in percent.
+Built from result records (``records.py``); accuracies in percent.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import statistics
 
-from benchmarks.experiment_specs import EXPERIMENTS
+from benchmarks.experiments.specs import EXPERIMENTS
 
 PLOT_NAME = "experiments-{experiment}.png"
 PUBLISHED_TOLERANCE = 2.0  # points: acceptance asks every configuration to land this close to the published number
@@ -159,7 +159,7 @@ def _notes(name: str, rows: list[dict]) -> list[str]:
 
 
 def markdown(records: list[dict], notes: dict[str, list[str]] | None = None) -> str:
-    """The whole report for ``records`` (one per experiment, config and bn; see ``experiment_records.latest``).
+    """The whole report for ``records`` (one per experiment, config and bn; see ``records.latest``).
 
     ``notes``: extra lines per experiment name (explanations of differences from the published numbers).
     """
