@@ -5,11 +5,12 @@ bn = bnfused.BatchNorm2d(64)                       # drop-in for torch.nn.BatchN
 bn = bnfused.BatchNorm2d(64, activation="relu")    # BN + ReLU in one kernel
 y = bnfused.functional.batch_norm(x, rm, rv, w, b, training=True, activation="relu")
 model = bnfused.convert_model(model, fuse_relu=True)
+model = bnfused.revert_model(model)                # back to torch.nn classes (quantization fusion)
 """
 
 from bnfused import functional
 from bnfused.backends import BackendUnavailableError, availability, get_backend, set_backend
-from bnfused.convert import convert_model
+from bnfused.convert import convert_model, revert_model
 from bnfused.functional import batch_norm
 from bnfused.modules import (
     BatchNorm1d,
@@ -57,6 +58,7 @@ __all__ = [
     "get_backend",
     "get_compile_mode",
     "package_version",
+    "revert_model",
     "set_backend",
     "set_compile_mode",
 ]

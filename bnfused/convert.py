@@ -1,27 +1,35 @@
-"""``convert_model``: swap the BatchNorm layers of an existing model for bnfused's."""
+"""``convert_model``: swap the BatchNorm layers of an existing model for bnfused's, and
+``revert_model``: swap them back for torch's (for tools that match torch's exact classes)."""
 
 from __future__ import annotations
 
 from torch import nn
 
+from bnfused import activation as act_codes
 from bnfused.modules import EQUIVALENTS, _FusedBatchNorm
 from bnfused.sync import SyncBatchNorm
 
+_FUSED_ATTRIBUTES = ("activation", "negative_slope", "backend")
 
-def _convert_one(bn: nn.Module, backend: str | None) -> nn.Module:
-    cls = EQUIVALENTS[type(bn)]
+
+def _swap_class(bn: nn.Module, cls: type) -> nn.Module:
+    """``bn`` as an instance of ``cls``: the same Parameter and buffer objects, hooks and train/eval
+    flag, so optimizers keep working. The registries are copied, so the old module and the new one
+    don't share later changes."""
     if isinstance(bn, nn.modules.lazy.LazyModuleMixin) and bn.has_uninitialized_params():
         # Its hooks are bound to the old object: build a fresh lazy module with the same settings.
         template = bn.weight if bn.affine else bn.running_mean
         kwargs = {"device": template.device, "dtype": template.dtype} if template is not None else {}
         if bn.affine and bn.bias is None:
             kwargs["bias"] = False  # torch's bias=False (torch >= 2.10)
-        new = cls(bn.eps, bn.momentum, bn.affine, bn.track_running_stats, backend=backend, **kwargs)
-        return new.train(bn.training)
+        return cls(bn.eps, bn.momentum, bn.affine, bn.track_running_stats, **kwargs).train(bn.training)
     new = cls.__new__(cls)
-    # The same Parameter and buffer objects, hooks and train/eval flag: optimizers keep working. The
-    # registries are copied, so the old module and the new one don't share later changes.
     new.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in bn.__dict__.items()})
+    return new
+
+
+def _convert_one(bn: nn.Module, backend: str | None) -> nn.Module:
+    new = _swap_class(bn, EQUIVALENTS[type(bn)])
     new._init_fused(None, 0.01, backend)
     return new
 
@@ -64,4 +72,73 @@ def convert_model(
             convert_model(child, fuse_relu, backend)
     if fuse_relu and isinstance(model, nn.Sequential):
         _fuse_following_relu(model)
+    return model
+
+
+class ActivationHook:
+    """Forward hook that passes a layer's output through an activation module.
+
+    ``revert_model`` puts a fused activation here when the layer has no slot for a module of its
+    own: the activation still runs, and the state_dict keys stay those of the bnfused model.
+    """
+
+    def __init__(self, activation: nn.Module) -> None:
+        self.activation = activation
+
+    def __call__(self, module: nn.Module, args: tuple, output):
+        return self.activation(output)
+
+    def __repr__(self) -> str:
+        return f"ActivationHook({self.activation})"
+
+
+def _activation_module(bn: _FusedBatchNorm) -> nn.Module | None:
+    code, slope = act_codes.parse(bn.activation, bn.negative_slope)
+    if code == act_codes.RELU:
+        return nn.ReLU()
+    return nn.LeakyReLU(slope) if code == act_codes.LEAKY_RELU else None
+
+
+def _revert_one(bn: _FusedBatchNorm) -> tuple[nn.Module, nn.Module | None]:
+    """(torch layer, its activation module or None)."""
+    if isinstance(bn, SyncBatchNorm):
+        torch_cls = nn.SyncBatchNorm
+    else:  # the torch.nn class it subclasses (BatchNormReLU2d -> nn.BatchNorm2d)
+        torch_cls = next(c for c in type(bn).__mro__ if c in EQUIVALENTS)
+    new = _swap_class(bn, torch_cls)
+    for name in _FUSED_ATTRIBUTES:
+        new.__dict__.pop(name, None)
+    return new, _activation_module(bn)
+
+
+def revert_model(model: nn.Module) -> nn.Module:
+    """The inverse of ``convert_model``: every bnfused BatchNorm becomes its ``torch.nn`` class.
+
+    For tools that match torch's exact classes, such as ``torch.ao.quantization.fuse_modules`` /
+    ``fuse_modules_qat`` (then ``prepare_qat``). The very same
+    Parameter and buffer objects are kept, with the train/eval flag and hooks; state_dict keys do
+    not change. A fused activation comes back as a module: into the ``nn.Identity`` that follows the
+    layer in an ``nn.Sequential`` (the slot ``convert_model(fuse_relu=True)`` leaves), else as an
+    ``ActivationHook`` forward hook on the layer. ``bnfused.SyncBatchNorm`` becomes
+    ``nn.SyncBatchNorm``.
+    Returns the model (reverted in place), or the new module when ``model`` itself is a bnfused layer.
+    """
+    if isinstance(model, _FusedBatchNorm):
+        new, activation = _revert_one(model)
+        if activation is not None:
+            new.register_forward_hook(ActivationHook(activation))
+        return new
+    children = list(model._modules.items())
+    for i, (name, child) in enumerate(children):
+        if not isinstance(child, _FusedBatchNorm):
+            if child is not None:
+                revert_model(child)
+            continue
+        new, activation = _revert_one(child)
+        following = children[i + 1] if i + 1 < len(children) else (None, None)
+        if activation is not None and isinstance(model, nn.Sequential) and type(following[1]) is nn.Identity:
+            model._modules[following[0]] = activation.train(child.training)
+        elif activation is not None:
+            new.register_forward_hook(ActivationHook(activation))
+        model._modules[name] = new
     return model

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.fx import Proxy
 
 from bnfused import activation as act_codes
 from bnfused.functional import batch_norm
@@ -33,6 +34,8 @@ class _FusedBatchNorm:
         return 0.0 if self.momentum is None else self.momentum
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.__class__ is not torch.Tensor and isinstance(input, Proxy):
+            return self._fx_leaf(input)
         self._check_input_dim(input)
         momentum = self._step_momentum()
         # Batch statistics in training, and in eval when there are no running stats to use.
@@ -51,6 +54,20 @@ class _FusedBatchNorm:
             self.negative_slope,
             self.backend,
         )
+
+    def _fx_leaf(self, input: Proxy) -> Proxy:
+        """Records this layer in a ``torch.fx`` graph as one ``call_module`` node, as torch's BatchNorm is.
+
+        ``torch.fx.Tracer`` treats modules of ``torch.nn`` as leaves (``is_leaf_module``), so a traced
+        GraphModule calls them and keeps their train/eval switch; bnfused's classes live elsewhere, so
+        the tracer calls this forward with a Proxy, and the layer records itself the same way, for any
+        Tracer. The traced root module itself cannot be its own node: it is traced like torch's
+        (which raises on the Proxy in ``_check_input_dim``).
+        """
+        tracer = input.tracer
+        if getattr(tracer, "root", None) is self:
+            self._check_input_dim(input)
+        return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), {})
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.fx import Proxy
 
 from bnfused import activation as act_codes
 from bnfused import backends, layout
@@ -245,6 +246,8 @@ class SyncBatchNorm(_FusedBatchNorm, nn.modules.batchnorm._BatchNorm):
         return group, dist.get_world_size(group)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.__class__ is not torch.Tensor and isinstance(input, Proxy):
+            return self._fx_leaf(input)  # a torch.fx leaf, as nn.SyncBatchNorm is
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         group, world_size = self._sync_group()
