@@ -57,7 +57,7 @@ _AUTO_DEFAULT_ORDER = ("reference",)
 _DEVICE_TYPE = {"cpp": "cpu", "cuda": "cuda"}
 
 _loaded: dict[str, ModuleType] = {}
-_resolved: dict[tuple[str, str], str] = {}
+_resolved: dict[tuple[str, torch.device], str] = {}
 _default = os.environ.get("BNFUSED_BACKEND", "auto").strip().lower() or "auto"
 
 
@@ -108,9 +108,10 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
 def resolve(name: str | None, device: torch.device) -> str:
     """Turns a requested backend ("auto", None or a name) into a concrete, available backend name.
 
-    Cached per (request, device type), so a module call pays one dict lookup after the first.
+    Cached per (request, device), so a module call pays one dict lookup after the first (keyed by the
+    device itself: reading ``device.type`` costs more than the lookup).
     """
-    key = (name or _default, device.type)
+    key = (name or _default, device)
     found = _resolved.get(key)
     if found is None:
         found = _resolved[key] = _resolve_uncached(key[0], device)
@@ -119,6 +120,8 @@ def resolve(name: str | None, device: torch.device) -> str:
 
 def _resolve_uncached(name: str, device: torch.device) -> str:
     name = _check_name(name)
+    if device.type == "meta":  # shapes only, no data: the reference path propagates them, as torch's meta kernels do
+        return "reference"
     if name != "auto":
         reason = unavailable_reason(name, device)
         if reason is not None:
