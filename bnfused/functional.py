@@ -6,6 +6,8 @@ so that backends receive only valid, kernel-ready tensors.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from bnfused import activation as act_codes
@@ -20,50 +22,110 @@ _ATEN_NAMES = {
 }  # fmt: skip
 
 
-def _raise_for_per_channel(x, named: tuple) -> None:
-    """The slow path of ``check_arguments``: finds the offending tensor and raises torch's message."""
+# Under torch.jit.trace the checks read sizes as traced values, and the tracer warns that their outcome
+# is not recorded. It need not be: the graph holds aten::batch_norm, which checks its arguments itself.
+# torch silences these warnings for its own modules the same way (TracerWarning.ignore_lib_warnings).
+warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"bnfused\.")
+
+# torch.batch_norm's argument positions, which torch's TypeErrors name.
+_POSITIONS = {"input": 1, "weight": 2, "bias": 3, "running_mean": 4, "running_var": 5, "training": 6}
+
+
+def _type_name(value) -> str:
+    """A type as torch's argument parser names it: "NoneType", "list", "Tensor", "numpy.ndarray"."""
+    cls = type(value)
+    return cls.__name__ if cls.__module__ in ("builtins", "torch") else f"{cls.__module__}.{cls.__name__}"
+
+
+def _type_error(name: str, value, expected: str) -> TypeError:
+    return TypeError(
+        f"batch_norm(): argument '{name}' (position {_POSITIONS[name]}) must be {expected}, not {_type_name(value)}"
+    )
+
+
+def _check_per_channel_slowly(x, named: tuple) -> None:
+    """The slow path of ``check_arguments``: finds the offending argument and raises torch's error, or
+    returns when nothing is wrong after all (running stats that require grad under no_grad, strided
+    running stats, an empty input)."""
+    if not isinstance(x, torch.Tensor):
+        raise _type_error("input", x, "Tensor")
+    for name, t in named:
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise _type_error(name, t, "Tensor")
+    check_input(x)
     num_channels = x.shape[1]
+    # An input without elements is returned empty whatever the per-channel tensors' sizes, as torch does.
+    check_sizes = x.numel() != 0
     dtypes: set[torch.dtype] = set()
     for name, t in named:
         if t is None:
             continue
-        if t.numel() != num_channels:
+        if check_sizes and t.numel() != num_channels:
             raise RuntimeError(f"{name} should contain {num_channels} elements not {t.numel()}")
+        is_stat = name.startswith("running")
+        if check_sizes and is_stat and t.dim() != 1:  # weight and bias may have any C-element shape, as in torch
+            raise RuntimeError(f"{name} should be a 1-D tensor of {num_channels} elements, got shape {tuple(t.shape)}")
+        if is_stat and t.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"The function 'native_batch_norm' is not differentiable with respect to argument '{name}'. "
+                "This input cannot have requires_grad True."
+            )
         if t.device != x.device:
             raise RuntimeError(
                 f"Expected all tensors to be on the same device, but found {name} on {t.device} and input on {x.device}"
             )
         dtypes.add(t.dtype)
-    allowed = f"{x.dtype}" + (" (or all float32)" if x.dtype in _REDUCED else "")
+    dtype = x.dtype
+    if len(dtypes) <= 1 and (not dtypes or dtype in dtypes or (dtypes == {torch.float32} and dtype in _REDUCED)):
+        return
+    allowed = f"{dtype}" + (" (or all float32)" if dtype in _REDUCED else "")
     found = ", ".join(sorted(str(d) for d in dtypes))
     raise RuntimeError(f"mixed dtype: expected weight, bias, running_mean and running_var to be {allowed}, got {found}")
 
 
+def check_input(x) -> None:
+    """Input dtype and rank (torch's messages)."""
+    dtype = x.dtype
+    if dtype not in _FLOATING:
+        raise NotImplementedError(f"\"batch_norm\" not implemented for '{_ATEN_NAMES.get(dtype, dtype)}'")
+    if x.dim() < 2:
+        raise ValueError(f"batch_norm expected an input of at least 2D (N, C, *) (got {x.dim()}D input)")
+
+
 def check_arguments(x, running_mean, running_var, weight, bias) -> None:
-    """Input dtype and rank, and each per-channel tensor's size, device and dtype (torch's messages).
+    """Argument types, input dtype and rank, and each per-channel tensor's size, device and dtype, with
+    torch's exception types and messages; running stats must be (C,) and, while autograd records,
+    must not require grad (torch's rule).
 
     Runs on every layer call, so the common case is a handful of attribute reads; messages are only
     composed once something is wrong.
     """
-    dtype = x.dtype
-    if dtype not in _FLOATING:
-        raise NotImplementedError(f"\"batch_norm\" not implemented for '{_ATEN_NAMES.get(dtype, dtype)}'")
-    shape = x.shape
-    if len(shape) < 2:
-        raise ValueError(f"batch_norm expected an input of at least 2D (N, C, *) (got {len(shape)}D input)")
-    num_channels, device = shape[1], x.device
-    param_dtype = None
-    for t in (running_mean, running_var, weight, bias):
-        if t is not None:
-            if param_dtype is None:
-                param_dtype = t.dtype
-            if t.numel() != num_channels or t.dtype != param_dtype or t.device != device:
-                break
-    else:
-        if param_dtype is None or param_dtype == dtype or (param_dtype == torch.float32 and dtype in _REDUCED):
-            return
+    try:
+        dtype, shape = x.dtype, x.shape
+        if dtype in _FLOATING and len(shape) >= 2:
+            num_channels, device = shape[1], x.device
+            channels = (num_channels,)
+            param_dtype = None
+            for t in (running_mean, running_var):
+                if t is not None:
+                    if param_dtype is None:
+                        param_dtype = t.dtype
+                    if t.shape != channels or t.requires_grad or t.dtype != param_dtype or t.device != device:
+                        break
+            else:
+                for t in (weight, bias):
+                    if t is not None:
+                        if param_dtype is None:
+                            param_dtype = t.dtype
+                        if t.numel() != num_channels or t.dtype != param_dtype or t.device != device:
+                            break
+                else:
+                    if param_dtype in (None, dtype) or (param_dtype == torch.float32 and dtype in _REDUCED):
+                        return
+    except AttributeError:  # a non-tensor argument: the slow path names it
+        pass
     named = (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias))
-    _raise_for_per_channel(x, named)
+    _check_per_channel_slowly(x, named)
 
 
 def check_eps(eps: float, training: bool) -> None:
@@ -94,11 +156,17 @@ def _check_mode(x, running_mean, running_var, training: bool) -> None:
 
 def empty_batch_norm(x, weight, bias, act: int, slope: float) -> torch.Tensor:
     """Output for an input with no elements: an empty tensor still connected to weight and bias
-    (their gradients come out as zeros, as torch's do); running stats are left alone."""
+    (their gradients come out as zeros, as torch's do); running stats are left alone. As in torch,
+    weight and bias may have any size here (torch scales by their first element): a size that does
+    not match the channels is applied as a scalar."""
     shape = (1, -1, *([1] * (x.dim() - 2)))
-    y = x * weight.view(shape) if weight is not None else x.clone()
+
+    def broadcastable(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(shape) if t.numel() == x.shape[1] else t.sum()
+
+    y = x * broadcastable(weight) if weight is not None else x.clone()
     if bias is not None:
-        y = y + bias.view(shape)
+        y = y + broadcastable(bias)
     y = torch.nn.functional.leaky_relu(y, slope) if act else y
     return y.to(x.dtype)  # float32 parameters must not promote a half/bfloat16 output
 
@@ -134,6 +202,8 @@ def batch_norm(
     Returns:
         (N, C, *) tensor with input's dtype; channels_last (3d) if input is, else contiguous (as torch).
     """
+    if training is not True and training is not False:
+        raise _type_error("training", training, "bool")
     act, slope = (act_codes.NONE, 0.0) if activation is None else act_codes.parse(activation, negative_slope)
     check_arguments(input, running_mean, running_var, weight, bias)
     _check_mode(input, running_mean, running_var, training)

@@ -2,7 +2,9 @@
 
 Same functions and arguments as ``reference.py`` (see ``bnfused.backends``); x is (N, C, *)
 float16 | bfloat16 | float32 on a CUDA device, or on the CPU under ``TRITON_INTERPRET=1``.
-float64 input is passed to the reference backend: the kernels accumulate in fp32 only.
+float64 input is passed to the reference backend: the kernels accumulate in fp32 only. So eps is
+an fp32 scalar in the kernels, as in torch's CUDA kernels: an eps below fp32's smallest normal
+(1.2e-38) rounds to a subnormal, which matters only for a channel whose variance is as small.
 
 Passes over memory (E = x's element size, per value of x):
     forward_train   stats (read x) + tiny merge + normalize (read x, write y)       3E
@@ -201,6 +203,11 @@ def _empty_like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
 
 
+def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernels index per-channel tensors as dense (C,) vectors: a strided or expanded one is copied."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
 def _stats(x, plan: _Plan, running_mean, running_var, momentum: float, eps: float, output_invstd: bool):
     """(mean, invstd or biased var), both (C,) fp32; updates the running stats that are given."""
     C, K = plan.C, plan.chunks
@@ -278,7 +285,7 @@ def normalize(x, weight, bias, mean, invstd, act: int, slope: float) -> torch.Te
     """y = act((x - mean) * invstd * weight + bias): x's shape, dtype and strides. mean, invstd: (C,) fp32."""
     if x.dtype == torch.float64:
         return reference.normalize(x, weight, bias, mean, invstd, act, slope)
-    return _normalize(x, _plan(x), weight, bias, mean, invstd, False, 0.0, act, slope)
+    return _normalize(x, _plan(x), _dense(weight), _dense(bias), mean, invstd, False, 0.0, act, slope)
 
 
 def forward_train(x, weight, bias, running_mean, running_var, momentum: float, eps: float, act: int, slope: float):
@@ -286,6 +293,15 @@ def forward_train(x, weight, bias, running_mean, running_var, momentum: float, e
     and updates running_mean / running_var (each (C,) or None) in place."""
     if x.dtype == torch.float64:
         return reference.forward_train(x, weight, bias, running_mean, running_var, momentum, eps, act, slope)
+    mean_dense, var_dense = _dense(running_mean), _dense(running_var)
+    if mean_dense is not running_mean or var_dense is not running_var:
+        # Update dense copies, then write them back (an expanded tensor raises torch's overlap error there).
+        out = forward_train(x, weight, bias, mean_dense, var_dense, momentum, eps, act, slope)
+        for stat, dense in ((running_mean, mean_dense), (running_var, var_dense)):
+            if dense is not stat:
+                stat.copy_(dense)
+        return out
+    weight, bias = _dense(weight), _dense(bias)
     plan = _plan(x)
     if plan.chunks == 1:
         return _forward_fused(x, plan, weight, bias, running_mean, running_var, momentum, eps, act, slope)
@@ -297,6 +313,7 @@ def forward_eval(x, weight, bias, running_mean, running_var, eps: float, act: in
     """Eval forward with the running stats ((C,) tensors), one elementwise pass: y like x."""
     if x.dtype == torch.float64:
         return reference.forward_eval(x, weight, bias, running_mean, running_var, eps, act, slope)
+    weight, bias, running_mean, running_var = map(_dense, (weight, bias, running_mean, running_var))
     return _normalize(x, _plan(x), weight, bias, running_mean, running_var, True, eps, act, slope)
 
 
@@ -343,7 +360,7 @@ def backward_elemt(dy, x, y, weight, mean, invstd, sum_dy, sum_dy_xhat, count: i
     if x.dtype == torch.float64:
         return reference.backward_elemt(dy, x, y, weight, mean, invstd, sum_dy, sum_dy_xhat, count, act, slope)
     dy = layout.like(x, dy)
-    return _dx(dy, x, y, weight, mean, invstd, sum_dy, sum_dy_xhat, count, act, slope, _plan(x), training=True)
+    return _dx(dy, x, y, _dense(weight), mean, invstd, sum_dy, sum_dy_xhat, count, act, slope, _plan(x), training=True)
 
 
 def backward(dy, x, y, weight, mean, invstd, act: int, slope: float, training: bool, needs_input: bool,
@@ -353,7 +370,7 @@ def backward(dy, x, y, weight, mean, invstd, act: int, slope: float, training: b
         return reference.backward(
             dy, x, y, weight, mean, invstd, act, slope, training, needs_input, needs_weight, needs_bias
         )
-    dy = layout.like(x, dy)
+    dy, weight = layout.like(x, dy), _dense(weight)
     plan = _plan(x)
     dx = sum_g = sum_g_xhat = None
     need_g_xhat = needs_weight or (training and needs_input)

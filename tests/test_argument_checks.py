@@ -1,0 +1,149 @@
+"""Argument checks as torch's (issue 16, item 13): torch.nn.functional.batch_norm is the oracle for
+each exception type and message, and for what it accepts."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bnfused
+from bnfused.functional import batch_norm
+
+BACKENDS = ["reference", "cpp", "triton"]
+C = 3
+
+
+def _stats():
+    return torch.randn(C), torch.rand(C) + 0.5
+
+
+def _torch_error(call):
+    with pytest.raises(Exception) as torch_error:
+        call(F.batch_norm, {})
+    return torch_error
+
+
+@pytest.mark.parametrize("training", [None, torch.tensor(True), 1, np.bool_(True), "yes"], ids=repr)
+def test_item13_training_must_be_a_bool_like_torch(training):
+    def call(fn, kwargs):
+        return fn(torch.randn(4, C), *_stats(), training=training, **kwargs)
+
+    expected = _torch_error(call)
+    assert expected.type is TypeError
+    for backend in ("reference", "cpp"):
+        with pytest.raises(TypeError) as got:
+            call(batch_norm, {"backend": backend})
+        assert str(got.value) == str(expected.value)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("which", ["running_mean", "running_var"])
+def test_item13_running_stats_that_require_grad_raise_like_torch(which, training, backend):
+    x, stats = torch.randn(4, C, 2), dict(zip(("running_mean", "running_var"), _stats()))
+
+    def call(fn, kwargs):
+        own = {name: t.clone().requires_grad_(name == which) for name, t in stats.items()}
+        return fn(x, own["running_mean"], own["running_var"], training=training, **kwargs)
+
+    expected = _torch_error(call)
+    assert expected.type is RuntimeError
+    with pytest.raises(RuntimeError) as got:
+        call(batch_norm, {"backend": backend})
+    assert str(got.value) == str(expected.value)
+    with torch.no_grad():  # nothing is recorded: torch accepts them, and so does bnfused
+        torch.testing.assert_close(call(batch_norm, {"backend": backend}), call(F.batch_norm, {}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_item13_strided_and_expanded_running_stats(backend):
+    """Strided running stats work as in torch. Expanded (stride-0) ones are read in eval as torch reads
+    them; in training bnfused refuses them with torch's in-place overlap error, where torch writes
+    every channel's update into the one shared element (its result depends on channel order and
+    thread count)."""
+    x = torch.randn(6, C, 4) * 2 + 1
+    mean, var = _stats()
+
+    def strided(t):
+        base = torch.full((2 * C,), 7.0)
+        base[::2] = t
+        return base[::2]
+
+    for training in (True, False):
+        got_mean, got_var, want_mean, want_var = strided(mean), strided(var), mean.clone(), var.clone()
+        got = batch_norm(x, got_mean, got_var, training=training, backend=backend)
+        torch.testing.assert_close(got, F.batch_norm(x, want_mean, want_var, training=training))
+        torch.testing.assert_close(got_mean, want_mean), torch.testing.assert_close(got_var, want_var)
+        assert (got_mean._base[1::2] == 7).all()  # nothing written between the elements
+    one_mean, one_var = torch.randn(1), torch.rand(1) + 0.5
+    expanded = one_mean.expand(C), one_var.expand(C)
+    got = batch_norm(x, *expanded, training=False, backend=backend)
+    torch.testing.assert_close(got, F.batch_norm(x, *expanded, training=False))
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+        batch_norm(x, *expanded, training=True, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shapes", [((1, C), (C,)), ((C,), (C, 1))], ids=["mean(1,C)", "var(C,1)"])
+def test_item13_running_stats_must_be_one_dimensional_as_in_torch(shapes, training, backend):
+    running_mean, running_var = torch.zeros(shapes[0]), torch.ones(shapes[1])
+    x = torch.randn(4, C)
+    with pytest.raises(RuntimeError):
+        F.batch_norm(x, running_mean, running_var, training=training)
+    name = "running_mean" if running_mean.dim() != 1 else "running_var"
+    with pytest.raises(RuntimeError, match=rf"{name} should be a 1-D tensor of 3 elements, got shape"):
+        batch_norm(x, running_mean, running_var, training=training, backend=backend)
+
+
+@pytest.mark.parametrize(
+    "argument, position, value",
+    [
+        ("input", 1, torch.randn(4, C).numpy()),
+        ("input", 1, [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]),
+        ("weight", 2, [1.0, 1.0, 1.0]),
+        ("bias", 3, 0.5),
+        ("running_mean", 4, np.zeros(C, dtype=np.float32)),
+        ("running_var", 5, np.ones(C, dtype=np.float32)),
+    ],
+    ids=["numpy-input", "list-input", "list-weight", "float-bias", "numpy-mean", "numpy-var"],
+)
+def test_item13_non_tensor_arguments_raise_torchs_type_error(argument, position, value):
+    arguments = {"input": torch.randn(4, C), "running_mean": torch.zeros(C), "running_var": torch.ones(C)}
+    arguments[argument] = value
+    if argument != "input":  # torch's own message for these (for input, torch fails on input.size())
+        with pytest.raises(TypeError) as expected:
+            F.batch_norm(training=True, **arguments)
+        assert f"argument '{argument}' (position {position}) must be Tensor" in str(expected.value)
+    name = type(value).__name__ if type(value).__module__ == "builtins" else "numpy.ndarray"
+    message = f"batch_norm(): argument '{argument}' (position {position}) must be Tensor, not {name}"
+    for backend in ("reference", "cpp"):
+        with pytest.raises(TypeError) as got:
+            batch_norm(training=True, backend=backend, **arguments)
+        assert str(got.value) == message
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference", "auto"])
+def test_item13_meta_input_gives_a_meta_output_as_torch(backend):
+    x = torch.randn(4, C, 5, 5, device="meta").contiguous(memory_format=torch.channels_last).requires_grad_()
+    fused, plain = bnfused.BatchNorm2d(C, backend=backend, device="meta"), torch.nn.BatchNorm2d(C, device="meta")
+    for training in (True, False):
+        fused.train(training), plain.train(training)
+        got, want = fused(x), plain(x)
+        assert (got.device, got.shape, got.stride(), got.dtype) == (want.device, want.shape, want.stride(), want.dtype)
+        (grad,) = torch.autograd.grad(got.sum(), x)
+        assert grad.device.type == "meta" and grad.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(0, C, 5), (4, C, 0), (4, 0, 5)])
+def test_item13_empty_input_with_wrong_size_per_channel_tensors_is_returned_empty_as_torch(shape, training, backend):
+    wrong = (torch.zeros(C + 1), torch.ones(C + 1), torch.rand(C + 1, requires_grad=True), torch.rand(C + 1))
+    x = torch.randn(shape, requires_grad=True)
+    want = F.batch_norm(x, *[t.detach().clone() for t in wrong], training=training)
+    got = batch_norm(x, *wrong, training=training, backend=backend)
+    assert (got.shape, got.dtype) == (want.shape, want.dtype)
+    got.sum().backward()
+    torch.testing.assert_close(wrong[2].grad, torch.zeros(C + 1))  # connected to weight, as torch's output is
+    torch.testing.assert_close(wrong[0], torch.zeros(C + 1))  # running stats untouched
