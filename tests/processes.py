@@ -1,7 +1,8 @@
-"""Launching a group of CPU processes joined by gloo on loopback, with a deadline.
+"""Test plumbing: a group of CPU processes joined by gloo on loopback, with a deadline around them.
 
-Used by the SyncBatchNorm benchmark, the DDP example and the multi-process tests: a broken or
-unpaired collective fails (timeout inside the process, or TimeoutError here) instead of hanging.
+The SyncBatchNorm tests run many cases in one group of spawned processes, and a broken or unpaired
+collective must fail the test (timeout inside the process, or TimeoutError here) instead of hanging
+it. Programs start under torchrun instead (benchmarks/distributed/launch.py; tests/test_torchrun.py).
 """
 
 from __future__ import annotations

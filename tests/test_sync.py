@@ -22,10 +22,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import TOLERANCES, TORCH_CLASSES, _activate, make_input
+from processes import run_processes
 from torch import nn
 
 import bnfused
-from benchmarks.processes import run_processes
 from bnfused import backends
 from bnfused.sync import merge_stats
 

@@ -1,8 +1,10 @@
-"""Data-parallel training of LeNet on CPU processes (gloo) with ``bnfused.SyncBatchNorm``.
+"""Data-parallel training of LeNet with ``bnfused.SyncBatchNorm``, under torchrun (NCCL on GPUs, gloo on CPUs).
 
-    python -m benchmarks.ddp_lenet                         # 2 processes, 1 epoch of MNIST
-    python -m benchmarks.ddp_lenet --synthetic --epochs 2   # no dataset needed
-    python -m benchmarks.ddp_lenet --world-size 3 --limit 6000
+    python -m benchmarks.distributed.ddp_lenet                    # torchrun --standalone, 2 processes (or 1 per GPU)
+    python -m benchmarks.distributed.ddp_lenet --synthetic --epochs 2 --nproc-per-node 3
+    torchrun --standalone --nproc-per-node 2 -m benchmarks.distributed.ddp_lenet --synthetic
+    torchrun --nnodes 2 --node-rank 0 --nproc-per-node 4 --master-addr HOST0 --master-port 29500 \
+        -m benchmarks.distributed.ddp_lenet                       # on each node, with its --node-rank
 
 MNIST is read from ``--data-root`` (default ``../shared/data`` beside the repository, else
 ``./data``, torchvision layout ``<root>/MNIST/raw``); without it the run falls back to synthetic
@@ -12,15 +14,16 @@ Each step splits one global batch of ``world_size * batch_size`` samples between
 step of an epoch is short, so ranks get unequal (possibly empty) batches there, which SyncBatchNorm
 handles. The loss is scaled so that DistributedDataParallel's gradient averaging yields the
 gradient of the mean loss over the global batch. After training, rank 0 evaluates alone: eval-mode
-SyncBatchNorm uses the running statistics and never communicates.
+SyncBatchNorm uses the running statistics and never communicates. ``--save PATH``: rank 0 writes
+the trained model's state_dict there.
 
-Processes are launched with ``benchmarks.processes.run_processes`` (spawn, gloo on loopback).
+How processes start and find each other: ``benchmarks/distributed/launch.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import sys
 import time
 from pathlib import Path
 
@@ -31,8 +34,8 @@ from torch import nn
 
 import bnfused
 from benchmarks import datasets
+from benchmarks.distributed import launch
 from benchmarks.models import lenet
-from benchmarks.processes import run_processes
 
 NUM_CLASSES = 10
 
@@ -65,25 +68,30 @@ def load_splits(args: argparse.Namespace) -> tuple[datasets.Split, datasets.Spli
 # --------------------------------------------------------------------------- training, one process per rank
 
 
-def _train(rank: int, world_size: int, args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.threads)
+def _train(worker: launch.Worker, args: argparse.Namespace) -> None:
+    rank, world_size, device = worker.rank, worker.world_size, worker.device
+    torch.set_num_threads(launch.cpu_threads(args.threads))
     torch.manual_seed(args.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
     train, test, source = load_splits(args)
-    model = bnfused.convert_model(lenet("torch"), sync=True)  # every BatchNorm -> bnfused.SyncBatchNorm
-    ddp = nn.parallel.DistributedDataParallel(model)
+    train, test = train.to(device), test.to(device)
+    # Every BatchNorm -> bnfused.SyncBatchNorm.
+    model = bnfused.convert_model(lenet("torch"), sync=True).to(device)
+    device_ids = [device.index] if device.type == "cuda" else None
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=args.lr)
     global_batch = world_size * args.batch_size
     order_generator = torch.Generator().manual_seed(args.seed)
     if rank == 0:
         print(f"{source}: {len(train)} train / {len(test)} test samples; {world_size} processes x "
-              f"batch {args.batch_size}; backend {args.backend!r}")  # fmt: skip
+              f"batch {args.batch_size} on {device.type} ({dist.get_backend()}); bnfused backend "
+              f"{bnfused.backends.resolve(None, device)!r}", flush=True)  # fmt: skip
     for epoch in range(args.epochs):
         ddp.train()
         order = torch.randperm(len(train), generator=order_generator)  # same order on every rank
-        totals = torch.zeros(3, dtype=torch.float64)  # summed loss, correct predictions, samples
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # summed loss, correct predictions, samples
         start = time.perf_counter()
         for first in range(0, len(train), global_batch):
-            mine = order[first : first + global_batch][rank::world_size]  # may be short, or empty
+            mine = order[first : first + global_batch][rank::world_size].to(device)  # may be short, or empty
             images, labels = train.images[mine], train.labels[mine]
             logits = ddp(images)
             loss_sum = F.cross_entropy(logits, labels, reduction="sum")
@@ -93,15 +101,20 @@ def _train(rank: int, world_size: int, args: argparse.Namespace) -> None:
             (loss_sum * (world_size / n_global)).backward()
             optimizer.step()
             with torch.no_grad():
-                totals += torch.tensor([loss_sum.item(), (logits.argmax(1) == labels).sum().item(), len(mine)])
+                correct = (logits.argmax(1) == labels).sum()
+                totals += torch.stack([loss_sum.double(), correct.double(), totals.new_tensor(len(mine))])
         dist.all_reduce(totals)
         seconds = time.perf_counter() - start
         identical = _running_stats_identical(model, world_size)
         if rank == 0:
             print(f"epoch {epoch + 1}: train loss {totals[0] / totals[2]:.4f}, train acc {totals[1] / totals[2]:.4f}, "
-                  f"{seconds:.1f} s; running stats identical on all ranks: {identical}")  # fmt: skip
+                  f"{seconds:.1f} s; running stats identical on all ranks: {identical}", flush=True)  # fmt: skip
     if rank == 0:
-        print(f"test accuracy (rank 0 alone, eval mode): {_accuracy(model.eval(), test):.4f}")
+        print(f"test accuracy (rank 0 alone, eval mode): {_accuracy(model.eval(), test):.4f}", flush=True)
+        if args.save:
+            args.save.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, args.save)
+            print(f"wrote {args.save}")
 
 
 def _running_stats_identical(model: nn.Module, world_size: int) -> bool:
@@ -122,7 +135,6 @@ def _accuracy(model: nn.Module, split: datasets.Split, batch_size: int = 1000) -
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--world-size", type=int, default=2, help="number of CPU processes (default 2)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=128, help="samples per process and step (default 128)")
     p.add_argument("--lr", type=float, default=1.0)
@@ -130,19 +142,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", type=Path, default=datasets.default_data_root())
     p.add_argument("--synthetic", action="store_true", help="use synthetic images even when MNIST is present")
     p.add_argument("--limit", type=int, help="use only the first N training and N test samples")
-    p.add_argument("--threads", type=int, help="torch threads per process (default: CPU count / world size)")
+    p.add_argument("--threads", type=int, help="torch threads per process (default: CPU count / local processes)")
+    p.add_argument("--save", type=Path, metavar="PATH", help="rank 0 writes the trained state_dict here")
+    launch.add_arguments(p, default_timeout_s=300)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
-    if args.world_size < 1 or args.epochs < 1 or args.batch_size < 1:
-        raise SystemExit("--world-size, --epochs and --batch-size must be positive")
-    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.world_size)
-    # Resolve (and, for the C++ backend, build) here, once: a process that compiled while the others
-    # waited in a collective would run into the collective timeout.
-    args.backend = bnfused.backends.resolve(None, torch.device("cpu"))
-    run_processes(args.world_size, _train, args, timeout_s=24 * 3600)
+    if args.epochs < 1 or args.batch_size < 1:
+        raise SystemExit("--epochs and --batch-size must be positive")
+    launch.check_arguments(args)
+    # Resolve (and, for the C++ backend, build) before any rendezvous: a process that compiled while
+    # the others waited in a collective would run into the collective timeout.
+    bnfused.backends.resolve(None, torch.device(launch.device_type(args)))
+    launch.run(__spec__.name, argv, args, _train)
 
 
 if __name__ == "__main__":
