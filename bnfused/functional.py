@@ -104,15 +104,21 @@ def check_arguments(x, running_mean, running_var, weight, bias) -> None:
         dtype, shape = x.dtype, x.shape
         if dtype in _FLOATING and len(shape) >= 2:
             num_channels, device = shape[1], x.device
-            channels = (num_channels,)
             param_dtype = None
-            for t in (running_mean, running_var):
-                if t is not None:
-                    if param_dtype is None:
-                        param_dtype = t.dtype
-                    if t.shape != channels or t.requires_grad or t.dtype != param_dtype or t.device != device:
-                        break
-            else:
+            if running_mean is not None and running_var is not None:  # unrolled: this runs on every call
+                channels, param_dtype = (num_channels,), running_mean.dtype
+                stats_ok = not (
+                    running_mean.shape != channels
+                    or running_var.shape != channels
+                    or running_mean.requires_grad
+                    or running_var.requires_grad
+                    or running_var.dtype != param_dtype
+                    or running_mean.device != device
+                    or running_var.device != device
+                )
+            else:  # one of them alone is left to the slow path (and then to _check_mode)
+                stats_ok = running_mean is None and running_var is None
+            if stats_ok:
                 for t in (weight, bias):
                     if t is not None:
                         if param_dtype is None:
