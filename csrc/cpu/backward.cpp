@@ -3,9 +3,8 @@
 // With g = dy * act'(z), x_hat = (x - mean) * invstd and M values per channel:
 //   dbias = sum(g)            dweight = sum(g * x_hat) = invstd * sum(g * (x - mean))
 //   training: dx = w * invstd * (g - dbias / M - x_hat * dweight / M)
-//               = g * k1 - (x - mean) * k2 - k3,  k1 = w * invstd, k2 = k1 * invstd * dweight / M,
-//                                                  k3 = k1 * dbias / M
-//   eval:     dx = g * k1                          (k2 = k3 = 0: the stats are constants)
+//               = g * k1 - x_hat * k2 - k3,  k1 = w * invstd, k2 = k1 * dweight / M, k3 = k1 * dbias / M
+//   eval:     dx = g * k1                    (the stats are constants; x is not read)
 #include <torch/library.h>
 
 #include "../layout.h"
@@ -53,20 +52,21 @@ Tensor run_backward(const GradInputs& in, const Tensor& x, const optional<Tensor
   for (int64_t c = 0; c < C; ++c) k1[c] *= invstd_a[c];
   auto coefficients = [&](int64_t c) {
     if (!training) return;
-    k2[c] = static_cast<A>(double(k1[c]) * double(invstd_a[c]) * sum_gxhat[c] / count);
+    k2[c] = static_cast<A>(double(k1[c]) * sum_gxhat[c] / count);
     k3[c] = static_cast<A>(double(k1[c]) * sum_g[c] / count);
   };
   if (!reduce) {
     for (int64_t c = 0; c < C; ++c) coefficients(c);
   }
-  auto finish = [&](int64_t c, double sum_g_c, double sum_gxc_c) {
+  auto finish = [&](int64_t c, double sum_g_c, double sum_gxhat_c) {
     sum_g[c] = sum_g_c;
-    sum_gxhat[c] = sum_gxc_c * double(invstd_a[c]);
+    sum_gxhat[c] = sum_gxhat_c;
     coefficients(c);
   };
   Tensor dx = want_dx ? at::empty_like(x) : Tensor();
-  grad_sums_then_input<T>(in.dy.const_data_ptr<T>(), x.const_data_ptr<T>(), in.y_ptr<T>(), in.tl, mean_a.data(), reduce, finish,
-              k1.data(), k2.data(), k3.data(), act, slope, want_dx ? dx.mutable_data_ptr<T>() : nullptr);
+  grad_sums_then_input<T>(in.dy.const_data_ptr<T>(), x.const_data_ptr<T>(), in.y_ptr<T>(), in.tl, mean_a.data(),
+                          invstd_a.data(), reduce, finish, k1.data(), k2.data(), k3.data(), training, act, slope,
+                          want_dx ? dx.mutable_data_ptr<T>() : nullptr);
   return dx;
 }
 

@@ -1,4 +1,5 @@
 // CPU forward ops: forward_train, forward_eval, batch_stats, normalize (schemas in ../bnfused.cpp).
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include "../layout.h"
@@ -27,6 +28,30 @@ Tensor normalize_with(const Tensor& x, const Tiling& tl, const std::vector<acc_t
   return y;
 }
 
+// 1 / sqrt(var + eps) for var = m2 * unscale^2 / M, with the scale taken out of the square root, so
+// that a variance beyond double's range (|x| >~ 1e155) still gives its (representable) invstd.
+double invstd_of(const Moments& mo, int64_t M, double eps) {
+  const double u = mo.unscale, var_scaled = mo.m2 / double(M);
+  return u >= 1.0 ? 1.0 / (u * std::sqrt(var_scaled + eps / u / u)) : 1.0 / std::sqrt(var_scaled * u * u + eps);
+}
+
+// torch updates the running stats before it normalises, so a running stat that is also x, the weight
+// or the bias would change the output: refused rather than silently computed another way.
+void check_running_not_aliased(const optional<Tensor>& running, const char* name, const Tensor& x,
+                               const optional<Tensor>& weight, const optional<Tensor>& bias) {
+  if (!present(running)) return;
+  const std::pair<const optional<Tensor>*, const char*> others[] = {{&weight, "weight"}, {&bias, "bias"}};
+  auto overlaps = [&](const Tensor& t) {
+    const auto status = at::get_overlap_status(*running, t);
+    return status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial;
+  };
+  TORCH_CHECK(!overlaps(x), "bnfused_native: ", name, " shares memory with the input x; pass a separate tensor");
+  for (const auto& [other, other_name] : others) {
+    TORCH_CHECK(!present(*other) || !overlaps(**other), "bnfused_native: ", name, " shares memory with ", other_name,
+                " (torch would normalise with the updated values); pass separate tensors");
+  }
+}
+
 // running <- (1 - momentum) * running + momentum * batch, in place.
 void update_running(const optional<Tensor>& running, const std::vector<double>& batch, double momentum) {
   if (!present(running)) return;
@@ -50,6 +75,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& x, const optional
                                                  int64_t act, double slope) {
   check_forward_args(x, weight, bias, act, slope);
   check_running_args(x, running_mean, running_var);
+  check_running_not_aliased(running_mean, "running_mean", x, weight, bias);
+  check_running_not_aliased(running_var, "running_var", x, weight, bias);
   const Tiling tl = Tiling::of(ncs_of(x));
   const int64_t C = tl.L.c, M = tl.L.per_channel();
   std::vector<double> mean(C), m2(C);
@@ -59,11 +86,11 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& x, const optional
     std::vector<A> mean_a(C), invstd_a(C), scale = channel_values<A>(weight, C, A(1));
     const std::vector<A> shift = channel_values<A>(bias, C, A(0));
     y = at::empty_like(x);
-    auto finish = [&](int64_t c, double mean_c, double m2_c) {
-      mean[c] = mean_c;
-      m2[c] = m2_c;
-      mean_a[c] = static_cast<A>(mean_c);
-      invstd_a[c] = static_cast<A>(1.0 / std::sqrt(m2_c / double(M) + eps));
+    auto finish = [&](int64_t c, const Moments& mo) {
+      mean[c] = mo.mean;
+      m2[c] = mo.m2 * mo.unscale * mo.unscale;  // inf past double's range: so is torch's running_var
+      mean_a[c] = static_cast<A>(mo.mean);
+      invstd_a[c] = static_cast<A>(invstd_of(mo, M, eps));
       scale[c] *= invstd_a[c];
     };
     stats_then_normalize<scalar_t>(x.const_data_ptr<scalar_t>(), tl, finish, mean_a.data(), scale.data(), shift.data(), act, slope,
@@ -91,7 +118,8 @@ Tensor forward_eval(const Tensor& x, const optional<Tensor>& weight, const optio
     using A = acc_t<scalar_t>;
     const std::vector<A> mean = channel_values<A>(running_mean, C, A(0));
     std::vector<A> invstd = channel_values<A>(running_var, C, A(0));
-    for (int64_t c = 0; c < C; ++c) invstd[c] = A(1) / std::sqrt(invstd[c] + static_cast<A>(eps));
+    // In double, as torch: a float eps of 1e-45 would round to a subnormal.
+    for (int64_t c = 0; c < C; ++c) invstd[c] = static_cast<A>(1.0 / std::sqrt(double(invstd[c]) + eps));
     y = normalize_with<scalar_t>(x, tl, mean, invstd, weight, bias, act, slope);
   });
   return y;
@@ -104,9 +132,9 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& x) {
   std::vector<double> mean(C), var(C);
   const double M = double(tl.L.per_channel());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_native::batch_stats", [&] {
-    auto finish = [&](int64_t c, double mean_c, double m2_c) {
-      mean[c] = mean_c;
-      var[c] = m2_c / M;
+    auto finish = [&](int64_t c, const Moments& mo) {
+      mean[c] = mo.mean;
+      var[c] = mo.m2 / M * mo.unscale * mo.unscale;
     };
     stats_then_normalize<scalar_t>(x.const_data_ptr<scalar_t>(), tl, finish, nullptr, nullptr, nullptr, kNone, 0.0, nullptr);
   });

@@ -1,13 +1,15 @@
 // The CPU kernels of BatchNorm, written once per tile (see tiling.h) and scheduled by two_pass:
 //   forward:  per-channel mean and M2, then y = act((x - mean) * scale + shift)
 //   backward: per-channel sum(g) and sum(g * (x - mean)) with g = dy * act'(z),
-//             then dx = g * k1 - (x - mean) * k2 - k3
+//             then dx = g * k1 - x_hat * k2 - k3, x_hat = (x - mean) * invstd
 // The op wrappers (forward.cpp, backward.cpp) supply `finish(c, ...)`, which turns channel c's
 // merged sums into its coefficients (scale, shift or k1..k3) before any of its values are written.
 // T is the tensor dtype; A = acc_t<T> (float or double) is the dtype of all arithmetic.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../activation.h"
@@ -97,6 +99,54 @@ std::pair<double, double> merged_moments(const Tiling& tl, const A* part, int64_
   return {mu, q};
 }
 
+// A channel's statistics: its mean, and its sum of squared deviations m2 * unscale^2 (unscale is a
+// power of two, 1 unless exact_moments had to scale the values to keep their squares in range).
+struct Moments {
+  double mean, m2, unscale = 1.0;
+};
+
+// Calls f(offset) for each of channel c's N * S values: the scalar walk of the exact (rare) paths.
+template <typename F>
+void for_channel_values(const Tiling& tl, int64_t c, F&& f) {
+  const Ncs& L = tl.L;
+  for (int64_t n = 0; n < L.n; ++n) {
+    for (int64_t s = 0; s < L.s; ++s) f(n * L.sn + c * L.sc + s * L.ss);
+  }
+}
+
+// True when the tile sums in A cannot be trusted: they overflowed (finite values of magnitude ~1e19
+// and up square past float's range, ~1e155 past double's; a tile's sum of values ~1e34 overflows), or
+// the input holds inf/NaN, or the variance is so small that A's squares were subnormal (and lost
+// their precision: it matters once eps is as small). Never true for a constant channel (m2 == 0).
+template <typename A>
+bool needs_exact_moments(double mean, double m2, int64_t count) {
+  constexpr double kTinyVar = std::is_same_v<A, float> ? 1e-30 : 1e-290;
+  return !std::isfinite(mean) || !std::isfinite(m2) || (m2 > 0 && m2 < kTinyVar * double(count));
+}
+
+// Channel c's moments in double from values scaled by a power of two (exact) that brings the
+// largest finite |x| near 1, so that no square overflows or underflows. Non-finite values propagate
+// as in torch: a +inf gives mean inf and m2 NaN.
+template <typename T>
+Moments exact_moments(const T* xp, const Tiling& tl, int64_t c) {
+  double amax = 0;
+  for_channel_values(tl, c, [&](int64_t off) {
+    const double a = std::abs(double(xp[off]));
+    if (std::isfinite(a) && a > amax) amax = a;
+  });
+  const int e = amax > 0 ? std::clamp(std::ilogb(amax), -1000, 1000) : 0;
+  const double scale = std::ldexp(1.0, -e), unscale = std::ldexp(1.0, e);
+  double sum = 0;
+  for_channel_values(tl, c, [&](int64_t off) { sum += double(xp[off]) * scale; });
+  const double mean = sum / double(tl.L.per_channel());
+  double m2 = 0;
+  for_channel_values(tl, c, [&](int64_t off) {
+    const double d = double(xp[off]) * scale - mean;
+    m2 += d * d;
+  });
+  return {mean * unscale, m2, unscale};
+}
+
 // y = act((x - mean[c]) * scale[c] + shift[c]) on tile t. Subtracting the mean first keeps the
 // result exact when |mean| >> std (folding it into the shift would cancel catastrophically).
 template <int kAct, typename T>
@@ -111,8 +161,8 @@ void normalize_tile(const T* xp, T* yp, const Tiling& tl, int64_t t, const acc_t
   stream_fence(stream);
 }
 
-// The forward: statistics of x, then finish(c, mean_c, m2_c) for each channel (it must fill
-// mean[c], scale[c], shift[c]), then y (skipped when yp is null: statistics only).
+// The forward: statistics of x, then finish(c, Moments) for each channel (it must fill mean[c],
+// scale[c], shift[c]), then y (skipped when yp is null: statistics only).
 template <typename T, typename Finish>
 void stats_then_normalize(const T* xp, const Tiling& tl, const Finish& finish, const acc_t<T>* mean, const acc_t<T>* scale,
              const acc_t<T>* shift, int64_t act, double slope, T* yp) {
@@ -124,7 +174,8 @@ void stats_then_normalize(const T* xp, const Tiling& tl, const Finish& finish, c
         tl, sizeof(T), true, yp != nullptr, [&](int64_t t) { tile_moments(xp, tl, t, part.data()); },
         [&](int64_t c) {
           const auto [mean_c, m2_c] = merged_moments(tl, part.data(), c);
-          finish(c, mean_c, m2_c);
+          const int64_t count = tl.L.per_channel();
+          finish(c, needs_exact_moments<A>(mean_c, m2_c, count) ? exact_moments(xp, tl, c) : Moments{mean_c, m2_c});
         },
         [&](int64_t t) { normalize_tile<decltype(act_c)::value>(xp, yp, tl, t, mean, scale, shift, vslope); });
   });
@@ -142,15 +193,30 @@ void normalize(const T* xp, const Tiling& tl, const acc_t<T>* mean, const acc_t<
   });
 }
 
-// The backward: per-channel sum(g) and sum(g * (x - mean)) with g = dy * act'(z), summed per tile
-// in A and merged in double in tile order, handed to finish(c, sum_g_c, sum_gxc_c) (it must fill
-// k1[c], k2[c], k3[c]); then dx = g * k1 - (x - mean) * k2 - k3 (skipped when dxp is null). With
-// reduce == false only dx is computed, from given k1..k3 (eval mode). yp is only read when an
-// activation is fused.
+// g = dy * act'(z) for one value, in double (the exact paths).
+template <int Act>
+inline double act_grad_value(double dy, double y, double slope) {
+  if constexpr (Act == kNone) {
+    return dy;
+  } else {
+    return y > 0 ? dy : (Act == kRelu ? 0.0 : dy * slope);
+  }
+}
+
+// The backward: per-channel sum(g) and sum(g * x_hat) with g = dy * act'(z) and x_hat =
+// (x - mean) * invstd, summed per tile in A (as sum(g * (x - mean)), times invstd once merged in
+// double, in tile order; recomputed in double from x_hat when a tile sum overflowed), handed to
+// finish(c, sum_g_c, sum_gxhat_c) (it must fill k1[c], k2[c], k3[c]); then
+//   training (`centered`): dx = g * k1 - x_hat * k2 - k3,
+//   eval:                  dx = g * k1 (x is not read: an inf or NaN in x, or in the running mean,
+//                          changes nothing, as in torch),
+// skipped when dxp is null. With reduce == false only dx is computed, from given k1..k3. yp is only
+// read when an activation is fused. x_hat is formed before it meets k2 so that no coefficient holds
+// invstd^2 (it overflows float for a tiny variance with a tiny eps).
 template <typename T, typename Finish>
-void grad_sums_then_input(const T* dyp, const T* xp, const T* yp, const Tiling& tl, const acc_t<T>* mean, bool reduce,
-              const Finish& finish, const acc_t<T>* k1, const acc_t<T>* k2, const acc_t<T>* k3, int64_t act,
-              double slope, T* dxp) {
+void grad_sums_then_input(const T* dyp, const T* xp, const T* yp, const Tiling& tl, const acc_t<T>* mean,
+                          const acc_t<T>* invstd, bool reduce, const Finish& finish, const acc_t<T>* k1,
+                          const acc_t<T>* k2, const acc_t<T>* k3, bool centered, int64_t act, double slope, T* dxp) {
   using A = acc_t<T>;
   using V = at::vec::Vectorized<A>;
   const int64_t W = tl.width();
@@ -179,15 +245,31 @@ void grad_sums_then_input(const T* dyp, const T* xp, const T* yp, const Tiling& 
         sg += double(part[t * 2 * W + j]);
         sgx += double(part[t * 2 * W + W + j]);
       });
+      sgx *= double(invstd[c]);
+      if (!std::isfinite(sg) || !std::isfinite(sgx)) {  // overflowed in A, or inf/NaN in dy or x
+        sg = sgx = 0;
+        const double m = double(mean[c]), is = double(invstd[c]);
+        for_channel_values(tl, c, [&](int64_t off) {
+          const double g = act_grad_value<kAct>(double(dyp[off]), kAct == kNone ? 0.0 : double(yp[off]), slope);
+          sg += g;
+          sgx += g * ((double(xp[off]) - m) * is);
+        });
+      }
       finish(c, sg, sgx);
     };
     const bool stream = streams_output<T>(tl);
     auto input_grad = [&](int64_t t) {
-      tile_chunks<A>(tl, t, [=](auto tag, int64_t off, auto coef) {
-        const V centered = ld(tag, xp + off) - coef(mean);
-        const V dx = at::vec::fmsub(grad(tag, off), coef(k1), at::vec::fmadd(centered, coef(k2), coef(k3)));
-        st_out(tag, dxp + off, dx, stream);
-      }, stream);
+      if (centered) {
+        tile_chunks<A>(tl, t, [=](auto tag, int64_t off, auto coef) {
+          const V x_hat = (ld(tag, xp + off) - coef(mean)) * coef(invstd);
+          const V dx = at::vec::fmsub(grad(tag, off), coef(k1), at::vec::fmadd(x_hat, coef(k2), coef(k3)));
+          st_out(tag, dxp + off, dx, stream);
+        }, stream);
+      } else {
+        tile_chunks<A>(tl, t, [=](auto tag, int64_t off, auto coef) {
+          st_out(tag, dxp + off, grad(tag, off) * coef(k1), stream);
+        }, stream);
+      }
       stream_fence(stream);
     };
     two_pass(tl, streams * int64_t(sizeof(T)), reduce, dxp != nullptr, sums, merge, input_grad);
