@@ -6,7 +6,7 @@ dtype, with the same formulas the fused kernels use:
 Forward (training), per channel c over the M = N * spatial values of that channel:
     mean_c   = sum(x) / M
     var_c    = sum((x - mean_c)^2) / M                   (biased; two-pass, so stable for |mean| >> std)
-    invstd_c = 1 / sqrt(var_c + eps)
+    invstd_c = 1 / sqrt(var_c + eps)                     (these three in float64: see statistics_dtype)
     z        = (x - mean_c) * (invstd_c * w_c) + b_c     (subtract first: no cancellation at large mean)
     y        = act(z)
     running_mean <- (1 - momentum) * running_mean + momentum * mean_c
@@ -56,11 +56,34 @@ def _activation_grad(dy: torch.Tensor, y: torch.Tensor | None, act: int, slope: 
     return torch.where(y > 0, dy, dy * slope)
 
 
+def statistics_dtype(device: torch.device) -> torch.dtype:
+    """float64 wherever the device has it. The squares of float32 values (1e-90 to 1e77) and a float32
+    eps below 1.2e-38 (subnormal there) are exact in float64; in float32 the variance of |x| >= ~1e19
+    overflows (torch's own float32 path then normalises to 0) and tiny ones lose their digits.
+    float64 input of |x| >~ 1e154 still overflows its variance here, as in torch (the cpp backend
+    scales such channels and stays right)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _batch_stats_exact(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance in ``statistics_dtype``, two passes: a +inf in a channel
+    gives mean inf and variance NaN, as in torch (a one-pass var_mean gives a NaN mean)."""
+    xs = x.to(statistics_dtype(x.device))
+    dims = _reduce_dims(x)
+    mean = xs.mean(dims)
+    return mean, (xs - _per_channel(mean, x)).square().mean(dims)
+
+
 def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance of x: (N, C, *) -> two (C,) tensors in the accumulation dtype."""
-    xf = x.to(accumulation_dtype(x.dtype))
-    var, mean = torch.var_mean(xf, dim=_reduce_dims(x), correction=0)
-    return mean, var
+    acc = accumulation_dtype(x.dtype)
+    mean, var = _batch_stats_exact(x)
+    return mean.to(acc), var.to(acc)
+
+
+def _invstd(var: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """1 / sqrt(var + eps) in ``dtype``, computed in ``statistics_dtype``."""
+    return torch.rsqrt(var.to(statistics_dtype(var.device)) + eps).to(dtype)
 
 
 def update_running_stats(
@@ -71,13 +94,14 @@ def update_running_stats(
     count: int,
     momentum: float,
 ) -> None:
-    """In-place exponential (or, via the momentum the caller picks, cumulative) average update."""
+    """In-place exponential (or, via the momentum the caller picks, cumulative) average update,
+    computed in the statistics' dtype (as torch does on the CPU) and rounded once to the buffer's."""
     with torch.no_grad():
         if running_mean is not None:
-            running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            running_mean.copy_(running_mean.to(mean.dtype) * (1.0 - momentum) + mean * momentum)
         if running_var is not None:
             unbiased = var * (count / (count - 1))
-            running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+            running_var.copy_(running_var.to(var.dtype) * (1.0 - momentum) + unbiased * momentum)
 
 
 def normalize(x, weight, bias, mean, invstd, act: int, slope: float) -> torch.Tensor:
@@ -96,9 +120,10 @@ def forward_train(x, weight, bias, running_mean, running_var, momentum: float, e
     Returns (y like x, mean (C,), invstd (C,)), mean and invstd in the accumulation dtype; updates the
     running stats in place when given.
     """
-    mean, var = batch_stats(x)
+    acc = accumulation_dtype(x.dtype)
+    mean, var = _batch_stats_exact(x)
     update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
-    invstd = torch.rsqrt(var + eps)
+    mean, invstd = mean.to(acc), _invstd(var, eps, acc)
     return normalize(x, weight, bias, mean, invstd, act, slope), mean, invstd
 
 
@@ -106,7 +131,7 @@ def eval_stats(running_mean: torch.Tensor, running_var: torch.Tensor, eps: float
     """The (mean, invstd) pair that eval mode normalises with, in the accumulation dtype of ``dtype``."""
     acc = accumulation_dtype(dtype)
     # A copy, never the buffer itself: saved for backward, it must not change with the next update.
-    return running_mean.to(acc, copy=True), torch.rsqrt(running_var.to(acc) + eps)
+    return running_mean.to(acc, copy=True), _invstd(running_var, eps, acc)
 
 
 def forward_eval(x, weight, bias, running_mean, running_var, eps: float, act: int, slope: float):

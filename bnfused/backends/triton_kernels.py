@@ -111,6 +111,30 @@ def _output(value, ptr, ROUND_BF16: tl.constexpr):
 # K chunk partials are merged (``_stats_finalize_kernel``) in a fixed order by the K-way form,
 #     mean = sum_k n_k mean_k / n,   M2 = sum_k (M2_k + n_k (mean_k - mean)^2),
 # so the result is deterministic and every subtraction is between nearby values.
+#
+# float32 range: the squares of deviations past ~1.8e19 overflow float32, so M2 is carried as the
+# standard deviation sqrt(M2 / n), whose merges are scaled hypotenuses:
+#     std^2 = (1 - w) std_a^2 + w std_b^2 + w (1 - w) delta^2,  w = n_b / n,
+# a tile's std is its largest |deviation| times the root of the mean of the squared deviations scaled
+# by it (its deviations halved first when one overflowed float32), and invstd = 1 / sqrt(std^2 + eps)
+# is formed with std scaled out. A tile sum that overflows is redone on values divided by the count.
+# So any finite float32 input gets its mean and invstd; only a running variance past float32's range
+# saturates to inf (as torch's). A +-inf makes the mean +-inf (NaN for both signs), as in torch,
+# rather than the NaN that Chan's update would give.
+
+
+@triton.jit
+def _not_finite(v):
+    return (v - v) != 0  # inf - inf and NaN - NaN are NaN; any finite v - v is 0
+
+
+@triton.jit
+def _hypot3(a, b, c):
+    """sqrt(a^2 + b^2 + c^2) of non-negative fp32 [BLOCK_C] vectors, scaled so that no square overflows."""
+    m = tl.maximum(tl.maximum(a, b), c)
+    inv = tl.where(m > 0, 1.0 / m, 0.0)
+    a, b, c = a * inv, b * inv, c * inv
+    return m * tl.sqrt(a * a + b * b + c * c)
 
 
 @triton.jit
@@ -129,32 +153,48 @@ def _chunk_stats(
     BLOCK_S: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    """(count, mean, M2) per channel, each fp32 [BLOCK_C], over tiles [t_start, t_end)."""
+    """(count, mean, biased std) per channel, each fp32 [BLOCK_C], over tiles [t_start, t_end)."""
     count = tl.zeros([BLOCK_C], dtype=tl.float32)
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    std = tl.zeros([BLOCK_C], dtype=tl.float32)
     for t in range(t_start, t_end):
         offsets, mask, n_valid = _tile(
             t, c_start, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64
         )
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         n_tile = n_valid.to(tl.float32)
-        mean_tile = tl.sum(x, axis=1) / n_tile
+        total = tl.sum(x, axis=1)
+        mean_tile = tl.where(_not_finite(total), tl.sum(x * (1.0 / n_tile), axis=1), total / n_tile)
         dev = tl.where(mask, x - mean_tile[:, None], 0.0)
-        m2_tile = tl.sum(dev * dev, axis=1)
+        halve = tl.max(_not_finite(dev).to(tl.int32), axis=1) > 0
+        dev = tl.where(halve[:, None], tl.where(mask, x * 0.5 - (mean_tile * 0.5)[:, None], 0.0), dev)
+        largest = tl.max(tl.abs(dev), axis=1)
+        scaled = dev * tl.where(largest > 0, 1.0 / largest, 0.0)[:, None]
+        std_tile = largest * tl.sqrt(tl.sum(scaled * scaled, axis=1) / n_tile) * tl.where(halve, 2.0, 1.0)
         new_count = count + n_tile
-        delta = mean_tile - mean
         weight = n_tile / new_count
-        mean += delta * weight
-        m2 += m2_tile + delta * delta * count * weight
+        delta = mean_tile - mean
+        # Where delta overflowed, its share of the variance is taken from the two means scaled first.
+        share = tl.sqrt(weight * (1.0 - weight))
+        spread = tl.where(_not_finite(delta), tl.abs(mean_tile * share - mean * share), tl.abs(delta) * share)
+        std = _hypot3(tl.sqrt(1.0 - weight) * std, tl.sqrt(weight) * std_tile, spread)
+        mean = tl.where(_not_finite(mean) | _not_finite(mean_tile), mean + mean_tile, mean + delta * weight)
         count = new_count
-    return count, mean, m2
+    return count, mean, std
+
+
+@triton.jit
+def _invstd(std, eps):
+    """1 / sqrt(std^2 + eps) with std scaled out first: right where std^2 overflows float32."""
+    s = tl.maximum(std, tl.sqrt(eps))
+    q = std / s
+    return (1.0 / s) / tl.sqrt(q * q + (eps / s) / s)
 
 
 @triton.jit
 def _finish_stats(
     mean,  # fp32 [BLOCK_C]: batch mean
-    m2,  # fp32 [BLOCK_C]: sum of squared deviations from it
+    std,  # fp32 [BLOCK_C]: biased standard deviation
     c,  # channel indices [BLOCK_C]
     c_mask,
     running_mean_ptr,  # *[C] in/out (fp32, fp16 or bf16), touched only if HAS_RUNNING_MEAN
@@ -165,17 +205,15 @@ def _finish_stats(
     HAS_RUNNING_VAR: tl.constexpr,
     ROUND_BF16: tl.constexpr,  # see _output
 ):
-    """Biased variance; updates the running stats (their variance unbiased: * n / (n - 1))."""
-    var = m2 / total
+    """Updates the running stats (their variance unbiased: * n / (n - 1))."""
     if HAS_RUNNING_MEAN:
         old = tl.load(running_mean_ptr + c, mask=c_mask).to(tl.float32)
         new = (1.0 - momentum) * old + momentum * mean
         tl.store(running_mean_ptr + c, _output(new, running_mean_ptr, ROUND_BF16), mask=c_mask)
     if HAS_RUNNING_VAR:
         old = tl.load(running_var_ptr + c, mask=c_mask).to(tl.float32)
-        new = (1.0 - momentum) * old + momentum * (var * (total / (total - 1.0)))
+        new = (1.0 - momentum) * old + momentum * (std * std * (total / (total - 1.0)))
         tl.store(running_var_ptr + c, _output(new, running_var_ptr, ROUND_BF16), mask=c_mask)
-    return var
 
 
 @triton.jit
@@ -231,7 +269,7 @@ def _normalize_tile(
 def _stats_partial_kernel(
     x_ptr,  # *x: input (fp32, fp16 or bf16), indexed through the strides below
     partial_ptr,  # *fp32 [3, K, C] out: for chunk k and channel c, the count of values seen, their
-    #               mean, and the sum of their squared deviations from that mean (M2)
+    #               mean, and their biased standard deviation
     C,
     cols,
     col_blocks,
@@ -244,12 +282,12 @@ def _stats_partial_kernel(
     BLOCK_S: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    """Stage 1 of the statistics: per-chunk (count, mean, M2). Grid: (cdiv(C, BLOCK_C), K)."""
+    """Stage 1 of the statistics: per-chunk (count, mean, std). Grid: (cdiv(C, BLOCK_C), K)."""
     c_start = tl.program_id(0) * BLOCK_C
     chunk = tl.program_id(1)
     t_start = chunk * tiles_per_chunk
     t_end = tl.minimum(t_start + tiles_per_chunk, num_tiles)
-    count, mean, m2 = _chunk_stats(
+    count, mean, std = _chunk_stats(
         x_ptr, c_start, t_start, t_end, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64
     )
     c = c_start + tl.arange(0, BLOCK_C)
@@ -258,12 +296,12 @@ def _stats_partial_kernel(
     plane = tl.num_programs(1) * C
     tl.store(out, count, mask=c_mask)
     tl.store(out + plane, mean, mask=c_mask)
-    tl.store(out + 2 * plane, m2, mask=c_mask)
+    tl.store(out + 2 * plane, std, mask=c_mask)
 
 
 @triton.jit
 def _stats_finalize_kernel(
-    partial_ptr,  # *fp32 [3, K, C]: stage-1 (count, mean, M2) partials
+    partial_ptr,  # *fp32 [3, K, C]: stage-1 (count, mean, std) partials
     mean_ptr,  # *fp32 [C] out: batch mean
     second_ptr,  # *fp32 [C] out: invstd = 1/sqrt(var + eps) if OUTPUT_INVSTD, else the biased var
     running_mean_ptr,  # *[C] in/out (fp32, fp16 or bf16), touched only if HAS_RUNNING_MEAN
@@ -285,28 +323,42 @@ def _stats_finalize_kernel(
     c_mask = c < C
     count_ptr = partial_ptr
     mean_part_ptr = partial_ptr + K * C
-    m2_part_ptr = partial_ptr + 2 * K * C
+    std_part_ptr = partial_ptr + 2 * K * C
     weighted = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
+    shares = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offsets, mask = _partials_block(k0, c, c_mask, C, K, BLOCK_K)
         n = tl.load(count_ptr + offsets, mask=mask, other=0.0)
-        weighted += n * tl.load(mean_part_ptr + offsets, mask=mask, other=0.0)
-    mean = tl.sum(weighted, axis=0) / total
-    m2 = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
+        mean_k = tl.load(mean_part_ptr + offsets, mask=mask, other=0.0)
+        weighted += n * mean_k
+        shares += (n / total) * mean_k  # used only where the sum above overflowed
+    weighted_sum = tl.sum(weighted, axis=0)
+    mean = tl.where(_not_finite(weighted_sum), tl.sum(shares, axis=0), weighted_sum / total)
+    # std^2 = sum_k (n_k / n) (std_k^2 + delta_k^2), every term scaled by the largest first.
+    largest = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offsets, mask = _partials_block(k0, c, c_mask, C, K, BLOCK_K)
+        delta = tl.abs(tl.load(mean_part_ptr + offsets, mask=mask, other=0.0) - mean[None, :])
+        std_k = tl.load(std_part_ptr + offsets, mask=mask, other=0.0)
+        largest = tl.maximum(largest, tl.max(tl.maximum(delta, std_k), axis=0))
+    inv = tl.where(largest > 0, 1.0 / largest, 0.0)
+    var_scaled = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offsets, mask = _partials_block(k0, c, c_mask, C, K, BLOCK_K)
         n = tl.load(count_ptr + offsets, mask=mask, other=0.0)
-        delta = tl.load(mean_part_ptr + offsets, mask=mask, other=0.0) - mean[None, :]
-        m2 += tl.load(m2_part_ptr + offsets, mask=mask, other=0.0) + n * delta * delta
-    var = _finish_stats(
-        mean, tl.sum(m2, axis=0), c, c_mask, running_mean_ptr, running_var_ptr, total, momentum,
+        delta = (tl.load(mean_part_ptr + offsets, mask=mask, other=0.0) - mean[None, :]) * inv[None, :]
+        std_k = tl.load(std_part_ptr + offsets, mask=mask, other=0.0) * inv[None, :]
+        var_scaled += (n / total) * (std_k * std_k + delta * delta)
+    std = largest * tl.sqrt(tl.sum(var_scaled, axis=0))
+    _finish_stats(
+        mean, std, c, c_mask, running_mean_ptr, running_var_ptr, total, momentum,
         HAS_RUNNING_MEAN, HAS_RUNNING_VAR, ROUND_BF16,
     )  # fmt: skip
     tl.store(mean_ptr + c, mean, mask=c_mask)
     if OUTPUT_INVSTD:
-        tl.store(second_ptr + c, 1.0 / tl.sqrt(var + eps), mask=c_mask)
+        tl.store(second_ptr + c, _invstd(std, eps), mask=c_mask)
     else:
-        tl.store(second_ptr + c, var, mask=c_mask)
+        tl.store(second_ptr + c, std * std, mask=c_mask)
 
 
 @triton.jit
@@ -385,14 +437,14 @@ def _forward_fused_kernel(
     c_start = tl.program_id(0) * BLOCK_C
     c = c_start + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    _, mean, m2 = _chunk_stats(
+    _, mean, std = _chunk_stats(
         x_ptr, c_start, 0, num_tiles, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64
     )
-    var = _finish_stats(
-        mean, m2, c, c_mask, running_mean_ptr, running_var_ptr, total, momentum,
+    _finish_stats(
+        mean, std, c, c_mask, running_mean_ptr, running_var_ptr, total, momentum,
         HAS_RUNNING_MEAN, HAS_RUNNING_VAR, ROUND_BF16_RUNNING,
     )  # fmt: skip
-    invstd = 1.0 / tl.sqrt(var + eps)
+    invstd = _invstd(std, eps)
     tl.store(mean_ptr + c, mean, mask=c_mask)
     tl.store(invstd_ptr + c, invstd, mask=c_mask)
     scale, shift = _affine(invstd, c, c_mask, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS)
