@@ -115,7 +115,8 @@ def revert_model(model: nn.Module) -> nn.Module:
     """The inverse of ``convert_model``: every bnfused BatchNorm becomes its ``torch.nn`` class.
 
     For tools that match torch's exact classes, such as ``torch.ao.quantization.fuse_modules`` /
-    ``fuse_modules_qat`` (then ``prepare_qat``). The very same
+    ``fuse_modules_qat`` (then ``prepare_qat``) and FX graph mode quantization (``prepare_qat_fx``,
+    which fuses conv-bn-relu only for torch's classes). The very same
     Parameter and buffer objects are kept, with the train/eval flag and hooks; state_dict keys do
     not change. A fused activation comes back as a module: into the ``nn.Identity`` that follows the
     layer in an ``nn.Sequential`` (the slot ``convert_model(fuse_relu=True)`` leaves), else as an

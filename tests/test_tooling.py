@@ -19,8 +19,10 @@ from torch.ao.quantization import (
     fuse_modules,
     fuse_modules_qat,
     get_default_qat_qconfig,
+    get_default_qat_qconfig_mapping,
     prepare_qat,
 )
+from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
 import bnfused
 
@@ -155,6 +157,17 @@ def test_item10_qat_prepare_on_a_reverted_model():
     assert 0 < (fake_quantised - exact).abs().max() < 0.1
     qat.eval(), converted.eval()
     torch.testing.assert_close(qat(x), converted(x), rtol=1e-5, atol=1e-5)  # eval: the running statistics
+
+
+def test_item10_fx_graph_mode_qat_fuses_a_reverted_model():
+    model = bnfused.revert_model(bnfused.convert_model(_conv_bn_relu(), fuse_relu=True))
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_qat_fx(model, get_default_qat_qconfig_mapping("x86"), (x,))
+    fused = [type(m).__name__ for m in prepared.children() if "FakeQuantize" not in type(m).__name__]
+    assert fused == ["ConvBnReLU2d", "ConvBn2d"]
+    assert prepared(x).shape == (2, 4, 6, 6)
 
 
 def test_item10_revert_without_a_slot_keeps_the_activation_as_a_hook():
