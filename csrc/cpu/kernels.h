@@ -181,15 +181,41 @@ void stats_then_normalize(const T* xp, const Tiling& tl, const Finish& finish, c
   });
 }
 
+// normalize_tile over short planes, in memory order (see planes_in_memory_order).
+template <int kAct, typename T>
+void normalize_planes(const T* xp, T* yp, const Tiling& tl, const acc_t<T>* mean, const acc_t<T>* scale,
+                      const acc_t<T>* shift, const VecA<T>& vslope) {
+  using V = VecA<T>;
+  const bool stream = streams_output<T>(tl);
+  parallel_planes(tl, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t c = p % tl.L.c;
+      const V m(mean[c]), k(scale[c]), b(shift[c]);
+      walk_run<acc_t<T>>(
+          plane_offset(tl, p), tl.L.s, tl.es,
+          [=](auto tag, int64_t off) {
+            st_out(tag, yp + off, activate<kAct>(at::vec::fmadd(ld(tag, xp + off) - m, k, b), vslope), stream);
+          },
+          stream);
+    }
+    stream_fence(stream);
+  });
+}
+
 // y = act((x - mean[c]) * scale[c] + shift[c]) with known coefficients: one elementwise pass.
 template <typename T>
 void normalize(const T* xp, const Tiling& tl, const acc_t<T>* mean, const acc_t<T>* scale, const acc_t<T>* shift,
                int64_t act, double slope, T* yp) {
   const VecA<T> vslope(static_cast<acc_t<T>>(slope));
   with_act(act, [&](auto act_c) {
+    constexpr int kAct = decltype(act_c)::value;
+    if (planes_in_memory_order(tl)) {
+      normalize_planes<kAct>(xp, yp, tl, mean, scale, shift, vslope);
+      return;
+    }
     two_pass(
         tl, sizeof(T), false, true, [](int64_t) {}, [](int64_t) {},
-        [&](int64_t t) { normalize_tile<decltype(act_c)::value>(xp, yp, tl, t, mean, scale, shift, vslope); });
+        [&](int64_t t) { normalize_tile<kAct>(xp, yp, tl, t, mean, scale, shift, vslope); });
   });
 }
 
