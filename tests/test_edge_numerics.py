@@ -1,0 +1,269 @@
+"""Numbers at the edges (issue 16, items 2-7) on every CPU backend, and a fuzz test against a float64 oracle.
+
+The oracle is torch.nn.functional.batch_norm on the input converted to float64, with float64
+parameters; its results are rounded to the backend's dtypes before comparing, so an overflow that
+the output dtype itself forces (a running_var of 1e76 in float32 is inf) is not counted as an error.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bnfused
+
+# Overflow is what these tests are about: numpy reports the intended ones of the Triton interpreter.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),  # tl.where evaluates both sides
+]
+BACKENDS = ["reference", "triton", "cpp"]
+ACTIVATIONS = {None: lambda z: z, "relu": F.relu, "leaky_relu": lambda z: F.leaky_relu(z, 0.1)}
+INF, NAN = float("inf"), float("nan")
+
+
+def run(backend, x, rm, rv, w=None, b=None, *, training=True, eps=1e-5, momentum=0.1, activation=None, dy=None):
+    """(y, running_mean, running_var, dx, dw, db) of one call; "oracle" is torch in float64."""
+    oracle = backend == "oracle"
+    dt = torch.float64 if oracle else None
+    x = x.detach().to(dt).requires_grad_(dy is not None)
+    w = None if w is None else w.detach().to(dt).requires_grad_(dy is not None)
+    b = None if b is None else b.detach().to(dt).requires_grad_(dy is not None)
+    rm = None if rm is None else rm.to(dt, copy=True)
+    rv = None if rv is None else rv.to(dt, copy=True)
+    if oracle:
+        y = ACTIVATIONS[activation](F.batch_norm(x, rm, rv, w, b, training, momentum, eps))
+    else:
+        y = bnfused.functional.batch_norm(
+            x, rm, rv, w, b, training, momentum, eps, activation=activation, negative_slope=0.1, backend=backend
+        )
+    grads = [None, None, None]
+    if dy is not None:
+        inputs = [t for t in (x, w, b) if t is not None]
+        got = torch.autograd.grad(y, inputs, dy.to(y.dtype))
+        grads[: len(got)] = got
+    return (y.detach(), rm, rv, *grads)
+
+
+def like(oracle_value, actual):
+    """The oracle's float64 value rounded to the actual result's dtype, then back to float64."""
+    return None if oracle_value is None else oracle_value.to(actual.dtype).double()
+
+
+# --------------------------------------------------------------------------- items 2-7
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_item02_float32_near_its_largest_values(backend):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 1, 5, generator=g).clamp(-3, 3) * 1e38
+    y, rm, rv, *_ = run(backend, x, torch.zeros(1), torch.ones(1))
+    y_o, rm_o, rv_o, *_ = run("oracle", x, torch.zeros(1), torch.ones(1))
+    torch.testing.assert_close(rm.double(), like(rm_o, rm), rtol=1e-6, atol=0)
+    assert torch.isinf(rv).all() and torch.isinf(like(rv_o, rv)).all()  # 1e76 has no float32
+    torch.testing.assert_close(y.double(), y_o, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_item03_eval_backward_ignores_inf_inputs_and_nan_running_mean(backend):
+    x = torch.tensor([[INF, 1.0], [0.5, -1.0], [2.0, 0.0]])
+    dy = torch.ones(3, 2)
+    dy[0] = 0  # the loss ignores the element that is inf
+    dx = run(backend, x, torch.zeros(2), torch.ones(2), training=False, dy=dy)[3]
+    torch.testing.assert_close(dx, run("oracle", x, torch.zeros(2), torch.ones(2), training=False, dy=dy)[3].float())
+    assert dx[0, 0] == 0
+    # A NaN running mean makes that channel's output NaN, not its gradient (w * invstd * dy).
+    x = torch.randn(3, 2)
+    rm = torch.tensor([NAN, 0.0])
+    y, *_, dx, _, _ = run(backend, x, rm, torch.ones(2), training=False, dy=torch.ones(3, 2))
+    assert torch.isnan(y[:, 0]).all() and torch.isfinite(dx).all()
+    torch.testing.assert_close(dx, torch.full((3, 2), 1 / math.sqrt(1 + 1e-5)))
+
+
+@pytest.mark.parametrize(
+    "backend, dtype, magnitude",
+    [
+        ("cpp", torch.float64, 1e160),  # squares past float64's range
+        ("cpp", torch.float32, 1e20),  # squares past float32's range
+        ("reference", torch.float32, 1e20),
+        ("triton", torch.float32, 1e20),
+        ("cpp", torch.float32, 1e30),
+        ("reference", torch.float32, 1e30),
+        ("triton", torch.float32, 1e30),
+    ],
+)
+def test_item04_variance_beyond_the_dtype_range(backend, dtype, magnitude):
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(8, 3, 5, generator=g, dtype=torch.float64)
+    x = (base * magnitude).to(dtype)
+    dy = torch.randn(8, 3, 5, generator=g, dtype=torch.float64)
+    y, rm, rv, dx, *_ = run(backend, x, torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype), dy=dy)
+    # Normalisation is scale-free: the oracle normalises the unscaled values (eps scaled with them).
+    y_o, _, _, dx_o, *_ = run("oracle", base, None, None, eps=1e-5 / magnitude / magnitude or 1e-300, dy=dy)
+    torch.testing.assert_close(y.double(), y_o, rtol=0, atol=1e-5)
+    torch.testing.assert_close(dx.double() * magnitude, dx_o, rtol=0, atol=1e-4)
+    torch.testing.assert_close(rm.double(), (base.mean((0, 2)) * 0.1 * magnitude).to(dtype).double(), rtol=1e-5, atol=0)
+    assert torch.isinf(rv).all()  # the running variance itself is beyond the dtype: inf, as in torch
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_item05_tiny_variance_with_tiny_eps(backend):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 2, 3, generator=g) * 1e-30
+    dy = torch.randn(8, 2, 3, generator=g)
+    w = torch.rand(2, generator=g) + 0.5
+    got = run(backend, x, torch.zeros(2), torch.ones(2), w, torch.zeros(2), eps=1e-45, dy=dy)
+    want = run("oracle", x, torch.zeros(2), torch.ones(2), w, torch.zeros(2), eps=1e-45, dy=dy)
+    for name, a, o in zip(("y", "running_mean", "running_var", "dx", "dw", "db"), got, want):
+        assert torch.isfinite(a).all(), name
+        scale = o.abs().max().item()
+        torch.testing.assert_close(a.double(), like(o, a), rtol=0, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_item06_plus_inf_in_a_channel(backend):
+    x = torch.randn(4, 2, 3)
+    x[1, 0, 1] = INF
+    y, rm, rv, *_ = run(backend, x, torch.zeros(2), torch.ones(2))
+    rm_t, rv_t = torch.zeros(2), torch.ones(2)
+    y_t = F.batch_norm(x, rm_t, rv_t, training=True)
+    assert rm[0] == INF and rm_t[0] == INF
+    assert torch.isnan(rv[0]) and torch.isnan(rv_t[0])
+    assert torch.isnan(y[:, 0]).all() and torch.isnan(y_t[:, 0]).all()
+    torch.testing.assert_close(rm[1:], rm_t[1:])
+    torch.testing.assert_close(y[:, 1], y_t[:, 1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("alias", ["weight", "bias", "input"])
+def test_item07_running_stats_aliasing_weight_bias_or_input(backend, alias):
+    """torch updates the running stats, then normalises with whatever they alias. The reference and
+    triton backends do the same; cpp refuses the call (its statistics pass reads the weight first)."""
+
+    def call(fn):
+        g = torch.Generator().manual_seed(7)
+        x = torch.randn(6, 3, generator=g)
+        w, b = torch.rand(3, generator=g) + 0.5, torch.randn(3, generator=g)
+        rm = {"weight": w, "bias": b, "input": x[0]}[alias]
+        return fn(x, rm, torch.ones(3), w, b), rm
+
+    def bnfused_call(x, rm, rv, w, b):
+        return bnfused.functional.batch_norm(x, rm, rv, w, b, True, backend=backend)
+
+    if backend == "cpp":
+        with pytest.raises(RuntimeError, match="running_mean shares memory with"):
+            call(bnfused_call)
+        return
+    got, got_rm = call(bnfused_call)
+    want, want_rm = call(lambda x, rm, rv, w, b: F.batch_norm(x, rm, rv, w, b, True))
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_rm, want_rm)
+
+
+# --------------------------------------------------------------------------- fuzz against float64
+
+# (smallest, largest) decimal exponent of the value spread per dtype: each dtype's range, leaving
+# room for the mean offset and for the largest difference x - mean (which must not overflow).
+MAGNITUDES = {
+    torch.float32: (-40, 37),
+    torch.float64: (-40, 38),
+    torch.float16: (-3, 2),
+    torch.bfloat16: (-30, 30),
+}
+# Error allowed, relative to the largest oracle value of each result.
+FUZZ_TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+EPSILONS = (1e-5, 1e-3, 1e-12, 1e-30, 1e-45)
+
+
+def fuzz_case(g: torch.Generator, backend: str):
+    """One random call. Each channel's values come in pairs offset +- v (|v| >= 0.5 spread) around
+    the mean, so the exact mean is the offset and no pre-activation is within rounding of 0: a relu
+    kink cannot be crossed by rounding, by construction."""
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+    dtype = pick(dtypes)
+    ndim = pick([2, 3, 4, 5])
+    C = int(torch.randint(1, 7, (1,), generator=g))
+    spatial = [int(torch.randint(1, 5, (1,), generator=g)) for _ in range(ndim - 2)]
+    N = 2 * int(torch.randint(1, 4, (1,), generator=g))  # even: values pair up within each channel
+    lo, hi = MAGNITUDES[dtype]
+    spread = 10.0 ** float(torch.empty(1, dtype=torch.float64).uniform_(lo, hi, generator=g))
+    offset = spread * pick([0.0, 1.0, -3.0, 100.0]) if spread < 1e36 else 0.0
+    half = (0.5 + torch.rand(N // 2, C, *spatial, generator=g, dtype=torch.float64)) * torch.where(
+        torch.rand(N // 2, C, *spatial, generator=g) < 0.5, -1.0, 1.0
+    )
+    x64 = offset + spread * torch.cat([half, -half])[torch.randperm(N, generator=g)]
+    layout = pick(["contiguous", "channels_last"])
+    x = x64.to(dtype)
+    if layout == "channels_last" and ndim in (4, 5):
+        x = x.contiguous(memory_format=torch.channels_last if ndim == 4 else torch.channels_last_3d)
+    elif layout == "channels_last" and ndim == 3:
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    activation = pick([None, "relu", "leaky_relu"])
+    param = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    w = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(param)
+    b = torch.zeros(C, dtype=param) if activation else torch.randn(C, generator=g, dtype=torch.float64).to(param)
+    eps = pick(EPSILONS if backend != "triton" else EPSILONS[:-1])
+    training = pick([True, True, False])
+    # In eval mode with an activation, the running mean is the exact mean too (no z near the kink).
+    rm = (torch.randn(C, generator=g, dtype=torch.float64) * spread * (activation is None) + offset).to(param)
+    rv = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).mul(spread * spread).to(param)
+    if not torch.isfinite(rv).all() or (rv == 0).any():  # spread**2 beyond the dtype: eval is meaningless
+        training = True
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    kwargs = dict(training=training, eps=eps, momentum=pick([0.1, 0.5]), activation=activation, dy=dy)
+    label = (
+        f"{backend} {dtype} {tuple(x.shape)} {layout} spread={spread:.1e} offset={offset:.1e} {kwargs | {'dy': None}}"
+    )
+    return (x, rm, rv, w, b), kwargs, dtype, label
+
+
+def result_scales(args, kwargs, want) -> dict[str, float]:
+    """The size of each result's terms, which its rounding error is relative to: a result that cancels
+    to ~0 (dx of two values per channel, a mean of +-v pairs) is compared at the size of its terms."""
+    x, rm, rv, w, _ = (t.double() for t in args)
+    dims = [0, *range(2, x.dim())]
+    if kwargs["training"]:
+        mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
+    else:
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        mean, var = rm.view(shape), rv.view(shape)
+    invstd = (var + kwargs["eps"]).rsqrt()
+    x_hat_terms = (x - mean).abs() * invstd
+    dy = kwargs["dy"].abs()
+    w = w.abs().view([1, -1] + [1] * (x.dim() - 2))
+    biggest = float(x.abs().max())
+    return {
+        "y": float((x_hat_terms * w).max()) + float(want[0].abs().max()),
+        "running_mean": float(want[1].abs().max()) + biggest,
+        "running_var": float(want[2].abs().max()),
+        "dx": float((dy * w * invstd).max() * (1 + x_hat_terms.max())),
+        "dw": float((dy * x_hat_terms).sum(dims).max()),
+        "db": float(dy.sum(dims).max()),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fuzz_against_float64_oracle(backend):
+    g = torch.Generator().manual_seed(1606 + BACKENDS.index(backend))
+    deadline = time.monotonic() + 5.0
+    cases = 0
+    while cases < 20 or (cases < 200 and time.monotonic() < deadline):
+        args, kwargs, dtype, label = fuzz_case(g, backend)
+        got = run(backend, *args, **kwargs)
+        want = run("oracle", *args, **kwargs)
+        scales = result_scales(args, kwargs, want)
+        for name, a, o in zip(scales, got, want):
+            subnormal = torch.finfo(a.dtype).tiny * torch.finfo(a.dtype).eps  # the rounding of a subnormal result
+            tol = (FUZZ_TOLERANCE[dtype] * scales[name] if math.isfinite(scales[name]) else 0.0) + 2 * subnormal
+            message = f"{name} of {label}"
+            torch.testing.assert_close(a.double(), like(o, a), rtol=0, atol=tol, msg=lambda m, s=message: f"{s}: {m}")
+        cases += 1
