@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Kernel benchmark: one BatchNorm layer, every provider side by side, on whatever device is here.
 
-    python benchmarks/bench_kernels.py                      # CUDA if present, else CPU; default shapes
+    python benchmarks/bench_kernels.py          # CUDA if present, else CPU: a first look (~2 min on 2 cores)
+    python benchmarks/bench_kernels.py --full               # every shape set and provider, longer timings
     python benchmarks/bench_kernels.py --quick              # a few seconds: the CI smoke test
     python benchmarks/bench_kernels.py --shapes resnet50 --dtype bfloat16 --layout channels_last \\
         --csv benchmarks/results/kernels.csv --plot benchmarks/results/kernels.png
@@ -11,6 +12,7 @@ speedup over torch.nn.BatchNorm from the same run, the effective bandwidth from 
 the mode must move (byte model in benchmarks/memory.py) and that bandwidth as a fraction of a
 device copy measured in the same run, the bytes kept for backward, and (CUDA) the peak memory.
 A fraction above 1 means the data stayed in cache, which the copy of a large buffer cannot.
+The table ends with what the run found: the geometric-mean speedup of bnfused over torch per mode.
 
 On a CPU that other processes keep busy, multi-threaded timings stall whenever one thread loses
 its core; ``--threads 1`` (and ``--repeat 3``) then give steadier numbers.
@@ -23,7 +25,9 @@ import math
 import os
 import statistics
 import sys
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
@@ -41,12 +45,39 @@ SHAPE_SETS = {
     "lenet-mlp": [(64, 6, 24, 24), (64, 16, 8, 8), (64, 120), (64, 84), (64, 512), (64, 256)],
     "tiny": [(8, 16, 8, 8), (16, 32)],
 }
-DEFAULT_SHAPES = {"cuda": "resnet50,lenet-mlp", "cpu": "cpu,lenet-mlp"}
-QUICK_SHAPES = "tiny"
 LAYOUTS = ("nchw", "channels_last")
-# Big enough to leave every cache, so the copy measures memory bandwidth.
-COPY_BYTES = {"cuda": 1 << 30, "cpu": 1 << 28}
-QUICK_COPY_BYTES = 1 << 24
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What a run covers unless --shapes / --providers say otherwise."""
+
+    shapes: str
+    providers: tuple[str, ...] | None  # None: every default provider (providers.default_names)
+    budget: timing.Budget
+    copy_bytes: int  # big enough to leave every cache, so that the copy measures memory bandwidth
+
+
+# The default run is a first look (about 2 minutes after the build on a 2-core CPU): the two large
+# CPU shapes and two small layers, torch and torch.compile against bnfused's default backend.
+_FIRST_LOOK_CPU = ("torch", "torch+relu", "compile", "bnfused", "bnfused+relu")
+_CPU_BUDGET = timing.Budget(seconds=0.1, warmup_calls=3, warmup_ms=25, rep_ms=100)
+SWEEPS = {
+    ("default", "cpu"): Sweep("cpu,64x16x8x8,64x512", _FIRST_LOOK_CPU, _CPU_BUDGET, 1 << 28),
+    ("default", "cuda"): Sweep("resnet50", None, timing.FULL, 1 << 30),
+    ("full", "cpu"): Sweep("cpu,lenet-mlp", None, timing.FULL, 1 << 28),
+    ("full", "cuda"): Sweep("resnet50,lenet-mlp", None, timing.FULL, 1 << 30),
+}
+QUICK = Sweep("tiny", None, timing.QUICK, 1 << 24)  # no compile providers: compiling takes longer than the run
+
+
+def sweep_for(args: argparse.Namespace, device: torch.device) -> Sweep:
+    """--quick, --full or the default sweep of ``device``'s type (other devices: the CPU's)."""
+    if args.quick:
+        return QUICK
+    kind = "full" if args.full else "default"
+    return SWEEPS.get((kind, device.type), SWEEPS[(kind, "cpu")])
+
 
 COLUMNS = (
     "provider", "backend", "shape", "dtype", "layout", "mode",
@@ -124,13 +155,16 @@ class KernelBenchmark:
         the rounds: a burst of load from another process then spoils one round, not one provider."""
         cases: dict[tuple, dict] = {}  # (shape, provider, mode) -> the row's fixed fields and its timings
         copies = []
+        start, done, total = time.monotonic(), 0, repeat * len(shapes) * len(self.providers)
         for round_index in range(repeat):
             copies.append(timing.copy_bandwidth_gbps(self.device, self.budget, copy_bytes))
             self.log(f"round {round_index + 1}/{repeat}: device copy bandwidth {copies[-1]:.1f} GB/s "
                      f"(read + write of {copy_bytes >> 20} MiB)")  # fmt: skip
-            for i, shape in enumerate(shapes):
-                self.log(f"  [{i + 1}/{len(shapes)}] {shape_text(shape)}")
+            for shape in shapes:
                 for provider in self.providers:
+                    done += 1
+                    self.log(f"  [{done}/{total}] {shape_text(shape)} {provider.name} "
+                             f"({time.monotonic() - start:.0f} s)")  # fmt: skip
                     self._run_layer(provider, shape, cases)
         self.copy_gbps = statistics.median(copies)
         rows = [self._row(case["fields"], timing.median_timing(case["timings"])) for case in cases.values()]
@@ -221,6 +255,35 @@ def results_table(rows: Sequence[dict], modes: Sequence[str], markdown: bool = F
     return report.format_table(header, body, markdown)
 
 
+def _geometric_mean(values: Sequence[float]) -> float:
+    return math.exp(statistics.fmean(math.log(v) for v in values))
+
+
+def findings(rows: Sequence[dict], modes: Sequence[str]) -> str:
+    """One line saying what the run found: per mode, the geometric mean over shapes of the speedup of
+    the first plain bnfused provider over torch, and of fused BN + ReLU over torch's BN then ReLU."""
+    providers_in_run = list(dict.fromkeys(r["provider"] for r in rows))
+    fused = [p for p in providers_in_run if p.startswith("bnfused")]
+    pairs = [(p, b) for p, b in ((next((p for p in fused if "+relu" not in p), None), "torch"),
+                                 (next((p for p in fused if "+relu" in p), None), "torch+relu")) if p]  # fmt: skip
+    ms = {(r["provider"], r["shape"], r["mode"]): float(r["ms"]) for r in rows}
+    parts = []
+    for provider, baseline in pairs:
+        per_mode = []
+        for mode in modes:
+            shapes = [s for (p, s, m) in ms if p == provider and m == mode and (baseline, s, m) in ms]
+            if shapes:
+                speedup = _geometric_mean([ms[(baseline, s, mode)] / ms[(provider, s, mode)] for s in shapes])
+                per_mode.append(f"{mode} {speedup:.2f}x")
+        if per_mode:
+            label = report.provider_label(next(r for r in rows if r["provider"] == provider))
+            parts.append(f"{label} vs {baseline}: {', '.join(per_mode)}")
+    if not parts:
+        return "Found: nothing to compare (the run needs a bnfused provider and torch)."
+    shapes = len({r["shape"] for r in rows})
+    return f"Found (speedup, geometric mean over {shapes} shapes; > 1 is faster): " + "; ".join(parts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] + " Prints a table; optional CSV and PNG.",
@@ -232,17 +295,22 @@ def build_parser() -> argparse.ArgumentParser:
         quick_help="a few seconds: tiny shapes, short timings, no compile (a smoke test)",
         csv_help="write one row per shape x provider x mode",
     )
+    parser.add_argument(
+        "--full", action="store_true", help="the whole sweep: every shape set of the device, every provider, "
+        "longer timings (CPU: about 5 minutes on 2 cores, more under load)",
+    )  # fmt: skip
     parser.add_argument("--layout", choices=LAYOUTS, default="nchw", help="input memory layout")
     parser.add_argument(
         "--shapes",
         help=f"comma-separated: named sets ({', '.join(SHAPE_SETS)}) and/or shapes like 32x64x56x56,64x512 "
-        f"(default: {DEFAULT_SHAPES['cuda']} on CUDA, {DEFAULT_SHAPES['cpu']} on CPU, {QUICK_SHAPES} with --quick)",
+        f"(default: {SWEEPS[('default', 'cuda')].shapes} on CUDA, {SWEEPS[('default', 'cpu')].shapes} on CPU; "
+        f"--full: {SWEEPS[('full', 'cuda')].shapes} / {SWEEPS[('full', 'cpu')].shapes}; --quick: {QUICK.shapes})",
     )
     parser.add_argument(
         "--providers",
         help="comma-separated: torch, compile, scratch, bnfused, bnfused-<backend>, each optionally +relu "
-        "(default: all, with every bnfused backend available on the device; triton on CPU only by name; "
-        "no compile with --quick)",
+        f"(default on CPU: {','.join(_FIRST_LOOK_CPU)}; on CUDA and with --full: all, with every bnfused backend "
+        "available on the device, triton on CPU only by name; --quick: all but compile)",
     )
     parser.add_argument(
         "--modes", default=",".join(memory.MODES), help=f"comma-separated subset of {', '.join(memory.MODES)}"
@@ -253,7 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
+    if args.quick and args.full:
+        raise SystemExit("--quick and --full: choose one")
     device = cli.setup(args)
+    sweep = sweep_for(args, device)
     if device.type == "cpu" and "triton" in (args.providers or ""):
         # Triton on CPU means its interpreter, which must be chosen before Triton is imported.
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -262,8 +333,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if unknown or not modes:
         raise SystemExit(f"--modes: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(memory.MODES)}")
     try:
-        shapes = parse_shapes(args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES.get(device.type, "cpu")))
-        names = cli.split(args.providers or "")
+        shapes = parse_shapes(args.shapes or sweep.shapes)
+        names = cli.split(args.providers or ",".join(sweep.providers or ()))
         for name in names:
             providers.parse(name)
     except ValueError as exc:
@@ -271,14 +342,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if not names:  # discovering the backends may build the C++ extension: only once the options are valid
         names = [n for n in providers.default_names(device) if not (args.quick and n.startswith("compile"))]
 
-    budget = timing.QUICK if args.quick else timing.FULL
-    bench = KernelBenchmark(device, cli.DTYPES[args.dtype], args.layout, names, modes, budget, log=cli.log)
+    bench = KernelBenchmark(device, cli.DTYPES[args.dtype], args.layout, names, modes, sweep.budget, log=cli.log)
     print(f"{bench.metadata['device']} | torch {bench.metadata['torch']} | triton {bench.metadata['triton']} "
           f"| commit {bench.metadata['commit']} | {bench.metadata['date']} | {args.dtype} {args.layout} "
           f"| clock {bench.metadata['clock']}")  # fmt: skip
-    copy_bytes = QUICK_COPY_BYTES if args.quick else COPY_BYTES.get(device.type, COPY_BYTES["cpu"])
-    rows = bench.run(shapes, copy_bytes, args.repeat)
+    rows = bench.run(shapes, sweep.copy_bytes, args.repeat)
     print(results_table(rows, modes, args.markdown))
+    print(findings(rows, modes))
     if bench.failures:
         print(f"\n{len(bench.failures)} case(s) skipped:\n  " + "\n  ".join(bench.failures))
     if args.csv:

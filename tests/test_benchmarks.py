@@ -89,6 +89,7 @@ def test_bench_kernels_quick_writes_csv_and_plot(tmp_path, device):
     plot_results.main([str(csv_path), "--out", str(tmp_path / "from_csv.png")])  # the CSV alone is enough
     assert (tmp_path / "from_csv.png").read_bytes().startswith(PNG_MAGIC)
     assert "fwd-train ms" in done.stdout  # the printed table
+    assert done.stdout.splitlines()[-3].startswith("Found (speedup, geometric mean over 2 shapes")  # then CSV, PNG
 
 
 def test_bench_kernels_compile_provider_runs(cpu_one_thread):
@@ -127,6 +128,7 @@ def test_bad_options_exit_with_a_message():
         (["--providers", "cudnn"], "unknown provider"),
         (["--modes", "fwd"], "--modes: unknown fwd"),
         (["--repeat", "0"], "--repeat must be >= 1"),
+        (["--full"], "--quick and --full: choose one"),
     ):
         with pytest.raises(SystemExit, match=message):
             bench_kernels.main(["--quick", "--device", "cpu", *argv])
@@ -192,6 +194,34 @@ def test_plot_refuses_rows_it_cannot_plot(tmp_path):
     row = {"mode": "bwd", "shape": "6x7", "provider": "torch", "speedup_vs_torch": ""}
     with pytest.raises(ValueError, match="is the torch provider in the run"):
         plot_results.plot_speedups([row], str(tmp_path / "x.png"))
+
+
+def test_default_run_is_a_first_look_and_full_the_whole_sweep():
+    parser = bench_kernels.build_parser()
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    first_look = bench_kernels.sweep_for(parser.parse_args([]), cpu)
+    assert first_look.providers == ("torch", "torch+relu", "compile", "bnfused", "bnfused+relu")
+    assert len(bench_kernels.parse_shapes(first_look.shapes)) == 4
+    full = bench_kernels.sweep_for(parser.parse_args(["--full"]), cpu)
+    assert full.providers is None and full.budget == timing.FULL  # every default provider
+    assert bench_kernels.parse_shapes(full.shapes) == bench_kernels.parse_shapes("cpu,lenet-mlp")
+    assert bench_kernels.sweep_for(parser.parse_args(["--full"]), cuda).shapes == "resnet50,lenet-mlp"
+    assert bench_kernels.sweep_for(parser.parse_args(["--quick"]), cuda) == bench_kernels.QUICK
+
+
+def test_findings_are_geometric_means_per_mode():
+    def row(provider, shape, mode, ms, backend=""):
+        return {"provider": provider, "shape": shape, "mode": mode, "ms": str(ms), "backend": backend}
+
+    rows = [
+        row("torch", "a", "bwd", 4.0), row("torch", "b", "bwd", 1.0), row("torch+relu", "a", "bwd", 3.0),
+        row("bnfused-cpp", "a", "bwd", 1.0, "cpp"), row("bnfused-cpp", "b", "bwd", 1.0, "cpp"),
+        row("bnfused+relu", "a", "bwd", 1.0, "cpp"),
+    ]  # fmt: skip
+    line = bench_kernels.findings(rows, ["bwd"])
+    # sqrt(4 * 1) = 2 for the plain layer; fused BN + ReLU against torch's BN then ReLU on the one shape both ran.
+    assert line.endswith("bnfused-cpp vs torch: bwd 2.00x; bnfused+relu [cpp] vs torch+relu: bwd 3.00x")
+    assert "nothing to compare" in bench_kernels.findings(rows[:3], ["bwd"])
 
 
 def test_parse_shapes_sets_explicit_and_errors():
