@@ -92,13 +92,13 @@ def check_input(x) -> None:
         raise ValueError(f"batch_norm expected an input of at least 2D (N, C, *) (got {x.dim()}D input)")
 
 
-def check_arguments(x, running_mean, running_var, weight, bias) -> None:
+def check_arguments(x, running_mean, running_var, weight, bias) -> torch.Size:
     """Argument types, input dtype and rank, and each per-channel tensor's size, device and dtype, with
     torch's exception types and messages; running stats must be (C,) and, while autograd records,
     must not require grad (torch's rule).
 
     Runs on every layer call, so the common case is a handful of attribute reads; messages are only
-    composed once something is wrong.
+    composed once something is wrong. Returns x's shape, which callers need too (reading it is not free).
     """
     try:
         dtype, shape = x.dtype, x.shape
@@ -127,11 +127,12 @@ def check_arguments(x, running_mean, running_var, weight, bias) -> None:
                             break
                 else:
                     if param_dtype in (None, dtype) or (param_dtype == torch.float32 and dtype in _REDUCED):
-                        return
+                        return shape
     except AttributeError:  # a non-tensor argument: the slow path names it
         pass
     named = (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias))
     _check_per_channel_slowly(x, named)
+    return x.shape
 
 
 def check_eps(eps: float, training: bool) -> None:
@@ -142,12 +143,11 @@ def check_eps(eps: float, training: bool) -> None:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
-def _check_mode(x, running_mean, running_var, training: bool) -> None:
+def _check_mode(x, shape: torch.Size, running_mean, running_var, training: bool) -> None:
     """Training needs more than one value per channel (in this process's batch); eval needs running stats."""
     if training:
         if (running_mean is None) != (running_var is None):
             raise ValueError("running_mean and running_var must either both be None or neither be None")
-        shape = x.shape
         if shape[0] == 1:  # N > 1 (or 0) can never give exactly one value per channel
             values_per_channel = 1  # counted as torch does, so a (1, 0) input is refused too
             for size in shape[2:]:
@@ -160,7 +160,7 @@ def _check_mode(x, running_mean, running_var, training: bool) -> None:
         raise RuntimeError("running_var must be defined in evaluation mode")
 
 
-def empty_batch_norm(x, weight, bias, act: int, slope: float) -> torch.Tensor:
+def empty_batch_norm(x, weight, bias, act: int, slope: float, residual=None) -> torch.Tensor:
     """Output for an input with no elements: an empty tensor still connected to weight and bias
     (their gradients come out as zeros, as torch's do); running stats are left alone. As in torch,
     weight and bias may have any size here (torch scales by their first element): a size that does
@@ -173,8 +173,8 @@ def empty_batch_norm(x, weight, bias, act: int, slope: float) -> torch.Tensor:
     y = x * broadcastable(weight) if weight is not None else x.clone()
     if bias is not None:
         y = y + broadcastable(bias)
-    y = torch.nn.functional.leaky_relu(y, slope) if act else y
-    return y.to(x.dtype)  # float32 parameters must not promote a half/bfloat16 output
+    y = y.to(x.dtype)  # float32 parameters must not promote a half/bfloat16 output
+    return act_codes.apply(y if residual is None else y + residual, act, slope)
 
 
 def batch_norm(
@@ -189,8 +189,9 @@ def batch_norm(
     activation: str | None = None,
     negative_slope: float = 0.01,
     backend: str | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Batch normalization over dim 1 of ``input``, then an optional fused activation.
+    """Batch normalization over dim 1 of ``input``, then an optional residual add and activation.
 
     Same meaning as ``torch.nn.functional.batch_norm`` for every shared argument: ``training=True``
     normalises with batch statistics and, when running stats are given, updates them in place
@@ -201,9 +202,12 @@ def batch_norm(
         input: (N, C, *) float16 | bfloat16 | float32 | float64.
         running_mean, running_var: (C,) or None; input's dtype, or float32 for half/bfloat16 input.
         weight, bias: (C,) or None, same dtype rule.
-        activation: None, "relu" or "leaky_relu", applied after the affine step, inside the kernels.
+        activation: None, "relu", "leaky_relu", "relu6", "hardswish" or "silu", applied after the
+            affine step (and the residual add); relu and leaky_relu inside the kernels.
         negative_slope: leaky_relu's slope (>= 0).
         backend: "auto", "triton", "cpp", "cuda", "reference", or None for the global default.
+        residual: None, or a tensor added before the activation: ``act(batch_norm(input) + residual)``
+            (a ResNet block's shortcut), with torch's broadcasting and type promotion.
 
     Returns:
         (N, C, *) tensor with input's dtype; channels_last (3d) if input is, else contiguous (as torch).
@@ -211,20 +215,33 @@ def batch_norm(
     if training is not True and training is not False:
         raise _type_error("training", training, "bool")
     act, slope = (act_codes.NONE, 0.0) if activation is None else act_codes.parse(activation, negative_slope)
-    check_arguments(input, running_mean, running_var, weight, bias)
-    _check_mode(input, running_mean, running_var, training)
-    check_eps(eps, training)
+    shape = check_arguments(input, running_mean, running_var, weight, bias)
+    _check_mode(input, shape, running_mean, running_var, training)
+    if not eps > 0.0:  # positive eps passes both of torch's rules
+        check_eps(eps, training)
+    if residual is not None and not isinstance(residual, torch.Tensor):
+        raise _type_error("residual", residual, "Tensor")
     if torch_ops.use_torch_ops(input, training):  # compiled, traced, exported, torch.func or jvp: torch's graph
-        return torch_ops.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, act, slope)
+        return torch_ops.batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, act, slope, residual
+        )
     if input.numel() == 0:
-        return empty_batch_norm(input, weight, bias, act, slope)
+        return empty_batch_norm(input, weight, bias, act, slope, residual)
     # torch accepts weight and bias of any C-element shape, e.g. (1, C); the kernels index vectors.
     if weight is not None and weight.dim() != 1:
         weight = weight.reshape(-1)
     if bias is not None and bias.dim() != 1:
         bias = bias.reshape(-1)
     name = backends.resolve(backend, input.device)
+    if residual is not None or act not in act_codes.KERNEL_CODES:
+        # What the kernels do not fuse (yet) runs as torch ops after the BatchNorm kernel: what the
+        # unfused layers cost, with torch's broadcasting, type promotion and gradients.
+        y = ops.batch_norm(
+            name, layout.kernel_ready(input), weight, bias, running_mean, running_var,
+            training, float(momentum), float(eps), act_codes.NONE, 0.0,
+        )  # fmt: skip
+        return act_codes.apply(y if residual is None else y + residual, act, slope)
     return ops.batch_norm(
         name, layout.kernel_ready(input), weight, bias, running_mean, running_var,
-        bool(training), float(momentum), float(eps), act, slope,
+        training, float(momentum), float(eps), act, slope,
     )  # fmt: skip
