@@ -7,8 +7,10 @@ gets on batches of B. Only loopback addresses are used, and every subprocess has
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -34,8 +36,32 @@ def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
 
 
+def _start(command: list[str]) -> subprocess.Popen:
+    # Its own process group, so that a deadline stops torchrun's workers along with the agent.
+    return subprocess.Popen(
+        command, cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def _finish(processes: list[subprocess.Popen]) -> list[subprocess.CompletedProcess]:
+    """Waits for every process until DEADLINE_S from now (TimeoutExpired past it); kills what is left."""
+    deadline = time.monotonic() + DEADLINE_S
+    done = []
+    try:
+        for process in processes:
+            out, err = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            done.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    finally:
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # leftovers of a finished job too
+            process.wait()
+    return done
+
+
 def _run(command: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=DEADLINE_S)
+    return _finish([_start(command)])[0]
 
 
 def _free_loopback_port() -> int:
@@ -47,42 +73,8 @@ def _free_loopback_port() -> int:
 def _two_nodes(program: list[str]) -> list[subprocess.CompletedProcess]:
     """Two torchrun agents as two nodes of one process each (static rendezvous on 127.0.0.1), run to the end."""
     port = str(_free_loopback_port())
-    agents = [
-        subprocess.Popen(
-            [
-                *TORCHRUN,
-                "--nnodes",
-                "2",
-                "--node-rank",
-                str(node),
-                "--nproc-per-node",
-                "1",
-                "--master-addr",
-                "127.0.0.1",
-                "--master-port",
-                port,
-                *program,
-            ],
-            cwd=REPO_ROOT,
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for node in (0, 1)
-    ]
-    deadline = time.monotonic() + DEADLINE_S
-    done = []
-    try:
-        for agent in agents:
-            out, err = agent.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            done.append(subprocess.CompletedProcess(agent.args, agent.returncode, out, err))
-    finally:
-        for agent in agents:
-            if agent.poll() is None:
-                agent.kill()
-                agent.wait()
-    return done
+    rendezvous = ["--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port]
+    return _finish([_start([*TORCHRUN, *rendezvous, "--node-rank", str(node), *program]) for node in (0, 1)])
 
 
 def _assert_same_weights(path: Path, expected: dict[str, torch.Tensor]) -> None:
