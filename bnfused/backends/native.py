@@ -76,6 +76,8 @@ _CPU_BUILD_CORE_S = 100
 _CUDA_BUILD_S_PER_ARCH = 35
 # The file a completed JIT build leaves in its folder: the source tree it was built from.
 _BUILT_MARKER = "bnfused_build.txt"
+# The files under csrc/ whose contents key a build.
+_SOURCE_SUFFIXES = {".cpp", ".h", ".hpp", ".cu", ".cuh"}
 
 
 def cuda_toolkit() -> tuple[str | None, str | None]:
@@ -160,9 +162,6 @@ def build_key(kwargs: dict, csrc: Path = CSRC) -> str:
     return digest.hexdigest()[:12]
 
 
-_SOURCE_SUFFIXES = {".cpp", ".h", ".hpp", ".cu", ".cuh"}
-
-
 # --------------------------------------------------------------------------- loading
 
 
@@ -174,8 +173,8 @@ def build_estimate(kwargs: dict) -> str:
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(";", " ").split() or _DEFAULT_CUDA_ARCHS
         seconds += _CUDA_BUILD_S_PER_ARCH * len(archs)
     if seconds >= 90:
-        return f"about {round(seconds / 60)} min on {os.cpu_count()} cores"
-    return f"about {max(10, round(seconds, -1)):.0f} s on {os.cpu_count()} cores"
+        return f"about {round(seconds / 60)} min on {os.cpu_count()} idle cores"
+    return f"about {max(10, round(seconds, -1)):.0f} s on {os.cpu_count()} idle cores"
 
 
 def _seed_from_previous_build(build_dir: Path, stem: str, csrc: Path) -> None:
@@ -194,6 +193,7 @@ def _seed_from_previous_build(build_dir: Path, stem: str, csrc: Path) -> None:
         return
     newest = max(previous, key=lambda d: (d / _BUILT_MARKER).stat().st_mtime)
     staging = Path(tempfile.mkdtemp(prefix=f".{build_dir.name}.", dir=build_dir.parent))
+    staging.chmod(0o755)  # as a folder cpp_extension creates (mkdtemp makes it private)
     for item in newest.iterdir():
         if item.suffix == ".o" or item.name in (".ninja_log", ".ninja_deps"):
             shutil.copy2(item, staging / item.name)
