@@ -84,3 +84,12 @@ def test_outcome_parsers():
     rows = [{"provider": "bnfused", "baseline": "torch", "mode": "train", "ratio": r} for r in ("0.5", "2.0")]
     rows.append({"provider": "torch", "baseline": "torch", "mode": "train", "ratio": "1"})
     assert gpu_check.model_findings(rows) == ["bnfused train: time / torch 1.000 (geomean of 2)"]
+
+
+def test_the_real_runs_test_selection_names_existing_tests():
+    # pytest ignores a --deselect that matches nothing, and the dry run does not run this selection.
+    deselected = gpu_check.TESTS[gpu_check.TESTS.index("--deselect") + 1]
+    path, name = deselected.split("::")
+    assert name in {f.__name__ for f in globals().values() if callable(f)} and path == "tests/test_gpu_check.py"
+    for path in gpu_check.TESTS[:3] + gpu_check.SANITIZED_TESTS[:1]:
+        assert (REPO_ROOT / path).exists(), path
