@@ -349,6 +349,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     rows = bench.run(shapes, sweep.copy_bytes, args.repeat)
     print(results_table(rows, modes, args.markdown))
     print(findings(rows, modes))
+    busy = report.contention_note(device)  # checked again at the end: the load may have come during the run
+    if busy:
+        print(f"Caution, {busy.removeprefix('note: ')}")
     if bench.failures:
         print(f"\n{len(bench.failures)} case(s) skipped:\n  " + "\n  ".join(bench.failures))
     if args.csv:

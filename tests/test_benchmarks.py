@@ -224,6 +224,15 @@ def test_findings_are_geometric_means_per_mode():
     assert "nothing to compare" in bench_kernels.findings(rows[:3], ["bwd"])
 
 
+def test_findings_carry_a_caution_when_other_processes_load_the_cpus(monkeypatch, capsys, cpu_one_thread):
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    argv = ["--quick", "--device", "cpu", "--threads", "2", "--providers", "torch,bnfused-reference", "--shapes", "6x7"]
+    bench_kernels.main([*argv, "--modes", "fwd-eval"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].startswith("Found") and lines[-1].startswith("Caution, load average 9.0 on 2 CPUs")
+
+
 def test_parse_shapes_sets_explicit_and_errors():
     assert bench_kernels.parse_shapes("cpu") == [(32, 64, 56, 56), (128, 256, 14, 14)]
     assert bench_kernels.parse_shapes("8x3x4x4, 64x512,8x3x4x4") == [(8, 3, 4, 4), (64, 512)]
