@@ -209,6 +209,26 @@ def test_eager_calls_keep_the_kernels_and_transforms_take_torchs_ops(backend):
     jacrev(inside)(x.detach())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batched_backward_of_an_eager_forward(backend):
+    """An eager forward (bnfused's kernels) whose backward autograd runs under vmap:
+    ``is_grads_batched=True`` and ``torch.autograd.functional.jacobian(vectorize=True)``."""
+    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
+
+    def fused(x, w):
+        return batch_norm(x, None, None, w, None, True, activation="relu", backend=backend)
+
+    def unfused(x, w):
+        return F.relu(F.batch_norm(x, None, None, w, None, True))
+
+    upstream = torch.randn(2, 4, 3, 5, dtype=torch.float64)
+    got = torch.autograd.grad(fused(x, w), (x, w), upstream, is_grads_batched=True)
+    torch.testing.assert_close(got, torch.autograd.grad(unfused(x, w), (x, w), upstream, is_grads_batched=True))
+    jacobian = torch.autograd.functional.jacobian
+    torch.testing.assert_close(jacobian(fused, (x, w), vectorize=True), jacobian(unfused, (x, w), vectorize=True))
+
+
 # --------------------------------------------------------------------------- the uses that need them
 
 
