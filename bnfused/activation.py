@@ -1,35 +1,65 @@
-"""Activations that can be fused into the BatchNorm kernels.
+"""Activations that can follow a BatchNorm in one bnfused layer.
 
 Kernels and op schemas take the activation as a small integer code (a Triton ``constexpr`` and a
-C++ ``int``); the Python API takes names. This module is the one place where the two meet.
+C++ ``int``); the Python API takes names. This module is the one place where the two meet, and
+where the torch function of each activation is named (``apply``): that is its semantics.
+
+Codes in ``KERNEL_CODES`` are fused inside every backend's kernels. The others (relu6, hardswish,
+silu) are accepted everywhere: a backend that has no kernel for one runs the BatchNorm kernel and
+then the torch activation, which costs what the unfused layers cost and no more.
 """
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
+
 NONE = 0
 RELU = 1
 LEAKY_RELU = 2
+RELU6 = 3
+HARDSWISH = 4
+SILU = 5
 
-_CODES = {None: NONE, "none": NONE, "identity": NONE, "relu": RELU, "leaky_relu": LEAKY_RELU}
-NAMES = {NONE: None, RELU: "relu", LEAKY_RELU: "leaky_relu"}
+_CODES = {
+    None: NONE, "none": NONE, "identity": NONE, "relu": RELU, "leaky_relu": LEAKY_RELU,
+    "relu6": RELU6, "hardswish": HARDSWISH, "silu": SILU,
+}  # fmt: skip
+NAMES = {NONE: None, RELU: "relu", LEAKY_RELU: "leaky_relu", RELU6: "relu6", HARDSWISH: "hardswish", SILU: "silu"}
+# Fused in the kernels of every backend; their gradient mask is read off the saved output.
+KERNEL_CODES = frozenset((NONE, RELU, LEAKY_RELU))
 
 
 def parse(activation: str | None, negative_slope: float) -> tuple[int, float]:
     """Returns ``(code, slope)``; relu is leaky_relu with slope 0 for the kernels' purposes.
 
-    The backward pass recovers the activation's mask from the saved output ``y`` (``y > 0`` exactly
-    where the pre-activation is positive). That holds only for a slope >= 0, so a negative slope is
-    refused rather than given a silently wrong gradient.
+    The backward pass recovers the (leaky) relu's mask from the saved output ``y`` (``y > 0``
+    exactly where the pre-activation is positive). That holds only for a slope >= 0, so a negative
+    slope is refused rather than given a silently wrong gradient.
     """
     try:
         code = _CODES[activation.lower() if isinstance(activation, str) else activation]
     except (KeyError, AttributeError):
-        raise ValueError(f"bnfused: activation must be None, 'relu' or 'leaky_relu', got {activation!r}") from None
-    if code == NONE:
-        return NONE, 0.0
-    if code == RELU:
-        return RELU, 0.0
+        names = ", ".join(repr(n) for n in NAMES.values() if n is not None)
+        raise ValueError(f"bnfused: activation must be None or one of {names}, got {activation!r}") from None
+    if code != LEAKY_RELU:
+        return code, 0.0
     slope = float(negative_slope)
     if not slope >= 0.0:  # also rejects NaN
         raise ValueError(f"bnfused: leaky_relu needs negative_slope >= 0, got {negative_slope}")
     return LEAKY_RELU, slope
+
+
+def apply(z: torch.Tensor, code: int, slope: float) -> torch.Tensor:
+    """The activation ``code`` of z, as torch computes it (values, gradients and their conventions)."""
+    if code == NONE:
+        return z
+    if code == RELU:
+        return F.relu(z)
+    if code == LEAKY_RELU:
+        return F.leaky_relu(z, slope)
+    if code == RELU6:
+        return F.relu6(z)
+    if code == HARDSWISH:
+        return F.hardswish(z)
+    return F.silu(z)

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from bnfused import activation as act_codes
+from bnfused import fusion
 from bnfused.modules import EQUIVALENTS, _FusedBatchNorm
 from bnfused.sync import SyncBatchNorm
 
@@ -50,17 +53,25 @@ def _fuse_following_relu(seq: nn.Sequential) -> None:
 
 
 def convert_model(
-    model: nn.Module, fuse_relu: bool = False, backend: str | None = None, sync: bool = False
+    model: nn.Module, fuse_relu: bool = False, backend: str | None = None, sync: bool = False, fuse: bool = False
 ) -> nn.Module:
     """Replaces every ``nn.BatchNorm1d/2d/3d`` (and lazy variant) in ``model`` with bnfused's.
 
     Parameters, buffers, device, dtype and train/eval state are kept (the very same tensors). With
     ``fuse_relu=True``, an ``nn.ReLU`` (or ``nn.LeakyReLU`` with slope >= 0) directly after a BatchNorm
     in an ``nn.Sequential`` becomes the BatchNorm's fused activation and is replaced by ``nn.Identity``.
+    With ``fuse=True``, the forward is traced with ``torch.fx`` and every ``BN -> act``,
+    ``BN -> add -> act`` and ``BN -> add`` becomes one bnfused layer (act: relu, relu6, leaky_relu,
+    hardswish, silu; see ``bnfused.fusion``); the result is then a ``torch.fx.GraphModule`` with the
+    same submodules and state_dict keys. A model that cannot be traced gets the ``fuse_relu``
+    conversion instead, with a warning naming why.
     With ``sync=True`` every BatchNorm then becomes a ``bnfused.SyncBatchNorm`` (statistics over all
     processes of the default group; see ``SyncBatchNorm.convert_sync_batchnorm``).
-    Returns the model (converted in place), or the new module when ``model`` itself is a BatchNorm.
+    Returns the model (converted in place), or the new module when ``model`` itself is a BatchNorm
+    or was rewritten by the fusion pass.
     """
+    if fuse and type(model) not in EQUIVALENTS:
+        return _convert_traced(model, backend, sync)
     if sync:
         return SyncBatchNorm.convert_sync_batchnorm(convert_model(model, fuse_relu, backend))
     if type(model) in EQUIVALENTS:
@@ -73,6 +84,33 @@ def convert_model(
     if fuse_relu and isinstance(model, nn.Sequential):
         _fuse_following_relu(model)
     return model
+
+
+def _convert_traced(model: nn.Module, backend: str | None, sync: bool) -> nn.Module:
+    """``convert_model(fuse=True)``: the fusion pass, then the layer swap."""
+    reason = fusion.untraceable_reason(model)
+    if reason is None:
+        try:
+            gm = fusion.trace(model)
+        except Exception as exc:  # any tracing failure means: convert without the pass
+            reason = f"torch.fx cannot trace it ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})"
+    if reason is not None:
+        warnings.warn(
+            f"bnfused: convert_model(fuse=True) fuses only nn.Sequential BatchNorm -> ReLU pairs in "
+            f"{type(model).__name__}: {reason}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return convert_model(model, fuse_relu=True, backend=backend, sync=sync)
+    sites = fusion.find_sites(gm)
+    if not sites:  # nothing to fuse: keep the model's own class
+        return convert_model(model, backend=backend, sync=sync)
+    if sync:  # SyncBatchNorm's kernels fuse relu and leaky_relu, and it takes no residual input
+        sites = [s for s in sites if s.residual is None and s.code in act_codes.KERNEL_CODES]
+    gm.training = model.training
+    convert_model(gm, backend=backend, sync=sync)
+    fusion.apply_sites(gm, sites)
+    return gm
 
 
 class ActivationHook:
@@ -92,15 +130,24 @@ class ActivationHook:
         return f"ActivationHook({self.activation})"
 
 
+_ACTIVATION_MODULES = {act_codes.RELU: nn.ReLU, act_codes.RELU6: nn.ReLU6, act_codes.HARDSWISH: nn.Hardswish,
+                       act_codes.SILU: nn.SiLU}  # fmt: skip
+
+
 def _activation_module(bn: _FusedBatchNorm) -> nn.Module | None:
     code, slope = act_codes.parse(bn.activation, bn.negative_slope)
-    if code == act_codes.RELU:
-        return nn.ReLU()
-    return nn.LeakyReLU(slope) if code == act_codes.LEAKY_RELU else None
+    if code == act_codes.LEAKY_RELU:
+        return nn.LeakyReLU(slope)
+    return _ACTIVATION_MODULES[code]() if code in _ACTIVATION_MODULES else None
 
 
 def _revert_one(bn: _FusedBatchNorm) -> tuple[nn.Module, nn.Module | None]:
     """(torch layer, its activation module or None)."""
+    if getattr(bn, "takes_residual", False):
+        raise ValueError(
+            "bnfused: revert_model cannot undo a fused residual add (convert_model(fuse=True) rewrote the "
+            "forward); revert the model as it was before fusing, or convert it with fuse_relu=True instead"
+        )
     if isinstance(bn, SyncBatchNorm):
         torch_cls = nn.SyncBatchNorm
     else:  # the torch.nn class it subclasses (BatchNormReLU2d -> nn.BatchNorm2d)

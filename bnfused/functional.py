@@ -28,7 +28,7 @@ _ATEN_NAMES = {
 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"bnfused\.")
 
 # torch.batch_norm's argument positions, which torch's TypeErrors name.
-_POSITIONS = {"input": 1, "weight": 2, "bias": 3, "running_mean": 4, "running_var": 5, "training": 6}
+_POSITIONS = {"input": 1, "weight": 2, "bias": 3, "running_mean": 4, "running_var": 5, "training": 6, "residual": 12}
 
 
 def _type_name(value) -> str:
@@ -160,7 +160,7 @@ def _check_mode(x, shape: torch.Size, running_mean, running_var, training: bool)
         raise RuntimeError("running_var must be defined in evaluation mode")
 
 
-def empty_batch_norm(x, weight, bias, act: int, slope: float) -> torch.Tensor:
+def empty_batch_norm(x, weight, bias, act: int, slope: float, residual=None) -> torch.Tensor:
     """Output for an input with no elements: an empty tensor still connected to weight and bias
     (their gradients come out as zeros, as torch's do); running stats are left alone. As in torch,
     weight and bias may have any size here (torch scales by their first element): a size that does
@@ -173,8 +173,8 @@ def empty_batch_norm(x, weight, bias, act: int, slope: float) -> torch.Tensor:
     y = x * broadcastable(weight) if weight is not None else x.clone()
     if bias is not None:
         y = y + broadcastable(bias)
-    y = torch.nn.functional.leaky_relu(y, slope) if act else y
-    return y.to(x.dtype)  # float32 parameters must not promote a half/bfloat16 output
+    y = y.to(x.dtype)  # float32 parameters must not promote a half/bfloat16 output
+    return act_codes.apply(y if residual is None else y + residual, act, slope)
 
 
 def batch_norm(
@@ -189,8 +189,9 @@ def batch_norm(
     activation: str | None = None,
     negative_slope: float = 0.01,
     backend: str | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Batch normalization over dim 1 of ``input``, then an optional fused activation.
+    """Batch normalization over dim 1 of ``input``, then an optional residual add and activation.
 
     Same meaning as ``torch.nn.functional.batch_norm`` for every shared argument: ``training=True``
     normalises with batch statistics and, when running stats are given, updates them in place
@@ -201,9 +202,12 @@ def batch_norm(
         input: (N, C, *) float16 | bfloat16 | float32 | float64.
         running_mean, running_var: (C,) or None; input's dtype, or float32 for half/bfloat16 input.
         weight, bias: (C,) or None, same dtype rule.
-        activation: None, "relu" or "leaky_relu", applied after the affine step, inside the kernels.
+        activation: None, "relu", "leaky_relu", "relu6", "hardswish" or "silu", applied after the
+            affine step (and the residual add); relu and leaky_relu inside the kernels.
         negative_slope: leaky_relu's slope (>= 0).
         backend: "auto", "triton", "cpp", "cuda", "reference", or None for the global default.
+        residual: None, or a tensor added before the activation: ``act(batch_norm(input) + residual)``
+            (a ResNet block's shortcut), with torch's broadcasting and type promotion.
 
     Returns:
         (N, C, *) tensor with input's dtype; channels_last (3d) if input is, else contiguous (as torch).
@@ -215,16 +219,28 @@ def batch_norm(
     _check_mode(input, shape, running_mean, running_var, training)
     if not eps > 0.0:  # positive eps passes both of torch's rules
         check_eps(eps, training)
+    if residual is not None and not isinstance(residual, torch.Tensor):
+        raise _type_error("residual", residual, "Tensor")
     if torch_ops.use_torch_ops(input, training):  # compiled, traced, exported, torch.func or jvp: torch's graph
-        return torch_ops.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, act, slope)
+        return torch_ops.batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, act, slope, residual
+        )
     if input.numel() == 0:
-        return empty_batch_norm(input, weight, bias, act, slope)
+        return empty_batch_norm(input, weight, bias, act, slope, residual)
     # torch accepts weight and bias of any C-element shape, e.g. (1, C); the kernels index vectors.
     if weight is not None and weight.dim() != 1:
         weight = weight.reshape(-1)
     if bias is not None and bias.dim() != 1:
         bias = bias.reshape(-1)
     name = backends.resolve(backend, input.device)
+    if residual is not None or act not in act_codes.KERNEL_CODES:
+        # What the kernels do not fuse (yet) runs as torch ops after the BatchNorm kernel: what the
+        # unfused layers cost, with torch's broadcasting, type promotion and gradients.
+        y = ops.batch_norm(
+            name, layout.kernel_ready(input), weight, bias, running_mean, running_var,
+            training, float(momentum), float(eps), act_codes.NONE, 0.0,
+        )  # fmt: skip
+        return act_codes.apply(y if residual is None else y + residual, act, slope)
     return ops.batch_norm(
         name, layout.kernel_ready(input), weight, bias, running_mean, running_var,
         training, float(momentum), float(eps), act, slope,

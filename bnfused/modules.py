@@ -33,9 +33,10 @@ class _FusedBatchNorm:
                 return 1.0 / float(self.num_batches_tracked)
         return 0.0 if self.momentum is None else self.momentum
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``act(bn(input) [+ residual])``; ``residual`` is the shortcut of a residual block."""
         if input.__class__ is not torch.Tensor and isinstance(input, Proxy):
-            return self._fx_leaf(input)
+            return self._fx_leaf(input, residual)
         self._check_input_dim(input)
         momentum = self._step_momentum()
         # Batch statistics in training, and in eval when there are no running stats to use.
@@ -53,9 +54,10 @@ class _FusedBatchNorm:
             self.activation,
             self.negative_slope,
             self.backend,
+            residual,
         )
 
-    def _fx_leaf(self, input: Proxy) -> Proxy:
+    def _fx_leaf(self, input: Proxy, residual: Proxy | None = None) -> Proxy:
         """Records this layer in a ``torch.fx`` graph as one ``call_module`` node, as torch's BatchNorm is.
 
         ``torch.fx.Tracer`` treats modules of ``torch.nn`` as leaves (``is_leaf_module``), so a traced
@@ -67,7 +69,8 @@ class _FusedBatchNorm:
         tracer = input.tracer
         if getattr(tracer, "root", None) is self:
             self._check_input_dim(input)
-        return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), {})
+        args = (input,) if residual is None else (input, residual)
+        return tracer.create_proxy("call_module", tracer.path_of_module(self), args, {})
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
@@ -92,7 +95,8 @@ def _fused_class(torch_cls: type, doc: str) -> type:
 
 _DOC = """Drop-in for ``torch.nn.{name}`` (same constructor, state_dict and behaviour).
 
-    Extra keyword arguments: ``activation`` (None, "relu", "leaky_relu") fused after the affine step,
+    Extra keyword arguments: ``activation`` (None, "relu", "leaky_relu", "relu6", "hardswish",
+    "silu") applied after the affine step (and the residual add of ``forward(input, residual)``),
     ``negative_slope`` for leaky_relu, ``backend`` ("auto", "triton", "cpp", "cuda", "reference";
     None follows ``bnfused.set_backend``). Input: {shape}.
     """

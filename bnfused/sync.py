@@ -173,6 +173,11 @@ def sync_batch_norm(
         ValueError: the global batch has only 1 value per channel.
     """
     act, slope = act_codes.parse(activation, negative_slope)
+    if act not in act_codes.KERNEL_CODES:  # fused in no kernel: the torch activation after the layer
+        y = sync_batch_norm(
+            input, running_mean, running_var, weight, bias, momentum, eps, None, 0.0, backend, process_group
+        )
+        return act_codes.apply(y, act, slope)
     # No per-process batch-size rule here: only the global count matters, checked after the gather.
     check_arguments(input, running_mean, running_var, weight, bias)
     check_eps(eps, True)

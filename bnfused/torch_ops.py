@@ -88,11 +88,12 @@ def transform_active() -> bool:
     return _functorch_depth() > 0 or forward_ad._current_level >= 0
 
 
-def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, act, slope) -> torch.Tensor:
-    """``act(F.batch_norm(...))`` on checked arguments: the graph torch's BatchNorm + activation gives."""
+def batch_norm(
+    x, running_mean, running_var, weight, bias, training, momentum, eps, act, slope, residual=None
+) -> torch.Tensor:
+    """``act(F.batch_norm(...) [+ residual])`` on checked arguments: the graph torch's BatchNorm, the
+    add and the activation give."""
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    if act == act_codes.RELU:
-        return F.relu(y)
-    if act == act_codes.LEAKY_RELU:
-        return F.leaky_relu(y, slope)
-    return y
+    if residual is not None:
+        y = y + residual
+    return act_codes.apply(y, act, slope)

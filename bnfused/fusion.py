@@ -1,0 +1,188 @@
+"""The fusion pass of ``convert_model(fuse=True)``: find ``BN -> act`` and ``BN -> add -> act`` in a
+model's forward with ``torch.fx`` and turn each into one bnfused layer.
+
+ResNets apply their ReLU after the residual add inside ``BasicBlock.forward``, MobileNetV3 uses
+hardswish, EfficientNet SiLU: none of these is an ``nn.ReLU`` next to a BatchNorm in an
+``nn.Sequential``, so only the traced forward shows them. The pass traces the model (BatchNorms and
+every submodule without a BatchNorm inside stay leaves, so their own forward, e.g. a stochastic
+depth that depends on ``self.training``, is called rather than baked into the graph), matches
+
+    bn(x) -> act                      bn(x) + r -> act                      bn(x) + r
+
+where ``bn``'s output has no other use, the add's output feeds only the activation, and each
+BatchNorm module is called once; then it rewrites the BatchNorm's node to ``bn(x, r)`` with the
+activation set on the (bnfused) module, and drops the add and activation nodes. The rewritten model
+is a ``torch.fx.GraphModule`` holding the same submodules under the same names, so its state_dict
+keys are the original's and checkpoints load both ways.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from bnfused import activation as act_codes
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+_ACTIVATION_MODULES = {nn.ReLU: act_codes.RELU, nn.ReLU6: act_codes.RELU6, nn.Hardswish: act_codes.HARDSWISH,
+                       nn.SiLU: act_codes.SILU}  # fmt: skip
+_ACTIVATION_FUNCTIONS = {
+    F.relu: act_codes.RELU, torch.relu: act_codes.RELU, F.relu_: act_codes.RELU, torch.relu_: act_codes.RELU,
+    F.relu6: act_codes.RELU6, F.hardswish: act_codes.HARDSWISH, F.silu: act_codes.SILU,
+}  # fmt: skip
+_ACTIVATION_METHODS = {"relu": act_codes.RELU, "relu_": act_codes.RELU}
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_ADD_METHODS = ("add", "add_")
+
+
+@dataclass
+class Site:
+    """One fusion: the BatchNorm's node, the add (or None) and its other operand, the activation node
+    (or None) and its (code, slope)."""
+
+    bn: fx.Node
+    add: fx.Node | None
+    residual: fx.Node | None
+    act: fx.Node | None
+    code: int
+    slope: float
+
+    @property
+    def last(self) -> fx.Node:
+        return self.act or self.add or self.bn
+
+
+class _Tracer(fx.Tracer):
+    """Traces through modules that contain a BatchNorm, and keeps every other module a leaf."""
+
+    def __init__(self, root: nn.Module):
+        super().__init__()
+        self._has_bn = {m for m in root.modules() if any(isinstance(s, _BN) for s in m.modules())}
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _BN) or m not in self._has_bn or super().is_leaf_module(m, qualname)
+
+
+def untraceable_reason(model: nn.Module) -> str | None:
+    """Why the pass does not trace ``model`` itself, or None. A traced forward is frozen in the mode
+    it was traced in, so a module that holds a BatchNorm and branches on ``self.training`` in its
+    own forward (e.g. Inception's auxiliary logits) is not traced; its children are, one by one."""
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return f"the source of {type(model).__name__}.forward is not available"
+    if "self.training" in source:
+        return f"{type(model).__name__}.forward depends on self.training"
+    return None
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    graph = _Tracer(model).trace(model)
+    return fx.GraphModule(model, graph, class_name=type(model).__name__)
+
+
+def _activation(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[int, float] | None:
+    """(code, slope) when ``node`` applies a fusable activation to its first argument, else None."""
+    if node.op == "call_module":
+        module = modules[node.target]
+        if type(module) is nn.LeakyReLU:
+            return (act_codes.LEAKY_RELU, module.negative_slope) if module.negative_slope >= 0 else None
+        code = _ACTIVATION_MODULES.get(type(module))
+        return None if code is None or len(node.args) != 1 or node.kwargs else (code, 0.0)
+    extra_args = node.args[1:]
+    extra_kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
+    if node.op == "call_function" and node.target is F.leaky_relu:
+        slope = extra_args[0] if extra_args else extra_kwargs.pop("negative_slope", 0.01)
+        if len(extra_args) > 1 + ("inplace" not in node.kwargs) or extra_kwargs or not isinstance(slope, float):
+            return None
+        return (act_codes.LEAKY_RELU, slope) if slope >= 0 else None
+    if extra_kwargs or any(not isinstance(a, bool) for a in extra_args):  # only an inplace flag may follow
+        return None
+    if node.op == "call_function":
+        code = _ACTIVATION_FUNCTIONS.get(node.target)
+    elif node.op == "call_method":
+        code = _ACTIVATION_METHODS.get(node.target)
+    else:
+        code = None
+    return None if code is None else (code, 0.0)
+
+
+def _residual_of_add(node: fx.Node, operand: fx.Node) -> fx.Node | None:
+    """The other operand when ``node`` is ``operand + other`` (or ``other + operand``) of two nodes."""
+    is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _ADD_METHODS
+    )
+    if not is_add or len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    if node.op == "call_method" and a is not operand:  # other.add_(bn(x)) writes into other: not ours
+        return None
+    other = b if a is operand else a if b is operand else None
+    return other if isinstance(other, fx.Node) and other is not operand else None
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def find_sites(gm: fx.GraphModule) -> list[Site]:
+    """Every ``BN -> [add] -> [act]`` the pass can fuse, in graph order; each add is used once."""
+    modules = dict(gm.named_modules())
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    sites, taken = [], set()
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], _BN) or calls[node.target] != 1:
+            continue
+        if len(node.args) != 1 or node.kwargs:
+            continue
+        user = _only_user(node)
+        if user is None or user in taken:
+            continue
+        found = _activation(user, modules)
+        if found is not None:
+            sites.append(Site(node, None, None, user, *found))
+            taken.add(user)
+            continue
+        residual = _residual_of_add(user, node)
+        if residual is None:
+            continue
+        after = _only_user(user)
+        found = _activation(after, modules) if after is not None else None
+        sites.append(Site(node, user, residual, after if found else None, *(found or (act_codes.NONE, 0.0))))
+        taken.update(n for n in (user, after if found else None) if n is not None)
+    return sites
+
+
+def apply_sites(gm: fx.GraphModule, sites: list[Site]) -> None:
+    """Rewrites each site into one call of its (bnfused) BatchNorm module, which gets the activation."""
+    replaced: dict[fx.Node, fx.Node] = {}  # a fused block's output is the next block's residual
+    for site in sites:
+        module = gm.get_submodule(site.bn.target)
+        module.activation = act_codes.NAMES[site.code]
+        module.negative_slope = site.slope if site.code == act_codes.LEAKY_RELU else module.negative_slope
+        last = site.last
+        if site.residual is not None:
+            module.takes_residual = True  # revert_model cannot turn this back into a torch layer
+            # After both operands: ResNet's shortcut (downsample) is computed after the BatchNorm.
+            site.add.prepend(site.bn)
+            site.bn.args = (site.bn.args[0], replaced.get(site.residual, site.residual))
+        if last is not site.bn:
+            last.replace_all_uses_with(site.bn)
+            replaced[last] = site.bn
+            for node in (site.act, site.add):
+                if node is not None:
+                    gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()

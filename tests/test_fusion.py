@@ -1,0 +1,250 @@
+"""BatchNorm + residual add + activation: the functional API on every CPU backend, and the FX pass
+of ``convert_model(fuse=True)`` on torchvision's models."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import bnfused
+from bnfused import activation as act_codes
+from bnfused import fusion
+
+ACTIVATIONS = [None, "relu", "leaky_relu", "relu6", "hardswish", "silu"]
+CPU_BACKENDS = ["reference", "cpp", "triton"]
+
+
+def _torch_layer(x, rm, rv, w, b, training, activation, residual):
+    y = F.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5)
+    if residual is not None:
+        y = y + residual
+    return act_codes.apply(y, *act_codes.parse(activation, 0.2))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_residual_and_activation_match_torch(backend, activation, training):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5) * 2 + 1
+    residual = torch.randn_like(x)
+    w, b = torch.rand(3) + 0.5, torch.randn(3)
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    leaves = [t.clone().requires_grad_() for t in (x, residual, w, b)]
+    twins = [t.clone().requires_grad_() for t in (x, residual, w, b)]
+    rm2, rv2 = rm.clone(), rv.clone()
+    got = bnfused.batch_norm(
+        leaves[0], rm, rv, leaves[2], leaves[3], training, 0.1, 1e-5, activation, 0.2, backend, residual=leaves[1]
+    )
+    want = _torch_layer(twins[0], rm2, rv2, twins[2], twins[3], training, activation, twins[1])
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(rm, rm2)
+    torch.testing.assert_close(rv, rv2)
+    dy = torch.randn_like(got)
+    got.backward(dy)
+    want.backward(dy)
+    for name, a, t in zip(("x", "residual", "weight", "bias"), leaves, twins):
+        torch.testing.assert_close(a.grad, t.grad, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("activation", ["relu6", "hardswish", "silu", "leaky_relu"])
+def test_gradcheck_float64_with_residual(backend, activation):
+    torch.manual_seed(0)
+    x = (torch.randn(3, 2, 3, dtype=torch.float64) * 2).requires_grad_()
+    residual = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+
+    def layer(x, residual, w, b):
+        return bnfused.batch_norm(x, None, None, w, b, True, 0.1, 1e-5, activation, 0.2, backend, residual=residual)
+
+    assert torch.autograd.gradcheck(layer, (x, residual, w, b))
+
+
+def test_residual_broadcasts_and_promotes_as_torch():
+    x = torch.randn(4, 3, 2, 2)
+    for residual in (torch.randn(1, 3, 1, 1), torch.randn(4, 3, 2, 2, dtype=torch.float64)):
+        got = bnfused.batch_norm(x, None, None, training=True, activation="silu", residual=residual, backend="cpp")
+        want = F.silu(F.batch_norm(x, None, None, training=True) + residual)
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want)
+    with pytest.raises(TypeError, match="residual"):
+        bnfused.batch_norm(x, None, None, training=True, residual=[1.0])
+
+
+def test_compiled_layer_with_residual_is_torch_graph():
+    layer = bnfused.BatchNorm2d(3, activation="hardswish", backend="reference")
+    x, r = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    twin = copy.deepcopy(layer)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, r), twin(x, r))
+    torch.testing.assert_close(layer.running_var, twin.running_var)
+
+
+# --------------------------------------------------------------------------- the FX pass on real models
+
+# (model, {(activation, residual?): number of fused layers}) as the pass must find them.
+_EXPECTED_SITES = {
+    "resnet18": {("relu", False): 9, ("relu", True): 8},
+    "resnet50": {("relu", False): 33, ("relu", True): 16},
+    "mobilenet_v3_small": {("hardswish", False): 18, ("relu", False): 5, (None, True): 6},
+    "efficientnet_b0": {("silu", False): 33},
+}
+
+
+def _fused_sites(model):
+    found = {}
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            key = (m.activation, getattr(m, "takes_residual", False))
+            if key != (None, False):
+                found[key] = found.get(key, 0) + 1
+    return found
+
+
+def _train_step(model, x):
+    torch.manual_seed(1)  # the same dropout and stochastic-depth draws for each model
+    out = model(x)
+    out.square().mean().backward()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(_EXPECTED_SITES))
+def test_fx_pass_fuses_torchvision_models(name):
+    torch.manual_seed(0)
+    original = getattr(torchvision.models, name)(weights=None, num_classes=5).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model that traces must not warn
+        fused = bnfused.convert_model(copy.deepcopy(original), fuse=True, backend="reference")
+    assert _fused_sites(fused) == _EXPECTED_SITES[name]
+    assert fusion.find_sites(fused) == []  # nothing fusable is left behind
+    # state_dict round trip, both ways, with the same keys in the same order.
+    assert list(fused.state_dict()) == list(original.state_dict())
+    fused.load_state_dict(original.state_dict())
+    copy.deepcopy(original).load_state_dict(fused.state_dict())
+
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    for training in (True, False):
+        original.train(training)
+        fused.train(training)
+        for p in [*original.parameters(), *fused.parameters()]:
+            p.grad = None
+        out_o, out_f = (_train_step(m, x) for m in (original, fused))
+        _assert_float64_equal(out_f, out_o, "output")
+        for (n, p_o), p_f in zip(original.named_parameters(), fused.parameters()):
+            _assert_float64_equal(p_f.grad, p_o.grad, f"{n}.grad")
+        for (n, b_o), b_f in zip(original.named_buffers(), fused.buffers()):
+            _assert_float64_equal(b_f, b_o, n)
+
+
+def _assert_float64_equal(got, want, name):
+    """Equal within 1e-9 of the tensor's scale. Absolute differences grow with depth: at 32x32, the
+    last stage of ResNet-50 normalises 4 values per channel, and its rounding errors reach conv
+    gradients of size 1e2 (the plain layer swap shows the same differences as the fused one)."""
+    scale = max(want.abs().max().item(), 1.0)
+    assert (got - want).abs().max().item() <= 1e-9 * scale, name
+
+
+def test_fused_resnet_compiles_in_one_graph_and_matches_eager():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5).double()
+    fused = bnfused.convert_model(model, fuse=True, backend="reference")
+    twin = copy.deepcopy(fused)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    explained = torch._dynamo.explain(copy.deepcopy(fused))(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), twin(x))
+    for (n, b_c), b_e in zip(fused.named_buffers(), twin.buffers()):
+        torch.testing.assert_close(b_c, b_e, msg=lambda m, n=n: f"{n}: {m}")
+
+
+class _Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            return self.relu(self.bn(x))
+        return self.bn(x)
+
+
+class _ModeDependent(_Branchy):
+    def forward(self, x):
+        return self.relu(self.bn(x)) if self.training else self.bn(x)
+
+
+@pytest.mark.parametrize(("cls", "reason"), [(_Branchy, "torch.fx cannot trace it"), (_ModeDependent, "self.training")])
+def test_untraceable_models_fall_back_with_one_warning(cls, reason):
+    model = cls()
+    with pytest.warns(RuntimeWarning, match=reason) as record:
+        converted = bnfused.convert_model(model, fuse=True)
+    assert len(record) == 1
+    assert type(converted) is cls and isinstance(converted.bn, bnfused.BatchNorm1d)
+    assert converted.bn.activation is None
+
+
+def test_shared_and_multiply_used_batchnorms_are_not_fused():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(3)
+
+        def forward(self, x):
+            a = F.relu(self.bn(x))  # one module called twice: its activation cannot differ per call
+            y = self.bn(a)
+            return F.silu(y) + y  # an output used twice: the activation is not its only use
+
+    model = bnfused.convert_model(Shared(), fuse=True)
+    assert isinstance(model.bn, bnfused.BatchNorm1d) and model.bn.activation is None
+
+
+def test_functional_activations_and_methods_are_found():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.BatchNorm1d(4), nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            y = F.leaky_relu(self.a(x), 0.3)
+            y = torch.relu(self.b(y) + x)
+            return (x + self.c(y)).relu()
+
+    torch.manual_seed(0)
+    model = Functional()
+    fused = bnfused.convert_model(copy.deepcopy(model), fuse=True, backend="reference")
+    assert (fused.a.activation, fused.a.negative_slope) == ("leaky_relu", 0.3)
+    assert fused.b.activation == fused.c.activation == "relu"
+    assert fused.b.takes_residual and fused.c.takes_residual
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(fused(x), model(x))
+
+
+def test_revert_model_after_fusion():
+    fused = bnfused.convert_model(torchvision.models.mobilenet_v3_small(num_classes=5), fuse=True)
+    with pytest.raises(ValueError, match="cannot undo a fused residual add"):
+        bnfused.revert_model(fused)
+    seq = bnfused.convert_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Hardswish()), fuse=True)
+    x = torch.randn(2, 3, 6, 6)
+    want = seq(x)
+    reverted = bnfused.revert_model(seq)
+    assert not any(isinstance(m, bnfused.BatchNorm2d) for m in reverted.modules())
+    torch.testing.assert_close(reverted(x), want)
+
+
+def test_sync_conversion_fuses_only_what_syncbatchnorm_runs():
+    model = bnfused.convert_model(torchvision.models.resnet18(num_classes=5), fuse=True, sync=True)
+    sync_layers = [m for m in model.modules() if isinstance(m, bnfused.SyncBatchNorm)]
+    assert len(sync_layers) == 20
+    assert sum(m.activation == "relu" for m in sync_layers) == 9
+    assert not any(getattr(m, "takes_residual", False) for m in sync_layers)
