@@ -8,11 +8,11 @@ import warnings
 from torch import nn
 
 from bnfused import activation as act_codes
-from bnfused import fusion
+from bnfused import fusion, inplace
 from bnfused.modules import EQUIVALENTS, _FusedBatchNorm
 from bnfused.sync import SyncBatchNorm
 
-_FUSED_ATTRIBUTES = ("activation", "negative_slope", "backend")
+_FUSED_ATTRIBUTES = ("activation", "negative_slope", "backend", "memory")
 
 
 def _swap_class(bn: nn.Module, cls: type) -> nn.Module:
@@ -53,7 +53,12 @@ def _fuse_following_relu(seq: nn.Sequential) -> None:
 
 
 def convert_model(
-    model: nn.Module, fuse_relu: bool = False, backend: str | None = None, sync: bool = False, fuse: bool = False
+    model: nn.Module,
+    fuse_relu: bool = False,
+    backend: str | None = None,
+    sync: bool = False,
+    fuse: bool = False,
+    memory: str = "default",
 ) -> nn.Module:
     """Replaces every ``nn.BatchNorm1d/2d/3d`` (and lazy variant) in ``model`` with bnfused's.
 
@@ -67,9 +72,14 @@ def convert_model(
     conversion instead, with a warning naming why.
     With ``sync=True`` every BatchNorm then becomes a ``bnfused.SyncBatchNorm`` (statistics over all
     processes of the default group; see ``SyncBatchNorm.convert_sync_batchnorm``).
+    With ``memory="inplace"``, every converted layer that can keeps only its output for backward
+    (no activation or leaky_relu with slope > 0; ``bnfused.inplace``); the others
+    keep their input as usual.
     Returns the model (converted in place), or the new module when ``model`` itself is a BatchNorm
     or was rewritten by the fusion pass.
     """
+    if memory != "default":
+        return _keep_outputs(convert_model(model, fuse_relu, backend, sync, fuse), memory)
     if fuse and type(model) not in EQUIVALENTS:
         return _convert_traced(model, backend, sync)
     if sync:
@@ -83,6 +93,19 @@ def convert_model(
             convert_model(child, fuse_relu, backend)
     if fuse_relu and isinstance(model, nn.Sequential):
         _fuse_following_relu(model)
+    return model
+
+
+def _keep_outputs(model: nn.Module, memory: str) -> nn.Module:
+    """Sets ``memory`` on every bnfused layer (not SyncBatchNorm) whose activation allows it."""
+    inplace.check_memory_mode(memory, act_codes.NONE, 0.0)  # the name itself
+    for m in model.modules():
+        if isinstance(m, _FusedBatchNorm) and not isinstance(m, SyncBatchNorm):
+            try:
+                inplace.check_memory_mode(memory, *act_codes.parse(m.activation, m.negative_slope))
+            except ValueError:
+                continue
+            m.memory = memory
     return model
 
 

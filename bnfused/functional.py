@@ -11,7 +11,7 @@ import warnings
 import torch
 
 from bnfused import activation as act_codes
-from bnfused import backends, layout, ops, torch_ops
+from bnfused import backends, inplace, layout, ops, torch_ops
 
 _FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _REDUCED = (torch.float16, torch.bfloat16)
@@ -190,6 +190,7 @@ def batch_norm(
     negative_slope: float = 0.01,
     backend: str | None = None,
     residual: torch.Tensor | None = None,
+    memory: str = "default",
 ) -> torch.Tensor:
     """Batch normalization over dim 1 of ``input``, then an optional residual add and activation.
 
@@ -208,6 +209,9 @@ def batch_norm(
         backend: "auto", "triton", "cpp", "cuda", "reference", or None for the global default.
         residual: None, or a tensor added before the activation: ``act(batch_norm(input) + residual)``
             (a ResNet block's shortcut), with torch's broadcasting and type promotion.
+        memory: "default", or "inplace": keep only the output for backward and recover x_hat from it
+            (activation None or leaky_relu with negative_slope > 0, a residual of input's shape and
+            dtype, |weight| > eps; see ``bnfused.inplace``).
 
     Returns:
         (N, C, *) tensor with input's dtype; channels_last (3d) if input is, else contiguous (as torch).
@@ -221,6 +225,10 @@ def batch_norm(
         check_eps(eps, training)
     if residual is not None and not isinstance(residual, torch.Tensor):
         raise _type_error("residual", residual, "Tensor")
+    if memory != "default":
+        inplace.check_memory_mode(memory, act, slope)
+        if residual is not None:
+            inplace.check_residual(input, residual)
     if torch_ops.use_torch_ops(input, training):  # compiled, traced, exported, torch.func or jvp: torch's graph
         return torch_ops.batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps, act, slope, residual
@@ -233,6 +241,11 @@ def batch_norm(
     if bias is not None and bias.dim() != 1:
         bias = bias.reshape(-1)
     name = backends.resolve(backend, input.device)
+    if memory != "default":
+        return inplace.InplaceBatchNormFunction.apply(
+            layout.kernel_ready(input), weight, bias, running_mean, running_var,
+            training, float(momentum), float(eps), act, slope, name, residual,
+        )  # fmt: skip
     if residual is not None or act not in act_codes.KERNEL_CODES:
         # What the kernels do not fuse (yet) runs as torch ops after the BatchNorm kernel: what the
         # unfused layers cost, with torch's broadcasting, type promotion and gradients.

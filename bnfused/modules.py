@@ -13,17 +13,24 @@ from torch import nn
 from torch.fx import Proxy
 
 from bnfused import activation as act_codes
+from bnfused import inplace
 from bnfused.functional import batch_norm
 
 
 class _FusedBatchNorm:
     """The forward shared by every bnfused BatchNorm module (mirrors ``nn.modules.batchnorm._BatchNorm``)."""
 
-    def _init_fused(self, activation: str | None, negative_slope: float, backend: str | None) -> None:
-        act_codes.parse(activation, negative_slope)  # fail at construction, not at the first forward
+    memory = "default"  # layers pickled before the option existed
+
+    def _init_fused(
+        self, activation: str | None, negative_slope: float, backend: str | None, memory: str = "default"
+    ) -> None:
+        # Fail at construction, not at the first forward.
+        inplace.check_memory_mode(memory, *act_codes.parse(activation, negative_slope))
         self.activation = activation
         self.negative_slope = negative_slope
         self.backend = backend
+        self.memory = memory
 
     def _step_momentum(self) -> float:
         """Counts a training step in num_batches_tracked (as torch does) and returns its momentum."""
@@ -55,6 +62,7 @@ class _FusedBatchNorm:
             self.negative_slope,
             self.backend,
             residual,
+            self.memory,
         )
 
     def _fx_leaf(self, input: Proxy, residual: Proxy | None = None) -> Proxy:
@@ -80,13 +88,15 @@ class _FusedBatchNorm:
                 text += f", negative_slope={self.negative_slope}"
         if self.backend is not None:
             text += f", backend={self.backend!r}"
+        if self.memory != "default":
+            text += f", memory={self.memory!r}"
         return text
 
 
 def _fused_class(torch_cls: type, doc: str) -> type:
-    def __init__(self, *args, activation=None, negative_slope=0.01, backend=None, **kwargs):
+    def __init__(self, *args, activation=None, negative_slope=0.01, backend=None, memory="default", **kwargs):
         torch_cls.__init__(self, *args, **kwargs)
-        self._init_fused(activation, negative_slope, backend)
+        self._init_fused(activation, negative_slope, backend, memory)
 
     return type(
         torch_cls.__name__, (_FusedBatchNorm, torch_cls), {"__init__": __init__, "__doc__": doc, "__module__": __name__}
@@ -98,7 +108,8 @@ _DOC = """Drop-in for ``torch.nn.{name}`` (same constructor, state_dict and beha
     Extra keyword arguments: ``activation`` (None, "relu", "leaky_relu", "relu6", "hardswish",
     "silu") applied after the affine step (and the residual add of ``forward(input, residual)``),
     ``negative_slope`` for leaky_relu, ``backend`` ("auto", "triton", "cpp", "cuda", "reference";
-    None follows ``bnfused.set_backend``). Input: {shape}.
+    None follows ``bnfused.set_backend``), ``memory`` ("default", or "inplace": keep only the output
+    for backward; see ``bnfused.inplace``). Input: {shape}.
     """
 
 BatchNorm1d = _fused_class(nn.BatchNorm1d, _DOC.format(name="BatchNorm1d", shape="(N, C) or (N, C, L)"))
