@@ -1,8 +1,15 @@
 // The bnfused_native operator library: schemas, declared once. Kernels register per dispatch key
 // (cpu/*.cpp: CPU, cuda/*.cu: CUDA); fake (meta) kernels are registered from Python
 // (bnfused/backends/native.py). Arguments and results follow bnfused/backends/__init__.py.
+// Also the extension's Python module, with the eager binding of the layer op.
 #include <Python.h>
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
+
+#include <optional>
 
 TORCH_LIBRARY(bnfused_native, m) {
   // The whole layer, autograd included, in C++ (autograd.cpp): the low-overhead eager route.
@@ -31,9 +38,93 @@ TORCH_LIBRARY(bnfused_native, m) {
       "Tensor sum_dy_xhat, int count, int act, float slope) -> Tensor");
 }
 
+namespace bnfused {
+namespace {
+
+using at::Tensor;
+using std::optional;
+
+// ---------------------------------------------------------------------------- the eager binding
+//
+// torch.ops.bnfused_native.batch_norm.default(...) from Python parses its arguments against the
+// schema and looks for __torch_function__ overrides: microseconds per call, as much as the kernels
+// of a small layer. eager_batch_norm takes the same positional arguments with a fixed-type fast
+// path (plain tensors or Parameters, a bool, floats, an int, no torch function mode), calls the same
+// op through the dispatcher (so autograd, inference mode, dispatch modes and subclasses with
+// __torch_dispatch__ are handled as before), and hands every other call to the op itself.
+
+PyObject* layer_op_fallback = nullptr;  // torch.ops.bnfused_native.batch_norm.default, set from Python
+
+// Exactly torch.Tensor or torch.nn.Parameter: the classes whose __torch_function__ torch skips.
+bool plain_tensor(PyObject* obj) {
+  PyObject* type = reinterpret_cast<PyObject*>(Py_TYPE(obj));
+  return type == THPVariableClass || type == ParameterClass;
+}
+
+optional<Tensor> optional_tensor(PyObject* obj) {
+  return obj == Py_None ? optional<Tensor>() : optional<Tensor>(THPVariable_Unpack(obj));
+}
+
+// Releases the GIL while the op runs, as a torch.ops call does, and takes it back on any exit.
+struct ReleasedGil {
+  PyThreadState* state = PyEval_SaveThread();
+  ~ReleasedGil() { PyEval_RestoreThread(state); }
+};
+
+PyObject* eager_batch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK(layer_op_fallback != nullptr, "bnfused_native: eager_batch_norm called before set_fallback");
+  bool fast = nargs == 10 && !at::impl::torch_function_mode_enabled() && plain_tensor(args[0]) &&
+              PyBool_Check(args[5]) && PyFloat_CheckExact(args[6]) && PyFloat_CheckExact(args[7]) &&
+              PyLong_CheckExact(args[8]) && PyFloat_CheckExact(args[9]);
+  for (Py_ssize_t i = 1; fast && i < 5; ++i) fast = args[i] == Py_None || plain_tensor(args[i]);
+  if (!fast) return PyObject_Vectorcall(layer_op_fallback, args, nargs, nullptr);
+  int overflow = 0;
+  const long long act = PyLong_AsLongLongAndOverflow(args[8], &overflow);
+  if (overflow != 0) return PyObject_Vectorcall(layer_op_fallback, args, nargs, nullptr);
+  using LayerFn = Tensor(const Tensor&, const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
+                         const optional<Tensor>&, bool, double, double, int64_t, double);
+  static const auto layer =
+      c10::Dispatcher::singleton().findSchemaOrThrow("bnfused_native::batch_norm", "").typed<LayerFn>();
+  const Tensor& x = THPVariable_Unpack(args[0]);
+  const optional<Tensor> weight = optional_tensor(args[1]), bias = optional_tensor(args[2]),
+                         running_mean = optional_tensor(args[3]), running_var = optional_tensor(args[4]);
+  const bool training = args[5] == Py_True;
+  const double momentum = PyFloat_AS_DOUBLE(args[6]), eps = PyFloat_AS_DOUBLE(args[7]),
+               slope = PyFloat_AS_DOUBLE(args[9]);
+  Tensor y;
+  {
+    ReleasedGil no_gil;
+    y = layer.call(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope);
+  }
+  return THPVariable_Wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* set_fallback(PyObject*, PyObject* callable) {
+  Py_XDECREF(layer_op_fallback);
+  Py_INCREF(callable);
+  layer_op_fallback = callable;
+  Py_RETURN_NONE;
+}
+
+PyMethodDef* eager_methods() {
+  static PyMethodDef methods[] = {
+      {"batch_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&eager_batch_norm)), METH_FASTCALL,
+       "batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope) -> y: "
+       "bnfused_native::batch_norm without torch.ops' argument parsing"},
+      {"set_fallback", &set_fallback, METH_O, "set_fallback(op): what eager batch_norm calls off its fast path"},
+      {nullptr, nullptr, 0, nullptr}};
+  return methods;
+}
+
+}  // namespace
+}  // namespace bnfused
+
 // Importing the ahead-of-time build (bnfused._C, see setup.py) loads this library and so runs the
-// registrations above; the module itself is empty.
+// registrations above. The module holds the eager binding of the layer op (above); the JIT build's
+// library is imported as a module too, for that binding (bnfused/backends/native.py).
 extern "C" PyObject* PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, bnfused::eager_methods()};
   return PyModule_Create(&module);
 }

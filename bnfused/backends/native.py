@@ -14,6 +14,8 @@ the reason ``available`` returns, never an exception at ``import bnfused``.
 
 The contract functions (``forward_train``, ``backward``, ...) ARE the ``torch.ops.bnfused_native``
 op overloads, so an eager call goes straight from Python into the C++ op, with no wrapper frame.
+``batch_norm`` (the layer op, eager calls only) is the extension module's own binding of it, which
+skips torch.ops' argument parsing on plain calls (csrc/autograd.cpp, ``eager_batch_norm``).
 This module has no import-time side effects and imports nothing from bnfused at module level, so
 setup.py can load it by path for the ahead-of-time build flags (``extension_kwargs``).
 """
@@ -63,6 +65,7 @@ class Library:
     error: str | None
     cuda_error: str | None
     origin: str  # "aot", "jit" or "none"
+    module: object = None  # the extension's Python module (its eager binding of the layer op), if it loaded
 
 
 # --------------------------------------------------------------------------- build configuration
@@ -203,8 +206,9 @@ def _seed_from_previous_build(build_dir: Path, stem: str, csrc: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _jit_build(with_cuda: bool) -> None:
-    """Loads the build of this source tree and flags, compiling it first if there is none yet."""
+def _jit_build(with_cuda: bool) -> Path:
+    """Loads the build of this source tree and flags, compiling it first if there is none yet; returns
+    the library's path."""
     home = cuda_toolkit()[0]
     if home is not None:
         # Before cpp_extension is imported: it fixes its CUDA_HOME then, from the nvcc on PATH when the
@@ -219,7 +223,7 @@ def _jit_build(with_cuda: bool) -> None:
     library_file = build_dir / f"{name}.so"
     if (build_dir / _BUILT_MARKER).is_file() and library_file.is_file():
         torch.ops.load_library(str(library_file))  # built before: no compiler, no ninja, no lock
-        return
+        return library_file
     from torch.utils import cpp_extension
 
     if with_cuda:
@@ -240,6 +244,7 @@ def _jit_build(with_cuda: bool) -> None:
     # changed while ninja compiled it, the folder stays unmarked and the next process lets ninja check it.
     if build_key(extension_kwargs(with_cuda)) == key:
         (build_dir / _BUILT_MARKER).write_text(f"{CSRC}\n")
+    return library_file
 
 
 def extensions_root() -> Path:
@@ -271,21 +276,40 @@ def _has_cuda_kernels() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("bnfused_native::forward_train", "CUDA")
 
 
-def _import_prebuilt() -> bool:
-    """Imports the ahead-of-time module bnfused._C; False when there is none (or it cannot load)."""
+def _import_prebuilt():
+    """Imports the ahead-of-time module bnfused._C; None when there is none (or it cannot load)."""
     try:
-        importlib.import_module("bnfused._C")
-        return True
+        return importlib.import_module("bnfused._C")
     except ModuleNotFoundError:
-        return False
+        return None
     except Exception as exc:  # e.g. built against another torch: build just in time instead
         print(f"bnfused: ignoring the prebuilt bnfused._C ({type(exc).__name__}: {exc})", file=sys.stderr)
-        return False
+        return None
+
+
+def _import_jit_module(library_file: Path):
+    """The JIT-built library (already loaded by torch.ops.load_library) as a Python module, for its
+    eager binding; None if it cannot be imported (the layer op is then called through torch.ops).
+
+    Python finds a module's init function by the last part of its name (PyInit__C), and dlopen hands
+    back the library already loaded, so its op registrations do not run twice.
+    """
+    import importlib.util
+
+    try:
+        spec = importlib.util.spec_from_file_location(f"{library_file.stem}._C", library_file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except Exception as exc:
+        print(f"bnfused: the eager binding is unavailable ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return None
 
 
 def _load() -> Library:
     """Imports the ahead-of-time module, else JIT-builds (with CUDA when planned and possible, else without)."""
-    origin = "aot" if _import_prebuilt() else "jit"
+    module = _import_prebuilt() or None  # tests stub it with lambda: False
+    origin = "aot" if module is not None else "jit"
     cuda_reason = None
     if origin == "jit":
         try:
@@ -293,13 +317,13 @@ def _load() -> Library:
         except ValueError as exc:
             return Library(str(exc), str(exc), "none")
         try:
-            _jit_build(with_cuda=home is not None)
+            module = _import_jit_module(_jit_build(with_cuda=home is not None))
         except Exception as exc:
             if home is None:
                 return Library(f"building the C++ extension failed: {_describe(exc)}", cuda_reason, "none")
             cuda_reason = f"compiling the CUDA sources failed: {_describe(exc)}"
             try:  # the CPU kernels may still build without the CUDA sources
-                _jit_build(with_cuda=False)
+                module = _import_jit_module(_jit_build(with_cuda=False))
             except Exception as exc2:
                 return Library(f"building the C++ extension failed: {_describe(exc2)}", cuda_reason, "none")
     if not _has_cuda_kernels():
@@ -307,7 +331,7 @@ def _load() -> Library:
     else:
         cuda_reason = None
     _register_fakes()
-    return Library(None, cuda_reason, origin)
+    return Library(None, cuda_reason, origin, module)
 
 
 @functools.cache
@@ -338,6 +362,9 @@ def __getattr__(name: str):
 
         raise BackendUnavailableError(f"bnfused: the C++ extension is unavailable: {lib.error}")
     op = getattr(torch.ops.bnfused_native, name).default
+    if name == LAYER_OP and getattr(lib.module, "batch_norm", None) is not None:
+        lib.module.set_fallback(op)  # the binding calls the op itself off its fast path
+        op = lib.module.batch_norm
     globals()[name] = op  # later lookups find the op directly, without this function
     return op
 

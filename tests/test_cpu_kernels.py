@@ -1,0 +1,187 @@
+"""The C++ CPU kernels: bit-for-bit the same results for any thread count on every schedule (short
+planes, long planes, rows), float16/bfloat16 within twice torch's own low-precision error of an fp32
+reference, odd sizes, and the eager binding of the layer op (csrc/autograd.cpp, eager_batch_norm)."""
+
+import pytest
+import torch
+from helpers import make_input
+from test_cpu_schedules import _with_threads
+
+from bnfused import activation as act_codes
+from bnfused.backends import native
+
+pytestmark = pytest.mark.skipif(native.available(torch.device("cpu")) is not None, reason="C++ extension unavailable")
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+# Each has more values than one thread takes (kMinTaskValues = 32768 in csrc/cpu/tiling.h), so that
+# 2 and 3 threads really split the work.
+SCHEDULES = [
+    pytest.param((16, 12, 20, 20), False, id="short-planes-400"),
+    pytest.param((2, 3, 130, 131), False, id="long-planes"),  # 17030 values: two tiles per plane
+    pytest.param((400, 5, 14, 14), False, id="planes-196-C5"),
+    pytest.param((4096, 3, 7), False, id="planes-7"),
+    pytest.param((8, 24, 20, 20), True, id="channels-last"),
+    pytest.param((1024, 75), False, id="NC-75"),  # C not a multiple of the vector width
+    pytest.param((2048, 37, 1, 1), False, id="planes-1"),
+    pytest.param((600, 2, 8, 8), False, id="C-below-threads"),  # fewer channels than 3 threads
+]
+
+
+def _train_step(x, dy, w, b, act, slope):
+    """forward_train then backward: every output of a training step."""
+    rm, rv = torch.zeros(x.shape[1]), torch.ones(x.shape[1])
+    y, mean, invstd = native.forward_train(x, w, b, rm, rv, 0.1, 1e-5, act, slope)
+    dx, dw, db = native.backward(dy, x, y if act else None, w, mean, invstd, act, slope, True, True, True, True)
+    return y, mean, invstd, rm, rv, dx, dw, db
+
+
+@pytest.mark.parametrize("shape, channels_last", SCHEDULES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_training_step_is_bitwise_identical_for_any_thread_count(shape, channels_last, dtype):
+    x = make_input(shape, dtype, channels_last=channels_last)
+    dy = make_input(shape, dtype, channels_last=channels_last, offset=0.0, scale=1.0)
+    C = shape[1]
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    act, slope = (act_codes.LEAKY_RELU, 0.1) if dtype == torch.float32 else (act_codes.NONE, 0.0)
+    one = _with_threads(1, lambda: _train_step(x, dy, w, b, act, slope))
+    names = ("y", "mean", "invstd", "running_mean", "running_var", "dx", "dweight", "dbias")
+    for threads in (2, 3):
+        other = _with_threads(threads, lambda: _train_step(x, dy, w, b, act, slope))
+        for name, a, c in zip(names, one, other):
+            assert torch.equal(a, c), f"{name} differs between 1 and {threads} threads"
+    assert one[0].stride() == x.stride() and one[5].stride() == x.stride()
+
+
+@pytest.mark.parametrize("shape, channels_last", SCHEDULES[::2])
+def test_eval_forward_is_bitwise_identical_for_any_thread_count(shape, channels_last):
+    x = make_input(shape, torch.bfloat16, channels_last=channels_last)
+    C = shape[1]
+    w, b, rm, rv = torch.rand(C) + 0.5, torch.randn(C), torch.randn(C), torch.rand(C) + 0.5
+    y1 = _with_threads(1, lambda: native.forward_eval(x, w, b, rm, rv, 1e-5, act_codes.RELU, 0.0))
+    y2 = _with_threads(2, lambda: native.forward_eval(x, w, b, rm, rv, 1e-5, act_codes.RELU, 0.0))
+    assert torch.equal(y1, y2)
+
+
+def _max_error(a, reference):
+    return (a.double() - reference).abs().max().item()
+
+
+@pytest.mark.parametrize(
+    "shape, channels_last",
+    [((6, 19, 14, 14), False), ((6, 19, 14, 14), True), ((64, 37), False), ((40, 3, 7), False), ((9, 13, 1, 1), False)],
+    ids=["NCHW-196", "channels-last", "NC-37", "planes-7", "planes-1"],
+)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_low_precision_within_twice_torchs_error(shape, channels_last, dtype, training):
+    """Output and input gradient against a float64 reference computed from the same (rounded) input:
+    at most twice the error of torch's own BatchNorm in that dtype (plus a tenth of the dtype's step)."""
+    x = make_input(shape, dtype, channels_last=channels_last)
+    C = shape[1]
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    rm, rv = torch.randn(C), torch.rand(C) + 0.5
+    dy = make_input(shape, dtype, channels_last=channels_last, offset=0.0, scale=1.0)
+
+    def run(fn, x_in, dtype_params):
+        x_in = x_in.detach().requires_grad_()
+        y = fn(x_in, w.to(dtype_params), b.to(dtype_params), rm.to(dtype_params).clone(), rv.to(dtype_params).clone())
+        y.backward(dy.to(y.dtype))
+        return y.detach(), x_in.grad
+
+    def torch_bn(x_in, w_, b_, rm_, rv_):
+        return torch.nn.functional.batch_norm(x_in, rm_, rv_, w_, b_, training, 0.1, 1e-5)
+
+    def ours(x_in, w_, b_, rm_, rv_):
+        return native.batch_norm(x_in, w_, b_, rm_, rv_, training, 0.1, 1e-5, act_codes.NONE, 0.0)
+
+    y_ref, dx_ref = run(torch_bn, x.double(), torch.float64)
+    y_torch, dx_torch = run(torch_bn, x, dtype)
+    y_ours, dx_ours = run(ours, x, torch.float32)
+    assert y_ours.dtype == dtype and dx_ours.dtype == dtype
+    step = torch.finfo(dtype).eps / 10
+    for what, mine, theirs, ref in (("output", y_ours, y_torch, y_ref), ("input grad", dx_ours, dx_torch, dx_ref)):
+        err, torch_err = _max_error(mine, ref), _max_error(theirs, ref)
+        scale = ref.abs().max().item()
+        assert err <= 2 * torch_err + step * scale, f"{what}: error {err} vs torch's {torch_err}"
+
+
+# --------------------------------------------------------------------------- the eager binding
+
+
+def test_eager_binding_is_the_extension_modules_function():
+    """native.batch_norm skips torch.ops' argument parsing: it is the module's builtin, not an OpOverload."""
+    assert native.library().module is not None
+    assert native.batch_norm is native.library().module.batch_norm
+
+
+def _layer_args(x, training):
+    C = x.shape[1]
+    w = torch.nn.Parameter(torch.linspace(0.5, 1.5, C))
+    b = torch.nn.Parameter(torch.linspace(-1.0, 1.0, C))
+    return x, w, b, torch.zeros(C), torch.ones(C), training, 0.1, 1e-5, act_codes.RELU, 0.0
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_eager_binding_matches_the_op_with_autograd(training):
+    x = make_input((8, 6, 5, 5), torch.float32).requires_grad_()
+    args = _layer_args(x, training)
+    op = torch.ops.bnfused_native.batch_norm.default
+    args2 = (x, args[1], args[2], args[3].clone(), args[4].clone(), *args[5:])
+    y1, y2 = native.batch_norm(*args), op(*args2)
+    assert torch.equal(y1, y2)
+    assert torch.equal(args[3], args2[3]) and torch.equal(args[4], args2[4])
+    g1 = torch.autograd.grad(y1.square().sum(), (x, args[1], args[2]))
+    g2 = torch.autograd.grad(y2.square().sum(), (x, args[1], args[2]))
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def test_eager_binding_errors_are_the_ops():
+    x = make_input((8, 6, 5, 5), torch.float32)
+    args = list(_layer_args(x, True))
+    args[3] = torch.zeros(5)
+    with pytest.raises(RuntimeError, match="running_mean must have shape"):
+        native.batch_norm(*args)
+    # Off the fast path (momentum not a float): torch.ops' own argument parsing and message.
+    with pytest.raises(RuntimeError, match="Expected a value of type 'float' for argument 'momentum'"):
+        native.batch_norm(*args[:6], "0.1", *args[7:])
+
+
+def test_eager_binding_without_a_torch_function_mode_or_subclass_is_seen_by_them():
+    """Off the fast path the call goes through the op, so __torch_function__ modes and subclasses see it."""
+    seen = []
+
+    class Recorder(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    x = make_input((8, 6, 5, 5), torch.float32)
+    with Recorder():
+        y = native.batch_norm(*_layer_args(x, False))
+    assert torch.ops.bnfused_native.batch_norm.default in seen
+    assert torch.equal(y, torch.ops.bnfused_native.batch_norm.default(*_layer_args(x, False)))
+
+    class Tagged(torch.Tensor):
+        calls = 0
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func is torch.ops.bnfused_native.batch_norm.default:
+                cls.calls += 1
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    native.batch_norm(*_layer_args(x.as_subclass(Tagged), False))
+    assert Tagged.calls == 1
+
+
+def test_eager_binding_in_inference_mode_and_no_grad():
+    x = make_input((8, 6, 5, 5), torch.float32)
+    expected = torch.ops.bnfused_native.batch_norm.default(*_layer_args(x, False))
+    with torch.inference_mode():
+        assert torch.equal(native.batch_norm(*_layer_args(x, False)), expected)
+    with torch.no_grad():
+        y = native.batch_norm(*_layer_args(x, False))
+    assert torch.equal(y, expected) and y.grad_fn is None
