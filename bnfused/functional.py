@@ -83,11 +83,20 @@ def _check_per_channel_slowly(x, named: tuple) -> None:
     raise RuntimeError(f"mixed dtype: expected weight, bias, running_mean and running_var to be {allowed}, got {found}")
 
 
+class EmptyVector(ValueError):
+    """An empty 1-D input: torch returns it as it is (no channels to check or normalise)."""
+
+    def __init__(self) -> None:
+        super().__init__("batch_norm got an empty 1-D input: there are no channels to normalise")
+
+
 def check_input(x) -> None:
     """Input dtype and rank (torch's messages)."""
     dtype = x.dtype
     if dtype not in _FLOATING:
         raise NotImplementedError(f"\"batch_norm\" not implemented for '{_ATEN_NAMES.get(dtype, dtype)}'")
+    if x.dim() == 1 and x.numel() == 0:
+        raise EmptyVector
     if x.dim() < 2:
         raise ValueError(f"batch_norm expected an input of at least 2D (N, C, *) (got {x.dim()}D input)")
 
@@ -219,7 +228,12 @@ def batch_norm(
     if training is not True and training is not False:
         raise _type_error("training", training, "bool")
     act, slope = (act_codes.NONE, 0.0) if activation is None else act_codes.parse(activation, negative_slope)
-    shape = check_arguments(input, running_mean, running_var, weight, bias)
+    try:
+        shape = check_arguments(input, running_mean, running_var, weight, bias)
+    except EmptyVector:  # nothing to normalise: torch's own answer, graph connections included
+        return torch_ops.batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, act, slope, residual
+        )
     _check_mode(input, shape, running_mean, running_var, training)
     if not eps > 0.0:  # positive eps passes both of torch's rules
         check_eps(eps, training)

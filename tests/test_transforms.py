@@ -45,15 +45,8 @@ def _opinfo_samples() -> list:
 def _sample_param(index: int, sample) -> pytest.param:
     training = sample.kwargs.get("training", False)
     stats = "" if sample.args[0] is not None else "-nostats"
-    marks = ()
-    if sample.input.dim() < 2:
-        marks = pytest.mark.xfail(
-            raises=ValueError,
-            strict=True,
-            reason="bnfused.functional.check_arguments refuses 1-D input; torch returns an empty 1-D input as is",
-        )
     name = f"{index}-{'x'.join(map(str, sample.input.shape))}-{'train' if training else 'eval'}{stats}"
-    return pytest.param(sample, id=name, marks=marks)
+    return pytest.param(sample, id=name)
 
 
 SAMPLES = [_sample_param(i, s) for i, s in enumerate(_opinfo_samples())]
@@ -113,6 +106,9 @@ def test_double_backward(sample, backend, activation):
     fn, inputs = _layer(sample, activation, backend)
     torch_fn, _ = _layer(sample, activation, None)
     assert gradgradcheck(fn, inputs)
+    if sample.input.numel() == 0:  # no values: torch's own second_order below has no graph to differentiate
+        torch.testing.assert_close(fn(*inputs), torch_fn(*inputs))
+        return
     upstream = torch.randn_like(fn(*inputs))
     directions = [torch.randn_like(t) for t in inputs]
 
