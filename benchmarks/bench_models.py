@@ -6,12 +6,13 @@
     python benchmarks/bench_models.py --models resnet18,mobilenet_v3_small --modes eval --layouts channels_last
 
 Each model is timed as written (torch.nn.BatchNorm) and as converted with
-``bnfused.convert_model(model, fuse_relu=True)``, eagerly and under ``torch.compile``, on random
-data. Providers:
+``bnfused.convert_model(model, fuse=True)`` (the fusion pass: BN -> add -> act into one layer),
+eagerly and under ``torch.compile``, on random data. Providers:
 
     torch                       the model as written
     compile                     torch.compile of that model
-    bnfused[-backend]           bnfused.convert_model(model, fuse_relu=True[, backend=...])
+    bnfused[-backend]           bnfused.convert_model(model, fuse=True[, backend=...])
+    bnfused[-backend]+inplace   the same with memory="inplace" (layers keep their output, not their input)
     bnfused[-backend]+compile   torch.compile of the converted model (bnfused's default compile mode)
     bnfused[-backend]+compile-kernels, ...+compile-decompose
                                 the same in that compile mode (``bnfused.set_compile_mode``): how the
@@ -21,6 +22,10 @@ data. Providers:
 Modes: ``train`` (zero_grad, forward, cross-entropy, backward, SGD step) and ``eval`` (the model in
 eval mode under ``torch.no_grad()``, forward only). Layouts: ``nchw`` and ``channels_last`` (model
 and input; the MLPs take flattened images, so they run in nchw only).
+
+Train rows of eager providers also give ``saved_mb``: the bytes one forward keeps for backward
+(saved-tensor hooks, once per storage, parameters left out); on CUDA every row gives ``peak_mb``,
+the peak memory allocated by one step.
 
 Every row has ``ratio``: its time over its baseline's, where the baseline is ``compile`` for compiled
 providers and ``torch`` for the others (below 1: faster). The providers of one (model, layout, mode)
@@ -46,7 +51,7 @@ import torchvision  # noqa: E402
 from torch import nn  # noqa: E402
 
 import bnfused  # noqa: E402
-from benchmarks import cli, models, report, timing  # noqa: E402
+from benchmarks import cli, memory, models, report, timing  # noqa: E402
 
 NUM_CLASSES = 10
 
@@ -76,6 +81,10 @@ def _digit(size: int) -> tuple[int, ...]:
 MODELS: dict[str, Model] = {
     "resnet18": Model(_torchvision("resnet18"), _image, large=True, convolutional=True),
     "resnet50": Model(_torchvision("resnet50"), _image, large=True, convolutional=True),
+    # ResNet-50 with nn.LeakyReLU(0.01) for every ReLU: the model of in-place activated BatchNorm.
+    "resnet50_leaky": Model(
+        lambda: models.with_leaky_relu(_torchvision("resnet50")()), _image, large=True, convolutional=True
+    ),
     "mobilenet_v3_small": Model(_torchvision("mobilenet_v3_small"), _image, large=True, convolutional=True),
     "efficientnet_b0": Model(_torchvision("efficientnet_b0"), _image, large=True, convolutional=True),
     "lenet": Model(lambda: models.lenet("torch"), _digit, large=False, convolutional=True),
@@ -87,6 +96,7 @@ MODES = ("train", "eval")
 LAYOUTS = ("nchw", "channels_last")
 BASES = ("torch", "scratch", "bnfused")
 COMPILE_SUFFIX = "+compile"
+INPLACE_SUFFIX = "+inplace"
 # Per device: (batch of the torchvision models, their image size, batch of the small models).
 DEFAULTS = {"cuda": (128, 224, 256), "cpu": (16, 112, 64)}
 QUICK = (2, 32, 16)
@@ -94,7 +104,7 @@ QUICK_MODELS = "lenet,mnist_bn_mlp"
 
 COLUMNS = (
     "model", "mode", "layout", "provider", "backend", "baseline", "batch", "input_shape", "dtype",
-    "ms", "q20_ms", "q80_ms", "samples_per_s", "ratio",
+    "ms", "q20_ms", "q80_ms", "samples_per_s", "ratio", "saved_mb", "peak_mb",
     "clock", "device", "torch", "triton", "commit", "date",
 )  # fmt: skip
 NUMERIC_COLUMNS = ("batch", "ms", "q20_ms", "q80_ms", "samples_per_s", "ratio")
@@ -110,6 +120,7 @@ class Provider:
     backend: str | None  # the bnfused backend request; None outside bnfused
     compiled: bool
     compile_mode: str | None = None  # bnfused's compile mode; None: its default
+    inplace: bool = False  # memory="inplace"
 
     @property
     def baseline(self) -> str:
@@ -126,6 +137,8 @@ def parse_provider(name: str) -> Provider:
             text, compile_mode = text[: -len(mode) - 1], mode
     compiled = text.endswith(COMPILE_SUFFIX)
     base = text[: -len(COMPILE_SUFFIX)] if compiled else text
+    inplace = base.endswith(INPLACE_SUFFIX)
+    base = base[: -len(INPLACE_SUFFIX)] if inplace else base
     backend = None
     if base.startswith("bnfused-"):
         base, backend = "bnfused", base[len("bnfused-") :]
@@ -134,12 +147,12 @@ def parse_provider(name: str) -> Provider:
             raise ValueError(f"unknown bnfused backend {backend!r} in provider {name!r}; known: {', '.join(known)}")
     elif base == "bnfused":
         backend = "auto"
-    if base not in BASES or (base == "torch" and compiled) or (compile_mode and base != "bnfused"):
+    if base not in BASES or (base == "torch" and compiled) or ((compile_mode or inplace) and base != "bnfused"):
         raise ValueError(
             f"unknown provider {name!r}: expected torch, compile, scratch, "
-            "bnfused[-<backend>] or bnfused[-<backend>]+compile[-kernels|-decompose]"
+            "bnfused[-<backend>][+inplace] or bnfused[-<backend>][+inplace]+compile[-kernels|-decompose]"
         )
-    return Provider(name.strip().lower(), base, backend, compiled, compile_mode)
+    return Provider(name.strip().lower(), base, backend, compiled, compile_mode, inplace)
 
 
 DEFAULT_PROVIDERS = "torch,compile,bnfused,bnfused+compile,scratch"
@@ -149,7 +162,8 @@ def build_model(name: str, provider: Provider, device: torch.device, dtype: torc
     """Model ``name`` with ``provider``'s BatchNorm, on ``device`` in ``dtype``, ``layout`` and ``mode``."""
     model = MODELS[name].build()
     if provider.base == "bnfused":
-        model = bnfused.convert_model(model, fuse_relu=True, backend=provider.backend)
+        memory = "inplace" if provider.inplace else "default"
+        model = bnfused.convert_model(model, fuse=True, backend=provider.backend, memory=memory)
     elif provider.base == "scratch":
         model = models.to_scratch(model)
     model = model.to(device=device, dtype=dtype).train(mode == "train")
@@ -224,6 +238,7 @@ def run(model_names, provider_names, modes, layouts, device, dtype, sizes, budge
             x = x.contiguous(memory_format=torch.channels_last)
         target = torch.randint(0, NUM_CLASSES, (batch,), device=device)
         steps: dict[str, Callable[[], None]] = {}
+        memory_columns: dict[str, dict[str, str | None]] = {}
         for provider in parsed:
             try:
                 torch.manual_seed(0)
@@ -231,6 +246,7 @@ def run(model_names, provider_names, modes, layouts, device, dtype, sizes, budge
                 step = in_compile_mode(step_function(model, x, target, mode), provider.compile_mode)
                 step()  # builds the extension, compiles: not part of any timing
                 steps[provider.name] = step
+                memory_columns[provider.name] = _memory_columns(model, x, step, provider, mode, device)
             except Exception as exc:  # one provider failing must not stop the others
                 log(f"  {provider.name}: skipped ({report.short_reason(exc)})")
         timings: dict[str, list[timing.Timing]] = {name: [] for name in steps}
@@ -251,18 +267,29 @@ def run(model_names, provider_names, modes, layouts, device, dtype, sizes, budge
                 "baseline": provider.baseline, "batch": batch, "input_shape": "x".join(map(str, shape[1:])),
                 "dtype": str(dtype).replace("torch.", ""), **timing.as_columns(measured),
                 "samples_per_s": f"{batch / (measured.ms * 1e-3):.6g}",
-                "ratio": None if ratio is None else f"{ratio:.4g}", **metadata,
+                "ratio": None if ratio is None else f"{ratio:.4g}", **memory_columns[provider.name], **metadata,
             })  # fmt: skip
             log(f"  {provider.name:<22} {measured.ms:9.4g} ms" + (f"  ratio {ratio:.3f}" if ratio else ""))
     return rows
 
 
+def _memory_columns(model, x, step, provider: Provider, mode: str, device: torch.device) -> dict[str, str | None]:
+    """saved_mb (train mode, eager: saved-tensor hooks do not see inside compiled graphs) and peak_mb (CUDA)."""
+    saved = memory.saved_bytes(model, x) if mode == "train" and not provider.compiled else None
+    peak = memory.peak_memory_bytes(step, device)
+    return {
+        "saved_mb": None if saved is None else f"{saved / 2**20:.4g}",
+        "peak_mb": None if peak is None else f"{peak / 2**20:.4g}",
+    }
+
+
 def results_table(rows: Sequence[dict], markdown: bool = False) -> str:
-    header = ["model", "mode", "layout", "batch", "provider", "ms", "samples/s", "ratio (vs baseline)"]
+    header = ["model", "mode", "layout", "batch", "provider", "ms", "samples/s", "ratio (vs baseline)", "saved MiB"]
     body = [
         [r["model"], r["mode"], r["layout"], str(r["batch"]), report.provider_label(r), f"{float(r['ms']):.4g}",
          f"{float(r['samples_per_s']):,.0f}",
-         f"{float(r['ratio']):.3f} (vs {r['baseline']})" if r["ratio"] and r["provider"] != r["baseline"] else "-"]
+         f"{float(r['ratio']):.3f} (vs {r['baseline']})" if r["ratio"] and r["provider"] != r["baseline"] else "-",
+         r["saved_mb"] or "-"]
         for r in rows
     ]  # fmt: skip
     return report.format_table(header, body, markdown)

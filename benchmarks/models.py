@@ -90,3 +90,12 @@ def to_scratch(model: nn.Module) -> nn.Module:
         else:
             to_scratch(child)
     return model
+
+
+def with_leaky_relu(model: nn.Module, negative_slope: float = 0.01) -> nn.Module:
+    """``model`` with every ``nn.ReLU`` replaced (in place) by ``nn.LeakyReLU(negative_slope)``."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is nn.ReLU:
+                module._modules[name] = nn.LeakyReLU(negative_slope)
+    return model

@@ -154,6 +154,9 @@ def test_bench_models_quick_writes_csv(tmp_path, cpu_one_thread):
         if r["provider"] == r["baseline"]:
             assert float(r["ratio"]) == 1.0
         assert r["backend"] == ("reference" if r["provider"].startswith("bnfused") else "")
+        eager_train = r["mode"] == "train" and "compile" not in r["provider"]
+        assert (float(r["saved_mb"]) > 0) if eager_train else r["saved_mb"] == "", r
+        assert r["peak_mb"] == ""  # CUDA only
         _assert_metadata(r, "cpu")
 
 
@@ -181,7 +184,17 @@ def test_converted_models_really_use_the_provider():
     assert not scratch.training and scratch.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert parse("compile") == bench_models.Provider("compile", "torch", None, True)
     assert parse("bnfused-cpp+compile").baseline == "compile" and parse("scratch").baseline == "torch"
-    for bad, message in (("torch+compile", "unknown provider"), ("bnfused-magic", "unknown bnfused backend")):
+    assert parse("bnfused-cpp+inplace+compile-kernels") == bench_models.Provider(
+        "bnfused-cpp+inplace+compile-kernels", "bnfused", "cpp", True, "kernels", True
+    )
+    leaky = bench_models.build_model("resnet50_leaky", parse("bnfused-reference+inplace"), cpu, f32, "nchw", "train")
+    assert not any(isinstance(m, nn.ReLU) for m in leaky.modules())
+    assert sum(getattr(m, "memory", None) == "inplace" for m in leaky.modules()) == 53
+    for bad, message in (
+        ("torch+compile", "unknown provider"),
+        ("scratch+inplace", "unknown provider"),
+        ("bnfused-magic", "unknown bnfused backend"),
+    ):
         with pytest.raises(ValueError, match=message):
             parse(bad)
     with pytest.raises(SystemExit, match="--modes: unknown step"):

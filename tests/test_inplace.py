@@ -6,9 +6,9 @@ import pytest
 import torch
 import torchvision
 from helpers import make_input
-from torch import nn
 
 import bnfused
+from benchmarks import models
 
 
 def _layer(backend, training, activation, x, w, b, rm, rv, memory):
@@ -122,12 +122,7 @@ def test_saves_the_output_not_the_input_and_follows_autograd_rules():
 
 
 def _leaky_resnet50():
-    model = torchvision.models.resnet50(num_classes=10)
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if type(child) is nn.ReLU:
-                module._modules[name] = nn.LeakyReLU(0.01)
-    return model
+    return models.with_leaky_relu(torchvision.models.resnet50(num_classes=10))
 
 
 def _saved_bytes(model, x):
