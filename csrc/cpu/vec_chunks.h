@@ -40,6 +40,41 @@ constexpr int64_t vec_width() {
 }
 
 template <typename T>
+constexpr bool is_16bit_float() {
+  return std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>;
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// float16/bfloat16 <-> float one register at a time (16 lanes of T in a __m256i), with ATen's own
+// conversions (round to nearest even, NaN kept): a chunk converts just its own 16 values, where
+// at::vec::convert_from_float converts two float vectors into one of 32 T, and a partial chunk is
+// loaded and stored with a lane mask rather than one element at a time through a buffer.
+template <typename T>
+inline __m512 widen(__m256i h) {
+  __m512 out;
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    at::vec::cvtbf16_fp32(h, out);
+  } else {
+    at::vec::cvtfp16_fp32(h, out);
+  }
+  return out;
+}
+
+template <typename T>
+inline __m256i narrow(const __m512& v) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    return at::vec::cvtfp32_bf16(v);
+  } else {
+    return at::vec::cvtfp32_fp16(v);
+  }
+}
+
+inline __mmask16 first_lanes(int64_t n) {
+  return static_cast<__mmask16>((1u << n) - 1u);
+}
+#endif
+
+template <typename T>
 inline VecA<T> ld(Full, const T* p) {
   if constexpr (std::is_same_v<T, acc_t<T>>) {
     return VecA<T>::loadu(p);
@@ -55,6 +90,9 @@ inline VecA<T> ld(Part k, const T* p) {
   if constexpr (std::is_same_v<T, acc_t<T>>) {
     return VecA<T>::loadu(p, k.n);
   } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (is_16bit_float<T>()) return widen<T>(_mm256_maskz_loadu_epi16(first_lanes(k.n), p));
+#endif
     acc_t<T> buf[vec_width<acc_t<T>>()] = {};
     for (int64_t i = 0; i < k.n; ++i) buf[i] = static_cast<acc_t<T>>(p[i]);
     return VecA<T>::loadu(buf);
@@ -73,6 +111,12 @@ inline void st(Full, T* p, const VecA<T>& v) {
   if constexpr (std::is_same_v<T, acc_t<T>>) {
     v.store(p);
   } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (is_16bit_float<T>()) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow<T>(v));
+      return;
+    }
+#endif
     at::vec::convert_from_float<T>(v, v).store(p, vec_width<float>());
   }
 }
@@ -82,6 +126,12 @@ inline void st(Part k, T* p, const VecA<T>& v) {
   if constexpr (std::is_same_v<T, acc_t<T>>) {
     v.store(p, k.n);
   } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (is_16bit_float<T>()) {
+      _mm256_mask_storeu_epi16(p, first_lanes(k.n), narrow<T>(v));
+      return;
+    }
+#endif
     at::vec::convert_from_float<T>(v, v).store(p, k.n);
   }
 }
@@ -123,11 +173,12 @@ inline void st_out(Tag tag, T* p, const VecA<T>& v, bool stream) {
 #else
         _mm256_stream_pd(p, v);
 #endif
-      } else {  // half / bfloat16: the converted vector's first half holds the chunk's values
-        const auto h = at::vec::convert_from_float<T>(v, v);
+      } else {  // half / bfloat16
 #if defined(CPU_CAPABILITY_AVX512)
-        _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(h));
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(p), narrow<T>(v));
 #else
+        // the converted vector's first half holds the chunk's values
+        const auto h = at::vec::convert_from_float<T>(v, v);
         _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(h));
 #endif
       }
