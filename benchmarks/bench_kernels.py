@@ -6,6 +6,7 @@
     python benchmarks/bench_kernels.py --quick              # a few seconds: the CI smoke test
     python benchmarks/bench_kernels.py --shapes resnet50 --dtype bfloat16 --layout channels_last \\
         --csv benchmarks/results/kernels.csv --plot benchmarks/results/kernels.png
+    python benchmarks/bench_kernels.py --dtype float32,bfloat16 --layout nchw,channels_last --threads 1
 
 For each shape, provider and mode it reports the median time (and 20th/80th percentiles), the
 speedup over torch.nn.BatchNorm from the same run, the effective bandwidth from the minimum bytes
@@ -13,6 +14,9 @@ the mode must move (byte model in benchmarks/memory.py) and that bandwidth as a 
 device copy measured in the same run, the bytes kept for backward, and (CUDA) the peak memory.
 A fraction above 1 means the data stayed in cache, which the copy of a large buffer cannot.
 The table ends with what the run found: the geometric-mean speedup of bnfused over torch per mode.
+
+--dtype and --layout take comma-separated lists: every combination is run, one table each (the CSV
+holds them all, with their dtype and layout columns).
 
 On a CPU that other processes keep busy, multi-threaded timings stall whenever one thread loses
 its core; ``--threads 1`` (and ``--repeat 3``) then give steadier numbers.
@@ -284,11 +288,27 @@ def findings(rows: Sequence[dict], modes: Sequence[str]) -> str:
     return f"Found (speedup, geometric mean over {shapes} shapes; > 1 is faster): " + "; ".join(parts)
 
 
+def _list_of(allowed: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse type: a comma-separated subset of ``allowed``, in the order given."""
+
+    def parse(text: str) -> list[str]:
+        items = cli.split(text)
+        unknown = [item for item in items if item not in allowed]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(allowed)}"
+            )
+        return items
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] + " Prints a table; optional CSV and PNG.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        conflict_handler="resolve",  # --dtype below replaces the common, single-valued one
     )
     cli.add_common_arguments(
         parser,
@@ -296,10 +316,17 @@ def build_parser() -> argparse.ArgumentParser:
         csv_help="write one row per shape x provider x mode",
     )
     parser.add_argument(
+        "--dtype", type=_list_of(list(cli.DTYPES)), default=["float32"],
+        help=f"comma-separated input dtypes, each run in turn ({', '.join(cli.DTYPES)}; default float32)",
+    )  # fmt: skip
+    parser.add_argument(
         "--full", action="store_true", help="the whole sweep: every shape set of the device, every provider, "
         "longer timings (CPU: about 5 minutes on 2 cores, more under load)",
     )  # fmt: skip
-    parser.add_argument("--layout", choices=LAYOUTS, default="nchw", help="input memory layout")
+    parser.add_argument(
+        "--layout", type=_list_of(LAYOUTS), default=["nchw"],
+        help=f"comma-separated input memory layouts, each run in turn ({', '.join(LAYOUTS)}; default nchw)",
+    )  # fmt: skip
     parser.add_argument(
         "--shapes",
         help=f"comma-separated: named sets ({', '.join(SHAPE_SETS)}) and/or shapes like 32x64x56x56,64x512 "
@@ -342,18 +369,25 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if not names:  # discovering the backends may build the C++ extension: only once the options are valid
         names = [n for n in providers.default_names(device) if not (args.quick and n.startswith("compile"))]
 
-    bench = KernelBenchmark(device, cli.DTYPES[args.dtype], args.layout, names, modes, sweep.budget, log=cli.log)
-    print(f"{bench.metadata['device']} | torch {bench.metadata['torch']} | triton {bench.metadata['triton']} "
-          f"| commit {bench.metadata['commit']} | {bench.metadata['date']} | {args.dtype} {args.layout} "
-          f"| clock {bench.metadata['clock']}")  # fmt: skip
-    rows = bench.run(shapes, sweep.copy_bytes, args.repeat)
-    print(results_table(rows, modes, args.markdown))
-    print(findings(rows, modes))
+    rows, failures = [], []
+    for dtype_name in args.dtype:
+        for layout in args.layout:
+            if rows:
+                print()  # a blank line between the configurations' tables
+            bench = KernelBenchmark(device, cli.DTYPES[dtype_name], layout, names, modes, sweep.budget, log=cli.log)
+            print(f"{bench.metadata['device']} | torch {bench.metadata['torch']} | triton {bench.metadata['triton']} "
+                  f"| commit {bench.metadata['commit']} | {bench.metadata['date']} | {dtype_name} {layout} "
+                  f"| clock {bench.metadata['clock']}")  # fmt: skip
+            config_rows = bench.run(shapes, sweep.copy_bytes, args.repeat)
+            print(results_table(config_rows, modes, args.markdown))
+            print(findings(config_rows, modes))
+            rows += config_rows
+            failures += bench.failures
     busy = report.contention_note(device)  # checked again at the end: the load may have come during the run
     if busy:
         print(f"Caution, {busy.removeprefix('note: ')}")
-    if bench.failures:
-        print(f"\n{len(bench.failures)} case(s) skipped:\n  " + "\n  ".join(bench.failures))
+    if failures:
+        print(f"\n{len(failures)} case(s) skipped:\n  " + "\n  ".join(failures))
     if args.csv:
         report.write_csv(args.csv, rows, COLUMNS)
         print(f"wrote {args.csv}")
