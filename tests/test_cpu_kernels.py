@@ -185,3 +185,38 @@ def test_eager_binding_in_inference_mode_and_no_grad():
     with torch.no_grad():
         y = native.batch_norm(*_layer_args(x, False))
     assert torch.equal(y, expected) and y.grad_fn is None
+
+
+# --------------------------------------------------------------------------- eval over short planes, walked flat
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(300, 11, 17), (40, 7, 23, 1), (6, 19, 14, 14), (64, 16, 4, 4), (200, 3, 196)],
+    ids=["S17-two-tasks", "S23", "S196", "S16-one-vector", "S196-C3-two-tasks"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_flat_walk_over_short_planes_matches_the_training_forward(shape, dtype):
+    """Eval over contiguous short planes walks the tensor in whole vectors, blending two channels'
+    coefficients where a vector straddles planes (csrc/cpu/kernels.h, normalize_flat): every value
+    must equal the training forward's, which applies the same coefficients plane by plane."""
+    x = make_input(shape, dtype)
+    C = shape[1]
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    y_train, mean, invstd = native.forward_train(x, w, b, None, None, 0.1, 1e-5, act_codes.LEAKY_RELU, 0.1)
+    for threads in (1, 2, 3):
+        y = _with_threads(threads, lambda: native.normalize(x, w, b, mean, invstd, act_codes.LEAKY_RELU, 0.1))
+        assert torch.equal(y, y_train), f"{threads} thread(s)"
+
+
+def test_flat_walk_streams_from_a_misaligned_input():
+    """A contiguous input that does not start on a cache line (a storage offset of one value), large
+    enough for streaming stores: the stores that cannot stream take the ordinary path."""
+    shape = (86, 256, 14, 14)  # 17.3 MB of float32: past the 16 MiB streaming threshold
+    x = torch.empty(torch.Size(shape).numel() + 1)[1:].view(shape).copy_(make_input(shape, torch.float32))
+    C = shape[1]
+    w, b, rm, rv = torch.rand(C) + 0.5, torch.randn(C), torch.randn(C), torch.rand(C) + 0.5
+    y = native.forward_eval(x, w, b, rm, rv, 1e-5, act_codes.NONE, 0.0)
+    for n in (0, 41, 85):
+        sample = x[n : n + 1].clone()  # aligned, and too small to stream
+        assert torch.equal(y[n : n + 1], native.forward_eval(sample, w, b, rm, rv, 1e-5, act_codes.NONE, 0.0))

@@ -202,6 +202,62 @@ void normalize_planes(const T* xp, T* yp, const Tiling& tl, const acc_t<T>* mean
   });
 }
 
+// True when x is contiguous (N, C, S) with planes of at least one vector: normalize_flat applies.
+template <typename T>
+inline bool flat_planes(const Tiling& tl) {
+  const Ncs& L = tl.L;
+  return !tl.rows && tl.es == 1 && L.s >= vec_width<acc_t<T>>() && L.sc == L.s && L.sn == L.c * L.s;
+}
+
+// normalize_planes over a contiguous tensor, walked flat in whole vectors: a vector that straddles
+// two planes takes each lane's coefficients from its own plane's channel (at most one boundary per
+// vector, since planes hold at least one vector). Every store but the tensor's last is a whole,
+// aligned vector that can stream, where a plane-by-plane walk pays a partial vector at both ends
+// of each plane (196 values: 12 whole vectors and two partial ones). Each lane computes what
+// normalize_tile computes for its value: the results are the same bits.
+template <int kAct, typename T>
+void normalize_flat(const T* xp, T* yp, const Tiling& tl, const acc_t<T>* mean, const acc_t<T>* scale,
+                    const acc_t<T>* shift, const VecA<T>& vslope) {
+  using A = acc_t<T>;
+  using V = VecA<T>;
+  constexpr int64_t VW = vec_width<A>();
+  const int64_t S = tl.L.s, C = tl.L.c, total = tl.L.numel();
+  const bool stream = streams_output<T>(tl);
+  const V lane = V::arange(A(0), A(1));
+  at::parallel_for(0, (total + VW - 1) / VW, std::max<int64_t>(1, kMinTaskValues / VW), [&](int64_t v0, int64_t v1) {
+    int64_t i = v0 * VW, p = i / S;
+    int64_t left = (p + 1) * S - i;  // values of plane p from i on
+    int64_t c = p % C;
+    V m(mean[c]), k(scale[c]), b(shift[c]);
+    auto apply = [=](auto tag, int64_t off, const V& mv, const V& kv, const V& bv) {
+      st_out(tag, yp + off, activate<kAct>(at::vec::fmadd(ld(tag, xp + off) - mv, kv, bv), vslope), stream);
+    };
+    for (int64_t v = v0; v < v1; ++v, i += VW) {
+      const int64_t n = std::min(VW, total - i);
+      if (left > VW) {  // inside plane p
+        n == VW ? apply(Full{}, i, m, k, b) : apply(Part{n}, i, m, k, b);
+        left -= VW;
+        continue;
+      }
+      // Plane p ends at lane `left`; the lanes after it (if any) open plane p + 1.
+      c = c + 1 == C ? 0 : c + 1;
+      const V m_next(mean[c]), k_next(scale[c]), b_next(shift[c]);
+      if (left == VW) {
+        n == VW ? apply(Full{}, i, m, k, b) : apply(Part{n}, i, m, k, b);
+      } else {
+        const V first = lane < V(A(left));
+        const V mv = V::blendv(m_next, m, first), kv = V::blendv(k_next, k, first), bv = V::blendv(b_next, b, first);
+        n == VW ? apply(Full{}, i, mv, kv, bv) : apply(Part{n}, i, mv, kv, bv);
+      }
+      m = m_next;
+      k = k_next;
+      b = b_next;
+      left += S - VW;
+    }
+    stream_fence(stream);
+  });
+}
+
 // y = act((x - mean[c]) * scale[c] + shift[c]) with known coefficients: one elementwise pass.
 template <typename T>
 void normalize(const T* xp, const Tiling& tl, const acc_t<T>* mean, const acc_t<T>* scale, const acc_t<T>* shift,
@@ -210,7 +266,11 @@ void normalize(const T* xp, const Tiling& tl, const acc_t<T>* mean, const acc_t<
   with_act(act, [&](auto act_c) {
     constexpr int kAct = decltype(act_c)::value;
     if (planes_in_memory_order(tl)) {
-      normalize_planes<kAct>(xp, yp, tl, mean, scale, shift, vslope);
+      if (flat_planes<T>(tl)) {
+        normalize_flat<kAct>(xp, yp, tl, mean, scale, shift, vslope);
+      } else {
+        normalize_planes<kAct>(xp, yp, tl, mean, scale, shift, vslope);
+      }
       return;
     }
     two_pass(
