@@ -60,32 +60,66 @@ class Site:
 
 
 class _Tracer(fx.Tracer):
-    """Traces through modules that contain a BatchNorm, and keeps every other module a leaf."""
+    """Traces through modules that contain a BatchNorm and whose code is mode-independent; keeps
+    every other module a leaf (called as it is, with its own train/eval behaviour)."""
 
-    def __init__(self, root: nn.Module):
+    def __init__(self, root: nn.Module | None = None):  # no-argument form: GraphModule's unpickling
         super().__init__()
-        self._has_bn = {m for m in root.modules() if any(isinstance(s, _BN) for s in m.modules())}
+        modules = [] if root is None else root.modules()
+        self._traced = {m for m in modules if any(isinstance(s, _BN) for s in m.modules()) and not _mode_reason(m)}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _BN) or m not in self._has_bn or super().is_leaf_module(m, qualname)
+        return isinstance(m, _BN) or m not in self._traced or super().is_leaf_module(m, qualname)
+
+
+def _mode_reason(model: nn.Module) -> str | None:
+    """Why tracing through ``model`` would freeze behaviour, or None: a traced forward is frozen in the
+    mode it was traced in, so a class whose code reads ``self.training`` (a dropout's flag, Inception's
+    auxiliary logits) stays a leaf; so does a class whose source cannot be read."""
+    for cls in type(model).__mro__:
+        if cls in (nn.Module, object) or cls.__module__.startswith("torch.nn"):
+            continue
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            return f"the source of {cls.__name__} is not available"
+        if "training" in source:
+            return f"{cls.__name__} depends on self.training"
+    return None
 
 
 def untraceable_reason(model: nn.Module) -> str | None:
-    """Why the pass does not trace ``model`` itself, or None. A traced forward is frozen in the mode
-    it was traced in, so a module that holds a BatchNorm and branches on ``self.training`` in its
-    own forward (e.g. Inception's auxiliary logits) is not traced; its children are, one by one."""
-    try:
-        source = inspect.getsource(type(model).forward)
-    except (OSError, TypeError):
-        return f"the source of {type(model).__name__}.forward is not available"
-    if "self.training" in source:
-        return f"{type(model).__name__}.forward depends on self.training"
+    """Why the pass does not trace ``model`` itself, or None (see ``_mode_reason``). A forward with
+    optional arguments is not traced either: a trace would fix them to what the tracer passed."""
+    reason = _mode_reason(model)
+    if reason is not None:
+        return reason
+    optional = [p.name for p in inspect.signature(model.forward).parameters.values() if p.default is not p.empty]
+    if optional:
+        return f"{type(model).__name__}.forward has optional arguments ({', '.join(optional)})"
     return None
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
+    """The traced model, holding every submodule, parameter and buffer of ``model`` under its name
+    (fx.GraphModule keeps only those its graph uses: state_dict keys would change)."""
     graph = _Tracer(model).trace(model)
-    return fx.GraphModule(model, graph, class_name=type(model).__name__)
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        try:
+            gm.get_submodule(name)
+        except AttributeError:
+            gm.get_submodule(parent_name)._modules[leaf] = module
+    for name, tensor in [*model.named_parameters(recurse=False), *model.named_buffers(recurse=False)]:
+        if name not in gm._parameters and name not in gm._buffers:
+            if isinstance(tensor, nn.Parameter):
+                gm.register_parameter(name, tensor)
+            else:
+                gm.register_buffer(name, tensor, persistent=name not in model._non_persistent_buffers_set)
+    return gm
 
 
 def _activation(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[int, float] | None:
@@ -124,8 +158,21 @@ def _residual_of_add(node: fx.Node, operand: fx.Node) -> fx.Node | None:
     a, b = node.args
     if node.op == "call_method" and a is not operand:  # other.add_(bn(x)) writes into other: not ours
         return None
+    if node.target is operator.iadd and a is not operand:  # t += bn(x) writes into t, which may live on
+        return None
     other = b if a is operand else a if b is operand else None
     return other if isinstance(other, fx.Node) and other is not operand else None
+
+
+def _fusable(module: nn.Module) -> bool:
+    """A BatchNorm the pass may rewrite: torch's own classes (converted afterwards) and bnfused's,
+    with no activation or residual of their own yet; not subclasses with a forward of their own."""
+    from bnfused.modules import EQUIVALENTS, _FusedBatchNorm
+    from bnfused.sync import SyncBatchNorm
+
+    if isinstance(module, _FusedBatchNorm):
+        return not isinstance(module, SyncBatchNorm) and module.activation is None and not module.takes_residual
+    return type(module) in EQUIVALENTS
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
@@ -142,7 +189,7 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
             calls[node.target] = calls.get(node.target, 0) + 1
     sites, taken = [], set()
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], _BN) or calls[node.target] != 1:
+        if node.op != "call_module" or not _fusable(modules[node.target]) or calls[node.target] != 1:
             continue
         if len(node.args) != 1 or node.kwargs:
             continue
@@ -155,7 +202,8 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
             taken.add(user)
             continue
         residual = _residual_of_add(user, node)
-        if residual is None:
+        lazy = isinstance(modules[node.target], nn.modules.lazy.LazyModuleMixin)
+        if residual is None or lazy:  # a lazy layer's first call infers its size from one input
             continue
         after = _only_user(user)
         found = _activation(after, modules) if after is not None else None
@@ -184,5 +232,4 @@ def apply_sites(gm: fx.GraphModule, sites: list[Site]) -> None:
                 if node is not None:
                     gm.graph.erase_node(node)
     gm.graph.lint()
-    gm.delete_all_unused_submodules()
     gm.recompile()

@@ -21,6 +21,7 @@ class _FusedBatchNorm:
     """The forward shared by every bnfused BatchNorm module (mirrors ``nn.modules.batchnorm._BatchNorm``)."""
 
     memory = "default"  # layers pickled before the option existed
+    takes_residual = False  # set by the fusion pass on layers it rewrote to bn(x, residual)
 
     def _init_fused(
         self, activation: str | None, negative_slope: float, backend: str | None, memory: str = "default"
@@ -44,6 +45,10 @@ class _FusedBatchNorm:
         """``act(bn(input) [+ residual])``; ``residual`` is the shortcut of a residual block."""
         if input.__class__ is not torch.Tensor and isinstance(input, Proxy):
             return self._fx_leaf(input, residual)
+        if residual is not None and not isinstance(residual, torch.Tensor):
+            # A number the fusion pass took for a tensor (a traced graph cannot tell them apart): a
+            # 0-d tensor adds and promotes as the Python number would.
+            residual = torch.as_tensor(residual, device=input.device)
         self._check_input_dim(input)
         momentum = self._step_momentum()
         # Batch statistics in training, and in eval when there are no running stats to use.

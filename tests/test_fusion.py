@@ -2,6 +2,7 @@
 of ``convert_model(fuse=True)`` on torchvision's models."""
 
 import copy
+import pickle
 import warnings
 
 import pytest
@@ -248,3 +249,129 @@ def test_sync_conversion_fuses_only_what_syncbatchnorm_runs():
     assert len(sync_layers) == 20
     assert sum(m.activation == "relu" for m in sync_layers) == 9
     assert not any(getattr(m, "takes_residual", False) for m in sync_layers)
+
+
+# --------------------------------------------------------------------------- what the outside review found
+
+
+class _DropoutBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return F.dropout(F.relu(self.bn(x)), 0.5, training=self.training)
+
+
+class _Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = _DropoutBlock()
+
+    def forward(self, x):
+        return self.block(x)
+
+
+def test_a_child_that_reads_self_training_stays_a_leaf():
+    torch.manual_seed(0)
+    model = _Outer()
+    fused = bnfused.convert_model(copy.deepcopy(model), fuse=True)
+    x = torch.randn(4, 3, 5, 5)
+    model.eval()
+    fused.eval()  # a traced dropout would stay on: the block must be called, not inlined
+    torch.testing.assert_close(fused(x), model(x))
+
+
+def test_layers_with_an_activation_or_a_forward_of_their_own_are_left_alone():
+    class Preactivated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = bnfused.BatchNorm2d(3, activation="relu")
+
+        def forward(self, x):
+            return F.hardswish(self.bn(x) + x)
+
+    class MyBN(nn.BatchNorm2d):  # a subclass with its own forward: not one of the classes bnfused converts
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = MyBN(3)
+
+        def forward(self, x):
+            return F.relu(self.bn(x))
+
+    x = torch.randn(4, 3, 5, 5)
+    for model in (Preactivated(), Custom()):
+        fused = bnfused.convert_model(copy.deepcopy(model), fuse=True)
+        torch.testing.assert_close(fused(x), model(x))
+    twice = bnfused.convert_model(bnfused.convert_model(_Branchless(), fuse=True), fuse=True)
+    torch.testing.assert_close(twice(x), _Branchless()(x))
+
+
+class _Branchless(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return F.silu(F.relu(self.bn(x)))
+
+
+def test_unused_submodules_and_buffers_keep_their_state_dict_keys_and_the_model_pickles():
+    class Extra(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+            self.proj = nn.Linear(3, 8)  # used outside forward
+            self.register_buffer("temperature", torch.tensor(0.07))
+
+        def forward(self, x):
+            return F.relu(self.bn(x))
+
+    fused = bnfused.convert_model(Extra(), fuse=True)
+    assert set(fused.state_dict()) == set(Extra().state_dict())
+    fused.load_state_dict(Extra().state_dict())
+    assert fused.proj is not None and len(list(fused.parameters())) == 4
+    x = torch.randn(2, 3, 4, 4)
+    again = pickle.loads(pickle.dumps(fused))
+    torch.testing.assert_close(again(x), fused(x))
+
+
+def test_lazy_numbers_and_optional_arguments():
+    class LazyResidual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.LazyBatchNorm2d()
+
+        def forward(self, x):
+            return F.relu(self.bn(x) + x)
+
+    class PlusNumber(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return F.relu(self.bn(x) + x.shape[0])  # the add's other operand is an int, not a tensor
+
+    class Optional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x, mask=None):
+            y = F.relu(self.bn(x))
+            return y if mask is None else y * mask
+
+    x = torch.randn(4, 3, 5, 5)
+    for make in (LazyResidual, PlusNumber):
+        torch.manual_seed(0)
+        model, fused = make(), bnfused.convert_model(make(), fuse=True)  # lazy layers cannot be deep-copied
+        torch.testing.assert_close(fused(x), model(x))
+    with pytest.warns(RuntimeWarning, match="optional arguments"):
+        fused = bnfused.convert_model(Optional(), fuse=True)
+    assert fused(x).shape == x.shape and fused(x, torch.zeros_like(x)).abs().max() == 0
