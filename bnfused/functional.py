@@ -6,6 +6,7 @@ so that backends receive only valid, kernel-ready tensors.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 
 import torch
@@ -28,7 +29,10 @@ _ATEN_NAMES = {
 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"bnfused\.")
 
 # torch.batch_norm's argument positions, which torch's TypeErrors name.
-_POSITIONS = {"input": 1, "weight": 2, "bias": 3, "running_mean": 4, "running_var": 5, "training": 6, "residual": 12}
+_POSITIONS = {
+    "input": 1, "weight": 2, "bias": 3, "running_mean": 4, "running_var": 5, "training": 6, "momentum": 7,
+    "eps": 8, "residual": 12,
+}  # fmt: skip
 
 
 def _type_name(value) -> str:
@@ -227,6 +231,10 @@ def batch_norm(
     """
     if training is not True and training is not False:
         raise _type_error("training", training, "bool")
+    if momentum.__class__ is not float and not isinstance(momentum, numbers.Real):
+        raise _type_error("momentum", momentum, "float")
+    if eps.__class__ is not float and not isinstance(eps, numbers.Real):
+        raise _type_error("eps", eps, "float")
     act, slope = (act_codes.NONE, 0.0) if activation is None else act_codes.parse(activation, negative_slope)
     try:
         shape = check_arguments(input, running_mean, running_var, weight, bias)

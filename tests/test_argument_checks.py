@@ -147,3 +147,17 @@ def test_item13_empty_input_with_wrong_size_per_channel_tensors_is_returned_empt
     got.sum().backward()
     torch.testing.assert_close(wrong[2].grad, torch.zeros(C + 1))  # connected to weight, as torch's output is
     torch.testing.assert_close(wrong[0], torch.zeros(C + 1))  # running stats untouched
+
+
+@pytest.mark.parametrize(("name", "value"), [("momentum", "0.1"), ("momentum", None), ("eps", "1e-5"), ("eps", [1e-5])])
+def test_item13_momentum_and_eps_must_be_numbers_as_in_torch(name, value):
+    x = torch.randn(4, 3)
+    kwargs = {"training": True, name: value}
+    with pytest.raises(TypeError) as expected:
+        F.batch_norm(x, torch.zeros(3), torch.ones(3), **kwargs)
+    with pytest.raises(TypeError) as got:
+        bnfused.batch_norm(x, torch.zeros(3), torch.ones(3), **kwargs)
+    if name == "momentum":
+        assert str(got.value) == str(expected.value)
+    else:  # torch's eps check compares first ("'<=' not supported ..."): ours names the argument
+        assert str(got.value) == f"batch_norm(): argument 'eps' (position 8) must be float, not {type(value).__name__}"
