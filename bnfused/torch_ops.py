@@ -68,8 +68,11 @@ def use_torch_ops(x: torch.Tensor, training: bool) -> bool:
     decompose there too)."""
     if torch.compiler.is_compiling():
         return not training or get_compile_mode(x.device.type) == "decompose" or transform_active()
-    return transform_active() or torch.jit.is_tracing()
+    return transform_active() or _tracing_state() is not None
 
+
+# torch.jit.is_tracing() without its Python wrapper (62 ns against 177 ns: this runs on every call).
+_tracing_state = torch._C._get_tracing_state
 
 # The depth rather than peek_interpreter_stack(): Dynamo traces the depth as its true value, while it
 # answers peek_interpreter_stack() with an interpreter even outside any transform.
