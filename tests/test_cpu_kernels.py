@@ -220,3 +220,23 @@ def test_flat_walk_streams_from_a_misaligned_input():
     for n in (0, 41, 85):
         sample = x[n : n + 1].clone()  # aligned, and too small to stream
         assert torch.equal(y[n : n + 1], native.forward_eval(sample, w, b, rm, rv, 1e-5, act_codes.NONE, 0.0))
+
+
+@pytest.mark.parametrize(
+    "shape, channels_last",
+    [((64, 6, 24, 24), True), ((30, 5, 17, 9), True), ((2000, 120), False), ((700, 75), False), ((64, 1), False)],
+    ids=["CL-C6-two-tasks", "CL-C5", "NC-120-two-tasks", "NC-75", "NC-1"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_flat_walk_over_short_rows_matches_the_training_forward(shape, channels_last, dtype):
+    """Eval over dense rows of C channels, C not a multiple of the vector width, walks the tensor flat
+    with coefficients repeated over lcm(C, VW) values (csrc/cpu/kernels.h, normalize_rows_flat): the
+    same bits as the training forward's row-by-row walk."""
+    x = make_input(shape, dtype, channels_last=channels_last)
+    C = shape[1]
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    y_train, mean, invstd = native.forward_train(x, w, b, None, None, 0.1, 1e-5, act_codes.RELU, 0.0)
+    for threads in (1, 2, 3):
+        y = _with_threads(threads, lambda: native.normalize(x, w, b, mean, invstd, act_codes.RELU, 0.0))
+        assert torch.equal(y, y_train), f"{threads} thread(s)"
+        assert y.stride() == x.stride()

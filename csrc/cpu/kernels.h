@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -258,6 +259,54 @@ void normalize_flat(const T* xp, T* yp, const Tiling& tl, const acc_t<T>* mean, 
   });
 }
 
+// Rows of C channels that do not fill whole vectors (LeNet's 6 or 16 channels in channels_last, an
+// MLP's 120 features) cost a partial vector per row when walked row by row. A dense tensor whose
+// channels are innermost is instead walked flat in whole vectors, with each lane's coefficients read
+// from arrays that repeat the channels' values over lcm(C, VW) values, so that every vector starts
+// at the same place of the pattern as its offset. At most this many values per pattern (beyond it,
+// the arrays would cost more than the partial vectors they save).
+constexpr int64_t kMaxRowsPeriod = 4096;
+
+// lcm(C, VW) when normalize_rows_flat applies to tl (dense rows, C not a multiple of VW), else 0.
+template <typename T>
+inline int64_t rows_period(const Tiling& tl) {
+  const Ncs& L = tl.L;
+  constexpr int64_t VW = vec_width<acc_t<T>>();
+  const bool dense_rows = tl.rows && L.sc == 1 && (L.s == 1 || L.ss == L.c) && (L.n == 1 || L.sn == L.s * L.c);
+  if (!dense_rows || L.c % VW == 0) return 0;
+  const int64_t period = std::lcm(L.c, VW);
+  return period <= kMaxRowsPeriod ? period : 0;
+}
+
+template <int kAct, typename T>
+void normalize_rows_flat(const T* xp, T* yp, const Tiling& tl, int64_t period, const acc_t<T>* mean,
+                         const acc_t<T>* scale, const acc_t<T>* shift, const VecA<T>& vslope) {
+  using A = acc_t<T>;
+  using V = VecA<T>;
+  constexpr int64_t VW = vec_width<A>();
+  const int64_t C = tl.L.c, total = tl.L.numel();
+  std::vector<A> m(period), k(period), b(period);
+  for (int64_t j = 0; j < period; ++j) {
+    m[j] = mean[j % C];
+    k[j] = scale[j % C];
+    b[j] = shift[j % C];
+  }
+  const A *mp = m.data(), *kp = k.data(), *bp = b.data();
+  at::parallel_for(0, (total + VW - 1) / VW, std::max<int64_t>(1, kMinTaskValues / VW), [&](int64_t v0, int64_t v1) {
+    int64_t i = v0 * VW, j = i % period;
+    auto apply = [=](auto tag, int64_t off, int64_t at) {
+      const V z = at::vec::fmadd(ld(tag, xp + off) - V::loadu(mp + at), V::loadu(kp + at), V::loadu(bp + at));
+      st(tag, yp + off, activate<kAct>(z, vslope));
+    };
+    for (int64_t v = v0; v < v1; ++v, i += VW) {
+      const int64_t n = std::min(VW, total - i);
+      n == VW ? apply(Full{}, i, j) : apply(Part{n}, i, j);
+      j += VW;
+      if (j == period) j = 0;
+    }
+  });
+}
+
 // y = act((x - mean[c]) * scale[c] + shift[c]) with known coefficients: one elementwise pass.
 template <typename T>
 void normalize(const T* xp, const Tiling& tl, const acc_t<T>* mean, const acc_t<T>* scale, const acc_t<T>* shift,
@@ -271,6 +320,10 @@ void normalize(const T* xp, const Tiling& tl, const acc_t<T>* mean, const acc_t<
       } else {
         normalize_planes<kAct>(xp, yp, tl, mean, scale, shift, vslope);
       }
+      return;
+    }
+    if (const int64_t period = rows_period<T>(tl)) {
+      normalize_rows_flat<kAct>(xp, yp, tl, period, mean, scale, shift, vslope);
       return;
     }
     two_pass(
