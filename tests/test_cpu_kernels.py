@@ -200,13 +200,18 @@ def test_flat_walk_over_short_planes_matches_the_training_forward(shape, dtype):
     """Eval over contiguous short planes walks the tensor in whole vectors, blending two channels'
     coefficients where a vector straddles planes (csrc/cpu/kernels.h, normalize_flat): every value
     must equal the training forward's, which applies the same coefficients plane by plane."""
-    x = make_input(shape, dtype)
-    C = shape[1]
+    _assert_normalize_matches_training_forward(make_input(shape, dtype), act_codes.LEAKY_RELU, 0.1)
+
+
+def _assert_normalize_matches_training_forward(x, act, slope):
+    """normalize with the training forward's statistics gives its output bit for bit, on 1-3 threads."""
+    C = x.shape[1]
     w, b = torch.rand(C) + 0.5, torch.randn(C)
-    y_train, mean, invstd = native.forward_train(x, w, b, None, None, 0.1, 1e-5, act_codes.LEAKY_RELU, 0.1)
+    y_train, mean, invstd = native.forward_train(x, w, b, None, None, 0.1, 1e-5, act, slope)
     for threads in (1, 2, 3):
-        y = _with_threads(threads, lambda: native.normalize(x, w, b, mean, invstd, act_codes.LEAKY_RELU, 0.1))
+        y = _with_threads(threads, lambda: native.normalize(x, w, b, mean, invstd, act, slope))
         assert torch.equal(y, y_train), f"{threads} thread(s)"
+        assert y.stride() == x.stride()
 
 
 def test_flat_walk_streams_from_a_misaligned_input():
@@ -233,10 +238,4 @@ def test_flat_walk_over_short_rows_matches_the_training_forward(shape, channels_
     with coefficients repeated over lcm(C, VW) values (csrc/cpu/kernels.h, normalize_rows_flat): the
     same bits as the training forward's row-by-row walk."""
     x = make_input(shape, dtype, channels_last=channels_last)
-    C = shape[1]
-    w, b = torch.rand(C) + 0.5, torch.randn(C)
-    y_train, mean, invstd = native.forward_train(x, w, b, None, None, 0.1, 1e-5, act_codes.RELU, 0.0)
-    for threads in (1, 2, 3):
-        y = _with_threads(threads, lambda: native.normalize(x, w, b, mean, invstd, act_codes.RELU, 0.0))
-        assert torch.equal(y, y_train), f"{threads} thread(s)"
-        assert y.stride() == x.stride()
+    _assert_normalize_matches_training_forward(x, act_codes.RELU, 0.0)
