@@ -51,7 +51,7 @@ import torchvision  # noqa: E402
 from torch import nn  # noqa: E402
 
 import bnfused  # noqa: E402
-from benchmarks import cli, memory, models, report, timing  # noqa: E402
+from benchmarks import cli, memory, models, providers, report, timing  # noqa: E402
 
 NUM_CLASSES = 10
 
@@ -139,14 +139,7 @@ def parse_provider(name: str) -> Provider:
     base = text[: -len(COMPILE_SUFFIX)] if compiled else text
     inplace = base.endswith(INPLACE_SUFFIX)
     base = base[: -len(INPLACE_SUFFIX)] if inplace else base
-    backend = None
-    if base.startswith("bnfused-"):
-        base, backend = "bnfused", base[len("bnfused-") :]
-        known = tuple(n for n in bnfused.backends.NAMES if n != "auto")
-        if backend not in known:
-            raise ValueError(f"unknown bnfused backend {backend!r} in provider {name!r}; known: {', '.join(known)}")
-    elif base == "bnfused":
-        backend = "auto"
+    base, backend = providers.split_backend(base, name)
     if base not in BASES or (base == "torch" and compiled) or ((compile_mode or inplace) and base != "bnfused"):
         raise ValueError(
             f"unknown provider {name!r}: expected torch, compile, scratch, "

@@ -45,19 +45,25 @@ class Provider:
         return self.base == "compile"
 
 
+def split_backend(base: str, name: str) -> tuple[str, str | None]:
+    """("bnfused", backend) for ``bnfused`` ("auto") and ``bnfused-<backend>``, else (base, None);
+    ``name`` is the whole provider name, for the error of an unknown backend."""
+    if base == "bnfused":
+        return base, "auto"
+    if not base.startswith("bnfused-"):
+        return base, None
+    backend = base[len("bnfused-") :]
+    known = tuple(n for n in bnfused.backends.NAMES if n != "auto")
+    if backend not in known:
+        raise ValueError(f"unknown bnfused backend {backend!r} in provider {name!r}; known: {', '.join(known)}")
+    return "bnfused", backend
+
+
 def parse(name: str) -> Provider:
     """Parses ``<base>[+relu]`` (see the module docstring); raises ValueError naming what is wrong."""
     text = name.strip().lower()
     relu = text.endswith(RELU_SUFFIX)
-    base = text[: -len(RELU_SUFFIX)] if relu else text
-    backend = None
-    if base.startswith("bnfused-"):
-        base, backend = "bnfused", base[len("bnfused-") :]
-        known = tuple(n for n in bnfused.backends.NAMES if n != "auto")
-        if backend not in known:
-            raise ValueError(f"unknown bnfused backend {backend!r} in provider {name!r}; known: {', '.join(known)}")
-    elif base == "bnfused":
-        backend = "auto"
+    base, backend = split_backend(text[: -len(RELU_SUFFIX)] if relu else text, name)
     if base not in BASES:
         raise ValueError(
             f"unknown provider {name!r}: expected one of {', '.join(BASES)}, bnfused-<backend>, each optionally +relu"
