@@ -50,16 +50,17 @@ def parse(activation: str | None, negative_slope: float) -> tuple[int, float]:
     return LEAKY_RELU, slope
 
 
-def apply(z: torch.Tensor, code: int, slope: float) -> torch.Tensor:
-    """The activation ``code`` of z, as torch computes it (values, gradients and their conventions)."""
+def apply(z: torch.Tensor, code: int, slope: float, inplace: bool = False) -> torch.Tensor:
+    """The activation ``code`` of z, as torch computes it (values, gradients and their conventions);
+    ``inplace`` overwrites z (for a tensor nobody else holds)."""
     if code == NONE:
         return z
     if code == RELU:
-        return F.relu(z)
+        return F.relu(z, inplace)
     if code == LEAKY_RELU:
-        return F.leaky_relu(z, slope)
+        return F.leaky_relu(z, slope, inplace)
     if code == RELU6:
-        return F.relu6(z)
+        return F.relu6(z, inplace)
     if code == HARDSWISH:
-        return F.hardswish(z)
-    return F.silu(z)
+        return F.hardswish(z, inplace)
+    return F.silu(z, inplace)

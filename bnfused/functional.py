@@ -275,7 +275,13 @@ def batch_norm(
             name, layout.kernel_ready(input), weight, bias, running_mean, running_var,
             training, float(momentum), float(eps), act_codes.NONE, 0.0,
         )  # fmt: skip
-        return act_codes.apply(y if residual is None else y + residual, act, slope)
+        if y.requires_grad:
+            return act_codes.apply(y if residual is None else y + residual, act, slope)
+        # Inference: y is a fresh tensor nobody else holds, so the add and the activation may
+        # overwrite it, as torchvision's in-place activations do (a new output is a new allocation).
+        if residual is not None:
+            y = y.add_(residual) if residual.shape == y.shape and residual.dtype == y.dtype else y + residual
+        return act_codes.apply(y, act, slope, inplace=True)
     return ops.batch_norm(
         name, layout.kernel_ready(input), weight, bias, running_mean, running_var,
         training, float(momentum), float(eps), act, slope,

@@ -375,3 +375,17 @@ def test_lazy_numbers_and_optional_arguments():
     with pytest.warns(RuntimeWarning, match="optional arguments"):
         fused = bnfused.convert_model(Optional(), fuse=True)
     assert fused(x).shape == x.shape and fused(x, torch.zeros_like(x)).abs().max() == 0
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_inference_overwrites_only_its_own_output(activation):
+    """Without autograd the unfused add and activation work in place on the layer's fresh output; the
+    input and the residual stay as they were."""
+    x, residual = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    x0, r0 = x.clone(), residual.clone()
+    with torch.no_grad():
+        for r in (residual, residual[:1], None):  # same shape (in place), broadcast, none
+            got = bnfused.batch_norm(x, rm, rv, activation=activation, negative_slope=0.2, residual=r, backend="cpp")
+            torch.testing.assert_close(got, _torch_layer(x, rm, rv, None, None, False, activation, r))
+    assert torch.equal(x, x0) and torch.equal(residual, r0)
