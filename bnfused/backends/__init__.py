@@ -4,24 +4,40 @@ Every backend is a module exposing the same functions with the same arguments (t
 backend, ``reference.py``, defines them and their semantics):
 
     available(device) -> str | None          reason the backend cannot run on ``device``, or None
-    forward_train(x, weight, bias, running_mean, running_var, momentum, eps, act, slope) -> (y, mean, invstd)
-    forward_eval(x, weight, bias, running_mean, running_var, eps, act, slope) -> y
-    backward(dy, x, y, weight, mean, invstd, act, slope, training, needs_input, needs_weight, needs_bias)
-        -> (dx | None, dweight | None, dbias | None)
-    and the split primitives used by SyncBatchNorm:
+    ACTIVATIONS: frozenset[int]              the activation codes its kernels fuse
+    RESIDUAL: bool                           whether its kernels fuse the residual add
+    forward_train(x, weight, bias, running_mean, running_var, momentum, eps, act, slope, residual=None)
+        -> (y, mean, invstd)
+    forward_eval(x, weight, bias, running_mean, running_var, eps, act, slope, residual=None) -> y
+    backward(dy, x, y, weight, mean, invstd, act, slope, training, needs_input, needs_weight, needs_bias,
+             bias=None, residual=None, needs_residual=False)
+        -> (dx | None, dweight | None, dbias | None, dresidual | None)
+    and the split primitives used by SyncBatchNorm (activations 0-2, no residual):
     batch_stats(x) -> (mean, biased_var)
     normalize(x, weight, bias, mean, invstd, act, slope) -> y
     backward_reduce(dy, x, y, mean, invstd, act, slope) -> (sum_g, sum_g_xhat)
     backward_elemt(dy, x, y, weight, mean, invstd, sum_g, sum_g_xhat, count, act, slope) -> dx
     and optionally, for eager calls where a Python autograd.Function costs more than a small layer:
-    batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope) -> y
+    batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope, residual=None) -> y
         the whole layer with an autograd of its own (same forward and backward as the functions above)
 
 Arguments: x is (N, C, *) with N * prod(*) > 0, dense, with its spatial dims collapsible to one
-stride (contiguous, channels_last, or an (N, L, C) tensor viewed as (N, C, L)); dy has x's strides.
-weight, bias, running_mean, running_var are (C,) or None. mean and invstd are (C,) float32 (float64
-for float64 x). y, dx come back with x's dtype and strides; dweight and dbias in float32 (float64).
-``act`` is a code from ``bnfused.activation``; ``slope`` the leaky_relu slope (0 for relu).
+stride (contiguous, channels_last, or an (N, L, C) tensor viewed as (N, C, L)); dy and residual
+have x's shape, dtype and strides. weight, bias, running_mean, running_var are (C,) or None. mean
+and invstd are (C,) float32 (float64 for float64 x). y, dx, dresidual come back with x's dtype and
+strides; dweight and dbias in float32 (float64). ``act`` is a code from ``bnfused.activation``
+(0 none, 1 relu, 2 leaky_relu, 3 relu6, 4 hardswish, 5 silu); ``slope`` the leaky_relu slope (0
+otherwise).
+
+The layer: z = (x - mean) * invstd * weight + bias (+ residual), y = act(z), computed in the
+accumulation dtype and rounded once to x's dtype. The backward's g = dy * act'(z), with torch's
+conventions at the kinks (relu' = 0 and leaky_relu' = slope at z = 0; relu6' = 0 at z = 0 and 6;
+hardswish' = z / 3 + 1/2 on -3 < z < 3, 0 at z <= -3, 1 at z >= 3). For relu, leaky_relu and relu6, act'
+is read off the saved output y (y is passed for those codes, None for the others: 0 < y exactly
+where 0 < z, and 0 < y < 6 exactly where 0 < z < 6). For hardswish and silu, z is recomputed from
+x, mean, invstd, weight and the ``bias`` and ``residual`` the forward had. dresidual = g
+(for act 0 it may be dy itself); dweight = sum(g * x_hat), dbias = sum(g), and dx as for the plain
+layer with g in place of dy.
 
 Names: "reference" (pure PyTorch, anywhere), "triton" (CUDA tensors, or CPU tensors when
 TRITON_INTERPRET=1), "cpp" (the C++ extension on CPU tensors), "cuda" (the extension's CUDA kernels),
