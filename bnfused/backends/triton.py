@@ -40,6 +40,10 @@ try:
 except ImportError as exc:  # reported by available(), so "auto" can fall back with the reason
     kernels, _IMPORT_ERROR = None, f"triton is not importable ({exc})"
 
+# The activation codes (bnfused.activation) and the residual add that this backend's kernels fuse.
+ACTIVATIONS = frozenset((0, 1, 2))
+RESIDUAL = False
+
 
 def available(device: torch.device) -> str | None:
     """None when Triton can run kernels on ``device``, else the reason it cannot."""
