@@ -15,17 +15,18 @@ TORCH_LIBRARY(bnfused_native, m) {
   // The whole layer, autograd included, in C++ (autograd.cpp): the low-overhead eager route.
   m.def(
       "batch_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
-      "bool training, float momentum, float eps, int act, float slope) -> Tensor");
+      "bool training, float momentum, float eps, int act, float slope, Tensor? residual=None) -> Tensor");
   m.def(
       "forward_train(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
-      "float momentum, float eps, int act, float slope) -> (Tensor, Tensor, Tensor)");
+      "float momentum, float eps, int act, float slope, Tensor? residual=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "forward_eval(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, float eps, "
-      "int act, float slope) -> Tensor");
+      "int act, float slope, Tensor? residual=None) -> Tensor");
   // Gradients that are not asked for come back undefined (None in Python).
   m.def(
       "backward(Tensor dy, Tensor x, Tensor? y, Tensor? weight, Tensor mean, Tensor invstd, int act, float slope, "
-      "bool training, bool needs_input, bool needs_weight, bool needs_bias) -> (Tensor, Tensor, Tensor)");
+      "bool training, bool needs_input, bool needs_weight, bool needs_bias, Tensor? bias=None, Tensor? residual=None, "
+      "bool needs_residual=False) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("batch_stats(Tensor x) -> (Tensor, Tensor)");
   m.def(
       "normalize(Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, int act, float slope) "
