@@ -173,17 +173,26 @@ def test_gradcheck_layer_op_with_residual(training, act, slope):
         assert torch.autograd.gradgradcheck(lambda *a: _layer(*a, training, act, slope), (x, w, b, residual))
 
 
-@pytest.mark.parametrize("act", [act_codes.HARDSWISH, act_codes.SILU], ids=["hardswish", "silu"])
-def test_layer_op_saves_no_output_for_activations_of_z(act):
-    """hardswish and silu recompute z in the backward: y is not kept alive by the graph."""
+@pytest.mark.parametrize("act", [act_codes.NONE, act_codes.RELU6, act_codes.HARDSWISH, act_codes.SILU],
+                         ids=["none", "relu6", "hardswish", "silu"])  # fmt: skip
+def test_layer_op_saves_what_its_activation_needs(act):
+    """relu6 keeps y (act' is read off it); hardswish and silu keep bias and residual instead (z is
+    recomputed), not y; d(residual) needs nothing saved."""
     x = make_input((4, 3, 5), torch.float32).requires_grad_()
     w, b = _params(3)
-    residual = torch.randn(4, 3, 5)
-    y = native.batch_norm(x, w, b, None, None, True, 0.1, EPS, act, 0.0, residual)
-    saved = [getattr(y.grad_fn, n, None) for n in dir(y.grad_fn) if n.startswith("_saved")]
-    assert not any(s is y for s in saved)
-    (dx,) = torch.autograd.grad(y.sum(), x)
-    assert dx.shape == x.shape
+    residual = torch.randn(4, 3, 5, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = native.batch_norm(x, w, b, None, None, True, 0.1, EPS, act, 0.0, residual)
+
+    def kept(t):
+        return any(s.data_ptr() == t.data_ptr() for s in saved)
+
+    assert kept(x)
+    assert kept(y) == (act == act_codes.RELU6)
+    assert kept(residual) == kept(b) == (act in (act_codes.HARDSWISH, act_codes.SILU))
+    dx, dr = torch.autograd.grad(y.sum(), (x, residual))
+    assert dx.shape == dr.shape == x.shape
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -282,3 +291,19 @@ def test_opcheck_new_signatures():
     ]  # fmt: skip
     for op, args in samples:
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("act", [act_codes.HARDSWISH, act_codes.SILU], ids=["hardswish", "silu"])
+def test_outputs_large_enough_to_stream_are_exact(act):
+    """y, dx and dresidual of 16 MiB and more are written with streaming stores where a whole vector is
+    aligned: in eval (elementwise) every value equals the one computed on a single sample (too small
+    to stream), bit for bit."""
+    shape = (3, 5, 601, 467)
+    x, dy, residual = (make_input(shape, torch.float32, offset=o) for o in (2.0, 0.0, -1.0))
+    assert x.numel() * x.element_size() >= 16 << 20
+    w, b = _params(5)
+    rm, rv = torch.linspace(-1.0, 2.0, 5), torch.linspace(0.5, 4.0, 5)
+    full = _kernel_layer(x, w, b, rm, rv, False, act, 0.0, residual, dy)
+    head = _kernel_layer(x[1:2], w, b, rm, rv, False, act, 0.0, residual[1:2], dy[1:2])
+    for what, i in (("y", 0), ("dx", 1), ("dresidual", 4)):
+        assert torch.equal(full[i][1:2], head[i]), what
