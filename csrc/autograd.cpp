@@ -30,9 +30,14 @@ using std::optional;
 
 using ForwardTrainFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const optional<Tensor>&,
                                                           const optional<Tensor>&, const optional<Tensor>&,
-                                                          const optional<Tensor>&, double, double, int64_t, double);
+                                                          const optional<Tensor>&, double, double, int64_t, double,
+                                                          const optional<Tensor>&);
 using ForwardEvalFn = Tensor(const Tensor&, const optional<Tensor>&, const optional<Tensor>&, const Tensor&,
-                             const Tensor&, double, int64_t, double);
+                             const Tensor&, double, int64_t, double, const optional<Tensor>&);
+using BackwardFn = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const optional<Tensor>&,
+                                                              const optional<Tensor>&, const Tensor&, const Tensor&,
+                                                              int64_t, double, bool, bool, bool, bool,
+                                                              const optional<Tensor>&, const optional<Tensor>&, bool);
 
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> op(const char* name) {
@@ -43,20 +48,25 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
 std::tuple<Tensor, Tensor, Tensor> run_forward(const Tensor& x, const optional<Tensor>& weight,
                                                const optional<Tensor>& bias, const optional<Tensor>& running_mean,
                                                const optional<Tensor>& running_var, bool training, double momentum,
-                                               double eps, int64_t act, double slope) {
+                                               double eps, int64_t act, double slope,
+                                               const optional<Tensor>& residual) {
   static const auto forward_train = op<ForwardTrainFn>("bnfused_native::forward_train");
   static const auto forward_eval = op<ForwardEvalFn>("bnfused_native::forward_eval");
   if (training) {
-    return forward_train.call(x, weight, bias, running_mean, running_var, momentum, eps, act, slope);
+    return forward_train.call(x, weight, bias, running_mean, running_var, momentum, eps, act, slope, residual);
   }
   TORCH_CHECK(present(running_mean) && present(running_var),
               "bnfused_native: running_mean and running_var are needed in evaluation mode");
-  return {forward_eval.call(x, weight, bias, *running_mean, *running_var, eps, act, slope), *running_mean,
+  return {forward_eval.call(x, weight, bias, *running_mean, *running_var, eps, act, slope, residual), *running_mean,
           *running_var};
 }
 
 bool requires_grad(const optional<Tensor>& t) {
   return present(t) && t->requires_grad();
+}
+
+optional<Tensor> maybe(const Tensor& t) {
+  return t.defined() ? optional<Tensor>(t) : std::nullopt;
 }
 
 // torch 2.12 made autograd nodes c10::intrusive_ptr targets (std::shared_ptr before). Both are
@@ -87,13 +97,16 @@ NodePtr owning(N* node) {
 // create_graph=True (double backward, MAML, gradient penalties): the kernels' formula
 // (bnfused/backends/reference.py) in differentiable ATen ops, so that autograd records it. In
 // training, mean and invstd are recomputed from x, so the recorded graph holds their dependence on
-// x; in eval mode they are the running stats, constants. The activation's mask is read off the
-// saved output and is a constant of the graph: relu'' = 0, and at the kink torch's convention
-// (relu' = 0, leaky_relu' = slope: y > 0 exactly where z > 0). Returns (dx, dweight, dbias) with
-// dx in x's dtype and the sums in the accumulation dtype.
-std::tuple<Tensor, Tensor, Tensor> differentiable_backward(const Tensor& dy, const Tensor& x, const Tensor& y,
-                                                           const Tensor& weight, Tensor mean, Tensor invstd,
-                                                           bool training, double eps, int64_t act, double slope) {
+// x; in eval mode they are the running stats, constants. For relu, leaky_relu and relu6 the mask is
+// read off the saved output and is a constant of the graph (act'' = 0; torch's conventions at the
+// kinks: y > 0 exactly where z > 0, 0 < y < 6 exactly where 0 < z < 6). For hardswish and silu, z is
+// recomputed from x, weight, bias and residual, so act'(z) is differentiated too. Returns (dx,
+// dweight, dbias, dresidual) with dx and dresidual in x's dtype and the sums in the accumulation dtype.
+std::tuple<Tensor, Tensor, Tensor, Tensor> differentiable_backward(const Tensor& dy, const Tensor& x, const Tensor& y,
+                                                                   const Tensor& weight, const Tensor& bias,
+                                                                   const Tensor& residual, Tensor mean, Tensor invstd,
+                                                                   bool training, double eps, int64_t act,
+                                                                   double slope) {
   const auto acc = acc_type(x.scalar_type());
   std::vector<int64_t> dims{0}, per_channel(x.dim(), 1);
   for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
@@ -104,23 +117,39 @@ std::tuple<Tensor, Tensor, Tensor> differentiable_backward(const Tensor& dy, con
     mean = batch_mean;
     invstd = (var + eps).rsqrt();
   }
-  Tensor g = dy.to(acc);
-  if (act != kNone) g = at::where(y > 0, g, g * slope);
   const Tensor x_hat = (xf - mean.view(per_channel)) * invstd.view(per_channel);
+  Tensor g = dy.to(acc);
+  if (act == kRelu6) {
+    g = at::where(at::logical_and(y > 0, y < 6), g, at::Scalar(0.0));
+  } else if (grad_from_output(act)) {
+    g = at::where(y > 0, g, g * slope);
+  } else if (grad_from_input(act)) {
+    Tensor z = weight.defined() ? x_hat * weight.to(acc).view(per_channel) : x_hat;
+    if (bias.defined()) z = z + bias.to(acc).view(per_channel);
+    if (residual.defined()) z = z + residual.to(acc);
+    if (act == kHardswish) {
+      g = g * at::where(z <= -3, at::zeros_like(z), at::where(z < 3, z / 3 + 0.5, at::ones_like(z)));
+    } else {
+      const Tensor s = at::sigmoid(z);
+      g = g * s * (1 + z * (1 - s));
+    }
+  }
+  const Tensor dresidual = g.to(x.scalar_type());
   const Tensor sum_g = g.sum(dims), sum_g_xhat = (g * x_hat).sum(dims);
   if (training) {
     const double count = static_cast<double>(x.numel() / x.size(1));
     g = g - (sum_g / count).view(per_channel) - x_hat * (sum_g_xhat / count).view(per_channel);
   }
   const Tensor scale = weight.defined() ? invstd * weight.to(acc) : invstd;
-  return {(g * scale.view(per_channel)).to(x.scalar_type()), sum_g_xhat, sum_g};
+  return {(g * scale.view(per_channel)).to(x.scalar_type()), sum_g_xhat, sum_g, dresidual};
 }
 
 struct BatchNormBackward : public torch::autograd::Node {
   using SavedVariable = torch::autograd::SavedVariable;
-  // x, y (only with an activation: its derivative is read off y), weight, and the statistics:
-  // batch mean and invstd when training; copies of the running mean and var in eval mode.
-  SavedVariable x, y, weight, mean, invstd;
+  // x, y (relu, leaky_relu, relu6: their derivative is read off y), bias and residual (hardswish,
+  // silu: z is recomputed from them), weight, and the statistics: batch mean and invstd when
+  // training; copies of the running mean and var in eval mode. d(residual) = g needs nothing saved.
+  SavedVariable x, y, weight, bias, residual, mean, invstd;
   bool training = true;
   double eps = 0.0;
   int64_t act = kNone;
@@ -133,65 +162,79 @@ struct BatchNormBackward : public torch::autograd::Node {
   // [Thread Safety on Autograd Node]): the saved variables are read and released under the lock.
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (SavedVariable* v : {&x, &y, &weight, &mean, &invstd}) v->reset_data();
+    for (SavedVariable* v : {&x, &y, &weight, &bias, &residual, &mean, &invstd}) v->reset_data();
   }
 
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
-    using BackwardFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const optional<Tensor>&,
-                                                          const optional<Tensor>&, const Tensor&, const Tensor&,
-                                                          int64_t, double, bool, bool, bool, bool);
     static const auto backward_op = op<BackwardFn>("bnfused_native::backward");
     std::lock_guard<std::mutex> lock(mutex_);
     // Unpacked first: a second backward through a released graph must fail even with no gradient.
-    const Tensor x_ = x.unpack(), y_ = y.unpack(owning(this)), weight_ = weight.unpack();
+    const Tensor x_ = x.unpack(), y_ = y.unpack(owning(this)), weight_ = weight.unpack(), bias_ = bias.unpack(),
+                 residual_ = residual.unpack();
     Tensor mean_ = mean.unpack(), invstd_ = invstd.unpack();
     const bool needs_input = task_should_compute_output(0), needs_weight = task_should_compute_output(1),
-               needs_bias = task_should_compute_output(2);
-    if (!grads[0].defined() || !(needs_input || needs_weight || needs_bias)) return {Tensor(), Tensor(), Tensor()};
+               needs_bias = task_should_compute_output(2), needs_residual = task_should_compute_output(3);
+    if (!grads[0].defined() || !(needs_input || needs_weight || needs_bias || needs_residual)) {
+      return {Tensor(), Tensor(), Tensor(), Tensor()};
+    }
     if (!training) {
+      // invstd in double, rounded once, as forward_eval forms it: hardswish and silu recompute z
+      // from it, and must find the forward's z.
       const auto acc = acc_type(x_.scalar_type());
       mean_ = mean_.to(acc);
-      invstd_ = (invstd_.to(acc) + eps).rsqrt();
+      invstd_ = (invstd_.to(acc).to(at::kDouble) + eps).rsqrt().to(acc);
     }
-    Tensor dx, dweight, dbias;
+    Tensor dx, dweight, dbias, dresidual;
     if (at::GradMode::is_enabled()) {  // create_graph=True
-      std::tie(dx, dweight, dbias) =
-          differentiable_backward(grads[0], x_, y_, weight_, mean_, invstd_, training, eps, act, slope);
+      std::tie(dx, dweight, dbias, dresidual) = differentiable_backward(grads[0], x_, y_, weight_, bias_, residual_,
+                                                                        mean_, invstd_, training, eps, act, slope);
       if (!needs_input) dx = Tensor();
       if (!needs_weight) dweight = Tensor();
       if (!needs_bias) dbias = Tensor();
+      if (!needs_residual) dresidual = Tensor();
     } else {
-      std::tie(dx, dweight, dbias) =
-          backward_op.call(grads[0], x_, y_.defined() ? optional<Tensor>(y_) : std::nullopt,
-                           weight_.defined() ? optional<Tensor>(weight_) : std::nullopt, mean_, invstd_, act, slope,
-                           training, needs_input, needs_weight, needs_bias);
+      // Without an activation, d(residual) is dy itself: no pass, no copy.
+      const bool kernel_dresidual = needs_residual && act != kNone;
+      if (needs_input || needs_weight || needs_bias || kernel_dresidual) {
+        std::tie(dx, dweight, dbias, dresidual) =
+            backward_op.call(grads[0], x_, maybe(y_), maybe(weight_), mean_, invstd_, act, slope, training,
+                             needs_input, needs_weight, needs_bias, maybe(bias_), maybe(residual_), kernel_dresidual);
+      }
+      if (needs_residual && act == kNone) dresidual = grads[0];
     }
     if (dweight.defined() && dweight.scalar_type() != *weight_dtype) dweight = dweight.to(*weight_dtype);
     if (dbias.defined() && dbias.scalar_type() != *bias_dtype) dbias = dbias.to(*bias_dtype);
-    return {dx, dweight, dbias};
+    return {dx, dweight, dbias, dresidual};
   }
 };
 
 Tensor batch_norm_autograd(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
                            const optional<Tensor>& running_mean, const optional<Tensor>& running_var, bool training,
-                           double momentum, double eps, int64_t act, double slope) {
+                           double momentum, double eps, int64_t act, double slope,
+                           const optional<Tensor>& residual) {
   TORCH_CHECK(!torch::autograd::isFwGradDefined(x) && !torch::autograd::isFwGradDefined(weight) &&
-                  !torch::autograd::isFwGradDefined(bias),
+                  !torch::autograd::isFwGradDefined(bias) && !torch::autograd::isFwGradDefined(residual),
               "bnfused_native::batch_norm has no forward-mode AD (dual tensors, jvp) formula; call "
               "bnfused.functional.batch_norm, which computes dual inputs with torch's ops");
-  const bool grad = at::GradMode::is_enabled() && (x.requires_grad() || requires_grad(weight) || requires_grad(bias));
+  const bool grad = at::GradMode::is_enabled() &&
+                    (x.requires_grad() || requires_grad(weight) || requires_grad(bias) || requires_grad(residual));
   auto node = grad ? make_node<BatchNormBackward>() : decltype(make_node<BatchNormBackward>())();
   if (grad) {
-    node->set_next_edges(torch::autograd::collect_next_edges(x, weight.value_or(Tensor()), bias.value_or(Tensor())));
+    node->set_next_edges(torch::autograd::collect_next_edges(x, weight.value_or(Tensor()), bias.value_or(Tensor()),
+                                                             residual.value_or(Tensor())));
   }
   auto [y, mean, invstd] = [&] {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return run_forward(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope);
+    return run_forward(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope, residual);
   }();
   if (!grad) return y;
   torch::autograd::set_history(y, node);
   node->x = torch::autograd::SavedVariable(x, false);
-  if (act != kNone) node->y = torch::autograd::SavedVariable(y, true);
+  if (grad_from_output(act)) node->y = torch::autograd::SavedVariable(y, true);
+  if (grad_from_input(act)) {
+    if (present(bias)) node->bias = torch::autograd::SavedVariable(*bias, false);
+    if (present(residual)) node->residual = torch::autograd::SavedVariable(*residual, false);
+  }
   if (present(weight)) {
     node->weight = torch::autograd::SavedVariable(*weight, false);
     node->weight_dtype = weight->scalar_type();
@@ -211,8 +254,9 @@ Tensor batch_norm_autograd(const Tensor& x, const optional<Tensor>& weight, cons
 // Below autograd (inference tensors, fake tensors): the forward alone.
 Tensor batch_norm_forward(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
                           const optional<Tensor>& running_mean, const optional<Tensor>& running_var, bool training,
-                          double momentum, double eps, int64_t act, double slope) {
-  return std::get<0>(run_forward(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope));
+                          double momentum, double eps, int64_t act, double slope, const optional<Tensor>& residual) {
+  return std::get<0>(
+      run_forward(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope, residual));
 }
 
 }  // namespace

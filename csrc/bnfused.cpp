@@ -15,17 +15,18 @@ TORCH_LIBRARY(bnfused_native, m) {
   // The whole layer, autograd included, in C++ (autograd.cpp): the low-overhead eager route.
   m.def(
       "batch_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
-      "bool training, float momentum, float eps, int act, float slope) -> Tensor");
+      "bool training, float momentum, float eps, int act, float slope, Tensor? residual=None) -> Tensor");
   m.def(
       "forward_train(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
-      "float momentum, float eps, int act, float slope) -> (Tensor, Tensor, Tensor)");
+      "float momentum, float eps, int act, float slope, Tensor? residual=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "forward_eval(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, float eps, "
-      "int act, float slope) -> Tensor");
+      "int act, float slope, Tensor? residual=None) -> Tensor");
   // Gradients that are not asked for come back undefined (None in Python).
   m.def(
       "backward(Tensor dy, Tensor x, Tensor? y, Tensor? weight, Tensor mean, Tensor invstd, int act, float slope, "
-      "bool training, bool needs_input, bool needs_weight, bool needs_bias) -> (Tensor, Tensor, Tensor)");
+      "bool training, bool needs_input, bool needs_weight, bool needs_bias, Tensor? bias=None, Tensor? residual=None, "
+      "bool needs_residual=False) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("batch_stats(Tensor x) -> (Tensor, Tensor)");
   m.def(
       "normalize(Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, int act, float slope) "
@@ -49,7 +50,8 @@ using std::optional;
 // torch.ops.bnfused_native.batch_norm.default(...) from Python parses its arguments against the
 // schema and looks for __torch_function__ overrides: microseconds per call, as much as the kernels
 // of a small layer. eager_batch_norm takes the same positional arguments with a fixed-type fast
-// path (plain tensors or Parameters, a bool, floats, an int, no torch function mode), calls the same
+// path (plain tensors or Parameters, a bool, floats, an int, an optional 11th argument that is a plain
+// tensor or None: the residual; no torch function mode), calls the same
 // op through the dispatcher (so autograd, inference mode, dispatch modes and subclasses with
 // __torch_dispatch__ are handled as before), and hands every other call to the op itself.
 
@@ -74,28 +76,30 @@ struct ReleasedGil {
 PyObject* eager_batch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   TORCH_CHECK(layer_op_fallback != nullptr, "bnfused_native: eager_batch_norm called before set_fallback");
-  bool fast = nargs == 10 && !at::impl::torch_function_mode_enabled() && plain_tensor(args[0]) &&
+  bool fast = (nargs == 10 || nargs == 11) && !at::impl::torch_function_mode_enabled() && plain_tensor(args[0]) &&
               PyBool_Check(args[5]) && PyFloat_CheckExact(args[6]) && PyFloat_CheckExact(args[7]) &&
               PyLong_CheckExact(args[8]) && PyFloat_CheckExact(args[9]);
   for (Py_ssize_t i = 1; fast && i < 5; ++i) fast = args[i] == Py_None || plain_tensor(args[i]);
+  if (fast && nargs == 11) fast = args[10] == Py_None || plain_tensor(args[10]);
   if (!fast) return PyObject_Vectorcall(layer_op_fallback, args, nargs, nullptr);
   int overflow = 0;
   const long long act = PyLong_AsLongLongAndOverflow(args[8], &overflow);
   if (overflow != 0) return PyObject_Vectorcall(layer_op_fallback, args, nargs, nullptr);
   using LayerFn = Tensor(const Tensor&, const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
-                         const optional<Tensor>&, bool, double, double, int64_t, double);
+                         const optional<Tensor>&, bool, double, double, int64_t, double, const optional<Tensor>&);
   static const auto layer =
       c10::Dispatcher::singleton().findSchemaOrThrow("bnfused_native::batch_norm", "").typed<LayerFn>();
   const Tensor& x = THPVariable_Unpack(args[0]);
   const optional<Tensor> weight = optional_tensor(args[1]), bias = optional_tensor(args[2]),
-                         running_mean = optional_tensor(args[3]), running_var = optional_tensor(args[4]);
+                         running_mean = optional_tensor(args[3]), running_var = optional_tensor(args[4]),
+                         residual = nargs == 11 ? optional_tensor(args[10]) : optional<Tensor>();
   const bool training = args[5] == Py_True;
   const double momentum = PyFloat_AS_DOUBLE(args[6]), eps = PyFloat_AS_DOUBLE(args[7]),
                slope = PyFloat_AS_DOUBLE(args[9]);
   Tensor y;
   {
     ReleasedGil no_gil;
-    y = layer.call(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope);
+    y = layer.call(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope, residual);
   }
   return THPVariable_Wrap(std::move(y));
   END_HANDLE_TH_ERRORS
@@ -111,7 +115,8 @@ PyObject* set_fallback(PyObject*, PyObject* callable) {
 PyMethodDef* eager_methods() {
   static PyMethodDef methods[] = {
       {"batch_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&eager_batch_norm)), METH_FASTCALL,
-       "batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope) -> y: "
+       "batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope, residual=None) "
+       "-> y: "
        "bnfused_native::batch_norm without torch.ops' argument parsing"},
       {"set_fallback", &set_fallback, METH_O, "set_fallback(op): what eager batch_norm calls off its fast path"},
       {nullptr, nullptr, 0, nullptr}};

@@ -33,7 +33,7 @@ def _train_step(x, dy, w, b, act, slope):
     """forward_train then backward: every output of a training step."""
     rm, rv = torch.zeros(x.shape[1]), torch.ones(x.shape[1])
     y, mean, invstd = native.forward_train(x, w, b, rm, rv, 0.1, 1e-5, act, slope)
-    dx, dw, db = native.backward(dy, x, y if act else None, w, mean, invstd, act, slope, True, True, True, True)
+    dx, dw, db, _ = native.backward(dy, x, y if act else None, w, mean, invstd, act, slope, True, True, True, True)
     return y, mean, invstd, rm, rv, dx, dw, db
 
 
@@ -136,6 +136,26 @@ def test_eager_binding_matches_the_op_with_autograd(training):
     g2 = torch.autograd.grad(y2.square().sum(), (x, args[1], args[2]))
     for a, b in zip(g1, g2):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_eager_binding_takes_an_eleventh_argument_the_residual(training):
+    """native.batch_norm(..., slope, residual): a tensor (with its gradient) or None, as the op takes it."""
+    x = make_input((8, 6, 5, 5), torch.float32).requires_grad_()
+    residual = torch.randn(8, 6, 5, 5, requires_grad=True)
+    args = (*_layer_args(x, training)[:8], act_codes.HARDSWISH, 0.0)
+    op = torch.ops.bnfused_native.batch_norm.default
+    fresh = (*args[:3], args[3].clone(), args[4].clone(), *args[5:])
+    y1, y2 = native.batch_norm(*args, residual), op(*fresh, residual)
+    assert torch.equal(y1, y2)
+    g1 = torch.autograd.grad(y1.square().sum(), (x, residual))
+    g2 = torch.autograd.grad(y2.square().sum(), (x, residual))
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+    fresh = (*args[:3], args[3].clone(), args[4].clone(), *args[5:])
+    assert torch.equal(native.batch_norm(*args, None), op(*fresh))
+    with pytest.raises(RuntimeError, match="residual must have x's shape"):
+        native.batch_norm(*args, residual[:4])
 
 
 def test_eager_binding_errors_are_the_ops():

@@ -46,8 +46,13 @@ OP_NAMES = (
 )
 # Beyond the contract: the whole layer with its autograd in C++ (csrc/autograd.cpp), for eager
 # calls where a Python autograd.Function would cost more than the kernels of a small layer:
-# batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope) -> y
+# batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope, residual=None) -> y
 LAYER_OP = "batch_norm"
+# The activation codes the kernels fuse (all of bnfused.activation's: none, relu, leaky_relu, relu6,
+# hardswish, silu), and the residual add before the activation (forward_train, forward_eval,
+# backward and the layer op; the split primitives take codes 0-3 and no residual).
+ACTIVATIONS = frozenset({0, 1, 2, 3, 4, 5})
+RESIDUAL = True
 # torch's CPU capability -> compiler flags giving at::vec the same vector width ATen itself uses.
 _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
@@ -395,19 +400,23 @@ def _register_fakes() -> None:
         return register
 
     @fake("forward_train")
-    def _(x, weight, bias, running_mean, running_var, momentum, eps, act, slope):
+    def _(x, weight, bias, running_mean, running_var, momentum, eps, act, slope, residual=None):
         return torch.empty_like(x), stats_like(x), stats_like(x)
 
     @fake("forward_eval")
-    def _(x, weight, bias, running_mean, running_var, eps, act, slope):
+    def _(x, weight, bias, running_mean, running_var, eps, act, slope, residual=None):
         return torch.empty_like(x)
 
     @fake("backward")
-    def _(dy, x, y, weight, mean, invstd, act, slope, training, needs_input, needs_weight, needs_bias):
+    def _(
+        dy, x, y, weight, mean, invstd, act, slope, training, needs_input, needs_weight, needs_bias,
+        bias=None, residual=None, needs_residual=False,
+    ):  # fmt: skip
         return (
             torch.empty_like(x) if needs_input else None,
             stats_like(x) if needs_weight else None,
             stats_like(x) if needs_bias else None,
+            torch.empty_like(x) if needs_residual else None,
         )
 
     @fake("batch_stats")

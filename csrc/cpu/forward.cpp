@@ -12,11 +12,12 @@ namespace {
 using at::Tensor;
 using std::optional;
 
-// y = act((x - mean) * invstd * weight + bias) with per-channel A arrays mean and invstd.
+// y = act((x - mean) * invstd * weight + bias (+ residual)) with per-channel A arrays mean and invstd;
+// residual is undefined or kernel-ready (see residual_of).
 template <typename T>
 Tensor normalize_with(const Tensor& x, const Tiling& tl, const std::vector<acc_t<T>>& mean,
                       const std::vector<acc_t<T>>& invstd, const optional<Tensor>& weight,
-                      const optional<Tensor>& bias, int64_t act, double slope) {
+                      const optional<Tensor>& bias, int64_t act, double slope, const Tensor& residual) {
   using A = acc_t<T>;
   const int64_t C = tl.L.c;
   std::vector<A> scale = channel_values<A>(weight, C, A(1));
@@ -24,8 +25,16 @@ Tensor normalize_with(const Tensor& x, const Tiling& tl, const std::vector<acc_t
   const std::vector<A> shift = channel_values<A>(bias, C, A(0));
   Tensor y = at::empty_like(x);
   normalize<T>(x.const_data_ptr<T>(), tl, mean.data(), scale.data(), shift.data(), act, slope,
-               y.mutable_data_ptr<T>());
+               residual.defined() ? residual.const_data_ptr<T>() : nullptr, y.mutable_data_ptr<T>());
   return y;
+}
+
+// The residual brought to x's layout (undefined when absent), so that the kernels read it with x's offsets.
+Tensor residual_of(const optional<Tensor>& residual, const Tensor& x, const Tiling& tl) {
+  if (!present(residual)) return Tensor();
+  TORCH_CHECK(residual->device() == x.device(), "bnfused_native: residual is on ", residual->device(),
+              " but x is on ", x.device());
+  return conform(*residual, x, tl.L, "residual");
 }
 
 // 1 / sqrt(var + eps) for var = m2 * unscale^2 / M, with the scale taken out of the square root, so
@@ -72,12 +81,13 @@ void update_running(const optional<Tensor>& running, const std::vector<double>& 
 std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& x, const optional<Tensor>& weight,
                                                  const optional<Tensor>& bias, const optional<Tensor>& running_mean,
                                                  const optional<Tensor>& running_var, double momentum, double eps,
-                                                 int64_t act, double slope) {
+                                                 int64_t act, double slope, const optional<Tensor>& residual) {
   check_forward_args(x, weight, bias, act, slope);
   check_running_args(x, running_mean, running_var);
   check_running_not_aliased(running_mean, "running_mean", x, weight, bias);
   check_running_not_aliased(running_var, "running_var", x, weight, bias);
   const Tiling tl = Tiling::of(ncs_of(x));
+  const Tensor r = residual_of(residual, x, tl);
   const int64_t C = tl.L.c, M = tl.L.per_channel();
   std::vector<double> mean(C), m2(C);
   Tensor y, mean_out, invstd_out;
@@ -93,8 +103,9 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& x, const optional
       invstd_a[c] = static_cast<A>(invstd_of(mo, M, eps));
       scale[c] *= invstd_a[c];
     };
-    stats_then_normalize<scalar_t>(x.const_data_ptr<scalar_t>(), tl, finish, mean_a.data(), scale.data(), shift.data(), act, slope,
-                      y.mutable_data_ptr<scalar_t>());
+    stats_then_normalize<scalar_t>(x.const_data_ptr<scalar_t>(), tl, finish, mean_a.data(), scale.data(),
+                                   shift.data(), act, slope, r.defined() ? r.const_data_ptr<scalar_t>() : nullptr,
+                                   y.mutable_data_ptr<scalar_t>());
     mean_out = channel_tensor(mean_a, acc_type(x.scalar_type()));
     invstd_out = channel_tensor(invstd_a, acc_type(x.scalar_type()));
   });
@@ -108,10 +119,12 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& x, const optional
 }
 
 Tensor forward_eval(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
-                    const Tensor& running_mean, const Tensor& running_var, double eps, int64_t act, double slope) {
+                    const Tensor& running_mean, const Tensor& running_var, double eps, int64_t act, double slope,
+                    const optional<Tensor>& residual) {
   check_forward_args(x, weight, bias, act, slope);
   check_running_args(x, running_mean, running_var);
   const Tiling tl = Tiling::of(ncs_of(x));
+  const Tensor r = residual_of(residual, x, tl);
   const int64_t C = tl.L.c;
   Tensor y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_native::forward_eval", [&] {
@@ -120,7 +133,7 @@ Tensor forward_eval(const Tensor& x, const optional<Tensor>& weight, const optio
     std::vector<A> invstd = channel_values<A>(running_var, C, A(0));
     // In double, as torch: a float eps of 1e-45 would round to a subnormal.
     for (int64_t c = 0; c < C; ++c) invstd[c] = static_cast<A>(1.0 / std::sqrt(double(invstd[c]) + eps));
-    y = normalize_with<scalar_t>(x, tl, mean, invstd, weight, bias, act, slope);
+    y = normalize_with<scalar_t>(x, tl, mean, invstd, weight, bias, act, slope, r);
   });
   return y;
 }
@@ -136,7 +149,8 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& x) {
       mean[c] = mo.mean;
       var[c] = mo.m2 / M * mo.unscale * mo.unscale;
     };
-    stats_then_normalize<scalar_t>(x.const_data_ptr<scalar_t>(), tl, finish, nullptr, nullptr, nullptr, kNone, 0.0, nullptr);
+    stats_then_normalize<scalar_t>(x.const_data_ptr<scalar_t>(), tl, finish, nullptr, nullptr, nullptr, kNone, 0.0,
+                                   nullptr, nullptr);
   });
   const auto acc = acc_type(x.scalar_type());
   return {channel_tensor(mean, acc), channel_tensor(var, acc)};
@@ -151,7 +165,7 @@ Tensor normalize_op(const Tensor& x, const optional<Tensor>& weight, const optio
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_native::normalize", [&] {
     using A = acc_t<scalar_t>;
     y = normalize_with<scalar_t>(x, tl, channel_values<A>(mean, tl.L.c, A(0)),
-                                 channel_values<A>(invstd, tl.L.c, A(0)), weight, bias, act, slope);
+                                 channel_values<A>(invstd, tl.L.c, A(0)), weight, bias, act, slope, Tensor());
   });
   return y;
 }

@@ -24,21 +24,72 @@ inline V activate(const V& z, const V& slope) {
     return at::vec::maximum(z, V(0));
   } else if constexpr (Act == kLeakyRelu) {
     return V::blendv(z * slope, z, z > V(0));
+  } else if constexpr (Act == kRelu6) {
+    return at::vec::minimum(at::vec::maximum(z, V(0)), V(6));
+  } else if constexpr (Act == kHardswish) {  // torch's own expression, so that it rounds as torch's does
+    return z * at::vec::minimum(at::vec::maximum(z + V(3), V(0)), V(6)) / V(6);
+  } else if constexpr (Act == kSilu) {  // z * sigmoid(z), written as torch's CPU kernel writes it
+    return z / (V(1) + z.neg().exp());
   } else {
     return z;
   }
 }
 
-// dy * act'(z), with act' read off the saved output: y > 0 exactly where z > 0 (slope >= 0).
+// dy * act'(z). y_or_z is the saved output y for relu, leaky_relu and relu6 (grad_from_output: y > 0
+// exactly where z > 0 for slope >= 0, and 0 < y < 6 exactly where 0 < z < 6), the recomputed z for
+// hardswish and silu (grad_from_input); unused without an activation. Torch's conventions at the kinks.
 template <int Act, typename V>
-inline V act_grad(const V& dy, const V& y, const V& slope) {
+inline V act_grad(const V& dy, const V& y_or_z, const V& slope) {
   if constexpr (Act == kRelu) {
-    return V::blendv(V(0), dy, y > V(0));
+    return V::blendv(V(0), dy, y_or_z > V(0));
   } else if constexpr (Act == kLeakyRelu) {
-    return V::blendv(dy * slope, dy, y > V(0));
+    return V::blendv(dy * slope, dy, y_or_z > V(0));
+  } else if constexpr (Act == kRelu6) {
+    return V::blendv(V(0), dy, (y_or_z > V(0)) & (y_or_z < V(6)));
+  } else if constexpr (Act == kHardswish) {  // 0 for z <= -3, z / 3 + 1/2 between, 1 for z >= 3
+    const V inner = V::blendv(y_or_z / V(3) + V(0.5), V(1), y_or_z >= V(3));
+    return V::blendv(dy * inner, V(0), y_or_z <= V(-3));
+  } else if constexpr (Act == kSilu) {  // s * (1 + z * (1 - s)), s = sigmoid(z), as torch's silu_backward
+    // The backward recomputes z's exponential in both of its passes, where it costs more than the
+    // memory traffic: ATen's faster exp_u20 (float; double's is exp) halves that, for a relative error
+    // of about 1e-6 in g (the forward keeps exp(), so that y rounds as torch's silu).
+    const V s = V(1) / (V(1) + y_or_z.neg().exp_u20());
+    return dy * s * (V(1) + y_or_z * (V(1) - s));
   } else {
     return dy;
   }
+}
+
+// The forward's last step on a chunk, shared by every schedule: y = act(z (+ residual)). The residual
+// is read at the chunk's own offset (it has x's strides); kResidual keeps the add out of the loops
+// that have none.
+template <int kAct, bool kResidual, typename T>
+struct Epilogue {
+  const T* rp;  // the residual, or null
+  VecA<T> slope;
+
+  template <typename Tag>
+  VecA<T> operator()(Tag tag, int64_t off, const VecA<T>& z) const {
+    if constexpr (kResidual) {
+      return activate<kAct>(z + ld(tag, rp + off), slope);
+    } else {
+      return activate<kAct>(z, slope);
+    }
+  }
+};
+
+// Calls f(Epilogue<act, residual present, T>), specialised per activation and residual.
+template <typename T, typename F>
+void with_epilogue(int64_t act, double slope, const T* rp, F&& f) {
+  const VecA<T> vslope(static_cast<acc_t<T>>(slope));
+  with_act(act, [&](auto act_c) {
+    constexpr int kAct = decltype(act_c)::value;
+    if (rp != nullptr) {
+      f(Epilogue<kAct, true, T>{rp, vslope});
+    } else {
+      f(Epilogue<kAct, false, T>{rp, vslope});
+    }
+  });
 }
 
 // Outputs of at least this many bytes are written with streaming stores (see st_out): below it, the
@@ -68,7 +119,8 @@ void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
   for (int64_t j = 0; j < W; ++j) tile_mean[j] = static_cast<A>(xp[first + j]);  // the shift
   auto centered = [=](auto tag, int64_t off, const V& center) { return ld(tag, xp + off) - center; };
   tile_sums<1>(
-      tl, t, tile_mean, [=](auto tag, int64_t off, const V& c) { return std::array<V, 1>{centered(tag, off, c)}; },
+      tl, t, tile_mean,
+      [=](auto tag, int64_t off, const V& c, auto) { return std::array<V, 1>{centered(tag, off, c)}; },
       tile_m2);
   const A inv_count = A(1) / A(tl.count(t));
   for (int64_t j = 0; j < W; ++j) {
@@ -77,7 +129,7 @@ void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
   }
   tile_sums<1>(
       tl, t, tile_mean,
-      [=](auto tag, int64_t off, const V& c) {
+      [=](auto tag, int64_t off, const V& c, auto) {
         const V d = centered(tag, off, c);
         return std::array<V, 1>{d * d};
       },
@@ -148,29 +200,29 @@ Moments exact_moments(const T* xp, const Tiling& tl, int64_t c) {
   return {mean * unscale, m2, unscale};
 }
 
-// y = act((x - mean[c]) * scale[c] + shift[c]) on tile t. Subtracting the mean first keeps the
+// y = epi((x - mean[c]) * scale[c] + shift[c]) on tile t. Subtracting the mean first keeps the
 // result exact when |mean| >> std (folding it into the shift would cancel catastrophically).
-template <int kAct, typename T>
+template <typename T, typename Epi>
 void normalize_tile(const T* xp, T* yp, const Tiling& tl, int64_t t, const acc_t<T>* mean, const acc_t<T>* scale,
-                    const acc_t<T>* shift, const VecA<T>& vslope) {
+                    const acc_t<T>* shift, const Epi& epi) {
   using V = VecA<T>;
   const bool stream = streams_output<T>(tl);
   tile_chunks<acc_t<T>>(tl, t, [=](auto tag, int64_t off, auto coef) {
     const V z = at::vec::fmadd(ld(tag, xp + off) - coef(mean), coef(scale), coef(shift));
-    st_out(tag, yp + off, activate<kAct>(z, vslope), stream);
+    st_out(tag, yp + off, epi(tag, off, z), stream);
   }, stream);
   stream_fence(stream);
 }
 
 // The forward: statistics of x, then finish(c, Moments) for each channel (it must fill mean[c],
-// scale[c], shift[c]), then y (skipped when yp is null: statistics only).
+// scale[c], shift[c]), then y = act(z (+ residual rp, when not null)) (skipped when yp is null:
+// statistics only).
 template <typename T, typename Finish>
-void stats_then_normalize(const T* xp, const Tiling& tl, const Finish& finish, const acc_t<T>* mean, const acc_t<T>* scale,
-             const acc_t<T>* shift, int64_t act, double slope, T* yp) {
+void stats_then_normalize(const T* xp, const Tiling& tl, const Finish& finish, const acc_t<T>* mean,
+                          const acc_t<T>* scale, const acc_t<T>* shift, int64_t act, double slope, const T* rp, T* yp) {
   using A = acc_t<T>;
   std::vector<A> part(tl.tiles * 2 * tl.width(), A(0));
-  const VecA<T> vslope(static_cast<A>(slope));
-  with_act(act, [&](auto act_c) {
+  with_epilogue(act, slope, rp, [&](const auto& epi) {
     two_pass(
         tl, sizeof(T), true, yp != nullptr, [&](int64_t t) { tile_moments(xp, tl, t, part.data()); },
         [&](int64_t c) {
@@ -178,14 +230,14 @@ void stats_then_normalize(const T* xp, const Tiling& tl, const Finish& finish, c
           const int64_t count = tl.L.per_channel();
           finish(c, needs_exact_moments<A>(mean_c, m2_c, count) ? exact_moments(xp, tl, c) : Moments{mean_c, m2_c});
         },
-        [&](int64_t t) { normalize_tile<decltype(act_c)::value>(xp, yp, tl, t, mean, scale, shift, vslope); });
+        [&](int64_t t) { normalize_tile(xp, yp, tl, t, mean, scale, shift, epi); });
   });
 }
 
 // normalize_tile over short planes, in memory order (see planes_in_memory_order).
-template <int kAct, typename T>
+template <typename T, typename Epi>
 void normalize_planes(const T* xp, T* yp, const Tiling& tl, const acc_t<T>* mean, const acc_t<T>* scale,
-                      const acc_t<T>* shift, const VecA<T>& vslope) {
+                      const acc_t<T>* shift, const Epi& epi) {
   using V = VecA<T>;
   const bool stream = streams_output<T>(tl);
   parallel_planes(tl, [&](int64_t p0, int64_t p1) {
@@ -195,7 +247,7 @@ void normalize_planes(const T* xp, T* yp, const Tiling& tl, const acc_t<T>* mean
       walk_run<acc_t<T>>(
           plane_offset(tl, p), tl.L.s, tl.es,
           [=](auto tag, int64_t off) {
-            st_out(tag, yp + off, activate<kAct>(at::vec::fmadd(ld(tag, xp + off) - m, k, b), vslope), stream);
+            st_out(tag, yp + off, epi(tag, off, at::vec::fmadd(ld(tag, xp + off) - m, k, b)), stream);
           },
           stream);
     }
@@ -216,9 +268,9 @@ inline bool flat_planes(const Tiling& tl) {
 // aligned vector that can stream, where a plane-by-plane walk pays a partial vector at both ends
 // of each plane (196 values: 12 whole vectors and two partial ones). Each lane computes what
 // normalize_tile computes for its value: the results are the same bits.
-template <int kAct, typename T>
+template <typename T, typename Epi>
 void normalize_flat(const T* xp, T* yp, const Tiling& tl, const acc_t<T>* mean, const acc_t<T>* scale,
-                    const acc_t<T>* shift, const VecA<T>& vslope) {
+                    const acc_t<T>* shift, const Epi& epi) {
   using A = acc_t<T>;
   using V = VecA<T>;
   constexpr int64_t VW = vec_width<A>();
@@ -231,7 +283,7 @@ void normalize_flat(const T* xp, T* yp, const Tiling& tl, const acc_t<T>* mean, 
     int64_t c = p % C;
     V m(mean[c]), k(scale[c]), b(shift[c]);
     auto apply = [=](auto tag, int64_t off, const V& mv, const V& kv, const V& bv) {
-      st_out(tag, yp + off, activate<kAct>(at::vec::fmadd(ld(tag, xp + off) - mv, kv, bv), vslope), stream);
+      st_out(tag, yp + off, epi(tag, off, at::vec::fmadd(ld(tag, xp + off) - mv, kv, bv)), stream);
     };
     for (int64_t v = v0; v < v1; ++v, i += VW) {
       const int64_t n = std::min(VW, total - i);
@@ -278,9 +330,9 @@ inline int64_t rows_period(const Tiling& tl) {
   return period <= kMaxRowsPeriod ? period : 0;
 }
 
-template <int kAct, typename T>
+template <typename T, typename Epi>
 void normalize_rows_flat(const T* xp, T* yp, const Tiling& tl, int64_t period, const acc_t<T>* mean,
-                         const acc_t<T>* scale, const acc_t<T>* shift, const VecA<T>& vslope) {
+                         const acc_t<T>* scale, const acc_t<T>* shift, const Epi& epi) {
   using A = acc_t<T>;
   using V = VecA<T>;
   constexpr int64_t VW = vec_width<A>();
@@ -296,7 +348,7 @@ void normalize_rows_flat(const T* xp, T* yp, const Tiling& tl, int64_t period, c
     int64_t i = v0 * VW, j = i % period;
     auto apply = [=](auto tag, int64_t off, int64_t at) {
       const V z = at::vec::fmadd(ld(tag, xp + off) - V::loadu(mp + at), V::loadu(kp + at), V::loadu(bp + at));
-      st(tag, yp + off, activate<kAct>(z, vslope));
+      st(tag, yp + off, epi(tag, off, z));
     };
     for (int64_t v = v0; v < v1; ++v, i += VW) {
       const int64_t n = std::min(VW, total - i);
@@ -307,72 +359,96 @@ void normalize_rows_flat(const T* xp, T* yp, const Tiling& tl, int64_t period, c
   });
 }
 
-// y = act((x - mean[c]) * scale[c] + shift[c]) with known coefficients: one elementwise pass.
+// y = act((x - mean[c]) * scale[c] + shift[c] (+ residual rp, when not null)) with known
+// coefficients: one elementwise pass.
 template <typename T>
 void normalize(const T* xp, const Tiling& tl, const acc_t<T>* mean, const acc_t<T>* scale, const acc_t<T>* shift,
-               int64_t act, double slope, T* yp) {
-  const VecA<T> vslope(static_cast<acc_t<T>>(slope));
-  with_act(act, [&](auto act_c) {
-    constexpr int kAct = decltype(act_c)::value;
+               int64_t act, double slope, const T* rp, T* yp) {
+  with_epilogue(act, slope, rp, [&](const auto& epi) {
     if (planes_in_memory_order(tl)) {
       if (flat_planes<T>(tl)) {
-        normalize_flat<kAct>(xp, yp, tl, mean, scale, shift, vslope);
+        normalize_flat(xp, yp, tl, mean, scale, shift, epi);
       } else {
-        normalize_planes<kAct>(xp, yp, tl, mean, scale, shift, vslope);
+        normalize_planes(xp, yp, tl, mean, scale, shift, epi);
       }
       return;
     }
     if (const int64_t period = rows_period<T>(tl)) {
-      normalize_rows_flat<kAct>(xp, yp, tl, period, mean, scale, shift, vslope);
+      normalize_rows_flat(xp, yp, tl, period, mean, scale, shift, epi);
       return;
     }
     two_pass(
         tl, sizeof(T), false, true, [](int64_t) {}, [](int64_t) {},
-        [&](int64_t t) { normalize_tile<kAct>(xp, yp, tl, t, mean, scale, shift, vslope); });
+        [&](int64_t t) { normalize_tile(xp, yp, tl, t, mean, scale, shift, epi); });
   });
 }
 
-// g = dy * act'(z) for one value, in double (the exact paths).
+// g = dy * act'(z) for one value, in double (the exact paths): act_grad on one lane.
 template <int Act>
-inline double act_grad_value(double dy, double y, double slope) {
-  if constexpr (Act == kNone) {
-    return dy;
-  } else {
-    return y > 0 ? dy : (Act == kRelu ? 0.0 : dy * slope);
-  }
+inline double act_grad_value(double dy, double y_or_z, double slope) {
+  using V = at::vec::Vectorized<double>;
+  double lanes[V::size()];
+  act_grad<Act>(V(dy), V(y_or_z), V(slope)).store(lanes);
+  return lanes[0];
 }
+
+// The tensors of one backward pass, all with x's layout; null when absent or not wanted.
+template <typename T>
+struct GradTensors {
+  const T* dy;
+  const T* x;
+  const T* y;         // the forward output: read for relu, leaky_relu, relu6 (grad_from_output)
+  const T* residual;  // the forward's residual: read to recompute z for hardswish, silu (grad_from_input)
+  T* dx;
+  T* dresidual;       // gets g itself
+};
 
 // The backward: per-channel sum(g) and sum(g * x_hat) with g = dy * act'(z) and x_hat =
 // (x - mean) * invstd, summed per tile in A (as sum(g * (x - mean)), times invstd once merged in
 // double, in tile order; recomputed in double from x_hat when a tile sum overflowed), handed to
 // finish(c, sum_g_c, sum_gxhat_c) (it must fill k1[c], k2[c], k3[c]); then
 //   training (`centered`): dx = g * k1 - x_hat * k2 - k3,
-//   eval:                  dx = g * k1 (x is not read: an inf or NaN in x, or in the running mean,
-//                          changes nothing, as in torch),
-// skipped when dxp is null. With reduce == false only dx is computed, from given k1..k3. yp is only
-// read when an activation is fused. x_hat is formed before it meets k2 so that no coefficient holds
-// invstd^2 (it overflows float for a tiny variance with a tiny eps).
+//   eval:                  dx = g * k1 (x is not read unless z is: an inf or NaN in x, or in the
+//                          running mean, changes nothing, as in torch),
+// skipped when io.dx is null, and dresidual = g when io.dresidual is not null. With reduce == false
+// only those are computed, from given k1..k3. For hardswish and silu, z = (x - mean) * k1 + shift
+// (+ residual) is recomputed exactly as the forward computed it (k1 = weight * invstd is its scale),
+// in both passes. x_hat is formed before it meets k2 so that no coefficient holds invstd^2 (it
+// overflows float for a tiny variance with a tiny eps).
 template <typename T, typename Finish>
-void grad_sums_then_input(const T* dyp, const T* xp, const T* yp, const Tiling& tl, const acc_t<T>* mean,
-                          const acc_t<T>* invstd, bool reduce, const Finish& finish, const acc_t<T>* k1,
-                          const acc_t<T>* k2, const acc_t<T>* k3, bool centered, int64_t act, double slope, T* dxp) {
+void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_t<T>* mean, const acc_t<T>* invstd,
+                          const acc_t<T>* shift, bool reduce, const Finish& finish, const acc_t<T>* k1,
+                          const acc_t<T>* k2, const acc_t<T>* k3, bool centered, int64_t act, double slope) {
   using A = acc_t<T>;
   using V = at::vec::Vectorized<A>;
   const int64_t W = tl.width();
   const V vslope(static_cast<A>(slope));
   std::vector<A> part(reduce ? tl.tiles * 2 * W : 0, A(0));  // per tile: W sums of g, W of g * (x - mean)
-  const int64_t streams = act == kNone ? 2 : 3;
+  const T *dyp = io.dy, *xp = io.x, *yp = io.y, *rp = io.residual;
+  T *dxp = io.dx, *drp = io.dresidual;
+  const int64_t streams = 2 + (grad_from_output(act) ? 1 : 0) + (grad_from_input(act) && rp ? 1 : 0) +
+                          (drp ? 1 : 0);
   with_act(act, [&](auto act_c) {
     constexpr int kAct = decltype(act_c)::value;
-    auto grad = [=](auto tag, int64_t off) {
-      return act_grad<kAct>(ld(tag, dyp + off), kAct == kNone ? V(0) : ld(tag, yp + off), vslope);
+    // g for a chunk; coef(array) gives a (C,) array's values for its lanes.
+    auto grad = [=](auto tag, int64_t off, auto coef) {
+      const V dy = ld(tag, dyp + off);
+      if constexpr (grad_from_input(kAct)) {
+        V z = at::vec::fmadd(ld(tag, xp + off) - coef(mean), coef(k1), coef(shift));
+        if (rp) z = z + ld(tag, rp + off);
+        return act_grad<kAct>(dy, z, vslope);
+      } else if constexpr (grad_from_output(kAct)) {
+        return act_grad<kAct>(dy, ld(tag, yp + off), vslope);
+      } else {
+        return dy;
+      }
     };
     auto sums = [&](int64_t t) {
       const A* center = tl.rows ? mean : mean + tl.plane_channel(t);
       tile_sums<2>(
           tl, t, center,
-          [=](auto tag, int64_t off, const V& cen) {
-            const V g = grad(tag, off);
+          [=](auto tag, int64_t off, const V& cen, auto coef) {
+            const V g = grad(tag, off, coef);
             return std::array<V, 2>{g, g * (ld(tag, xp + off) - cen)};
           },
           part.data() + t * 2 * W);
@@ -389,7 +465,13 @@ void grad_sums_then_input(const T* dyp, const T* xp, const T* yp, const Tiling& 
         sg = sgx = 0;
         const double m = double(mean[c]), is = double(invstd[c]);
         for_channel_values(tl, c, [&](int64_t off) {
-          const double g = act_grad_value<kAct>(double(dyp[off]), kAct == kNone ? 0.0 : double(yp[off]), slope);
+          double y_or_z = 0;
+          if constexpr (grad_from_input(kAct)) {
+            y_or_z = (double(xp[off]) - m) * double(k1[c]) + double(shift[c]) + (rp ? double(rp[off]) : 0.0);
+          } else if constexpr (grad_from_output(kAct)) {
+            y_or_z = double(yp[off]);
+          }
+          const double g = act_grad_value<kAct>(double(dyp[off]), y_or_z, slope);
           sg += g;
           sgx += g * ((double(xp[off]) - m) * is);
         });
@@ -398,20 +480,23 @@ void grad_sums_then_input(const T* dyp, const T* xp, const T* yp, const Tiling& 
     };
     const bool stream = streams_output<T>(tl);
     auto input_grad = [&](int64_t t) {
-      if (centered) {
+      auto write = [&](auto centered_c) {
         tile_chunks<A>(tl, t, [=](auto tag, int64_t off, auto coef) {
-          const V x_hat = (ld(tag, xp + off) - coef(mean)) * coef(invstd);
-          const V dx = at::vec::fmsub(grad(tag, off), coef(k1), at::vec::fmadd(x_hat, coef(k2), coef(k3)));
-          st_out(tag, dxp + off, dx, stream);
+          const V g = grad(tag, off, coef);
+          if (drp) st_out(tag, drp + off, g, stream);
+          if (!dxp) return;
+          if constexpr (decltype(centered_c)::value) {
+            const V x_hat = (ld(tag, xp + off) - coef(mean)) * coef(invstd);
+            st_out(tag, dxp + off, at::vec::fmsub(g, coef(k1), at::vec::fmadd(x_hat, coef(k2), coef(k3))), stream);
+          } else {
+            st_out(tag, dxp + off, g * coef(k1), stream);
+          }
         }, stream);
-      } else {
-        tile_chunks<A>(tl, t, [=](auto tag, int64_t off, auto coef) {
-          st_out(tag, dxp + off, grad(tag, off) * coef(k1), stream);
-        }, stream);
-      }
+      };
+      centered ? write(std::true_type{}) : write(std::false_type{});
       stream_fence(stream);
     };
-    two_pass(tl, streams * int64_t(sizeof(T)), reduce, dxp != nullptr, sums, merge, input_grad);
+    two_pass(tl, streams * int64_t(sizeof(T)), reduce, dxp != nullptr || drp != nullptr, sums, merge, input_grad);
   });
 }
 

@@ -235,9 +235,10 @@ inline A lane_sum(const at::vec::Vectorized<A>& v) {
   return total;
 }
 
-// K per-channel sums over tile t of contrib(tag, offset, center) -> std::array<Vec, K>, written to
-// out[k * width + j] (out zeroed by the caller). center points at the tile's per-channel centre
-// values (center[0] for a plane tile, center[c] for a row tile) or is null (centre 0).
+// K per-channel sums over tile t of contrib(tag, offset, center, coef) -> std::array<Vec, K>, written
+// to out[k * width + j] (out zeroed by the caller). center points at the tile's per-channel centre
+// values (center[0] for a plane tile, center[c] for a row tile) or is null (centre 0); coef(array)
+// gives a channel-indexed (C,) array's values for the chunk's lanes, as in tile_chunks.
 // contrib captures by value, as for tile_chunks.
 template <int K, typename A, typename Contrib>
 void tile_sums(const Tiling& tl, int64_t t, const A* center, const Contrib& contrib_in, A* out) {
@@ -247,8 +248,10 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, const Contrib& cont
     std::array<V, K> acc;
     acc.fill(V(0));
     const V cen(center ? center[0] : A(0));
+    const int64_t c = tl.plane_channel(t);
+    const auto coef = [c](const A* arr) { return V(arr[c]); };
     walk_plane<A>(tl, t, [&](auto tag, int64_t off) {
-      const std::array<V, K> v = contrib(tag, off, cen);
+      const std::array<V, K> v = contrib(tag, off, cen, coef);
       for (int k = 0; k < K; ++k) acc[k] += valid(tag, v[k]);
     });
     for (int k = 0; k < K; ++k) out[k] = lane_sum(acc[k]);
@@ -256,7 +259,8 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, const Contrib& cont
   }
   const int64_t C = tl.L.c;
   walk_rows<A>(tl, t, [=](auto tag, int64_t off, int64_t c) {  // by value: this loop stores
-    const std::array<V, K> v = contrib(tag, off, center ? ld(tag, center + c) : V(0));
+    const auto coef = [=](const A* arr) { return ld(tag, arr + c); };
+    const std::array<V, K> v = contrib(tag, off, center ? ld(tag, center + c) : V(0), coef);
     for (int k = 0; k < K; ++k) {
       A* o = out + k * C + c;
       st(tag, o, ld(tag, o) + valid(tag, v[k]));
