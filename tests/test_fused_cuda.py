@@ -45,6 +45,8 @@ LAYOUTS = [
     pytest.param((5, 6, 7, 9), False, id="NCHW"),
     pytest.param((5, 6, 7, 9), True, id="channels_last"),
     pytest.param((3, 40, 4, 5), True, id="channels_last-C40"),  # more channels than one block's 32
+    pytest.param((64, 37), False, id="NC"),
+    pytest.param((4, 3, 61, 67), False, id="NCHW-chunks"),  # 16348 rows per channel: several reduction chunks
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 EPS, MOMENTUM = 1e-5, 0.1
