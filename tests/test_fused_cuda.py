@@ -1,14 +1,14 @@
 """The kernels' fused activations and residual add, called as ops (forward_train, forward_eval,
 backward) and checked against torch ops in float64: every activation code 0-5, with and without a
-residual, training and eval, float32 / bfloat16 / float64, NCHW and channels_last; the kinks of
-relu6 (0, 6) and hardswish (-3, 3) at exactly representable points.
+residual, training and eval, float32 / bfloat16 / float16 / float64, NCHW, channels_last and
+(N, C); the kinks of relu6 (0, 6) and hardswish (-3, 3) at exactly representable points.
 
-bfloat16 is held to at most twice the error of torch's own bfloat16 layers (batch_norm, add,
-activation) plus a tenth of its step, the rule of tests/test_cpu_kernels.py. Each side's gradients
-are measured against the float64 gradient taken where that side evaluated act': for relu,
-leaky_relu and relu6 the op's own output y (the contract reads act' off y, and a z just below 6
-rounds to y = 6 in bfloat16), for torch its own bfloat16 pre-activation. So a rounding that moves
-a value across a kink is not counted as an error of either side.
+bfloat16 and float16 are held to at most twice the error of torch's own layers in that dtype
+(batch_norm, add, activation) plus a tenth of its step, the rule of tests/test_cpu_kernels.py. Each
+side's gradients are measured against the float64 gradient taken where that side evaluated act':
+for relu, leaky_relu and relu6 the op's own output y (the contract reads act' off y, and a z just
+below 6 rounds to y = 6 in bfloat16), for torch its own low-precision pre-activation. So a rounding
+that moves a value across a kink is not counted as an error of either side.
 
 BACKENDS lists the backends under test. The cpp backend's kernels take the same schemas: adding
 "cpp" to it runs every test here on the CPU.
@@ -48,7 +48,8 @@ LAYOUTS = [
     pytest.param((64, 37), False, id="NC"),
     pytest.param((4, 3, 61, 67), False, id="NCHW-chunks"),  # 16348 rows per channel: several reduction chunks
 ]
-DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 EPS, MOMENTUM = 1e-5, 0.1
 
 
@@ -207,7 +208,7 @@ def test_fused_layer_matches_torch_ops_in_float64(
         torch.testing.assert_close(mean.double(), mu, **stats_tol)
         torch.testing.assert_close(invstd.double(), torch.rsqrt(var + EPS), **stats_tol)
 
-    if dtype != torch.bfloat16:
+    if dtype not in LOW_PRECISION:
         _assert_close_with_tolerances(ours, ref, x, TOLERANCES[dtype])
         return
 
