@@ -9,10 +9,17 @@
 // Two thread shapes cover the layouts (see launch_shape): spatial stride 1 (NCHW): a block's 256
 // threads read consecutive spatial positions of one channel; channel stride 1 (channels_last):
 // 32 threads read 32 consecutive channels of a row, 8 rows at a time.
+//
+// The layer is z = (x - mean) * invstd * w + b (+ residual), y = act(z). The backward's g = dy *
+// act'(z) reads act' off y for relu, leaky_relu and relu6, and recomputes z (pre_activation, the
+// forward's own arithmetic, so the kinks fall on the same side) for hardswish and silu. A residual
+// is indexed with x's offsets: the ops hand the kernels one in x's layout.
 #pragma once
 
 #include <ATen/OpMathType.h>
 #include <c10/macros/Macros.h>
+
+#include <type_traits>
 
 #include "../activation.h"
 #include "../layout.h"
@@ -32,17 +39,86 @@ struct Grid2 {
   int bx, by;     // threads along channels, along rows (bx * by == kThreads)
 };
 
+// 1 + e^-z: silu(z) = z / (1 + e^-z) and sigmoid(z) = 1 / (1 + e^-z), as torch's CUDA kernels write them.
+template <typename A>
+__device__ __forceinline__ A one_plus_exp_neg(A z) {
+  if constexpr (std::is_same_v<A, double>) return 1.0 + ::exp(-z);
+  return 1.0f + ::expf(-z);
+}
+
+// act(z) with torch's formulas (relu6 and hardswish as clamps that keep a NaN, silu = z / (1 + e^-z)).
 template <int kAct, typename A>
 __device__ __forceinline__ A activate(A z, A slope) {
   if constexpr (kAct == kRelu) return z > A(0) ? z : A(0);
   if constexpr (kAct == kLeakyRelu) return z > A(0) ? z : z * slope;
+  if constexpr (kAct == kRelu6) return z <= A(0) ? A(0) : (z >= A(6) ? A(6) : z);
+  if constexpr (kAct == kHardswish) {
+    const A shifted = z + A(3);
+    return z * (shifted <= A(0) ? A(0) : (shifted >= A(6) ? A(6) : shifted)) / A(6);
+  }
+  if constexpr (kAct == kSilu) return z / one_plus_exp_neg(z);
   return z;
 }
 
+// g = dy * act'(z) with torch's values at the kinks (relu6' = 0 at 0 and 6; hardswish' = 0 at -3,
+// 1 at 3). v is the saved output y for relu, leaky_relu and relu6 (0 < y < 6 exactly where
+// 0 < z < 6), the recomputed z for hardswish and silu, unused for none.
 template <int kAct, typename A>
-__device__ __forceinline__ A act_grad(A dy, A y, A slope) {
-  if constexpr (kAct == kRelu) return y > A(0) ? dy : A(0);
-  if constexpr (kAct == kLeakyRelu) return y > A(0) ? dy : dy * slope;
+__device__ __forceinline__ A act_grad(A dy, A v, A slope) {
+  if constexpr (kAct == kRelu) return v > A(0) ? dy : A(0);
+  if constexpr (kAct == kLeakyRelu) return v > A(0) ? dy : dy * slope;
+  if constexpr (kAct == kRelu6) return v > A(0) && v < A(6) ? dy : A(0);
+  if constexpr (kAct == kHardswish) {
+    if (v <= A(-3)) return A(0);
+    return v < A(3) ? dy * (v / A(3) + A(0.5)) : dy;
+  }
+  if constexpr (kAct == kSilu) {
+    const A s = A(1) / one_plus_exp_neg(v);
+    return dy * s * (A(1) + v * (A(1) - s));
+  }
+  return dy;
+}
+
+// The per-channel affine map of the layer and its optional residual: what z is made of. w, b and
+// residual may be null.
+template <typename T>
+struct LayerTerms {
+  const acc_t<T>* __restrict__ mean;
+  const acc_t<T>* __restrict__ invstd;
+  const acc_t<T>* __restrict__ w;
+  const acc_t<T>* __restrict__ b;
+  const T* __restrict__ residual;
+
+  __device__ __forceinline__ acc_t<T> scale(int64_t c) const { return w ? invstd[c] * w[c] : invstd[c]; }
+  __device__ __forceinline__ acc_t<T> shift(int64_t c) const { return b ? b[c] : acc_t<T>(0); }
+};
+
+// z at offset o of a channel with mean mu, scale invstd * w and shift b: the one expression the
+// forward and the backward's recomputation share, so that both round it the same way.
+template <typename T, typename A, typename I>
+__device__ __forceinline__ A pre_activation(const LayerTerms<T>& t, A xv, A mu, A scale, A shift, I o) {
+  const A z = (xv - mu) * scale + shift;
+  return t.residual ? z + static_cast<A>(t.residual[o]) : z;
+}
+
+// What the backward reads per element: dy, x, and y (codes 1-3) or the terms of z (codes 4, 5).
+template <typename T>
+struct GradTerms {
+  const T* __restrict__ dy;
+  const T* __restrict__ x;
+  const T* __restrict__ y;  // null unless grad_from_output(act)
+  LayerTerms<T> layer;      // mean and invstd always; w, b, residual as the forward had them
+  acc_t<T> slope;
+};
+
+// g = dy * act'(z) at offset o of channel c; scale and shift are the channel's (LayerTerms).
+template <int kAct, typename T, typename A, typename I>
+__device__ __forceinline__ A grad_at(const GradTerms<T>& a, I o, A xv, A mu, A scale, A shift) {
+  const A dy = static_cast<A>(a.dy[o]);
+  if constexpr (grad_from_output(kAct)) return act_grad<kAct>(dy, static_cast<A>(a.y[o]), a.slope);
+  if constexpr (grad_from_input(kAct)) {
+    return act_grad<kAct>(dy, pre_activation(a.layer, xv, mu, scale, shift, o), a.slope);
+  }
   return dy;
 }
 
@@ -114,9 +190,7 @@ __global__ void stats_partial(const T* __restrict__ x, Grid2 g, acc_t<T>* part_m
 
 // Stage 1 of the backward reduction: per chunk and channel, sum(g) and sum(g * (x - mean)).
 template <typename T, int kAct>
-__global__ void grad_partial(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ y,
-                             const acc_t<T>* __restrict__ mean, acc_t<T> slope, Grid2 g, acc_t<T>* part_g,
-                             acc_t<T>* part_gx) {
+__global__ void grad_partial(GradTerms<T> a, Grid2 g, acc_t<T>* part_g, acc_t<T>* part_gx) {
   using A = acc_t<T>;
   __shared__ A sh_g[kThreads], sh_gx[kThreads];
   const int tx = threadIdx.x % g.bx, ty = threadIdx.x / g.bx;
@@ -124,11 +198,14 @@ __global__ void grad_partial(const T* __restrict__ dy, const T* __restrict__ x, 
   const int64_t m0 = int64_t(blockIdx.x) * g.chunk, m1 = min(m0 + g.chunk, g.L.n * g.L.s);
   A sg = 0, sgx = 0;
   if (c < g.L.c) {
-    const A mu = mean[c];
+    const A mu = a.layer.mean[c];
+    const A scale = grad_from_input(kAct) ? a.layer.scale(c) : A(0);
+    const A shift = grad_from_input(kAct) ? a.layer.shift(c) : A(0);
     for_rows(g.L, c, m0 + ty, m1, g.by, [&](int64_t off) {
-      const A gv = act_grad<kAct>(static_cast<A>(dy[off]), kAct == kNone ? A(0) : static_cast<A>(y[off]), slope);
+      const A xv = static_cast<A>(a.x[off]);
+      const A gv = grad_at<kAct>(a, off, xv, mu, scale, shift);
       sg += gv;
-      sgx += gv * (static_cast<A>(x[off]) - mu);
+      sgx += gv * (xv - mu);
     });
   }
   sh_g[threadIdx.x] = sg;
@@ -186,39 +263,41 @@ __global__ void grad_finalize(const A* part_g, const A* part_gx, int64_t chunks,
   sum_gxhat[c] = static_cast<A>(sgx * double(invstd[c]));
 }
 
-// y = act((x - mean) * invstd * w + b) over all elements, in memory order. w, b may be null.
+// y = act((x - mean) * invstd * w + b (+ residual)) over all elements, in memory order.
 template <typename T, int kAct, typename I>
 __global__ void normalize_kernel(const T* __restrict__ x, T* __restrict__ y, I numel, I stride_c, I C,
-                                 const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ invstd,
-                                 const acc_t<T>* __restrict__ w, const acc_t<T>* __restrict__ b, acc_t<T> slope) {
+                                 LayerTerms<T> t, acc_t<T> slope) {
   using A = acc_t<T>;
   for (I o = I(blockIdx.x) * blockDim.x + threadIdx.x; o < numel; o += I(gridDim.x) * blockDim.x) {
     const I c = (o / stride_c) % C;
-    const A scale = w ? invstd[c] * w[c] : invstd[c];
-    const A z = (static_cast<A>(x[o]) - mean[c]) * scale + (b ? b[c] : A(0));
+    const A z = pre_activation(t, static_cast<A>(x[o]), t.mean[c], t.scale(c), t.shift(c), o);
     y[o] = static_cast<T>(activate<kAct>(z, slope));
   }
 }
 
-// dx = (g - sum_g / M - x_hat * sum_gxhat / M) * invstd * w, or g * invstd * w when the sums are
-// null (eval mode: the statistics are constants).
+// Writes, each where its pointer is not null, dx = (g - sum_g / M - x_hat * sum_gxhat / M) *
+// invstd * w (g * invstd * w when the sums are null: eval mode, the statistics are constants)
+// and dresidual = g.
 template <typename T, int kAct, typename I>
-__global__ void grad_input_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ y,
-                                  T* __restrict__ dx, I numel, I stride_c, I C, const acc_t<T>* __restrict__ mean,
-                                  const acc_t<T>* __restrict__ invstd, const acc_t<T>* __restrict__ w,
-                                  const acc_t<T>* __restrict__ sum_g, const acc_t<T>* __restrict__ sum_gxhat,
-                                  acc_t<T> inv_count, acc_t<T> slope) {
+__global__ void grad_input_kernel(GradTerms<T> a, T* __restrict__ dx, T* __restrict__ dresidual, I numel,
+                                  I stride_c, I C, const acc_t<T>* __restrict__ sum_g,
+                                  const acc_t<T>* __restrict__ sum_gxhat, acc_t<T> inv_count) {
   using A = acc_t<T>;
   for (I o = I(blockIdx.x) * blockDim.x + threadIdx.x; o < numel; o += I(gridDim.x) * blockDim.x) {
     const I c = (o / stride_c) % C;
-    const A k1 = w ? invstd[c] * w[c] : invstd[c];
-    const A gv = act_grad<kAct>(static_cast<A>(dy[o]), kAct == kNone ? A(0) : static_cast<A>(y[o]), slope);
-    A v = gv * k1;
-    if (sum_g) {
-      const A x_hat = (static_cast<A>(x[o]) - mean[c]) * invstd[c];
-      v = (gv - sum_g[c] * inv_count - x_hat * sum_gxhat[c] * inv_count) * k1;
+    const A mu = a.layer.mean[c], scale = a.layer.scale(c);
+    // x only where it is used: eval mode's dx of codes 0-3 reads dy (and y) alone.
+    const A xv = grad_from_input(kAct) || sum_g ? static_cast<A>(a.x[o]) : A(0);
+    const A gv = grad_at<kAct>(a, o, xv, mu, scale, grad_from_input(kAct) ? a.layer.shift(c) : A(0));
+    if (dresidual) dresidual[o] = static_cast<T>(gv);
+    if (dx) {
+      A v = gv * scale;
+      if (sum_g) {
+        const A x_hat = (xv - mu) * a.layer.invstd[c];
+        v = (gv - sum_g[c] * inv_count - x_hat * sum_gxhat[c] * inv_count) * scale;
+      }
+      dx[o] = static_cast<T>(v);
     }
-    dx[o] = static_cast<T>(v);
   }
 }
 
