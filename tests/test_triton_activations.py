@@ -165,9 +165,13 @@ def test_multi_tile_matches_torch(channels_last, chunks, code):
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("code", CODES, ids=_code_id)
 def test_low_precision_within_twice_torchs_error(dtype, channels_last, training, with_residual, code):
-    """Error vs the float64 truth <= 2x that of torch's own layer in ``dtype`` + atol (TOLERANCES / 10);
+    _assert_low_precision_rule(_case((4, 6, 5, 3), dtype, channels_last, with_residual), code, training)
+
+
+def _assert_low_precision_rule(case: Case, code, training):
+    """Error vs the float64 truth <= 2x that of torch's own layer in x's dtype + atol (TOLERANCES / 10);
     the running stats are float32 buffers and must be float32-accurate."""
-    case = _case((4, 6, 5, 3), dtype, channels_last, with_residual)
+    dtype = case.x.dtype
     got = _run_triton(case, code, training)
     _check_layout(got, case)
     truth = _run_torch(case, code, training, torch.float64)
@@ -181,6 +185,21 @@ def test_low_precision_within_twice_torchs_error(dtype, channels_last, training,
         else:
             ours, torchs = (a.double() - b).abs().max().item(), (t.double() - b).abs().max().item()
             assert ours <= 2 * torchs + atol, f"{name}: error {ours} vs torch's {torchs}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("code", [activation.RELU6, activation.HARDSWISH, activation.SILU], ids=_code_id)
+def test_gpu_larger_shape(dtype, channels_last, training, code):
+    """CPU twins: test_float32_matches_torch_in_float64, test_low_precision_within_twice_torchs_error
+    (at this size the channels_last reductions take the two-stage kernels)."""
+    case = _case((16, 64, 28, 28), dtype, channels_last, with_residual=True)
+    if dtype == torch.float32:
+        _assert_fp32_matches(case, code, training)
+    else:
+        _assert_low_precision_rule(case, code, training)
 
 
 # --------------------------------------------------------------------------- which passes write what
