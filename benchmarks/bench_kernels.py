@@ -11,7 +11,7 @@
 For each shape, provider and mode it reports the median time (and 20th/80th percentiles), the
 speedup over torch.nn.BatchNorm from the same run, the effective bandwidth from the minimum bytes
 the mode must move (byte model in benchmarks/memory.py) and that bandwidth as a fraction of a
-device copy measured in the same run, the bytes kept for backward, and (CUDA) the peak memory.
+device copy measured in the same run, the bytes kept for backward, and the peak memory.
 A fraction above 1 means the data stayed in cache, which the copy of a large buffer cannot.
 The table ends with what the run found: the geometric-mean speedup of bnfused over torch per mode.
 
@@ -233,7 +233,7 @@ def _speedup_text(row: dict) -> str:
 
 def results_table(rows: Sequence[dict], modes: Sequence[str], markdown: bool = False) -> str:
     """One line per (shape, provider): each mode's median ms and speedup, then the last mode's
-    bandwidth (and, on CUDA, peak memory) and the bytes saved for backward as a multiple of x's."""
+    bandwidth and peak memory and the bytes saved for backward as a multiple of x's."""
     cells: dict[tuple[str, str], dict[str, dict]] = {}
     for r in rows:
         cells.setdefault((r["shape"], r["provider"]), {})[r["mode"]] = r

@@ -24,8 +24,9 @@ eval mode under ``torch.no_grad()``, forward only). Layouts: ``nchw`` and ``chan
 and input; the MLPs take flattened images, so they run in nchw only).
 
 Train rows of eager providers also give ``saved_mb``: the bytes one forward keeps for backward
-(saved-tensor hooks, once per storage, parameters left out); on CUDA every row gives ``peak_mb``,
-the peak memory allocated by one step.
+(saved-tensor hooks, once per storage, parameters left out); every row gives ``peak_mb``, the peak
+memory allocated by one step above what was allocated before it (CUDA: the allocator's statistic;
+CPU: torch's profiler's allocation events, summed in time order).
 
 Every row has ``ratio``: its time over its baseline's, where the baseline is ``compile`` for compiled
 providers and ``torch`` for the others (below 1: faster). The providers of one (model, layout, mode)
@@ -267,7 +268,7 @@ def run(model_names, provider_names, modes, layouts, device, dtype, sizes, budge
 
 
 def _memory_columns(model, x, step, provider: Provider, mode: str, device: torch.device) -> dict[str, str | None]:
-    """saved_mb (train mode, eager: saved-tensor hooks do not see inside compiled graphs) and peak_mb (CUDA)."""
+    """saved_mb (train mode, eager: saved-tensor hooks do not see inside compiled graphs) and peak_mb."""
     saved = memory.saved_bytes(model, x) if mode == "train" and not provider.compiled else None
     peak = memory.peak_memory_bytes(step, device)
     return {
@@ -277,12 +278,13 @@ def _memory_columns(model, x, step, provider: Provider, mode: str, device: torch
 
 
 def results_table(rows: Sequence[dict], markdown: bool = False) -> str:
-    header = ["model", "mode", "layout", "batch", "provider", "ms", "samples/s", "ratio (vs baseline)", "saved MiB"]
+    header = ["model", "mode", "layout", "batch", "provider", "ms", "samples/s", "ratio (vs baseline)"]
+    header += ["saved MiB", "peak MiB"]
     body = [
         [r["model"], r["mode"], r["layout"], str(r["batch"]), report.provider_label(r), f"{float(r['ms']):.4g}",
          f"{float(r['samples_per_s']):,.0f}",
          f"{float(r['ratio']):.3f} (vs {r['baseline']})" if r["ratio"] and r["provider"] != r["baseline"] else "-",
-         r["saved_mb"] or "-"]
+         r["saved_mb"] or "-", r["peak_mb"] or "-"]
         for r in rows
     ]  # fmt: skip
     return report.format_table(header, body, markdown)

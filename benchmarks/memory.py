@@ -70,15 +70,32 @@ def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
 
 
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
-    """Peak CUDA memory allocated by one call of ``fn`` above what was allocated before it.
+    """Peak memory allocated during one call of ``fn`` above what was allocated before it.
 
-    None on other devices: the CPU allocator keeps no such statistic.
+    CUDA: the caching allocator's peak statistic. CPU: the running sum of the allocation and free
+    events torch's profiler records with ``profile_memory=True`` (the CPU allocator keeps no peak of
+    its own), in time order. None where neither exists.
     """
-    if device.type != "cuda":
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    if device.type != "cpu":
         return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    try:
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        deltas = [e.nbytes() for e in sorted(events, key=lambda e: e.start_ns()) if e.device_type().name == "CPU"]
+    except AttributeError:  # a torch whose profiler results lack these fields
+        return None
+    allocated = peak = 0
+    for delta in deltas:
+        allocated += delta
+        peak = max(peak, allocated)
+    return peak

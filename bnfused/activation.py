@@ -4,9 +4,11 @@ Kernels and op schemas take the activation as a small integer code (a Triton ``c
 C++ ``int``); the Python API takes names. This module is the one place where the two meet, and
 where the torch function of each activation is named (``apply``): that is its semantics.
 
-Codes in ``KERNEL_CODES`` are fused inside every backend's kernels. The others (relu6, hardswish,
-silu) are accepted everywhere: a backend that has no kernel for one runs the BatchNorm kernel and
-then the torch activation, which costs what the unfused layers cost and no more.
+Each backend lists the codes its kernels fuse (``ACTIVATIONS``, see ``bnfused.backends``); every
+code is accepted everywhere: where a backend has no kernel for one, the BatchNorm kernel runs and
+then the torch activation, which costs what the unfused layers cost and no more. ``SPLIT_CODES``
+are the ones the split primitives behind SyncBatchNorm fuse: those whose derivative is read off the
+output alone and needs no reduction of its own.
 """
 
 from __future__ import annotations
@@ -26,8 +28,13 @@ _CODES = {
     "relu6": RELU6, "hardswish": HARDSWISH, "silu": SILU,
 }  # fmt: skip
 NAMES = {NONE: None, RELU: "relu", LEAKY_RELU: "leaky_relu", RELU6: "relu6", HARDSWISH: "hardswish", SILU: "silu"}
-# Fused in the kernels of every backend; their gradient mask is read off the saved output.
-KERNEL_CODES = frozenset((NONE, RELU, LEAKY_RELU))
+# Fused by every backend's split primitives (SyncBatchNorm); their gradient mask is read off the output.
+SPLIT_CODES = frozenset((NONE, RELU, LEAKY_RELU))
+
+
+def grad_from_input(code: int) -> bool:
+    """Whether the backward needs the pre-activation z (recomputed from x), not just the output y."""
+    return code == HARDSWISH or code == SILU
 
 
 def parse(activation: str | None, negative_slope: float) -> tuple[int, float]:

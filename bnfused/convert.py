@@ -129,7 +129,7 @@ def _convert_traced(model: nn.Module, backend: str | None, sync: bool) -> nn.Mod
     if not sites:  # nothing to fuse: keep the model's own class
         return convert_model(model, backend=backend, sync=sync)
     if sync:  # SyncBatchNorm's kernels fuse relu and leaky_relu, and it takes no residual input
-        sites = [s for s in sites if s.residual is None and s.code in act_codes.KERNEL_CODES]
+        sites = [s for s in sites if s.residual is None and s.code in act_codes.SPLIT_CODES]
     gm.training = model.training
     convert_model(gm, backend=backend, sync=sync)
     fusion.apply_sites(gm, sites)

@@ -268,21 +268,27 @@ def batch_norm(
             layout.kernel_ready(input), weight, bias, running_mean, running_var,
             training, float(momentum), float(eps), act, slope, name, residual,
         )  # fmt: skip
-    if residual is not None or act not in act_codes.KERNEL_CODES:
-        # What the kernels do not fuse (yet) runs as torch ops after the BatchNorm kernel: what the
-        # unfused layers cost, with torch's broadcasting, type promotion and gradients.
-        y = ops.batch_norm(
-            name, layout.kernel_ready(input), weight, bias, running_mean, running_var,
-            training, float(momentum), float(eps), act_codes.NONE, 0.0,
-        )  # fmt: skip
-        if y.requires_grad:
-            return act_codes.apply(y if residual is None else y + residual, act, slope)
-        # Inference: y is a fresh tensor nobody else holds, so the add and the activation may
-        # overwrite it, as torchvision's in-place activations do (a new output is a new allocation).
+    x = layout.kernel_ready(input)
+    fused = backends.module(name)
+    if act in fused.ACTIVATIONS and (residual is None or (fused.RESIDUAL and _same_tensor_kind(x, residual))):
         if residual is not None:
-            y = y.add_(residual) if residual.shape == y.shape and residual.dtype == y.dtype else y + residual
-        return act_codes.apply(y, act, slope, inplace=True)
-    return ops.batch_norm(
-        name, layout.kernel_ready(input), weight, bias, running_mean, running_var,
-        training, float(momentum), float(eps), act, slope,
-    )  # fmt: skip
+            residual = layout.like(x, residual)
+        return ops.batch_norm(
+            name, x, weight, bias, running_mean, running_var,
+            training, float(momentum), float(eps), act, slope, residual,
+        )  # fmt: skip
+    # What this backend's kernels do not fuse runs as torch ops after the BatchNorm kernel: what the
+    # unfused layers cost, with torch's broadcasting, type promotion and gradients.
+    y = ops.batch_norm(name, x, weight, bias, running_mean, running_var, training, float(momentum), float(eps), 0, 0.0)
+    if y.requires_grad:
+        return act_codes.apply(y if residual is None else y + residual, act, slope)
+    # Inference: y is a fresh tensor nobody else holds, so the add and the activation may
+    # overwrite it, as torchvision's in-place activations do (a new output is a new allocation).
+    if residual is not None:
+        y = y.add_(residual) if _same_tensor_kind(y, residual) else y + residual
+    return act_codes.apply(y, act, slope, inplace=True)
+
+
+def _same_tensor_kind(x: torch.Tensor, residual: torch.Tensor) -> bool:
+    """Whether ``x + residual`` needs no broadcasting or type promotion (so a kernel can fuse the add)."""
+    return residual.shape == x.shape and residual.dtype == x.dtype and residual.device == x.device

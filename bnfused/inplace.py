@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from bnfused import activation as act_codes
-from bnfused import backends
+from bnfused import backends, layout
 
 MEMORY_MODES = ("default", "inplace")
 
@@ -62,15 +62,17 @@ class InplaceBatchNormFunction(torch.autograd.Function):
         ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope, backend, residual
     ):
         module = backends.module(backend)
-        kernel_act = act if residual is None else act_codes.NONE
+        fused = residual is None or (module.RESIDUAL and act in module.ACTIVATIONS)
+        kernel_act = act if fused else act_codes.NONE
+        kernel_residual = layout.like(x, residual) if fused and residual is not None else None
         if training:
             y, _, invstd = module.forward_train(
-                x, weight, bias, running_mean, running_var, momentum, eps, kernel_act, slope
+                x, weight, bias, running_mean, running_var, momentum, eps, kernel_act, slope, kernel_residual
             )
         else:
-            y = module.forward_eval(x, weight, bias, running_mean, running_var, eps, kernel_act, slope)
+            y = module.forward_eval(x, weight, bias, running_mean, running_var, eps, kernel_act, slope, kernel_residual)
             invstd = backends.module("reference").eval_stats(running_mean, running_var, eps, x.dtype)[1]
-        if residual is not None:
+        if not fused:
             y = act_codes.apply(y.add_(residual), act, slope)
         ctx.save_for_backward(y, weight, bias, invstd, residual)
         ctx.config = (training, eps, act, slope)

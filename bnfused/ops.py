@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import torch
 
+from bnfused import activation as act_codes
 from bnfused import backends, layout
+from bnfused.backends import reference
 
 _EMPTY_GRAD_SHAPE = (0,)  # an op cannot return None: ungrad outputs are empty and dropped by the Function
 
@@ -41,13 +43,16 @@ def _forward_train_op(
     eps: float,
     act: int,
     slope: float,
+    residual: torch.Tensor | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backends.module(backend).forward_train(x, weight, bias, running_mean, running_var, momentum, eps, act, slope)
+    return backends.module(backend).forward_train(
+        x, weight, bias, running_mean, running_var, momentum, eps, act, slope, residual
+    )
 
 
 @_forward_train_op.register_fake
-def _(x, weight, bias, running_mean, running_var, momentum, eps, act, slope, backend):
+def _(x, weight, bias, running_mean, running_var, momentum, eps, act, slope, residual, backend):
     stats = x.new_empty(x.shape[1], dtype=_acc_dtype(x))
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
@@ -62,13 +67,14 @@ def _forward_eval_op(
     eps: float,
     act: int,
     slope: float,
+    residual: torch.Tensor | None,
     backend: str,
 ) -> torch.Tensor:
-    return backends.module(backend).forward_eval(x, weight, bias, running_mean, running_var, eps, act, slope)
+    return backends.module(backend).forward_eval(x, weight, bias, running_mean, running_var, eps, act, slope, residual)
 
 
 @_forward_eval_op.register_fake
-def _(x, weight, bias, running_mean, running_var, eps, act, slope, backend):
+def _(x, weight, bias, running_mean, running_var, eps, act, slope, residual, backend):
     return torch.empty_like(x)
 
 
@@ -86,55 +92,76 @@ def _backward_op(
     needs_input: bool,
     needs_weight: bool,
     needs_bias: bool,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    needs_residual: bool,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dw, db = backends.module(backend).backward(
-        dy, x, y, weight, mean, invstd, act, slope, training, needs_input, needs_weight, needs_bias
-    )
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dw, db, dres = backends.module(backend).backward(
+        dy, x, y, weight, mean, invstd, act, slope, training, needs_input, needs_weight, needs_bias,
+        bias, residual, needs_residual,
+    )  # fmt: skip
     empty = mean.new_empty(_EMPTY_GRAD_SHAPE)
     return (
         dx if dx is not None else x.new_empty(_EMPTY_GRAD_SHAPE),
         dw if dw is not None else empty,
         db if db is not None else empty.clone(),
+        # A fresh tensor even where the backend hands dy back (act none): an op's output may not alias its input.
+        (dres if dres is not dy else dy.clone()) if dres is not None else x.new_empty(_EMPTY_GRAD_SHAPE),
     )
 
 
 @_backward_op.register_fake
-def _(dy, x, y, weight, mean, invstd, act, slope, training, needs_input, needs_weight, needs_bias, backend):
+def _(
+    dy, x, y, weight, mean, invstd, act, slope, training, needs_input, needs_weight, needs_bias,
+    bias, residual, needs_residual, backend,
+):  # fmt: skip
     def per_channel(needed):
         return mean.new_empty(x.shape[1] if needed else 0)
 
-    dx = torch.empty_like(x) if needs_input else x.new_empty(_EMPTY_GRAD_SHAPE)
-    return dx, per_channel(needs_weight), per_channel(needs_bias)
+    def like_x(needed):
+        return torch.empty_like(x) if needed else x.new_empty(_EMPTY_GRAD_SHAPE)
+
+    return like_x(needs_input), per_channel(needs_weight), per_channel(needs_bias), like_x(needs_residual)
 
 
 # --------------------------------------------------------------------------- one call per op, two routes
 
 
-def forward_train(backend, x, weight, bias, running_mean, running_var, momentum, eps, act, slope):
+def forward_train(backend, x, weight, bias, running_mean, running_var, momentum, eps, act, slope, residual):
     if torch.compiler.is_compiling():
-        return _forward_train_op(x, weight, bias, running_mean, running_var, momentum, eps, act, slope, backend)
-    return backends.module(backend).forward_train(x, weight, bias, running_mean, running_var, momentum, eps, act, slope)
+        return _forward_train_op(
+            x, weight, bias, running_mean, running_var, momentum, eps, act, slope, residual, backend
+        )
+    return backends.module(backend).forward_train(
+        x, weight, bias, running_mean, running_var, momentum, eps, act, slope, residual
+    )
 
 
-def forward_eval(backend, x, weight, bias, running_mean, running_var, eps, act, slope):
+def forward_eval(backend, x, weight, bias, running_mean, running_var, eps, act, slope, residual):
     if torch.compiler.is_compiling():
-        return _forward_eval_op(x, weight, bias, running_mean, running_var, eps, act, slope, backend)
-    return backends.module(backend).forward_eval(x, weight, bias, running_mean, running_var, eps, act, slope)
+        return _forward_eval_op(x, weight, bias, running_mean, running_var, eps, act, slope, residual, backend)
+    return backends.module(backend).forward_eval(x, weight, bias, running_mean, running_var, eps, act, slope, residual)
 
 
-def backward(backend, dy, x, y, weight, mean, invstd, act, slope, training, needs):
+def backward(backend, dy, x, y, weight, bias, residual, mean, invstd, act, slope, training, needs):
+    """(dx, dweight, dbias, dresidual); ``needs`` says which of the four are wanted (None for the others)."""
     if torch.compiler.is_compiling():
-        dx, dw, db = _backward_op(dy, x, y, weight, mean, invstd, act, slope, training, *needs, backend)
-        return (dx if needs[0] else None), (dw if needs[1] else None), (db if needs[2] else None)
-    return backends.module(backend).backward(dy, x, y, weight, mean, invstd, act, slope, training, *needs)
+        grads = _backward_op(
+            dy, x, y, weight, mean, invstd, act, slope, training, *needs[:3], bias, residual, needs[3], backend
+        )
+        return tuple(grad if needed else None for grad, needed in zip(grads, needs))
+    return backends.module(backend).backward(
+        dy, x, y, weight, mean, invstd, act, slope, training, *needs[:3], bias, residual, needs[3]
+    )
 
 
 # --------------------------------------------------------------------------- the one entry point
 
 
-def batch_norm(backend, x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope):
-    """y = act(batch_norm(x)) on a checked, kernel-ready x with a concrete backend name.
+def batch_norm(backend, x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope, residual=None):
+    """y = act(batch_norm(x) [+ residual]) on a checked, kernel-ready x (and residual: x's shape, dtype
+    and strides) with a concrete backend name whose kernels fuse ``act`` (and the residual).
 
     Eager calls take the backend's own whole-layer op when it has one (the C++ extension's, whose
     autograd lives in C++ and costs less than a Python Function on small layers); everything else,
@@ -143,25 +170,29 @@ def batch_norm(backend, x, weight, bias, running_mean, running_var, training, mo
     if not torch.compiler.is_compiling():
         layer = getattr(backends.module(backend), "batch_norm", None)
         if layer is not None:
-            return layer(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope)
+            if residual is None:
+                return layer(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope)
+            return layer(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope, residual)
     return BatchNormFunction.apply(
-        x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope, backend
+        x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope, backend, residual
     )
 
 
 # --------------------------------------------------------------------------- autograd
 
 
-def differentiable_backward(dy, x, y, weight, mean, invstd, training, eps, act, slope, needs):
-    """(dx, dweight, dbias) as differentiable torch ops: the backward under ``create_graph=True``.
+def differentiable_backward(dy, x, y, weight, bias, residual, mean, invstd, training, eps, act, slope, needs):
+    """(dx, dweight, dbias, dresidual) as differentiable torch ops: the backward under ``create_graph=True``.
 
     The kernels' formula (bnfused/backends/reference.py) recorded by autograd, which is cheaper to
     differentiate than the forward (it is already the first derivative); written here with each
     of g and x_hat formed once, which halves the recorded graph of ``reference.backward`` (twice as
     fast a double backward at (32, 64, 28, 28)). In training, mean and invstd are recomputed from x
-    so that the graph holds their dependence on x; eval's are constants (the running stats). The
-    activation's mask, read off the saved output, is a constant too: relu'' = 0, and at the kink
-    torch's convention (relu' = 0, leaky_relu' = slope). The C++ layer op does the same in ATen
+    so that the graph holds their dependence on x; eval's are constants (the running stats). A
+    (leaky) relu's or relu6's mask, read off the saved output, is a constant too: their second
+    derivative is 0, and at a kink torch's convention holds (relu' = 0, leaky_relu' = slope).
+    hardswish' and silu' are functions of z, formed here from x, weight, bias and residual so that
+    autograd sees those dependences. The C++ layer op does the same in ATen
     (``differentiable_backward`` in csrc/autograd.cpp).
     """
     acc = _acc_dtype(x)
@@ -171,55 +202,78 @@ def differentiable_backward(dy, x, y, weight, mean, invstd, training, eps, act, 
     if training:
         var, mean = torch.var_mean(xf, dims, correction=0)
         invstd = torch.rsqrt(var + eps)
-    g = dy.to(acc)
-    if act:
-        g = torch.where(y > 0, g, g * slope)
     x_hat = (xf - mean.view(per_channel)) * invstd.view(per_channel)
+    z = None
+    if act_codes.grad_from_input(act):
+        z = x_hat if weight is None else x_hat * weight.to(acc).view(per_channel)
+        if bias is not None:
+            z = z + bias.to(acc).view(per_channel)
+        if residual is not None:
+            z = z + residual.to(acc)
+    g = reference.activation_grad(dy.to(acc), y, act, slope, z)
     sum_g, sum_g_xhat = g.sum(dims), (g * x_hat).sum(dims)
+    dresidual = g.to(x.dtype) if needs[3] else None
     if training:
         count = x.numel() // x.shape[1]
         g = g - (sum_g / count).view(per_channel) - x_hat * (sum_g_xhat / count).view(per_channel)
     scale = invstd if weight is None else invstd * weight.to(acc)
     dx = (g * scale.view(per_channel)).to(x.dtype) if needs[0] else None
-    return dx, (sum_g_xhat if needs[1] else None), (sum_g if needs[2] else None)
+    return dx, (sum_g_xhat if needs[1] else None), (sum_g if needs[2] else None), dresidual
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """y = act(batch_norm(x)) with an explicit backward.
+    """y = act(batch_norm(x) [+ residual]) with an explicit backward.
 
     Inputs are already checked and kernel-ready (see ``bnfused.functional.batch_norm``); ``backend``
-    is a concrete backend name.
+    is a concrete backend name whose kernels fuse ``act`` (and the residual, when there is one).
+    Saved for backward: x, the output y where act' is read off it (relu, leaky_relu, relu6), and the
+    bias and residual where act' needs z (hardswish, silu).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope, backend):
+    def forward(
+        ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope, backend, residual=None
+    ):
         if training:
             y, mean, invstd = forward_train(
-                backend, x, weight, bias, running_mean, running_var, momentum, eps, act, slope
+                backend, x, weight, bias, running_mean, running_var, momentum, eps, act, slope, residual
             )
-            ctx.save_for_backward(x, y if act else None, weight, mean, invstd)
         else:
-            y = forward_eval(backend, x, weight, bias, running_mean, running_var, eps, act, slope)
+            y = forward_eval(backend, x, weight, bias, running_mean, running_var, eps, act, slope, residual)
             # Eval-mode backward treats the running stats as constants. Saved as copies: a later
             # training step updates the buffers in place, and this graph must still backpropagate.
             mean = invstd = None
-            if any(ctx.needs_input_grad[:3]):
-                mean, invstd = backends.module("reference").eval_stats(running_mean, running_var, eps, x.dtype)
-            ctx.save_for_backward(x, y if act else None, weight, mean, invstd)
+            if any(ctx.needs_input_grad[:3]) or ctx.needs_input_grad[11]:
+                mean, invstd = reference.eval_stats(running_mean, running_var, eps, x.dtype)
+        from_input = act_codes.grad_from_input(act)
+        ctx.save_for_backward(
+            x,
+            y if act != act_codes.NONE and not from_input else None,
+            weight,
+            bias if from_input else None,
+            residual if from_input else None,
+            mean,
+            invstd,
+        )
         ctx.config = (training, eps, act, slope, backend, bias.dtype if bias is not None else None)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, y, weight, mean, invstd = ctx.saved_tensors
+        x, y, weight, bias, residual, mean, invstd = ctx.saved_tensors
         training, eps, act, slope, backend, bias_dtype = ctx.config
-        needs = ctx.needs_input_grad[:3]
+        needs = (*ctx.needs_input_grad[:3], ctx.needs_input_grad[11])
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # create_graph=True
-            dx, dw, db = differentiable_backward(dy, x, y, weight, mean, invstd, training, eps, act, slope, needs)
+            dx, dw, db, dres = differentiable_backward(
+                dy, x, y, weight, bias, residual, mean, invstd, training, eps, act, slope, needs
+            )
         else:
-            dx, dw, db = backward(backend, layout.like(x, dy), x, y, weight, mean, invstd, act, slope, training, needs)
+            dy = layout.like(x, dy)
+            dx, dw, db, dres = backward(
+                backend, dy, x, y, weight, bias, residual, mean, invstd, act, slope, training, needs
+            )
         if dw is not None and dw.dtype != weight.dtype:
             dw = dw.to(weight.dtype)
         if db is not None and db.dtype != bias_dtype:
             db = db.to(bias_dtype)
-        return dx, dw, db, None, None, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None, None, dres

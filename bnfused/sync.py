@@ -173,7 +173,7 @@ def sync_batch_norm(
         ValueError: the global batch has only 1 value per channel.
     """
     act, slope = act_codes.parse(activation, negative_slope)
-    if act not in act_codes.KERNEL_CODES:  # fused in no kernel: the torch activation after the layer
+    if act not in act_codes.SPLIT_CODES:  # fused in no kernel: the torch activation after the layer
         y = sync_batch_norm(
             input, running_mean, running_var, weight, bias, momentum, eps, None, 0.0, backend, process_group
         )

@@ -1,5 +1,6 @@
 """torch.library registration: opcheck on the ops, and torch.compile(fullgraph=True) through the modules."""
 
+import collections
 import contextlib
 import copy
 import os
@@ -210,3 +211,48 @@ def test_compiled_torchvision_models_match_eager_and_torch(name, training):
             if isinstance(t_r, nn.Parameter) and training:
                 torch.testing.assert_close(t_c.grad, t_r.grad, msg=lambda m, n=name_r: f"{n}.grad: {m}")
     torch._dynamo.reset()
+
+
+def _aten_graphs(model, x, training):
+    """The forward (and backward) ATen graphs AOTAutograd makes of ``model``, as counts of each op."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    graphs = []
+
+    def grab(gm, example_inputs):
+        graphs.append(collections.Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function"))
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=grab, bw_compiler=grab), fullgraph=True)
+    with torch.set_grad_enabled(training):  # inference as users run it: eval mode, no autograd
+        _step(compiled, x, training)
+    torch._dynamo.reset()
+    return graphs
+
+
+# Ops that Inductor removes or that cost no pass over memory: where a graph saves an activation's
+# output (detach) and torchvision's in-place hardswish keeps its input (clone).
+_FREE_OPS = ("aten.detach.default", "aten.clone.default")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0"])
+def test_compiled_converted_model_is_torchs_own_graph(name, training):
+    """Under torch.compile (the default compile mode), a model converted with ``fuse=True`` compiles to
+    the same ATen ops, op for op, as the torch.nn original: Inductor gets torch's graph to fuse and
+    fold, so compiled bnfused costs what compiled torch costs by construction, not just within the
+    noise of a timing. Only ops that move no data may differ."""
+    torch.manual_seed(0)
+    original = getattr(torchvision.models, name)(weights=None, num_classes=5)
+    converted = bnfused.convert_model(copy.deepcopy(original), fuse=True)
+    x = torch.randn(2, 3, 32, 32)
+    got, want = _aten_graphs(converted, x, training), _aten_graphs(original, x, training)
+    assert len(got) == len(want) == (2 if training else 1)
+    for g, w in zip(got, want):
+        for op in _FREE_OPS:
+            g.pop(op, None)
+            w.pop(op, None)
+        assert g == w, f"only in bnfused's graph: {g - w}; only in torch's: {w - g}"

@@ -67,6 +67,84 @@ def test_gradcheck_float64_with_residual(backend, activation):
     assert torch.autograd.gradcheck(layer, (x, residual, w, b))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_fused_layer_is_one_autograd_node_saving_the_fewest_tensors(backend, activation, residual):
+    """Where the backend's kernels fuse the activation (and the add), the layer is one autograd node,
+    and it saves the output only for activations whose derivative is read off it, the input (plus
+    bias and residual) for the others: never both x and y, never z."""
+    module = bnfused.backends.module(backend)
+    code = act_codes.parse(activation, 0.2)[0]
+    if code not in module.ACTIVATIONS or (residual and not module.RESIDUAL):
+        pytest.skip(f"{backend}'s kernels do not fuse this (the torch-op route is tested above)")
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    r = torch.randn(4, 3, 5, 5, requires_grad=True) if residual else None
+    w, b = (torch.rand(3) + 0.5).requires_grad_(), torch.randn(3, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = bnfused.batch_norm(x, None, None, w, b, True, 0.1, 1e-5, activation, 0.2, backend, residual=r)
+    assert all(f[0] is None or "Accumulate" in type(f[0]).__name__ for f in y.grad_fn.next_functions), (
+        f"more than one autograd node: {y.grad_fn.next_functions}"
+    )
+    big = [t for t in saved if t.numel() == x.numel()]
+    names = {id(x): "x", id(y): "y"} | ({id(r): "residual"} if residual else {})
+    found = sorted(names.get(id(t), "other") if t.data_ptr() != y.data_ptr() else "y" for t in big)
+    want = ["x"] + (["y"] if code in (act_codes.RELU, act_codes.LEAKY_RELU, act_codes.RELU6) else [])
+    if act_codes.grad_from_input(code) and residual:
+        want.append("residual")
+    assert found == sorted(want)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("activation", ["relu6", "hardswish", "silu", None])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_double_backward_with_residual_matches_torch(backend, activation, training):
+    """create_graph=True through the fused layer: second derivatives (hardswish'' and silu'' are not 0)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 4, dtype=torch.float64) * 2 + 1
+    r = torch.randn_like(x)
+    w, b = torch.rand(2, dtype=torch.float64) + 0.5, torch.randn(2, dtype=torch.float64)
+    rm, rv = torch.randn(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64) + 0.5
+    dy = torch.randn_like(x)
+    results = []
+    for fn in (
+        lambda *t: bnfused.batch_norm(t[0], rm.clone(), rv.clone(), t[2], t[3], training, 0.1, 1e-5, activation, 0.2,
+                                      backend, residual=t[1]),
+        lambda *t: _torch_layer(t[0], rm.clone(), rv.clone(), t[2], t[3], training, activation, t[1]),
+    ):  # fmt: skip
+        leaves = [t.clone().requires_grad_() for t in (x, r, w, b)]
+        grads = torch.autograd.grad(fn(*leaves), leaves, dy, create_graph=True)
+        second = torch.autograd.grad(sum((g * g).sum() for g in grads), leaves, allow_unused=True)
+        results.append([*grads, *second])
+    for i, (got, want) in enumerate(zip(*results)):  # an unused input's None is a zero gradient
+        got, want = (t if t is not None else torch.zeros_like(results[0][i % 4]) for t in (got, want))
+        torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("activation", ["relu", "relu6", "hardswish", "silu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_channels_last_and_bfloat16_match_torch(backend, activation, dtype):
+    """The fused add reads the residual with the input's strides, whatever the residual's own are."""
+    torch.manual_seed(0)
+    x = (torch.randn(3, 5, 4, 3) * 2 + 1).to(dtype).contiguous(memory_format=torch.channels_last)
+    r = torch.randn(3, 5, 4, 3).to(dtype)  # contiguous: the layer must not read it with x's strides
+    w, b = torch.rand(5) + 0.5, torch.randn(5)
+    leaves = [t.clone().requires_grad_() for t in (x, r)]
+    got = bnfused.batch_norm(leaves[0], None, None, w, b, True, 0.1, 1e-5, activation, 0.2, backend, residual=leaves[1])
+    assert got.is_contiguous(memory_format=torch.channels_last) and got.dtype == dtype
+    twins = [t.float().requires_grad_() for t in (x, r)]
+    want = _torch_layer(twins[0], None, None, w, b, True, activation, twins[1])
+    dy = torch.randn(x.shape)
+    got.backward(dy.to(dtype))
+    want.backward(dy)
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=3e-2)
+    torch.testing.assert_close(got.float(), want, **tol)
+    for name, a, t in zip(("x", "residual"), leaves, twins):
+        torch.testing.assert_close(a.grad.float(), t.grad, **tol, msg=lambda m, n=name: f"d{n}: {m}")
+
+
 def test_residual_broadcasts_and_promotes_as_torch():
     x = torch.randn(4, 3, 2, 2)
     for residual in (torch.randn(1, 3, 1, 1), torch.randn(4, 3, 2, 2, dtype=torch.float64)):

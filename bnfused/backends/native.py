@@ -340,6 +340,11 @@ def library() -> Library:
     return _load()
 
 
+# The activation codes (bnfused.activation) and the residual add that this backend's kernels fuse.
+ACTIVATIONS = frozenset((0, 1, 2))
+RESIDUAL = False
+
+
 def available(device: torch.device) -> str | None:
     """None when the extension has kernels for ``device``'s tensors, else the reason it has not."""
     lib = library()

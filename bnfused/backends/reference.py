@@ -7,14 +7,15 @@ Forward (training), per channel c over the M = N * spatial values of that channe
     mean_c   = sum(x) / M
     var_c    = sum((x - mean_c)^2) / M                   (biased; two-pass, so stable for |mean| >> std)
     invstd_c = 1 / sqrt(var_c + eps)                     (these three in float64: see statistics_dtype)
-    z        = (x - mean_c) * (invstd_c * w_c) + b_c     (subtract first: no cancellation at large mean)
-    y        = act(z)
+    z        = (x - mean_c) * (invstd_c * w_c) + b_c [+ residual]   (subtract first: no cancellation at large mean)
+    y        = act(z)                                    (relu, leaky_relu, relu6, hardswish or silu, as torch's)
     running_mean <- (1 - momentum) * running_mean + momentum * mean_c
     running_var  <- (1 - momentum) * running_var  + momentum * var_c * M / (M - 1)   (unbiased)
 
-Backward, with g = dy * act'(z) (act' recovered from the saved y: y > 0 exactly where z > 0) and
-x_hat = (x - mean_c) * invstd_c:
-    db_c = sum(g)                dw_c = sum(g * x_hat)
+Backward, with g = dy * act'(z) and x_hat = (x - mean_c) * invstd_c. act' is read off the saved y
+for relu, leaky_relu and relu6 (y > 0 exactly where z > 0; 0 < y < 6 exactly where 0 < z < 6) and
+computed from z, recomputed from x (and bias and residual), for hardswish and silu:
+    db_c = sum(g)                dw_c = sum(g * x_hat)          d(residual) = g
     training: dx = w_c * invstd_c * (g - db_c / M - x_hat * dw_c / M)
     eval:     dx = w_c * invstd_c * g          (mean and invstd are constants: the running stats)
 """
@@ -44,16 +45,47 @@ def _per_channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.view(1, -1, *([1] * (x.dim() - 2)))
 
 
+ACTIVATIONS = frozenset(act_codes.NAMES)
+RESIDUAL = True
+
+
 def _activate(z: torch.Tensor, act: int, slope: float) -> torch.Tensor:
-    if act == act_codes.NONE:
-        return z
-    return torch.where(z > 0, z, z * slope)
+    if act == act_codes.LEAKY_RELU or act == act_codes.RELU:
+        return torch.where(z > 0, z, z * slope)
+    return act_codes.apply(z, act, slope)
 
 
-def _activation_grad(dy: torch.Tensor, y: torch.Tensor | None, act: int, slope: float):
+def activation_grad(dy: torch.Tensor, y: torch.Tensor | None, act: int, slope: float, z: torch.Tensor | None = None):
+    """dy * act'(z), with torch's value at each kink. ``y`` (float, any dtype) for relu, leaky_relu and
+    relu6; ``z`` (the accumulation dtype) for hardswish and silu."""
     if act == act_codes.NONE:
         return dy
-    return torch.where(y > 0, dy, dy * slope)
+    if act == act_codes.RELU or act == act_codes.LEAKY_RELU:
+        return torch.where(y > 0, dy, dy * slope)
+    if act == act_codes.RELU6:
+        return torch.where((y > 0) & (y < 6), dy, 0.0)
+    if act == act_codes.HARDSWISH:
+        return torch.where(z <= -3, 0.0, torch.where(z < 3, dy * (z / 3 + 0.5), dy))
+    sig = torch.sigmoid(z)
+    return dy * (sig * (1 + z * (1 - sig)))
+
+
+def _pre_activation(x, weight, bias, mean, invstd, residual) -> torch.Tensor:
+    """z = x_hat * weight + bias (+ residual) in the accumulation dtype: what the forward activated."""
+    acc = accumulation_dtype(x.dtype)
+    scale = invstd if weight is None else invstd * weight.to(acc)
+    z = (x.to(acc) - _per_channel(mean, x)) * _per_channel(scale, x)
+    if bias is not None:
+        z = z + _per_channel(bias.to(acc), x)
+    if residual is not None:
+        z = z + residual.to(acc)
+    return z
+
+
+def _gradient(dy, x, y, weight, bias, mean, invstd, act: int, slope: float, residual):
+    """g = dy * act'(z) in the accumulation dtype."""
+    z = _pre_activation(x, weight, bias, mean, invstd, residual) if act_codes.grad_from_input(act) else None
+    return activation_grad(dy.to(accumulation_dtype(x.dtype)), y, act, slope, z)
 
 
 def statistics_dtype(device: torch.device) -> torch.dtype:
@@ -104,17 +136,14 @@ def update_running_stats(
             running_var.copy_(running_var.to(var.dtype) * (1.0 - momentum) + unbiased * momentum)
 
 
-def normalize(x, weight, bias, mean, invstd, act: int, slope: float) -> torch.Tensor:
-    """y = act((x - mean) * invstd * weight + bias), returned in x's dtype and layout."""
-    acc = accumulation_dtype(x.dtype)
-    scale = invstd if weight is None else invstd * weight.to(acc)
-    z = (x.to(acc) - _per_channel(mean, x)) * _per_channel(scale, x)
-    if bias is not None:
-        z = z + _per_channel(bias.to(acc), x)
-    return _activate(z, act, slope).to(x.dtype)
+def normalize(x, weight, bias, mean, invstd, act: int, slope: float, residual=None) -> torch.Tensor:
+    """y = act((x - mean) * invstd * weight + bias [+ residual]), returned in x's dtype and layout."""
+    return _activate(_pre_activation(x, weight, bias, mean, invstd, residual), act, slope).to(x.dtype)
 
 
-def forward_train(x, weight, bias, running_mean, running_var, momentum: float, eps: float, act: int, slope: float):
+def forward_train(
+    x, weight, bias, running_mean, running_var, momentum: float, eps: float, act: int, slope: float, residual=None
+):
     """Training forward. x: (N, C, *) float16|bfloat16|float32|float64.
 
     Returns (y like x, mean (C,), invstd (C,)), mean and invstd in the accumulation dtype; updates the
@@ -124,7 +153,7 @@ def forward_train(x, weight, bias, running_mean, running_var, momentum: float, e
     mean, var = _batch_stats_exact(x)
     update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
     mean, invstd = mean.to(acc), _invstd(var, eps, acc)
-    return normalize(x, weight, bias, mean, invstd, act, slope), mean, invstd
+    return normalize(x, weight, bias, mean, invstd, act, slope, residual), mean, invstd
 
 
 def eval_stats(running_mean: torch.Tensor, running_var: torch.Tensor, eps: float, dtype: torch.dtype):
@@ -134,16 +163,16 @@ def eval_stats(running_mean: torch.Tensor, running_var: torch.Tensor, eps: float
     return running_mean.to(acc, copy=True), _invstd(running_var, eps, acc)
 
 
-def forward_eval(x, weight, bias, running_mean, running_var, eps: float, act: int, slope: float):
+def forward_eval(x, weight, bias, running_mean, running_var, eps: float, act: int, slope: float, residual=None):
     """Eval forward with the running statistics: one elementwise pass."""
     mean, invstd = eval_stats(running_mean, running_var, eps, x.dtype)
-    return normalize(x, weight, bias, mean, invstd, act, slope)
+    return normalize(x, weight, bias, mean, invstd, act, slope, residual)
 
 
 def backward_reduce(dy, x, y, mean, invstd, act: int, slope: float):
     """Per-channel (sum(g), sum(g * x_hat)) with g = dy * act'(z); both (C,) in the accumulation dtype."""
     acc = accumulation_dtype(x.dtype)
-    g = _activation_grad(dy.to(acc), y, act, slope)
+    g = activation_grad(dy.to(acc), y, act, slope)
     x_hat = (x.to(acc) - _per_channel(mean, x)) * _per_channel(invstd, x)
     dims = _reduce_dims(x)
     return g.sum(dims), (g * x_hat).sum(dims)
@@ -152,7 +181,7 @@ def backward_reduce(dy, x, y, mean, invstd, act: int, slope: float):
 def backward_elemt(dy, x, y, weight, mean, invstd, sum_dy, sum_dy_xhat, count: int, act: int, slope: float):
     """Training-mode dx from the per-channel sums; count is the number of values per channel (M)."""
     acc = accumulation_dtype(x.dtype)
-    g = _activation_grad(dy.to(acc), y, act, slope)
+    g = activation_grad(dy.to(acc), y, act, slope)
     x_hat = (x.to(acc) - _per_channel(mean, x)) * _per_channel(invstd, x)
     scale = invstd if weight is None else invstd * weight.to(acc)
     dx = (g - _per_channel(sum_dy / count, x) - x_hat * _per_channel(sum_dy_xhat / count, x)) * _per_channel(scale, x)
@@ -172,24 +201,31 @@ def backward(
     needs_input: bool,
     needs_weight: bool,
     needs_bias: bool,
+    bias=None,
+    residual=None,
+    needs_residual: bool = False,
 ):
-    """Gradients (dx, dweight, dbias); each is None when not asked for.
+    """Gradients (dx, dweight, dbias, dresidual); each is None when not asked for.
 
-    dy, x and y share one shape and strides; y is only read when an activation is fused. dweight and
-    dbias come back in the accumulation dtype (the caller casts them to the parameters' dtype).
+    dy, x, y and residual share one shape and strides; y is read for relu, leaky_relu and relu6,
+    bias and residual (the forward's) for hardswish and silu. dweight and dbias come back in the
+    accumulation dtype (the caller casts them to the parameters' dtype), dresidual in x's dtype.
     """
     acc = accumulation_dtype(x.dtype)
-    sum_dy = sum_dy_xhat = None
+    g = _gradient(dy, x, y, weight, bias, mean, invstd, act, slope, residual)
+    sum_g = sum_g_xhat = x_hat = None
     if needs_weight or needs_bias or (training and needs_input):
-        sum_dy, sum_dy_xhat = backward_reduce(dy, x, y, mean, invstd, act, slope)
+        x_hat = (x.to(acc) - _per_channel(mean, x)) * _per_channel(invstd, x)
+        dims = _reduce_dims(x)
+        sum_g, sum_g_xhat = g.sum(dims), (g * x_hat).sum(dims)
     dx = None
     if needs_input:
+        scale = invstd if weight is None else invstd * weight.to(acc)
         if training:
-            dx = backward_elemt(
-                dy, x, y, weight, mean, invstd, sum_dy, sum_dy_xhat, x.numel() // x.shape[1], act, slope
-            )
+            count = x.numel() // x.shape[1]
+            g_centred = g - _per_channel(sum_g / count, x) - x_hat * _per_channel(sum_g_xhat / count, x)
+            dx = (g_centred * _per_channel(scale, x)).to(x.dtype)
         else:
-            g = _activation_grad(dy.to(acc), y, act, slope)
-            scale = invstd if weight is None else invstd * weight.to(acc)
             dx = (g * _per_channel(scale, x)).to(x.dtype)
-    return dx, (sum_dy_xhat if needs_weight else None), (sum_dy if needs_bias else None)
+    dresidual = g.to(x.dtype) if needs_residual else None
+    return dx, (sum_g_xhat if needs_weight else None), (sum_g if needs_bias else None), dresidual

@@ -45,7 +45,6 @@ try:
 except ImportError as exc:  # reported by available(), so "auto" can fall back with the reason
     kernels, _IMPORT_ERROR = None, f"triton is not importable ({exc})"
 
-
 # Every activation code and the residual add are fused in the kernels.
 ACTIVATIONS = frozenset(act_codes.NAMES)
 RESIDUAL = True
