@@ -48,9 +48,6 @@ except ImportError as exc:  # reported by available(), so "auto" can fall back w
 # Every activation code and the residual add are fused in the kernels.
 ACTIVATIONS = frozenset(act_codes.NAMES)
 RESIDUAL = True
-# The activations whose derivative the backward kernels take at z, recomputed from x (the others read
-# theirs off the saved output y).
-_Z_RECOMPUTED = frozenset((act_codes.HARDSWISH, act_codes.SILU))
 
 
 def available(device: torch.device) -> str | None:
@@ -304,7 +301,7 @@ class _GradInputs(NamedTuple):
 def _grad_inputs(dy, x, y, weight, bias, residual, mean, invstd, act: int, slope: float) -> _GradInputs:
     """dy (and residual) given x's strides, dense per-channel vectors, and bias and residual kept only
     where act' needs z (for the other activations they need not be read)."""
-    recomputes_z = act in _Z_RECOMPUTED
+    recomputes_z = act_codes.grad_from_input(act)
     return _GradInputs(
         layout.like(x, dy), x, y, _dense(weight), _dense(bias) if recomputes_z else None,
         layout.like(x, residual) if recomputes_z and residual is not None else None, mean, invstd, act, slope,
@@ -418,7 +415,7 @@ def _dx(grad: _GradInputs, plan: _Plan, sum_g, sum_g_xhat, count: int, training:
 
 def _check_split_act(act: int) -> None:
     """The SyncBatchNorm primitives take no bias: they cannot recompute z for act' (hardswish, silu)."""
-    if act in _Z_RECOMPUTED:
+    if act_codes.grad_from_input(act):
         raise ValueError(
             f"bnfused triton backend: backward_reduce / backward_elemt take act' from the saved output (activation "
             f"codes 0-3), got {act} ({act_codes.NAMES.get(act)}), whose act' needs z"
