@@ -202,7 +202,8 @@ def test_backward_matches_reference_and_skips_unneeded(training, needs, chunks):
     with triton_backend.forced_blocks(block_c=4, block_s=8, chunks=chunks):
         assert triton_backend._plan(x).chunks == chunks
         results = triton_backend.backward(*args)
-    for got, want, needed in zip(results, reference.backward(*args), needs):
+    assert len(results) == 4 and results[3] is None  # no dresidual unless asked for
+    for got, want, needed in zip(results, reference.backward(*args)[:3], needs):
         assert (got is None) == (not needed)
         if needed:
             _assert_close(got, want, torch.float32)
@@ -211,15 +212,15 @@ def test_backward_matches_reference_and_skips_unneeded(training, needs, chunks):
 def test_backward_without_weight_or_activation():
     x, dy, _, _, _, mean, invstd = _contract_inputs((5, 3, 7), torch.float32, False)
     args = (dy, x, None, None, mean, invstd, activation.NONE, 0.0, True, True, True, True)
-    for got, want in zip(triton_backend.backward(*args), reference.backward(*args)):
+    for got, want in zip(triton_backend.backward(*args)[:3], reference.backward(*args)[:3], strict=True):
         _assert_close(got, want, torch.float32)
 
 
 def test_dy_with_other_strides_is_accepted():
     x, dy, y, weight, _, mean, invstd = _contract_inputs((4, 6, 3, 5), torch.float32, True)
     args = (x, y, weight, mean, invstd, activation.RELU, 0.0, True, True, True, True)
-    got = triton_backend.backward(dy.contiguous(), *args)
-    for a, b in zip(got, reference.backward(dy, *args)):
+    got = triton_backend.backward(dy.contiguous(), *args)[:3]
+    for a, b in zip(got, reference.backward(dy, *args)[:3], strict=True):
         _assert_close(a, b, torch.float32)
 
 
@@ -322,12 +323,16 @@ from bnfused.backends import triton_kernels as K
 TILE_ARGS = ("C", "cols", "col_blocks", "num_tiles", "tiles_per_chunk", "stride_row", "stride_col", "stride_c")
 KERNELS = {
     K._stats_partial_kernel: {},
-    K._normalize_kernel: dict(FROM_RUNNING_VAR=False, HAS_WEIGHT=True, HAS_BIAS=True, ACT=1, ROUND_BF16=False),
-    K._backward_partial_kernel: dict(ACT=1, NEED_G_XHAT=True),
-    K._backward_dx_kernel: dict(TRAINING=True, HAS_WEIGHT=True, ACT=1, ROUND_BF16=False),
-    K._forward_fused_kernel: dict(HAS_WEIGHT=True, HAS_BIAS=True, HAS_RUNNING_MEAN=True, HAS_RUNNING_VAR=True, ACT=1,
-                                  ROUND_BF16=False, ROUND_BF16_RUNNING=False),
-    K._backward_fused_kernel: dict(NEED_G_XHAT=True, NEED_DX=True, HAS_WEIGHT=True, ACT=1, ROUND_BF16=False),
+    K._normalize_kernel: dict(FROM_RUNNING_VAR=False, HAS_WEIGHT=True, HAS_BIAS=True, ACT=4, HAS_RESIDUAL=True,
+                              ROUND_BF16=False),
+    K._backward_partial_kernel: dict(ACT=4, HAS_WEIGHT=True, HAS_BIAS=True, HAS_RESIDUAL=True, NEED_G_XHAT=True,
+                                     STORE_G=True, ROUND_BF16=False),
+    K._backward_dx_kernel: dict(TRAINING=True, NEED_DX=True, STORE_G=True, HAS_WEIGHT=True, HAS_BIAS=True, ACT=4,
+                                HAS_RESIDUAL=True, ROUND_BF16=False),
+    K._forward_fused_kernel: dict(HAS_WEIGHT=True, HAS_BIAS=True, HAS_RUNNING_MEAN=True, HAS_RUNNING_VAR=True, ACT=4,
+                                  HAS_RESIDUAL=True, ROUND_BF16=False, ROUND_BF16_RUNNING=False),
+    K._backward_fused_kernel: dict(NEED_G_XHAT=True, NEED_DX=True, STORE_G=True, HAS_WEIGHT=True, HAS_BIAS=True,
+                                   ACT=4, HAS_RESIDUAL=True, ROUND_BF16=False),
     K._stats_finalize_kernel: dict(OUTPUT_INVSTD=True, HAS_RUNNING_MEAN=True, HAS_RUNNING_VAR=True, ROUND_BF16=False,
                                    BLOCK_C=64, BLOCK_K=16),
     K._sum_chunks_kernel: dict(BOTH=True, BLOCK_C=64, BLOCK_K=16),
@@ -336,30 +341,37 @@ LAYOUTS = {
     "contiguous": dict(stride_col=1, BLOCK_C=2, BLOCK_S=1024),
     "channels_last": dict(stride_c=1, BLOCK_C=64, BLOCK_S=32),
 }
-report = {}
+# (kernel, its report name, its constexprs): both layouts and offset widths with the flags above
+# (hardswish and the residual: the backward that reads the most), and every other activation code.
+jobs = []
 for fn, flags in KERNELS.items():
     tiled = "BLOCK_S" in fn.arg_names
     for layout, layout_consts in (LAYOUTS.items() if tiled else [("-", {})]):
         for int64 in ((False, True) if tiled else (False,)):
             consts = {**flags, **layout_consts, "INT64": int64} if tiled else flags
-            signature, attrs = {}, {}
-            for i, name in enumerate(fn.arg_names):
-                if name in consts:
-                    signature[name] = "constexpr"
-                elif name.endswith("_ptr"):
-                    signature[name], attrs[(i,)] = "*fp32", [["tt.divisibility", 16]]
-                elif name in TILE_ARGS or name == "K":
-                    signature[name] = "i32"
-                    if name.startswith("stride") or name in ("C", "cols"):
-                        attrs[(i,)] = [["tt.divisibility", 16]]
-                else:
-                    signature[name] = "fp32"
-            kernel = compile(ASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", 90, 32))
-            ptx = kernel.asm["ptx"]
-            report[f"{fn.__name__}[{layout},int64={int64}]"] = {
-                "vector_loads": bool(re.search(r"ld\.global(\.[a-z0-9]+)*\.v[24]", ptx)),
-                "vector_stores": bool(re.search(r"st\.global(\.[a-z0-9]+)*\.v[24]", ptx)),
-            }
+            jobs.append((fn, f"{layout},int64={int64}", consts))
+        for act in (0, 1, 3, 5) if "ACT" in flags else ():
+            jobs.append((fn, f"{layout},int64=False,act={act}", {**flags, **layout_consts, "INT64": False, "ACT": act}))
+report = {}
+for fn, name, consts in jobs:
+    signature, attrs = {}, {}
+    for i, arg in enumerate(fn.arg_names):
+        if arg in consts:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg], attrs[(i,)] = "*fp32", [["tt.divisibility", 16]]
+        elif arg in TILE_ARGS or arg == "K":
+            signature[arg] = "i32"
+            if arg.startswith("stride") or arg in ("C", "cols"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[arg] = "fp32"
+    kernel = compile(ASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", 90, 32))
+    ptx = kernel.asm["ptx"]
+    report[f"{fn.__name__}[{name}]"] = {
+        "vector_loads": bool(re.search(r"ld\.global(\.[a-z0-9]+)*\.v[24]", ptx)),
+        "vector_stores": bool(re.search(r"st\.global(\.[a-z0-9]+)*\.v[24]", ptx)),
+    }
 json.dump(report, sys.stdout)
 """
 
@@ -377,7 +389,7 @@ def test_kernels_compile_for_gpu_with_coalesced_vector_access():
     done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
-    assert len(report) == 6 * 2 * 2 + 2, report
+    assert len(report) == 6 * 2 * 2 + 2 + 5 * 2 * 4, report
     for name, access in report.items():
         assert access["vector_loads"], f"{name}: scalar global loads"
         if name.startswith(("_normalize_kernel", "_backward_dx_kernel", "_forward_fused", "_backward_fused")):

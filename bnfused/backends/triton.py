@@ -7,11 +7,15 @@ an fp32 scalar in the kernels, as in torch's CUDA kernels: an eps below fp32's s
 (1.2e-38) rounds to a subnormal, which matters only for a channel whose variance is as small.
 
 Passes over memory (E = x's element size, per value of x):
-    forward_train   stats (read x) + tiny merge + normalize (read x, write y)       3E
-    forward_eval    normalize (read x, write y)                                    2E
-    backward        reduce (read dy, x, y if fused act) + tiny merge
-                    + dx (read dy, x, y if fused act; write dx)                    5E (+2E with act)
-    eval backward   dx only (read dy, y if fused act; write dx)                    2E (+E)
+    forward_train   stats (read x) + tiny merge + normalize (read x, write y)       3E (+E residual)
+    forward_eval    normalize (read x, write y)                                    2E (+E residual)
+    backward        reduce (read dy, x, y if act' from y) + tiny merge
+                    + dx (read dy, x, y if act' from y; write dx)                  5E (+2E with act)
+    eval backward   dx only (read dy, y if act' from y; write dx)                  2E (+E)
+relu, leaky_relu and relu6 take act' from the saved y; hardswish and silu recompute z instead, from
+x (read anyway in training; +E in eval) and the residual (+E in each pass that forms g). dresidual
+(+E written) comes out of the dx pass, or the reduction when no dx is asked for; with no activation
+it is dy itself.
 For large tensors the reductions split N * S into chunks so the whole GPU works on them even when
 C is small, and merge the chunks deterministically (no atomics). Channel blocks of at most
 _FUSED_MAX_TILES tiles (and any, once the channel blocks alone fill the GPU) take the fused kernels
@@ -28,6 +32,7 @@ from typing import NamedTuple
 
 import torch
 
+from bnfused import activation as act_codes
 from bnfused import layout
 from bnfused.backends import reference
 
@@ -40,9 +45,9 @@ try:
 except ImportError as exc:  # reported by available(), so "auto" can fall back with the reason
     kernels, _IMPORT_ERROR = None, f"triton is not importable ({exc})"
 
-# The activation codes (bnfused.activation) and the residual add that this backend's kernels fuse.
-ACTIVATIONS = frozenset((0, 1, 2))
-RESIDUAL = False
+# Every activation code and the residual add are fused in the kernels.
+ACTIVATIONS = frozenset(act_codes.NAMES)
+RESIDUAL = True
 
 
 def available(device: torch.device) -> str | None:
@@ -233,46 +238,91 @@ def _stats(x, plan: _Plan, running_mean, running_var, momentum: float, eps: floa
     return mean, second
 
 
-def _normalize(x, plan: _Plan, weight, bias, mean, spread, from_running_var: bool, eps: float, act: int, slope: float):
+def _normalize(
+    x, plan: _Plan, weight, bias, mean, spread, from_running_var: bool, eps: float, act: int, slope: float, residual
+):
     y = _empty_like(x)
     kernels._normalize_kernel[(plan.c_blocks * plan.num_tiles,)](
-        x, y, mean if weight is None else weight, mean if bias is None else bias, mean, spread,
-        *_tiling(plan), *_strides(plan), eps, slope,
+        x, y, x if residual is None else residual, mean if weight is None else weight, mean if bias is None else bias,
+        mean, spread, *_tiling(plan), *_strides(plan), eps, slope,
         FROM_RUNNING_VAR=from_running_var, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=act,
-        ROUND_BF16=_round_bf16(x),
+        HAS_RESIDUAL=residual is not None, ROUND_BF16=_round_bf16(x),
         BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, INT64=plan.int64, num_warps=plan.num_warps,
     )  # fmt: skip
     return y
 
 
-def _forward_fused(x, plan: _Plan, weight, bias, running_mean, running_var, momentum, eps, act, slope):
+def _forward_fused(x, plan: _Plan, weight, bias, running_mean, running_var, momentum, eps, act, slope, residual):
     y = _empty_like(x)
     mean = torch.empty(plan.C, dtype=torch.float32, device=x.device)
     invstd = torch.empty(plan.C, dtype=torch.float32, device=x.device)
     kernels._forward_fused_kernel[(plan.c_blocks,)](
-        x, y, mean if weight is None else weight, mean if bias is None else bias, mean, invstd,
-        mean if running_mean is None else running_mean, mean if running_var is None else running_var,
+        x, y, x if residual is None else residual, mean if weight is None else weight, mean if bias is None else bias,
+        mean, invstd, mean if running_mean is None else running_mean, mean if running_var is None else running_var,
         *_tiling(plan), *_strides(plan), float(plan.count), momentum, eps, slope,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING_MEAN=running_mean is not None,
-        HAS_RUNNING_VAR=running_var is not None, ACT=act, ROUND_BF16=_round_bf16(x),
-        ROUND_BF16_RUNNING=_round_bf16(running_mean) or _round_bf16(running_var),
+        HAS_RUNNING_VAR=running_var is not None, ACT=act, HAS_RESIDUAL=residual is not None,
+        ROUND_BF16=_round_bf16(x), ROUND_BF16_RUNNING=_round_bf16(running_mean) or _round_bf16(running_var),
         BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, INT64=plan.int64, num_warps=plan.num_warps,
     )  # fmt: skip
     return y, mean, invstd
 
 
-def _backward_fused(dy, x, y, weight, mean, invstd, act: int, slope: float, plan: _Plan, need_g_xhat, need_dx):
-    """Training-mode (dx | None, sum(g), sum(g * x_hat) | None) in one launch."""
+class _GradInputs(NamedTuple):
+    """What g = dy * act'(z) is formed from, as the backward kernels take it (see ``_grad_tile``)."""
+
+    dy: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor | None  # the saved output: act' of relu, leaky_relu, relu6
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None  # read only where z is recomputed (hardswish, silu)
+    residual: torch.Tensor | None  # the same
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    act: int
+    slope: float
+
+    def tensors(self) -> tuple:
+        """(dy, x, y, residual) pointers; an absent tensor is replaced by dy, never read."""
+        dy = self.dy
+        return dy, self.x, dy if self.y is None else self.y, dy if self.residual is None else self.residual
+
+    def flags(self) -> dict:
+        return dict(
+            ACT=self.act, HAS_RESIDUAL=self.residual is not None,
+            HAS_WEIGHT=self.weight is not None, HAS_BIAS=self.bias is not None,
+        )  # fmt: skip
+
+    def per_channel(self) -> tuple:
+        """(weight, bias) pointers; an absent one is replaced by invstd, never read."""
+        return (self.invstd if self.weight is None else self.weight, self.invstd if self.bias is None else self.bias)
+
+
+def _grad_inputs(dy, x, y, weight, bias, residual, mean, invstd, act: int, slope: float) -> _GradInputs:
+    """dy (and residual) given x's strides, dense per-channel vectors, and bias and residual kept only
+    where act' needs z (for the other activations they need not be read)."""
+    recomputes_z = act_codes.grad_from_input(act)
+    return _GradInputs(
+        layout.like(x, dy), x, y, _dense(weight), _dense(bias) if recomputes_z else None,
+        layout.like(x, residual) if recomputes_z and residual is not None else None, mean, invstd, act, slope,
+    )  # fmt: skip
+
+
+def _backward_fused(grad: _GradInputs, plan: _Plan, need_g_xhat: bool, need_dx: bool, need_dres: bool):
+    """Training-mode (dx | None, dresidual | None, sum(g), sum(g * x_hat) | None) in one launch."""
+    x = grad.x
     dx = _empty_like(x) if need_dx else None
+    dres = _empty_like(x) if need_dres else None
     sum_g = torch.empty(plan.C, dtype=torch.float32, device=x.device)
     sum_g_xhat = torch.empty(plan.C, dtype=torch.float32, device=x.device) if need_g_xhat else None
     kernels._backward_fused_kernel[(plan.c_blocks,)](
-        dy, x, dy if y is None else y, dy if dx is None else dx, invstd if weight is None else weight, mean, invstd,
-        sum_g, sum_g if sum_g_xhat is None else sum_g_xhat, *_tiling(plan), *_strides(plan), 1.0 / plan.count, slope,
-        NEED_G_XHAT=need_g_xhat, NEED_DX=need_dx, HAS_WEIGHT=weight is not None, ACT=act, ROUND_BF16=_round_bf16(x),
+        *grad.tensors(), x if dx is None else dx, x if dres is None else dres, *grad.per_channel(),
+        grad.mean, grad.invstd, sum_g, sum_g if sum_g_xhat is None else sum_g_xhat,
+        *_tiling(plan), *_strides(plan), 1.0 / plan.count, grad.slope,
+        NEED_G_XHAT=need_g_xhat, NEED_DX=need_dx, STORE_G=need_dres, **grad.flags(), ROUND_BF16=_round_bf16(x),
         BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, INT64=plan.int64, num_warps=plan.num_warps,
     )  # fmt: skip
-    return dx, sum_g, sum_g_xhat
+    return dx, dres, sum_g, sum_g_xhat
 
 
 # --------------------------------------------------------------------------- the backend contract
@@ -289,45 +339,53 @@ def normalize(x, weight, bias, mean, invstd, act: int, slope: float) -> torch.Te
     """y = act((x - mean) * invstd * weight + bias): x's shape, dtype and strides. mean, invstd: (C,) fp32."""
     if x.dtype == torch.float64:
         return reference.normalize(x, weight, bias, mean, invstd, act, slope)
-    return _normalize(x, _plan(x), _dense(weight), _dense(bias), mean, invstd, False, 0.0, act, slope)
+    return _normalize(x, _plan(x), _dense(weight), _dense(bias), mean, invstd, False, 0.0, act, slope, None)
 
 
-def forward_train(x, weight, bias, running_mean, running_var, momentum: float, eps: float, act: int, slope: float):
-    """Training forward. x: (N, C, *) fp16|bf16|fp32. Returns (y like x, mean (C,) fp32, invstd (C,) fp32)
-    and updates running_mean / running_var (each (C,) or None) in place."""
+def forward_train(
+    x, weight, bias, running_mean, running_var, momentum: float, eps: float, act: int, slope: float, residual=None
+):
+    """Training forward. x: (N, C, *) fp16|bf16|fp32, residual None or like x. Returns (y like x, mean (C,)
+    fp32, invstd (C,) fp32) and updates running_mean / running_var (each (C,) or None) in place."""
     if x.dtype == torch.float64:
-        return reference.forward_train(x, weight, bias, running_mean, running_var, momentum, eps, act, slope)
+        return reference.forward_train(x, weight, bias, running_mean, running_var, momentum, eps, act, slope, residual)
     mean_dense, var_dense = _dense(running_mean), _dense(running_var)
     if mean_dense is not running_mean or var_dense is not running_var:
         # Update dense copies, then write them back (an expanded tensor raises torch's overlap error there).
-        out = forward_train(x, weight, bias, mean_dense, var_dense, momentum, eps, act, slope)
+        out = forward_train(x, weight, bias, mean_dense, var_dense, momentum, eps, act, slope, residual)
         for stat, dense in ((running_mean, mean_dense), (running_var, var_dense)):
             if dense is not stat:
                 stat.copy_(dense)
         return out
     weight, bias = _dense(weight), _dense(bias)
+    residual = None if residual is None else layout.like(x, residual)
     plan = _plan(x)
     if plan.chunks == 1:
-        return _forward_fused(x, plan, weight, bias, running_mean, running_var, momentum, eps, act, slope)
+        return _forward_fused(x, plan, weight, bias, running_mean, running_var, momentum, eps, act, slope, residual)
     mean, invstd = _stats(x, plan, running_mean, running_var, momentum, eps, output_invstd=True)
-    return _normalize(x, plan, weight, bias, mean, invstd, False, 0.0, act, slope), mean, invstd
+    return _normalize(x, plan, weight, bias, mean, invstd, False, 0.0, act, slope, residual), mean, invstd
 
 
-def forward_eval(x, weight, bias, running_mean, running_var, eps: float, act: int, slope: float) -> torch.Tensor:
+def forward_eval(
+    x, weight, bias, running_mean, running_var, eps: float, act: int, slope: float, residual=None
+) -> torch.Tensor:
     """Eval forward with the running stats ((C,) tensors), one elementwise pass: y like x."""
     if x.dtype == torch.float64:
-        return reference.forward_eval(x, weight, bias, running_mean, running_var, eps, act, slope)
+        return reference.forward_eval(x, weight, bias, running_mean, running_var, eps, act, slope, residual)
     weight, bias, running_mean, running_var = map(_dense, (weight, bias, running_mean, running_var))
-    return _normalize(x, _plan(x), weight, bias, running_mean, running_var, True, eps, act, slope)
+    residual = None if residual is None else layout.like(x, residual)
+    return _normalize(x, _plan(x), weight, bias, running_mean, running_var, True, eps, act, slope, residual)
 
 
-def _reduce(dy, x, y, mean, invstd, act: int, slope: float, plan: _Plan, need_g_xhat: bool):
-    C, K = plan.C, plan.chunks
+def _reduce(grad: _GradInputs, plan: _Plan, need_g_xhat: bool, store_g: bool):
+    """(dresidual | None, sum(g), sum(g * x_hat) | None); dresidual = g is written if ``store_g``."""
+    x, C, K = grad.x, plan.C, plan.chunks
+    dres = _empty_like(x) if store_g else None
     partial = torch.empty((2, K, C), dtype=torch.float32, device=x.device)
     kernels._backward_partial_kernel[(plan.c_blocks, K)](
-        dy, x, dy if y is None else y, mean, invstd, partial,
-        *_tiling(plan), plan.tiles_per_chunk, *_strides(plan), slope,
-        ACT=act, NEED_G_XHAT=need_g_xhat,
+        *grad.tensors(), x if dres is None else dres, *grad.per_channel(), grad.mean, grad.invstd, partial,
+        *_tiling(plan), plan.tiles_per_chunk, *_strides(plan), grad.slope,
+        **grad.flags(), NEED_G_XHAT=need_g_xhat, STORE_G=store_g, ROUND_BF16=_round_bf16(x),
         BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, INT64=plan.int64, num_warps=plan.num_warps,
     )  # fmt: skip
     sum_g = torch.empty(C, dtype=torch.float32, device=x.device)
@@ -336,53 +394,77 @@ def _reduce(dy, x, y, mean, invstd, act: int, slope: float, plan: _Plan, need_g_
         partial, sum_g, sum_g if sum_g_xhat is None else sum_g_xhat, C, K,
         BOTH=need_g_xhat, BLOCK_C=_FINALIZE_BLOCK_C, BLOCK_K=_FINALIZE_BLOCK_K,
     )  # fmt: skip
-    return sum_g, sum_g_xhat
+    return dres, sum_g, sum_g_xhat
 
 
-def _dx(dy, x, y, weight, mean, invstd, sum_g, sum_g_xhat, count: int, act: int, slope: float, plan: _Plan, training):
-    dx = _empty_like(x)
+def _dx(grad: _GradInputs, plan: _Plan, sum_g, sum_g_xhat, count: int, training: bool, need_dx: bool, store_g: bool):
+    """(dx | None, dresidual | None) in one elementwise pass; training-mode dx uses the sums over ``count``
+    values per channel."""
+    x, invstd = grad.x, grad.invstd
+    dx = _empty_like(x) if need_dx else None
+    dres = _empty_like(x) if store_g else None
     kernels._backward_dx_kernel[(plan.c_blocks * plan.num_tiles,)](
-        dy, x, dy if y is None else y, dx, invstd if weight is None else weight, mean, invstd,
+        *grad.tensors(), x if dx is None else dx, x if dres is None else dres, *grad.per_channel(), grad.mean, invstd,
         invstd if sum_g is None else sum_g, invstd if sum_g_xhat is None else sum_g_xhat,
-        *_tiling(plan), *_strides(plan), 1.0 / count, slope,
-        TRAINING=training, HAS_WEIGHT=weight is not None, ACT=act, ROUND_BF16=_round_bf16(x),
+        *_tiling(plan), *_strides(plan), 1.0 / count, grad.slope,
+        TRAINING=training and need_dx, NEED_DX=need_dx, STORE_G=store_g, **grad.flags(), ROUND_BF16=_round_bf16(x),
         BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, INT64=plan.int64, num_warps=plan.num_warps,
     )  # fmt: skip
-    return dx
+    return dx, dres
+
+
+def _check_split_act(act: int) -> None:
+    """The SyncBatchNorm primitives take no bias: they cannot recompute z for act' (hardswish, silu)."""
+    if act_codes.grad_from_input(act):
+        raise ValueError(
+            f"bnfused triton backend: backward_reduce / backward_elemt take act' from the saved output (activation "
+            f"codes 0-3), got {act} ({act_codes.NAMES.get(act)}), whose act' needs z"
+        )
 
 
 def backward_reduce(dy, x, y, mean, invstd, act: int, slope: float):
     """Per-channel (sum(g), sum(g * x_hat)), g = dy * act'(z): two (C,) fp32 tensors."""
+    _check_split_act(act)
     if x.dtype == torch.float64:
         return reference.backward_reduce(dy, x, y, mean, invstd, act, slope)
-    dy = layout.like(x, dy)
-    return _reduce(dy, x, y, mean, invstd, act, slope, _plan(x), need_g_xhat=True)
+    grad = _grad_inputs(dy, x, y, None, None, None, mean, invstd, act, slope)
+    _, sum_g, sum_g_xhat = _reduce(grad, _plan(x), need_g_xhat=True, store_g=False)
+    return sum_g, sum_g_xhat
 
 
 def backward_elemt(dy, x, y, weight, mean, invstd, sum_dy, sum_dy_xhat, count: int, act: int, slope: float):
     """Training-mode dx (like x) from the per-channel sums; count is the values per channel they cover."""
+    _check_split_act(act)
     if x.dtype == torch.float64:
         return reference.backward_elemt(dy, x, y, weight, mean, invstd, sum_dy, sum_dy_xhat, count, act, slope)
-    dy = layout.like(x, dy)
-    return _dx(dy, x, y, _dense(weight), mean, invstd, sum_dy, sum_dy_xhat, count, act, slope, _plan(x), training=True)
+    grad = _grad_inputs(dy, x, y, weight, None, None, mean, invstd, act, slope)
+    return _dx(grad, _plan(x), sum_dy, sum_dy_xhat, count, training=True, need_dx=True, store_g=False)[0]
 
 
 def backward(dy, x, y, weight, mean, invstd, act: int, slope: float, training: bool, needs_input: bool,
-             needs_weight: bool, needs_bias: bool):  # fmt: skip
-    """(dx like x | None, dweight (C,) fp32 | None, dbias (C,) fp32 | None); only the asked-for work runs."""
+             needs_weight: bool, needs_bias: bool, bias=None, residual=None, needs_residual: bool = False):  # fmt: skip
+    """(dx like x | None, dweight (C,) fp32 | None, dbias (C,) fp32 | None, dresidual like x | None); only
+    the asked-for work runs. bias and residual are the forward's (read only where z is recomputed)."""
     if x.dtype == torch.float64:
         return reference.backward(
-            dy, x, y, weight, mean, invstd, act, slope, training, needs_input, needs_weight, needs_bias
-        )
-    dy, weight = layout.like(x, dy), _dense(weight)
+            dy, x, y, weight, mean, invstd, act, slope, training, needs_input, needs_weight, needs_bias,
+            bias, residual, needs_residual,
+        )  # fmt: skip
+    grad = _grad_inputs(dy, x, y, weight, bias, residual, mean, invstd, act, slope)
     plan = _plan(x)
+    dres = grad.dy if needs_residual and act == act_codes.NONE else None  # g is dy itself
+    store_g = needs_residual and dres is None
     dx = sum_g = sum_g_xhat = None
     need_g_xhat = needs_weight or (training and needs_input)
-    if (need_g_xhat or needs_bias) and plan.chunks == 1:
-        need_dx = training and needs_input
-        dx, sum_g, sum_g_xhat = _backward_fused(dy, x, y, weight, mean, invstd, act, slope, plan, need_g_xhat, need_dx)
-    elif need_g_xhat or needs_bias:
-        sum_g, sum_g_xhat = _reduce(dy, x, y, mean, invstd, act, slope, plan, need_g_xhat)
-    if needs_input and dx is None:
-        dx = _dx(dy, x, y, weight, mean, invstd, sum_g, sum_g_xhat, plan.count, act, slope, plan, training)
-    return dx, (sum_g_xhat if needs_weight else None), (sum_g if needs_bias else None)
+    if (need_g_xhat or needs_bias) and plan.chunks == 1:  # writes dresidual too
+        dx, g, sum_g, sum_g_xhat = _backward_fused(grad, plan, need_g_xhat, training and needs_input, store_g)
+        dres = dres if g is None else g
+    elif need_g_xhat or needs_bias:  # dresidual comes with the reduction when no dx pass follows
+        g, sum_g, sum_g_xhat = _reduce(grad, plan, need_g_xhat, store_g and not needs_input)
+        dres = dres if g is None else g
+    need_dx = needs_input and dx is None
+    if need_dx or (needs_residual and dres is None):
+        dx_pass, g = _dx(grad, plan, sum_g, sum_g_xhat, plan.count, training, need_dx, needs_residual and dres is None)
+        dx = dx if dx_pass is None else dx_pass
+        dres = dres if g is None else g
+    return dx, (sum_g_xhat if needs_weight else None), (sum_g if needs_bias else None), dres

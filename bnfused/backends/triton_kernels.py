@@ -76,15 +76,69 @@ def _partials_block(k0, c, c_mask, C, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _activation_grad(dy_ptr, y_ptr, offsets, mask, ACT: tl.constexpr, slope):
-    """g = dy * act'(z) as fp32, 0 where masked. act' comes from the saved output: y > 0 exactly
-    where z > 0 (slope >= 0), so no mask tensor is stored."""
+def _clamp(v, lo, hi):
+    """min(max(v, lo), hi), written with compares so that a NaN stays NaN (as in torch)."""
+    return tl.where(v < lo, lo, tl.where(v > hi, hi, v))
+
+
+@triton.jit
+def _activate(z, ACT: tl.constexpr, slope):
+    """act(z) for the codes of ``bnfused.activation``, in z's (fp32) arithmetic, as torch writes each one."""
+    if ACT == 3:  # relu6
+        z = _clamp(z, 0.0, 6.0)
+    elif ACT == 4:  # hardswish
+        z = z * _clamp(z + 3.0, 0.0, 6.0) / 6.0
+    elif ACT == 5:  # silu
+        z = z * tl.sigmoid(z)
+    elif ACT:  # relu (slope 0) and leaky_relu
+        z = tl.where(z > 0, z, z * slope)
+    return z
+
+
+@triton.jit
+def _grad_tile(
+    dy_ptr,
+    x_ptr,
+    y_ptr,  # saved output, read only for ACT 1-3
+    residual_ptr,  # read only if HAS_RESIDUAL (for ACT 4-5: the z it recomputes had it added)
+    offsets,
+    mask,
+    mean,  # fp32 [BLOCK_C]
+    scale,  # fp32 [BLOCK_C]: invstd * w, used only to recompute z (ACT 4-5)
+    shift,  # fp32 [BLOCK_C]: b, the same
+    slope,
+    ACT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    LOAD_X: tl.constexpr,  # the caller needs x (it is loaded anyway for ACT 4-5)
+):
+    """(g, x): g = dy * act'(z) as fp32, 0 where masked, and x as fp32 (0 unless loaded).
+
+    relu, leaky_relu and relu6 read act' off the saved output: y > 0 exactly where z > 0 (slope >= 0)
+    and y < 6 exactly where z < 6, so no mask tensor is stored. hardswish and silu need z itself,
+    recomputed from x as the forward computed it (same formula, same bits), which costs less memory
+    traffic than saving z.
+    """
     g = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    if ACT:
+    x = tl.zeros_like(g)
+    if LOAD_X or ACT >= 4:
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if ACT >= 4:
+        z = (x - mean[:, None]) * scale[:, None] + shift[:, None]
+        if HAS_RESIDUAL:
+            z += tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        if ACT == 4:  # hardswish' = 0 at z <= -3, z / 3 + 1/2 between, 1 at z >= 3 (torch's kinks)
+            g = tl.where(z <= -3.0, 0.0, tl.where(z < 3.0, g * (z / 3.0 + 0.5), g))
+        else:  # silu' = s (1 + z (1 - s)), s = sigmoid(z)
+            s = tl.sigmoid(z)
+            g = g * (s * (1.0 + z * (1.0 - s)))
+    elif ACT:
         # Compared in fp32: Triton's CPU interpreter compares bfloat16 as raw bits (-1 > 0 holds there).
         y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        g = tl.where(y > 0, g, g * slope)
-    return g
+        if ACT == 3:
+            g = tl.where((y > 0) & (y < 6.0), g, 0.0)
+        else:
+            g = tl.where(y > 0, g, g * slope)
+    return g, x
 
 
 @triton.jit
@@ -232,6 +286,7 @@ def _affine(invstd, c, c_mask, weight_ptr, bias_ptr, HAS_WEIGHT: tl.constexpr, H
 def _normalize_tile(
     x_ptr,
     y_ptr,
+    residual_ptr,  # read only if HAS_RESIDUAL: x's dtype and strides
     t,
     c_start,
     mean,  # fp32 [BLOCK_C]
@@ -245,21 +300,22 @@ def _normalize_tile(
     stride_c,
     slope,
     ACT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
     ROUND_BF16: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    """Tile t of y = act((x - mean) * scale + shift).
+    """Tile t of y = act((x - mean) * scale + shift (+ residual)).
 
     The subtraction comes first: at |mean| >> std, x * scale + (shift - mean * scale) would cancel.
     """
     offsets, mask, _ = _tile(t, c_start, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     z = (x - mean[:, None]) * scale[:, None] + shift[:, None]
-    if ACT:
-        z = tl.where(z > 0, z, z * slope)
-    tl.store(y_ptr + offsets, _output(z, y_ptr, ROUND_BF16), mask=mask)
+    if HAS_RESIDUAL:
+        z += tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offsets, _output(_activate(z, ACT, slope), y_ptr, ROUND_BF16), mask=mask)
 
 
 # --------------------------------------------------------------------------- forward: the kernels
@@ -365,6 +421,7 @@ def _stats_finalize_kernel(
 def _normalize_kernel(
     x_ptr,  # *x: input (fp32, fp16 or bf16), indexed through the strides below
     y_ptr,  # *y out: x's dtype and strides
+    residual_ptr,  # *residual: x's dtype and strides, read only if HAS_RESIDUAL
     weight_ptr,  # *[C] (any float dtype), read only if HAS_WEIGHT
     bias_ptr,  # *[C], read only if HAS_BIAS
     mean_ptr,  # *[C]: fp32 batch mean, or the running mean if FROM_RUNNING_VAR
@@ -381,13 +438,16 @@ def _normalize_kernel(
     FROM_RUNNING_VAR: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    ACT: tl.constexpr,  # nonzero: z -> where(z > 0, z, z * slope)
+    ACT: tl.constexpr,  # a code of bnfused.activation: see _activate
+    HAS_RESIDUAL: tl.constexpr,
     ROUND_BF16: tl.constexpr,  # see _output
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    """y = act((x - mean) * (invstd * w) + b), one tile per program. Grid: (cdiv(C, BLOCK_C) * num_tiles,)."""
+    """y = act((x - mean) * (invstd * w) + b (+ residual)), one tile per program.
+
+    Grid: (cdiv(C, BLOCK_C) * num_tiles,)."""
     t, c_start, c = _elementwise_program(num_tiles, BLOCK_C)
     c_mask = c < C
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
@@ -396,8 +456,8 @@ def _normalize_kernel(
         spread = 1.0 / tl.sqrt(spread + eps)
     scale, shift = _affine(spread, c, c_mask, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS)
     _normalize_tile(
-        x_ptr, y_ptr, t, c_start, mean, scale, shift, C, cols, col_blocks,
-        stride_row, stride_col, stride_c, slope, ACT, ROUND_BF16, BLOCK_C, BLOCK_S, INT64,
+        x_ptr, y_ptr, residual_ptr, t, c_start, mean, scale, shift, C, cols, col_blocks,
+        stride_row, stride_col, stride_c, slope, ACT, HAS_RESIDUAL, ROUND_BF16, BLOCK_C, BLOCK_S, INT64,
     )  # fmt: skip
 
 
@@ -405,6 +465,7 @@ def _normalize_kernel(
 def _forward_fused_kernel(
     x_ptr,  # *x: input (fp32, fp16 or bf16), indexed through the strides below
     y_ptr,  # *y out: x's dtype and strides
+    residual_ptr,  # *residual: x's dtype and strides, read only if HAS_RESIDUAL
     weight_ptr,  # *[C] (any float dtype), read only if HAS_WEIGHT
     bias_ptr,  # *[C], read only if HAS_BIAS
     mean_ptr,  # *fp32 [C] out: batch mean
@@ -427,6 +488,7 @@ def _forward_fused_kernel(
     HAS_RUNNING_MEAN: tl.constexpr,
     HAS_RUNNING_VAR: tl.constexpr,
     ACT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
     ROUND_BF16: tl.constexpr,  # see _output (for y)
     ROUND_BF16_RUNNING: tl.constexpr,  # the same for the running stats
     BLOCK_C: tl.constexpr,
@@ -450,15 +512,15 @@ def _forward_fused_kernel(
     scale, shift = _affine(invstd, c, c_mask, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS)
     for t in range(0, num_tiles):
         _normalize_tile(
-            x_ptr, y_ptr, t, c_start, mean, scale, shift, C, cols, col_blocks,
-            stride_row, stride_col, stride_c, slope, ACT, ROUND_BF16, BLOCK_C, BLOCK_S, INT64,
+            x_ptr, y_ptr, residual_ptr, t, c_start, mean, scale, shift, C, cols, col_blocks,
+            stride_row, stride_col, stride_c, slope, ACT, HAS_RESIDUAL, ROUND_BF16, BLOCK_C, BLOCK_S, INT64,
         )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- backward: the math
 #
-# With x_hat = (x - mean) * invstd, z = w * x_hat + b, y = act(z) and g = dL/dz = dy * act'(z):
-#     dL/db = sum(g),   dL/dw = sum(g * x_hat)                         (sums over the M = N * S values)
+# With x_hat = (x - mean) * invstd, z = w * x_hat + b (+ residual), y = act(z) and g = dL/dz = dy * act'(z):
+#     dL/db = sum(g),   dL/dw = sum(g * x_hat),   dL/dresidual = g     (sums over the M = N * S values)
 # Training mode: mean and invstd depend on x. dx_hat = w * g, and differentiating
 # x_hat_i = (x_i - mean) * invstd through mean = sum(x)/M and invstd = (sum((x - mean)^2)/M + eps)^-1/2
 # gives
@@ -468,7 +530,9 @@ def _forward_fused_kernel(
 # elementwise pass applies dx = (g - mean_g - (x - mean) * xhat_coef) * (w * invstd) with
 # mean_g = sum(g)/M and xhat_coef = sum(g * x_hat) * invstd / M.
 # Eval mode: mean and invstd are the running stats, constants, so dL/dx = w * invstd * g; no sums
-# needed for dx, and no x read.
+# needed for dx, and no x read (unless act' needs z: hardswish, silu).
+# dresidual = g is written by the last pass that forms g: the dx pass when there is one, else the
+# reduction, else a pass of its own.
 
 
 @triton.jit
@@ -476,8 +540,12 @@ def _chunk_grad_sums(
     dy_ptr,
     x_ptr,
     y_ptr,
+    residual_ptr,
+    dres_ptr,  # written only if STORE_G
     mean,  # fp32 [BLOCK_C]
     invstd,  # fp32 [BLOCK_C]
+    scale,  # fp32 [BLOCK_C]: invstd * w, for the z that ACT 4-5 recompute
+    shift,  # fp32 [BLOCK_C]: b, the same
     c_start,
     t_start,
     t_end,
@@ -489,7 +557,10 @@ def _chunk_grad_sums(
     stride_c,
     slope,
     ACT: tl.constexpr,
-    NEED_G_XHAT: tl.constexpr,  # else the second sum is left 0 and x is not read
+    HAS_RESIDUAL: tl.constexpr,
+    NEED_G_XHAT: tl.constexpr,  # else the second sum is left 0 (and x not read, unless ACT recomputes z)
+    STORE_G: tl.constexpr,  # write g (dresidual) on the way
+    ROUND_BF16: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     INT64: tl.constexpr,
@@ -505,11 +576,14 @@ def _chunk_grad_sums(
         offsets, mask, _ = _tile(
             t, c_start, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64
         )
-        g = _activation_grad(dy_ptr, y_ptr, offsets, mask, ACT, slope)
+        g, x = _grad_tile(
+            dy_ptr, x_ptr, y_ptr, residual_ptr, offsets, mask, mean, scale, shift, slope, ACT, HAS_RESIDUAL, NEED_G_XHAT
+        )
         acc_g += g
         if NEED_G_XHAT:
-            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             acc_g_xhat += g * ((x - mean[:, None]) * invstd[:, None])  # g is 0 where masked
+        if STORE_G:
+            tl.store(dres_ptr + offsets, _output(g, dres_ptr, ROUND_BF16), mask=mask)
     return tl.sum(acc_g, axis=1), tl.sum(acc_g_xhat, axis=1)
 
 
@@ -518,11 +592,14 @@ def _dx_tile(
     dy_ptr,
     x_ptr,
     y_ptr,
-    dx_ptr,
+    residual_ptr,
+    dx_ptr,  # written only if NEED_DX
+    dres_ptr,  # written only if STORE_G
     t,
     c_start,
-    mean,  # fp32 [BLOCK_C], used only if TRAINING
+    mean,  # fp32 [BLOCK_C]
     scale,  # fp32 [BLOCK_C]: w * invstd
+    shift,  # fp32 [BLOCK_C]: b, used only to recompute z (ACT 4-5)
     mean_g,  # fp32 [BLOCK_C]: sum(g) / M, used only if TRAINING
     xhat_coef,  # fp32 [BLOCK_C]: sum(g * x_hat) * invstd / M, used only if TRAINING
     C,
@@ -533,19 +610,26 @@ def _dx_tile(
     stride_c,
     slope,
     TRAINING: tl.constexpr,
+    NEED_DX: tl.constexpr,
+    STORE_G: tl.constexpr,
     ACT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
     ROUND_BF16: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    """Tile t of dx, by the formulas above."""
+    """Tile t of dx (by the formulas above) and of dresidual = g."""
     offsets, mask, _ = _tile(t, c_start, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64)
-    g = _activation_grad(dy_ptr, y_ptr, offsets, mask, ACT, slope)
-    if TRAINING:
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        g = g - mean_g[:, None] - (x - mean[:, None]) * xhat_coef[:, None]
-    tl.store(dx_ptr + offsets, _output(g * scale[:, None], dx_ptr, ROUND_BF16), mask=mask)
+    g, x = _grad_tile(
+        dy_ptr, x_ptr, y_ptr, residual_ptr, offsets, mask, mean, scale, shift, slope, ACT, HAS_RESIDUAL, TRAINING
+    )
+    if STORE_G:
+        tl.store(dres_ptr + offsets, _output(g, dres_ptr, ROUND_BF16), mask=mask)
+    if NEED_DX:
+        if TRAINING:
+            g = g - mean_g[:, None] - (x - mean[:, None]) * xhat_coef[:, None]
+        tl.store(dx_ptr + offsets, _output(g * scale[:, None], dx_ptr, ROUND_BF16), mask=mask)
 
 
 # --------------------------------------------------------------------------- backward: the kernels
@@ -554,8 +638,12 @@ def _dx_tile(
 @triton.jit
 def _backward_partial_kernel(
     dy_ptr,  # *dy: x's dtype and strides
-    x_ptr,  # *x, read only if NEED_G_XHAT
-    y_ptr,  # *y: saved output, read only if ACT (for act'(z))
+    x_ptr,  # *x, read only if NEED_G_XHAT or ACT recomputes z (4-5)
+    y_ptr,  # *y: saved output, read only for ACT 1-3 (for act'(z))
+    residual_ptr,  # *residual: x's dtype and strides, read only if HAS_RESIDUAL
+    dres_ptr,  # *dresidual out: x's dtype and strides, written only if STORE_G
+    weight_ptr,  # *[C] (any float dtype), read only if HAS_WEIGHT (to recompute z)
+    bias_ptr,  # *[C], read only if HAS_BIAS (the same)
     mean_ptr,  # *fp32 [C]
     invstd_ptr,  # *fp32 [C]
     partial_ptr,  # *fp32 [2, K, C] out: per-chunk sum(g), then sum(g * x_hat) (if NEED_G_XHAT)
@@ -569,7 +657,12 @@ def _backward_partial_kernel(
     stride_c,
     slope,
     ACT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
     NEED_G_XHAT: tl.constexpr,
+    STORE_G: tl.constexpr,
+    ROUND_BF16: tl.constexpr,  # see _output (for dresidual)
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     INT64: tl.constexpr,
@@ -581,11 +674,13 @@ def _backward_partial_kernel(
     c_mask = c < C
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
     invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
+    scale, shift = _affine(invstd, c, c_mask, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS)
     t_start = chunk * tiles_per_chunk
     t_end = tl.minimum(t_start + tiles_per_chunk, num_tiles)
     sum_g, sum_g_xhat = _chunk_grad_sums(
-        dy_ptr, x_ptr, y_ptr, mean, invstd, c_start, t_start, t_end, C, cols, col_blocks,
-        stride_row, stride_col, stride_c, slope, ACT, NEED_G_XHAT, BLOCK_C, BLOCK_S, INT64,
+        dy_ptr, x_ptr, y_ptr, residual_ptr, dres_ptr, mean, invstd, scale, shift, c_start, t_start, t_end, C, cols,
+        col_blocks, stride_row, stride_col, stride_c, slope, ACT, HAS_RESIDUAL, NEED_G_XHAT, STORE_G, ROUND_BF16,
+        BLOCK_C, BLOCK_S, INT64,
     )  # fmt: skip
     out = partial_ptr + chunk * C + c
     tl.store(out, sum_g, mask=c_mask)
@@ -621,30 +716,32 @@ def _sum_chunks_kernel(
 
 @triton.jit
 def _dx_coefficients(
-    c, c_mask, weight_ptr, mean_ptr, invstd_ptr, sum_g_ptr, sum_g_xhat_ptr, inv_count,
-    TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    c, c_mask, weight_ptr, bias_ptr, mean_ptr, invstd_ptr, sum_g_ptr, sum_g_xhat_ptr, inv_count,
+    TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
-    """Per-channel (mean, scale = w * invstd, mean_g, xhat_coef) of _dx_tile, from the sums in memory."""
+    """Per-channel (mean, scale = w * invstd, shift = b, mean_g, xhat_coef) of _dx_tile, from the sums in memory."""
     invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
-    scale, _ = _affine(invstd, c, c_mask, weight_ptr, weight_ptr, HAS_WEIGHT, False)
-    mean = tl.zeros_like(invstd)
+    scale, shift = _affine(invstd, c, c_mask, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS)
+    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
     mean_g = tl.zeros_like(invstd)
     xhat_coef = tl.zeros_like(invstd)
     if TRAINING:
-        mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
         mean_g = tl.load(sum_g_ptr + c, mask=c_mask, other=0.0) * inv_count
         xhat_coef = tl.load(sum_g_xhat_ptr + c, mask=c_mask, other=0.0) * (invstd * inv_count)
-    return mean, scale, mean_g, xhat_coef
+    return mean, scale, shift, mean_g, xhat_coef
 
 
 @triton.jit
 def _backward_dx_kernel(
     dy_ptr,  # *dy: x's dtype and strides
-    x_ptr,  # *x, read only if TRAINING
-    y_ptr,  # *y: saved output, read only if ACT
-    dx_ptr,  # *dx out: x's dtype and strides
+    x_ptr,  # *x, read only if TRAINING or ACT recomputes z (4-5)
+    y_ptr,  # *y: saved output, read only for ACT 1-3
+    residual_ptr,  # *residual: x's dtype and strides, read only if HAS_RESIDUAL
+    dx_ptr,  # *dx out: x's dtype and strides, written only if NEED_DX
+    dres_ptr,  # *dresidual out: x's dtype and strides, written only if STORE_G
     weight_ptr,  # *[C] (any float dtype), read only if HAS_WEIGHT
-    mean_ptr,  # *fp32 [C], read only if TRAINING
+    bias_ptr,  # *[C], read only if HAS_BIAS (to recompute z)
+    mean_ptr,  # *fp32 [C]
     invstd_ptr,  # *fp32 [C]
     sum_g_ptr,  # *fp32 [C]: sum(g), read only if TRAINING
     sum_g_xhat_ptr,  # *fp32 [C]: sum(g * x_hat), read only if TRAINING
@@ -658,31 +755,40 @@ def _backward_dx_kernel(
     inv_count,  # fp32: 1 / M, M the values per channel the sums were taken over
     slope,
     TRAINING: tl.constexpr,
+    NEED_DX: tl.constexpr,
+    STORE_G: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
     ROUND_BF16: tl.constexpr,  # see _output
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    """dx, one tile per program. Grid: (cdiv(C, BLOCK_C) * num_tiles,)."""
+    """dx and/or dresidual, one tile per program. Grid: (cdiv(C, BLOCK_C) * num_tiles,)."""
     t, c_start, c = _elementwise_program(num_tiles, BLOCK_C)
-    mean, scale, mean_g, xhat_coef = _dx_coefficients(
-        c, c < C, weight_ptr, mean_ptr, invstd_ptr, sum_g_ptr, sum_g_xhat_ptr, inv_count, TRAINING, HAS_WEIGHT
-    )
+    mean, scale, shift, mean_g, xhat_coef = _dx_coefficients(
+        c, c < C, weight_ptr, bias_ptr, mean_ptr, invstd_ptr, sum_g_ptr, sum_g_xhat_ptr, inv_count,
+        TRAINING, HAS_WEIGHT, HAS_BIAS,
+    )  # fmt: skip
     _dx_tile(
-        dy_ptr, x_ptr, y_ptr, dx_ptr, t, c_start, mean, scale, mean_g, xhat_coef, C, cols,
-        col_blocks, stride_row, stride_col, stride_c, slope, TRAINING, ACT, ROUND_BF16, BLOCK_C, BLOCK_S, INT64,
+        dy_ptr, x_ptr, y_ptr, residual_ptr, dx_ptr, dres_ptr, t, c_start, mean, scale, shift, mean_g, xhat_coef, C,
+        cols, col_blocks, stride_row, stride_col, stride_c, slope, TRAINING, NEED_DX, STORE_G, ACT, HAS_RESIDUAL,
+        ROUND_BF16, BLOCK_C, BLOCK_S, INT64,
     )  # fmt: skip
 
 
 @triton.jit
 def _backward_fused_kernel(
     dy_ptr,  # *dy: x's dtype and strides
-    x_ptr,  # *x, read only if NEED_G_XHAT
-    y_ptr,  # *y: saved output, read only if ACT
+    x_ptr,  # *x, read only if NEED_G_XHAT or ACT recomputes z (4-5)
+    y_ptr,  # *y: saved output, read only for ACT 1-3
+    residual_ptr,  # *residual: x's dtype and strides, read only if HAS_RESIDUAL
     dx_ptr,  # *dx out: x's dtype and strides, written only if NEED_DX
+    dres_ptr,  # *dresidual out: x's dtype and strides, written only if STORE_G
     weight_ptr,  # *[C] (any float dtype), read only if HAS_WEIGHT
+    bias_ptr,  # *[C], read only if HAS_BIAS (to recompute z)
     mean_ptr,  # *fp32 [C]
     invstd_ptr,  # *fp32 [C]
     sum_g_ptr,  # *fp32 [C] out: sum(g), i.e. dbias
@@ -698,8 +804,11 @@ def _backward_fused_kernel(
     slope,
     NEED_G_XHAT: tl.constexpr,
     NEED_DX: tl.constexpr,  # training-mode dx (eval-mode dx needs no sums: _backward_dx_kernel)
+    STORE_G: tl.constexpr,  # write dresidual: in the dx walk if NEED_DX, else in the reduction's
     HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
     ROUND_BF16: tl.constexpr,  # see _output
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -711,19 +820,21 @@ def _backward_fused_kernel(
     c_mask = c < C
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
     invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
+    scale, shift = _affine(invstd, c, c_mask, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS)
     sum_g, sum_g_xhat = _chunk_grad_sums(
-        dy_ptr, x_ptr, y_ptr, mean, invstd, c_start, 0, num_tiles, C, cols, col_blocks,
-        stride_row, stride_col, stride_c, slope, ACT, NEED_G_XHAT, BLOCK_C, BLOCK_S, INT64,
+        dy_ptr, x_ptr, y_ptr, residual_ptr, dres_ptr, mean, invstd, scale, shift, c_start, 0, num_tiles, C, cols,
+        col_blocks, stride_row, stride_col, stride_c, slope, ACT, HAS_RESIDUAL, NEED_G_XHAT, STORE_G and not NEED_DX,
+        ROUND_BF16, BLOCK_C, BLOCK_S, INT64,
     )  # fmt: skip
     tl.store(sum_g_ptr + c, sum_g, mask=c_mask)
     if NEED_G_XHAT:
         tl.store(sum_g_xhat_ptr + c, sum_g_xhat, mask=c_mask)
     if NEED_DX:
-        scale, _ = _affine(invstd, c, c_mask, weight_ptr, weight_ptr, HAS_WEIGHT, False)
         mean_g = sum_g * inv_count
         xhat_coef = sum_g_xhat * (invstd * inv_count)
         for t in range(0, num_tiles):
             _dx_tile(
-                dy_ptr, x_ptr, y_ptr, dx_ptr, t, c_start, mean, scale, mean_g, xhat_coef, C, cols, col_blocks,
-                stride_row, stride_col, stride_c, slope, True, ACT, ROUND_BF16, BLOCK_C, BLOCK_S, INT64,
+                dy_ptr, x_ptr, y_ptr, residual_ptr, dx_ptr, dres_ptr, t, c_start, mean, scale, shift, mean_g,
+                xhat_coef, C, cols, col_blocks, stride_row, stride_col, stride_c, slope, True, True, STORE_G, ACT,
+                HAS_RESIDUAL, ROUND_BF16, BLOCK_C, BLOCK_S, INT64,
             )  # fmt: skip
