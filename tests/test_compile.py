@@ -14,7 +14,7 @@ import torchvision
 from torch import nn
 
 import bnfused
-from bnfused import activation
+from bnfused import activation, layout
 
 OPS = torch.ops.bnfused
 
@@ -27,16 +27,28 @@ def _op_samples(backend, dtype=torch.float32):
     mean, invstd = x.float().mean((0, 2, 3)), torch.rand(3) + 0.5
     dy = torch.randn_like(x)
     y = torch.randn_like(x)
+    r = torch.randn_like(x)
     return [
-        (OPS.forward_train, (x, w, b, rm.clone(), rv.clone(), 0.1, 1e-5, activation.NONE, 0.0, backend)),
-        (OPS.forward_train, (cl, None, None, None, None, 0.1, 1e-5, activation.RELU, 0.0, backend)),
-        (OPS.forward_eval, (x, w, b, rm, rv, 1e-5, activation.LEAKY_RELU, 0.2, backend)),
-        (OPS.backward, (dy, x, y, w, mean, invstd, activation.RELU, 0.0, True, True, True, True, backend)),
-        (OPS.backward, (dy, x, None, w, mean, invstd, activation.NONE, 0.0, False, True, False, True, backend)),
-    ]
+        (OPS.forward_train, (x, w, b, rm.clone(), rv.clone(), 0.1, 1e-5, activation.NONE, 0.0, None, backend)),
+        (OPS.forward_train, (cl, None, None, None, None, 0.1, 1e-5, activation.RELU, 0.0, None, backend)),
+        (OPS.forward_eval, (x, w, b, rm, rv, 1e-5, activation.LEAKY_RELU, 0.2, None, backend)),
+        (OPS.backward, (dy, x, y, w, mean, invstd, activation.RELU, 0.0, True, True, True, True, None, None, False,
+                        backend)),
+        (OPS.backward, (dy, x, None, w, mean, invstd, activation.NONE, 0.0, False, True, False, True, None, None,
+                        False, backend)),
+        (OPS.forward_train, (x, w, b, rm.clone(), rv.clone(), 0.1, 1e-5, activation.HARDSWISH, 0.0, r, backend)),
+        (OPS.forward_eval, (cl, w, b, rm, rv, 1e-5, activation.SILU, 0.0, layout.like(cl, r), backend)),
+        (OPS.backward, (dy, x, None, w, mean, invstd, activation.SILU, 0.0, True, True, True, True, b, r, True,
+                        backend)),
+        # act none: the residual's gradient is dy itself in the backends; the op must still return its own tensor
+        (OPS.backward, (dy, x, None, w, mean, invstd, activation.NONE, 0.0, True, True, True, True, None, r, True,
+                        backend)),
+        (OPS.backward, (dy, x, y, w, mean, invstd, activation.RELU6, 0.0, False, False, False, False, None, r, True,
+                        backend)),
+    ]  # fmt: skip
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(10))
 def test_opcheck_reference(case):
     op, args = _op_samples("reference")[case]
     torch.library.opcheck(op, args)

@@ -296,7 +296,7 @@ def test_low_precision_error_rule(dtype, channels_last):
 # --------------------------------------------------------------------------- torch.library and torch.compile
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(10))
 def test_opcheck(case):
     op, args = _op_samples("triton")[case]
     torch.library.opcheck(op, args)
