@@ -50,7 +50,8 @@ OP_NAMES = (
 LAYER_OP = "batch_norm"
 # The activation codes the kernels fuse (all of bnfused.activation's: none, relu, leaky_relu, relu6,
 # hardswish, silu), and the residual add before the activation (forward_train, forward_eval,
-# backward and the layer op; the split primitives take codes 0-3 and no residual).
+# backward and the layer op; the split primitives take no residual, and backward_reduce and
+# backward_elemt only the codes whose act' is read off y, 0-3).
 ACTIVATIONS = frozenset({0, 1, 2, 3, 4, 5})
 RESIDUAL = True
 # torch's CPU capability -> compiler flags giving at::vec the same vector width ATen itself uses.
