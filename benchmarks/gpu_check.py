@@ -77,7 +77,13 @@ TESTS = [
     "--deselect", "tests/test_gpu_check.py::test_dry_run_exercises_every_step_and_prints_the_summary_last",
 ]  # fmt: skip
 # The CUDA backend's own tests, short enough for the sanitizers' slowdown.
-SANITIZED_TESTS = ["tests/test_native.py", "-k", "cuda and (forward_functions_match or backward_functions_match)"]
+# The plain layer's kernels, and the fused epilogue (every activation, with a residual) in float32 NCHW
+# and channels_last: each kernel variant runs once under memcheck and racecheck.
+SANITIZED_TESTS = [
+    "tests/test_native.py", "tests/test_fused_cuda.py", "-k",
+    "cuda and (forward_functions_match or backward_functions_match or "
+    "(fused_layer_matches and float32 and train and residual))",
+]  # fmt: skip
 
 # Dry run (CPU): the same steps with what a CPU can do quickly.
 DRY_KERNEL_PROVIDERS = "torch,torch+relu,bnfused,bnfused+relu"
