@@ -41,6 +41,11 @@ class _FusedBatchNorm:
                 return 1.0 / float(self.num_batches_tracked)
         return 0.0 if self.momentum is None else self.momentum
 
+    def initialize_parameters(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> None:
+        """Lazy classes: infers the channels from ``input`` on the first call (torch's lazy-module hook
+        passes it every forward argument, the residual included)."""
+        super().initialize_parameters(input)
+
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``act(bn(input) [+ residual])``; ``residual`` is the shortcut of a residual block."""
         if input.__class__ is not torch.Tensor and isinstance(input, Proxy):

@@ -173,6 +173,8 @@ def batch_norm(backend, x, weight, bias, running_mean, running_var, training, mo
             if residual is None:
                 return layer(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope)
             return layer(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope, residual)
+    if residual is x and torch.compiler.is_compiling():  # bn(x, x): Dynamo refuses one tensor as two inputs
+        residual = x.clone()
     return BatchNormFunction.apply(
         x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope, backend, residual
     )

@@ -467,3 +467,47 @@ def test_inference_overwrites_only_its_own_output(activation):
             got = bnfused.batch_norm(x, rm, rv, activation=activation, negative_slope=0.2, residual=r, backend="cpp")
             torch.testing.assert_close(got, _torch_layer(x, rm, rv, None, None, False, activation, r))
     assert torch.equal(x, x0) and torch.equal(residual, r0)
+
+
+# --------------------------------------------------------------------------- outside review's regressions
+
+
+@pytest.mark.parametrize("as_keyword", [False, True])
+def test_lazy_module_takes_a_residual_on_its_first_call(as_keyword):
+    x, r = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    lazy = bnfused.LazyBatchNorm2d(activation="silu", backend="cpp")
+    got = lazy(x, residual=r) if as_keyword else lazy(x, r)
+    assert type(lazy) is bnfused.BatchNorm2d and lazy.num_features == 3
+    torch.testing.assert_close(got, F.silu(F.batch_norm(x, None, None, training=True) + r))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_relu_of_minus_infinity_is_zero_and_of_nan_is_nan(backend, training):
+    """relu(z) at z = -inf is 0 (z * 0 would be NaN), and a NaN stays NaN, as in torch."""
+    x = torch.randn(4, 2, 3)
+    r = torch.zeros_like(x)
+    r[0, 0, 0], r[1, 1, 2] = -float("inf"), float("nan")
+    rm, rv = torch.zeros(2), torch.ones(2)
+    got = bnfused.batch_norm(x, rm, rv, None, None, training, 0.1, 1e-5, "relu", 0.0, backend, residual=r)
+    want = F.relu(F.batch_norm(x, rm.clone(), rv.clone(), None, None, training, 0.1, 1e-5) + r)
+    assert got[0, 0, 0] == 0 and torch.isnan(got[1, 1, 2])
+    torch.testing.assert_close(got, want, equal_nan=True)
+
+
+@pytest.mark.parametrize("mode", ["kernels", "decompose"])
+def test_compiled_layer_with_its_own_input_as_residual(mode):
+    """bn(x, x) (what the fusion pass makes of act(bn(x) + x)) compiles in one graph in either compile mode."""
+    layer = bnfused.BatchNorm2d(3, activation="silu", backend="reference")
+    twin = copy.deepcopy(layer)
+    x = torch.randn(4, 3, 5, 5)
+    previous = bnfused.torch_ops._compile_mode  # None: the per-device default
+    bnfused.set_compile_mode(mode)
+    try:
+        torch._dynamo.reset()
+        got = torch.compile(lambda t: layer(t, t), fullgraph=True, backend="aot_eager")(x)
+    finally:
+        bnfused.set_compile_mode(previous)
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, twin(x, x))
+    torch.testing.assert_close(layer.running_mean, twin.running_mean)

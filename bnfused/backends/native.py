@@ -346,7 +346,6 @@ def library() -> Library:
     return _load()
 
 
-
 def available(device: torch.device) -> str | None:
     """None when the extension has kernels for ``device``'s tensors, else the reason it has not."""
     lib = library()

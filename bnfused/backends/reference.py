@@ -50,8 +50,10 @@ RESIDUAL = True
 
 
 def _activate(z: torch.Tensor, act: int, slope: float) -> torch.Tensor:
-    if act == act_codes.LEAKY_RELU or act == act_codes.RELU:
+    if act == act_codes.LEAKY_RELU:
         return torch.where(z > 0, z, z * slope)
+    if act == act_codes.RELU:  # not z * 0, which is NaN at z = -inf (torch gives 0); a NaN stays NaN
+        return torch.where(z < 0, 0.0, z)
     return act_codes.apply(z, act, slope)
 
 

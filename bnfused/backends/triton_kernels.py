@@ -90,8 +90,10 @@ def _activate(z, ACT: tl.constexpr, slope):
         z = z * _clamp(z + 3.0, 0.0, 6.0) / 6.0
     elif ACT == 5:  # silu
         z = z * tl.sigmoid(z)
-    elif ACT:  # relu (slope 0) and leaky_relu
+    elif ACT == 2:  # leaky_relu
         z = tl.where(z > 0, z, z * slope)
+    elif ACT == 1:  # relu: not z * 0, which is NaN at z = -inf (torch gives 0)
+        z = tl.where(z < 0, 0.0, z)
     return z
 
 
