@@ -2,7 +2,7 @@
 //   forward:  per-channel mean and M2, then y = act((x - mean) * scale + shift)
 //   backward: per-channel sum(g) and sum(g * (x - mean)) with g = dy * act'(z),
 //             then dx = g * k1 - x_hat * k2 - k3, x_hat = (x - mean) * invstd
-// The op wrappers (forward.cpp, backward.cpp) supply `finish(c, ...)`, which turns channel c's
+// The op wrappers (forward_train.cpp, forward_eval.cpp, backward.cpp) supply `finish(c, ...)`, which turns channel c's
 // merged sums into its coefficients (scale, shift or k1..k3) before any of its values are written.
 // T is the tensor dtype; A = acc_t<T> (float or double) is the dtype of all arithmetic.
 #pragma once
@@ -78,10 +78,48 @@ struct Epilogue {
   }
 };
 
-// Calls f(Epilogue<act, residual present, T>), specialised per activation and residual.
+// float64 is for correctness checks, not speed: its kernels take the activation and the residual at
+// run time (one instantiation of each schedule instead of one per activation and residual), with
+// the same operations in the same order, so that the results are the same bits. kAnyAct marks them.
+constexpr int kAnyAct = -1;
+
+template <typename T>
+constexpr bool runtime_epilogue() {
+  return std::is_same_v<T, double>;
+}
+
+template <typename V>
+inline V activate_any(int64_t act, const V& z, const V& slope) {
+  return with_act(act, [&](auto act_c) -> V { return activate<decltype(act_c)::value>(z, slope); });
+}
+
+template <typename V>
+inline V act_grad_any(int64_t act, const V& dy, const V& y_or_z, const V& slope) {
+  return with_act(act, [&](auto act_c) -> V { return act_grad<decltype(act_c)::value>(dy, y_or_z, slope); });
+}
+
+// Epilogue with the activation and the residual chosen at run time (float64).
+template <typename T>
+struct AnyEpilogue {
+  const T* rp;  // the residual, or null
+  VecA<T> slope;
+  int64_t act;
+
+  template <typename Tag>
+  VecA<T> operator()(Tag tag, int64_t off, const VecA<T>& z) const {
+    return activate_any(act, rp ? VecA<T>(z + ld(tag, rp + off)) : z, slope);
+  }
+};
+
+// Calls f(Epilogue<act, residual present, T>), specialised per activation and residual (float64:
+// f(AnyEpilogue<T>)).
 template <typename T, typename F>
 void with_epilogue(int64_t act, double slope, const T* rp, F&& f) {
   const VecA<T> vslope(static_cast<acc_t<T>>(slope));
+  if constexpr (runtime_epilogue<T>()) {
+    f(AnyEpilogue<T>{rp, vslope, act});
+    return;
+  }
   with_act(act, [&](auto act_c) {
     constexpr int kAct = decltype(act_c)::value;
     if (rp != nullptr) {
@@ -214,6 +252,22 @@ void normalize_tile(const T* xp, T* yp, const Tiling& tl, int64_t t, const acc_t
   stream_fence(stream);
 }
 
+// The forward's statistics alone: finish(c, Moments) for each channel (batch_stats). The same
+// reduction as stats_then_normalize's, without instantiating any normalisation.
+template <typename T, typename Finish>
+void channel_stats(const T* xp, const Tiling& tl, const Finish& finish) {
+  using A = acc_t<T>;
+  std::vector<A> part(tl.tiles * 2 * tl.width(), A(0));
+  two_pass(
+      tl, sizeof(T), true, false, [&](int64_t t) { tile_moments(xp, tl, t, part.data()); },
+      [&](int64_t c) {
+        const auto [mean_c, m2_c] = merged_moments(tl, part.data(), c);
+        const int64_t count = tl.L.per_channel();
+        finish(c, needs_exact_moments<A>(mean_c, m2_c, count) ? exact_moments(xp, tl, c) : Moments{mean_c, m2_c});
+      },
+      [](int64_t) {});
+}
+
 // The forward: statistics of x, then finish(c, Moments) for each channel (it must fill mean[c],
 // scale[c], shift[c]), then y = act(z (+ residual rp, when not null)) (skipped when yp is null:
 // statistics only).
@@ -221,18 +275,23 @@ template <typename T, typename Finish>
 void stats_then_normalize(const T* xp, const Tiling& tl, const Finish& finish, const acc_t<T>* mean,
                           const acc_t<T>* scale, const acc_t<T>* shift, int64_t act, double slope, const T* rp, T* yp) {
   using A = acc_t<T>;
+  if (yp == nullptr) {  // statistics only
+    channel_stats(xp, tl, finish);
+    return;
+  }
   std::vector<A> part(tl.tiles * 2 * tl.width(), A(0));
+  auto reduce = [&](int64_t t) { tile_moments(xp, tl, t, part.data()); };
+  auto merge = [&](int64_t c) {
+    const auto [mean_c, m2_c] = merged_moments(tl, part.data(), c);
+    const int64_t count = tl.L.per_channel();
+    finish(c, needs_exact_moments<A>(mean_c, m2_c, count) ? exact_moments(xp, tl, c) : Moments{mean_c, m2_c});
+  };
   with_epilogue(act, slope, rp, [&](const auto& epi) {
-    two_pass(
-        tl, sizeof(T), true, yp != nullptr, [&](int64_t t) { tile_moments(xp, tl, t, part.data()); },
-        [&](int64_t c) {
-          const auto [mean_c, m2_c] = merged_moments(tl, part.data(), c);
-          const int64_t count = tl.L.per_channel();
-          finish(c, needs_exact_moments<A>(mean_c, m2_c, count) ? exact_moments(xp, tl, c) : Moments{mean_c, m2_c});
-        },
-        [&](int64_t t) { normalize_tile(xp, yp, tl, t, mean, scale, shift, epi); });
+    two_pass(tl, sizeof(T), true, true, reduce, merge,
+             [&](int64_t t) { normalize_tile(xp, yp, tl, t, mean, scale, shift, epi); });
   });
 }
+
 
 // normalize_tile over short planes, in memory order (see planes_in_memory_order).
 template <typename T, typename Epi>
@@ -365,6 +424,8 @@ template <typename T>
 void normalize(const T* xp, const Tiling& tl, const acc_t<T>* mean, const acc_t<T>* scale, const acc_t<T>* shift,
                int64_t act, double slope, const T* rp, T* yp) {
   with_epilogue(act, slope, rp, [&](const auto& epi) {
+    // float64 takes only the tile schedule: the others compute the same bits per value, faster.
+    if constexpr (!runtime_epilogue<T>()) {
     if (planes_in_memory_order(tl)) {
       if (flat_planes<T>(tl)) {
         normalize_flat(xp, yp, tl, mean, scale, shift, epi);
@@ -377,6 +438,7 @@ void normalize(const T* xp, const Tiling& tl, const acc_t<T>* mean, const acc_t<
       normalize_rows_flat(xp, yp, tl, period, mean, scale, shift, epi);
       return;
     }
+    }
     two_pass(
         tl, sizeof(T), false, true, [](int64_t) {}, [](int64_t) {},
         [&](int64_t t) { normalize_tile(xp, yp, tl, t, mean, scale, shift, epi); });
@@ -384,11 +446,11 @@ void normalize(const T* xp, const Tiling& tl, const acc_t<T>* mean, const acc_t<
 }
 
 // g = dy * act'(z) for one value, in double (the exact paths): act_grad on one lane.
-template <int Act>
-inline double act_grad_value(double dy, double y_or_z, double slope) {
+// (Not hot: taken per channel only when a tile sum overflowed, so the activation is chosen at run time.)
+inline double act_grad_value(int64_t act, double dy, double y_or_z, double slope) {
   using V = at::vec::Vectorized<double>;
   double lanes[V::size()];
-  act_grad<Act>(V(dy), V(y_or_z), V(slope)).store(lanes);
+  act_grad_any(act, V(dy), V(y_or_z), V(slope)).store(lanes);
   return lanes[0];
 }
 
@@ -428,12 +490,22 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_
   T *dxp = io.dx, *drp = io.dresidual;
   const int64_t streams = 2 + (grad_from_output(act) ? 1 : 0) + (grad_from_input(act) && rp ? 1 : 0) +
                           (drp ? 1 : 0);
-  with_act(act, [&](auto act_c) {
+  auto body = [&](auto act_c) {
     constexpr int kAct = decltype(act_c)::value;
     // g for a chunk; coef(array) gives a (C,) array's values for its lanes.
     auto grad = [=](auto tag, int64_t off, auto coef) {
       const V dy = ld(tag, dyp + off);
-      if constexpr (grad_from_input(kAct)) {
+      if constexpr (kAct == kAnyAct) {  // float64: the same operations, chosen at run time
+        if (grad_from_input(act)) {
+          V z = at::vec::fmadd(ld(tag, xp + off) - coef(mean), coef(k1), coef(shift));
+          if (rp) z = z + ld(tag, rp + off);
+          return act_grad_any(act, dy, z, vslope);
+        } else if (grad_from_output(act)) {
+          return act_grad_any(act, dy, ld(tag, yp + off), vslope);
+        } else {
+          return dy;
+        }
+      } else if constexpr (grad_from_input(kAct)) {
         V z = at::vec::fmadd(ld(tag, xp + off) - coef(mean), coef(k1), coef(shift));
         if (rp) z = z + ld(tag, rp + off);
         return act_grad<kAct>(dy, z, vslope);
@@ -466,12 +538,13 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_
         const double m = double(mean[c]), is = double(invstd[c]);
         for_channel_values(tl, c, [&](int64_t off) {
           double y_or_z = 0;
-          if constexpr (grad_from_input(kAct)) {
+          const int64_t act_v = kAct == kAnyAct ? act : kAct;
+          if (grad_from_input(act_v)) {
             y_or_z = (double(xp[off]) - m) * double(k1[c]) + double(shift[c]) + (rp ? double(rp[off]) : 0.0);
-          } else if constexpr (grad_from_output(kAct)) {
+          } else if (grad_from_output(act_v)) {
             y_or_z = double(yp[off]);
           }
-          const double g = act_grad_value<kAct>(double(dyp[off]), y_or_z, slope);
+          const double g = act_grad_value(act_v, double(dyp[off]), y_or_z, slope);
           sg += g;
           sgx += g * ((double(xp[off]) - m) * is);
         });
@@ -497,7 +570,12 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_
       stream_fence(stream);
     };
     two_pass(tl, streams * int64_t(sizeof(T)), reduce, dxp != nullptr || drp != nullptr, sums, merge, input_grad);
-  });
+  };
+  if constexpr (runtime_epilogue<T>()) {
+    body(std::integral_constant<int, kAnyAct>{});
+  } else {
+    with_act(act, body);
+  }
 }
 
 }  // namespace bnfused::cpu

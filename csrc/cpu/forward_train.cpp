@@ -1,41 +1,14 @@
-// CPU forward ops: forward_train, forward_eval, batch_stats, normalize (schemas in ../bnfused.cpp).
+// CPU forward ops of training mode: forward_train, batch_stats (schemas in ../bnfused.cpp).
+// (The eval-mode ops are in forward_eval.cpp: a translation unit each, so that they compile in parallel.)
 #include <ATen/MemoryOverlap.h>
-#include <torch/library.h>
 
-#include "../layout.h"
-#include "channel_values.h"
-#include "kernels.h"
+#include "forward_common.h"
 
 namespace bnfused::cpu {
 namespace {
 
 using at::Tensor;
 using std::optional;
-
-// y = act((x - mean) * invstd * weight + bias (+ residual)) with per-channel A arrays mean and invstd;
-// residual is undefined or kernel-ready (see residual_of).
-template <typename T>
-Tensor normalize_with(const Tensor& x, const Tiling& tl, const std::vector<acc_t<T>>& mean,
-                      const std::vector<acc_t<T>>& invstd, const optional<Tensor>& weight,
-                      const optional<Tensor>& bias, int64_t act, double slope, const Tensor& residual) {
-  using A = acc_t<T>;
-  const int64_t C = tl.L.c;
-  std::vector<A> scale = channel_values<A>(weight, C, A(1));
-  for (int64_t c = 0; c < C; ++c) scale[c] *= invstd[c];
-  const std::vector<A> shift = channel_values<A>(bias, C, A(0));
-  Tensor y = at::empty_like(x);
-  normalize<T>(x.const_data_ptr<T>(), tl, mean.data(), scale.data(), shift.data(), act, slope,
-               residual.defined() ? residual.const_data_ptr<T>() : nullptr, y.mutable_data_ptr<T>());
-  return y;
-}
-
-// The residual brought to x's layout (undefined when absent), so that the kernels read it with x's offsets.
-Tensor residual_of(const optional<Tensor>& residual, const Tensor& x, const Tiling& tl) {
-  if (!present(residual)) return Tensor();
-  TORCH_CHECK(residual->device() == x.device(), "bnfused_native: residual is on ", residual->device(),
-              " but x is on ", x.device());
-  return conform(*residual, x, tl.L, "residual");
-}
 
 // 1 / sqrt(var + eps) for var = m2 * unscale^2 / M, with the scale taken out of the square root, so
 // that a variance beyond double's range (|x| >~ 1e155) still gives its (representable) invstd.
@@ -118,26 +91,6 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& x, const optional
   return {y, mean_out, invstd_out};
 }
 
-Tensor forward_eval(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
-                    const Tensor& running_mean, const Tensor& running_var, double eps, int64_t act, double slope,
-                    const optional<Tensor>& residual) {
-  check_forward_args(x, weight, bias, act, slope);
-  check_running_args(x, running_mean, running_var);
-  const Tiling tl = Tiling::of(ncs_of(x));
-  const Tensor r = residual_of(residual, x, tl);
-  const int64_t C = tl.L.c;
-  Tensor y;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_native::forward_eval", [&] {
-    using A = acc_t<scalar_t>;
-    const std::vector<A> mean = channel_values<A>(running_mean, C, A(0));
-    std::vector<A> invstd = channel_values<A>(running_var, C, A(0));
-    // In double, as torch: a float eps of 1e-45 would round to a subnormal.
-    for (int64_t c = 0; c < C; ++c) invstd[c] = static_cast<A>(1.0 / std::sqrt(double(invstd[c]) + eps));
-    y = normalize_with<scalar_t>(x, tl, mean, invstd, weight, bias, act, slope, r);
-  });
-  return y;
-}
-
 std::tuple<Tensor, Tensor> batch_stats(const Tensor& x) {
   check_input_dtype(x);
   const Tiling tl = Tiling::of(ncs_of(x));
@@ -149,34 +102,17 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& x) {
       mean[c] = mo.mean;
       var[c] = mo.m2 / M * mo.unscale * mo.unscale;
     };
-    stats_then_normalize<scalar_t>(x.const_data_ptr<scalar_t>(), tl, finish, nullptr, nullptr, nullptr, kNone, 0.0,
-                                   nullptr, nullptr);
+    channel_stats<scalar_t>(x.const_data_ptr<scalar_t>(), tl, finish);
   });
   const auto acc = acc_type(x.scalar_type());
   return {channel_tensor(mean, acc), channel_tensor(var, acc)};
-}
-
-Tensor normalize_op(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
-                    const Tensor& mean, const Tensor& invstd, int64_t act, double slope) {
-  check_forward_args(x, weight, bias, act, slope);
-  check_stats_args(x, mean, invstd);
-  const Tiling tl = Tiling::of(ncs_of(x));
-  Tensor y;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_native::normalize", [&] {
-    using A = acc_t<scalar_t>;
-    y = normalize_with<scalar_t>(x, tl, channel_values<A>(mean, tl.L.c, A(0)),
-                                 channel_values<A>(invstd, tl.L.c, A(0)), weight, bias, act, slope, Tensor());
-  });
-  return y;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bnfused_native, CPU, m) {
   m.impl("forward_train", &forward_train);
-  m.impl("forward_eval", &forward_eval);
   m.impl("batch_stats", &batch_stats);
-  m.impl("normalize", &normalize_op);
 }
 
 }  // namespace bnfused::cpu
