@@ -182,8 +182,8 @@ def build_estimate(kwargs: dict) -> str:
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(";", " ").split() or _DEFAULT_CUDA_ARCHS
         seconds += _CUDA_BUILD_S_PER_ARCH * len(archs)
     if seconds >= 90:
-        return f"about {round(seconds / 60)} min on {os.cpu_count()} idle cores"
-    return f"about {max(10, round(seconds, -1)):.0f} s on {os.cpu_count()} idle cores"
+        return f"about {round(seconds / 60)} min on {os.cpu_count()} idle cores, longer on busy ones"
+    return f"about {max(10, round(seconds, -1)):.0f} s on {os.cpu_count()} idle cores, longer on busy ones"
 
 
 def _seed_from_previous_build(build_dir: Path, stem: str, csrc: Path) -> None:
