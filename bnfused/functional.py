@@ -148,6 +148,19 @@ def check_arguments(x, running_mean, running_var, weight, bias) -> torch.Size:
     return x.shape
 
 
+# The C++ extension's args_ok (csrc/bnfused.cpp), once the extension has loaded (set by
+# bnfused.backends.native): True when a call passes every check below (check_arguments, _check_mode)
+# with x non-empty and weight and bias 1-D, read in C++ at a fraction of the cost; False sends the call
+# through those checks, which raise torch's error or adapt the arguments. None: checks in Python only.
+_compiled_checks = None
+
+
+def use_compiled_checks(args_ok) -> None:
+    """Installs the extension's argument checks (None removes them)."""
+    global _compiled_checks
+    _compiled_checks = args_ok
+
+
 def check_eps(eps: float, training: bool) -> None:
     """torch's rule: eps > 0 in training (a constant channel would divide by zero), >= 0 in eval."""
     if training and eps <= 0.0:
@@ -236,13 +249,20 @@ def batch_norm(
     if eps.__class__ is not float and not isinstance(eps, numbers.Real):
         raise _type_error("eps", eps, "float")
     act, slope = (act_codes.NONE, 0.0) if activation is None else act_codes.parse(activation, negative_slope)
-    try:
-        shape = check_arguments(input, running_mean, running_var, weight, bias)
-    except EmptyVector:  # nothing to normalise: torch's own answer, graph connections included
-        return torch_ops.batch_norm(
-            input, running_mean, running_var, weight, bias, training, momentum, eps, act, slope, residual
-        )
-    _check_mode(input, shape, running_mean, running_var, training)
+    # (Dynamo cannot trace into the C++ function: compiled calls check in Python.)
+    checked = (
+        _compiled_checks is not None
+        and not torch.compiler.is_compiling()
+        and _compiled_checks(input, running_mean, running_var, weight, bias, training)
+    )
+    if not checked:
+        try:
+            shape = check_arguments(input, running_mean, running_var, weight, bias)
+        except EmptyVector:  # nothing to normalise: torch's own answer, graph connections included
+            return torch_ops.batch_norm(
+                input, running_mean, running_var, weight, bias, training, momentum, eps, act, slope, residual
+            )
+        _check_mode(input, shape, running_mean, running_var, training)
     if not eps > 0.0:  # positive eps passes both of torch's rules
         check_eps(eps, training)
     if residual is not None and not isinstance(residual, torch.Tensor):
@@ -255,13 +275,14 @@ def batch_norm(
         return torch_ops.batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps, act, slope, residual
         )
-    if input.numel() == 0:
-        return empty_batch_norm(input, weight, bias, act, slope, residual)
-    # torch accepts weight and bias of any C-element shape, e.g. (1, C); the kernels index vectors.
-    if weight is not None and weight.dim() != 1:
-        weight = weight.reshape(-1)
-    if bias is not None and bias.dim() != 1:
-        bias = bias.reshape(-1)
+    if not checked:
+        if input.numel() == 0:
+            return empty_batch_norm(input, weight, bias, act, slope, residual)
+        # torch accepts weight and bias of any C-element shape, e.g. (1, C); the kernels index vectors.
+        if weight is not None and weight.dim() != 1:
+            weight = weight.reshape(-1)
+        if bias is not None and bias.dim() != 1:
+            bias = bias.reshape(-1)
     name = backends.resolve(backend, input.device)
     if memory != "default":
         return inplace.InplaceBatchNormFunction.apply(

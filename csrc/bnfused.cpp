@@ -105,6 +105,65 @@ PyObject* eager_batch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// ---------------------------------------------------------------------------- the argument checks' fast path
+//
+// bnfused.functional.batch_norm checks its arguments with torch's exception types and messages. On a
+// small layer, reading a dozen tensor attributes from Python costs microseconds, as much as the
+// kernels. args_ok(x, running_mean, running_var, weight, bias, training) answers, in C++, whether a
+// call passes every one of those checks with nothing left to adapt: True means the Python checks
+// (check_arguments, _check_mode) would all pass, x has elements, and weight and bias are 1-D; False
+// means "not shown here", and Python then runs its own checks, which find the problem (and raise
+// torch's error) or adapt the arguments. Only plain tensors are read: a subclass's attributes may be
+// overridden, so it takes the Python path.
+
+bool is_floating_input(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+PyObject* args_ok(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 6 || !plain_tensor(args[0]) || !PyBool_Check(args[5])) Py_RETURN_FALSE;
+  for (Py_ssize_t i = 1; i < 5; ++i) {
+    if (args[i] != Py_None && !plain_tensor(args[i])) Py_RETURN_FALSE;
+  }
+  const Tensor& x = THPVariable_Unpack(args[0]);
+  const bool training = args[5] == Py_True;
+  const at::ScalarType dtype = x.scalar_type();
+  if (!is_floating_input(dtype) || x.dim() < 2) Py_RETURN_FALSE;
+  const int64_t numel = x.numel(), channels = x.size(1);
+  if (numel == 0) Py_RETURN_FALSE;  // the empty-input path
+  if (training && numel / channels == 1) Py_RETURN_FALSE;  // one value per channel: refused in Python
+  const at::Device device = x.device();
+  std::optional<at::ScalarType> param_dtype;
+  const bool has_mean = args[1] != Py_None, has_var = args[2] != Py_None;
+  if (has_mean != has_var) Py_RETURN_FALSE;
+  if (has_mean) {
+    for (int i = 1; i <= 2; ++i) {
+      const Tensor& stat = THPVariable_Unpack(args[i]);
+      if (stat.dim() != 1 || stat.size(0) != channels || stat.requires_grad() || stat.device() != device) {
+        Py_RETURN_FALSE;
+      }
+      if (param_dtype.has_value() && stat.scalar_type() != *param_dtype) Py_RETURN_FALSE;
+      param_dtype = stat.scalar_type();
+    }
+  } else if (!training) {
+    Py_RETURN_FALSE;  // eval needs running statistics
+  }
+  for (int i = 3; i <= 4; ++i) {  // weight, bias: 1-D here (Python reshapes other C-element shapes)
+    if (args[i] == Py_None) continue;
+    const Tensor& t = THPVariable_Unpack(args[i]);
+    if (t.dim() != 1 || t.size(0) != channels || t.device() != device) Py_RETURN_FALSE;
+    if (param_dtype.has_value() && t.scalar_type() != *param_dtype) Py_RETURN_FALSE;
+    param_dtype = t.scalar_type();
+  }
+  const bool reduced = dtype == at::kHalf || dtype == at::kBFloat16;
+  if (param_dtype.has_value() && *param_dtype != dtype && !(*param_dtype == at::kFloat && reduced)) {
+    Py_RETURN_FALSE;
+  }
+  Py_RETURN_TRUE;
+  END_HANDLE_TH_ERRORS
+}
+
 PyObject* set_fallback(PyObject*, PyObject* callable) {
   Py_XDECREF(layer_op_fallback);
   Py_INCREF(callable);
@@ -118,6 +177,9 @@ PyMethodDef* eager_methods() {
        "batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope, residual=None) "
        "-> y: "
        "bnfused_native::batch_norm without torch.ops' argument parsing"},
+      {"args_ok", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&args_ok)), METH_FASTCALL,
+       "args_ok(x, running_mean, running_var, weight, bias, training) -> bool: batch_norm's arguments pass "
+       "every check of bnfused.functional (False: not shown, check in Python)"},
       {"set_fallback", &set_fallback, METH_O, "set_fallback(op): what eager batch_norm calls off its fast path"},
       {nullptr, nullptr, 0, nullptr}};
   return methods;

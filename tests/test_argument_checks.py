@@ -161,3 +161,114 @@ def test_item13_momentum_and_eps_must_be_numbers_as_in_torch(name, value):
         assert str(got.value) == str(expected.value)
     else:  # torch's eps check compares first ("'<=' not supported ..."): ours names the argument
         assert str(got.value) == f"batch_norm(): argument 'eps' (position 8) must be float, not {type(value).__name__}"
+
+
+# --------------------------------------------------------------------------- the checks' C++ fast path
+
+
+def _python_checks_pass(x, rm, rv, w, b, training) -> bool:
+    """What the C++ args_ok may answer True for: the Python checks pass, x has elements, and weight
+    and bias need no reshaping."""
+    from bnfused import functional
+
+    try:
+        shape = functional.check_arguments(x, rm, rv, w, b)
+        functional._check_mode(x, shape, rm, rv, training)
+    except Exception:
+        return False
+    return x.numel() > 0 and all(t is None or t.dim() == 1 for t in (w, b))
+
+
+def _argument_cases():
+    """Valid calls and every way of being off by one thing: dtypes, ranks, sizes, devices, grads,
+    missing stats, subclasses, empty inputs, one value per channel."""
+    f32, bf16, f64 = torch.float32, torch.bfloat16, torch.float64
+    base = {"x": (8, C, 5, 5), "xd": f32, "pd": f32, "stats": True, "w": True, "b": True, "training": True}
+    variants = [
+        {}, {"training": False}, {"stats": False}, {"stats": False, "training": False},
+        {"x": (8, C)}, {"x": (8, C, 7)}, {"x": (2, C, 2, 3, 4)}, {"w": False}, {"b": False}, {"w": False, "b": False},
+        {"xd": bf16}, {"xd": bf16, "pd": bf16}, {"xd": torch.float16}, {"xd": f64, "pd": f64}, {"xd": f64},
+        {"pd": bf16}, {"xd": torch.int32}, {"x": (C,)}, {"x": (0, C, 2)}, {"x": (1, C)},
+        {"x": (1, C), "training": False},
+        {"x": (1, C, 1, 1)}, {"only_mean": True}, {"only_var": True}, {"stat_size": C + 1}, {"w_size": C - 1},
+        {"w_shape": (1, C)}, {"b_shape": (C, 1)}, {"stat_shape": (1, C)}, {"stat_grad": True}, {"var_dtype": f64},
+        {"w_dtype": f64}, {"b_dtype": f64}, {"meta_stat": True}, {"meta_x": True}, {"subclass": True},
+        {"param": True}, {"not_tensor": True}, {"training_int": True},
+    ]  # fmt: skip
+    for v in variants:
+        case = {**base, **v}
+        shape = case["x"]
+        x = torch.randn(shape).to(case["xd"]) if case["xd"].is_floating_point else torch.ones(shape, dtype=case["xd"])
+        if case.get("meta_x"):
+            x = x.to("meta")
+        if case.get("subclass"):
+            x = x.as_subclass(_TensorSubclass)
+        pd = case["pd"]
+        rm = torch.zeros(case.get("stat_size", C), dtype=pd).reshape(case.get("stat_shape", (-1,)))
+        rv = torch.ones(C, dtype=case.get("var_dtype", pd))
+        if case.get("stat_grad"):
+            rm.requires_grad_()
+        if case.get("meta_stat"):
+            rv = rv.to("meta")
+        if not case["stats"]:
+            rm = rv = None
+        if case.get("only_mean"):
+            rv = None
+        if case.get("only_var"):
+            rm = None
+        w = torch.rand(case.get("w_size", C), dtype=case.get("w_dtype", pd)).reshape(case.get("w_shape", (-1,)))
+        b = torch.randn(C, dtype=case.get("b_dtype", pd)).reshape(case.get("b_shape", (-1,)))
+        if case.get("param"):
+            w, b = torch.nn.Parameter(w), torch.nn.Parameter(b)
+        w = w if case["w"] else None
+        b = b if case["b"] else None
+        if case.get("not_tensor"):
+            w = [1.0] * C
+        training = 1 if case.get("training_int") else case["training"]
+        yield pytest.param(x, rm, rv, w, b, training, id=repr(v))
+
+
+class _TensorSubclass(torch.Tensor):
+    pass
+
+
+def _compiled_checks():
+    from bnfused.backends import native
+
+    if native.available(torch.device("cpu")) is not None:
+        pytest.skip("C++ extension unavailable")
+    return native.library().module.args_ok
+
+
+@pytest.mark.parametrize("x, rm, rv, w, b, training", list(_argument_cases()))
+def test_compiled_checks_pass_only_what_the_python_checks_pass(x, rm, rv, w, b, training):
+    """args_ok (csrc/bnfused.cpp) lets a call skip the Python checks: it must never pass a call the
+    Python checks refuse or would adapt."""
+    args_ok = _compiled_checks()
+    if args_ok(x, rm, rv, w, b, training):
+        assert _python_checks_pass(x, rm, rv, w, b, training)
+
+
+@pytest.mark.parametrize(
+    "shape, x_dtype, param_dtype, stats, training",
+    [
+        ((64, 120), torch.float32, torch.float32, True, False),
+        ((64, 120), torch.float32, torch.float32, True, True),
+        ((8, C, 5, 5), torch.bfloat16, torch.float32, True, True),
+        ((8, C, 5, 5), torch.float16, torch.float16, True, False),
+        ((8, C, 5, 5), torch.float64, torch.float64, False, True),
+    ],
+)
+def test_compiled_checks_pass_the_common_calls(shape, x_dtype, param_dtype, stats, training):
+    """The fast path is taken by what modules pass (else it would be dead code that only costs)."""
+    args_ok = _compiled_checks()
+    x = torch.randn(shape).to(x_dtype)
+    m = bnfused.BatchNorm1d(shape[1], track_running_stats=stats).to(param_dtype)
+    args = (x, m.running_mean, m.running_var, m.weight, m.bias, training)
+    assert args_ok(*args) and _python_checks_pass(*args)
+
+
+def test_functional_uses_the_compiled_checks_once_the_extension_loads():
+    from bnfused import functional
+
+    assert functional._compiled_checks is _compiled_checks()

@@ -337,6 +337,10 @@ def _load() -> Library:
     else:
         cuda_reason = None
     _register_fakes()
+    if getattr(module, "args_ok", None) is not None:
+        from bnfused import functional
+
+        functional.use_compiled_checks(module.args_ok)
     return Library(None, cuda_reason, origin, module)
 
 
