@@ -155,8 +155,10 @@ class KernelBenchmark:
         self.metadata = {"clock": timing.clock_name(device), **report.run_metadata(device)}
 
     def run(self, shapes: Sequence[tuple[int, ...]], copy_bytes: int, repeat: int = 1) -> list[dict]:
-        """Measures every case ``repeat`` times, a whole round after another, and keeps the median of
-        the rounds: a burst of load from another process then spoils one round, not one provider."""
+        """Measures every case ``repeat`` times, a whole round after another. Within a round, each mode
+        of a shape is timed for every provider in turn, so that a burst of load from another process
+        hits the providers alike; a row keeps the median of its rounds, and its speedup is the median
+        of the per-round speedups over torch."""
         cases: dict[tuple, dict] = {}  # (shape, provider, mode) -> the row's fixed fields and its timings
         copies = []
         start, done, total = time.monotonic(), 0, repeat * len(shapes) * len(self.providers)
@@ -165,14 +167,26 @@ class KernelBenchmark:
             self.log(f"round {round_index + 1}/{repeat}: device copy bandwidth {copies[-1]:.1f} GB/s "
                      f"(read + write of {copy_bytes >> 20} MiB)")  # fmt: skip
             for shape in shapes:
+                layers = []
                 for provider in self.providers:
                     done += 1
                     self.log(f"  [{done}/{total}] {shape_text(shape)} {provider.name} "
                              f"({time.monotonic() - start:.0f} s)")  # fmt: skip
-                    self._run_layer(provider, shape, cases)
+                    layer = self._setup(provider, shape)
+                    if layer is not None:
+                        layers.append((provider, layer))
+                for mode in self.modes:
+                    for provider, layer in layers:
+                        self._run_mode(provider, shape, mode, layer, cases, round_index)
         self.copy_gbps = statistics.median(copies)
-        rows = [self._row(case["fields"], timing.median_timing(case["timings"])) for case in cases.values()]
-        report.add_speedups(rows, ("shape", "dtype", "layout", "mode"))
+        rows = []
+        for (shape, _, mode), case in cases.items():
+            row = self._row(case["fields"], timing.median_timing(list(case["timings"].values())))
+            base = cases.get((shape, "torch", mode))
+            rounds = [] if base is None else sorted(case["timings"].keys() & base["timings"].keys())
+            speedups = [base["timings"][r].ms / case["timings"][r].ms for r in rounds]
+            row["speedup_vs_torch"] = f"{statistics.median(speedups):.4g}" if speedups else None
+            rows.append(row)
         return rows
 
     def _row(self, fields: dict, measured: timing.Timing) -> dict:
@@ -187,41 +201,53 @@ class KernelBenchmark:
         self.failures.append(message)
         self.log(message)
 
-    def _run_layer(self, provider, shape, cases: dict[tuple, dict]) -> None:
-        """Measures every mode of one (provider, shape) and appends the timings to ``cases``."""
+    def _setup(self, provider, shape) -> dict | None:
+        """One provider's layer for ``shape``, its input and upstream gradient; None if it cannot run."""
         try:
             layer = providers.build_layer(provider, shape, self.device, self.dtype)
-            backend = providers.resolved_backend(provider, self.device)
             x = make_input(shape, self.dtype, self.layout, self.device).requires_grad_()
-            # The upstream gradient arrives in the output's dtype and memory layout.
-            dy = torch.randn_like(layer(x.detach()))
-            state = [b.detach().clone() for b in layer.buffers()]
-            saved = memory.saved_bytes(layer.train(), x)
+            return {
+                "layer": layer,
+                "backend": providers.resolved_backend(provider, self.device),
+                "x": x,
+                # The upstream gradient arrives in the output's dtype and memory layout.
+                "dy": torch.randn_like(layer(x.detach())),
+                "state": [b.detach().clone() for b in layer.buffers()],
+                "saved": memory.saved_bytes(layer.train(), x),
+            }
         except Exception as exc:  # a provider that cannot run this shape must not stop the others
             self._fail(provider, shape, "setup", exc)
-            return
+            return None
+
+    def _run_mode(self, provider, shape, mode: str, setup: dict, cases: dict[tuple, dict], round_index: int) -> None:
+        """Times one mode of one (provider, shape) and records it under ``cases`` for this round (the
+        peak memory is measured in the first round only: it does not vary)."""
+        layer, x = setup["layer"], setup["x"]
         grads = [x, *layer.parameters()]
-        for mode in self.modes:
-            try:
-                with torch.set_grad_enabled(mode != "fwd-eval"):
-                    call = _mode_call(mode, layer, x, dy)
-                    measured = timing.measure(call, self.device, self.budget, grads)
+        key = (shape_text(shape), provider.name, mode)
+        try:
+            with torch.set_grad_enabled(mode != "fwd-eval"):
+                call = _mode_call(mode, layer, x, setup["dy"])
+                measured = timing.measure(call, self.device, self.budget, grads)
+                peak = None
+                if key not in cases:
                     peak = memory.peak_memory_bytes(timing.with_grad_reset(call, grads), self.device)
-            except Exception as exc:
-                self._fail(provider, shape, mode, exc)
-                continue
-            finally:
-                with torch.no_grad():  # timing ran many training steps: put the running stats back
-                    for buffer, value in zip(layer.buffers(), state):
-                        buffer.copy_(value)
+        except Exception as exc:
+            self._fail(provider, shape, mode, exc)
+            return
+        finally:
+            with torch.no_grad():  # timing ran many training steps: put the running stats back
+                for buffer, value in zip(layer.buffers(), setup["state"]):
+                    buffer.copy_(value)
+        if key not in cases:
             fields = {
-                "provider": provider.name, "backend": backend, "shape": shape_text(shape),
+                "provider": provider.name, "backend": setup["backend"], "shape": key[0],
                 "dtype": str(self.dtype).replace("torch.", ""), "layout": self.layout, "mode": mode,
                 "min_bytes": memory.min_bytes(mode, shape, self.dtype, self.param_dtype, provider.relu),
-                "saved_bytes": saved, "peak_mem_bytes": peak,
+                "saved_bytes": setup["saved"], "peak_mem_bytes": peak,
             }  # fmt: skip
-            case = cases.setdefault((fields["shape"], provider.name, mode), {"fields": fields, "timings": []})
-            case["timings"].append(measured)
+            cases[key] = {"fields": fields, "timings": {}}
+        cases[key]["timings"][round_index] = measured
 
 
 def _speedup_text(row: dict) -> str:

@@ -83,15 +83,6 @@ def short_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first_line[:160]}"
 
 
-def add_speedups(rows: Sequence[dict], same: Sequence[str]) -> None:
-    """Sets ``speedup_vs_torch`` = the torch provider's ``ms`` / the row's ``ms``, between rows that agree
-    on the ``same`` columns (one run: one device, one moment). None where there is no torch row."""
-    torch_ms = {tuple(r[k] for k in same): float(r["ms"]) for r in rows if r["provider"] == "torch"}
-    for r in rows:
-        base = torch_ms.get(tuple(r[k] for k in same))
-        r["speedup_vs_torch"] = None if base is None else f"{base / float(r['ms']):.4g}"
-
-
 def provider_label(row: dict) -> str:
     """The row's provider, with the backend that ran when the name does not say it ("bnfused+relu [cpp]")."""
     backend = row.get("backend")
