@@ -58,6 +58,18 @@ def test_auto_falls_back_with_one_warning(monkeypatch):
         assert backends.resolve("auto", CPU) == "reference"
 
 
+def test_fallback_warning_points_at_the_users_call(monkeypatch):
+    """The warning names the line that called the layer, not a line inside bnfused or torch."""
+    monkeypatch.setitem(backends._MODULES, "cpp", "bnfused.backends.no_such_module")
+    monkeypatch.setattr(backends, "_loaded", {})
+    monkeypatch.setattr(backends, "_resolved", {})
+    monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ("cpp", "reference"))
+    layer = bnfused.BatchNorm1d(3, backend="auto")
+    with pytest.warns(RuntimeWarning, match="using backend 'reference'") as record:
+        layer(torch.randn(4, 3))
+    assert record[0].filename == __file__
+
+
 def test_set_backend_is_the_default_for_modules(restore_default, monkeypatch):
     calls = []
     reference = backends.module("reference")

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import warnings
 from types import ModuleType
 
@@ -154,11 +155,25 @@ def _resolve_uncached(name: str, device: torch.device) -> str:
                     f"bnfused: using backend {candidate!r} for {device.type} tensors; "
                     + "; ".join(f"{n!r} is unavailable ({r})" for n, r in skipped),
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=_caller_stacklevel(),
                 )
             return candidate
         skipped.append((candidate, reason))
     raise AssertionError("unreachable: the reference backend is always available")
+
+
+# Frames of these packages are skipped when a warning names the line that caused it: the user's call
+# reaches the backends through a module's __call__ (torch) and bnfused's layers.
+_LIBRARY_DIRS = tuple(os.path.dirname(p) + os.sep for p in (os.path.dirname(__file__), torch.__file__))
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by the caller of this function point at the first
+    frame outside bnfused and torch: the user's line that called the layer."""
+    frame, level = sys._getframe(1), 1  # level 1: the frame that calls warnings.warn
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def availability(device: torch.device) -> dict[str, str | None]:
