@@ -50,8 +50,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", choices=[*EXPERIMENTS, "all"])
     p.add_argument("--bn", choices=[*NORMS, "all"], default="all", help="BatchNorm implementation(s) (default: all)")
     p.add_argument("--epochs", type=_positive, help="epochs per run (default: the experiment's own)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda, cuda:1, cpu (default: cuda if available, else cpu)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the initial weights, the data order and the validation split, the same for every "
+                   "BatchNorm implementation (default: 0)")  # fmt: skip
     p.add_argument("--data-root", type=Path, default=datasets.default_data_root(),
                    help="folder holding MNIST/raw and FashionMNIST/raw (default: %(default)s)")  # fmt: skip
     p.add_argument("--download", action="store_true", help="download the datasets into --data-root if missing")
