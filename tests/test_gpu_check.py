@@ -76,6 +76,15 @@ def test_steps_past_the_budget_are_skipped_and_failures_reported(tmp_path):
     assert "fails" in table and "no time left in the budget" in table
 
 
+def test_a_test_step_where_every_test_skipped_has_failed(tmp_path):
+    """A sanitizer step over GPU tests that all skipped (no GPU visible) checked nothing."""
+    runner = gpu_check.Runner(tmp_path, time.monotonic() + gpu_check.SUMMARY_RESERVE_S + 60, {})
+    for name, counts in (("all-skipped", "12 skipped in 0.5s"), ("ran", "3 passed, 9 skipped in 1.0s")):
+        output = runner.run(name, [sys.executable, "-c", f"print('===== {counts} =====')"], limit_s=20)
+        runner.require_passed_tests(output)
+    assert [(r.name, r.status) for r in runner.results] == [("all-skipped", "failed (no test passed)"), ("ran", "ok")]
+
+
 def test_outcome_parsers():
     assert gpu_check.pytest_outcome("..s\n==== 3 passed, 1 skipped in 2.0s ====\n") == "3 passed, 1 skipped in 2.0s"
     assert gpu_check.pytest_outcome("ssss\n4 skipped, 9 deselected in 1.2s\n") == "4 skipped, 9 deselected in 1.2s"
