@@ -249,10 +249,11 @@ def batch_norm(
     if eps.__class__ is not float and not isinstance(eps, numbers.Real):
         raise _type_error("eps", eps, "float")
     act, slope = (act_codes.NONE, 0.0) if activation is None else act_codes.parse(activation, negative_slope)
-    # (Dynamo cannot trace into the C++ function: compiled calls check in Python.)
+    # Compiled calls check in Python: Dynamo cannot trace into the C++ function, and must not read
+    # _compiled_checks either (the extension may load, and set it, while Dynamo traces this call).
     checked = (
-        _compiled_checks is not None
-        and not torch.compiler.is_compiling()
+        not torch.compiler.is_compiling()
+        and _compiled_checks is not None
         and _compiled_checks(input, running_mean, running_var, weight, bias, training)
     )
     if not checked:
