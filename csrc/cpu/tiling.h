@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <array>
+#include <numeric>
 
 #include "../layout.h"
 #include "vec_chunks.h"
@@ -26,6 +27,21 @@ namespace bnfused::cpu {
 
 constexpr int64_t kTileValues = 16384;     // values per tile: its two passes stay in L1/L2
 constexpr int64_t kMinTaskValues = 32768;  // fewer values than this per thread is not worth a fork
+
+// Rows of C channels that do not fill whole vectors (LeNet's 6 or 16 channels in channels_last, an
+// MLP's 120 features) cost a partial vector per row when walked row by row: a masked load, and for a
+// sum a masked load and store of the row's partial sums. A dense tensor whose channels are innermost
+// is instead walked flat in whole vectors, with each lane's per-channel values read from arrays that
+// repeat the channels' values over a period of lcm(C, VW) values, so that every vector starts at the
+// same place of the pattern as its offset. The period is taken for float's vector width, a multiple
+// of every vector width of the build (double's included). At most this many values per period
+// (beyond it, the arrays would cost more than the partial vectors they save).
+constexpr int64_t kMaxRowsPeriod = 4096;
+// The training kernels (sums and elementwise passes over row tiles) walk flat only tensors of at least
+// this many periods: each call and tile pays O(period) to repeat its coefficients and fold its
+// period accumulators, which LeNet's (64, 84) and (64, 120) fully connected inputs (16 and 32
+// periods) did not win back (about 10% slower at one thread; even at 64 periods, ahead from 128).
+constexpr int64_t kFlatTilePeriods = 128;
 
 // The values of one plane tile: channel c, planes n0..n1-1, positions s0..s0+len-1 of each.
 struct PlaneSpan {
@@ -41,9 +57,15 @@ struct Tiling {
   int64_t group;   // planes: whole planes per tile (> 1 only when planes are short)
   int64_t per_channel_tiles;  // planes
   int64_t tiles;
+  // rows: the period of the flat walk over dense rows (see kMaxRowsPeriod), 0 when rows are walked
+  // one by one.
+  int64_t period;
+  // True when the row tiles are walked flat too (see kFlatTilePeriods): tiles then hold whole
+  // periods (but the last), so that each one starts at the pattern's start.
+  bool flat;
 
   static Tiling of(const Ncs& L) {
-    Tiling t{L, false, 1, 0, 1, 1, 0, 0};
+    Tiling t{L, false, 1, 0, 1, 1, 0, 0, 0, false};
     if (L.s > 1 && L.ss == 1) {
       t.rows = false;
     } else if (L.sc == 1 || L.c == 1) {
@@ -52,7 +74,17 @@ struct Tiling {
       t.es = L.ss;
     }
     if (t.rows) {
+      constexpr int64_t VW = vec_width<float>();
+      const bool dense = L.sc == 1 && (L.s == 1 || L.ss == L.c) && (L.n == 1 || L.sn == L.s * L.c);
+      if (dense && L.c % VW != 0 && std::lcm(L.c, VW) <= kMaxRowsPeriod) {
+        t.period = std::lcm(L.c, VW);
+      }
+      t.flat = t.period && L.numel() >= kFlatTilePeriods * t.period;
       t.block = std::max<int64_t>(1, kTileValues / L.c);
+      if (t.flat) {  // whole periods: block * C a multiple of the period
+        const int64_t q = t.period / L.c;
+        t.block = (t.block + q - 1) / q * q;
+      }
       t.tiles = (L.n * L.s + t.block - 1) / t.block;
     } else {
       t.blocks = (L.s + kTileValues - 1) / kTileValues;
@@ -171,9 +203,32 @@ inline void walk_rows(const Tiling& tl, int64_t t, F&& f) {
   }
 }
 
+// Row tile t of dense rows, walked flat (tl.flat): f(tag, offset of the chunk's first element,
+// place of its first lane in the period). Only the tensor's last tile can end in a partial chunk.
+template <typename A, typename F>
+inline void walk_rows_flat(const Tiling& tl, int64_t t, F&& f) {
+  constexpr int64_t VW = vec_width<A>();
+  const int64_t P = tl.period, off = tl.first_offset(t), len = tl.count(t) * tl.L.c;
+  int64_t i = 0;
+  for (; i + P <= len; i += P) {
+    for (int64_t j = 0; j < P; j += VW) f(Full{}, off + i + j, j);
+  }
+  for (int64_t j = 0; i + j < len; j += VW) {
+    const int64_t n = std::min(VW, len - i - j);
+    n == VW ? f(Full{}, off + i + j, j) : f(Part{n}, off + i + j, j);
+  }
+}
+
+// A (C,) array's values repeated over the period: out[j] = arr[j % C] (the flat walk's coefficients).
+template <typename A>
+inline void repeat_channels(const Tiling& tl, const A* arr, A* out) {
+  for (int64_t j = 0, c = 0; j < tl.period; ++j, c = c + 1 == tl.L.c ? 0 : c + 1) out[j] = arr[c];
+}
+
 // Elementwise work on tile t: op(tag, offset, coef) for every chunk, where coef(array) gives the
 // per-channel array's values for the chunk's lanes (one broadcast channel for planes, consecutive
-// channels for rows).
+// channels for rows). With tl.flat the arrays passed to coef must hold the channels' values
+// repeated over the period (repeat_channels), as the rows are then walked flat.
 //
 // Kernels pass lambdas that capture their pointers BY VALUE, and each tile calls a local copy: the
 // compiler can then keep the pointers in registers, where a captured reference would be re-read
@@ -182,7 +237,11 @@ template <typename A, typename Op>
 void tile_chunks(const Tiling& tl, int64_t t, const Op& op, bool aligned = false) {
   using V = at::vec::Vectorized<A>;
   const Op local = op;
-  if (tl.rows) {
+  if (tl.flat) {
+    walk_rows_flat<A>(tl, t, [=](auto tag, int64_t off, int64_t j) {
+      local(tag, off, [=](const A* arr) { return V::loadu(arr + j); });
+    });
+  } else if (tl.rows) {
     walk_rows<A>(tl, t, [=](auto tag, int64_t off, int64_t c) {
       local(tag, off, [=](const A* arr) { return ld(tag, arr + c); });
     });
@@ -238,8 +297,10 @@ inline A lane_sum(const at::vec::Vectorized<A>& v) {
 // K per-channel sums over tile t of contrib(tag, offset, center, coef) -> std::array<Vec, K>, written
 // to out[k * width + j] (out zeroed by the caller). center points at the tile's per-channel centre
 // values (center[0] for a plane tile, center[c] for a row tile) or is null (centre 0); coef(array)
-// gives a channel-indexed (C,) array's values for the chunk's lanes, as in tile_chunks.
-// contrib captures by value, as for tile_chunks.
+// gives a channel-indexed (C,) array's values for the chunk's lanes, as in tile_chunks. With
+// tl.flat, center and the arrays given to coef hold values repeated over the period, and the
+// tile is summed flat: one accumulator per place of the period, folded into the C sums at the end
+// in a fixed order. contrib captures by value, as for tile_chunks.
 template <int K, typename A, typename Contrib>
 void tile_sums(const Tiling& tl, int64_t t, const A* center, const Contrib& contrib_in, A* out) {
   using V = at::vec::Vectorized<A>;
@@ -258,6 +319,24 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, const Contrib& cont
     return;
   }
   const int64_t C = tl.L.c;
+  if (tl.flat) {
+    const int64_t P = tl.period;
+    alignas(64) A acc[K * kMaxRowsPeriod];
+    std::fill(acc, acc + K * P, A(0));
+    A* const accp = acc;
+    walk_rows_flat<A>(tl, t, [=](auto tag, int64_t off, int64_t j) {  // by value: this loop stores
+      const auto coef = [=](const A* arr) { return V::loadu(arr + j); };
+      const std::array<V, K> v = contrib(tag, off, center ? V::loadu(center + j) : V(0), coef);
+      for (int k = 0; k < K; ++k) {
+        A* a = accp + k * P + j;
+        (V::loadu(a) + valid(tag, v[k])).store(a);
+      }
+    });
+    for (int k = 0; k < K; ++k) {
+      for (int64_t j = 0, c = 0; j < P; ++j, c = c + 1 == C ? 0 : c + 1) out[k * C + c] += acc[k * P + j];
+    }
+    return;
+  }
   walk_rows<A>(tl, t, [=](auto tag, int64_t off, int64_t c) {  // by value: this loop stores
     const auto coef = [=](const A* arr) { return ld(tag, arr + c); };
     const std::array<V, K> v = contrib(tag, off, center ? ld(tag, center + c) : V(0), coef);
