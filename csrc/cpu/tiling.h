@@ -185,37 +185,29 @@ void parallel_planes(const Tiling& tl, F&& body) {
 
 inline int64_t plane_offset(const Tiling& tl, int64_t p) { return (p / tl.L.c) * tl.L.sn + (p % tl.L.c) * tl.L.sc; }
 
-// Row tile t in chunks: f(tag, offset of the chunk's first element, channel of its first lane).
+// Row tile t in chunks: f(tag, offset of the chunk's first element, place of its first lane), the
+// place indexing the per-channel arrays. Row by row, each row is a run of C values whose places are
+// its channels; walked flat (tl.flat), the tile is one run of whole vectors whose places go round
+// the period (only the tensor's last tile can end in a partial chunk). One walk for both, so that
+// the kernels' chunk bodies are compiled once for either.
 template <typename A, typename F>
 inline void walk_rows(const Tiling& tl, int64_t t, F&& f) {
   constexpr int64_t VW = vec_width<A>();
   const int64_t C = tl.L.c, r0 = t * tl.block, rows = tl.count(t);
+  const int64_t runs = tl.flat ? 1 : rows, len = tl.flat ? rows * C : C, wrap = tl.flat ? tl.period : C;
   int64_t n = r0 / tl.L.s, s = r0 % tl.L.s;  // row r = n * S + s, stepped without a division per row
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = 0; r < runs; ++r) {
     const int64_t off = n * tl.L.sn + s * tl.L.ss;
-    int64_t c = 0;
-    for (; c + VW <= C; c += VW) f(Full{}, off + c, c);
-    if (c < C) f(Part{C - c}, off + c, c);
+    int64_t i = 0, j = 0;
+    for (; i + VW <= len; i += VW) {
+      f(Full{}, off + i, j);
+      j = j + VW == wrap ? 0 : j + VW;
+    }
+    if (i < len) f(Part{len - i}, off + i, j);
     if (++s == tl.L.s) {
       s = 0;
       ++n;
     }
-  }
-}
-
-// Row tile t of dense rows, walked flat (tl.flat): f(tag, offset of the chunk's first element,
-// place of its first lane in the period). Only the tensor's last tile can end in a partial chunk.
-template <typename A, typename F>
-inline void walk_rows_flat(const Tiling& tl, int64_t t, F&& f) {
-  constexpr int64_t VW = vec_width<A>();
-  const int64_t P = tl.period, off = tl.first_offset(t), len = tl.count(t) * tl.L.c;
-  int64_t i = 0;
-  for (; i + P <= len; i += P) {
-    for (int64_t j = 0; j < P; j += VW) f(Full{}, off + i + j, j);
-  }
-  for (int64_t j = 0; i + j < len; j += VW) {
-    const int64_t n = std::min(VW, len - i - j);
-    n == VW ? f(Full{}, off + i + j, j) : f(Part{n}, off + i + j, j);
   }
 }
 
@@ -237,11 +229,7 @@ template <typename A, typename Op>
 void tile_chunks(const Tiling& tl, int64_t t, const Op& op, bool aligned = false) {
   using V = at::vec::Vectorized<A>;
   const Op local = op;
-  if (tl.flat) {
-    walk_rows_flat<A>(tl, t, [=](auto tag, int64_t off, int64_t j) {
-      local(tag, off, [=](const A* arr) { return V::loadu(arr + j); });
-    });
-  } else if (tl.rows) {
+  if (tl.rows) {
     walk_rows<A>(tl, t, [=](auto tag, int64_t off, int64_t c) {
       local(tag, off, [=](const A* arr) { return ld(tag, arr + c); });
     });
@@ -318,33 +306,24 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, const Contrib& cont
     for (int k = 0; k < K; ++k) out[k] = lane_sum(acc[k]);
     return;
   }
-  const int64_t C = tl.L.c;
-  if (tl.flat) {
-    const int64_t P = tl.period;
-    alignas(64) A acc[K * kMaxRowsPeriod];
-    std::fill(acc, acc + K * P, A(0));
-    A* const accp = acc;
-    walk_rows_flat<A>(tl, t, [=](auto tag, int64_t off, int64_t j) {  // by value: this loop stores
-      const auto coef = [=](const A* arr) { return V::loadu(arr + j); };
-      const std::array<V, K> v = contrib(tag, off, center ? V::loadu(center + j) : V(0), coef);
-      for (int k = 0; k < K; ++k) {
-        A* a = accp + k * P + j;
-        (V::loadu(a) + valid(tag, v[k])).store(a);
-      }
-    });
+  // Row by row, the sums accumulate in out itself; walked flat, in one accumulator per place of the
+  // period, folded into out's C sums at the end.
+  const int64_t C = tl.L.c, P = tl.flat ? tl.period : C;
+  alignas(64) A flat_acc[K * kMaxRowsPeriod];
+  A* const acc = tl.flat ? flat_acc : out;
+  if (tl.flat) std::fill(acc, acc + K * P, A(0));
+  walk_rows<A>(tl, t, [=](auto tag, int64_t off, int64_t j) {  // by value: this loop stores
+    const auto coef = [=](const A* arr) { return ld(tag, arr + j); };
+    const std::array<V, K> v = contrib(tag, off, center ? ld(tag, center + j) : V(0), coef);
     for (int k = 0; k < K; ++k) {
-      for (int64_t j = 0, c = 0; j < P; ++j, c = c + 1 == C ? 0 : c + 1) out[k * C + c] += acc[k * P + j];
-    }
-    return;
-  }
-  walk_rows<A>(tl, t, [=](auto tag, int64_t off, int64_t c) {  // by value: this loop stores
-    const auto coef = [=](const A* arr) { return ld(tag, arr + c); };
-    const std::array<V, K> v = contrib(tag, off, center ? ld(tag, center + c) : V(0), coef);
-    for (int k = 0; k < K; ++k) {
-      A* o = out + k * C + c;
+      A* o = acc + k * P + j;
       st(tag, o, ld(tag, o) + valid(tag, v[k]));
     }
   });
+  if (!tl.flat) return;
+  for (int k = 0; k < K; ++k) {
+    for (int64_t j = 0, c = 0; j < P; ++j, c = c + 1 == C ? 0 : c + 1) out[k * C + c] += acc[k * P + j];
+  }
 }
 
 }  // namespace bnfused::cpu
