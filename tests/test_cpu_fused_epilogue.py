@@ -34,6 +34,7 @@ LAYOUTS = [
     pytest.param((9, 5, 7), True, id="NLC-7"),  # (N, L, C) viewed as (N, C, L)
     pytest.param((40, 13, 1, 1), False, id="planes-1"),
     pytest.param((2, 3, 131, 131), False, id="long-planes"),  # planes split in two tiles
+    pytest.param((41, 6, 9, 9), True, id="rows-flat-C6"),  # rows walked flat: two tiles, the last partial
 ]
 
 
@@ -114,7 +115,7 @@ def _max_error(a, reference):
     return (a.double() - reference).abs().max().item()
 
 
-@pytest.mark.parametrize("shape, channels_last", LAYOUTS[:5])
+@pytest.mark.parametrize("shape, channels_last", [*LAYOUTS[:5], LAYOUTS[-1]])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(
@@ -235,6 +236,8 @@ THREAD_SCHEDULES = [
     pytest.param((8, 24, 20, 20), True, id="channels-last"),
     pytest.param((1024, 75), False, id="NC-75"),
     pytest.param((2048, 37, 1, 1), False, id="planes-1"),
+    pytest.param((70, 6, 9, 9), True, id="rows-flat-C6"),
+    pytest.param((2101, 75), False, id="rows-flat-NC-75"),
 ]
 
 

@@ -26,6 +26,13 @@ SCHEDULES = [
     pytest.param((1024, 75), False, id="NC-75"),  # C not a multiple of the vector width
     pytest.param((2048, 37, 1, 1), False, id="planes-1"),
     pytest.param((600, 2, 8, 8), False, id="C-below-threads"),  # fewer channels than 3 threads
+    # Dense rows walked flat (csrc/cpu/tiling.h, kMaxRowsPeriod): several tiles, the last one partial
+    # and ending inside a vector.
+    pytest.param((70, 6, 9, 9), True, id="rows-flat-C6"),
+    pytest.param((60, 5, 17, 9), True, id="rows-flat-C5"),
+    pytest.param((2101, 75), False, id="rows-flat-NC-75"),
+    pytest.param((2001, 120), False, id="rows-flat-NC-120"),
+    pytest.param((64, 32, 8, 8), True, id="rows-C32"),  # a multiple of the vector width: row by row
 ]
 
 
@@ -70,8 +77,16 @@ def _max_error(a, reference):
 
 @pytest.mark.parametrize(
     "shape, channels_last",
-    [((6, 19, 14, 14), False), ((6, 19, 14, 14), True), ((64, 37), False), ((40, 3, 7), False), ((9, 13, 1, 1), False)],
-    ids=["NCHW-196", "channels-last", "NC-37", "planes-7", "planes-1"],
+    [
+        ((6, 19, 14, 14), False),
+        ((6, 19, 14, 14), True),
+        ((64, 37), False),
+        ((40, 3, 7), False),
+        ((9, 13, 1, 1), False),
+        ((41, 6, 9, 9), True),
+        ((301, 120), False),
+    ],
+    ids=["NCHW-196", "channels-last", "NC-37", "planes-7", "planes-1", "rows-flat-C6", "rows-flat-NC-120"],
 )
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -256,6 +271,6 @@ def test_flat_walk_streams_from_a_misaligned_input():
 def test_flat_walk_over_short_rows_matches_the_training_forward(shape, channels_last, dtype):
     """Eval over dense rows of C channels, C not a multiple of the vector width, walks the tensor flat
     with coefficients repeated over lcm(C, VW) values (csrc/cpu/kernels.h, normalize_rows_flat): the
-    same bits as the training forward's row-by-row walk."""
+    same bits as the training forward's walk by tiles (row by row, or flat for the larger ones)."""
     x = make_input(shape, dtype, channels_last=channels_last)
     _assert_normalize_matches_training_forward(x, act_codes.RELU, 0.0)

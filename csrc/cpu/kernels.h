@@ -155,9 +155,13 @@ void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
   A* tile_m2 = tile_mean + W;
   const int64_t first = tl.first_offset(t);
   for (int64_t j = 0; j < W; ++j) tile_mean[j] = static_cast<A>(xp[first + j]);  // the shift
+  // The flat walk over rows takes its centre repeated over the period (see tile_sums).
+  alignas(64) A repeated[kMaxRowsPeriod];
+  const A* center = tl.flat ? repeated : tile_mean;
+  if (tl.flat) repeat_channels(tl, tile_mean, repeated);
   auto centered = [=](auto tag, int64_t off, const V& center) { return ld(tag, xp + off) - center; };
   tile_sums<1>(
-      tl, t, tile_mean,
+      tl, t, center,
       [=](auto tag, int64_t off, const V& c, auto) { return std::array<V, 1>{centered(tag, off, c)}; },
       tile_m2);
   const A inv_count = A(1) / A(tl.count(t));
@@ -165,8 +169,9 @@ void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
     tile_mean[j] += tile_m2[j] * inv_count;
     tile_m2[j] = A(0);
   }
+  if (tl.flat) repeat_channels(tl, tile_mean, repeated);
   tile_sums<1>(
-      tl, t, tile_mean,
+      tl, t, center,
       [=](auto tag, int64_t off, const V& c, auto) {
         const V d = centered(tag, off, c);
         return std::array<V, 1>{d * d};
@@ -280,15 +285,27 @@ void stats_then_normalize(const T* xp, const Tiling& tl, const Finish& finish, c
     return;
   }
   std::vector<A> part(tl.tiles * 2 * tl.width(), A(0));
+  // Rows walked flat read the coefficients repeated over the period: filled once the last channel is
+  // finished (two_pass finishes a row tiling's channels in order, on one thread, before any apply).
+  const int64_t P = tl.flat ? tl.period : 0;
+  std::vector<A> repeated(3 * P);
+  const A* m = P ? repeated.data() : mean;
+  const A* k = P ? m + P : scale;
+  const A* b = P ? k + P : shift;
   auto reduce = [&](int64_t t) { tile_moments(xp, tl, t, part.data()); };
   auto merge = [&](int64_t c) {
     const auto [mean_c, m2_c] = merged_moments(tl, part.data(), c);
     const int64_t count = tl.L.per_channel();
     finish(c, needs_exact_moments<A>(mean_c, m2_c, count) ? exact_moments(xp, tl, c) : Moments{mean_c, m2_c});
+    if (P && c == tl.L.c - 1) {
+      repeat_channels(tl, mean, repeated.data());
+      repeat_channels(tl, scale, repeated.data() + P);
+      repeat_channels(tl, shift, repeated.data() + 2 * P);
+    }
   };
   with_epilogue(act, slope, rp, [&](const auto& epi) {
     two_pass(tl, sizeof(T), true, true, reduce, merge,
-             [&](int64_t t) { normalize_tile(xp, yp, tl, t, mean, scale, shift, epi); });
+             [&](int64_t t) { normalize_tile(xp, yp, tl, t, m, k, b, epi); });
   });
 }
 
@@ -370,38 +387,20 @@ void normalize_flat(const T* xp, T* yp, const Tiling& tl, const acc_t<T>* mean, 
   });
 }
 
-// Rows of C channels that do not fill whole vectors (LeNet's 6 or 16 channels in channels_last, an
-// MLP's 120 features) cost a partial vector per row when walked row by row. A dense tensor whose
-// channels are innermost is instead walked flat in whole vectors, with each lane's coefficients read
-// from arrays that repeat the channels' values over lcm(C, VW) values, so that every vector starts
-// at the same place of the pattern as its offset. At most this many values per pattern (beyond it,
-// the arrays would cost more than the partial vectors they save).
-constexpr int64_t kMaxRowsPeriod = 4096;
-
-// lcm(C, VW) when normalize_rows_flat applies to tl (dense rows, C not a multiple of VW), else 0.
-template <typename T>
-inline int64_t rows_period(const Tiling& tl) {
-  const Ncs& L = tl.L;
-  constexpr int64_t VW = vec_width<acc_t<T>>();
-  const bool dense_rows = tl.rows && L.sc == 1 && (L.s == 1 || L.ss == L.c) && (L.n == 1 || L.sn == L.s * L.c);
-  if (!dense_rows || L.c % VW == 0) return 0;
-  const int64_t period = std::lcm(L.c, VW);
-  return period <= kMaxRowsPeriod ? period : 0;
-}
-
+// normalize over dense rows walked flat (tl.period != 0, see kMaxRowsPeriod), in parallel over
+// vectors rather than tiles. Each lane computes what normalize_tile computes for its value: the
+// results are the same bits as the training forward's.
 template <typename T, typename Epi>
-void normalize_rows_flat(const T* xp, T* yp, const Tiling& tl, int64_t period, const acc_t<T>* mean,
-                         const acc_t<T>* scale, const acc_t<T>* shift, const Epi& epi) {
+void normalize_rows_flat(const T* xp, T* yp, const Tiling& tl, const acc_t<T>* mean, const acc_t<T>* scale,
+                         const acc_t<T>* shift, const Epi& epi) {
   using A = acc_t<T>;
   using V = VecA<T>;
   constexpr int64_t VW = vec_width<A>();
-  const int64_t C = tl.L.c, total = tl.L.numel();
+  const int64_t period = tl.period, total = tl.L.numel();
   std::vector<A> m(period), k(period), b(period);
-  for (int64_t j = 0; j < period; ++j) {
-    m[j] = mean[j % C];
-    k[j] = scale[j % C];
-    b[j] = shift[j % C];
-  }
+  repeat_channels(tl, mean, m.data());
+  repeat_channels(tl, scale, k.data());
+  repeat_channels(tl, shift, b.data());
   const A *mp = m.data(), *kp = k.data(), *bp = b.data();
   at::parallel_for(0, (total + VW - 1) / VW, std::max<int64_t>(1, kMinTaskValues / VW), [&](int64_t v0, int64_t v1) {
     int64_t i = v0 * VW, j = i % period;
@@ -423,6 +422,7 @@ void normalize_rows_flat(const T* xp, T* yp, const Tiling& tl, int64_t period, c
 template <typename T>
 void normalize(const T* xp, const Tiling& tl, const acc_t<T>* mean, const acc_t<T>* scale, const acc_t<T>* shift,
                int64_t act, double slope, const T* rp, T* yp) {
+  using A = acc_t<T>;
   with_epilogue(act, slope, rp, [&](const auto& epi) {
     // float64 takes only the tile schedule: the others compute the same bits per value, faster.
     if constexpr (!runtime_epilogue<T>()) {
@@ -434,14 +434,25 @@ void normalize(const T* xp, const Tiling& tl, const acc_t<T>* mean, const acc_t<
       }
       return;
     }
-    if (const int64_t period = rows_period<T>(tl)) {
-      normalize_rows_flat(xp, yp, tl, period, mean, scale, shift, epi);
+    if (tl.period) {
+      normalize_rows_flat(xp, yp, tl, mean, scale, shift, epi);
       return;
     }
     }
+    // The tile schedule over rows walked flat reads the coefficients repeated over the period.
+    const int64_t P = tl.flat ? tl.period : 0;
+    std::vector<A> repeated(3 * P);
+    const A* m = P ? repeated.data() : mean;
+    const A* k = P ? m + P : scale;
+    const A* b = P ? k + P : shift;
+    if (P) {
+      repeat_channels(tl, mean, repeated.data());
+      repeat_channels(tl, scale, repeated.data() + P);
+      repeat_channels(tl, shift, repeated.data() + 2 * P);
+    }
     two_pass(
         tl, sizeof(T), false, true, [](int64_t) {}, [](int64_t) {},
-        [&](int64_t t) { normalize_tile(xp, yp, tl, t, mean, scale, shift, epi); });
+        [&](int64_t t) { normalize_tile(xp, yp, tl, t, m, k, b, epi); });
   });
 }
 
@@ -488,6 +499,25 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_
   std::vector<A> part(reduce ? tl.tiles * 2 * W : 0, A(0));  // per tile: W sums of g, W of g * (x - mean)
   const T *dyp = io.dy, *xp = io.x, *yp = io.y, *rp = io.residual;
   T *dxp = io.dx, *drp = io.dresidual;
+  // Rows walked flat read every per-channel array repeated over the period (see tile_chunks): those
+  // known now are repeated here, k2 and k3 once the last channel is finished when the sums give
+  // them (two_pass finishes a row tiling's channels in order, on one thread, before any apply). The
+  // exact paths of merge read the (C,) arrays.
+  const int64_t P = tl.flat ? tl.period : 0;
+  std::vector<A> repeated(6 * P);
+  auto pattern = [&](int64_t i, const A* arr) -> const A* {
+    if (!P || !arr) return arr;
+    repeat_channels(tl, arr, repeated.data() + i * P);
+    return repeated.data() + i * P;
+  };
+  const A *rmean = pattern(0, mean), *rinvstd = pattern(1, invstd), *rshift = pattern(2, shift),
+          *rk1 = pattern(3, k1);
+  const A *rk2 = P ? repeated.data() + 4 * P : k2, *rk3 = P ? repeated.data() + 5 * P : k3;
+  auto repeat_k2_k3 = [&] {
+    pattern(4, k2);
+    pattern(5, k3);
+  };
+  if (!reduce) repeat_k2_k3();
   const int64_t streams = 2 + (grad_from_output(act) ? 1 : 0) + (grad_from_input(act) && rp ? 1 : 0) +
                           (drp ? 1 : 0);
   auto body = [&](auto act_c) {
@@ -497,7 +527,7 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_
       const V dy = ld(tag, dyp + off);
       if constexpr (kAct == kAnyAct) {  // float64: the same operations, chosen at run time
         if (grad_from_input(act)) {
-          V z = at::vec::fmadd(ld(tag, xp + off) - coef(mean), coef(k1), coef(shift));
+          V z = at::vec::fmadd(ld(tag, xp + off) - coef(rmean), coef(rk1), coef(rshift));
           if (rp) z = z + ld(tag, rp + off);
           return act_grad_any(act, dy, z, vslope);
         } else if (grad_from_output(act)) {
@@ -506,7 +536,7 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_
           return dy;
         }
       } else if constexpr (grad_from_input(kAct)) {
-        V z = at::vec::fmadd(ld(tag, xp + off) - coef(mean), coef(k1), coef(shift));
+        V z = at::vec::fmadd(ld(tag, xp + off) - coef(rmean), coef(rk1), coef(rshift));
         if (rp) z = z + ld(tag, rp + off);
         return act_grad<kAct>(dy, z, vslope);
       } else if constexpr (grad_from_output(kAct)) {
@@ -516,7 +546,7 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_
       }
     };
     auto sums = [&](int64_t t) {
-      const A* center = tl.rows ? mean : mean + tl.plane_channel(t);
+      const A* center = tl.rows ? rmean : mean + tl.plane_channel(t);
       tile_sums<2>(
           tl, t, center,
           [=](auto tag, int64_t off, const V& cen, auto coef) {
@@ -550,6 +580,7 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_
         });
       }
       finish(c, sg, sgx);
+      if (P && c == tl.L.c - 1) repeat_k2_k3();
     };
     const bool stream = streams_output<T>(tl);
     auto input_grad = [&](int64_t t) {
@@ -559,10 +590,10 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_
           if (drp) st_out(tag, drp + off, g, stream);
           if (!dxp) return;
           if constexpr (decltype(centered_c)::value) {
-            const V x_hat = (ld(tag, xp + off) - coef(mean)) * coef(invstd);
-            st_out(tag, dxp + off, at::vec::fmsub(g, coef(k1), at::vec::fmadd(x_hat, coef(k2), coef(k3))), stream);
+            const V x_hat = (ld(tag, xp + off) - coef(rmean)) * coef(rinvstd);
+            st_out(tag, dxp + off, at::vec::fmsub(g, coef(rk1), at::vec::fmadd(x_hat, coef(rk2), coef(rk3))), stream);
           } else {
-            st_out(tag, dxp + off, g * coef(k1), stream);
+            st_out(tag, dxp + off, g * coef(rk1), stream);
           }
         }, stream);
       };

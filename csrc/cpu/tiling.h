@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <array>
+#include <numeric>
 
 #include "../layout.h"
 #include "vec_chunks.h"
@@ -26,6 +27,21 @@ namespace bnfused::cpu {
 
 constexpr int64_t kTileValues = 16384;     // values per tile: its two passes stay in L1/L2
 constexpr int64_t kMinTaskValues = 32768;  // fewer values than this per thread is not worth a fork
+
+// Rows of C channels that do not fill whole vectors (LeNet's 6 or 16 channels in channels_last, an
+// MLP's 120 features) cost a partial vector per row when walked row by row: a masked load, and for a
+// sum a masked load and store of the row's partial sums. A dense tensor whose channels are innermost
+// is instead walked flat in whole vectors, with each lane's per-channel values read from arrays that
+// repeat the channels' values over a period of lcm(C, VW) values, so that every vector starts at the
+// same place of the pattern as its offset. The period is taken for float's vector width, a multiple
+// of every vector width of the build (double's included). At most this many values per period
+// (beyond it, the arrays would cost more than the partial vectors they save).
+constexpr int64_t kMaxRowsPeriod = 4096;
+// The training kernels (sums and elementwise passes over row tiles) walk flat only tensors of at least
+// this many periods: each call and tile pays O(period) to repeat its coefficients and fold its
+// period accumulators, which LeNet's (64, 84) and (64, 120) fully connected inputs (16 and 32
+// periods) did not win back (about 10% slower at one thread; even at 64 periods, ahead from 128).
+constexpr int64_t kFlatTilePeriods = 128;
 
 // The values of one plane tile: channel c, planes n0..n1-1, positions s0..s0+len-1 of each.
 struct PlaneSpan {
@@ -41,9 +57,15 @@ struct Tiling {
   int64_t group;   // planes: whole planes per tile (> 1 only when planes are short)
   int64_t per_channel_tiles;  // planes
   int64_t tiles;
+  // rows: the period of the flat walk over dense rows (see kMaxRowsPeriod), 0 when rows are walked
+  // one by one.
+  int64_t period;
+  // True when the row tiles are walked flat too (see kFlatTilePeriods): tiles then hold whole
+  // periods (but the last), so that each one starts at the pattern's start.
+  bool flat;
 
   static Tiling of(const Ncs& L) {
-    Tiling t{L, false, 1, 0, 1, 1, 0, 0};
+    Tiling t{L, false, 1, 0, 1, 1, 0, 0, 0, false};
     if (L.s > 1 && L.ss == 1) {
       t.rows = false;
     } else if (L.sc == 1 || L.c == 1) {
@@ -52,7 +74,17 @@ struct Tiling {
       t.es = L.ss;
     }
     if (t.rows) {
+      constexpr int64_t VW = vec_width<float>();
+      const bool dense = L.sc == 1 && (L.s == 1 || L.ss == L.c) && (L.n == 1 || L.sn == L.s * L.c);
+      if (dense && L.c % VW != 0 && std::lcm(L.c, VW) <= kMaxRowsPeriod) {
+        t.period = std::lcm(L.c, VW);
+      }
+      t.flat = t.period && L.numel() >= kFlatTilePeriods * t.period;
       t.block = std::max<int64_t>(1, kTileValues / L.c);
+      if (t.flat) {  // whole periods: block * C a multiple of the period
+        const int64_t q = t.period / L.c;
+        t.block = (t.block + q - 1) / q * q;
+      }
       t.tiles = (L.n * L.s + t.block - 1) / t.block;
     } else {
       t.blocks = (L.s + kTileValues - 1) / kTileValues;
@@ -153,17 +185,25 @@ void parallel_planes(const Tiling& tl, F&& body) {
 
 inline int64_t plane_offset(const Tiling& tl, int64_t p) { return (p / tl.L.c) * tl.L.sn + (p % tl.L.c) * tl.L.sc; }
 
-// Row tile t in chunks: f(tag, offset of the chunk's first element, channel of its first lane).
+// Row tile t in chunks: f(tag, offset of the chunk's first element, place of its first lane), the
+// place indexing the per-channel arrays. Row by row, each row is a run of C values whose places are
+// its channels; walked flat (tl.flat), the tile is one run of whole vectors whose places go round
+// the period (only the tensor's last tile can end in a partial chunk). One walk for both, so that
+// the kernels' chunk bodies are compiled once for either.
 template <typename A, typename F>
 inline void walk_rows(const Tiling& tl, int64_t t, F&& f) {
   constexpr int64_t VW = vec_width<A>();
   const int64_t C = tl.L.c, r0 = t * tl.block, rows = tl.count(t);
+  const int64_t runs = tl.flat ? 1 : rows, len = tl.flat ? rows * C : C, wrap = tl.flat ? tl.period : C;
   int64_t n = r0 / tl.L.s, s = r0 % tl.L.s;  // row r = n * S + s, stepped without a division per row
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = 0; r < runs; ++r) {
     const int64_t off = n * tl.L.sn + s * tl.L.ss;
-    int64_t c = 0;
-    for (; c + VW <= C; c += VW) f(Full{}, off + c, c);
-    if (c < C) f(Part{C - c}, off + c, c);
+    int64_t i = 0, j = 0;
+    for (; i + VW <= len; i += VW) {
+      f(Full{}, off + i, j);
+      j = j + VW == wrap ? 0 : j + VW;
+    }
+    if (i < len) f(Part{len - i}, off + i, j);
     if (++s == tl.L.s) {
       s = 0;
       ++n;
@@ -171,9 +211,16 @@ inline void walk_rows(const Tiling& tl, int64_t t, F&& f) {
   }
 }
 
+// A (C,) array's values repeated over the period: out[j] = arr[j % C] (the flat walk's coefficients).
+template <typename A>
+inline void repeat_channels(const Tiling& tl, const A* arr, A* out) {
+  for (int64_t j = 0, c = 0; j < tl.period; ++j, c = c + 1 == tl.L.c ? 0 : c + 1) out[j] = arr[c];
+}
+
 // Elementwise work on tile t: op(tag, offset, coef) for every chunk, where coef(array) gives the
 // per-channel array's values for the chunk's lanes (one broadcast channel for planes, consecutive
-// channels for rows).
+// channels for rows). With tl.flat the arrays passed to coef must hold the channels' values
+// repeated over the period (repeat_channels), as the rows are then walked flat.
 //
 // Kernels pass lambdas that capture their pointers BY VALUE, and each tile calls a local copy: the
 // compiler can then keep the pointers in registers, where a captured reference would be re-read
@@ -238,8 +285,10 @@ inline A lane_sum(const at::vec::Vectorized<A>& v) {
 // K per-channel sums over tile t of contrib(tag, offset, center, coef) -> std::array<Vec, K>, written
 // to out[k * width + j] (out zeroed by the caller). center points at the tile's per-channel centre
 // values (center[0] for a plane tile, center[c] for a row tile) or is null (centre 0); coef(array)
-// gives a channel-indexed (C,) array's values for the chunk's lanes, as in tile_chunks.
-// contrib captures by value, as for tile_chunks.
+// gives a channel-indexed (C,) array's values for the chunk's lanes, as in tile_chunks. With
+// tl.flat, center and the arrays given to coef hold values repeated over the period, and the
+// tile is summed flat: one accumulator per place of the period, folded into the C sums at the end
+// in a fixed order. contrib captures by value, as for tile_chunks.
 template <int K, typename A, typename Contrib>
 void tile_sums(const Tiling& tl, int64_t t, const A* center, const Contrib& contrib_in, A* out) {
   using V = at::vec::Vectorized<A>;
@@ -257,15 +306,24 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, const Contrib& cont
     for (int k = 0; k < K; ++k) out[k] = lane_sum(acc[k]);
     return;
   }
-  const int64_t C = tl.L.c;
-  walk_rows<A>(tl, t, [=](auto tag, int64_t off, int64_t c) {  // by value: this loop stores
-    const auto coef = [=](const A* arr) { return ld(tag, arr + c); };
-    const std::array<V, K> v = contrib(tag, off, center ? ld(tag, center + c) : V(0), coef);
+  // Row by row, the sums accumulate in out itself; walked flat, in one accumulator per place of the
+  // period, folded into out's C sums at the end.
+  const int64_t C = tl.L.c, P = tl.flat ? tl.period : C;
+  alignas(64) A flat_acc[K * kMaxRowsPeriod];
+  A* const acc = tl.flat ? flat_acc : out;
+  if (tl.flat) std::fill(acc, acc + K * P, A(0));
+  walk_rows<A>(tl, t, [=](auto tag, int64_t off, int64_t j) {  // by value: this loop stores
+    const auto coef = [=](const A* arr) { return ld(tag, arr + j); };
+    const std::array<V, K> v = contrib(tag, off, center ? ld(tag, center + j) : V(0), coef);
     for (int k = 0; k < K; ++k) {
-      A* o = out + k * C + c;
+      A* o = acc + k * P + j;
       st(tag, o, ld(tag, o) + valid(tag, v[k]));
     }
   });
+  if (!tl.flat) return;
+  for (int k = 0; k < K; ++k) {
+    for (int64_t j = 0, c = 0; j < P; ++j, c = c + 1 == C ? 0 : c + 1) out[k * C + c] += acc[k * P + j];
+  }
 }
 
 }  // namespace bnfused::cpu
