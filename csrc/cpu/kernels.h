@@ -344,7 +344,46 @@ void normalize_flat(const T* xp, T* yp, const Tiling& tl, const acc_t<T>* mean, 
     auto apply = [=](auto tag, int64_t off, const V& mv, const V& kv, const V& bv) {
       st_out(tag, yp + off, epi(tag, off, at::vec::fmadd(ld(tag, xp + off) - mv, kv, bv)), stream);
     };
-    for (int64_t v = v0; v < v1; ++v, i += VW) {
+    const int64_t end = std::min(v1 * VW, total);
+#if defined(CPU_CAPABILITY_AVX512)
+    // 16-bit values go by pairs of vectors (see ld_pair) while whole pairs remain, then by vectors.
+    // Planes of at least a pair hold at most one boundary per pair.
+    if constexpr (has_pairs<T>()) {
+      if (S >= 2 * VW) {
+        const auto [index_lo, index_hi] = pair_index<T>();
+        auto apply_pair = [=](int64_t off, const V& m_lo, const V& k_lo, const V& b_lo, const V& m_hi, const V& k_hi,
+                              const V& b_hi) {
+          __m512 lo, hi;
+          ld_pair(xp + off, lo, hi);
+          const V y_lo = epi(PairLo{}, off, at::vec::fmadd(V(lo) - m_lo, k_lo, b_lo));
+          const V y_hi = epi(PairHi{}, off, at::vec::fmadd(V(hi) - m_hi, k_hi, b_hi));
+          st_pair(yp + off, y_lo, y_hi, stream);
+        };
+        for (; end - i >= 2 * VW; i += 2 * VW) {
+          if (left > 2 * VW) {  // inside plane p
+            apply_pair(i, m, k, b, m, k, b);
+            left -= 2 * VW;
+            continue;
+          }
+          c = c + 1 == C ? 0 : c + 1;
+          const V m_next(mean[c]), k_next(scale[c]), b_next(shift[c]);
+          if (left == 2 * VW) {
+            apply_pair(i, m, k, b, m, k, b);
+          } else {
+            const V first_lo = index_lo < V(A(left)), first_hi = index_hi < V(A(left));
+            apply_pair(i, V::blendv(m_next, m, first_lo), V::blendv(k_next, k, first_lo),
+                       V::blendv(b_next, b, first_lo), V::blendv(m_next, m, first_hi),
+                       V::blendv(k_next, k, first_hi), V::blendv(b_next, b, first_hi));
+          }
+          m = m_next;
+          k = k_next;
+          b = b_next;
+          left += S - 2 * VW;
+        }
+      }
+    }
+#endif
+    for (; i < end; i += VW) {
       const int64_t n = std::min(VW, total - i);
       if (left > VW) {  // inside plane p
         n == VW ? apply(Full{}, i, m, k, b) : apply(Part{n}, i, m, k, b);
