@@ -270,6 +270,49 @@ def test_flat_walk_by_pairs_with_a_residual_matches_channels_last(shape, dtype, 
         assert torch.equal(got, want), f"{threads} thread(s)"
 
 
+# Plane tiles of float16/bfloat16 (training forward, backward) walk whole pairs of vectors too: long
+# planes cut in two tiles, grouped short planes, odd plane lengths.
+PAIR_TILES = [
+    pytest.param((2, 3, 130, 131), id="long-planes"),
+    pytest.param((16, 12, 20, 20), id="S400"),
+    pytest.param((40, 5, 47, 1), id="S47"),
+    pytest.param((8, 4, 3, 33), id="S99"),
+]
+
+
+def _rows(t):
+    return None if t is None else t.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("shape", PAIR_TILES)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_plane_tiles_by_pairs_match_one_vector_rows(shape, dtype):
+    """The training forward, backward_elemt (dx = g * k1 - x_hat * k2 - k3) and the eval backward with
+    a residual and hardswish (dx = g * k1, dresidual = g) on planes, converted two vectors at a time,
+    against the same ops on the same values in channels_last (rows, one vector at a time), with the
+    same statistics: the same bits, on 1 and 3 threads."""
+    x = make_input(shape, dtype)
+    dy = make_input(shape, dtype, offset=0.0, scale=1.0)
+    residual = make_input(shape, dtype, offset=-1.0, scale=2.0)
+    C = shape[1]
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    y, mean, invstd = native.forward_train(x, w, b, None, None, 0.1, 1e-5, act_codes.SILU, 0.0)
+    assert torch.equal(y, native.normalize(_rows(x), w, b, mean, invstd, act_codes.SILU, 0.0))
+    sum_dy, sum_dy_xhat = native.backward_reduce(dy, x, None, mean, invstd, act_codes.NONE, 0.0)
+    args = (w, mean, invstd, sum_dy, sum_dy_xhat, x.numel() // C, act_codes.NONE, 0.0)
+    dx_rows = native.backward_elemt(_rows(dy), _rows(x), None, *args)
+    eval_args = (w, mean, invstd, act_codes.HARDSWISH, 0.0, False, True, False, False, b)
+    eval_rows = native.backward(_rows(dy), _rows(x), None, *eval_args, _rows(residual), True)
+    for threads in (1, 3):
+        train = _with_threads(
+            threads, lambda: native.forward_train(x, w, b, None, None, 0.1, 1e-5, act_codes.SILU, 0.0)
+        )
+        assert torch.equal(train[0], y), f"{threads} thread(s)"
+        assert torch.equal(_with_threads(threads, lambda: native.backward_elemt(dy, x, None, *args)), dx_rows)
+        dx, _, _, dres = _with_threads(threads, lambda: native.backward(dy, x, None, *eval_args, residual, True))
+        assert torch.equal(dx, eval_rows[0]) and torch.equal(dres, eval_rows[3]), f"{threads} thread(s)"
+
+
 def _special_floats():
     """float32 bit patterns at the edges of a rounding to 16 bits: every upper half of interest
     (zero, subnormal, normal, largest finite, inf, NaN, both signs, even and odd last bits) with the

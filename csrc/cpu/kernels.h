@@ -245,9 +245,15 @@ void normalize_tile(const T* xp, T* yp, const Tiling& tl, int64_t t, const acc_t
                     const acc_t<T>* shift, const Epi& epi) {
   using V = VecA<T>;
   const bool stream = streams_output<T>(tl);
-  tile_chunks<acc_t<T>>(tl, t, [=](auto tag, int64_t off, auto coef) {
-    const V z = at::vec::fmadd(ld(tag, xp + off) - coef(mean), coef(scale), coef(shift));
-    st_out(tag, yp + off, epi(tag, off, z), stream);
+  tile_chunks<acc_t<T>, has_pairs<T>()>(tl, t, [=](auto tag, int64_t off, auto coef) {
+    auto y = [&](auto part) {  // part: the chunk's tag, or one register of a pair
+      return epi(part, off, at::vec::fmadd(ld(part, xp + off) - coef(mean), coef(scale), coef(shift)));
+    };
+    if constexpr (std::is_same_v<decltype(tag), Pair>) {
+      st_pair(yp + off, y(PairLo{}), y(PairHi{}), stream);
+    } else {
+      st_out(tag, yp + off, y(tag), stream);
+    }
   }, stream);
   stream_fence(stream);
 }
@@ -303,10 +309,15 @@ void normalize_planes(const T* xp, T* yp, const Tiling& tl, const acc_t<T>* mean
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t c = p % tl.L.c;
       const V m(mean[c]), k(scale[c]), b(shift[c]);
-      walk_run<acc_t<T>>(
+      walk_run<acc_t<T>, has_pairs<T>()>(
           plane_offset(tl, p), tl.L.s, tl.es,
           [=](auto tag, int64_t off) {
-            st_out(tag, yp + off, epi(tag, off, at::vec::fmadd(ld(tag, xp + off) - m, k, b)), stream);
+            auto y = [&](auto part) { return epi(part, off, at::vec::fmadd(ld(part, xp + off) - m, k, b)); };
+            if constexpr (std::is_same_v<decltype(tag), Pair>) {
+              st_pair(yp + off, y(PairLo{}), y(PairHi{}), stream);
+            } else {
+              st_out(tag, yp + off, y(tag), stream);
+            }
           },
           stream);
     }
@@ -593,15 +604,23 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_
     const bool stream = streams_output<T>(tl);
     auto input_grad = [&](int64_t t) {
       auto write = [&](auto centered_c) {
-        tile_chunks<A>(tl, t, [=](auto tag, int64_t off, auto coef) {
-          const V g = grad(tag, off, coef);
-          if (drp) st_out(tag, drp + off, g, stream);
-          if (!dxp) return;
-          if constexpr (decltype(centered_c)::value) {
-            const V x_hat = (ld(tag, xp + off) - coef(mean)) * coef(invstd);
-            st_out(tag, dxp + off, at::vec::fmsub(g, coef(k1), at::vec::fmadd(x_hat, coef(k2), coef(k3))), stream);
+        tile_chunks<A, has_pairs<T>()>(tl, t, [=](auto tag, int64_t off, auto coef) {
+          auto dx = [&](auto part, const V& g) {  // part: the chunk's tag, or one register of a pair
+            if constexpr (decltype(centered_c)::value) {
+              const V x_hat = (ld(part, xp + off) - coef(mean)) * coef(invstd);
+              return at::vec::fmsub(g, coef(k1), at::vec::fmadd(x_hat, coef(k2), coef(k3)));
+            } else {
+              return V(g * coef(k1));
+            }
+          };
+          if constexpr (std::is_same_v<decltype(tag), Pair>) {
+            const V g_lo = grad(PairLo{}, off, coef), g_hi = grad(PairHi{}, off, coef);
+            if (drp) st_pair(drp + off, g_lo, g_hi, stream);
+            if (dxp) st_pair(dxp + off, dx(PairLo{}, g_lo), dx(PairHi{}, g_hi), stream);
           } else {
-            st_out(tag, dxp + off, g * coef(k1), stream);
+            const V g = grad(tag, off, coef);
+            if (drp) st_out(tag, drp + off, g, stream);
+            if (dxp) st_out(tag, dxp + off, dx(tag, g), stream);
           }
         }, stream);
       };
