@@ -243,7 +243,6 @@ Moments exact_moments(const T* xp, const Tiling& tl, int64_t c) {
 template <typename T, typename Epi>
 void normalize_tile(const T* xp, T* yp, const Tiling& tl, int64_t t, const acc_t<T>* mean, const acc_t<T>* scale,
                     const acc_t<T>* shift, const Epi& epi) {
-  using V = VecA<T>;
   const bool stream = streams_output<T>(tl);
   tile_chunks<acc_t<T>, has_pairs<T>()>(tl, t, [=](auto tag, int64_t off, auto coef) {
     auto y = [&](auto part) {  // part: the chunk's tag, or one register of a pair
