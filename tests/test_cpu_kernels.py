@@ -230,12 +230,145 @@ def test_eager_binding_in_inference_mode_and_no_grad():
     [(300, 11, 17), (40, 7, 23, 1), (6, 19, 14, 14), (64, 16, 4, 4), (200, 3, 196)],
     ids=["S17-two-tasks", "S23", "S196", "S16-one-vector", "S196-C3-two-tasks"],
 )
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_flat_walk_over_short_planes_matches_the_training_forward(shape, dtype):
     """Eval over contiguous short planes walks the tensor in whole vectors, blending two channels'
     coefficients where a vector straddles planes (csrc/cpu/kernels.h, normalize_flat): every value
     must equal the training forward's, which applies the same coefficients plane by plane."""
     _assert_normalize_matches_training_forward(make_input(shape, dtype), act_codes.LEAKY_RELU, 0.1)
+
+
+# float16/bfloat16 planes of at least two vectors go by pairs of vectors (32 values, 64 bytes): planes
+# of one pair, of a pair and one value, straddling pairs at every offset, a partial last vector.
+PAIR_PLANES = [
+    pytest.param((40, 5, 32), id="S32-one-pair"),
+    pytest.param((40, 5, 33), id="S33"),
+    pytest.param((30, 7, 47), id="S47"),
+    pytest.param((9, 13, 7, 9), id="S63"),
+    pytest.param((64, 16, 8, 8), id="S64-LeNet"),
+    pytest.param((30, 6, 14, 14), id="S196"),
+    pytest.param((200, 3, 196), id="S196-C3-two-tasks"),
+    pytest.param((3, 5, 3136), id="S3136"),
+]
+
+
+@pytest.mark.parametrize("shape", PAIR_PLANES)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "offset-1"])
+def test_flat_walk_by_pairs_matches_the_training_forward(shape, dtype, misaligned):
+    """16-bit values converted two vectors at a time (csrc/cpu/vec_chunks.h, ld_pair, st_pair) give
+    the training forward's bits, which converts them one vector at a time; also from an input that
+    starts one value past a cache line."""
+    x = make_input(shape, dtype)
+    if misaligned:
+        x = torch.empty(x.numel() + 1, dtype=dtype)[1:].view(shape).copy_(x)
+    _assert_normalize_matches_training_forward(x, act_codes.NONE, 0.0)
+    _assert_normalize_matches_training_forward(x, act_codes.SILU, 0.0)
+
+
+@pytest.mark.parametrize("shape", PAIR_PLANES[1::2])
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("act, slope", [(act_codes.NONE, 0.0), (act_codes.HARDSWISH, 0.0)], ids=["none", "hardswish"])
+def test_flat_walk_by_pairs_with_a_residual_matches_channels_last(shape, dtype, act, slope):
+    """The residual is read in the pair's layout (ld(PairLo / PairHi)): forward_eval with a residual
+    on contiguous planes equals forward_eval on the same values in channels_last (rows, converted one
+    vector at a time), on 1 and 3 threads."""
+    x = make_input(shape, dtype)
+    residual = make_input(shape, dtype, offset=-1.0, scale=2.0)
+    C = shape[1]
+    w, b, rm, rv = torch.rand(C) + 0.5, torch.randn(C), torch.randn(C), torch.rand(C) + 0.5
+    rows = make_input(shape, dtype, channels_last=True).copy_(x), make_input(shape, dtype, channels_last=True)
+    rows[1].copy_(residual)
+    want = native.forward_eval(*rows[:1], w, b, rm, rv, 1e-5, act, slope, rows[1])
+    for threads in (1, 3):
+        got = _with_threads(threads, lambda: native.forward_eval(x, w, b, rm, rv, 1e-5, act, slope, residual))
+        assert torch.equal(got, want), f"{threads} thread(s)"
+
+
+# Plane tiles of float16/bfloat16 (training forward, backward) walk whole pairs of vectors too: long
+# planes cut in two tiles, grouped short planes, odd plane lengths.
+PAIR_TILES = [
+    pytest.param((2, 3, 130, 131), id="long-planes"),
+    pytest.param((16, 12, 20, 20), id="S400"),
+    pytest.param((40, 5, 47, 1), id="S47"),
+    pytest.param((8, 4, 3, 33), id="S99"),
+]
+
+
+def _rows(t):
+    return None if t is None else t.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("shape", PAIR_TILES)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_plane_tiles_by_pairs_match_one_vector_rows(shape, dtype):
+    """The training forward, backward_elemt (dx = g * k1 - x_hat * k2 - k3) and the eval backward with
+    a residual and hardswish (dx = g * k1, dresidual = g) on planes, converted two vectors at a time,
+    against the same ops on the same values in channels_last (rows, one vector at a time), with the
+    same statistics: the same bits, on 1 and 3 threads."""
+    x = make_input(shape, dtype)
+    dy = make_input(shape, dtype, offset=0.0, scale=1.0)
+    residual = make_input(shape, dtype, offset=-1.0, scale=2.0)
+    C = shape[1]
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    y, mean, invstd = native.forward_train(x, w, b, None, None, 0.1, 1e-5, act_codes.SILU, 0.0)
+    assert torch.equal(y, native.normalize(_rows(x), w, b, mean, invstd, act_codes.SILU, 0.0))
+    sum_dy, sum_dy_xhat = native.backward_reduce(dy, x, None, mean, invstd, act_codes.NONE, 0.0)
+    args = (w, mean, invstd, sum_dy, sum_dy_xhat, x.numel() // C, act_codes.NONE, 0.0)
+    dx_rows = native.backward_elemt(_rows(dy), _rows(x), None, *args)
+    eval_args = (w, mean, invstd, act_codes.HARDSWISH, 0.0, False, True, False, False, b)
+    eval_rows = native.backward(_rows(dy), _rows(x), None, *eval_args, _rows(residual), True)
+    for threads in (1, 3):
+        train = _with_threads(
+            threads, lambda: native.forward_train(x, w, b, None, None, 0.1, 1e-5, act_codes.SILU, 0.0)
+        )
+        assert torch.equal(train[0], y), f"{threads} thread(s)"
+        assert torch.equal(_with_threads(threads, lambda: native.backward_elemt(dy, x, None, *args)), dx_rows)
+        dx, _, _, dres = _with_threads(threads, lambda: native.backward(dy, x, None, *eval_args, residual, True))
+        assert torch.equal(dx, eval_rows[0]) and torch.equal(dres, eval_rows[3]), f"{threads} thread(s)"
+
+
+def _special_floats():
+    """float32 bit patterns at the edges of a rounding to 16 bits: every upper half of interest
+    (zero, subnormal, normal, largest finite, inf, NaN, both signs, even and odd last bits) with the
+    lower halves that round down, tie and round up, followed by random patterns."""
+    uppers = [0x0000, 0x0001, 0x007F, 0x0080, 0x3F80, 0x3F81, 0x7F7F, 0x7F80, 0x7F81, 0x7FC0, 0x7FFF]
+    uppers += [u | 0x8000 for u in uppers]
+    lowers = [0x0000, 0x0001, 0x7FFF, 0x8000, 0x8001, 0xFFFF]
+    bits = [(u << 16) | low for u in uppers for low in lowers]
+    half_edges = [0x477FE000, 0x477FF000, 0x477FEFFF, 0x387FC000, 0x33000000, 0x33000001, 0x38800000]
+    bits += half_edges + [b | 0x80000000 for b in half_edges]  # float16: largest finite, overflow, subnormals
+    gen = torch.Generator().manual_seed(0)
+    random = torch.randint(0, 2**32, (1024 - len(bits),), generator=gen, dtype=torch.int64)
+    bits = torch.tensor(bits + random.tolist(), dtype=torch.int64)
+    return bits.to(torch.int32).view(torch.float32)  # int64 -> int32 keeps the low 32 bits
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_pair_conversion_rounds_every_special_value_as_one_vector_does(dtype):
+    """Channel c of x is 0 and its mean is -f[c], so that z = 0 - mean = f[c] exactly (scale 1, shift
+    0): each special float is rounded to 16 bits by the pair conversion (contiguous planes of 64) and
+    by the one-vector conversion (channels_last, 1024 channels: tiles of rows), which must agree bit
+    for bit, NaN included. A few values of x (subnormal, inf, NaN) vary z within a channel."""
+    f = _special_floats()
+    C = f.numel()
+    x = torch.zeros(1, C, 8, 8, dtype=dtype)
+    x[0, :, 0, 1] = torch.finfo(dtype).smallest_normal / 4
+    x[0, :, 3, 3] = float("inf")
+    x[0, :, 5, 2] = float("nan")
+    x[0, :, 7, 7] = -1.0
+    mean, invstd, ones, zeros = -f, torch.ones(C), torch.ones(C), torch.zeros(C)
+    rows = x.contiguous(memory_format=torch.channels_last)
+    want = native.normalize(rows, ones, zeros, mean, invstd, act_codes.NONE, 0.0)
+    got = native.normalize(x, ones, zeros, mean, invstd, act_codes.NONE, 0.0)
+    assert want.stride() == rows.stride() and got.is_contiguous()
+    assert torch.equal(got.view(torch.int16), want.contiguous().view(torch.int16))
+    # z = 0 - mean (f itself, but for -0) where x is 0, rounded as torch rounds; NaN to any NaN
+    expected = (torch.zeros(C) - mean).to(dtype)
+    plain = got[0, :, 0, 0]
+    finite = ~f.isnan()
+    assert torch.equal(plain[finite].view(torch.int16), expected[finite].view(torch.int16))
+    assert plain[~finite].isnan().all()
 
 
 def _assert_normalize_matches_training_forward(x, act, slope):

@@ -248,11 +248,16 @@ Moments exact_moments(const T* xp, const Tiling& tl, int64_t c) {
 template <typename T, typename Epi>
 void normalize_tile(const T* xp, T* yp, const Tiling& tl, int64_t t, const acc_t<T>* mean, const acc_t<T>* scale,
                     const acc_t<T>* shift, const Epi& epi) {
-  using V = VecA<T>;
   const bool stream = streams_output<T>(tl);
-  tile_chunks<acc_t<T>>(tl, t, [=](auto tag, int64_t off, auto coef) {
-    const V z = at::vec::fmadd(ld(tag, xp + off) - coef(mean), coef(scale), coef(shift));
-    st_out(tag, yp + off, epi(tag, off, z), stream);
+  tile_chunks<acc_t<T>, has_pairs<T>()>(tl, t, [=](auto tag, int64_t off, auto coef) {
+    auto y = [&](auto part) {  // part: the chunk's tag, or one register of a pair
+      return epi(part, off, at::vec::fmadd(ld(part, xp + off) - coef(mean), coef(scale), coef(shift)));
+    };
+    if constexpr (std::is_same_v<decltype(tag), Pair>) {
+      st_pair(yp + off, y(PairLo{}), y(PairHi{}), stream);
+    } else {
+      st_out(tag, yp + off, y(tag), stream);
+    }
   }, stream);
   stream_fence(stream);
 }
@@ -320,10 +325,15 @@ void normalize_planes(const T* xp, T* yp, const Tiling& tl, const acc_t<T>* mean
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t c = p % tl.L.c;
       const V m(mean[c]), k(scale[c]), b(shift[c]);
-      walk_run<acc_t<T>>(
+      walk_run<acc_t<T>, has_pairs<T>()>(
           plane_offset(tl, p), tl.L.s, tl.es,
           [=](auto tag, int64_t off) {
-            st_out(tag, yp + off, epi(tag, off, at::vec::fmadd(ld(tag, xp + off) - m, k, b)), stream);
+            auto y = [&](auto part) { return epi(part, off, at::vec::fmadd(ld(part, xp + off) - m, k, b)); };
+            if constexpr (std::is_same_v<decltype(tag), Pair>) {
+              st_pair(yp + off, y(PairLo{}), y(PairHi{}), stream);
+            } else {
+              st_out(tag, yp + off, y(tag), stream);
+            }
           },
           stream);
     }
@@ -361,7 +371,46 @@ void normalize_flat(const T* xp, T* yp, const Tiling& tl, const acc_t<T>* mean, 
     auto apply = [=](auto tag, int64_t off, const V& mv, const V& kv, const V& bv) {
       st_out(tag, yp + off, epi(tag, off, at::vec::fmadd(ld(tag, xp + off) - mv, kv, bv)), stream);
     };
-    for (int64_t v = v0; v < v1; ++v, i += VW) {
+    const int64_t end = std::min(v1 * VW, total);
+#if defined(CPU_CAPABILITY_AVX512)
+    // 16-bit values go by pairs of vectors (see ld_pair) while whole pairs remain, then by vectors.
+    // Planes of at least a pair hold at most one boundary per pair.
+    if constexpr (has_pairs<T>()) {
+      if (S >= 2 * VW) {
+        const auto [index_lo, index_hi] = pair_index<T>();
+        auto apply_pair = [=](int64_t off, const V& m_lo, const V& k_lo, const V& b_lo, const V& m_hi, const V& k_hi,
+                              const V& b_hi) {
+          __m512 lo, hi;
+          ld_pair(xp + off, lo, hi);
+          const V y_lo = epi(PairLo{}, off, at::vec::fmadd(V(lo) - m_lo, k_lo, b_lo));
+          const V y_hi = epi(PairHi{}, off, at::vec::fmadd(V(hi) - m_hi, k_hi, b_hi));
+          st_pair(yp + off, y_lo, y_hi, stream);
+        };
+        for (; end - i >= 2 * VW; i += 2 * VW) {
+          if (left > 2 * VW) {  // inside plane p
+            apply_pair(i, m, k, b, m, k, b);
+            left -= 2 * VW;
+            continue;
+          }
+          c = c + 1 == C ? 0 : c + 1;
+          const V m_next(mean[c]), k_next(scale[c]), b_next(shift[c]);
+          if (left == 2 * VW) {
+            apply_pair(i, m, k, b, m, k, b);
+          } else {
+            const V first_lo = index_lo < V(A(left)), first_hi = index_hi < V(A(left));
+            apply_pair(i, V::blendv(m_next, m, first_lo), V::blendv(k_next, k, first_lo),
+                       V::blendv(b_next, b, first_lo), V::blendv(m_next, m, first_hi),
+                       V::blendv(k_next, k, first_hi), V::blendv(b_next, b, first_hi));
+          }
+          m = m_next;
+          k = k_next;
+          b = b_next;
+          left += S - 2 * VW;
+        }
+      }
+    }
+#endif
+    for (; i < end; i += VW) {
       const int64_t n = std::min(VW, total - i);
       if (left > VW) {  // inside plane p
         n == VW ? apply(Full{}, i, m, k, b) : apply(Part{n}, i, m, k, b);
@@ -585,15 +634,23 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_
     const bool stream = streams_output<T>(tl);
     auto input_grad = [&](int64_t t) {
       auto write = [&](auto centered_c) {
-        tile_chunks<A>(tl, t, [=](auto tag, int64_t off, auto coef) {
-          const V g = grad(tag, off, coef);
-          if (drp) st_out(tag, drp + off, g, stream);
-          if (!dxp) return;
-          if constexpr (decltype(centered_c)::value) {
-            const V x_hat = (ld(tag, xp + off) - coef(rmean)) * coef(rinvstd);
-            st_out(tag, dxp + off, at::vec::fmsub(g, coef(rk1), at::vec::fmadd(x_hat, coef(rk2), coef(rk3))), stream);
+        tile_chunks<A, has_pairs<T>()>(tl, t, [=](auto tag, int64_t off, auto coef) {
+          auto dx = [&](auto part, const V& g) {  // part: the chunk's tag, or one register of a pair
+            if constexpr (decltype(centered_c)::value) {
+              const V x_hat = (ld(part, xp + off) - coef(rmean)) * coef(rinvstd);
+              return at::vec::fmsub(g, coef(rk1), at::vec::fmadd(x_hat, coef(rk2), coef(rk3)));
+            } else {
+              return V(g * coef(rk1));
+            }
+          };
+          if constexpr (std::is_same_v<decltype(tag), Pair>) {
+            const V g_lo = grad(PairLo{}, off, coef), g_hi = grad(PairHi{}, off, coef);
+            if (drp) st_pair(drp + off, g_lo, g_hi, stream);
+            if (dxp) st_pair(dxp + off, dx(PairLo{}, g_lo), dx(PairHi{}, g_hi), stream);
           } else {
-            st_out(tag, dxp + off, g * coef(rk1), stream);
+            const V g = grad(tag, off, coef);
+            if (drp) st_out(tag, drp + off, g, stream);
+            if (dxp) st_out(tag, dxp + off, dx(tag, g), stream);
           }
         }, stream);
       };

@@ -147,13 +147,18 @@ void parallel_tiles(const Tiling& tl, F&& body) {
 // Plane tile t in chunks: f(tag, offset of the chunk's first element). With `aligned`, each run
 // starts with a partial chunk up to the next multiple of VW elements, so that the full chunks after
 // it sit on whole vectors of a 64-byte-aligned tensor (and can be streamed, see st_out); only
-// elementwise passes may ask for it, since it changes how a sum would be grouped.
-template <typename A, typename F>
+// elementwise passes may ask for it, since it changes how a sum would be grouped. With kPairs
+// (elementwise passes over 16-bit values, see has_pairs), whole pairs of vectors come as Pair
+// chunks before the last Full and Part chunks.
+template <typename A, bool kPairs = false, typename F>
 inline void walk_run(int64_t off, int64_t len, int64_t es, F&& f, bool aligned) {
   constexpr int64_t VW = vec_width<A>();
   if (es == 1) {
     int64_t i = aligned ? std::min(len, (VW - off % VW) % VW) : 0;
     if (i > 0) f(Part{i}, off);
+    if constexpr (kPairs) {
+      for (; i + 2 * VW <= len; i += 2 * VW) f(Pair{}, off + i);
+    }
     for (; i + VW <= len; i += VW) f(Full{}, off + i);
     if (i < len) f(Part{len - i}, off + i);
   } else {
@@ -161,11 +166,11 @@ inline void walk_run(int64_t off, int64_t len, int64_t es, F&& f, bool aligned) 
   }
 }
 
-template <typename A, typename F>
+template <typename A, bool kPairs = false, typename F>
 inline void walk_plane(const Tiling& tl, int64_t t, F&& f, bool aligned = false) {
   const PlaneSpan p = tl.plane_span(t);
   for (int64_t n = p.n0; n < p.n1; ++n) {
-    walk_run<A>(n * tl.L.sn + p.c * tl.L.sc + p.s0 * tl.es, p.len, tl.es, f, aligned);
+    walk_run<A, kPairs>(n * tl.L.sn + p.c * tl.L.sc + p.s0 * tl.es, p.len, tl.es, f, aligned);
   }
 }
 
@@ -220,12 +225,13 @@ inline void repeat_channels(const Tiling& tl, const A* arr, A* out) {
 // Elementwise work on tile t: op(tag, offset, coef) for every chunk, where coef(array) gives the
 // per-channel array's values for the chunk's lanes (one broadcast channel for planes, consecutive
 // channels for rows). With tl.flat the arrays passed to coef must hold the channels' values
-// repeated over the period (repeat_channels), as the rows are then walked flat.
+// repeated over the period (repeat_channels), as the rows are then walked flat. With kPairs, plane
+// tiles also pass Pair chunks (see walk_run).
 //
 // Kernels pass lambdas that capture their pointers BY VALUE, and each tile calls a local copy: the
 // compiler can then keep the pointers in registers, where a captured reference would be re-read
 // after every store (a store through a T* might, for all it knows, overwrite the pointer).
-template <typename A, typename Op>
+template <typename A, bool kPairs = false, typename Op>
 void tile_chunks(const Tiling& tl, int64_t t, const Op& op, bool aligned = false) {
   using V = at::vec::Vectorized<A>;
   const Op local = op;
@@ -235,7 +241,7 @@ void tile_chunks(const Tiling& tl, int64_t t, const Op& op, bool aligned = false
     });
   } else {
     const int64_t c = tl.plane_channel(t);
-    walk_plane<A>(
+    walk_plane<A, kPairs>(
         tl, t, [=](auto tag, int64_t off) { local(tag, off, [=](const A* arr) { return V(arr[c]); }); }, aligned);
   }
 }

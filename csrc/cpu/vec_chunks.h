@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
@@ -73,6 +74,7 @@ inline __mmask16 first_lanes(int64_t n) {
   return static_cast<__mmask16>((1u << n) - 1u);
 }
 #endif
+
 
 template <typename T>
 inline VecA<T> ld(Full, const T* p) {
@@ -197,6 +199,122 @@ inline void stream_fence(bool streamed) {
 #else
   (void)streamed;
 #endif
+}
+
+// Pairs: the 2 * VW 16-bit values of 64 contiguous bytes, loaded, converted and stored at once, in
+// two VecA<T> registers `lo` and `hi` (AVX512; elsewhere, and for float/double, a pair is two
+// consecutive whole vectors, lo then hi). An elementwise pass computes each value in
+// whichever lane holds it, so the results are the same bits as chunk by chunk; what it saves is
+// conversion work, which outweighs the memory traffic of a 16-bit pass converted a vector at a time.
+//   bfloat16: lo holds the pair's even values, hi its odd ones. A bfloat16 is the upper half of a
+//             float, so widening a 32-bit lane that holds two of them is one shift (the even value)
+//             or one mask (the odd one), and narrowing is narrow_pair_bf16's rounding, where
+//             the one-register conversion spends two port-5 operations per vector on its narrowing.
+//   float16:  lo holds the first VW values, hi the last VW (vcvtph2ps and vcvtps2ph, as chunks do).
+// pair_index(lane) says which value of the pair a lane holds, for the lanes of lo and hi.
+template <typename T>
+constexpr bool has_pairs() {
+#if defined(CPU_CAPABILITY_AVX512)
+  return is_16bit_float<T>();
+#else
+  return false;
+#endif
+}
+
+// Pair: the chunk tag of a pair, which elementwise walks opt into (see walk_run). PairLo, PairHi:
+// its two registers, for loads of each tensor with the pair's layout: ld(PairLo{}, p) is the lo
+// register of the pair at p, ld(PairHi{}, p) its hi.
+struct Pair {};
+struct PairLo {};
+struct PairHi {};
+
+#if defined(CPU_CAPABILITY_AVX512)
+template <typename T>
+inline void ld_pair(const T* p, __m512& lo, __m512& hi) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    const __m512i w = _mm512_loadu_si512(p);
+    lo = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+    hi = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  } else {
+    lo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    hi = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)));
+  }
+}
+
+// The 32 bfloat16 of (lo, hi) in pair order, each rounded as at::vec::cvtfp32_bf16 rounds (to nearest
+// even; any NaN becomes 0xFFFF): the same bits. A float's upper half, the truncated value, rounds up
+// (adds 1, carrying into the exponent as the float rounding does) when its lower half plus the
+// upper half's last bit exceeds 0x8000, which is computed on 16-bit words, two values per 32-bit
+// lane; the NaN fix-up costs one compare unless a NaN is present.
+inline __m512i narrow_pair_bf16(const __m512& lo, const __m512& hi) {
+  const __m512i e = _mm512_castps_si512(lo), o = _mm512_castps_si512(hi);
+  const __m512i upper_words = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  // (a & upper_words) | (b & ~upper_words)
+  constexpr int kSelect = 0xE4;
+  const __m512i upper = _mm512_ternarylogic_epi32(o, _mm512_srli_epi32(e, 16), upper_words, kSelect);
+  const __m512i lower = _mm512_ternarylogic_epi32(_mm512_slli_epi32(o, 16), e, upper_words, kSelect);
+  const __m512i last_bit = _mm512_and_si512(upper, _mm512_set1_epi16(1));
+  const __mmask32 up = _mm512_cmpgt_epu16_mask(_mm512_adds_epu16(lower, last_bit), _mm512_set1_epi16(0x8000));
+  __m512i out = _mm512_mask_sub_epi16(upper, up, upper, _mm512_set1_epi16(-1));
+  if (_mm512_cmp_ps_mask(lo, hi, _CMP_UNORD_Q) != 0) {
+    out = _mm512_mask_or_epi32(out, _mm512_cmp_ps_mask(lo, lo, _CMP_UNORD_Q), out, _mm512_set1_epi32(0xFFFF));
+    out = _mm512_mask_or_epi32(out, _mm512_cmp_ps_mask(hi, hi, _CMP_UNORD_Q), out, upper_words);
+  }
+  return out;
+}
+
+#endif
+
+template <typename T>
+inline VecA<T> ld(PairLo, const T* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (is_16bit_float<T>()) {
+    __m512 lo, hi;
+    ld_pair(p, lo, hi);
+    return lo;
+  }
+#endif
+  return ld(Full{}, p);
+}
+
+template <typename T>
+inline VecA<T> ld(PairHi, const T* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (is_16bit_float<T>()) {
+    __m512 lo, hi;
+    ld_pair(p, lo, hi);
+    return hi;
+  }
+#endif
+  return ld(Full{}, p + vec_width<acc_t<T>>());
+}
+
+// Stores a pair, streaming (see st_out) when asked and aligned.
+template <typename T>
+inline void st_pair(T* p, const VecA<T>& lo, const VecA<T>& hi, bool stream) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    const __m512i out = narrow_pair_bf16(lo, hi);
+    if (stream && reinterpret_cast<uintptr_t>(p) % 64 == 0) {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(p), out);
+    } else {
+      _mm512_storeu_si512(p, out);
+    }
+    return;
+  }
+#endif
+  st_out(Full{}, p, lo, stream);
+  st_out(Full{}, p + vec_width<acc_t<T>>(), hi, stream);
+}
+
+// The index in the pair (0 .. 2 * VW - 1) of the value each lane of lo (first) and hi (second) holds.
+template <typename T>
+inline std::pair<VecA<T>, VecA<T>> pair_index() {
+  using A = acc_t<T>;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, at::BFloat16>) return {VecA<T>::arange(A(0), A(2)), VecA<T>::arange(A(1), A(2))};
+#endif
+  return {VecA<T>::arange(A(0), A(1)), VecA<T>::arange(A(vec_width<A>()), A(1))};
 }
 
 // Zeroes the lanes past the chunk's end, so that they add nothing to a sum.
