@@ -257,6 +257,11 @@ def batch_norm(
         and _compiled_checks(input, running_mean, running_var, weight, bias, training)
     )
     if not checked:
+        if isinstance(input, torch.Tensor) and input.layout != torch.strided:
+            # Sparse and MKL-DNN tensors: torch's own BatchNorm, with its results and its errors.
+            return torch_ops.batch_norm(
+                input, running_mean, running_var, weight, bias, training, momentum, eps, act, slope, residual
+            )
         try:
             shape = check_arguments(input, running_mean, running_var, weight, bias)
         except EmptyVector:  # nothing to normalise: torch's own answer, graph connections included
@@ -284,6 +289,21 @@ def batch_norm(
             weight = weight.reshape(-1)
         if bias is not None and bias.dim() != 1:
             bias = bias.reshape(-1)
+    if (
+        training
+        and running_mean is not None
+        and not (checked and residual is None)
+        and not torch.compiler.is_compiling()  # Dynamo traces fake tensors: storages are not its business
+    ):
+        # torch updates the running stats in place before it normalises: running stats that share
+        # memory with x, the weight, the bias, the residual or each other change what it normalises
+        # with, which torch's own ops reproduce (the kernels would read the values from before the
+        # update). args_ok has checked all but the residual.
+        others = (residual,) if checked else (input, weight, bias, residual)
+        if _stats_share_memory(running_mean, running_var, others):
+            return torch_ops.batch_norm(
+                input, running_mean, running_var, weight, bias, training, momentum, eps, act, slope, residual
+            )
     name = backends.resolve(backend, input.device)
     if memory != "default":
         return inplace.InplaceBatchNormFunction.apply(
@@ -309,6 +329,16 @@ def batch_norm(
     if residual is not None:
         y = y.add_(residual) if _same_tensor_kind(y, residual) else y + residual
     return act_codes.apply(y, act, slope, inplace=True)
+
+
+def _stats_share_memory(running_mean: torch.Tensor, running_var: torch.Tensor, others) -> bool:
+    """Whether the running stats share a storage with each other or with a tensor of ``others`` (None
+    entries skipped). Tensors without a storage of their own (wrapper subclasses) share none."""
+    try:
+        stats = {running_mean.untyped_storage().data_ptr(), running_var.untyped_storage().data_ptr()}
+        return len(stats) == 1 or any(t is not None and t.untyped_storage().data_ptr() in stats for t in others)
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 def _same_tensor_kind(x: torch.Tensor, residual: torch.Tensor) -> bool:

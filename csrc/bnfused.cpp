@@ -129,7 +129,7 @@ PyObject* args_ok(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const Tensor& x = THPVariable_Unpack(args[0]);
   const bool training = args[5] == Py_True;
   const at::ScalarType dtype = x.scalar_type();
-  if (!is_floating_input(dtype) || x.dim() < 2) Py_RETURN_FALSE;
+  if (!is_floating_input(dtype) || x.dim() < 2 || x.layout() != at::kStrided) Py_RETURN_FALSE;
   const int64_t numel = x.numel(), channels = x.size(1);
   if (numel == 0) Py_RETURN_FALSE;  // the empty-input path
   if (training && numel / channels == 1) Py_RETURN_FALSE;  // one value per channel: refused in Python
@@ -140,7 +140,7 @@ PyObject* args_ok(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (has_mean) {
     for (int i = 1; i <= 2; ++i) {
       const Tensor& stat = THPVariable_Unpack(args[i]);
-      if (stat.dim() != 1 || stat.size(0) != channels || stat.requires_grad() || stat.device() != device) {
+      if (stat.layout() != at::kStrided || stat.dim() != 1 || stat.size(0) != channels || stat.requires_grad() || stat.device() != device) {
         Py_RETURN_FALSE;
       }
       if (param_dtype.has_value() && stat.scalar_type() != *param_dtype) Py_RETURN_FALSE;
@@ -152,9 +152,23 @@ PyObject* args_ok(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   for (int i = 3; i <= 4; ++i) {  // weight, bias: 1-D here (Python reshapes other C-element shapes)
     if (args[i] == Py_None) continue;
     const Tensor& t = THPVariable_Unpack(args[i]);
-    if (t.dim() != 1 || t.size(0) != channels || t.device() != device) Py_RETURN_FALSE;
+    if (t.layout() != at::kStrided || t.dim() != 1 || t.size(0) != channels || t.device() != device) Py_RETURN_FALSE;
     if (param_dtype.has_value() && t.scalar_type() != *param_dtype) Py_RETURN_FALSE;
     param_dtype = t.scalar_type();
+  }
+  if (training && has_mean) {  // running stats sharing memory with another argument: see functional.py
+    const Tensor& mean = THPVariable_Unpack(args[1]);
+    const Tensor& var = THPVariable_Unpack(args[2]);
+    for (int i = 0; i < 5; ++i) {
+      if (args[i] != Py_None && !THPVariable_Unpack(args[i]).has_storage()) Py_RETURN_FALSE;  // e.g. vmap's
+    }
+    for (int i = 0; i < 5; ++i) {
+      if (args[i] == Py_None) continue;
+      const Tensor& t = THPVariable_Unpack(args[i]);
+      if ((i != 1 && t.storage().is_alias_of(mean.storage())) || (i != 2 && t.storage().is_alias_of(var.storage()))) {
+        Py_RETURN_FALSE;
+      }
+    }
   }
   const bool reduced = dtype == at::kHalf || dtype == at::kBFloat16;
   if (param_dtype.has_value() && *param_dtype != dtype && !(*param_dtype == at::kFloat && reduced)) {

@@ -193,7 +193,7 @@ def _argument_cases():
         {"x": (1, C, 1, 1)}, {"only_mean": True}, {"only_var": True}, {"stat_size": C + 1}, {"w_size": C - 1},
         {"w_shape": (1, C)}, {"b_shape": (C, 1)}, {"stat_shape": (1, C)}, {"stat_grad": True}, {"var_dtype": f64},
         {"w_dtype": f64}, {"b_dtype": f64}, {"meta_stat": True}, {"meta_x": True}, {"subclass": True},
-        {"param": True}, {"not_tensor": True}, {"training_int": True},
+        {"param": True}, {"not_tensor": True}, {"training_int": True}, {"sparse": True},
     ]  # fmt: skip
     for v in variants:
         case = {**base, **v}
@@ -203,6 +203,8 @@ def _argument_cases():
             x = x.to("meta")
         if case.get("subclass"):
             x = x.as_subclass(_TensorSubclass)
+        if case.get("sparse"):
+            x = x.to_sparse()
         pd = case["pd"]
         rm = torch.zeros(case.get("stat_size", C), dtype=pd).reshape(case.get("stat_shape", (-1,)))
         rv = torch.ones(C, dtype=case.get("var_dtype", pd))
@@ -272,3 +274,33 @@ def test_functional_uses_the_compiled_checks_once_the_extension_loads():
     from bnfused import functional
 
     assert functional._compiled_checks is _compiled_checks()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_sparse_and_mkldnn_inputs_get_torchs_batch_norm(backend):
+    """Tensors of other layouts are torch's business: its result, or its exception type."""
+    x = torch.randn(8, C)
+    rm, rv = _stats()
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    with pytest.raises(Exception) as expected:
+        F.batch_norm(x.to_sparse(), rm.clone(), rv.clone(), w, b, True)
+    with pytest.raises(expected.type):
+        batch_norm(x.to_sparse(), rm.clone(), rv.clone(), w, b, True, backend=backend)
+    if torch.backends.mkldnn.is_available():
+        x4 = torch.randn(4, C, 5, 5)
+        want = F.batch_norm(x4.to_mkldnn(), rm, rv, w, b, False).to_dense()
+        got = batch_norm(x4.to_mkldnn(), rm, rv, w, b, False, backend=backend).to_dense()
+        torch.testing.assert_close(got, want)
+
+
+def test_compiled_checks_refuse_running_stats_sharing_memory_in_training():
+    """Running stats that share memory with another argument take the Python path (torch's ops give
+    torch's result there); in eval the stats are only read, so sharing is harmless."""
+    args_ok = _compiled_checks()
+    x = torch.randn(8, C)
+    buf = torch.rand(4 * C) + 0.5
+    rm, rv, w, b = buf[:C], buf[C : 2 * C], buf[2 * C : 3 * C], buf[3 * C :]
+    assert not args_ok(x, rm, rv, w, b, True)
+    assert args_ok(x, rm, rv, w, b, False)
+    assert not args_ok(x, x[0], torch.ones(C), None, None, True)
+    assert args_ok(x, torch.zeros(C), torch.ones(C), torch.ones(C), None, True)

@@ -68,6 +68,12 @@ def test_fallback_warning_points_at_the_users_call(monkeypatch):
     with pytest.warns(RuntimeWarning, match="using backend 'reference'") as record:
         layer(torch.randn(4, 3))
     assert record[0].filename == __file__
+    # A converted model runs torch.fx's generated forward, whose code has no file of its own.
+    monkeypatch.setattr(backends, "_resolved", {})
+    model = bnfused.convert_model(torch.nn.Sequential(torch.nn.BatchNorm1d(3), torch.nn.ReLU()), fuse=True)
+    with pytest.warns(RuntimeWarning, match="using backend 'reference'") as record:
+        model(torch.randn(4, 3))
+    assert record[0].filename == __file__
 
 
 def test_set_backend_is_the_default_for_modules(restore_default, monkeypatch):

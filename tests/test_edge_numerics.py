@@ -140,27 +140,47 @@ def test_item06_plus_inf_in_a_channel(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("alias", ["weight", "bias", "input"])
+@pytest.mark.parametrize("alias", ["weight", "bias", "input", "residual", "strided-weight", "strided-input"])
 def test_item07_running_stats_aliasing_weight_bias_or_input(backend, alias):
-    """torch updates the running stats, then normalises with whatever they alias. The reference and
-    triton backends do the same; cpp refuses the call (its statistics pass reads the weight first)."""
+    """torch updates the running stats, then normalises (and adds the residual) with whatever they
+    alias: every backend gives torch's result (such calls run as torch's ops), strided views
+    included. The C++ op itself, called directly, refuses them (its statistics pass reads the weight
+    first), even where ATen cannot decide the overlap."""
 
     def call(fn):
         g = torch.Generator().manual_seed(7)
         x = torch.randn(6, 3, generator=g)
         w, b = torch.rand(3, generator=g) + 0.5, torch.randn(3, generator=g)
-        rm = {"weight": w, "bias": b, "input": x[0]}[alias]
-        return fn(x, rm, torch.ones(3), w, b), rm
+        residual = torch.randn(6, 3, generator=g)
+        shared = torch.rand(6, generator=g) + 0.5
+        if alias == "strided-weight":  # the running mean and the weight are one strided view
+            w = shared[::2]
+        if alias == "strided-input":  # x (4-D) and the running mean, a strided view of it
+            x = torch.randn(6, 3, 2, 2, generator=g)
+        rm = {
+            "weight": w, "bias": b, "input": x[0], "residual": residual[0], "strided-weight": w,
+            "strided-input": x[0, :, 0, 0] if x.dim() == 4 else None,
+        }[alias]  # fmt: skip
+        res = residual if alias == "residual" else None
+        return fn(x, rm, torch.ones(3), w, b, res), rm
 
-    def bnfused_call(x, rm, rv, w, b):
-        return bnfused.functional.batch_norm(x, rm, rv, w, b, True, backend=backend)
+    def bnfused_call(x, rm, rv, w, b, res):
+        return bnfused.functional.batch_norm(x, rm, rv, w, b, True, backend=backend, residual=res)
+
+    def torch_call(x, rm, rv, w, b, res):
+        y = F.batch_norm(x, rm, rv, w, b, True)
+        return y if res is None else y + res
 
     if backend == "cpp":
+        from bnfused.backends import native
+
+        def op_call(x, rm, rv, w, b, res):
+            return native.forward_train(x, w, b, rm, rv, 0.1, 1e-5, 0, 0.0, res)[0]
+
         with pytest.raises(RuntimeError, match="running_mean shares memory with"):
-            call(bnfused_call)
-        return
+            call(op_call)
     got, got_rm = call(bnfused_call)
-    want, want_rm = call(lambda x, rm, rv, w, b: F.batch_norm(x, rm, rv, w, b, True))
+    want, want_rm = call(torch_call)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_rm, want_rm)
 

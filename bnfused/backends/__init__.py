@@ -165,13 +165,15 @@ def _resolve_uncached(name: str, device: torch.device) -> str:
 # Frames of these packages are skipped when a warning names the line that caused it: the user's call
 # reaches the backends through a module's __call__ (torch) and bnfused's layers.
 _LIBRARY_DIRS = tuple(os.path.dirname(p) + os.sep for p in (os.path.dirname(__file__), torch.__file__))
+# torch.fx's generated forward (a converted model's GraphModule) names its code "<eval_with_key>.N ...".
+_GENERATED_CODE = ("<eval_with_key>",)
 
 
 def _caller_stacklevel() -> int:
     """The ``stacklevel`` that makes a warning raised by the caller of this function point at the first
     frame outside bnfused and torch: the user's line that called the layer."""
     frame, level = sys._getframe(1), 1  # level 1: the frame that calls warnings.warn
-    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS + _GENERATED_CODE):
         frame, level = frame.f_back, level + 1
     return level
 

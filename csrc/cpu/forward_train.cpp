@@ -17,20 +17,25 @@ double invstd_of(const Moments& mo, int64_t M, double eps) {
   return u >= 1.0 ? 1.0 / (u * std::sqrt(var_scaled + eps / u / u)) : 1.0 / std::sqrt(var_scaled * u * u + eps);
 }
 
-// torch updates the running stats before it normalises, so a running stat that is also x, the weight
-// or the bias would change the output: refused rather than silently computed another way.
+// torch updates the running stats before it normalises and adds the residual, so a running stat that
+// is also x, the weight, the bias or the residual would change the output: refused rather than
+// silently computed another way. Strided views whose overlap ATen cannot decide ("too hard") are
+// refused when they share a storage.
 void check_running_not_aliased(const optional<Tensor>& running, const char* name, const Tensor& x,
-                               const optional<Tensor>& weight, const optional<Tensor>& bias) {
+                               const optional<Tensor>& weight, const optional<Tensor>& bias,
+                               const optional<Tensor>& residual) {
   if (!present(running)) return;
-  const std::pair<const optional<Tensor>*, const char*> others[] = {{&weight, "weight"}, {&bias, "bias"}};
+  const std::pair<const optional<Tensor>*, const char*> others[] = {
+      {&weight, "weight"}, {&bias, "bias"}, {&residual, "residual"}};
   auto overlaps = [&](const Tensor& t) {
     const auto status = at::get_overlap_status(*running, t);
-    return status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial;
+    return status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial ||
+           (status == at::MemOverlapStatus::TooHard && running->storage().is_alias_of(t.storage()));
   };
   TORCH_CHECK(!overlaps(x), "bnfused_native: ", name, " shares memory with the input x; pass a separate tensor");
   for (const auto& [other, other_name] : others) {
     TORCH_CHECK(!present(*other) || !overlaps(**other), "bnfused_native: ", name, " shares memory with ", other_name,
-                " (torch would normalise with the updated values); pass separate tensors");
+                " (torch would use the updated values); pass separate tensors");
   }
 }
 
@@ -57,8 +62,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& x, const optional
                                                  int64_t act, double slope, const optional<Tensor>& residual) {
   check_forward_args(x, weight, bias, act, slope);
   check_running_args(x, running_mean, running_var);
-  check_running_not_aliased(running_mean, "running_mean", x, weight, bias);
-  check_running_not_aliased(running_var, "running_var", x, weight, bias);
+  check_running_not_aliased(running_mean, "running_mean", x, weight, bias, residual);
+  check_running_not_aliased(running_var, "running_var", x, weight, bias, residual);
   const Tiling tl = Tiling::of(ncs_of(x));
   const Tensor r = residual_of(residual, x, tl);
   const int64_t C = tl.L.c, M = tl.L.per_channel();
