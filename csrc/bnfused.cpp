@@ -159,13 +159,12 @@ PyObject* args_ok(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (training && has_mean) {  // running stats sharing memory with another argument: see functional.py
     const Tensor& mean = THPVariable_Unpack(args[1]);
     const Tensor& var = THPVariable_Unpack(args[2]);
-    for (int i = 0; i < 5; ++i) {
-      if (args[i] != Py_None && !THPVariable_Unpack(args[i]).has_storage()) Py_RETURN_FALSE;  // e.g. vmap's
-    }
+    if (!mean.has_storage() || !var.has_storage()) Py_RETURN_FALSE;  // e.g. vmap's batched tensors
     for (int i = 0; i < 5; ++i) {
       if (args[i] == Py_None) continue;
       const Tensor& t = THPVariable_Unpack(args[i]);
-      if ((i != 1 && t.storage().is_alias_of(mean.storage())) || (i != 2 && t.storage().is_alias_of(var.storage()))) {
+      if (!t.has_storage() || (i != 1 && t.storage().is_alias_of(mean.storage())) ||
+          (i != 2 && t.storage().is_alias_of(var.storage()))) {
         Py_RETURN_FALSE;
       }
     }

@@ -265,28 +265,19 @@ inline __m512i narrow_pair_bf16(const __m512& lo, const __m512& hi) {
 
 #endif
 
-template <typename T>
-inline VecA<T> ld(PairLo, const T* p) {
+// ld(PairLo{}, p), ld(PairHi{}, p): one register of the pair at p.
+template <typename T, typename Half,
+          typename = std::enable_if_t<std::is_same_v<Half, PairLo> || std::is_same_v<Half, PairHi>>>
+inline VecA<T> ld(Half, const T* p) {
+  constexpr bool kHi = std::is_same_v<Half, PairHi>;
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (is_16bit_float<T>()) {
     __m512 lo, hi;
     ld_pair(p, lo, hi);
-    return lo;
+    return kHi ? hi : lo;
   }
 #endif
-  return ld(Full{}, p);
-}
-
-template <typename T>
-inline VecA<T> ld(PairHi, const T* p) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (is_16bit_float<T>()) {
-    __m512 lo, hi;
-    ld_pair(p, lo, hi);
-    return hi;
-  }
-#endif
-  return ld(Full{}, p + vec_width<acc_t<T>>());
+  return ld(Full{}, kHi ? p + vec_width<acc_t<T>>() : p);
 }
 
 // Stores a pair, streaming (see st_out) when asked and aligned.
