@@ -185,12 +185,20 @@ def _not_finite(v):
 
 
 @triton.jit
+def _scale_by(m):
+    """(inv, back) for values of magnitude <= m: multiply them by inv before squaring, and their root by
+    back. inv = 1 / m and back = m, except where 1 / m overflows float32 (m = 0 or subnormal): there
+    2^126 and 2^-126, which bring the values to at most 1 without their squares underflowing."""
+    small = m < 1.1754943508222875e-38  # float32's smallest normal, 2^-126
+    return tl.where(small, 8.507059173023462e37, 1.0 / m), tl.where(small, 1.1754943508222875e-38, m)
+
+
+@triton.jit
 def _hypot3(a, b, c):
     """sqrt(a^2 + b^2 + c^2) of non-negative fp32 [BLOCK_C] vectors, scaled so that no square overflows."""
-    m = tl.maximum(tl.maximum(a, b), c)
-    inv = tl.where(m > 0, 1.0 / m, 0.0)
+    inv, back = _scale_by(tl.maximum(tl.maximum(a, b), c))
     a, b, c = a * inv, b * inv, c * inv
-    return m * tl.sqrt(a * a + b * b + c * c)
+    return back * tl.sqrt(a * a + b * b + c * c)
 
 
 @triton.jit
@@ -224,9 +232,9 @@ def _chunk_stats(
         dev = tl.where(mask, x - mean_tile[:, None], 0.0)
         halve = tl.max(_not_finite(dev).to(tl.int32), axis=1) > 0
         dev = tl.where(halve[:, None], tl.where(mask, x * 0.5 - (mean_tile * 0.5)[:, None], 0.0), dev)
-        largest = tl.max(tl.abs(dev), axis=1)
-        scaled = dev * tl.where(largest > 0, 1.0 / largest, 0.0)[:, None]
-        std_tile = largest * tl.sqrt(tl.sum(scaled * scaled, axis=1) / n_tile) * tl.where(halve, 2.0, 1.0)
+        inv, back = _scale_by(tl.max(tl.abs(dev), axis=1))
+        scaled = dev * inv[:, None]
+        std_tile = back * tl.sqrt(tl.sum(scaled * scaled, axis=1) / n_tile) * tl.where(halve, 2.0, 1.0)
         new_count = count + n_tile
         weight = n_tile / new_count
         delta = mean_tile - mean
@@ -399,7 +407,7 @@ def _stats_finalize_kernel(
         delta = tl.abs(tl.load(mean_part_ptr + offsets, mask=mask, other=0.0) - mean[None, :])
         std_k = tl.load(std_part_ptr + offsets, mask=mask, other=0.0)
         largest = tl.maximum(largest, tl.max(tl.maximum(delta, std_k), axis=0))
-    inv = tl.where(largest > 0, 1.0 / largest, 0.0)
+    inv, back = _scale_by(largest)
     var_scaled = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offsets, mask = _partials_block(k0, c, c_mask, C, K, BLOCK_K)
@@ -407,7 +415,7 @@ def _stats_finalize_kernel(
         delta = (tl.load(mean_part_ptr + offsets, mask=mask, other=0.0) - mean[None, :]) * inv[None, :]
         std_k = tl.load(std_part_ptr + offsets, mask=mask, other=0.0) * inv[None, :]
         var_scaled += (n / total) * (std_k * std_k + delta * delta)
-    std = largest * tl.sqrt(tl.sum(var_scaled, axis=0))
+    std = back * tl.sqrt(tl.sum(var_scaled, axis=0))
     _finish_stats(
         mean, std, c, c_mask, running_mean_ptr, running_var_ptr, total, momentum,
         HAS_RUNNING_MEAN, HAS_RUNNING_VAR, ROUND_BF16,
