@@ -143,6 +143,43 @@ def test_item05_subnormal_inputs_give_finite_statistics(backend, shape, spread, 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(5, 3, 7, 9), (16, 2, 4000)])
+@pytest.mark.parametrize("value", [1e10, -3.3e7, 1e30, 3e38])
+def test_item05_constant_channel_far_from_zero_has_zero_variance(backend, shape, value):
+    # A constant channel has mean == its value and variance 0 exactly. Summing the unshifted values
+    # and dividing rounds the mean (to 1e10 + 128, or 1e30 * (1 + 1e-7)): then the variance is that
+    # error squared (1e5, or inf) and y = +-1 instead of b. (torch's own float32 CPU kernel gives y
+    # ~ 1e5 for 1e10 here; float64 gives 1e-4.)
+    C = shape[1]
+    g = torch.Generator().manual_seed(56)
+    x = torch.full(shape, value)
+    w, b = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g)
+    dy = torch.randn(shape, generator=g)
+    y, rm, rv, dx, dw, db = run(backend, x, torch.zeros(C), torch.ones(C), w, b, dy=dy)
+    dims = [d for d in range(len(shape)) if d != 1]
+    per_channel = [1, C] + [1] * (len(shape) - 2)
+    assert torch.equal(y, b.view(per_channel).expand(shape))
+    assert torch.equal(rm, torch.full((C,), value) * 0.1)
+    assert torch.equal(rv, torch.full((C,), 0.9))
+    # x_hat = 0, so dx = w * invstd * (dy - mean(dy)) with invstd = 1 / sqrt(eps), and dw = 0.
+    want_dx = (w / math.sqrt(1e-5)).view(per_channel) * (dy - dy.mean(dims, keepdim=True))
+    torch.testing.assert_close(dx, want_dx, rtol=1e-5, atol=1e-4)
+    assert torch.equal(dw, torch.zeros(C))
+    torch.testing.assert_close(db, dy.sum(dims))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows, cols", [(8, 300), (3, 7), (1, 3000)])
+def test_item02_tile_means_further_apart_than_the_largest_float32(backend, rows, cols):
+    # Half the channel at -3e38, half at +3e38: the two halves' means differ by 6e38, which overflows
+    # float32 when one mean is moved toward the other (it gave a mean of inf, or -6e29).
+    x = torch.cat([torch.full((rows, 1, cols), -3e38), torch.full((rows, 1, cols), 3e38)])
+    y, rm, rv, *_ = run(backend, x, torch.zeros(1), torch.ones(1))
+    assert abs(rm.item()) <= 3e38 * 1e-7 and torch.isinf(rv).all()  # var 9e76 is past float32, as in torch
+    torch.testing.assert_close(y, torch.sign(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_item06_plus_inf_in_a_channel(backend):
     x = torch.randn(4, 2, 3)
     x[1, 0, 1] = INF

@@ -227,9 +227,15 @@ def _chunk_stats(
         )
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         n_tile = n_valid.to(tl.float32)
-        total = tl.sum(x, axis=1)
-        mean_tile = tl.where(_not_finite(total), tl.sum(x * (1.0 / n_tile), axis=1), total / n_tile)
-        dev = tl.where(mask, x - mean_tile[:, None], 0.0)
+        # Sums of x - (the tile's first value) lose no digits to a large mean, and a constant channel
+        # gets its mean exactly (total / n of the unshifted values rounds: then y = +-1, not 0).
+        first = tl.sum(tl.where((tl.arange(0, BLOCK_S) == 0)[None, :], x, 0.0), axis=1)
+        shifted = tl.where(mask, x - first[:, None], 0.0)
+        mean_shifted = tl.sum(shifted, axis=1) / n_tile
+        # Where the values span more than float32's range, x - first overflowed: mean the values scaled.
+        wide = _not_finite(mean_shifted)
+        mean_tile = tl.where(wide, tl.sum(x * (1.0 / n_tile), axis=1), first + mean_shifted)
+        dev = tl.where(mask, tl.where(wide[:, None], x - mean_tile[:, None], shifted - mean_shifted[:, None]), 0.0)
         halve = tl.max(_not_finite(dev).to(tl.int32), axis=1) > 0
         dev = tl.where(halve[:, None], tl.where(mask, x * 0.5 - (mean_tile * 0.5)[:, None], 0.0), dev)
         inv, back = _scale_by(tl.max(tl.abs(dev), axis=1))
@@ -242,7 +248,8 @@ def _chunk_stats(
         share = tl.sqrt(weight * (1.0 - weight))
         spread = tl.where(_not_finite(delta), tl.abs(mean_tile * share - mean * share), tl.abs(delta) * share)
         std = _hypot3(tl.sqrt(1.0 - weight) * std, tl.sqrt(weight) * std_tile, spread)
-        mean = tl.where(_not_finite(mean) | _not_finite(mean_tile), mean + mean_tile, mean + delta * weight)
+        moved = tl.where(_not_finite(delta), mean * (1.0 - weight) + mean_tile * weight, mean + delta * weight)
+        mean = tl.where(_not_finite(mean) | _not_finite(mean_tile), mean + mean_tile, moved)
         count = new_count
     return count, mean, std
 
@@ -390,16 +397,18 @@ def _stats_finalize_kernel(
     count_ptr = partial_ptr
     mean_part_ptr = partial_ptr + K * C
     std_part_ptr = partial_ptr + 2 * K * C
+    # The chunk means are summed shifted by the first chunk's, as the tiles' values are in _chunk_stats.
+    first = tl.load(mean_part_ptr + c, mask=c_mask, other=0.0)
     weighted = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
     shares = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offsets, mask = _partials_block(k0, c, c_mask, C, K, BLOCK_K)
         n = tl.load(count_ptr + offsets, mask=mask, other=0.0)
         mean_k = tl.load(mean_part_ptr + offsets, mask=mask, other=0.0)
-        weighted += n * mean_k
+        weighted += tl.where(mask, n * (mean_k - first[None, :]), 0.0)
         shares += (n / total) * mean_k  # used only where the sum above overflowed
     weighted_sum = tl.sum(weighted, axis=0)
-    mean = tl.where(_not_finite(weighted_sum), tl.sum(shares, axis=0), weighted_sum / total)
+    mean = tl.where(_not_finite(weighted_sum), tl.sum(shares, axis=0), first + weighted_sum / total)
     # std^2 = sum_k (n_k / n) (std_k^2 + delta_k^2), every term scaled by the largest first.
     largest = tl.zeros([BLOCK_C], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -591,7 +600,8 @@ def _chunk_grad_sums(
         )
         acc_g += g
         if NEED_G_XHAT:
-            acc_g_xhat += g * ((x - mean[:, None]) * invstd[:, None])  # g is 0 where masked
+            # Masked lanes hold x = 0, whose x_hat can overflow (mean 3e38): 0 * inf would be NaN.
+            acc_g_xhat += tl.where(mask, g * ((x - mean[:, None]) * invstd[:, None]), 0.0)
         if STORE_G:
             tl.store(dres_ptr + offsets, _output(g, dres_ptr, ROUND_BF16), mask=mask)
     return tl.sum(acc_g, axis=1), tl.sum(acc_g_xhat, axis=1)
