@@ -33,6 +33,10 @@ SCHEDULES = [
     pytest.param((2101, 75), False, id="rows-flat-NC-75"),
     pytest.param((2001, 120), False, id="rows-flat-NC-120"),
     pytest.param((64, 32, 8, 8), True, id="rows-C32"),  # a multiple of the vector width: row by row
+    # Rows of one vector: the training moments deal them in turn to four accumulators
+    # (csrc/cpu/tiling.h, tile_sums); a partial vector when C < 16 and too few rows to walk flat.
+    pytest.param((64, 16, 8, 8), True, id="rows-C16"),
+    pytest.param((9, 12, 3, 5), True, id="rows-C12-few"),
 ]
 
 
@@ -85,8 +89,9 @@ def _max_error(a, reference):
         ((9, 13, 1, 1), False),
         ((41, 6, 9, 9), True),
         ((301, 120), False),
+        ((64, 16, 8, 8), True),
     ],
-    ids=["NCHW-196", "channels-last", "NC-37", "planes-7", "planes-1", "rows-flat-C6", "rows-flat-NC-120"],
+    ids=["NCHW-196", "channels-last", "NC-37", "planes-7", "planes-1", "rows-flat-C6", "rows-flat-NC-120", "rows-C16"],
 )
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

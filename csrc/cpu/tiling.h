@@ -346,7 +346,26 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, const Contrib& cont
   }
   // Row by row, the sums accumulate in out itself; walked flat, in one accumulator per place of the
   // period, folded into out's C sums at the end.
+  constexpr int64_t VW = vec_width<A>();
   const int64_t C = tl.L.c, P = tl.flat ? tl.period : C;
+  if (K == 1 && !tl.flat && C <= VW) {
+    // A row of one vector (channels_last with up to 16 float channels) would add every row to the
+    // same accumulator: a chain of a store, a dependent reload and an add per row, latency-bound.
+    // The rows are dealt in turn to four accumulators, added in a fixed order at the end (the
+    // grouping depends on the tile alone). The backward's two sums were not faster this way.
+    constexpr int64_t kSets = 4;
+    alignas(64) A sets[kSets * VW] = {};
+    int64_t set = kSets - 1;  // the first row's first chunk moves it to set 0
+    walk_rows<A>(tl, t, [=, &set, &sets](auto tag, int64_t off, int64_t j) {
+      const auto coef = [=](const A* arr) { return ld(tag, arr + j); };
+      const std::array<V, K> v = contrib(tag, off, center ? ld(tag, center + j) : V(0), coef);
+      if (j == 0) set = set == kSets - 1 ? 0 : set + 1;
+      A* o = sets + set * VW + j;
+      st(tag, o, ld(tag, o) + valid(tag, v[0]));
+    });
+    for (int64_t c = 0; c < C; ++c) out[c] += (sets[c] + sets[VW + c]) + (sets[2 * VW + c] + sets[3 * VW + c]);
+    return;
+  }
   alignas(64) A flat_acc[K * kMaxRowsPeriod];
   A* const acc = tl.flat ? flat_acc : out;
   if (tl.flat) std::fill(acc, acc + K * P, A(0));
