@@ -33,7 +33,7 @@ SCHEDULES = [
     pytest.param((2101, 75), False, id="rows-flat-NC-75"),
     pytest.param((2001, 120), False, id="rows-flat-NC-120"),
     pytest.param((64, 32, 8, 8), True, id="rows-C32"),  # a multiple of the vector width: row by row
-    # Rows of one vector: the training moments deal them in turn to four accumulators
+    # Rows of one vector: the forward and backward sums deal them in turn to four accumulator sets
     # (csrc/cpu/tiling.h, tile_sums); a partial vector when C < 16 and too few rows to walk flat.
     pytest.param((64, 16, 8, 8), True, id="rows-C16"),
     pytest.param((9, 12, 3, 5), True, id="rows-C12-few"),

@@ -348,22 +348,29 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, const Contrib& cont
   // period, folded into out's C sums at the end.
   constexpr int64_t VW = vec_width<A>();
   const int64_t C = tl.L.c, P = tl.flat ? tl.period : C;
-  if (K == 1 && !tl.flat && C <= VW) {
+  if (!tl.flat && C <= VW) {
     // A row of one vector (channels_last with up to 16 float channels) would add every row to the
-    // same accumulator: a chain of a store, a dependent reload and an add per row, latency-bound.
-    // The rows are dealt in turn to four accumulators, added in a fixed order at the end (the
-    // grouping depends on the tile alone). The backward's two sums were not faster this way.
+    // same accumulators: a chain of a store, a dependent reload and an add per row, latency-bound.
+    // The rows are dealt in turn to four sets of accumulators, added in a fixed order at the end
+    // (the grouping depends on the tile alone).
     constexpr int64_t kSets = 4;
-    alignas(64) A sets[kSets * VW] = {};
+    alignas(64) A sets[kSets * K * VW] = {};
     int64_t set = kSets - 1;  // the first row's first chunk moves it to set 0
     walk_rows<A>(tl, t, [=, &set, &sets](auto tag, int64_t off, int64_t j) {
       const auto coef = [=](const A* arr) { return ld(tag, arr + j); };
       const std::array<V, K> v = contrib(tag, off, center ? ld(tag, center + j) : V(0), coef);
       if (j == 0) set = set == kSets - 1 ? 0 : set + 1;
-      A* o = sets + set * VW + j;
-      st(tag, o, ld(tag, o) + valid(tag, v[0]));
+      for (int k = 0; k < K; ++k) {
+        A* o = sets + (set * K + k) * VW + j;
+        st(tag, o, ld(tag, o) + valid(tag, v[k]));
+      }
     });
-    for (int64_t c = 0; c < C; ++c) out[c] += (sets[c] + sets[VW + c]) + (sets[2 * VW + c] + sets[3 * VW + c]);
+    for (int k = 0; k < K; ++k) {
+      const A* s = sets + k * VW;
+      for (int64_t c = 0; c < C; ++c) {
+        out[k * C + c] += (s[c] + s[K * VW + c]) + (s[2 * K * VW + c] + s[3 * K * VW + c]);
+      }
+    }
     return;
   }
   alignas(64) A flat_acc[K * kMaxRowsPeriod];
