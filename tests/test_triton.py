@@ -245,6 +245,20 @@ def test_large_mean_variance_is_accurate_in_fp32(forced):
         torch.testing.assert_close(mean.double(), want_mean, rtol=1e-7, atol=0)
 
 
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_spread_of_one_rounding_step_at_the_mean(chunks):
+    """Values -1e10 and +-1024 (float32's step there): a tile mean rounds by about the spread itself,
+    so each tile's deviations must be taken from the mean it passes on to the merge, not the exact one
+    (that gave a variance 6% low)."""
+    a, u = -1e10, 1024.0
+    x = torch.tensor(([a, a + u, a - u] * 14)[:40]).view(1, 1, 40).repeat(2, 1, 1)
+    want_var, want_mean = torch.var_mean(x.double(), dim=(0, 2), correction=0)
+    with triton_backend.forced_blocks(block_c=1, block_s=4, chunks=chunks):
+        mean, var = triton_backend.batch_stats(x)
+    torch.testing.assert_close(var.double(), want_var, rtol=1e-5, atol=0)
+    torch.testing.assert_close(mean.double(), want_mean, rtol=1e-7, atol=0)
+
+
 def test_results_are_deterministic():
     x, dy, y, weight, _, mean, invstd = _contract_inputs((6, 5, 7, 3), torch.float32, True)
     with triton_backend.forced_blocks(block_c=4, block_s=8, chunks=4):
