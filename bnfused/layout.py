@@ -9,6 +9,7 @@ tensor transposed to (N, C, L). The public API hands them contiguous or channels
 from __future__ import annotations
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 
 def spatial_stride(x: torch.Tensor) -> int | None:
@@ -28,11 +29,12 @@ def spatial_stride(x: torch.Tensor) -> int | None:
 
 
 def kernel_ready(x: torch.Tensor) -> torch.Tensor:
-    """x itself when contiguous or channels_last (3d), else a contiguous copy.
+    """x itself when contiguous or channels_last (3d), else a copy in the layout torch suggests for it.
 
     The kernels could index any layout whose spatial dims collapse, but the output takes the input's
-    strides, and torch's BatchNorm returns contiguous output for every other layout: code that
-    ``view``s the result relies on that, so other layouts are copied here, once.
+    strides, and torch's BatchNorm returns its input's suggested memory format: channels_last for a
+    slice of a channels_last tensor, contiguous for every other layout (code that ``view``s the
+    result relies on that). So other layouts are copied here, once, to that format.
     """
     if x.is_contiguous():
         return x
@@ -40,7 +42,7 @@ def kernel_ready(x: torch.Tensor) -> torch.Tensor:
         return x
     if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
         return x
-    return x.contiguous()
+    return x.contiguous(memory_format=suggest_memory_format(x))
 
 
 def ncs(x: torch.Tensor) -> tuple[int, int, int, int, int, int]:

@@ -168,3 +168,29 @@ def test_non_contiguous_inputs_give_correct_results():
 
 def test_module_and_functional_share_one_public_entry():
     assert bnfused.batch_norm is batch_norm
+
+
+STRIDED_INPUTS = {
+    "channels_last-channel-slice": lambda: torch.randn(4, 8, 5, 5).to(memory_format=torch.channels_last)[:, :5],
+    "channels_last-spatial-slice": lambda: torch.randn(4, 8, 6, 5).to(memory_format=torch.channels_last)[:, :, :5],
+    "channels_last_3d-slice": lambda: torch.randn(2, 8, 3, 4, 5).to(memory_format=torch.channels_last_3d)[:, :5],
+    "contiguous-channel-slice": lambda: torch.randn(4, 8, 5, 5)[:, :5],
+    "NLC-transposed": lambda: torch.randn(4, 7, 6).transpose(1, 2),
+    "spatial-dims-swapped": lambda: torch.randn(4, 5, 6, 7).permute(0, 1, 3, 2),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("make", STRIDED_INPUTS.values(), ids=STRIDED_INPUTS.keys())
+def test_output_layout_of_strided_inputs_is_torchs(make, training, backend):
+    # torch returns its input's suggested memory format: channels_last for a slice of a channels_last
+    # tensor (the next convolution then runs channels_last), contiguous for the other layouts.
+    torch.manual_seed(0)
+    x = make()
+    C = x.shape[1]
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    want = F.batch_norm(x, torch.zeros(C), torch.ones(C), w, b, training)
+    got = batch_norm(x, torch.zeros(C), torch.ones(C), w, b, training, backend=backend)
+    assert got.stride() == want.stride()
+    torch.testing.assert_close(got, want)
