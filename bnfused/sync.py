@@ -258,14 +258,15 @@ class SyncBatchNorm(_FusedBatchNorm, nn.modules.batchnorm._BatchNorm):
         group, world_size = self._sync_group()
         if world_size == 1:
             return super().forward(input)  # the plain bnfused BatchNorm
-        momentum = self._step_momentum()
+        weight, bias, running_mean, running_var, num_batches_tracked = self._tensors()
+        momentum = self._step_momentum(num_batches_tracked)
         tracked = self.track_running_stats
         return sync_batch_norm(
             input,
-            self.running_mean if tracked else None,
-            self.running_var if tracked else None,
-            self.weight,
-            self.bias,
+            running_mean if tracked else None,
+            running_var if tracked else None,
+            weight,
+            bias,
             momentum,
             self.eps,
             self.activation,

@@ -164,3 +164,69 @@ def test_module_dtype_and_device_arguments():
     m = bnfused.BatchNorm1d(3, dtype=torch.float64, device="cpu")
     assert m.weight.dtype == torch.float64
     assert m(torch.randn(4, 3, dtype=torch.float64)).dtype == torch.float64
+
+
+class _Doubled(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def _reassign_running_stats(m):
+    m.running_mean = torch.full((3,), 0.5)
+    m.running_var = torch.full((3,), 2.0)
+
+
+def _reassign_weight(m):
+    m.weight = nn.Parameter(torch.linspace(0.5, 1.5, 3))
+
+
+def _parametrize_weight(m):
+    nn.utils.parametrize.register_parametrization(m, "weight", _Doubled())
+
+
+def _to_double_and_back(m):
+    m.double().float()  # _apply replaces the buffer tensors in the module's dicts, not through setattr
+
+
+CHANGES = [_reassign_running_stats, _reassign_weight, _parametrize_weight, _to_double_and_back]
+
+
+@pytest.mark.parametrize("change", CHANGES, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_forward_reads_the_tensors_the_module_holds_now(change, mode):
+    # The forward reads weight, bias and the running stats where nn.Module keeps them; whatever a user
+    # or torch did to the module since (a reassignment, a parametrization, a dtype round trip), the
+    # forward must see what torch's forward sees.
+    a, b = nn.BatchNorm2d(3), bnfused.BatchNorm2d(3)
+    for m in (a, b):
+        change(m)
+        m.train(mode == "train")
+    x = torch.randn(4, 3, 5, 5) * 2 + 1
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = a(xa), b(xb)
+    torch.testing.assert_close(yb, ya)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    torch.testing.assert_close(xb.grad, xa.grad)
+    for (name, want), (_, got) in zip(a.named_buffers(), b.named_buffers()):
+        torch.testing.assert_close(got, want, msg=name)
+
+
+def test_functional_call_substitutes_parameters_and_buffers():
+    a, b = nn.BatchNorm2d(3), bnfused.BatchNorm2d(3)
+    tensors = {
+        "weight": torch.rand(3) + 0.5, "bias": torch.randn(3), "running_mean": torch.randn(3),
+        "running_var": torch.rand(3) + 0.5, "num_batches_tracked": torch.tensor(4),
+    }  # fmt: skip
+    x = torch.randn(4, 3, 5, 5)
+    for training in (True, False):
+        a.train(training)
+        b.train(training)
+        ta = {k: v.clone() for k, v in tensors.items()}
+        tb = {k: v.clone() for k, v in tensors.items()}
+        ya = torch.func.functional_call(a, ta, (x,))
+        yb = torch.func.functional_call(b, tb, (x,))
+        torch.testing.assert_close(yb, ya)
+        for k in tensors:
+            torch.testing.assert_close(tb[k], ta[k], msg=k)  # running stats and the count updated in place
+        assert b.num_batches_tracked.item() == 0 and b.running_mean.abs().sum() == 0  # the module's own untouched
