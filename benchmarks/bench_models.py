@@ -30,8 +30,9 @@ CPU: torch's profiler's allocation events, summed in time order).
 
 Every row has ``ratio``: its time over its baseline's, where the baseline is ``compile`` for compiled
 providers and ``torch`` for the others (below 1: faster). The providers of one (model, layout, mode)
-are timed in turn, round after round (``--repeat``), and the ratio is the median of the per-round
-ratios, so that a burst of load on a shared machine hits the provider and its baseline alike.
+are timed in turn, round after round (``--repeat``; every other round in reverse order), and the
+ratio is the median of the per-round ratios, so that a burst of load on a shared machine hits the
+provider and its baseline alike.
 """
 
 from __future__ import annotations
@@ -244,8 +245,11 @@ def run(model_names, provider_names, modes, layouts, device, dtype, sizes, budge
             except Exception as exc:  # one provider failing must not stop the others
                 log(f"  {provider.name}: skipped ({report.short_reason(exc)})")
         timings: dict[str, list[timing.Timing]] = {name: [] for name in steps}
-        for _ in range(repeat):
-            for name, step in steps.items():
+        order = list(steps.items())
+        for round_ in range(repeat):
+            # Every other round in reverse, so that no provider always runs first (after a model's
+            # warm-up, or right behind another provider's allocations) in the pairs a ratio compares.
+            for name, step in order if round_ % 2 == 0 else order[::-1]:
                 timings[name].append(timing.measure(step, device, budget))
         for provider in parsed:
             if provider.name not in steps:
