@@ -37,6 +37,10 @@ SCHEDULES = [
     # (csrc/cpu/tiling.h, tile_sums); a partial vector when C < 16 and too few rows to walk flat.
     pytest.param((64, 16, 8, 8), True, id="rows-C16"),
     pytest.param((9, 12, 3, 5), True, id="rows-C12-few"),
+    # Rows of two to four vectors deal them to four sets as well: several tiles, the last partial;
+    # and a row ending in a partial vector (too few rows to walk flat).
+    pytest.param((32, 64, 9, 9), True, id="rows-C64"),
+    pytest.param((9, 40, 3, 5), True, id="rows-C40-few"),
 ]
 
 
@@ -90,8 +94,19 @@ def _max_error(a, reference):
         ((41, 6, 9, 9), True),
         ((301, 120), False),
         ((64, 16, 8, 8), True),
+        ((32, 64, 9, 9), True),
     ],
-    ids=["NCHW-196", "channels-last", "NC-37", "planes-7", "planes-1", "rows-flat-C6", "rows-flat-NC-120", "rows-C16"],
+    ids=[
+        "NCHW-196",
+        "channels-last",
+        "NC-37",
+        "planes-7",
+        "planes-1",
+        "rows-flat-C6",
+        "rows-flat-NC-120",
+        "rows-C16",
+        "rows-C64",
+    ],
 )
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

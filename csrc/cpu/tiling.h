@@ -348,31 +348,33 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, const Contrib& cont
   // period, folded into out's C sums at the end.
   constexpr int64_t VW = vec_width<A>();
   const int64_t C = tl.L.c, P = tl.flat ? tl.period : C;
-  if (!tl.flat && C <= VW) {
-    // A row of one vector (channels_last with up to 16 float channels) would add every row to the
-    // same accumulators: a chain of a store, a dependent reload and an add per row, latency-bound.
-    // The rows are dealt in turn to four sets of accumulators, added in a fixed order at the end
-    // (the grouping depends on the tile alone).
-    constexpr int64_t kSets = 4;
-    alignas(64) A sets[kSets * K * VW] = {};
+  // Rows of up to four vectors (channels_last with up to 64 float channels) would add every row to
+  // the same accumulators: a chain of a store, a dependent reload and an add per row, latency-bound
+  // (one vector a row was the worst; four still took most of the training forward's statistics pass).
+  // The rows are dealt in turn to four sets of accumulators, added in a fixed order at the end (the
+  // grouping depends on the tile alone). S: the channels a set holds, a multiple of VW.
+  auto dealt = [&](auto set_width) {
+    constexpr int64_t S = decltype(set_width)::value, kSets = 4;
+    alignas(64) A sets[kSets * K * S] = {};
     int64_t set = kSets - 1;  // the first row's first chunk moves it to set 0
     walk_rows<A>(tl, t, [=, &set, &sets](auto tag, int64_t off, int64_t j) {
       const auto coef = [=](const A* arr) { return ld(tag, arr + j); };
       const std::array<V, K> v = contrib(tag, off, center ? ld(tag, center + j) : V(0), coef);
       if (j == 0) set = set == kSets - 1 ? 0 : set + 1;
       for (int k = 0; k < K; ++k) {
-        A* o = sets + (set * K + k) * VW + j;
+        A* o = sets + (set * K + k) * S + j;
         st(tag, o, ld(tag, o) + valid(tag, v[k]));
       }
     });
     for (int k = 0; k < K; ++k) {
-      const A* s = sets + k * VW;
+      const A* s = sets + k * S;
       for (int64_t c = 0; c < C; ++c) {
-        out[k * C + c] += (s[c] + s[K * VW + c]) + (s[2 * K * VW + c] + s[3 * K * VW + c]);
+        out[k * C + c] += (s[c] + s[K * S + c]) + (s[2 * K * S + c] + s[3 * K * S + c]);
       }
     }
-    return;
-  }
+  };
+  if (!tl.flat && C <= VW) return dealt(std::integral_constant<int64_t, VW>{});
+  if (!tl.flat && C <= 4 * VW) return dealt(std::integral_constant<int64_t, 4 * VW>{});
   alignas(64) A flat_acc[K * kMaxRowsPeriod];
   A* const acc = tl.flat ? flat_acc : out;
   if (tl.flat) std::fill(acc, acc + K * P, A(0));
