@@ -16,6 +16,19 @@ from bnfused import activation as act_codes
 from bnfused import inplace
 from bnfused.functional import batch_norm
 
+_TENSOR_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_plain_classes: dict[type, bool] = {}
+
+
+def _plain_lookup(cls: type) -> bool:
+    """True when ``cls``'s instances find their parameters and buffers by nn.Module's own lookup: no
+    ``__getattr__`` of its own and no class attribute under those names (cached per class)."""
+    plain = _plain_classes.get(cls)
+    if plain is None:
+        plain = cls.__getattr__ is nn.Module.__getattr__ and not any(hasattr(cls, n) for n in _TENSOR_NAMES)
+        _plain_classes[cls] = plain
+    return plain
+
 
 class _FusedBatchNorm:
     """The forward shared by every bnfused BatchNorm module (mirrors ``nn.modules.batchnorm._BatchNorm``)."""
@@ -34,20 +47,34 @@ class _FusedBatchNorm:
         self.memory = memory
 
     def _tensors(self) -> tuple:
-        """(weight, bias, running_mean, running_var, num_batches_tracked), None where absent.
+        """(weight, bias, running_mean, running_var, num_batches_tracked), None where absent or unused.
 
         Read from the module's parameter and buffer dicts: ``nn.Module.__getattr__`` costs about
-        0.5 us a name, and a forward reads six, a sixth of a small layer's call. A parametrized or
-        deleted name is not in the dicts: it takes the attribute lookup, and torch's own behaviour.
+        0.5 us a name, and a forward reads six, a sixth of a small layer's call. That is what the
+        attribute lookup finds unless something else answers first (a class attribute such as a
+        parametrization's property, a ``__getattr__`` override, an instance attribute) or a name is
+        missing; then the names are read as attributes, each only where torch's forward reads it.
         """
-        try:
-            params, buffers = self._parameters, self._buffers
-            return (
-                params["weight"], params["bias"], buffers["running_mean"], buffers["running_var"],
-                buffers["num_batches_tracked"],
-            )  # fmt: skip
-        except KeyError:
-            return self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked
+        # Dynamo traces attribute reads (and guards on them) as they are: compiled calls take them.
+        if (
+            not torch.compiler.is_compiling()
+            and _plain_lookup(type(self))
+            and self.__dict__.keys().isdisjoint(_TENSOR_NAMES)
+        ):
+            try:
+                params, buffers = self._parameters, self._buffers
+                return (
+                    params["weight"], params["bias"], buffers["running_mean"], buffers["running_var"],
+                    buffers["num_batches_tracked"],
+                )  # fmt: skip
+            except KeyError:
+                pass
+        training, tracked = self.training, self.track_running_stats
+        num_batches_tracked = self.num_batches_tracked if training and tracked else None
+        keep_running = not training or tracked
+        running_mean = self.running_mean if keep_running else None
+        running_var = self.running_var if keep_running else None
+        return self.weight, self.bias, running_mean, running_var, num_batches_tracked
 
     def _step_momentum(self, num_batches_tracked: torch.Tensor | None) -> float:
         """Counts a training step in num_batches_tracked (as torch does) and returns its momentum."""

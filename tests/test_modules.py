@@ -230,3 +230,58 @@ def test_functional_call_substitutes_parameters_and_buffers():
         for k in tensors:
             torch.testing.assert_close(tb[k], ta[k], msg=k)  # running stats and the count updated in place
         assert b.num_batches_tracked.item() == 0 and b.running_mean.abs().sum() == 0  # the module's own untouched
+
+
+def _delete(name):
+    def change(m):
+        delattr(m, name)
+
+    change.__name__ = f"del_{name}"
+    return change
+
+
+def _shadow_running_var(m):
+    object.__setattr__(m, "running_var", torch.full((3,), 4.0))  # an instance attribute answers first
+
+
+def _doubled_weight_class(m):
+    class Doubled(type(m)):
+        def __getattr__(self, name):
+            if name == "weight":
+                return self._parameters["weight"] * 2
+            return super().__getattr__(name)
+
+    m.__class__ = Doubled
+
+
+@pytest.mark.parametrize(
+    "flags, mode, change",
+    [
+        ({}, "eval", _delete("num_batches_tracked")),  # read only when training
+        ({"momentum": None}, "eval", _delete("num_batches_tracked")),
+        ({"track_running_stats": False}, "train", _delete("running_mean")),  # not read at all
+        ({"track_running_stats": False}, "train", _delete("running_var")),
+        ({}, "eval", _shadow_running_var),
+        ({}, "train", _doubled_weight_class),
+        ({}, "eval", _doubled_weight_class),
+    ],
+    ids=lambda v: getattr(v, "__name__", str(v)),
+)
+def test_forward_reads_names_as_torchs_forward_does(flags, mode, change):
+    # Whatever nn.Module's attribute lookup would find, or not need, the forward finds or skips too.
+    x = torch.randn(4, 3, 5, 5) * 2 + 1
+    a, b = nn.BatchNorm2d(3, **flags), bnfused.BatchNorm2d(3, **flags)
+    outputs = []
+    for m in (a, b):
+        m.train(mode == "train")
+        change(m)
+        outputs.append(m(x))
+    torch.testing.assert_close(outputs[1], outputs[0])
+
+
+def test_missing_count_in_training_raises_as_torch_does():
+    for cls in (nn.BatchNorm2d, bnfused.BatchNorm2d):
+        m = cls(3)
+        del m.num_batches_tracked
+        with pytest.raises(AttributeError, match="num_batches_tracked"):
+            m(torch.randn(4, 3, 5, 5))
