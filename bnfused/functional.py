@@ -150,7 +150,8 @@ def check_arguments(x, running_mean, running_var, weight, bias) -> torch.Size:
 
 # The C++ extension's args_ok (csrc/bnfused.cpp), once the extension has loaded (set by
 # bnfused.backends.native): True when a call passes every check below (check_arguments, _check_mode)
-# with x non-empty and weight and bias 1-D, read in C++ at a fraction of the cost; False sends the call
+# with x non-empty and kernel-ready (bnfused.layout.kernel_ready would return it as it is) and weight
+# and bias 1-D, read in C++ at a fraction of the cost; False sends the call
 # through those checks, which raise torch's error or adapt the arguments. None: checks in Python only.
 _compiled_checks = None
 
@@ -310,7 +311,7 @@ def batch_norm(
             layout.kernel_ready(input), weight, bias, running_mean, running_var,
             training, float(momentum), float(eps), act, slope, name, residual,
         )  # fmt: skip
-    x = layout.kernel_ready(input)
+    x = input if checked else layout.kernel_ready(input)  # args_ok passes only kernel-ready inputs
     fused = backends.module(name)
     if act in fused.ACTIVATIONS and (residual is None or (fused.RESIDUAL and _same_tensor_kind(x, residual))):
         if residual is not None:

@@ -9,7 +9,30 @@ tensor transposed to (N, C, L). The public API hands them contiguous or channels
 from __future__ import annotations
 
 import torch
-from torch._prims_common import suggest_memory_format
+
+# Dims from the fastest-varying to the slowest in each format the kernels take.
+_DIM_ORDERS = {torch.channels_last: (1, 3, 2, 0), torch.channels_last_3d: (1, 4, 3, 2, 0)}
+
+
+def _suggested_format(x: torch.Tensor) -> torch.memory_format:
+    """``torch._prims_common.suggest_memory_format``'s rule: channels_last (3d) when the strides grow
+    in channels_last's dim order (C, W, H, [D,] N), with torch's tie-breaks, else contiguous."""
+    order = _DIM_ORDERS[torch.channels_last if x.dim() == 4 else torch.channels_last_3d] if x.dim() in (4, 5) else ()
+    shape, strides = x.shape, x.stride()
+    if not order or strides[1] == 0:
+        return torch.contiguous_format
+    least = 0
+    for d in order:
+        if shape[d] == 0 or strides[d] < least or (d == 0 and least == strides[1]):
+            return torch.contiguous_format
+        least = strides[d] * (shape[d] if shape[d] > 1 else 1)
+    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+
+
+try:
+    from torch._prims_common import suggest_memory_format
+except ImportError:  # a private module: should a later torch move it
+    suggest_memory_format = _suggested_format
 
 
 def spatial_stride(x: torch.Tensor) -> int | None:
@@ -28,21 +51,37 @@ def spatial_stride(x: torch.Tensor) -> int | None:
     return 1 if stride is None else stride
 
 
-def kernel_ready(x: torch.Tensor) -> torch.Tensor:
-    """x itself when contiguous or channels_last (3d), else a copy in the layout torch suggests for it.
+def standard_strides(shape: torch.Size, memory_format: torch.memory_format) -> tuple[int, ...]:
+    """The strides a fresh tensor of ``shape`` gets in ``memory_format`` (what ``empty_like`` gives)."""
+    order = _DIM_ORDERS.get(memory_format) or range(len(shape) - 1, -1, -1)
+    strides = [0] * len(shape)
+    step = 1
+    for d in order:
+        strides[d] = step
+        step *= max(shape[d], 1)
+    return tuple(strides)
 
-    The kernels could index any layout whose spatial dims collapse, but the output takes the input's
-    strides, and torch's BatchNorm returns its input's suggested memory format: channels_last for a
-    slice of a channels_last tensor, contiguous for every other layout (code that ``view``s the
-    result relies on that). So other layouts are copied here, once, to that format.
+
+def kernel_ready(x: torch.Tensor) -> torch.Tensor:
+    """x, with the strides torch's BatchNorm gives its output: the kernels' outputs take their input's.
+
+    torch returns contiguous output when the input is contiguous, else channels_last (3d) when the
+    input is, each with that format's standard strides; other layouts come back in their suggested
+    format (channels_last for a slice of a channels_last tensor, contiguous otherwise: code that
+    ``view``s the result relies on that). A contiguous or channels_last input may carry any stride
+    on a size-1 dim; it is re-strided without a copy (a size-1 dim's stride never addresses memory).
+    Other layouts are copied here, once. The C++ ``args_ok`` passes only inputs this returns as they are.
     """
     if x.is_contiguous():
-        return x
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return x
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return x
-    return x.contiguous(memory_format=suggest_memory_format(x))
+        memory_format = torch.contiguous_format
+    elif x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        memory_format = torch.channels_last
+    elif x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        memory_format = torch.channels_last_3d
+    else:
+        return x.contiguous(memory_format=suggest_memory_format(x))
+    strides = standard_strides(x.shape, memory_format)
+    return x if x.stride() == strides else x.as_strided(x.shape, strides)
 
 
 def ncs(x: torch.Tensor) -> tuple[int, int, int, int, int, int]:

@@ -111,13 +111,37 @@ PyObject* eager_batch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // small layer, reading a dozen tensor attributes from Python costs microseconds, as much as the
 // kernels. args_ok(x, running_mean, running_var, weight, bias, training) answers, in C++, whether a
 // call passes every one of those checks with nothing left to adapt: True means the Python checks
-// (check_arguments, _check_mode) would all pass, x has elements, and weight and bias are 1-D; False
+// (check_arguments, _check_mode) would all pass, x has elements and needs no new layout
+// (kernel_ready), and weight and bias are 1-D; False
 // means "not shown here", and Python then runs its own checks, which find the problem (and raise
 // torch's error) or adapt the arguments. Only plain tensors are read: a subclass's attributes may be
 // overridden, so it takes the Python path.
 
 bool is_floating_input(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// x as bnfused.layout.kernel_ready returns it unchanged: contiguous, else channels_last (3d), with
+// that format's standard strides (size-1 dims included), which the output then takes, as torch's does.
+bool kernel_ready(const Tensor& x) {
+  // True when x's strides are a fresh tensor's, its dims ordered fastest first as in `order`.
+  auto standard = [&](c10::ArrayRef<int64_t> order) {
+    int64_t step = 1;
+    for (const int64_t d : order) {
+      if (x.stride(d) != step) return false;
+      step *= std::max<int64_t>(x.size(d), 1);
+    }
+    return true;
+  };
+  if (x.is_contiguous()) {
+    c10::SmallVector<int64_t, 8> order;
+    for (int64_t d = x.dim() - 1; d >= 0; --d) order.push_back(d);
+    return standard(order);
+  }
+  static constexpr int64_t kLast4[] = {1, 3, 2, 0}, kLast5[] = {1, 4, 3, 2, 0};
+  if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) return standard(kLast4);
+  if (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d)) return standard(kLast5);
+  return false;
 }
 
 PyObject* args_ok(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
@@ -129,7 +153,7 @@ PyObject* args_ok(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const Tensor& x = THPVariable_Unpack(args[0]);
   const bool training = args[5] == Py_True;
   const at::ScalarType dtype = x.scalar_type();
-  if (!is_floating_input(dtype) || x.dim() < 2 || x.layout() != at::kStrided) Py_RETURN_FALSE;
+  if (!is_floating_input(dtype) || x.dim() < 2 || x.layout() != at::kStrided || !kernel_ready(x)) Py_RETURN_FALSE;
   const int64_t numel = x.numel(), channels = x.size(1);
   if (numel == 0) Py_RETURN_FALSE;  // the empty-input path
   if (training && numel / channels == 1) Py_RETURN_FALSE;  // one value per channel: refused in Python

@@ -167,16 +167,16 @@ def test_item13_momentum_and_eps_must_be_numbers_as_in_torch(name, value):
 
 
 def _python_checks_pass(x, rm, rv, w, b, training) -> bool:
-    """What the C++ args_ok may answer True for: the Python checks pass, x has elements, and weight
-    and bias need no reshaping."""
-    from bnfused import functional
+    """What the C++ args_ok may answer True for: the Python checks pass, x has elements and needs no
+    new layout, and weight and bias need no reshaping."""
+    from bnfused import functional, layout
 
     try:
         shape = functional.check_arguments(x, rm, rv, w, b)
         functional._check_mode(x, shape, rm, rv, training)
     except Exception:
         return False
-    return x.numel() > 0 and all(t is None or t.dim() == 1 for t in (w, b))
+    return x.numel() > 0 and layout.kernel_ready(x) is x and all(t is None or t.dim() == 1 for t in (w, b))
 
 
 def _argument_cases():
@@ -194,11 +194,19 @@ def _argument_cases():
         {"w_shape": (1, C)}, {"b_shape": (C, 1)}, {"stat_shape": (1, C)}, {"stat_grad": True}, {"var_dtype": f64},
         {"w_dtype": f64}, {"b_dtype": f64}, {"meta_stat": True}, {"meta_x": True}, {"subclass": True},
         {"param": True}, {"not_tensor": True}, {"training_int": True}, {"sparse": True},
+        {"layout": "channels_last"}, {"layout": "sliced"}, {"layout": "transposed"},
+        {"x": (8, C, 1, 1), "layout": "channels_last"}, {"x": (8, 1, 5, 5), "layout": "channels_last"},
     ]  # fmt: skip
     for v in variants:
         case = {**base, **v}
         shape = case["x"]
         x = torch.randn(shape).to(case["xd"]) if case["xd"].is_floating_point else torch.ones(shape, dtype=case["xd"])
+        if case.get("layout") == "channels_last":  # on (8, C, 1, 1) or one channel: size-1 dims' strides
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif case.get("layout") == "sliced":
+            x = x[:, :, ::2]
+        elif case.get("layout") == "transposed":
+            x = x.transpose(2, 3)
         if case.get("meta_x"):
             x = x.to("meta")
         if case.get("subclass"):

@@ -1,5 +1,7 @@
 """bnfused.functional.batch_norm: the argument checks and edge cases, against torch's own behaviour."""
 
+import random
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -194,3 +196,47 @@ def test_output_layout_of_strided_inputs_is_torchs(make, training, backend):
     got = batch_norm(x, torch.zeros(C), torch.ones(C), w, b, training, backend=backend)
     assert got.stride() == want.stride()
     torch.testing.assert_close(got, want)
+
+
+def _random_layouts(count: int, seed: int):
+    """Small inputs in random layouts: permuted dims, channels_last (3d), step slices, size-1 dims."""
+    rng = random.Random(seed)
+    made = 0
+    while made < count:
+        rank = rng.choice([2, 3, 4, 5])
+        shape = [rng.choice([1, 1, 2, 3, 4]) for _ in range(rank)]
+        perm = list(range(rank))
+        rng.shuffle(perm)
+        x = torch.randn([shape[p] for p in perm]).permute([perm.index(d) for d in range(rank)])
+        if rank in (4, 5) and rng.random() < 0.4:
+            x = x.contiguous(memory_format=torch.channels_last if rank == 4 else torch.channels_last_3d)
+        if rank >= 3 and x.shape[2] > 1 and rng.random() < 0.3:
+            x = x[:, :, ::2]
+        if x.numel() // x.shape[1] < 2:
+            continue
+        made += 1
+        yield x
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_output_strides_are_torchs_for_random_layouts(backend):
+    # torch's output is contiguous when the input is, else channels_last (3d) when the input is, with
+    # that format's standard strides (size-1 dims included), else the suggested format's: a following
+    # convolution picks its layout from them.
+    for x in _random_layouts(40 if backend == "triton" else 150, seed=7):
+        C = x.shape[1]
+        for training in (True, False):
+            want = F.batch_norm(x, torch.zeros(C), torch.ones(C), None, None, training)
+            got = batch_norm(x, torch.zeros(C), torch.ones(C), None, None, training, backend=backend)
+            assert got.stride() == want.stride(), (tuple(x.shape), x.stride(), training)
+            torch.testing.assert_close(got, want)
+
+
+def test_fallback_format_rule_agrees_with_torchs():
+    # bnfused.layout keeps a copy of torch's (private) suggested-format rule in case torch moves it.
+    from torch._prims_common import suggest_memory_format
+
+    from bnfused import layout
+
+    for x in [make() for make in STRIDED_INPUTS.values()] + list(_random_layouts(400, seed=11)):
+        assert layout._suggested_format(x) == suggest_memory_format(x), (tuple(x.shape), x.stride())
