@@ -17,16 +17,18 @@ from bnfused import inplace
 from bnfused.functional import batch_norm
 
 _TENSOR_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-_plain_classes: dict[type, bool] = {}
+_PLAIN_FLAG = "_bnfused_plain_lookup"
 
 
 def _plain_lookup(cls: type) -> bool:
     """True when ``cls``'s instances find their parameters and buffers by nn.Module's own lookup: no
-    ``__getattr__`` of its own and no class attribute under those names (cached per class)."""
-    plain = _plain_classes.get(cls)
+    ``__getattr__`` of its own and no class attribute under those names. Worked out once per class
+    and kept on the class itself (in its own ``__dict__``, so a subclass works out its own); a class
+    given a ``__getattr__`` after its first call keeps the answer it had."""
+    plain = cls.__dict__.get(_PLAIN_FLAG)
     if plain is None:
         plain = cls.__getattr__ is nn.Module.__getattr__ and not any(hasattr(cls, n) for n in _TENSOR_NAMES)
-        _plain_classes[cls] = plain
+        setattr(cls, _PLAIN_FLAG, plain)
     return plain
 
 
@@ -46,14 +48,16 @@ class _FusedBatchNorm:
         self.backend = backend
         self.memory = memory
 
-    def _tensors(self) -> tuple:
-        """(weight, bias, running_mean, running_var, num_batches_tracked), None where absent or unused.
+    def _tensors_and_momentum(self) -> tuple:
+        """(weight, bias, running_mean, running_var, momentum), counting a training step in
+        num_batches_tracked on the way (``_step_momentum``); None for what is absent or unused.
 
         Read from the module's parameter and buffer dicts: ``nn.Module.__getattr__`` costs about
         0.5 us a name, and a forward reads six, a sixth of a small layer's call. That is what the
         attribute lookup finds unless something else answers first (a class attribute such as a
         parametrization's property, a ``__getattr__`` override, an instance attribute) or a name is
-        missing; then the names are read as attributes, each only where torch's forward reads it.
+        missing; then the names are read as attributes in the order torch's forward reads them, each
+        only where it reads it (so a missing weight raises after the step is counted, as in torch).
         """
         # Dynamo traces attribute reads (and guards on them) as they are: compiled calls take them.
         if (
@@ -61,20 +65,21 @@ class _FusedBatchNorm:
             and _plain_lookup(type(self))
             and self.__dict__.keys().isdisjoint(_TENSOR_NAMES)
         ):
+            params, buffers = self._parameters, self._buffers
             try:
-                params, buffers = self._parameters, self._buffers
-                return (
-                    params["weight"], params["bias"], buffers["running_mean"], buffers["running_var"],
-                    buffers["num_batches_tracked"],
-                )  # fmt: skip
+                weight, bias = params["weight"], params["bias"]
+                running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+                num_batches_tracked = buffers["num_batches_tracked"]
             except KeyError:
                 pass
+            else:
+                return weight, bias, running_mean, running_var, self._step_momentum(num_batches_tracked)
         training, tracked = self.training, self.track_running_stats
-        num_batches_tracked = self.num_batches_tracked if training and tracked else None
+        momentum = self._step_momentum(self.num_batches_tracked if training and tracked else None)
         keep_running = not training or tracked
         running_mean = self.running_mean if keep_running else None
         running_var = self.running_var if keep_running else None
-        return self.weight, self.bias, running_mean, running_var, num_batches_tracked
+        return self.weight, self.bias, running_mean, running_var, momentum
 
     def _step_momentum(self, num_batches_tracked: torch.Tensor | None) -> float:
         """Counts a training step in num_batches_tracked (as torch does) and returns its momentum."""
@@ -98,8 +103,7 @@ class _FusedBatchNorm:
             # 0-d tensor adds and promotes as the Python number would.
             residual = torch.as_tensor(residual, device=input.device)
         self._check_input_dim(input)
-        weight, bias, running_mean, running_var, num_batches_tracked = self._tensors()
-        momentum = self._step_momentum(num_batches_tracked)
+        weight, bias, running_mean, running_var, momentum = self._tensors_and_momentum()
         # Batch statistics in training, and in eval when there are no running stats to use.
         use_batch_stats = self.training or (running_mean is None and running_var is None)
         keep_running = not self.training or self.track_running_stats

@@ -258,8 +258,7 @@ class SyncBatchNorm(_FusedBatchNorm, nn.modules.batchnorm._BatchNorm):
         group, world_size = self._sync_group()
         if world_size == 1:
             return super().forward(input)  # the plain bnfused BatchNorm
-        weight, bias, running_mean, running_var, num_batches_tracked = self._tensors()
-        momentum = self._step_momentum(num_batches_tracked)
+        weight, bias, running_mean, running_var, momentum = self._tensors_and_momentum()
         tracked = self.track_running_stats
         return sync_batch_norm(
             input,

@@ -285,3 +285,30 @@ def test_missing_count_in_training_raises_as_torch_does():
         del m.num_batches_tracked
         with pytest.raises(AttributeError, match="num_batches_tracked"):
             m(torch.randn(4, 3, 5, 5))
+
+
+@pytest.mark.parametrize("name", ["weight", "bias", "running_mean", "running_var"])
+def test_a_failing_training_call_counts_its_step_as_torchs_does(name):
+    # torch counts the step before it reads the tensors; a missing one then raises.
+    counts = []
+    for cls in (nn.BatchNorm2d, bnfused.BatchNorm2d):
+        m = cls(3)
+        delattr(m, name)
+        with pytest.raises(AttributeError):
+            m(torch.randn(4, 3, 5, 5))
+        counts.append(int(m.num_batches_tracked))
+    assert counts[1] == counts[0] == 1
+
+
+def test_classes_made_on_the_fly_are_not_kept_alive():
+    # parametrize makes a class per module; what the forward remembers of a class must not hold it.
+    import gc
+    import weakref
+
+    m = bnfused.BatchNorm2d(3)
+    nn.utils.parametrize.register_parametrization(m, "weight", _Doubled())
+    m(torch.randn(4, 3, 5, 5))
+    cls = weakref.ref(type(m))
+    del m
+    gc.collect()
+    assert cls() is None
