@@ -28,7 +28,10 @@ def _plain_lookup(cls: type) -> bool:
     plain = cls.__dict__.get(_PLAIN_FLAG)
     if plain is None:
         plain = cls.__getattr__ is nn.Module.__getattr__ and not any(hasattr(cls, n) for n in _TENSOR_NAMES)
-        setattr(cls, _PLAIN_FLAG, plain)
+        try:
+            setattr(cls, _PLAIN_FLAG, plain)
+        except (AttributeError, TypeError):  # a class that takes no attributes: worked out per call
+            pass
     return plain
 
 

@@ -312,3 +312,15 @@ def test_classes_made_on_the_fly_are_not_kept_alive():
     del m
     gc.collect()
     assert cls() is None
+
+
+def test_a_class_that_takes_no_attributes_still_runs():
+    class Frozen(type):
+        def __setattr__(cls, name, value):
+            raise TypeError(f"{cls.__name__} is frozen")
+
+    class FrozenBatchNorm(bnfused.BatchNorm2d, metaclass=Frozen):
+        pass
+
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(FrozenBatchNorm(3)(x), nn.BatchNorm2d(3)(x))
