@@ -14,25 +14,23 @@ import torch
 _DIM_ORDERS = {torch.channels_last: (1, 3, 2, 0), torch.channels_last_3d: (1, 4, 3, 2, 0)}
 
 
-def _suggested_format(x: torch.Tensor) -> torch.memory_format:
-    """``torch._prims_common.suggest_memory_format``'s rule: channels_last (3d) when the strides grow
-    in channels_last's dim order (C, W, H, [D,] N), with torch's tie-breaks, else contiguous."""
-    order = _DIM_ORDERS[torch.channels_last if x.dim() == 4 else torch.channels_last_3d] if x.dim() in (4, 5) else ()
+def suggested_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format torch suggests for ``x`` (``torch._prims_common.suggest_memory_format``'s
+    rule, kept here rather than imported from a private module): channels_last (3d) when the
+    strides grow in that format's dim order (C, W, H, [D,] N), with torch's tie-breaks, else
+    contiguous."""
+    if x.dim() not in (4, 5):
+        return torch.contiguous_format
+    channels_last = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     shape, strides = x.shape, x.stride()
-    if not order or strides[1] == 0:
+    if strides[1] == 0:
         return torch.contiguous_format
     least = 0
-    for d in order:
+    for d in _DIM_ORDERS[channels_last]:
         if shape[d] == 0 or strides[d] < least or (d == 0 and least == strides[1]):
             return torch.contiguous_format
-        least = strides[d] * (shape[d] if shape[d] > 1 else 1)
-    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-
-
-try:
-    from torch._prims_common import suggest_memory_format
-except ImportError:  # a private module: should a later torch move it
-    suggest_memory_format = _suggested_format
+        least = strides[d] * max(shape[d], 1)
+    return channels_last
 
 
 def spatial_stride(x: torch.Tensor) -> int | None:
@@ -79,7 +77,7 @@ def kernel_ready(x: torch.Tensor) -> torch.Tensor:
     elif x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
         memory_format = torch.channels_last_3d
     else:
-        return x.contiguous(memory_format=suggest_memory_format(x))
+        return x.contiguous(memory_format=suggested_format(x))
     strides = standard_strides(x.shape, memory_format)
     return x if x.stride() == strides else x.as_strided(x.shape, strides)
 
