@@ -79,7 +79,24 @@ def kernel_ready(x: torch.Tensor) -> torch.Tensor:
     else:
         return x.contiguous(memory_format=suggested_format(x))
     strides = standard_strides(x.shape, memory_format)
-    return x if x.stride() == strides else x.as_strided(x.shape, strides)
+    return x if x.stride() == strides else _restrided(x, memory_format, strides)
+
+
+def _restrided(x: torch.Tensor, memory_format: torch.memory_format, strides: tuple[int, ...]) -> torch.Tensor:
+    """x with ``strides`` (its format's standard ones), through views whose backward is a reshape.
+
+    ``as_strided`` would do it in one call, but its backward (AsStridedBackward0) scatters into a
+    zeroed copy of the storage and gives x.grad x's odd strides, where torch's BatchNorm gives x.grad
+    the standard ones. A flat view taken back to x's shape (in the format's dim order) gets them.
+    """
+    if memory_format is torch.contiguous_format:
+        y = x.view(-1).view(x.shape)
+    else:
+        to_last = (0, *range(2, x.dim()), 1)
+        back = (0, x.dim() - 1, *range(1, x.dim() - 1))
+        last = x.permute(to_last)
+        y = last.view(-1).view(last.shape).permute(back)
+    return y if y.stride() == strides else x.as_strided(x.shape, strides)
 
 
 def ncs(x: torch.Tensor) -> tuple[int, int, int, int, int, int]:

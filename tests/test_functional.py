@@ -1,5 +1,6 @@
 """bnfused.functional.batch_norm: the argument checks and edge cases, against torch's own behaviour."""
 
+import functools
 import random
 
 import pytest
@@ -230,6 +231,40 @@ def test_output_strides_are_torchs_for_random_layouts(backend):
             got = batch_norm(x, torch.zeros(C), torch.ones(C), None, None, training, backend=backend)
             assert got.stride() == want.stride(), (tuple(x.shape), x.stride(), training)
             torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_input_grad_strides_are_torchs_for_random_layouts(backend):
+    # x.grad as torch's BatchNorm leaves it (the format's standard strides on size-1 dims too), with
+    # no as_strided node in the graph: its backward scatters into a zeroed copy of the storage.
+    # Values are checked against torch on a contiguous copy: torch's CPU backward of a channels_last
+    # input with an unusual size-1 stride and a contiguous dy is wrong (torch 2.14: (1, 3, 3, 1) with
+    # strides (1, 1, 3, 3) is off by 0.4).
+    for x in _random_layouts(20 if backend == "triton" else 100, seed=5):
+        C = x.shape[1]
+        weight, bias = torch.randn(C), torch.randn(C)
+        g = torch.randn(x.shape)
+        grads = []
+        for bn in (F.batch_norm, functools.partial(batch_norm, backend=backend)):
+            leaf = x.detach().requires_grad_()
+            y = bn(leaf, None, None, weight, bias, True)
+            nodes, names = [y.grad_fn], set()
+            while nodes:
+                node = nodes.pop()
+                names.add(type(node).__name__)
+                nodes += [n for n, _ in node.next_functions if n is not None]
+            assert "AsStridedBackward0" not in names, (tuple(x.shape), x.stride())
+            y.backward(g)
+            grads.append(leaf.grad)
+        formats = [torch.contiguous_format] + {4: [torch.channels_last], 5: [torch.channels_last_3d]}.get(x.dim(), [])
+        # Where x is dense in exactly one format. Copied inputs' grads take torch's internal choice
+        # of size-1 strides; an input dense in both formats (C == 1, say) gets torch's contiguous
+        # output but a channels_last dx from torch; bnfused gives dx its output's layout.
+        if sum(x.is_contiguous(memory_format=f) for f in formats) == 1:
+            assert grads[1].stride() == grads[0].stride(), (tuple(x.shape), x.stride())
+        leaf = x.detach().contiguous().requires_grad_()
+        F.batch_norm(leaf, None, None, weight, bias, True).backward(g)
+        torch.testing.assert_close(grads[1], leaf.grad)
 
 
 def test_suggested_format_is_torchs():
