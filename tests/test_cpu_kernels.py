@@ -33,14 +33,19 @@ SCHEDULES = [
     pytest.param((2101, 75), False, id="rows-flat-NC-75"),
     pytest.param((2001, 120), False, id="rows-flat-NC-120"),
     pytest.param((64, 32, 8, 8), True, id="rows-C32"),  # a multiple of the vector width: row by row
-    # Rows of one vector: the forward and backward sums deal them in turn to four accumulator sets
-    # (csrc/cpu/tiling.h, tile_sums); a partial vector when C < 16 and too few rows to walk flat.
+    # Rows of one vector: the forward and backward sums deal them in turn to four sets of register
+    # accumulators (csrc/cpu/tiling.h, short_row_sums); a partial vector when C < 16 and too few rows
+    # to walk flat.
     pytest.param((64, 16, 8, 8), True, id="rows-C16"),
     pytest.param((9, 12, 3, 5), True, id="rows-C12-few"),
-    # Rows of two to four vectors deal them to four sets as well: several tiles, the last partial;
-    # and a row ending in a partial vector (too few rows to walk flat).
+    # Rows of two to four vectors, in one or two sets: several tiles, the last partial; and a row
+    # ending in a partial vector (too few rows to walk flat).
     pytest.param((32, 64, 9, 9), True, id="rows-C64"),
     pytest.param((9, 40, 3, 5), True, id="rows-C40-few"),
+    pytest.param((40, 48, 5, 5), True, id="rows-C48"),
+    # Wider rows, row by row, ending in a partial vector (too few rows to walk flat).
+    pytest.param((20, 100, 3, 3), True, id="rows-C100"),
+    pytest.param((200, 264), False, id="rows-NC-264"),
 ]
 
 
@@ -69,6 +74,23 @@ def test_training_step_is_bitwise_identical_for_any_thread_count(shape, channels
     assert one[0].stride() == x.stride() and one[5].stride() == x.stride()
 
 
+@pytest.mark.parametrize("shape, channels_last", SCHEDULES)
+def test_training_step_matches_float64(shape, channels_last):
+    # Every schedule's sums against torch in float64, on the same (float32) input.
+    x = make_input(shape, torch.float32, channels_last=channels_last)
+    dy = make_input(shape, torch.float32, channels_last=channels_last, offset=0.0, scale=1.0)
+    C = shape[1]
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    y, mean, invstd, _, _, dx, dw, db = _train_step(x, dy, w, b, act_codes.NONE, 0.0)
+    x64, w64, b64 = (t.double().requires_grad_() for t in (x, w, b))
+    y64 = torch.nn.functional.batch_norm(x64, None, None, w64, b64, True, 0.1, 1e-5)
+    y64.backward(dy.double())
+    dims = [d for d in range(x.dim()) if d != 1]
+    torch.testing.assert_close(mean.double(), x64.detach().mean(dims), rtol=1e-6, atol=1e-6)
+    for name, got, want in (("y", y, y64), ("dx", dx, x64.grad), ("dweight", dw, w64.grad), ("dbias", db, b64.grad)):
+        torch.testing.assert_close(got.double(), want.detach(), rtol=1e-4, atol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("shape, channels_last", SCHEDULES[::2])
 def test_eval_forward_is_bitwise_identical_for_any_thread_count(shape, channels_last):
     x = make_input(shape, torch.bfloat16, channels_last=channels_last)
@@ -95,6 +117,7 @@ def _max_error(a, reference):
         ((301, 120), False),
         ((64, 16, 8, 8), True),
         ((32, 64, 9, 9), True),
+        ((20, 100, 3, 3), True),
     ],
     ids=[
         "NCHW-196",
@@ -106,6 +129,7 @@ def _max_error(a, reference):
         "rows-flat-NC-120",
         "rows-C16",
         "rows-C64",
+        "rows-C100",
     ],
 )
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
