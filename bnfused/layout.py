@@ -96,7 +96,11 @@ def _restrided(x: torch.Tensor, memory_format: torch.memory_format, strides: tup
         back = (0, x.dim() - 1, *range(1, x.dim() - 1))
         last = x.permute(to_last)
         y = last.view(-1).view(last.shape).permute(back)
-    return y if y.stride() == strides else x.as_strided(x.shape, strides)
+    if y.stride() == strides:
+        return y
+    if x.numel() == 1:  # every dim of size 1: views keep its strides, and a copy is one value
+        return x.clone(memory_format=memory_format)
+    return x.as_strided(x.shape, strides)
 
 
 def ncs(x: torch.Tensor) -> tuple[int, int, int, int, int, int]:

@@ -267,6 +267,26 @@ def test_input_grad_strides_are_torchs_for_random_layouts(backend):
         torch.testing.assert_close(grads[1], leaf.grad)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize(
+    "shape, strides",
+    [((1, 1), (5, 3)), ((1, 1, 1), (0, 7, 1)), ((1, 1, 1, 1), (0, 7, 1, 1000)), ((1, 1, 1, 1, 1), (9, 1, 4, 2, 8))],
+    ids=str,
+)
+def test_input_grad_strides_of_a_single_value_are_torchs(shape, strides, backend):
+    # Every dim of size 1 (eval: training needs two values a channel): views keep the odd strides.
+    x = torch.randn(1).as_strided(shape, strides)
+    grads = []
+    for bn in (F.batch_norm, functools.partial(batch_norm, backend=backend)):
+        leaf = x.detach().requires_grad_()
+        y = bn(leaf, torch.zeros(1), torch.ones(1), torch.full((1,), 2.0), None, False)
+        assert "AsStrided" not in type(y.grad_fn.next_functions[0][0]).__name__
+        y.backward(torch.ones_like(y))
+        grads.append(leaf.grad)
+    assert grads[1].stride() == grads[0].stride()
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 def test_suggested_format_is_torchs():
     # bnfused.layout keeps its own copy of torch's (private) suggested-format rule.
     from torch._prims_common import suggest_memory_format
