@@ -190,6 +190,24 @@ void parallel_planes(const Tiling& tl, F&& body) {
 
 inline int64_t plane_offset(const Tiling& tl, int64_t p) { return (p / tl.L.c) * tl.L.sn + (p % tl.L.c) * tl.L.sc; }
 
+// The offsets of rows r0, r0 + 1, ... in turn (row r = n * S + s), stepped without a division per row.
+class RowOffsets {
+ public:
+  RowOffsets(const Ncs& L, int64_t r0) : S_(L.s), sn_(L.sn), ss_(L.ss), n_(r0 / L.s), s_(r0 % L.s) {}
+  int64_t operator()() {
+    const int64_t off = n_ * sn_ + s_ * ss_;
+    if (++s_ == S_) {
+      s_ = 0;
+      ++n_;
+    }
+    return off;
+  }
+
+ private:
+  int64_t S_, sn_, ss_;  // copies, not a reference: kept in registers across the kernels' stores
+  int64_t n_, s_;
+};
+
 // Row tile t in chunks: f(tag, offset of the chunk's first element, place of its first lane), the
 // place indexing the per-channel arrays. Row by row, each row is a run of C values whose places are
 // its channels; walked flat (tl.flat), the tile is one run of whole vectors whose places go round
@@ -200,19 +218,15 @@ inline void walk_rows(const Tiling& tl, int64_t t, F&& f) {
   constexpr int64_t VW = vec_width<A>();
   const int64_t C = tl.L.c, r0 = t * tl.block, rows = tl.count(t);
   const int64_t runs = tl.flat ? 1 : rows, len = tl.flat ? rows * C : C, wrap = tl.flat ? tl.period : C;
-  int64_t n = r0 / tl.L.s, s = r0 % tl.L.s;  // row r = n * S + s, stepped without a division per row
+  RowOffsets next_row(tl.L, r0);
   for (int64_t r = 0; r < runs; ++r) {
-    const int64_t off = n * tl.L.sn + s * tl.L.ss;
+    const int64_t off = next_row();
     int64_t i = 0, j = 0;
     for (; i + VW <= len; i += VW) {
       f(Full{}, off + i, j);
       j = j + VW == wrap ? 0 : j + VW;
     }
     if (i < len) f(Part{len - i}, off + i, j);
-    if (++s == tl.L.s) {
-      s = 0;
-      ++n;
-    }
   }
 }
 
@@ -320,21 +334,13 @@ void short_row_sums(const Tiling& tl, int64_t t, int64_t C, const A* center, con
       add(a[NV - 1], last_part, off, (NV - 1) * VW);
     }
   };
-  const int64_t rows = tl.count(t), r0 = t * tl.block;
-  int64_t n = r0 / tl.L.s, s = r0 % tl.L.s;  // row r = n * S + s, stepped without a division per row
-  const auto next_offset = [&] {
-    const int64_t off = n * tl.L.sn + s * tl.L.ss;
-    if (++s == tl.L.s) {
-      s = 0;
-      ++n;
-    }
-    return off;
-  };
+  const int64_t rows = tl.count(t);
+  RowOffsets next_row(tl.L, t * tl.block);
   int64_t r = 0;
   for (; r + kSets <= rows; r += kSets) {
-    for (int q = 0; q < kSets; ++q) row(acc[q], next_offset());
+    for (int q = 0; q < kSets; ++q) row(acc[q], next_row());
   }
-  for (int q = 0; r < rows; ++r, ++q) row(acc[q], next_offset());
+  for (int q = 0; r < rows; ++r, ++q) row(acc[q], next_row());
   alignas(64) A lanes[kSets][K][NV * VW];
   for (int q = 0; q < kSets; ++q) {
     for (int k = 0; k < K; ++k) {
