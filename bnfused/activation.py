@@ -60,14 +60,26 @@ def parse(activation: str | None, negative_slope: float) -> tuple[int, float]:
 def apply(z: torch.Tensor, code: int, slope: float, inplace: bool = False) -> torch.Tensor:
     """The activation ``code`` of z, as torch computes it (values, gradients and their conventions);
     ``inplace`` overwrites z (for a tensor nobody else holds)."""
-    if code == NONE:
+    return apply_named(z, NAMES[code], slope, inplace)
+
+
+def apply_named(z: torch.Tensor, activation: str | None, negative_slope: float, inplace: bool = False) -> torch.Tensor:
+    """``apply`` for an activation's name (as ``parse`` takes it). TorchScript compiles it: a scripted
+    bnfused layer runs it after torch's BatchNorm (TorchScript reads no module-level constant, so the
+    names are compared here, not their codes)."""
+    if activation is None:
         return z
-    if code == RELU:
+    name = activation.lower()
+    if name == "relu":
         return F.relu(z, inplace)
-    if code == LEAKY_RELU:
-        return F.leaky_relu(z, slope, inplace)
-    if code == RELU6:
+    if name == "leaky_relu":
+        return F.leaky_relu(z, negative_slope, inplace)
+    if name == "relu6":
         return F.relu6(z, inplace)
-    if code == HARDSWISH:
+    if name == "hardswish":
         return F.hardswish(z, inplace)
-    return F.silu(z, inplace)
+    if name == "silu":
+        return F.silu(z, inplace)
+    if name == "none" or name == "identity":
+        return z
+    raise ValueError("bnfused: unknown activation " + activation)

@@ -9,8 +9,10 @@ Each class subclasses its ``torch.nn`` namesake, so the constructor, parameters,
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.fx import Proxy
+from torch.jit import is_scripting
 
 from bnfused import activation as act_codes
 from bnfused import inplace
@@ -99,6 +101,8 @@ class _FusedBatchNorm:
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``act(bn(input) [+ residual])``; ``residual`` is the shortcut of a residual block."""
+        if is_scripting():  # TorchScript compiles this branch alone
+            return self._scripted_forward(input, residual)
         if input.__class__ is not torch.Tensor and isinstance(input, Proxy):
             return self._fx_leaf(input, residual)
         if residual is not None and not isinstance(residual, torch.Tensor):
@@ -125,6 +129,33 @@ class _FusedBatchNorm:
             residual,
             self.memory,
         )
+
+    def _scripted_forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The forward under ``torch.jit.script``: torch's own BatchNorm forward (the code of
+        ``nn.modules.batchnorm._BatchNorm.forward``), then the residual add and the activation, as torch
+        ops. TorchScript calls no Python autograd Function, and a scripted model saved with
+        ``torch.jit.save`` then loads and runs where bnfused is not installed (libtorch included)."""
+        self._check_input_dim(input)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep_running = not self.training or self.track_running_stats
+        y = F.batch_norm(
+            input,
+            self.running_mean if keep_running else None,
+            self.running_var if keep_running else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            momentum,
+            self.eps,
+        )
+        if residual is not None:
+            y = y + residual
+        return act_codes.apply_named(y, self.activation, float(self.negative_slope))
 
     def _fx_leaf(self, input: Proxy, residual: Proxy | None = None) -> Proxy:
         """Records this layer in a ``torch.fx`` graph as one ``call_module`` node, as torch's BatchNorm is.

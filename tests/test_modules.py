@@ -324,3 +324,33 @@ def test_a_class_that_takes_no_attributes_still_runs():
 
     x = torch.randn(4, 3, 5, 5)
     torch.testing.assert_close(FrozenBatchNorm(3)(x), nn.BatchNorm2d(3)(x))
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_autocast_matches_torch(autocast_dtype, input_dtype, mode):
+    """Under CPU autocast BatchNorm runs in its input's dtype (float32 parameters), as torch's does: a
+    float32 input (the model's first layer) stays float32, a conv's low-precision output stays low."""
+    torch.manual_seed(0)
+    torch_bn = nn.BatchNorm2d(4).train(mode == "train")
+    ours = bnfused.BatchNorm2d(4, activation="relu").train(mode == "train")
+    with torch.no_grad():
+        torch_bn.weight.uniform_(0.5, 1.5)
+        torch_bn.bias.uniform_(-0.5, 0.5)
+        torch_bn.running_mean.uniform_(-1, 1)
+    ours.load_state_dict(torch_bn.state_dict())
+    x = (torch.randn(3, 4, 5, 5) * 2 + 1).to(input_dtype)
+    x_t, x_o = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        y_t, y_o = torch.relu(torch_bn(x_t)), ours(x_o)
+    assert y_o.dtype == y_t.dtype == input_dtype
+    torch.testing.assert_close(y_o, y_t)
+    dy = torch.randn(y_t.shape).to(y_t.dtype)
+    y_t.backward(dy)
+    y_o.backward(dy)
+    assert x_o.grad.dtype == x_t.grad.dtype
+    torch.testing.assert_close(x_o.grad, x_t.grad)
+    torch.testing.assert_close(ours.weight.grad, torch_bn.weight.grad)
+    torch.testing.assert_close(ours.running_mean, torch_bn.running_mean)
+    torch.testing.assert_close(ours.running_var, torch_bn.running_var)
