@@ -91,6 +91,31 @@ def test_training_step_matches_float64(shape, channels_last):
         torch.testing.assert_close(got.double(), want.detach(), rtol=1e-4, atol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize(
+    "shape, channels_last",
+    [
+        pytest.param((40000, 1), False, id="NC-1-flat"),  # one channel: tiles of 16384 values
+        pytest.param((48, 6, 24, 24), True, id="rows-flat-C6"),
+        pytest.param((64, 48, 6, 6), True, id="rows-C48"),
+        pytest.param((300, 264), False, id="rows-NC-264"),  # rows in blocks of channels
+    ],
+)
+def test_row_moments_stay_exact_when_a_tile_starts_far_out(shape, channels_last):
+    # A row tile's moments are one sweep of sums of (x - shift) and its square, the shift being the
+    # tile's first row: M2 = sum d^2 - (sum d)^2 / n loses bits as the shift moves away from the
+    # tile's mean. Every channel's first value here lies 1e4 standard deviations out (about 1e-3
+    # of the variance lost in float32 with 16384 values a tile); such channels are summed again.
+    x = make_input(shape, torch.float32, channels_last=channels_last, offset=1e3, scale=1.0)
+    x.select(0, 0).add_(1e4)
+    C = shape[1]
+    w, b = torch.ones(C), torch.zeros(C)
+    _, mean, invstd = native.forward_train(x, w, b, torch.zeros(C), torch.ones(C), 0.1, 0.0, 0, 0.0)
+    dims = [d for d in range(x.dim()) if d != 1]
+    x64 = x.double()
+    torch.testing.assert_close(mean.double(), x64.mean(dims), rtol=2e-6, atol=0.0)
+    torch.testing.assert_close(invstd.double(), x64.var(dims, unbiased=False).rsqrt(), rtol=2e-6, atol=0.0)
+
+
 @pytest.mark.parametrize("shape, channels_last", SCHEDULES[::2])
 def test_eval_forward_is_bitwise_identical_for_any_thread_count(shape, channels_last):
     x = make_input(shape, torch.bfloat16, channels_last=channels_last)

@@ -141,11 +141,23 @@ inline bool streams_output(const Tiling& tl) {
   return tl.L.numel() * int64_t(sizeof(T)) >= kStreamBytes && (!tl.rows || tl.L.c * int64_t(sizeof(T)) % 64 == 0);
 }
 
+// A row tile's one-sweep moments (below) are kept for a channel when its sum of squared deviations
+// from the shift is at most this many times its M2: cancellation then costs at most about three
+// bits of M2. Further, the shift lies more than sqrt(kMaxShiftedLoss - 1) ~ 2.6 of the tile's
+// standard deviations from the tile's mean (about one channel in a hundred for normal data), and
+// the channel's M2 is summed again around the tile's mean.
+constexpr double kMaxShiftedLoss = 8.0;
+
 // Tile t's (mean, M2) of x for each of its `width()` channels, into part[t * 2W ..]: W means, W M2s.
 //
-// Stable for |mean| >> std: the tile is summed twice while it sits in cache, first its mean (as a
-// shift, the tile's first value, plus the mean of the small deviations from it), then the squared
-// deviations from that mean.
+// Stable for |mean| >> std: every value is taken relative to a shift, the tile's first value of its
+// channel. A plane tile is summed twice while it sits in cache, first the mean of the deviations
+// from the shift, then the squared deviations from that mean. A row tile is read once, for the sums
+// of the deviations and of their squares (M2 = sum d^2 - (sum d)^2 / n), which is exact enough
+// unless the shift sits far out in its channel (kMaxShiftedLoss); the second read of the tile cost
+// about a third of a read from memory (float32) to all of one (bfloat16, whose values are converted
+// on each read). Planes keep two sweeps: the one-sweep sums are two chains of dependent adds where
+// the mean's sweep runs four.
 template <typename T>
 void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
   using A = acc_t<T>;
@@ -157,14 +169,46 @@ void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
   for (int64_t j = 0; j < W; ++j) tile_mean[j] = static_cast<A>(xp[first + j]);  // the shift
   // The flat walk over rows takes its centre repeated over the period (see tile_sums).
   alignas(64) A repeated[kMaxRowsPeriod];
+  auto centered = [=](auto tag, int64_t off, const V& center) { return ld(tag, xp + off) - center; };
+  const A inv_count = A(1) / A(tl.count(t));
+  if (tl.rows && (tl.flat || W <= kMaxRowsPeriod)) {
+    A* shift = repeated;  // repeated[c] is channel c's shift, flat or not
+    if (tl.flat) {
+      repeat_channels(tl, tile_mean, repeated);
+    } else {
+      std::copy(tile_mean, tile_mean + W, repeated);
+    }
+    std::fill(tile_mean, tile_mean + 2 * W, A(0));
+    tile_sums<2>(
+        tl, t, shift,
+        [=](auto tag, int64_t off, const V& c, auto) {
+          const V d = centered(tag, off, c);
+          return std::array<V, 2>{d, d * d};
+        },
+        tile_mean);
+    for (int64_t j = 0; j < W; ++j) {
+      const A mean_d = tile_mean[j] * inv_count, squares = tile_m2[j];
+      const A m2 = squares - tile_mean[j] * mean_d;
+      tile_mean[j] = shift[j] + mean_d;
+      tile_m2[j] = m2;
+      if (!(double(squares) <= kMaxShiftedLoss * double(m2))) {  // also for inf or NaN sums
+        double q = 0;
+        RowOffsets next_row(tl.L, t * tl.block);
+        for (int64_t r = tl.count(t); r > 0; --r) {
+          const double d = double(static_cast<A>(xp[next_row() + j])) - double(tile_mean[j]);
+          q += d * d;
+        }
+        tile_m2[j] = static_cast<A>(q);
+      }
+    }
+    return;
+  }
   const A* center = tl.flat ? repeated : tile_mean;
   if (tl.flat) repeat_channels(tl, tile_mean, repeated);
-  auto centered = [=](auto tag, int64_t off, const V& center) { return ld(tag, xp + off) - center; };
   tile_sums<1>(
       tl, t, center,
       [=](auto tag, int64_t off, const V& c, auto) { return std::array<V, 1>{centered(tag, off, c)}; },
       tile_m2);
-  const A inv_count = A(1) / A(tl.count(t));
   for (int64_t j = 0; j < W; ++j) {
     tile_mean[j] += tile_m2[j] * inv_count;
     tile_m2[j] = A(0);
