@@ -13,6 +13,8 @@ output alone and needs no reduction of its own.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -28,6 +30,9 @@ _CODES = {
     "relu6": RELU6, "hardswish": HARDSWISH, "silu": SILU,
 }  # fmt: skip
 NAMES = {NONE: None, RELU: "relu", LEAKY_RELU: "leaky_relu", RELU6: "relu6", HARDSWISH: "hardswish", SILU: "silu"}
+# An activation's name, as parse and apply_named take it; typing's spelling, as TorchScript evaluates it
+# and `str | None` does not evaluate on Python 3.9.
+Name = Optional[str]  # noqa: UP045
 # Fused by every backend's split primitives (SyncBatchNorm); their gradient mask is read off the output.
 SPLIT_CODES = frozenset((NONE, RELU, LEAKY_RELU))
 
@@ -63,7 +68,7 @@ def apply(z: torch.Tensor, code: int, slope: float, inplace: bool = False) -> to
     return apply_named(z, NAMES[code], slope, inplace)
 
 
-def apply_named(z: torch.Tensor, activation: str | None, negative_slope: float, inplace: bool = False) -> torch.Tensor:
+def apply_named(z: torch.Tensor, activation: Name, negative_slope: float, inplace: bool = False) -> torch.Tensor:
     """``apply`` for an activation's name (as ``parse`` takes it). TorchScript compiles it: a scripted
     bnfused layer runs it after torch's BatchNorm (TorchScript reads no module-level constant, so the
     names are compared here, not their codes)."""

@@ -161,7 +161,29 @@ def _residual_of_add(node: fx.Node, operand: fx.Node) -> fx.Node | None:
     if node.target is operator.iadd and a is not operand:  # t += bn(x) writes into t, which may live on
         return None
     other = b if a is operand else a if b is operand else None
-    return other if isinstance(other, fx.Node) and other is not operand else None
+    return other if isinstance(other, fx.Node) and other is not operand and not _is_number(other) else None
+
+
+# Tensor methods and attributes that give numbers (or sizes, indexed into numbers).
+_NUMBER_METHODS = frozenset(("size", "dim", "ndimension", "numel", "nelement", "element_size", "item", "__len__"))
+_NUMBER_ATTRIBUTES = frozenset(("shape", "ndim"))
+
+
+def _is_number(node: fx.Node) -> bool:
+    """Whether ``node`` is known to give a Python number, such as ``x.size(0)`` or ``x.shape[-1]``: the
+    layer's residual must be a tensor under TorchScript, so ``bn(x) + x.size(0)`` stays unfused (a
+    traced graph does not say what type the other nodes give; eager calls take numbers as well)."""
+    if node.op == "call_method":
+        return node.target in _NUMBER_METHODS
+    if node.op != "call_function":
+        return False
+    if node.target is len:
+        return True
+    if node.target is getattr:
+        return len(node.args) >= 2 and node.args[1] in _NUMBER_ATTRIBUTES
+    if node.target is operator.getitem:
+        return isinstance(node.args[0], fx.Node) and _is_number(node.args[0])
+    return False
 
 
 def _fusable(module: nn.Module) -> bool:

@@ -8,6 +8,8 @@ Each class subclasses its ``torch.nn`` namesake, so the constructor, parameters,
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +20,9 @@ from bnfused import activation as act_codes
 from bnfused import inplace
 from bnfused.functional import batch_norm
 
+# forward's residual. Spelled with typing's name: TorchScript evaluates annotations, and `X | None`
+# does not evaluate on Python 3.9.
+Residual = Optional[torch.Tensor]  # noqa: UP045
 _TENSOR_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _PLAIN_FLAG = "_bnfused_plain_lookup"
 
@@ -49,7 +54,7 @@ class _FusedBatchNorm:
         # Fail at construction, not at the first forward.
         inplace.check_memory_mode(memory, *act_codes.parse(activation, negative_slope))
         self.activation = activation
-        self.negative_slope = negative_slope
+        self.negative_slope = float(negative_slope)  # a float, whatever number type came (TorchScript)
         self.backend = backend
         self.memory = memory
 
@@ -99,7 +104,7 @@ class _FusedBatchNorm:
         passes it every forward argument, the residual included)."""
         super().initialize_parameters(input)
 
-    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: Residual = None) -> torch.Tensor:
         """``act(bn(input) [+ residual])``; ``residual`` is the shortcut of a residual block."""
         if is_scripting():  # TorchScript compiles this branch alone
             return self._scripted_forward(input, residual)
@@ -130,7 +135,7 @@ class _FusedBatchNorm:
             self.memory,
         )
 
-    def _scripted_forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def _scripted_forward(self, input: torch.Tensor, residual: Residual = None) -> torch.Tensor:
         """The forward under ``torch.jit.script``: torch's own BatchNorm forward (the code of
         ``nn.modules.batchnorm._BatchNorm.forward``), then the residual add and the activation, as torch
         ops. TorchScript calls no Python autograd Function, and a scripted model saved with
@@ -155,7 +160,7 @@ class _FusedBatchNorm:
         )
         if residual is not None:
             y = y + residual
-        return act_codes.apply_named(y, self.activation, float(self.negative_slope))
+        return act_codes.apply_named(y, self.activation, self.negative_slope)
 
     def _fx_leaf(self, input: Proxy, residual: Proxy | None = None) -> Proxy:
         """Records this layer in a ``torch.fx`` graph as one ``call_module`` node, as torch's BatchNorm is.

@@ -250,6 +250,13 @@ class SyncBatchNorm(_FusedBatchNorm, nn.modules.batchnorm._BatchNorm):
         group = self.process_group or dist.group.WORLD
         return group, dist.get_world_size(group)
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            "bnfused.SyncBatchNorm cannot be scripted (nor can torch.nn.SyncBatchNorm: TorchScript has no "
+            "torch.distributed); to script a model trained with it, swap its SyncBatchNorm layers for "
+            "bnfused.BatchNorm1d/2d/3d, which load their state_dict"
+        )
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.__class__ is not torch.Tensor and isinstance(input, Proxy):
             return self._fx_leaf(input)  # a torch.fx leaf, as nn.SyncBatchNorm is

@@ -164,3 +164,46 @@ def test_saved_scripted_model_runs_without_bnfused(tmp_path):
         timeout=300,
     )
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), model(x))
+
+
+class _AddsASize(torch.nn.Module):
+    def __init__(self, size_of: str):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.size_of = size_of
+
+    def forward(self, x):
+        if self.size_of == "size":
+            number = x.size(0)
+        elif self.size_of == "shape":
+            number = x.shape[-1]
+        elif self.size_of == "dim":
+            number = x.dim()
+        elif self.size_of == "len":
+            number = len(x)
+        else:
+            number = x.numel()
+        return torch.nn.functional.relu(self.bn(x) + number)
+
+
+@pytest.mark.parametrize("size_of", ["size", "shape", "dim", "len", "numel"])
+def test_a_number_added_after_the_layer_stays_unfused_and_scripts(size_of):
+    # The fusion pass leaves a number's add alone: a scripted layer takes a tensor residual only.
+    model = bnfused.convert_model(_AddsASize(size_of).double(), fuse=True)
+    assert isinstance(model.bn, bnfused.BatchNorm2d) and not model.bn.takes_residual
+    scripted = script(copy.deepcopy(model))
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(scripted(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_numpy_slope_scripts():
+    np = pytest.importorskip("numpy")
+    eager = bnfused.BatchNorm2d(4, activation="leaky_relu", negative_slope=np.float32(0.25))
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(script(copy.deepcopy(eager))(x), eager(x))
+
+
+def test_sync_batch_norm_refuses_to_script_with_a_way_out():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bnfused.SyncBatchNorm(4))
+    with pytest.raises(RuntimeError, match="SyncBatchNorm cannot be scripted.*bnfused.BatchNorm1d/2d/3d"):
+        script(model)
