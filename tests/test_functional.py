@@ -295,3 +295,34 @@ def test_suggested_format_is_torchs():
 
     for x in [make() for make in STRIDED_INPUTS.values()] + list(_random_layouts(400, seed=11)):
         assert layout.suggested_format(x) == suggest_memory_format(x), (tuple(x.shape), x.stride())
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "silu"])
+def test_activation_gradient_at_nan_and_inf_is_torchs(activation, training, backend):
+    # A NaN or infinite residual makes z NaN or infinite at its elements: torch's relu passes dy there
+    # ("zero where z <= 0"), leaky_relu scales it ("dy where z > 0"), silu gives NaN. The residual's
+    # gradient (dy * act'(z)) shows it; the statistics stay finite in training too (the residual is
+    # added after the normalisation). Not relu6 nor hardswish: torch's own CPU kernels give 0 and NaN
+    # at NaN on their vector path and dy on their scalar tail.
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 2, 5, dtype=torch.float64)
+    residual = torch.randn(4, 3, 2, 5, dtype=torch.float64)
+    residual[0, :, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=torch.float64)
+    C = x.shape[1]
+    w, b = torch.rand(C, dtype=torch.float64) + 0.5, torch.randn(C, dtype=torch.float64)
+    dy = torch.randn_like(x)
+    grads = []
+    for ours in (False, True):
+        xs, rs = x.clone().requires_grad_(), residual.clone().requires_grad_()
+        rm, rv = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
+        if ours:
+            y = batch_norm(
+                xs, rm, rv, w, b, training, activation=activation, negative_slope=0.2, residual=rs, backend=backend
+            )
+        else:
+            z = F.batch_norm(xs, rm, rv, w, b, training) + rs
+            y = getattr(F, activation)(z, 0.2) if activation == "leaky_relu" else getattr(F, activation)(z)
+        grads.append(torch.autograd.grad(y, (rs,), dy)[0])
+    torch.testing.assert_close(grads[1], grads[0], equal_nan=True)

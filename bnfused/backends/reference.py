@@ -62,7 +62,11 @@ def activation_grad(dy: torch.Tensor, y: torch.Tensor | None, act: int, slope: f
     relu6; ``z`` (the accumulation dtype) for hardswish and silu."""
     if act == act_codes.NONE:
         return dy
-    if act == act_codes.RELU or act == act_codes.LEAKY_RELU:
+    # At NaN, as torch's vectorised CPU kernels: relu passes dy, leaky_relu scales it by the slope,
+    # relu6 gives 0.
+    if act == act_codes.RELU:
+        return torch.where(y <= 0, 0.0, dy)
+    if act == act_codes.LEAKY_RELU:
         return torch.where(y > 0, dy, dy * slope)
     if act == act_codes.RELU6:
         return torch.where((y > 0) & (y < 6), dy, 0.0)

@@ -136,8 +136,11 @@ def _grad_tile(
     elif ACT:
         # Compared in fp32: Triton's CPU interpreter compares bfloat16 as raw bits (-1 > 0 holds there).
         y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        # At NaN, as torch: relu passes g, leaky_relu scales it by the slope.
         if ACT == 3:
             g = tl.where((y > 0) & (y < 6.0), g, 0.0)
+        elif ACT == 1:
+            g = tl.where(y <= 0, 0.0, g)
         else:
             g = tl.where(y > 0, g, g * slope)
     return g, x

@@ -37,11 +37,13 @@ inline V activate(const V& z, const V& slope) {
 
 // dy * act'(z). y_or_z is the saved output y for relu, leaky_relu and relu6 (grad_from_output: y > 0
 // exactly where z > 0 for slope >= 0, and 0 < y < 6 exactly where 0 < z < 6), the recomputed z for
-// hardswish and silu (grad_from_input); unused without an activation. Torch's conventions at the kinks.
+// hardswish and silu (grad_from_input); unused without an activation. Torch's conventions at the kinks,
+// and at NaN those of its vectorised CPU kernels: relu passes dy ("zero where z <= 0"), leaky_relu
+// scales it by the slope ("dy where z > 0"), relu6 gives 0, hardswish NaN.
 template <int Act, typename V>
 inline V act_grad(const V& dy, const V& y_or_z, const V& slope) {
   if constexpr (Act == kRelu) {
-    return V::blendv(V(0), dy, y_or_z > V(0));
+    return V::blendv(dy, V(0), y_or_z <= V(0));
   } else if constexpr (Act == kLeakyRelu) {
     return V::blendv(dy * slope, dy, y_or_z > V(0));
   } else if constexpr (Act == kRelu6) {

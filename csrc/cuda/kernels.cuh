@@ -65,7 +65,8 @@ __device__ __forceinline__ A activate(A z, A slope) {
 // 0 < z < 6), the recomputed z for hardswish and silu, unused for none.
 template <int kAct, typename A>
 __device__ __forceinline__ A act_grad(A dy, A v, A slope) {
-  if constexpr (kAct == kRelu) return v > A(0) ? dy : A(0);
+  // At NaN, as torch: relu passes dy, leaky_relu scales it by the slope.
+  if constexpr (kAct == kRelu) return v <= A(0) ? A(0) : dy;
   if constexpr (kAct == kLeakyRelu) return v > A(0) ? dy : dy * slope;
   if constexpr (kAct == kRelu6) return v > A(0) && v < A(6) ? dy : A(0);
   if constexpr (kAct == kHardswish) {
