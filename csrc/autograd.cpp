@@ -121,6 +121,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> differentiable_backward(const Tensor&
   Tensor g = dy.to(acc);
   if (act == kRelu6) {
     g = at::where(at::logical_and(y > 0, y < 6), g, at::Scalar(0.0));
+  } else if (act == kRelu) {  // dy where y is NaN, as torch (and 0, not dy * 0, where dy is inf)
+    g = at::where(y <= 0, at::Scalar(0.0), g);
   } else if (grad_from_output(act)) {
     g = at::where(y > 0, g, g * slope);
   } else if (grad_from_input(act)) {

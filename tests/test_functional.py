@@ -300,7 +300,8 @@ def test_suggested_format_is_torchs():
 @pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu", "silu"])
-def test_activation_gradient_at_nan_and_inf_is_torchs(activation, training, backend):
+@pytest.mark.parametrize("create_graph", [False, True], ids=["", "create_graph"])
+def test_activation_gradient_at_nan_and_inf_is_torchs(create_graph, activation, training, backend):
     # A NaN or infinite residual makes z NaN or infinite at its elements: torch's relu passes dy there
     # ("zero where z <= 0"), leaky_relu scales it ("dy where z > 0"), silu gives NaN. The residual's
     # gradient (dy * act'(z)) shows it; the statistics stay finite in training too (the residual is
@@ -324,5 +325,5 @@ def test_activation_gradient_at_nan_and_inf_is_torchs(activation, training, back
         else:
             z = F.batch_norm(xs, rm, rv, w, b, training) + rs
             y = getattr(F, activation)(z, 0.2) if activation == "leaky_relu" else getattr(F, activation)(z)
-        grads.append(torch.autograd.grad(y, (rs,), dy)[0])
-    torch.testing.assert_close(grads[1], grads[0], equal_nan=True)
+        grads.append(torch.autograd.grad(y, (rs,), dy, create_graph=create_graph)[0])
+    torch.testing.assert_close(grads[1].detach(), grads[0].detach(), equal_nan=True)

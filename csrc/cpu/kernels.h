@@ -144,22 +144,51 @@ inline bool streams_output(const Tiling& tl) {
 }
 
 // A row tile's one-sweep moments (below) are kept for a channel when its sum of squared deviations
-// from the shift is at most this many times its M2: cancellation then costs at most about three
-// bits of M2. Further, the shift lies more than sqrt(kMaxShiftedLoss - 1) ~ 2.6 of the tile's
-// standard deviations from the tile's mean (about one channel in a hundred for normal data), and
-// the channel's M2 is summed again around the tile's mean.
-constexpr double kMaxShiftedLoss = 8.0;
+// from its shift is at most this many times its M2, that is when the shift lies within one of the
+// tile's standard deviations from the tile's mean; else the channel's M2 is summed again around the
+// tile's mean. Cancellation and the rounding of sum d (weighted by the shift's distance) then cost
+// M2 a few times what the two-sweep sums' rounding does (invstd within about 1e-6 in float32).
+constexpr double kMaxShiftedLoss = 2.0;
+
+// The shift of a row tile's one-sweep moments: per channel, the mean of its first k = 1, 2, 4 or 8
+// rows, summed pairwise as deviations from the first row. Exact for a constant channel (its
+// deviations are 0) and finite wherever the rows' differences are; with 8 rows it lies within a
+// third of a standard deviation of the tile's mean, typically. Into shift[0 .. W).
+template <typename T>
+void row_shift(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* shift) {
+  using A = acc_t<T>;
+  using V = at::vec::Vectorized<A>;
+  constexpr int64_t VW = vec_width<A>();
+  const int64_t rows = tl.count(t), W = tl.width();
+  const int64_t k = rows >= 8 ? 8 : rows >= 4 ? 4 : rows >= 2 ? 2 : 1;
+  int64_t off[8];
+  RowOffsets next_row(tl.L, t * tl.block);
+  for (int64_t i = 0; i < k; ++i) off[i] = next_row();
+  const V inv_k(A(1) / A(k));  // a power of two: exact
+  const auto shift_of = [&](auto tag, int64_t c) {
+    const V first = ld(tag, xp + off[0] + c);
+    V d[8];
+    for (int64_t i = 0; i < k; ++i) d[i] = ld(tag, xp + off[i] + c) - first;
+    for (int64_t half = k / 2; half >= 1; half /= 2) {
+      for (int64_t i = 0; i < half; ++i) d[i] = d[2 * i] + d[2 * i + 1];
+    }
+    st(tag, shift + c, V(first + d[0] * inv_k));
+  };
+  int64_t c = 0;
+  for (; c + VW <= W; c += VW) shift_of(Full{}, c);
+  if (c < W) shift_of(Part{W - c}, c);
+}
 
 // Tile t's (mean, M2) of x for each of its `width()` channels, into part[t * 2W ..]: W means, W M2s.
 //
-// Stable for |mean| >> std: every value is taken relative to a shift, the tile's first value of its
-// channel. A plane tile is summed twice while it sits in cache, first the mean of the deviations
-// from the shift, then the squared deviations from that mean. A row tile is read once, for the sums
-// of the deviations and of their squares (M2 = sum d^2 - (sum d)^2 / n), which is exact enough
-// unless the shift sits far out in its channel (kMaxShiftedLoss); the second read of the tile cost
-// about a third of a read from memory (float32) to all of one (bfloat16, whose values are converted
-// on each read). Planes keep two sweeps: the one-sweep sums are two chains of dependent adds where
-// the mean's sweep runs four.
+// Stable for |mean| >> std: every value is taken relative to a shift near its channel's mean. A plane
+// tile is summed twice while it sits in cache, first the mean of the deviations from the shift (the
+// tile's first value), then the squared deviations from that mean. A row tile is read once, for the
+// sums of the deviations from row_shift and of their squares (M2 = sum d^2 - (sum d)^2 / n); channels
+// whose shift is too far out (kMaxShiftedLoss) are summed again. The second read of
+// every tile cost about a third of a read from memory (float32) to all of one (bfloat16, whose values
+// are converted on each read). Planes keep two sweeps: the one-sweep sums are two chains of dependent
+// adds where the mean's sweep runs four.
 template <typename T>
 void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
   using A = acc_t<T>;
@@ -168,18 +197,25 @@ void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
   A* tile_mean = part + t * 2 * W;
   A* tile_m2 = tile_mean + W;
   const int64_t first = tl.first_offset(t);
-  for (int64_t j = 0; j < W; ++j) tile_mean[j] = static_cast<A>(xp[first + j]);  // the shift
   // The flat walk over rows takes its centre repeated over the period (see tile_sums).
   alignas(64) A repeated[kMaxRowsPeriod];
   auto centered = [=](auto tag, int64_t off, const V& center) { return ld(tag, xp + off) - center; };
   const A inv_count = A(1) / A(tl.count(t));
+  auto squares_around_means = [&] {
+    if (tl.flat) repeat_channels(tl, tile_mean, repeated);
+    std::fill(tile_m2, tile_m2 + W, A(0));
+    tile_sums<1>(
+        tl, t, tl.flat ? repeated : tile_mean,
+        [=](auto tag, int64_t off, const V& c, auto) {
+          const V d = centered(tag, off, c);
+          return std::array<V, 1>{d * d};
+        },
+        tile_m2);
+  };
   if (tl.rows && (tl.flat || W <= kMaxRowsPeriod)) {
     A* shift = repeated;  // repeated[c] is channel c's shift, flat or not
-    if (tl.flat) {
-      repeat_channels(tl, tile_mean, repeated);
-    } else {
-      std::copy(tile_mean, tile_mean + W, repeated);
-    }
+    row_shift(xp, tl, t, tl.flat ? tile_mean : shift);
+    if (tl.flat) repeat_channels(tl, tile_mean, repeated);
     std::fill(tile_mean, tile_mean + 2 * W, A(0));
     tile_sums<2>(
         tl, t, shift,
@@ -188,41 +224,45 @@ void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
           return std::array<V, 2>{d, d * d};
         },
         tile_mean);
+    const int64_t rows = tl.count(t);
+    int64_t far[16], n_far = 0;  // the first channels whose shift is too far out
     for (int64_t j = 0; j < W; ++j) {
-      const A mean_d = tile_mean[j] * inv_count, squares = tile_m2[j];
-      const A m2 = squares - tile_mean[j] * mean_d;
-      tile_mean[j] = shift[j] + mean_d;
-      tile_m2[j] = m2;
-      if (!(double(squares) <= kMaxShiftedLoss * double(m2))) {  // also for inf or NaN sums
-        double q = 0;
-        RowOffsets next_row(tl.L, t * tl.block);
-        for (int64_t r = tl.count(t); r > 0; --r) {
-          const double d = double(static_cast<A>(xp[next_row() + j])) - double(tile_mean[j]);
-          q += d * d;
-        }
-        tile_m2[j] = static_cast<A>(q);
+      const double sum_d = tile_mean[j], squares = tile_m2[j];
+      const double m2 = squares - sum_d * sum_d / double(rows);
+      tile_mean[j] = shift[j] + static_cast<A>(sum_d) * inv_count;
+      tile_m2[j] = static_cast<A>(m2);
+      if (!(squares <= kMaxShiftedLoss * m2)) {  // also for inf or NaN sums
+        if (n_far < 16) far[n_far] = j;
+        ++n_far;
       }
+    }
+    // A few such channels (one in 200 for normal data) are summed again one by one, in double; more
+    // (rows whose first values are alike, as neighbouring pixels are) cost less as one more sweep.
+    if (n_far * 16 > W || n_far > 16) {
+      squares_around_means();
+      return;
+    }
+    for (int64_t i = 0; i < n_far; ++i) {
+      const int64_t j = far[i];
+      double q = 0;
+      RowOffsets next_row(tl.L, t * tl.block);
+      for (int64_t r = rows; r > 0; --r) {
+        const double d = double(static_cast<A>(xp[next_row() + j])) - double(tile_mean[j]);
+        q += d * d;
+      }
+      tile_m2[j] = static_cast<A>(q);
     }
     return;
   }
+  for (int64_t j = 0; j < W; ++j) tile_mean[j] = static_cast<A>(xp[first + j]);  // the shift
   const A* center = tl.flat ? repeated : tile_mean;
   if (tl.flat) repeat_channels(tl, tile_mean, repeated);
   tile_sums<1>(
       tl, t, center,
       [=](auto tag, int64_t off, const V& c, auto) { return std::array<V, 1>{centered(tag, off, c)}; },
       tile_m2);
-  for (int64_t j = 0; j < W; ++j) {
-    tile_mean[j] += tile_m2[j] * inv_count;
-    tile_m2[j] = A(0);
-  }
-  if (tl.flat) repeat_channels(tl, tile_mean, repeated);
-  tile_sums<1>(
-      tl, t, center,
-      [=](auto tag, int64_t off, const V& c, auto) {
-        const V d = centered(tag, off, c);
-        return std::array<V, 1>{d * d};
-      },
-      tile_m2);
+  for (int64_t j = 0; j < W; ++j) tile_mean[j] += tile_m2[j] * inv_count;
+  squares_around_means();
 }
 
 // Channel c's (mean, M2) from its tiles' triples, merged in double with Chan et al.'s pairwise

@@ -49,7 +49,7 @@ __device__ __forceinline__ A one_plus_exp_neg(A z) {
 // act(z) with torch's formulas (relu6 and hardswish as clamps that keep a NaN, silu = z / (1 + e^-z)).
 template <int kAct, typename A>
 __device__ __forceinline__ A activate(A z, A slope) {
-  if constexpr (kAct == kRelu) return z > A(0) ? z : A(0);
+  if constexpr (kAct == kRelu) return z < A(0) ? A(0) : z;  // a NaN stays NaN, as in torch
   if constexpr (kAct == kLeakyRelu) return z > A(0) ? z : z * slope;
   if constexpr (kAct == kRelu6) return z <= A(0) ? A(0) : (z >= A(6) ? A(6) : z);
   if constexpr (kAct == kHardswish) {
