@@ -20,9 +20,9 @@ from bnfused import activation as act_codes
 from bnfused import inplace
 from bnfused.functional import batch_norm
 
-# forward's residual. Spelled with typing's name: TorchScript evaluates annotations, and `X | None`
-# does not evaluate on Python 3.9.
-Residual = Optional[torch.Tensor]  # noqa: UP045
+# A tensor or None, in annotations TorchScript reads (forward's residual, the step counter): spelled with
+# typing's name, as TorchScript evaluates annotations and `X | None` does not evaluate on Python 3.9.
+MaybeTensor = Optional[torch.Tensor]  # noqa: UP045
 _TENSOR_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _PLAIN_FLAG = "_bnfused_plain_lookup"
 
@@ -91,7 +91,7 @@ class _FusedBatchNorm:
         running_var = self.running_var if keep_running else None
         return self.weight, self.bias, running_mean, running_var, momentum
 
-    def _step_momentum(self, num_batches_tracked: torch.Tensor | None) -> float:
+    def _step_momentum(self, num_batches_tracked: MaybeTensor) -> float:
         """Counts a training step in num_batches_tracked (as torch does) and returns its momentum."""
         if self.training and self.track_running_stats and num_batches_tracked is not None:
             num_batches_tracked.add_(1)
@@ -104,7 +104,7 @@ class _FusedBatchNorm:
         passes it every forward argument, the residual included)."""
         super().initialize_parameters(input)
 
-    def forward(self, input: torch.Tensor, residual: Residual = None) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: MaybeTensor = None) -> torch.Tensor:
         """``act(bn(input) [+ residual])``; ``residual`` is the shortcut of a residual block."""
         if is_scripting():  # TorchScript compiles this branch alone
             return self._scripted_forward(input, residual)
@@ -135,17 +135,13 @@ class _FusedBatchNorm:
             self.memory,
         )
 
-    def _scripted_forward(self, input: torch.Tensor, residual: Residual = None) -> torch.Tensor:
+    def _scripted_forward(self, input: torch.Tensor, residual: MaybeTensor = None) -> torch.Tensor:
         """The forward under ``torch.jit.script``: torch's own BatchNorm forward (the code of
         ``nn.modules.batchnorm._BatchNorm.forward``), then the residual add and the activation, as torch
         ops. TorchScript calls no Python autograd Function, and a scripted model saved with
         ``torch.jit.save`` then loads and runs where bnfused is not installed (libtorch included)."""
         self._check_input_dim(input)
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(self.num_batches_tracked)
+        momentum = self._step_momentum(self.num_batches_tracked)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         keep_running = not self.training or self.track_running_stats
         y = F.batch_norm(
