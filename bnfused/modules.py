@@ -17,7 +17,7 @@ from torch.fx import Proxy
 from torch.jit import is_scripting
 
 from bnfused import activation as act_codes
-from bnfused import inplace
+from bnfused import inplace, torch_ops
 from bnfused.functional import batch_norm
 
 # A tensor or None, in annotations TorchScript reads (forward's residual, the step counter): spelled with
@@ -108,6 +108,11 @@ class _FusedBatchNorm:
         """``act(bn(input) [+ residual])``; ``residual`` is the shortcut of a residual block."""
         if is_scripting():  # TorchScript compiles this branch alone
             return self._scripted_forward(input, residual)
+        if torch.compiler.is_compiling() and self.memory == "default" and self._compiles_to_torch_ops(input):
+            # The graph the functional path would give (torch's BatchNorm, the add, the activation),
+            # traced through less of bnfused: every global and attribute Dynamo reads becomes a guard
+            # that each call of the compiled model checks (tens of ns each).
+            return self._scripted_forward(input, residual)
         if input.__class__ is not torch.Tensor and isinstance(input, Proxy):
             return self._fx_leaf(input, residual)
         if residual is not None and not isinstance(residual, torch.Tensor):
@@ -135,13 +140,21 @@ class _FusedBatchNorm:
             self.memory,
         )
 
+    def _compiles_to_torch_ops(self, input: torch.Tensor) -> bool:
+        """Under torch.compile: whether this call becomes torch's ops (``torch_ops.use_torch_ops``)."""
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        return torch_ops.use_torch_ops(input, use_batch_stats)
+
     def _scripted_forward(self, input: torch.Tensor, residual: MaybeTensor = None) -> torch.Tensor:
         """The forward under ``torch.jit.script``: torch's own BatchNorm forward (the code of
         ``nn.modules.batchnorm._BatchNorm.forward``), then the residual add and the activation, as torch
         ops. TorchScript calls no Python autograd Function, and a scripted model saved with
         ``torch.jit.save`` then loads and runs where bnfused is not installed (libtorch included)."""
         self._check_input_dim(input)
-        momentum = self._step_momentum(self.num_batches_tracked)
+        # The step counter read only where torch's forward reads it (under torch.compile a read
+        # is a guard, checked at every call).
+        tracked = self.num_batches_tracked if self.training and self.track_running_stats else None
+        momentum = self._step_momentum(tracked)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         keep_running = not self.training or self.track_running_stats
         y = F.batch_norm(

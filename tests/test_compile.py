@@ -156,6 +156,35 @@ def test_training_under_compile_follows_the_compile_mode(mode, expect_bnfused_op
     assert (F.batch_norm in targets) != expect_bnfused_op
 
 
+@pytest.mark.parametrize(
+    ("training", "mode", "through_functional"),
+    [(False, "decompose", False), (False, "kernels", False), (True, "decompose", False), (True, "kernels", True)],
+)
+def test_layers_compiled_to_torch_ops_skip_the_functional_path(monkeypatch, training, mode, through_functional):
+    """A layer that becomes torch's ops under compile (eval, or training in "decompose" mode) is traced
+    as torch's BatchNorm forward, the add and the activation, not through bnfused.functional: every
+    global and attribute read Dynamo traces there becomes a guard that each compiled call checks. The
+    opaque-op route ("kernels" training) still goes through it, and so trips the stand-in."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), bnfused.BatchNorm2d(4, activation="relu", backend="reference"), nn.Flatten(),
+        nn.Linear(64, 8), bnfused.BatchNorm1d(8, backend="reference"),
+    ).train(training)  # fmt: skip
+    x = torch.randn(3, 3, 6, 6)
+    expected = copy.deepcopy(model)(x)
+
+    def functional_batch_norm(*args, **kwargs):
+        raise RuntimeError("bnfused.functional.batch_norm traced")
+
+    monkeypatch.setattr(bnfused.modules, "batch_norm", functional_batch_norm)
+    with compile_mode(mode):
+        compiled = torch.compile(model, fullgraph=True)
+        if through_functional:
+            with pytest.raises(Exception, match="functional.batch_norm traced"):
+                compiled(x)
+        else:
+            torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_compile_mode_setting():
     assert bnfused.get_compile_mode("cpu") == "decompose"  # measured default (README, "Under torch.compile")
     with compile_mode("kernels"):
