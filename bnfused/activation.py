@@ -78,6 +78,8 @@ def apply_named(z: torch.Tensor, activation: Name, negative_slope: float, inplac
     if name == "relu":
         return F.relu(z, inplace)
     if name == "leaky_relu":
+        if not negative_slope >= 0.0:  # parse's rule, for a layer whose slope was changed after construction
+            raise ValueError("bnfused: leaky_relu needs negative_slope >= 0, got " + str(negative_slope))
         return F.leaky_relu(z, negative_slope, inplace)
     if name == "relu6":
         return F.relu6(z, inplace)

@@ -185,6 +185,18 @@ def test_layers_compiled_to_torch_ops_skip_the_functional_path(monkeypatch, trai
             torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compiled_layer_refuses_a_negative_slope_set_after_construction(training):
+    """The eager path refuses it (the mask is read off y); the compiled path, torch's ops, must too."""
+    layer = bnfused.BatchNorm2d(3, activation="leaky_relu", negative_slope=0.2).train(training)
+    layer.negative_slope = -0.5
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="negative_slope >= 0"):
+        layer(x)
+    with compile_mode("decompose"), pytest.raises(Exception, match="negative_slope >= 0"):
+        torch.compile(layer, fullgraph=True)(x)
+
+
 def test_compile_mode_setting():
     assert bnfused.get_compile_mode("cpu") == "decompose"  # measured default (README, "Under torch.compile")
     with compile_mode("kernels"):
