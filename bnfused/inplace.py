@@ -89,10 +89,12 @@ class InplaceBatchNormFunction(torch.autograd.Function):
         z = yf if act == act_codes.NONE else torch.where(yf >= 0, yf, yf / slope)
         g = dy.to(acc) if act == act_codes.NONE else torch.where(yf > 0, dy.to(acc), dy.to(acc) * slope)
         w = torch.ones_like(invstd) if weight is None else weight.to(acc)
-        if bool((w.abs() <= eps).any()):
+        needs = "bnfused: memory='inplace' recovers x_hat = (y - bias) / weight, which needs |weight| > eps"
+        if torch.compiler.is_compiling():  # no branching on values there: the check runs in the graph
+            torch._assert_async((w.abs() > eps).all(), f"{needs} in every channel")
+        elif bool((w.abs() <= eps).any()):
             raise RuntimeError(
-                "bnfused: memory='inplace' recovers x_hat = (y - bias) / weight, which needs |weight| > eps "
-                f"in every channel; {int((w.abs() <= eps).sum())} channel(s) have |weight| <= {eps}"
+                f"{needs} in every channel; {int((w.abs() <= eps).sum())} channel(s) have |weight| <= {eps}"
             )
         if residual is not None:
             z = z - residual.to(acc)

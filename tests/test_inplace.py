@@ -106,6 +106,35 @@ def test_weight_near_zero_raises_at_backward():
         y.sum().backward()
 
 
+@pytest.mark.parametrize("zero_weight", [False, True])
+def test_compiles_in_kernels_mode_with_its_weight_check_in_the_graph(zero_weight):
+    """Under torch.compile(fullgraph=True) with the kernels as opaque ops, the backward's |weight| > eps
+    check cannot branch on the weight's values while tracing: it runs inside the graph instead (where
+    the compiler may place it in the step's forward, since it reads the weight alone)."""
+    torch.manual_seed(0)
+    layer = bnfused.BatchNorm2d(3, memory="inplace", backend="reference")
+    if zero_weight:
+        with torch.no_grad():
+            layer.weight[1] = 0.0
+    eager = copy.deepcopy(layer)
+    x = torch.randn(2, 3, 4, 4)
+    bnfused.set_compile_mode("kernels")
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(layer, fullgraph=True)
+        if zero_weight:
+            with pytest.raises(RuntimeError, match=r"\|weight\| > eps"):
+                compiled(x).square().sum().backward()
+            return
+        compiled(x).square().sum().backward()
+    finally:
+        bnfused.set_compile_mode(None)
+        torch._dynamo.reset()
+    eager(x).square().sum().backward()
+    torch.testing.assert_close(layer.weight.grad, eager.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.bias.grad, eager.bias.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_saves_the_output_not_the_input_and_follows_autograd_rules():
     x = torch.randn(4, 3, 5, 5, requires_grad=True)
     layer = bnfused.BatchNorm2d(3, activation="leaky_relu", memory="inplace", backend="cpp")
