@@ -57,9 +57,14 @@ def parse(activation: str | None, negative_slope: float) -> tuple[int, float]:
     if code != LEAKY_RELU:
         return code, 0.0
     slope = float(negative_slope)
-    if not slope >= 0.0:  # also rejects NaN
-        raise ValueError(f"bnfused: leaky_relu needs negative_slope >= 0, got {negative_slope}")
+    check_slope(slope)
     return LEAKY_RELU, slope
+
+
+def check_slope(negative_slope: float) -> None:
+    """leaky_relu's slope must be >= 0 (see ``parse``); also rejects NaN. TorchScript compiles it."""
+    if not negative_slope >= 0.0:
+        raise ValueError("bnfused: leaky_relu needs negative_slope >= 0, got " + str(negative_slope))
 
 
 def apply(z: torch.Tensor, code: int, slope: float, inplace: bool = False) -> torch.Tensor:
@@ -78,8 +83,7 @@ def apply_named(z: torch.Tensor, activation: Name, negative_slope: float, inplac
     if name == "relu":
         return F.relu(z, inplace)
     if name == "leaky_relu":
-        if not negative_slope >= 0.0:  # parse's rule, for a layer whose slope was changed after construction
-            raise ValueError("bnfused: leaky_relu needs negative_slope >= 0, got " + str(negative_slope))
+        check_slope(negative_slope)  # a layer's slope may have changed since parse checked it
         return F.leaky_relu(z, negative_slope, inplace)
     if name == "relu6":
         return F.relu6(z, inplace)
