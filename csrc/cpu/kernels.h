@@ -18,6 +18,17 @@
 
 namespace bnfused::cpu {
 
+// Where the kernels' per-channel arrays sit in their ChannelArrays (see tile_chunks): the
+// normalisation's (x - mean) * scale + shift, and the backward's, whose k1 is that same scale.
+constexpr CoefIndex<0> kMean{};
+constexpr CoefIndex<1> kScale{}, kK1{};
+constexpr CoefIndex<2> kShift{};
+constexpr CoefIndex<3> kInvstd{};
+constexpr CoefIndex<4> kK2{};
+constexpr CoefIndex<5> kK3{};
+template <typename A>
+constexpr ChannelArrays<A, 0> kNoArrays{};
+
 template <int Act, typename V>
 inline V activate(const V& z, const V& slope) {
   if constexpr (Act == kRelu) {
@@ -205,7 +216,7 @@ void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
     if (tl.flat) repeat_channels(tl, tile_mean, repeated);
     std::fill(tile_m2, tile_m2 + W, A(0));
     tile_sums<1>(
-        tl, t, tl.flat ? repeated : tile_mean,
+        tl, t, tl.flat ? repeated : tile_mean, kNoArrays<A>,
         [=](auto tag, int64_t off, const V& c, auto) {
           const V d = centered(tag, off, c);
           return std::array<V, 1>{d * d};
@@ -218,7 +229,7 @@ void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
     if (tl.flat) repeat_channels(tl, tile_mean, repeated);
     std::fill(tile_mean, tile_mean + 2 * W, A(0));
     tile_sums<2>(
-        tl, t, shift,
+        tl, t, shift, kNoArrays<A>,
         [=](auto tag, int64_t off, const V& c, auto) {
           const V d = centered(tag, off, c);
           return std::array<V, 2>{d, d * d};
@@ -258,7 +269,7 @@ void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
   const A* center = tl.flat ? repeated : tile_mean;
   if (tl.flat) repeat_channels(tl, tile_mean, repeated);
   tile_sums<1>(
-      tl, t, center,
+      tl, t, center, kNoArrays<A>,
       [=](auto tag, int64_t off, const V& c, auto) { return std::array<V, 1>{centered(tag, off, c)}; },
       tile_m2);
   for (int64_t j = 0; j < W; ++j) tile_mean[j] += tile_m2[j] * inv_count;
@@ -378,9 +389,10 @@ template <typename T, typename Epi>
 void normalize_tile(const T* xp, T* yp, const Tiling& tl, int64_t t, const acc_t<T>* mean, const acc_t<T>* scale,
                     const acc_t<T>* shift, const Epi& epi) {
   const bool stream = streams_output<T>(tl);
-  tile_chunks<acc_t<T>, has_pairs<T>()>(tl, t, [=](auto tag, int64_t off, auto coef) {
+  const ChannelArrays<acc_t<T>, 3> arrays{mean, scale, shift};
+  tile_chunks<acc_t<T>, has_pairs<T>()>(tl, t, arrays, [=](auto tag, int64_t off, auto coef) {
     auto y = [&](auto part) {  // part: the chunk's tag, or one register of a pair
-      return epi(part, off, at::vec::fmadd(ld(part, xp + off) - coef(mean), coef(scale), coef(shift)));
+      return epi(part, off, at::vec::fmadd(ld(part, xp + off) - coef(kMean), coef(kScale), coef(kShift)));
     };
     if constexpr (std::is_same_v<decltype(tag), Pair>) {
       st_pair(yp + off, y(PairLo{}), y(PairHi{}), stream);
@@ -698,6 +710,7 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_
     pattern(5, k3);
   };
   if (!reduce) repeat_k2_k3();
+  const ChannelArrays<A, 6> arrays{rmean, rk1, rshift, rinvstd, rk2, rk3};
   const int64_t streams = 2 + (grad_from_output(act) ? 1 : 0) + (grad_from_input(act) && rp ? 1 : 0) +
                           (drp ? 1 : 0);
   auto body = [&](auto act_c) {
@@ -707,7 +720,7 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_
       const V dy = ld(tag, dyp + off);
       if constexpr (kAct == kAnyAct) {  // float64: the same operations, chosen at run time
         if (grad_from_input(act)) {
-          V z = at::vec::fmadd(ld(tag, xp + off) - coef(rmean), coef(rk1), coef(rshift));
+          V z = at::vec::fmadd(ld(tag, xp + off) - coef(kMean), coef(kK1), coef(kShift));
           if (rp) z = z + ld(tag, rp + off);
           return act_grad_any(act, dy, z, vslope);
         } else if (grad_from_output(act)) {
@@ -716,7 +729,7 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_
           return dy;
         }
       } else if constexpr (grad_from_input(kAct)) {
-        V z = at::vec::fmadd(ld(tag, xp + off) - coef(rmean), coef(rk1), coef(rshift));
+        V z = at::vec::fmadd(ld(tag, xp + off) - coef(kMean), coef(kK1), coef(kShift));
         if (rp) z = z + ld(tag, rp + off);
         return act_grad<kAct>(dy, z, vslope);
       } else if constexpr (grad_from_output(kAct)) {
@@ -728,7 +741,7 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_
     auto sums = [&](int64_t t) {
       const A* center = tl.rows ? rmean : mean + tl.plane_channel(t);
       tile_sums<2>(
-          tl, t, center,
+          tl, t, center, arrays,
           [=](auto tag, int64_t off, const V& cen, auto coef) {
             const V g = grad(tag, off, coef);
             return std::array<V, 2>{g, g * (ld(tag, xp + off) - cen)};
@@ -779,13 +792,13 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_
     const bool stream = streams_output<T>(tl);
     auto input_grad = [&](int64_t t) {
       auto write = [&](auto centered_c) {
-        tile_chunks<A, has_pairs<T>()>(tl, t, [=](auto tag, int64_t off, auto coef) {
+        tile_chunks<A, has_pairs<T>()>(tl, t, arrays, [=](auto tag, int64_t off, auto coef) {
           auto dx = [&](auto part, const V& g) {  // part: the chunk's tag, or one register of a pair
             if constexpr (decltype(centered_c)::value) {
-              const V x_hat = (ld(part, xp + off) - coef(rmean)) * coef(rinvstd);
-              return at::vec::fmsub(g, coef(rk1), at::vec::fmadd(x_hat, coef(rk2), coef(rk3)));
+              const V x_hat = (ld(part, xp + off) - coef(kMean)) * coef(kInvstd);
+              return at::vec::fmsub(g, coef(kK1), at::vec::fmadd(x_hat, coef(kK2), coef(kK3)));
             } else {
-              return V(g * coef(rk1));
+              return V(g * coef(kK1));
             }
           };
           if constexpr (std::is_same_v<decltype(tag), Pair>) {
