@@ -77,8 +77,9 @@ std::pair<Tensor, Tensor> run_backward(const GradInputs& in, const Tensor& x, co
                           GradInputs::ptr<T>(in.residual),
                           want_dx ? dx.mutable_data_ptr<T>() : nullptr,
                           want_dresidual ? dresidual.mutable_data_ptr<T>() : nullptr};
-  grad_sums_then_input<T>(io, in.tl, mean_a.data(), invstd_a.data(), shift.data(), reduce, finish, k1.data(),
-                          k2.data(), k3.data(), training, act, slope);
+  const A* shift_p = shift.empty() ? nullptr : shift.data();  // null: read by no chunk, and by no PlaneCoefs
+  grad_sums_then_input<T>(io, in.tl, mean_a.data(), invstd_a.data(), shift_p, reduce, finish, k1.data(), k2.data(),
+                          k3.data(), training, act, slope);
   return {dx, dresidual};
 }
 

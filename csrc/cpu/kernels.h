@@ -715,7 +715,7 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_
                           (drp ? 1 : 0);
   auto body = [&](auto act_c) {
     constexpr int kAct = decltype(act_c)::value;
-    // g for a chunk; coef(array) gives a (C,) array's values for its lanes.
+    // g for a chunk; coef(kIndex) gives one of `arrays`' values for its lanes.
     auto grad = [=](auto tag, int64_t off, auto coef) {
       const V dy = ld(tag, dyp + off);
       if constexpr (kAct == kAnyAct) {  // float64: the same operations, chosen at run time

@@ -239,8 +239,10 @@ inline void repeat_channels(const Tiling& tl, const A* arr, A* out) {
 
 // The per-channel (C,) arrays that a kernel's chunks read, in a fixed order: a chunk asks for the
 // values of array I on its lanes with coef(CoefIndex<I>{}) (kernels name the indices). An array
-// may be null if it is never asked for. With tl.flat the arrays must hold the channels' values
-// repeated over the period (repeat_channels), as the rows are then walked flat.
+// that is never asked for may be null; one that is not null must be readable at [c] when a plane
+// tile of channel c starts, asked for or not (PlaneCoefs reads them all then). With tl.flat the
+// arrays must hold the channels' values repeated over the period (repeat_channels), as the rows
+// are then walked flat.
 template <typename A, size_t N>
 using ChannelArrays = std::array<const A*, N>;
 template <int I>
@@ -260,6 +262,7 @@ class PlaneCoefs {
   }
   template <int I>
   V operator()(CoefIndex<I>) const {
+    static_assert(I >= 0 && I < int(N), "no such per-channel array");
     return v_[I];
   }
 
@@ -275,6 +278,7 @@ struct RowCoefs {
   int64_t j;
   template <int I>
   at::vec::Vectorized<A> operator()(CoefIndex<I>) const {
+    static_assert(I >= 0 && I < int(N), "no such per-channel array");
     return ld(tag, arrays[I] + j);
   }
 };
