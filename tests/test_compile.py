@@ -292,7 +292,7 @@ _FREE_OPS = ("aten.detach.default", "aten.clone.default")
 
 @pytest.mark.slow
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0"])
 def test_compiled_converted_model_is_torchs_own_graph(name, training):
     """Under torch.compile (the default compile mode), a model converted with ``fuse=True`` compiles to
     the same ATen ops, op for op, as the torch.nn original: Inductor gets torch's graph to fuse and
