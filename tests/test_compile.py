@@ -4,6 +4,7 @@ import collections
 import contextlib
 import copy
 import os
+import re
 import subprocess
 import sys
 
@@ -146,6 +147,58 @@ def test_eval_under_compile_is_torch_batch_norm_not_a_bnfused_op(mode, activatio
     assert F.batch_norm in targets
     assert (F.relu in targets) == (activation == "relu")
     assert (F.leaky_relu in targets) == (activation == "leaky_relu")
+
+
+class _ResidualBlock(nn.Module):
+    """conv -> BN -> relu -> conv -> BN, + x, relu: what the fusion pass turns into BN+relu and BN+add+relu."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + x)
+
+
+def _inductor_code(model, x):
+    """The output and the Python/C++ code Inductor generates for ``model`` in inference, with what
+    changes from one compilation to the next (comments, hashes, addresses) taken out."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        y, codes = run_and_get_code(torch.compile(model), x)
+    torch._dynamo.reset()
+    lines = (re.sub(r"\b[0-9a-f]{12,}\b", "", line.split("#")[0]).rstrip() for c in codes for line in c.splitlines())
+    return y, [line for line in lines if line]
+
+
+@pytest.mark.slow
+def test_eval_batch_norm_folds_into_the_convolution_under_freezing(monkeypatch):
+    """With Inductor's freezing, eval-mode BatchNorm is folded into the convolution before it (its
+    scale and shift computed once, into the frozen weights): for a converted model, fused activation
+    and residual add included, Inductor generates torch's code, line for line, with no invstd left
+    to compute per call."""
+    monkeypatch.setattr(torch._inductor.config, "freezing", True)
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), _ResidualBlock(8),
+                             nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4), nn.Hardswish()).eval()  # fmt: skip
+    with torch.no_grad():
+        for bn in (m for m in original.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-1, 1)
+    converted = bnfused.convert_model(copy.deepcopy(original), fuse=True)
+    assert sum(isinstance(m, bnfused.BatchNorm2d) and m.activation is not None for m in converted.modules()) == 4
+    x = torch.randn(2, 3, 10, 10)
+    got, got_code = _inductor_code(converted, x)
+    want, want_code = _inductor_code(original, x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got_code == want_code
+    assert sum("convolution" in line for line in got_code) >= 4  # the code is there: one call per conv
+    assert not any("sqrt" in line for line in got_code)
 
 
 @pytest.mark.parametrize(("mode", "expect_bnfused_op"), [("kernels", True), ("decompose", False)])
