@@ -18,6 +18,9 @@ eagerly and under ``torch.compile``, on random data. Providers:
                                 the same in that compile mode (``bnfused.set_compile_mode``): how the
                                 choice of default was measured
     scratch                     every BatchNorm swapped for the from-scratch tutorial BatchNorm
+    torch-again, compile-again  a second, separately built copy of the model as written (compiled): its
+                                ratio to torch (compile) is the run's noise floor, what an identical
+                                model reads against itself
 
 Modes: ``train`` (zero_grad, forward, cross-entropy, backward, SGD step) and ``eval`` (the model in
 eval mode under ``torch.no_grad()``, forward only). Layouts: ``nchw`` and ``channels_last`` (model
@@ -131,8 +134,8 @@ class Provider:
 
 def parse_provider(name: str) -> Provider:
     text = name.strip().lower()
-    if text == "compile":
-        return Provider(text, "torch", None, True)
+    if text in ("compile", "compile-again", "torch-again"):
+        return Provider(text, "torch", None, text.startswith("compile"))
     compile_mode = None
     for mode in bnfused.torch_ops.COMPILE_MODES:
         if text.endswith(f"{COMPILE_SUFFIX}-{mode}"):
@@ -144,7 +147,7 @@ def parse_provider(name: str) -> Provider:
     base, backend = providers.split_backend(base, name)
     if base not in BASES or (base == "torch" and compiled) or ((compile_mode or inplace) and base != "bnfused"):
         raise ValueError(
-            f"unknown provider {name!r}: expected torch, compile, scratch, "
+            f"unknown provider {name!r}: expected torch, compile, scratch, torch-again, compile-again, "
             "bnfused[-<backend>][+inplace] or bnfused[-<backend>][+inplace]+compile[-kernels|-decompose]"
         )
     return Provider(name.strip().lower(), base, backend, compiled, compile_mode, inplace)

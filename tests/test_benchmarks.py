@@ -169,6 +169,21 @@ def test_bench_models_layouts_and_modes(cpu_one_thread, capsys):
     assert "bnfused-reference eval: time ratio geometric mean" in capsys.readouterr().out
 
 
+def test_again_providers_time_a_second_copy_of_the_baseline(cpu_one_thread):
+    """torch-again / compile-again: the model as written, built a second time, with its ratio to the
+    baseline of the same run (the noise floor a bnfused ratio is read against)."""
+    parse = bench_models.parse_provider
+    assert parse("torch-again") == bench_models.Provider("torch-again", "torch", None, False)
+    assert parse("compile-again") == bench_models.Provider("compile-again", "torch", None, True)
+    assert parse("compile-again").baseline == "compile"
+    argv = ["--quick", *cpu_one_thread, "--models", "mnist_bn_mlp", "--modes", "eval", "--repeat", "2"]
+    rows = bench_models.main([*argv, "--providers", "torch,torch-again"])
+    assert [r["provider"] for r in rows] == ["torch", "torch-again"]
+    again = rows[1]
+    assert again["baseline"] == "torch" and again["backend"] == ""
+    assert 0.2 < float(again["ratio"]) < 5  # the same model: a ratio near 1, not a missing one
+
+
 def test_converted_models_really_use_the_provider():
     cpu, f32 = torch.device("cpu"), torch.float32
     parse = bench_models.parse_provider
