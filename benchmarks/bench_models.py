@@ -51,6 +51,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 import torch  # noqa: E402
+import torch._dynamo  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 from torch import nn  # noqa: E402
@@ -237,6 +238,11 @@ def run(model_names, provider_names, modes, layouts, device, dtype, sizes, budge
         target = torch.randint(0, NUM_CLASSES, (batch,), device=device)
         steps: dict[str, Callable[[], None]] = {}
         memory_columns: dict[str, dict[str, str | None]] = {}
+        # Every compiled model of a process enters the same Dynamo frame (the compiled module's call),
+        # whose cache holds recompile_limit (8) entries: past that, a newly compiled model silently
+        # runs eagerly. Each case starts from an empty cache; its compiled models are all timed before
+        # the next case resets it.
+        torch._dynamo.reset()
         for provider in parsed:
             try:
                 torch.manual_seed(0)

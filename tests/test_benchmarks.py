@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import subprocess
@@ -167,6 +168,29 @@ def test_bench_models_layouts_and_modes(cpu_one_thread, capsys):
     ]
     assert rows[0]["input_shape"] == "3x32x32"
     assert "bnfused-reference eval: time ratio geometric mean" in capsys.readouterr().out
+
+
+def test_compiled_providers_stay_compiled_case_after_case(cpu_one_thread, monkeypatch):
+    """Every compiled model of a process enters one Dynamo frame whose cache holds recompile_limit
+    entries; past it, a new model silently runs eagerly. The benchmark resets Dynamo per case, so no
+    case meets the limit, here lowered to what one case needs (compile and bnfused+compile)."""
+    limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(torch._dynamo.config, limit_name, 2)
+    messages = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler = Collect(logging.WARNING)
+    logging.getLogger("torch._dynamo").addHandler(handler)
+    try:
+        argv = ["--quick", *cpu_one_thread, "--models", "mnist_bn_mlp,mnist_bn_after_relu", "--layouts", "nchw"]
+        rows = bench_models.main([*argv, "--providers", "compile,bnfused-reference+compile"])
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(handler)
+    assert len(rows) == 8  # 2 models x 2 modes x 2 providers, none skipped
+    assert not [m for m in messages if "_limit" in m], messages
 
 
 def test_again_providers_time_a_second_copy_of_the_baseline(cpu_one_thread):
