@@ -238,8 +238,8 @@ def run(model_names, provider_names, modes, layouts, device, dtype, sizes, budge
         target = torch.randint(0, NUM_CLASSES, (batch,), device=device)
         steps: dict[str, Callable[[], None]] = {}
         memory_columns: dict[str, dict[str, str | None]] = {}
-        # Every compiled model of a process enters the same Dynamo frame (the compiled module's call),
-        # whose cache holds recompile_limit (8) entries: past that, a newly compiled model silently
+        # Dynamo caches compiled code per code object, at most recompile_limit (8) entries each; past
+        # that, a model whose forward is code already seen (every nn.Sequential shares one) silently
         # runs eagerly. Each case starts from an empty cache; its compiled models are all timed before
         # the next case resets it.
         torch._dynamo.reset()

@@ -171,9 +171,9 @@ def test_bench_models_layouts_and_modes(cpu_one_thread, capsys):
 
 
 def test_compiled_providers_stay_compiled_case_after_case(cpu_one_thread, monkeypatch):
-    """Every compiled model of a process enters one Dynamo frame whose cache holds recompile_limit
-    entries; past it, a new model silently runs eagerly. The benchmark resets Dynamo per case, so no
-    case meets the limit, here lowered to what one case needs (compile and bnfused+compile)."""
+    """Dynamo keeps recompile_limit entries per code object; past it, a model whose forward is code
+    already seen (the seed models are all nn.Sequential) silently runs eagerly. The benchmark resets
+    Dynamo per case, so no case meets the limit, here lowered to what one case needs."""
     limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     monkeypatch.setattr(torch._dynamo.config, limit_name, 2)
     messages = []
