@@ -31,6 +31,10 @@ def _init_and_run(rank: int, world_size: int, port: int, collective_timeout_s: f
     )
     try:
         fn(rank, world_size, *args)
+        # All ranks tear down together: a rank destroying its group while a peer still talks to it
+        # made gloo abort that peer ("terminate called without an active exception", SIGABRT) once
+        # in CI. Only after success: a rank that raised must not wait for partners here.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
