@@ -515,7 +515,6 @@ void normalize_flat(const T* xp, T* yp, const Tiling& tl, const acc_t<T>* mean, 
       st_out(tag, yp + off, epi(tag, off, at::vec::fmadd(ld(tag, xp + off) - mv, kv, bv)), stream);
     };
     const int64_t end = std::min(v1 * VW, total);
-#if defined(CPU_CAPABILITY_AVX512)
     // 16-bit values go by pairs of vectors (see ld_pair) while whole pairs remain, then by vectors.
     // Planes of at least a pair hold at most one boundary per pair.
     if constexpr (has_pairs<T>()) {
@@ -523,10 +522,10 @@ void normalize_flat(const T* xp, T* yp, const Tiling& tl, const acc_t<T>* mean, 
         const auto [index_lo, index_hi] = pair_index<T>();
         auto apply_pair = [=](int64_t off, const V& m_lo, const V& k_lo, const V& b_lo, const V& m_hi, const V& k_hi,
                               const V& b_hi) {
-          __m512 lo, hi;
+          V lo, hi;
           ld_pair(xp + off, lo, hi);
-          const V y_lo = epi(PairLo{}, off, at::vec::fmadd(V(lo) - m_lo, k_lo, b_lo));
-          const V y_hi = epi(PairHi{}, off, at::vec::fmadd(V(hi) - m_hi, k_hi, b_hi));
+          const V y_lo = epi(PairLo{}, off, at::vec::fmadd(lo - m_lo, k_lo, b_lo));
+          const V y_hi = epi(PairHi{}, off, at::vec::fmadd(hi - m_hi, k_hi, b_hi));
           st_pair(yp + off, y_lo, y_hi, stream);
         };
         for (; end - i >= 2 * VW; i += 2 * VW) {
@@ -552,7 +551,6 @@ void normalize_flat(const T* xp, T* yp, const Tiling& tl, const acc_t<T>* mean, 
         }
       }
     }
-#endif
     for (; i < end; i += VW) {
       const int64_t n = std::min(VW, total - i);
       if (left > VW) {  // inside plane p

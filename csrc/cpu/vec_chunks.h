@@ -13,6 +13,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 
@@ -45,14 +46,60 @@ constexpr bool is_16bit_float() {
   return std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>;
 }
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// float16/bfloat16 <-> float one register at a time, with ATen's own conversions (round to nearest
+// even, NaN kept): Bits16 holds the 16-bit values of one float vector (16 in a __m256i with AVX512,
+// 8 in a __m128i with AVX2). A chunk converts just its own values, where
+// at::vec::convert_from_float converts two float vectors into one vector of T (and, for a chunk,
+// converts its values twice and stores half the result through a buffer), and a partial chunk is
+// loaded and stored in one piece rather than one element at a time.
 #if defined(CPU_CAPABILITY_AVX512)
-// float16/bfloat16 <-> float one register at a time (16 lanes of T in a __m256i), with ATen's own
-// conversions (round to nearest even, NaN kept): a chunk converts just its own 16 values, where
-// at::vec::convert_from_float converts two float vectors into one of 32 T, and a partial chunk is
-// loaded and stored with a lane mask rather than one element at a time through a buffer.
+using RawF = __m512;
+using Bits16 = __m256i;
+inline Bits16 load_bits16(const void* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+inline void store_bits16(void* p, Bits16 h) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+}
+inline void stream_bits16(void* p, Bits16 h) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), h);
+}
+inline __mmask16 first_lanes(int64_t n) {
+  return static_cast<__mmask16>((1u << n) - 1u);
+}
+inline Bits16 load_bits16(const void* p, int64_t n) {
+  return _mm256_maskz_loadu_epi16(first_lanes(n), p);
+}
+inline void store_bits16(void* p, Bits16 h, int64_t n) {
+  _mm256_mask_storeu_epi16(p, first_lanes(n), h);
+}
+#else
+using RawF = __m256;
+using Bits16 = __m128i;
+inline Bits16 load_bits16(const void* p) {
+  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+}
+inline void store_bits16(void* p, Bits16 h) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+}
+inline void stream_bits16(void* p, Bits16 h) {
+  _mm_stream_si128(reinterpret_cast<__m128i*>(p), h);
+}
+// The first n values (zeros after them), and a store of the first n.
+inline Bits16 load_bits16(const void* p, int64_t n) {
+  Bits16 h = _mm_setzero_si128();
+  std::memcpy(&h, p, static_cast<size_t>(n) * 2);
+  return h;
+}
+inline void store_bits16(void* p, Bits16 h, int64_t n) {
+  std::memcpy(p, &h, static_cast<size_t>(n) * 2);
+}
+#endif
+
 template <typename T>
-inline __m512 widen(__m256i h) {
-  __m512 out;
+inline RawF widen(Bits16 h) {
+  RawF out;
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     at::vec::cvtbf16_fp32(h, out);
   } else {
@@ -62,19 +109,15 @@ inline __m512 widen(__m256i h) {
 }
 
 template <typename T>
-inline __m256i narrow(const __m512& v) {
+inline Bits16 narrow(const RawF& v) {
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     return at::vec::cvtfp32_bf16(v);
   } else {
     return at::vec::cvtfp32_fp16(v);
   }
 }
-
-inline __mmask16 first_lanes(int64_t n) {
-  return static_cast<__mmask16>((1u << n) - 1u);
-}
+#define BNFUSED_HAS_BITS16 1
 #endif
-
 
 template <typename T>
 inline VecA<T> ld(Full, const T* p) {
@@ -92,8 +135,8 @@ inline VecA<T> ld(Part k, const T* p) {
   if constexpr (std::is_same_v<T, acc_t<T>>) {
     return VecA<T>::loadu(p, k.n);
   } else {
-#if defined(CPU_CAPABILITY_AVX512)
-    if constexpr (is_16bit_float<T>()) return widen<T>(_mm256_maskz_loadu_epi16(first_lanes(k.n), p));
+#if defined(BNFUSED_HAS_BITS16)
+    if constexpr (is_16bit_float<T>()) return widen<T>(load_bits16(p, k.n));
 #endif
     acc_t<T> buf[vec_width<acc_t<T>>()] = {};
     for (int64_t i = 0; i < k.n; ++i) buf[i] = static_cast<acc_t<T>>(p[i]);
@@ -113,9 +156,9 @@ inline void st(Full, T* p, const VecA<T>& v) {
   if constexpr (std::is_same_v<T, acc_t<T>>) {
     v.store(p);
   } else {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(BNFUSED_HAS_BITS16)
     if constexpr (is_16bit_float<T>()) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow<T>(v));
+      store_bits16(p, narrow<T>(v));
       return;
     }
 #endif
@@ -128,9 +171,9 @@ inline void st(Part k, T* p, const VecA<T>& v) {
   if constexpr (std::is_same_v<T, acc_t<T>>) {
     v.store(p, k.n);
   } else {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(BNFUSED_HAS_BITS16)
     if constexpr (is_16bit_float<T>()) {
-      _mm256_mask_storeu_epi16(p, first_lanes(k.n), narrow<T>(v));
+      store_bits16(p, narrow<T>(v), k.n);
       return;
     }
 #endif
@@ -176,13 +219,7 @@ inline void st_out(Tag tag, T* p, const VecA<T>& v, bool stream) {
         _mm256_stream_pd(p, v);
 #endif
       } else {  // half / bfloat16
-#if defined(CPU_CAPABILITY_AVX512)
-        _mm256_stream_si256(reinterpret_cast<__m256i*>(p), narrow<T>(v));
-#else
-        // the converted vector's first half holds the chunk's values
-        const auto h = at::vec::convert_from_float<T>(v, v);
-        _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(h));
-#endif
+        stream_bits16(p, narrow<T>(v));
       }
       return;
     }
@@ -201,20 +238,22 @@ inline void stream_fence(bool streamed) {
 #endif
 }
 
-// Pairs: the 2 * VW 16-bit values of 64 contiguous bytes, loaded, converted and stored at once, in
-// two VecA<T> registers `lo` and `hi` (AVX512; elsewhere, and for float/double, a pair is two
-// consecutive whole vectors, lo then hi). An elementwise pass computes each value in
-// whichever lane holds it, so the results are the same bits as chunk by chunk; what it saves is
-// conversion work, which outweighs the memory traffic of a 16-bit pass converted a vector at a time.
+// Pairs: the 2 * VW 16-bit values of one 512-bit (AVX512) or 256-bit (AVX2) register, loaded,
+// converted and stored at once, in two VecA<T> registers `lo` and `hi` (elsewhere, and for
+// float/double, a pair is two consecutive whole vectors, lo then hi). An elementwise pass computes
+// each value in whichever lane holds it, so the results are the same bits as chunk by chunk; what it
+// saves is conversion work, which outweighs the memory traffic of a 16-bit pass converted a vector
+// at a time.
 //   bfloat16: lo holds the pair's even values, hi its odd ones. A bfloat16 is the upper half of a
 //             float, so widening a 32-bit lane that holds two of them is one shift (the even value)
-//             or one mask (the odd one), and narrowing is narrow_pair_bf16's rounding, where
-//             the one-register conversion spends two port-5 operations per vector on its narrowing.
+//             or one mask (the odd one), and narrowing is narrow_pair_bf16's rounding, which works
+//             on both values of a lane at once where the one-register conversion rounds each float
+//             and then packs and permutes the halves together.
 //   float16:  lo holds the first VW values, hi the last VW (vcvtph2ps and vcvtps2ph, as chunks do).
 // pair_index(lane) says which value of the pair a lane holds, for the lanes of lo and hi.
 template <typename T>
 constexpr bool has_pairs() {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(BNFUSED_HAS_BITS16)
   return is_16bit_float<T>();
 #else
   return false;
@@ -229,23 +268,42 @@ struct PairLo {};
 struct PairHi {};
 
 #if defined(CPU_CAPABILITY_AVX512)
+using RawPair = __m512i;
+inline RawPair load_pair_bits(const void* p) {
+  return _mm512_loadu_si512(p);
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+using RawPair = __m256i;
+inline RawPair load_pair_bits(const void* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+#endif
+
 template <typename T>
-inline void ld_pair(const T* p, __m512& lo, __m512& hi) {
+inline void ld_pair(const T* p, VecA<T>& lo, VecA<T>& hi) {
+#if defined(BNFUSED_HAS_BITS16)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
-    const __m512i w = _mm512_loadu_si512(p);
+    const RawPair w = load_pair_bits(p);
+#if defined(CPU_CAPABILITY_AVX512)
     lo = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
     hi = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-  } else {
-    lo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    hi = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)));
+#else
+    lo = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+    hi = _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+#endif
+    return;
   }
+#endif
+  lo = ld(Full{}, p);
+  hi = ld(Full{}, p + vec_width<acc_t<T>>());
 }
 
-// The 32 bfloat16 of (lo, hi) in pair order, each rounded as at::vec::cvtfp32_bf16 rounds (to nearest
-// even; any NaN becomes 0xFFFF): the same bits. A float's upper half, the truncated value, rounds up
-// (adds 1, carrying into the exponent as the float rounding does) when its lower half plus the
-// upper half's last bit exceeds 0x8000, which is computed on 16-bit words, two values per 32-bit
+// The 2 * VW bfloat16 of (lo, hi) in pair order, each rounded as at::vec::cvtfp32_bf16 rounds (to
+// nearest even; any NaN becomes 0xFFFF): the same bits. A float's upper half, the truncated value,
+// rounds up (adds 1, carrying into the exponent as the float rounding does) when its lower half plus
+// the upper half's last bit exceeds 0x8000, which is computed on 16-bit words, two values per 32-bit
 // lane; the NaN fix-up costs one compare unless a NaN is present.
+#if defined(CPU_CAPABILITY_AVX512)
 inline __m512i narrow_pair_bf16(const __m512& lo, const __m512& hi) {
   const __m512i e = _mm512_castps_si512(lo), o = _mm512_castps_si512(hi);
   const __m512i upper_words = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
@@ -262,7 +320,25 @@ inline __m512i narrow_pair_bf16(const __m512& lo, const __m512& hi) {
   }
   return out;
 }
-
+#elif defined(CPU_CAPABILITY_AVX2)
+inline __m256i narrow_pair_bf16(const __m256& lo, const __m256& hi) {
+  const __m256i e = _mm256_castps_si256(lo), o = _mm256_castps_si256(hi);
+  // Blend mask 0x55: the even 16-bit words (each lane's lower half) from the second operand.
+  const __m256i upper = _mm256_blend_epi16(o, _mm256_srli_epi32(e, 16), 0x55);
+  const __m256i lower = _mm256_blend_epi16(_mm256_slli_epi32(o, 16), e, 0x55);
+  const __m256i last_bit = _mm256_and_si256(upper, _mm256_set1_epi16(1));
+  // Unsigned w > 0x8000 is signed (w ^ 0x8000) > 0 (AVX2 compares 16-bit words signed only).
+  const __m256i sign = _mm256_set1_epi16(static_cast<short>(0x8000));
+  const __m256i up = _mm256_cmpgt_epi16(_mm256_xor_si256(_mm256_adds_epu16(lower, last_bit), sign), _mm256_setzero_si256());
+  __m256i out = _mm256_sub_epi16(upper, up);  // up is -1 where the value rounds up
+  if (_mm256_movemask_ps(_mm256_cmp_ps(lo, hi, _CMP_UNORD_Q)) != 0) {
+    const __m256i nan_lo = _mm256_castps_si256(_mm256_cmp_ps(lo, lo, _CMP_UNORD_Q));
+    const __m256i nan_hi = _mm256_castps_si256(_mm256_cmp_ps(hi, hi, _CMP_UNORD_Q));
+    out = _mm256_or_si256(out, _mm256_and_si256(nan_lo, _mm256_set1_epi32(0xFFFF)));
+    out = _mm256_or_si256(out, _mm256_and_si256(nan_hi, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+  return out;
+}
 #endif
 
 // ld(PairLo{}, p), ld(PairHi{}, p): one register of the pair at p.
@@ -270,26 +346,30 @@ template <typename T, typename Half,
           typename = std::enable_if_t<std::is_same_v<Half, PairLo> || std::is_same_v<Half, PairHi>>>
 inline VecA<T> ld(Half, const T* p) {
   constexpr bool kHi = std::is_same_v<Half, PairHi>;
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (is_16bit_float<T>()) {
-    __m512 lo, hi;
+  if constexpr (std::is_same_v<T, at::BFloat16> && has_pairs<T>()) {
+    VecA<T> lo, hi;
     ld_pair(p, lo, hi);
     return kHi ? hi : lo;
   }
-#endif
   return ld(Full{}, kHi ? p + vec_width<acc_t<T>>() : p);
 }
 
 // Stores a pair, streaming (see st_out) when asked and aligned.
 template <typename T>
 inline void st_pair(T* p, const VecA<T>& lo, const VecA<T>& hi, bool stream) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(BNFUSED_HAS_BITS16)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
-    const __m512i out = narrow_pair_bf16(lo, hi);
-    if (stream && reinterpret_cast<uintptr_t>(p) % 64 == 0) {
+    const auto out = narrow_pair_bf16(lo, hi);
+    if (stream && reinterpret_cast<uintptr_t>(p) % sizeof(out) == 0) {
+#if defined(CPU_CAPABILITY_AVX512)
       _mm512_stream_si512(reinterpret_cast<__m512i*>(p), out);
     } else {
       _mm512_storeu_si512(p, out);
+#else
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), out);
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), out);
+#endif
     }
     return;
   }
@@ -302,9 +382,9 @@ inline void st_pair(T* p, const VecA<T>& lo, const VecA<T>& hi, bool stream) {
 template <typename T>
 inline std::pair<VecA<T>, VecA<T>> pair_index() {
   using A = acc_t<T>;
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, at::BFloat16>) return {VecA<T>::arange(A(0), A(2)), VecA<T>::arange(A(1), A(2))};
-#endif
+  if constexpr (std::is_same_v<T, at::BFloat16> && has_pairs<T>()) {
+    return {VecA<T>::arange(A(0), A(2)), VecA<T>::arange(A(1), A(2))};
+  }
   return {VecA<T>::arange(A(0), A(1)), VecA<T>::arange(A(vec_width<A>()), A(1))};
 }
 
