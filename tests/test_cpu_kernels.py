@@ -46,6 +46,11 @@ SCHEDULES = [
     # Wider rows, row by row, ending in a partial vector (too few rows to walk flat).
     pytest.param((20, 100, 3, 3), True, id="rows-C100"),
     pytest.param((200, 264), False, id="rows-NC-264"),
+    # Larger than L2 (over 1 MiB of float32): with vectors of 8 floats or fewer (AVX2) the row sums are
+    # kept in memory, one accumulator per channel (csrc/cpu/tiling.h, tile_sums), rather than in
+    # register blocks; whole vectors, and rows ending in a partial vector (a period too long to walk flat).
+    pytest.param((16, 64, 18, 18), True, id="rows-C64-large"),
+    pytest.param((80, 4095), False, id="rows-NC-4095-large"),
 ]
 
 

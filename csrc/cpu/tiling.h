@@ -38,6 +38,14 @@ constexpr int64_t kMinTaskValues = 32768;  // fewer values than this per thread 
 // of every vector width of the build (double's included). At most this many values per period
 // (beyond it, the arrays would cost more than the partial vectors they save).
 constexpr int64_t kMaxRowsPeriod = 4096;
+
+// Row tiles of tensors larger than L2 (kFuseBytes) are summed in memory, not in register blocks,
+// where a vector holds 8 floats or fewer (AVX2 and below): see tile_sums.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kRowSumsInMemory = false;
+#else
+constexpr bool kRowSumsInMemory = true;
+#endif
 // The training kernels (sums and elementwise passes over row tiles) walk flat only tensors of at least
 // this many periods: each call and tile pays O(period) to repeat its coefficients and fold its
 // period accumulators, which LeNet's (64, 84) and (64, 120) fully connected inputs (16 and 32
@@ -462,11 +470,18 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, const ChannelArrays
   // Rows walked one by one: in blocks of up to four vectors of channels, each summed over the tile's
   // rows in registers (row_block_sums; a wider row re-reads the tile, from L1/L2, once per block).
   // Summed in out itself, row by row, the training forward of (128, 256, 14, 14) channels_last took
-  // 1.03x (float32) and 1.05x (bfloat16) the time. Walked flat: one accumulator per place of the
-  // period, folded into out's C sums at the end.
+  // 1.03x (float32) and 1.05x (bfloat16) the time with AVX512. With AVX2 a block is 32 channels, half
+  // a row of 64 float channels, and a tensor read from memory a block at a time ran far slower than
+  // one row after another: the float32 backward of (32, 64, 56, 56) channels_last at 1.57x ATen's
+  // time in register blocks, 0.99x summed in memory (one accumulator per channel, as for the flat
+  // walk); the MLP's (64, 512), in cache, stays faster in registers (forward 0.83-0.84x against
+  // 0.90-0.92x). Walked flat: one accumulator per place of the period, folded into out's C sums at
+  // the end.
   constexpr int64_t VW = vec_width<A>();
   const int64_t C = tl.L.c;
-  if (!tl.flat) {
+  const bool rows_in_memory =
+      kRowSumsInMemory && C <= kMaxRowsPeriod && tl.L.numel() * int64_t(sizeof(A)) > kFuseBytes;
+  if (!tl.flat && !rows_in_memory) {
     for (int64_t c0 = 0; c0 < C; c0 += 4 * VW) {
       const int64_t width = std::min(4 * VW, C - c0);
       switch ((width + VW - 1) / VW) {
@@ -478,7 +493,7 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, const ChannelArrays
     }
     return;
   }
-  const int64_t P = tl.period;
+  const int64_t P = tl.flat ? tl.period : C;
   alignas(64) A flat_acc[K * kMaxRowsPeriod];
   A* const acc = flat_acc;
   std::fill(acc, acc + K * P, A(0));
