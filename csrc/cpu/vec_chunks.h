@@ -13,7 +13,6 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 #include <utility>
 
@@ -86,14 +85,29 @@ inline void store_bits16(void* p, Bits16 h) {
 inline void stream_bits16(void* p, Bits16 h) {
   _mm_stream_si128(reinterpret_cast<__m128i*>(p), h);
 }
-// The first n values (zeros after them), and a store of the first n.
+// The first n values (zeros after them), and a store of the first n: n / 2 whole 32-bit lanes with a
+// masked load or store (lanes outside the mask are not touched, so nothing past the n values is
+// read or written), and an odd last value on its own. Through a buffer and memcpy instead, a
+// 196-value plane's two partial chunks took about half the bfloat16 normalize pass (a store-to-load
+// forwarding stall and a library call each).
+inline __m128i lanes_below(int64_t words) {
+  return _mm_cmpgt_epi32(_mm_set1_epi32(static_cast<int>(words)), _mm_setr_epi32(0, 1, 2, 3));
+}
 inline Bits16 load_bits16(const void* p, int64_t n) {
-  Bits16 h = _mm_setzero_si128();
-  std::memcpy(&h, p, static_cast<size_t>(n) * 2);
+  __m128i h = _mm_maskload_epi32(static_cast<const int*>(p), lanes_below(n / 2));
+  if (n & 1) {  // the last value: the lower half of lane n / 2
+    const int last = static_cast<const uint16_t*>(p)[n - 1];
+    const __m128i lane = _mm_cmpeq_epi32(_mm_set1_epi32(static_cast<int>(n / 2)), _mm_setr_epi32(0, 1, 2, 3));
+    h = _mm_or_si128(h, _mm_and_si128(lane, _mm_set1_epi32(last)));
+  }
   return h;
 }
 inline void store_bits16(void* p, Bits16 h, int64_t n) {
-  std::memcpy(p, &h, static_cast<size_t>(n) * 2);
+  _mm_maskstore_epi32(static_cast<int*>(p), lanes_below(n / 2), h);
+  if (n & 1) {
+    const __m128 moved = _mm_permutevar_ps(_mm_castsi128_ps(h), _mm_set1_epi32(static_cast<int>(n / 2)));
+    static_cast<uint16_t*>(p)[n - 1] = static_cast<uint16_t>(_mm_cvtsi128_si32(_mm_castps_si128(moved)));
+  }
 }
 #endif
 
@@ -119,6 +133,18 @@ inline Bits16 narrow(const RawF& v) {
 #define BNFUSED_HAS_BITS16 1
 #endif
 
+#if defined(CPU_CAPABILITY_AVX2)
+// The mask of a float or double vector's first n lanes, for _mm256_maskload / _mm256_maskstore.
+template <typename T>
+inline __m256i first_lanes_avx2(int64_t n) {
+  if constexpr (std::is_same_v<T, double>) {
+    return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+  } else {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+}
+#endif
+
 template <typename T>
 inline VecA<T> ld(Full, const T* p) {
   if constexpr (std::is_same_v<T, acc_t<T>>) {
@@ -133,6 +159,11 @@ inline VecA<T> ld(Full, const T* p) {
 template <typename T>
 inline VecA<T> ld(Part k, const T* p) {
   if constexpr (std::is_same_v<T, acc_t<T>>) {
+#if defined(CPU_CAPABILITY_AVX2)
+    // A masked load (ATen's partial loadu goes through a buffer and memcpy with AVX2; see load_bits16).
+    if constexpr (std::is_same_v<T, float>) return _mm256_maskload_ps(p, first_lanes_avx2<T>(k.n));
+    if constexpr (std::is_same_v<T, double>) return _mm256_maskload_pd(p, first_lanes_avx2<T>(k.n));
+#endif
     return VecA<T>::loadu(p, k.n);
   } else {
 #if defined(BNFUSED_HAS_BITS16)
@@ -169,6 +200,10 @@ inline void st(Full, T* p, const VecA<T>& v) {
 template <typename T>
 inline void st(Part k, T* p, const VecA<T>& v) {
   if constexpr (std::is_same_v<T, acc_t<T>>) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, float>) return _mm256_maskstore_ps(p, first_lanes_avx2<T>(k.n), v);
+    if constexpr (std::is_same_v<T, double>) return _mm256_maskstore_pd(p, first_lanes_avx2<T>(k.n), v);
+#endif
     v.store(p, k.n);
   } else {
 #if defined(BNFUSED_HAS_BITS16)
