@@ -420,6 +420,10 @@ void channel_stats(const T* xp, const Tiling& tl, const Finish& finish) {
       [](int64_t) {});
 }
 
+template <typename T>
+void normalize(const T* xp, const Tiling& tl, const acc_t<T>* mean, const acc_t<T>* scale, const acc_t<T>* shift,
+               int64_t act, double slope, const T* rp, T* yp);
+
 // The forward: statistics of x, then finish(c, Moments) for each channel (it must fill mean[c],
 // scale[c], shift[c]), then y = act(z (+ residual rp, when not null)) (skipped when yp is null:
 // statistics only).
@@ -430,6 +434,18 @@ void stats_then_normalize(const T* xp, const Tiling& tl, const Finish& finish, c
   if (yp == nullptr) {  // statistics only
     channel_stats(xp, tl, finish);
     return;
+  }
+  // 16-bit values over short planes: the statistics, then the eval pass in memory order, rather
+  // than channel by channel (two_pass), whose normalize pass walks each channel's planes C * S values
+  // apart. bfloat16 (128, 256, 14, 14) NCHW training forward against ATen, AVX2, three processes of
+  // 15 rounds: 1 thread 1.27 / 0.92 / 1.10 -> 1.05 / 0.97 / 0.93, 2 threads 1.08 / 1.22 / 1.13 ->
+  // 0.95 / 0.96 / 0.94. float32, with twice the bytes per plane, is faster channel by channel.
+  if constexpr (is_16bit_float<T>()) {
+    if (planes_in_memory_order(tl)) {
+      channel_stats(xp, tl, finish);
+      normalize(xp, tl, mean, scale, shift, act, slope, rp, yp);
+      return;
+    }
   }
   std::vector<A> part(tl.tiles * 2 * tl.width(), A(0));
   // Rows walked flat read the coefficients repeated over the period: filled once the last channel is
