@@ -439,8 +439,9 @@ void stats_then_normalize(const T* xp, const Tiling& tl, const Finish& finish, c
   // than channel by channel (two_pass), whose normalize pass walks each channel's planes C * S values
   // apart. bfloat16 (128, 256, 14, 14) NCHW training forward against ATen, AVX2, three processes of
   // 15 rounds: 1 thread 1.27 / 0.92 / 1.10 -> 1.05 / 0.97 / 0.93, 2 threads 1.08 / 1.22 / 1.13 ->
-  // 0.95 / 0.96 / 0.94. float32, with twice the bytes per plane, is faster channel by channel.
-  if constexpr (is_16bit_float<T>()) {
+  // 0.95 / 0.96 / 0.94. float32, with twice the bytes per plane, is faster channel by channel. AVX512
+  // builds keep two_pass (0.75-0.79 of ATen there, not measured the other way).
+  if constexpr (kNarrowVectors && is_16bit_float<T>()) {
     if (planes_in_memory_order(tl)) {
       channel_stats(xp, tl, finish);
       normalize(xp, tl, mean, scale, shift, act, slope, rp, yp);

@@ -39,12 +39,14 @@ constexpr int64_t kMinTaskValues = 32768;  // fewer values than this per thread 
 // (beyond it, the arrays would cost more than the partial vectors they save).
 constexpr int64_t kMaxRowsPeriod = 4096;
 
-// Row tiles of tensors larger than L2 (kFuseBytes) are summed in memory, not in register blocks,
-// where a vector holds 8 floats or fewer (AVX2 and below): see tile_sums.
+// Builds whose vectors hold 8 floats or fewer (AVX2 and below) take two schedules of their own,
+// measured on an AVX2 machine (the AVX512 ones were measured on an AVX512 machine): row tiles of
+// tensors larger than L2 (kFuseBytes) are summed in memory, not in register blocks (tile_sums), and
+// the 16-bit training forward over short planes normalizes in memory order (stats_then_normalize).
 #if defined(CPU_CAPABILITY_AVX512)
-constexpr bool kRowSumsInMemory = false;
+constexpr bool kNarrowVectors = false;
 #else
-constexpr bool kRowSumsInMemory = true;
+constexpr bool kNarrowVectors = true;
 #endif
 // The training kernels (sums and elementwise passes over row tiles) walk flat only tensors of at least
 // this many periods: each call and tile pays O(period) to repeat its coefficients and fold its
@@ -480,7 +482,7 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, const ChannelArrays
   constexpr int64_t VW = vec_width<A>();
   const int64_t C = tl.L.c;
   const bool rows_in_memory =
-      kRowSumsInMemory && C <= kMaxRowsPeriod && tl.L.numel() * int64_t(sizeof(A)) > kFuseBytes;
+      kNarrowVectors && C <= kMaxRowsPeriod && tl.L.numel() * int64_t(sizeof(A)) > kFuseBytes;
   if (!tl.flat && !rows_in_memory) {
     for (int64_t c0 = 0; c0 < C; c0 += 4 * VW) {
       const int64_t width = std::min(4 * VW, C - c0);
