@@ -48,9 +48,11 @@ SCHEDULES = [
     pytest.param((200, 264), False, id="rows-NC-264"),
     # Larger than L2 (over 1 MiB of float32): with vectors of 8 floats or fewer (AVX2) the row sums are
     # kept in memory, one accumulator per channel (csrc/cpu/tiling.h, tile_sums), rather than in
-    # register blocks; whole vectors, and rows ending in a partial vector (a period too long to walk flat).
+    # register blocks when a row spans more than one block; whole vectors, and rows ending in a partial
+    # vector (a period too long to walk flat).
     pytest.param((16, 64, 18, 18), True, id="rows-C64-large"),
     pytest.param((80, 4095), False, id="rows-NC-4095-large"),
+    pytest.param((160, 8, 16, 16), True, id="rows-C8-large"),  # one register block: registers still
 ]
 
 
