@@ -42,13 +42,14 @@ constexpr int64_t kMaxRowsPeriod = 4096;
 // Builds whose vectors hold 8 floats or fewer (AVX2 and below) take two schedules of their own,
 // measured on an AVX2 machine (the AVX512 ones were measured on an AVX512 machine): row tiles of
 // tensors over kFuseBytes of float accumulators, with rows wider than one register block, are summed
-// in memory, not in register blocks (tile_sums), and
-// the 16-bit training forward over short planes normalizes in memory order (stats_then_normalize).
+// in memory, not in register blocks (tile_sums), and the 16-bit training forward over short planes
+// normalizes in memory order (stats_then_normalize).
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr bool kNarrowVectors = false;
 #else
 constexpr bool kNarrowVectors = true;
 #endif
+
 // The training kernels (sums and elementwise passes over row tiles) walk flat only tensors of at least
 // this many periods: each call and tile pays O(period) to repeat its coefficients and fold its
 // period accumulators, which LeNet's (64, 84) and (64, 120) fully connected inputs (16 and 32
