@@ -422,6 +422,56 @@ def test_plane_tiles_by_pairs_match_one_vector_rows(shape, dtype):
         assert torch.equal(dx, eval_rows[0]) and torch.equal(dres, eval_rows[3]), f"{threads} thread(s)"
 
 
+# float16/bfloat16 rows of whole pairs (C a multiple of 16) are converted a pair at a time too, each
+# pair's lanes reading the per-channel arrays in pair order (csrc/cpu/tiling.h, rows_in_pairs): one
+# and several pairs per row, rows over two tiles.
+PAIR_ROWS = [
+    pytest.param((6, 16, 3, 3), id="C16"),
+    pytest.param((5, 48, 3, 5), id="C48"),
+    pytest.param((40, 64, 3, 3), id="C64-two-tiles"),
+]
+
+
+@pytest.mark.parametrize("shape", PAIR_ROWS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_row_pairs_match_one_vector_planes(shape, dtype):
+    """channels_last rows converted a pair at a time against the same values in NCHW planes of 9 or 15
+    values (one vector at a time), with the same statistics: the training forward's output
+    (normalize), forward_eval with a residual and hardswish, backward_elemt (dx = g * k1 - x_hat * k2
+    - k3), and the eval backward with a residual and hardswish (dx = g * k1, dresidual = g): the same
+    bits, on 1 and 3 threads. Channels differ in weight, bias, mean and invstd, so that a lane reading
+    another channel's value fails."""
+    planes = make_input(shape, dtype)
+    dy = make_input(shape, dtype, offset=0.0, scale=1.0)
+    residual = make_input(shape, dtype, offset=-1.0, scale=2.0)
+    C = shape[1]
+    w, b, rm, rv = torch.rand(C) + 0.5, torch.randn(C), torch.randn(C), torch.rand(C) + 0.5
+    x = _rows(planes)
+    y, mean, invstd = native.forward_train(x, w, b, None, None, 0.1, 1e-5, act_codes.SILU, 0.0)
+    sum_dy, sum_dy_xhat = native.backward_reduce(_rows(dy), x, None, mean, invstd, act_codes.NONE, 0.0)
+    args = (w, mean, invstd, sum_dy, sum_dy_xhat, x.numel() // C, act_codes.NONE, 0.0)
+    eval_args = (w, mean, invstd, act_codes.HARDSWISH, 0.0, False, True, False, False, b)
+    want_y = native.normalize(planes, w, b, mean, invstd, act_codes.SILU, 0.0)
+    want_eval = native.forward_eval(planes, w, b, rm, rv, 1e-5, act_codes.HARDSWISH, 0.0, residual)
+    want_dx = native.backward_elemt(dy, planes, None, *args)
+    want_eval_grads = native.backward(dy, planes, None, *eval_args, residual, True)
+    for threads in (1, 3):
+        got_y, _, _ = _with_threads(
+            threads, lambda: native.forward_train(x, w, b, None, None, 0.1, 1e-5, act_codes.SILU, 0.0)
+        )
+        assert torch.equal(got_y, want_y), f"{threads} thread(s)"
+        got_eval = _with_threads(
+            threads, lambda: native.forward_eval(x, w, b, rm, rv, 1e-5, act_codes.HARDSWISH, 0.0, _rows(residual))
+        )
+        assert torch.equal(got_eval, want_eval), f"{threads} thread(s)"
+        got_dx = _with_threads(threads, lambda: native.backward_elemt(_rows(dy), x, None, *args))
+        assert torch.equal(got_dx, want_dx), f"{threads} thread(s)"
+        dx, _, _, dres = _with_threads(
+            threads, lambda: native.backward(_rows(dy), x, None, *eval_args, _rows(residual), True)
+        )
+        assert torch.equal(dx, want_eval_grads[0]) and torch.equal(dres, want_eval_grads[3]), f"{threads} thread(s)"
+
+
 def _special_floats():
     """float32 bit patterns at the edges of a rounding to 16 bits: every upper half of interest
     (zero, subnormal, normal, largest finite, inf, NaN, both signs, even and odd last bits) with the
@@ -442,9 +492,9 @@ def _special_floats():
 def test_pair_conversion_rounds_every_special_value_as_one_vector_does(dtype):
     """Channel c of x is 0 and its mean is -f[c], so that z = 0 - mean = f[c] exactly (scale 1, shift
     0): each special float is rounded to 16 bits by the pair conversion (contiguous planes of 64) and
-    by the one-vector conversion (channels_last, 1024 channels: tiles of rows), which must agree bit
-    for bit, NaN included. A few values of x (subnormal, inf, NaN) vary z within a channel."""
-    f = _special_floats()
+    by the one-vector conversion (channels_last rows of 1032 channels, not whole pairs), which must
+    agree bit for bit, NaN included. A few values of x (subnormal, inf, NaN) vary z within a channel."""
+    f = torch.cat([_special_floats(), torch.linspace(-2.0, 2.0, 8)])
     C = f.numel()
     x = torch.zeros(1, C, 8, 8, dtype=dtype)
     x[0, :, 0, 1] = torch.finfo(dtype).smallest_normal / 4

@@ -384,22 +384,27 @@ Moments exact_moments(const T* xp, const Tiling& tl, int64_t c) {
 }
 
 // y = epi((x - mean[c]) * scale[c] + shift[c]) on tile t. Subtracting the mean first keeps the
-// result exact when |mean| >> std (folding it into the shift would cancel catastrophically).
+// result exact when |mean| >> std (folding it into the shift would cancel catastrophically). The
+// arrays as arranged for tl (arranged_size, arrange_channels), when it asks for an arrangement.
 template <typename T, typename Epi>
 void normalize_tile(const T* xp, T* yp, const Tiling& tl, int64_t t, const acc_t<T>* mean, const acc_t<T>* scale,
                     const acc_t<T>* shift, const Epi& epi) {
   const bool stream = streams_output<T>(tl);
   const ChannelArrays<acc_t<T>, 3> arrays{mean, scale, shift};
-  tile_chunks<acc_t<T>, has_pairs<T>()>(tl, t, arrays, [=](auto tag, int64_t off, auto coef) {
-    auto y = [&](auto part) {  // part: the chunk's tag, or one register of a pair
-      return epi(part, off, at::vec::fmadd(ld(part, xp + off) - coef(kMean), coef(kScale), coef(kShift)));
-    };
-    if constexpr (std::is_same_v<decltype(tag), Pair>) {
-      st_pair(yp + off, y(PairLo{}), y(PairHi{}), stream);
-    } else {
-      st_out(tag, yp + off, y(tag), stream);
-    }
-  }, stream);
+  tile_chunks<acc_t<T>, has_pairs<T>()>(
+      tl, t, arrays,
+      [=](auto tag, int64_t off, auto coef) {
+        auto y = [&](auto part) {  // part: the chunk's tag, or one register of a pair
+          const auto& cf = coef.at(part);
+          return epi(part, off, at::vec::fmadd(ld(part, xp + off) - cf(kMean), cf(kScale), cf(kShift)));
+        };
+        if constexpr (std::is_same_v<decltype(tag), Pair>) {
+          st_pair(yp + off, y(PairLo{}), y(PairHi{}), stream);
+        } else {
+          st_out(tag, yp + off, y(tag), stream);
+        }
+      },
+      stream, rows_in_pairs<T>(tl));
   stream_fence(stream);
 }
 
@@ -449,11 +454,12 @@ void stats_then_normalize(const T* xp, const Tiling& tl, const Finish& finish, c
     }
   }
   std::vector<A> part(tl.tiles * 2 * tl.width(), A(0));
-  // Rows walked flat read the coefficients repeated over the period: filled once the last channel is
-  // finished (two_pass finishes a row tiling's channels in order, on one thread, before any apply).
-  const int64_t P = tl.flat ? tl.period : 0;
-  std::vector<A> repeated(3 * P);
-  const A* m = P ? repeated.data() : mean;
+  // Rows walked flat or in pairs read the coefficients arranged (arrange_channels): arranged once the
+  // last channel is finished (two_pass finishes a row tiling's channels in order, on one thread,
+  // before any apply).
+  const int64_t P = arranged_size<T>(tl);
+  std::vector<A> arranged(3 * P);
+  const A* m = P ? arranged.data() : mean;
   const A* k = P ? m + P : scale;
   const A* b = P ? k + P : shift;
   auto reduce = [&](int64_t t) { tile_moments(xp, tl, t, part.data()); };
@@ -463,9 +469,9 @@ void stats_then_normalize(const T* xp, const Tiling& tl, const Finish& finish, c
     const int64_t count = tl.L.per_channel();
     finish(c, needs_exact_moments<A>(mean_c, m2_c, count) ? exact_moments(xp, tl, c) : Moments{mean_c, m2_c});
     if (P && c == tl.L.c - 1) {
-      repeat_channels(tl, mean, repeated.data());
-      repeat_channels(tl, scale, repeated.data() + P);
-      repeat_channels(tl, shift, repeated.data() + 2 * P);
+      arrange_channels<T>(tl, mean, arranged.data());
+      arrange_channels<T>(tl, scale, arranged.data() + P);
+      arrange_channels<T>(tl, shift, arranged.data() + 2 * P);
     }
   };
   with_epilogue(act, slope, rp, [&](const auto& epi) {
@@ -646,16 +652,16 @@ void normalize(const T* xp, const Tiling& tl, const acc_t<T>* mean, const acc_t<
       return;
     }
     }
-    // The tile schedule over rows walked flat reads the coefficients repeated over the period.
-    const int64_t P = tl.flat ? tl.period : 0;
-    std::vector<A> repeated(3 * P);
-    const A* m = P ? repeated.data() : mean;
+    // The tile schedule over rows walked flat or in pairs reads the coefficients arranged.
+    const int64_t P = arranged_size<T>(tl);
+    std::vector<A> arranged(3 * P);
+    const A* m = P ? arranged.data() : mean;
     const A* k = P ? m + P : scale;
     const A* b = P ? k + P : shift;
     if (P) {
-      repeat_channels(tl, mean, repeated.data());
-      repeat_channels(tl, scale, repeated.data() + P);
-      repeat_channels(tl, shift, repeated.data() + 2 * P);
+      arrange_channels<T>(tl, mean, arranged.data());
+      arrange_channels<T>(tl, scale, arranged.data() + P);
+      arrange_channels<T>(tl, shift, arranged.data() + 2 * P);
     }
     two_pass(
         tl, sizeof(T), false, true, [](int64_t) {}, [](int64_t) {},
@@ -706,32 +712,37 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_
   std::vector<A> part(reduce ? tl.tiles * 2 * W : 0, A(0));  // per tile: W sums of g, W of g * (x - mean)
   const T *dyp = io.dy, *xp = io.x, *yp = io.y, *rp = io.residual;
   T *dxp = io.dx, *drp = io.dresidual;
-  // Rows walked flat read every per-channel array repeated over the period (see tile_chunks): those
-  // known now are repeated here, k2 and k3 once the last channel is finished when the sums give
-  // them (two_pass finishes a row tiling's channels in order, on one thread, before any apply). The
-  // exact paths of merge read the (C,) arrays.
-  const int64_t P = tl.flat ? tl.period : 0;
-  std::vector<A> repeated(6 * P);
-  auto pattern = [&](int64_t i, const A* arr) -> const A* {
+  // Rows walked flat read every per-channel array repeated over the period, and the elementwise pass
+  // over rows in pairs reads them in pair order (arrange_channels): those known now are arranged
+  // here, k2 and k3 once the last channel is finished when the sums give them (two_pass finishes a
+  // row tiling's channels in order, on one thread, before any apply). The sums read the arrays as
+  // given unless the rows are walked flat; the exact paths of merge read the (C,) arrays.
+  const int64_t P = arranged_size<T>(tl);
+  std::vector<A> arranged(6 * P);
+  auto arrange = [&](int64_t i, const A* arr) -> const A* {
     if (!P || !arr) return arr;
-    repeat_channels(tl, arr, repeated.data() + i * P);
-    return repeated.data() + i * P;
+    arrange_channels<T>(tl, arr, arranged.data() + i * P);
+    return arranged.data() + i * P;
   };
-  const A *rmean = pattern(0, mean), *rinvstd = pattern(1, invstd), *rshift = pattern(2, shift),
-          *rk1 = pattern(3, k1);
-  const A *rk2 = P ? repeated.data() + 4 * P : k2, *rk3 = P ? repeated.data() + 5 * P : k3;
-  auto repeat_k2_k3 = [&] {
-    pattern(4, k2);
-    pattern(5, k3);
+  const ChannelArrays<A, 6> given{mean, k1, shift, invstd, k2, k3};
+  const A* later_k2 = P ? arranged.data() + kK2 * P : k2;  // arranged by arrange_k2_k3
+  const A* later_k3 = P ? arranged.data() + kK3 * P : k3;
+  const ChannelArrays<A, 6> arrays{arrange(kMean, mean),   arrange(kK1, k1), arrange(kShift, shift),
+                                   arrange(kInvstd, invstd), later_k2,        later_k3};
+  const ChannelArrays<A, 6>& sum_arrays = tl.flat ? arrays : given;
+  auto arrange_k2_k3 = [&] {
+    arrange(kK2, k2);
+    arrange(kK3, k3);
   };
-  if (!reduce) repeat_k2_k3();
-  const ChannelArrays<A, 6> arrays{rmean, rk1, rshift, rinvstd, rk2, rk3};
+  if (!reduce) arrange_k2_k3();
   const int64_t streams = 2 + (grad_from_output(act) ? 1 : 0) + (grad_from_input(act) && rp ? 1 : 0) +
                           (drp ? 1 : 0);
   auto body = [&](auto act_c) {
     constexpr int kAct = decltype(act_c)::value;
-    // g for a chunk; coef(kIndex) gives one of `arrays`' values for its lanes.
-    auto grad = [=](auto tag, int64_t off, auto coef) {
+    // g for a chunk, or for one register of a pair (tag PairLo, PairHi); coef(kIndex) gives one of
+    // `arrays`' values for the chunk's lanes.
+    auto grad = [=](auto tag, int64_t off, auto chunk_coef) {
+      const auto& coef = chunk_coef.at(tag);
       const V dy = ld(tag, dyp + off);
       if constexpr (kAct == kAnyAct) {  // float64: the same operations, chosen at run time
         if (grad_from_input(act)) {
@@ -754,9 +765,9 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_
       }
     };
     auto sums = [&](int64_t t) {
-      const A* center = tl.rows ? rmean : mean + tl.plane_channel(t);
+      const A* center = tl.rows ? sum_arrays[kMean] : mean + tl.plane_channel(t);
       tile_sums<2>(
-          tl, t, center, arrays,
+          tl, t, center, sum_arrays,
           [=](auto tag, int64_t off, const V& cen, auto coef) {
             const V g = grad(tag, off, coef);
             return std::array<V, 2>{g, g * (ld(tag, xp + off) - cen)};
@@ -802,18 +813,19 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_
         });
       }
       finish(c, sg, sgx);
-      if (P && c == tl.L.c - 1) repeat_k2_k3();
+      if (P && c == tl.L.c - 1) arrange_k2_k3();
     };
     const bool stream = streams_output<T>(tl);
     auto input_grad = [&](int64_t t) {
       auto write = [&](auto centered_c) {
         tile_chunks<A, has_pairs<T>()>(tl, t, arrays, [=](auto tag, int64_t off, auto coef) {
           auto dx = [&](auto part, const V& g) {  // part: the chunk's tag, or one register of a pair
+            const auto& cf = coef.at(part);
             if constexpr (decltype(centered_c)::value) {
-              const V x_hat = (ld(part, xp + off) - coef(kMean)) * coef(kInvstd);
-              return at::vec::fmsub(g, coef(kK1), at::vec::fmadd(x_hat, coef(kK2), coef(kK3)));
+              const V x_hat = (ld(part, xp + off) - cf(kMean)) * cf(kInvstd);
+              return at::vec::fmsub(g, cf(kK1), at::vec::fmadd(x_hat, cf(kK2), cf(kK3)));
             } else {
-              return V(g * coef(kK1));
+              return V(g * cf(kK1));
             }
           };
           if constexpr (std::is_same_v<decltype(tag), Pair>) {
@@ -825,7 +837,7 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_
             if (drp) st_out(tag, drp + off, g, stream);
             if (dxp) st_out(tag, dxp + off, dx(tag, g), stream);
           }
-        }, stream);
+        }, stream, rows_in_pairs<T>(tl));
       };
       centered ? write(std::true_type{}) : write(std::false_type{});
       stream_fence(stream);

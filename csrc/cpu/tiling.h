@@ -225,8 +225,9 @@ class RowOffsets {
 // place indexing the per-channel arrays. Row by row, each row is a run of C values whose places are
 // its channels; walked flat (tl.flat), the tile is one run of whole vectors whose places go round
 // the period (only the tensor's last tile can end in a partial chunk). One walk for both, so that
-// the kernels' chunk bodies are compiled once for either.
-template <typename A, typename F>
+// the kernels' chunk bodies are compiled once for either. With kPairs (see rows_in_pairs), each row
+// is walked in Pair chunks only.
+template <typename A, bool kPairs = false, typename F>
 inline void walk_rows(const Tiling& tl, int64_t t, F&& f) {
   constexpr int64_t VW = vec_width<A>();
   const int64_t C = tl.L.c, r0 = t * tl.block, rows = tl.count(t);
@@ -234,12 +235,16 @@ inline void walk_rows(const Tiling& tl, int64_t t, F&& f) {
   RowOffsets next_row(tl.L, r0);
   for (int64_t r = 0; r < runs; ++r) {
     const int64_t off = next_row();
-    int64_t i = 0, j = 0;
-    for (; i + VW <= len; i += VW) {
-      f(Full{}, off + i, j);
-      j = j + VW == wrap ? 0 : j + VW;
+    if constexpr (kPairs) {
+      for (int64_t i = 0; i < len; i += 2 * VW) f(Pair{}, off + i, i);
+    } else {
+      int64_t i = 0, j = 0;
+      for (; i + VW <= len; i += VW) {
+        f(Full{}, off + i, j);
+        j = j + VW == wrap ? 0 : j + VW;
+      }
+      if (i < len) f(Part{len - i}, off + i, j);
     }
-    if (i < len) f(Part{len - i}, off + i, j);
   }
 }
 
@@ -247,6 +252,39 @@ inline void walk_rows(const Tiling& tl, int64_t t, F&& f) {
 template <typename A>
 inline void repeat_channels(const Tiling& tl, const A* arr, A* out) {
   for (int64_t j = 0, c = 0; j < tl.period; ++j, c = c + 1 == tl.L.c ? 0 : c + 1) out[j] = arr[c];
+}
+
+// Elementwise passes over 16-bit rows of whole pairs (C a multiple of 2 * VW, so every row starts a
+// pair) convert them a pair at a time (see has_pairs), as plane walks do: a pair's lanes hold its
+// channels in pair order, so the per-channel arrays are read in that order (pair_order_channels).
+// bfloat16 channels_last eval of (128, 256, 14, 14), AVX2, against ATen: see normalize.
+template <typename T>
+inline bool rows_in_pairs(const Tiling& tl) {
+  return has_pairs<T>() && tl.rows && !tl.flat && tl.L.c % (2 * vec_width<acc_t<T>>()) == 0;
+}
+
+// A (C,) array in pair order: out[j] = arr[j - j % (2 VW) + pair_value(j % (2 VW))], so that the
+// lanes of the pair at place j (lo, then hi) read out[j .. j + 2 VW) in turn.
+template <typename T>
+inline void pair_order_channels(const Tiling& tl, const acc_t<T>* arr, acc_t<T>* out) {
+  constexpr int64_t PW = 2 * vec_width<acc_t<T>>();
+  for (int64_t j = 0; j < tl.L.c; ++j) out[j] = arr[j - j % PW + pair_value<T>(j % PW)];
+}
+
+// How an elementwise pass over tiling tl reads its per-channel arrays: as given, repeated over the
+// period (tl.flat), or in pair order (rows_in_pairs). arranged_size: the values of one arranged
+// array (0: read as given); arrange_channels writes one.
+template <typename T>
+inline int64_t arranged_size(const Tiling& tl) {
+  return tl.flat ? tl.period : rows_in_pairs<T>(tl) ? tl.L.c : 0;
+}
+template <typename T>
+inline void arrange_channels(const Tiling& tl, const acc_t<T>* arr, acc_t<T>* out) {
+  if (tl.flat) {
+    repeat_channels(tl, arr, out);
+  } else {
+    pair_order_channels<T>(tl, arr, out);
+  }
 }
 
 // The per-channel (C,) arrays that a kernel's chunks read, in a fixed order: a chunk asks for the
@@ -277,12 +315,18 @@ class PlaneCoefs {
     static_assert(I >= 0 && I < int(N), "no such per-channel array");
     return v_[I];
   }
+  // The coefficients of one register of a pair: the same broadcasts.
+  template <typename Part>
+  const PlaneCoefs& at(Part) const {
+    return *this;
+  }
 
  private:
   std::array<V, N> v_;
 };
 
-// coef for a row chunk: the arrays' values from place j on, one per lane.
+// coef for a row chunk: the arrays' values from place j on, one per lane. A Pair chunk's lanes read
+// theirs with at(PairLo{}) and at(PairHi{}) (arrays in pair order, see rows_in_pairs).
 template <typename A, size_t N, typename Tag>
 struct RowCoefs {
   ChannelArrays<A, N> arrays;
@@ -293,22 +337,42 @@ struct RowCoefs {
     static_assert(I >= 0 && I < int(N), "no such per-channel array");
     return ld(tag, arrays[I] + j);
   }
+  template <typename Part>
+  auto at(Part) const {
+    if constexpr (std::is_same_v<Part, PairLo>) {
+      return RowCoefs<A, N, Full>{arrays, Full{}, j};
+    } else if constexpr (std::is_same_v<Part, PairHi>) {
+      return RowCoefs<A, N, Full>{arrays, Full{}, j + vec_width<A>()};
+    } else {
+      return *this;
+    }
+  }
 };
 
 // Elementwise work on tile t: op(tag, offset, coef) for every chunk, where coef gives the values of
-// `arrays` for the chunk's lanes (one broadcast channel for planes, consecutive channels for rows).
-// With kPairs, plane tiles also pass Pair chunks (see walk_run).
+// `arrays` for the chunk's lanes (one broadcast channel for planes, consecutive channels for rows;
+// coef.at(PairLo{}) and coef.at(PairHi{}) those of a pair's registers). With kPairs, plane tiles also
+// pass Pair chunks (see walk_run), and row tiles pass only Pair chunks when `row_pairs` (see
+// rows_in_pairs; the arrays then in pair order).
 //
 // Kernels pass lambdas that capture their pointers BY VALUE, and each tile calls a local copy: the
 // compiler can then keep the pointers in registers, where a captured reference would be re-read
 // after every store (a store through a T* might, for all it knows, overwrite the pointer).
 template <typename A, bool kPairs = false, size_t N, typename Op>
-void tile_chunks(const Tiling& tl, int64_t t, const ChannelArrays<A, N>& arrays, const Op& op, bool aligned = false) {
+void tile_chunks(const Tiling& tl, int64_t t, const ChannelArrays<A, N>& arrays, const Op& op, bool aligned = false,
+                 bool row_pairs = false) {
   const Op local = op;
   if (tl.rows) {
-    walk_rows<A>(tl, t, [=, arr = arrays](auto tag, int64_t off, int64_t c) {
+    const auto chunk = [=, arr = arrays](auto tag, int64_t off, int64_t c) {
       local(tag, off, RowCoefs<A, N, decltype(tag)>{arr, tag, c});
-    });
+    };
+    if constexpr (kPairs) {
+      if (row_pairs) {
+        walk_rows<A, true>(tl, t, chunk);
+        return;
+      }
+    }
+    walk_rows<A>(tl, t, chunk);
   } else {
     const PlaneCoefs<A, N> coef(arrays, tl.plane_channel(t));
     walk_plane<A, kPairs>(tl, t, [=](auto tag, int64_t off) { local(tag, off, coef); }, aligned);
