@@ -422,13 +422,16 @@ def test_plane_tiles_by_pairs_match_one_vector_rows(shape, dtype):
         assert torch.equal(dx, eval_rows[0]) and torch.equal(dres, eval_rows[3]), f"{threads} thread(s)"
 
 
-# float16/bfloat16 rows of whole pairs (C a multiple of 16) are converted a pair at a time too, each
-# pair's lanes reading the per-channel arrays in pair order (csrc/cpu/tiling.h, rows_in_pairs): one
-# and several pairs per row, rows over two tiles.
+# float16/bfloat16 rows of whole pairs (C a multiple of 2 * VW: 16 with AVX2, 32 with AVX512) are
+# converted a pair at a time too, each pair's lanes reading the per-channel arrays in pair order
+# (csrc/cpu/tiling.h, rows_in_pairs): one and several pairs per row, rows over several tiles, and
+# more values than one thread takes (kMinTaskValues = 32768), so that 3 threads split the work.
 PAIR_ROWS = [
     pytest.param((6, 16, 3, 3), id="C16"),
     pytest.param((5, 48, 3, 5), id="C48"),
     pytest.param((40, 64, 3, 3), id="C64-two-tiles"),
+    pytest.param((3, 96, 3, 5), id="C96"),
+    pytest.param((30, 128, 3, 3), id="C128-three-tasks"),
 ]
 
 

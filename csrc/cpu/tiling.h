@@ -257,7 +257,8 @@ inline void repeat_channels(const Tiling& tl, const A* arr, A* out) {
 // Elementwise passes over 16-bit rows of whole pairs (C a multiple of 2 * VW, so every row starts a
 // pair) convert them a pair at a time (see has_pairs), as plane walks do: a pair's lanes hold its
 // channels in pair order, so the per-channel arrays are read in that order (pair_order_channels).
-// bfloat16 channels_last eval of (128, 256, 14, 14), AVX2, against ATen: see normalize.
+// bfloat16 channels_last eval of (128, 256, 14, 14) against ATen, AVX2, 1 thread, three processes
+// each: 1.00 / 1.06 / 1.04 one vector at a time, 0.96 / 0.84 / 0.90 by pairs.
 template <typename T>
 inline bool rows_in_pairs(const Tiling& tl) {
   return has_pairs<T>() && tl.rows && !tl.flat && tl.L.c % (2 * vec_width<acc_t<T>>()) == 0;
@@ -292,7 +293,8 @@ inline void arrange_channels(const Tiling& tl, const acc_t<T>* arr, acc_t<T>* ou
 // that is never asked for may be null; one that is not null must be readable at [c] when a plane
 // tile of channel c starts, asked for or not (PlaneCoefs reads them all then). With tl.flat the
 // arrays must hold the channels' values repeated over the period (repeat_channels), as the rows
-// are then walked flat.
+// are then walked flat; an elementwise pass over rows in pairs (rows_in_pairs) reads them in pair
+// order (pair_order_channels). arrange_channels writes either.
 template <typename A, size_t N>
 using ChannelArrays = std::array<const A*, N>;
 template <int I>
