@@ -584,12 +584,17 @@ void normalize_flat(const T* xp, T* yp, const Tiling& tl, const acc_t<T>* mean, 
         }
       }
     }
-    for (; i < end; i += VW) {
+    while (i < end) {
+      // The whole vectors inside plane p (with at least one of its values after them) in a loop of
+      // their own, without the checks below.
+      const int64_t inside = std::min((left - 1) / VW, (end - i) / VW);
+      for (const int64_t stop = i + inside * VW; i < stop; i += VW) apply(Full{}, i, m, k, b);
+      left -= inside * VW;
+      if (i >= end) break;
       const int64_t n = std::min(VW, total - i);
-      if (left > VW) {  // inside plane p
-        n == VW ? apply(Full{}, i, m, k, b) : apply(Part{n}, i, m, k, b);
-        left -= VW;
-        continue;
+      if (left > VW) {  // the tensor's partial last vector, inside plane p
+        apply(Part{n}, i, m, k, b);
+        break;
       }
       // Plane p ends at lane `left`; the lanes after it (if any) open plane p + 1.
       c = c + 1 == C ? 0 : c + 1;
@@ -605,6 +610,7 @@ void normalize_flat(const T* xp, T* yp, const Tiling& tl, const acc_t<T>* mean, 
       k = k_next;
       b = b_next;
       left += S - VW;
+      i += VW;
     }
     stream_fence(stream);
   });
