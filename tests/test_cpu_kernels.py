@@ -126,6 +126,26 @@ def test_row_moments_stay_exact_when_a_tile_starts_far_out(shape, channels_last)
     torch.testing.assert_close(invstd.double(), x64.var(dims, unbiased=False).rsqrt(), rtol=2e-6, atol=0.0)
 
 
+@pytest.mark.parametrize("far", [[0], [3, 40, 63], list(range(5, 22))], ids=["one", "three", "seventeen"])
+@pytest.mark.parametrize("shape, channels_last", [((600, 64), False), ((6, 64, 10, 10), True)], ids=["NC", "rows"])
+def test_row_moments_stay_exact_when_some_channels_start_far_out(shape, channels_last, far):
+    # The same with only some channels' first rows far out: up to 16 of them (and at most one in 16)
+    # are summed again one by one, in double; more, the whole tile is summed again around its means.
+    # Checked on the far channels: the others keep their one-sweep moments (within about 3e-6 of
+    # float64 on this data; see test_row_moments_of_normal_data_are_within_a_ulp_or_so).
+    x = make_input(shape, torch.float32, channels_last=channels_last, offset=1e3, scale=1.0)
+    C = shape[1]
+    rows = x.movedim(1, -1).reshape(-1, C)
+    assert rows.data_ptr() == x.data_ptr()
+    rows[:8, far] += 30.0
+    _, mean, invstd = native.forward_train(x, torch.ones(C), torch.zeros(C), None, None, 0.1, 0.0, 0, 0.0)
+    dims = [d for d in range(x.dim()) if d != 1]
+    x64 = x.double()
+    torch.testing.assert_close(mean.double(), x64.mean(dims), rtol=2e-6, atol=0.0)
+    want = x64.var(dims, unbiased=False).rsqrt()
+    torch.testing.assert_close(invstd.double()[far], want[far], rtol=2e-6, atol=0.0)
+
+
 @pytest.mark.parametrize("shape", [(256, 64), (128, 128), (64, 120), (16, 256, 7, 7)], ids=str)
 def test_row_moments_of_normal_data_are_within_a_ulp_or_so(shape):
     # One tile per channel, or few: the one-sweep moments keep invstd within 1e-6 of float64, as the
