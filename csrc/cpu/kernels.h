@@ -246,18 +246,23 @@ void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
         },
         tile_mean);
     const int64_t rows = tl.count(t);
-    // Three loops over the channels rather than one, so that the first two vectorise: one with a
-    // branch per channel was a scalar division per channel and tile, about a tenth of the sums' time
-    // (float32 (128, 256, 14, 14) channels_last).
+    // Three loops over the channels rather than one, so that the counting and storing loops
+    // vectorise (the listing loop stops at the last far channel): one loop with a branch per channel
+    // was a scalar division per channel and tile, about a tenth of the sums' time (float32 (128,
+    // 256, 14, 14) channels_last).
     const auto m2_of = [rows](double sum_d, double squares) { return squares - sum_d * sum_d / double(rows); };
-    const auto is_far = [](double squares, double m2) { return !(squares <= kMaxShiftedLoss * m2); };  // or inf/NaN
+    // Also true for NaN sums; an infinite M2 is left to needs_exact_moments.
+    const auto is_far = [](double squares, double m2) { return !(squares <= kMaxShiftedLoss * m2); };
     int64_t n_far = 0;
     for (int64_t j = 0; j < W; ++j) {
       const double squares = tile_m2[j];
       n_far += is_far(squares, m2_of(tile_mean[j], squares)) ? 1 : 0;
     }
-    int64_t far[16], n_listed = 0;  // the first channels whose shift is too far out
-    for (int64_t j = 0; j < W && n_listed < std::min<int64_t>(n_far, 16); ++j) {
+    // A few such channels (one in 200 for normal data) are summed again one by one, in double; more
+    // (rows whose first values are alike, as neighbouring pixels are) cost less as one more sweep.
+    const bool sweep = n_far * 16 > W || n_far > 16;
+    int64_t far[16], n_listed = 0;  // the channels whose shift is too far out, when not swept
+    for (int64_t j = 0; j < W && n_listed < (sweep ? 0 : n_far); ++j) {
       const double squares = tile_m2[j];
       if (is_far(squares, m2_of(tile_mean[j], squares))) far[n_listed++] = j;
     }
@@ -266,9 +271,7 @@ void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
       tile_m2[j] = static_cast<A>(m2_of(sum_d, tile_m2[j]));
       tile_mean[j] = shift[j] + static_cast<A>(sum_d) * inv_count;
     }
-    // A few such channels (one in 200 for normal data) are summed again one by one, in double; more
-    // (rows whose first values are alike, as neighbouring pixels are) cost less as one more sweep.
-    if (n_far * 16 > W || n_far > 16) {
+    if (sweep) {
       squares_around_means();
       return;
     }
