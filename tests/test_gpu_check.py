@@ -88,6 +88,9 @@ def test_a_test_step_where_every_test_skipped_has_failed(tmp_path):
 def test_outcome_parsers():
     assert gpu_check.pytest_outcome("..s\n==== 3 passed, 1 skipped in 2.0s ====\n") == "3 passed, 1 skipped in 2.0s"
     assert gpu_check.pytest_outcome("ssss\n4 skipped, 9 deselected in 1.2s\n") == "4 skipped, 9 deselected in 1.2s"
+    # As the first H200 run printed it: the sanitizer's summary comes after pytest's.
+    sanitized = "36 passed, 615 deselected in 15.95s\n========= ERROR SUMMARY: 0 errors\n"
+    assert gpu_check.pytest_outcome(sanitized) == "36 passed, 615 deselected in 15.95s"
     output = "========= COMPUTE-SANITIZER\n========= ERROR SUMMARY: 0 errors\n"
     assert gpu_check.sanitizer_outcome(output) == "========= ERROR SUMMARY: 0 errors"
     rows = [{"provider": "bnfused", "baseline": "torch", "mode": "train", "ratio": r} for r in ("0.5", "2.0")]
