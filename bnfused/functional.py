@@ -10,6 +10,7 @@ import numbers
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from bnfused import activation as act_codes
 from bnfused import backends, inplace, layout, ops, torch_ops
@@ -306,6 +307,9 @@ def batch_norm(
                 input, running_mean, running_var, weight, bias, training, momentum, eps, act, slope, residual
             )
     name = backends.resolve(backend, input.device)
+    if input.is_cuda and memory == "default" and backends.defers_to_torch(backend, name, input, training):
+        y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return _add_and_activate(y, residual, act, slope)
     if memory != "default":
         return inplace.InplaceBatchNormFunction.apply(
             layout.kernel_ready(input), weight, bias, running_mean, running_var,
@@ -323,6 +327,11 @@ def batch_norm(
     # What this backend's kernels do not fuse runs as torch ops after the BatchNorm kernel: what the
     # unfused layers cost, with torch's broadcasting, type promotion and gradients.
     y = ops.batch_norm(name, x, weight, bias, running_mean, running_var, training, float(momentum), float(eps), 0, 0.0)
+    return _add_and_activate(y, residual, act, slope)
+
+
+def _add_and_activate(y: torch.Tensor, residual: torch.Tensor | None, act: int, slope: float) -> torch.Tensor:
+    """``act(y [+ residual])`` for a BatchNorm output y, as torch ops."""
     if y.requires_grad:
         return act_codes.apply(y if residual is None else y + residual, act, slope)
     # Inference: y is a fresh tensor nobody else holds, so the add and the activation may

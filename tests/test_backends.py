@@ -129,3 +129,69 @@ def test_compiled_calls_bypass_the_layer_op(monkeypatch):
     f = torch.compile(lambda x: bnfused.batch_norm(x, None, None, training=True, backend="reference"), fullgraph=True)
     x = torch.randn(6, 3)
     torch.testing.assert_close(f(x), torch.nn.functional.batch_norm(x, None, None, training=True))
+
+
+# --------------------------------------------------------------------------- "auto" on CUDA: torch where it is faster
+
+BIG = (256, 64, 112, 112)  # ResNet-50's first BatchNorm at batch 256: long planes
+SHORT = (256, 1024, 14, 14)  # as many values, short planes
+
+
+@pytest.mark.parametrize(
+    "name, shape, dtype, channels_last, training, torch_faster",
+    [
+        ("triton", BIG, torch.float32, False, True, False),
+        ("triton", BIG, torch.bfloat16, False, True, False),
+        ("triton", SHORT, torch.float32, False, True, True),
+        ("triton", (256, 512, 28, 28), torch.float32, False, True, True),
+        ("triton", (256, 512, 28, 28), torch.bfloat16, False, True, False),
+        ("triton", BIG, torch.float32, True, True, True),
+        ("triton", BIG, torch.float32, True, False, False),
+        ("triton", (256, 2048, 7, 7), torch.float32, True, False, True),
+        ("triton", (256, 512, 28, 28), torch.float32, False, False, False),
+        ("triton", BIG, torch.float64, False, True, True),
+        ("triton", (4096, 4096), torch.float32, False, True, True),
+        ("triton", (8, 64, 112, 112), torch.float32, False, True, True),
+        ("cuda", BIG, torch.float32, False, True, False),
+        ("cuda", (256, 256, 56, 56), torch.float32, False, True, True),
+        ("cuda", (256, 256, 56, 56), torch.bfloat16, False, True, False),
+        ("cuda", BIG, torch.float32, False, False, True),
+    ],
+)
+def test_auto_policy_follows_the_measured_regimes(name, shape, dtype, channels_last, training, torch_faster):
+    """Meta tensors: the policy reads shapes and strides only."""
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    assert backends.auto_policy.torch_is_faster(name, x, training) is torch_faster
+
+
+def test_only_auto_defers_to_torch(restore_default):
+    short = torch.empty(SHORT, device="meta")
+    assert backends.defers_to_torch("auto", "triton", short, True)
+    assert backends.defers_to_torch(None, "triton", short, True)
+    assert not backends.defers_to_torch("triton", "triton", short, True)
+    assert not backends.defers_to_torch("auto", "cpp", short, True)
+    backends.set_backend("triton")
+    assert not backends.defers_to_torch(None, "triton", short, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_auto_on_cuda_runs_torchs_batch_norm_where_it_is_faster(training, monkeypatch):
+    """CPU twins: the two tests above. A deferred layer gives torch's output bit for bit; a layer in a
+    regime the kernels win runs them."""
+    triton = backends.module("triton")
+    monkeypatch.setattr(triton, "batch_norm", lambda *a: pytest.fail("kernels ran on a deferred call"), raising=False)
+    monkeypatch.setattr(triton, "forward_train", lambda *a: pytest.fail("kernels ran on a deferred call"))
+    monkeypatch.setattr(triton, "forward_eval", lambda *a: pytest.fail("kernels ran on a deferred call"))
+    ours, theirs = bnfused.BatchNorm2d(16).cuda().train(training), torch.nn.BatchNorm2d(16).cuda().train(training)
+    x = torch.randn(8, 16, 14, 14, device="cuda").to(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=0, atol=0)
+    monkeypatch.undo()
+    calls = []
+    monkeypatch.setattr(torch.nn.functional, "batch_norm", lambda *a, **k: calls.append(a) or pytest.fail("deferred"))
+    x = torch.randn(1, 1, 4096, 4096, device="cuda")
+    y = bnfused.BatchNorm2d(1).cuda().train(training)(x)
+    assert not calls and y.shape == x.shape

@@ -55,6 +55,8 @@ from types import ModuleType
 
 import torch
 
+from bnfused.backends import auto_policy
+
 _MODULES = {
     "reference": "bnfused.backends.reference",
     "triton": "bnfused.backends.triton",
@@ -176,6 +178,17 @@ def _caller_stacklevel() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS + _GENERATED_CODE):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def defers_to_torch(request: str | None, name: str, x: torch.Tensor, training: bool) -> bool:
+    """Whether this call, which ``request`` resolved to backend ``name``, goes to torch's own BatchNorm
+    instead: only for "auto", only where torch was measured faster (``auto_policy``)."""
+    return (
+        name in _DEFERS_WHEN_AUTO and (request or _default) == "auto" and auto_policy.torch_is_faster(name, x, training)
+    )
+
+
+_DEFERS_WHEN_AUTO = frozenset(("triton", "cuda"))
 
 
 def availability(device: torch.device) -> dict[str, str | None]:
