@@ -307,7 +307,13 @@ def batch_norm(
                 input, running_mean, running_var, weight, bias, training, momentum, eps, act, slope, residual
             )
     name = backends.resolve(backend, input.device)
-    if input.is_cuda and memory == "default" and backends.defers_to_torch(backend, name, input, training):
+    if (
+        name in backends.DEFERS_WHEN_AUTO
+        and memory == "default"
+        and backends.defers_to_torch(
+            backend, name, input, training, training and _backward_may_follow(input, weight, bias, residual)
+        )
+    ):
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         return _add_and_activate(y, residual, act, slope)
     if memory != "default":
@@ -328,6 +334,10 @@ def batch_norm(
     # unfused layers cost, with torch's broadcasting, type promotion and gradients.
     y = ops.batch_norm(name, x, weight, bias, running_mean, running_var, training, float(momentum), float(eps), 0, 0.0)
     return _add_and_activate(y, residual, act, slope)
+
+
+def _backward_may_follow(input, weight, bias, residual) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, residual))
 
 
 def _add_and_activate(y: torch.Tensor, residual: torch.Tensor | None, act: int, slope: float) -> torch.Tensor:

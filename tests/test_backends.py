@@ -133,47 +133,53 @@ def test_compiled_calls_bypass_the_layer_op(monkeypatch):
 
 # --------------------------------------------------------------------------- "auto" on CUDA: torch where it is faster
 
-BIG = (256, 64, 112, 112)  # ResNet-50's first BatchNorm at batch 256: long planes
-SHORT = (256, 1024, 14, 14)  # as many values, short planes
+BIG = (256, 64, 112, 112)  # ResNet-50's first BatchNorm at batch 256: long planes, 205.5M values
+SHORT = (512, 1024, 14, 14)  # short planes, 102.8M values
 
 
 @pytest.mark.parametrize(
-    "name, shape, dtype, channels_last, training, torch_faster",
+    "name, shape, dtype, channels_last, training, backward, torch_faster",
     [
-        ("triton", BIG, torch.float32, False, True, False),
-        ("triton", BIG, torch.bfloat16, False, True, False),
-        ("triton", SHORT, torch.float32, False, True, True),
-        ("triton", (256, 512, 28, 28), torch.float32, False, True, True),
-        ("triton", (256, 512, 28, 28), torch.bfloat16, False, True, False),
-        ("triton", BIG, torch.float32, True, True, True),
-        ("triton", BIG, torch.float32, True, False, False),
-        ("triton", (256, 2048, 7, 7), torch.float32, True, False, True),
-        ("triton", (256, 512, 28, 28), torch.float32, False, False, False),
-        ("triton", BIG, torch.float64, False, True, True),
-        ("triton", (4096, 4096), torch.float32, False, True, True),
-        ("triton", (8, 64, 112, 112), torch.float32, False, True, True),
-        ("cuda", BIG, torch.float32, False, True, False),
-        ("cuda", (256, 256, 56, 56), torch.float32, False, True, True),
-        ("cuda", (256, 256, 56, 56), torch.bfloat16, False, True, False),
-        ("cuda", BIG, torch.float32, False, False, True),
+        ("triton", BIG, torch.float32, False, True, True, False),
+        ("triton", BIG, torch.bfloat16, False, True, True, False),
+        ("triton", SHORT, torch.float32, False, True, True, True),
+        ("triton", (256, 512, 28, 28), torch.float32, False, True, True, True),
+        ("triton", (256, 512, 28, 28), torch.bfloat16, False, True, True, False),
+        ("triton", (256, 256, 56, 56), torch.float32, False, True, True, False),
+        ("triton", (256, 256, 56, 56), torch.float32, False, True, False, True),  # forward alone: 1.08
+        ("triton", BIG, torch.float32, False, True, False, False),
+        ("triton", BIG, torch.float32, True, True, True, True),
+        ("triton", BIG, torch.float32, True, False, False, False),
+        ("triton", (256, 512, 28, 28), torch.float32, True, False, False, True),
+        ("triton", (256, 512, 28, 28), torch.float32, False, False, False, False),
+        ("triton", BIG, torch.float64, False, True, True, True),
+        ("triton", (40000, 4096), torch.float32, False, True, True, True),
+        ("triton", (128, 64, 112, 112), torch.float32, False, True, True, False),  # 102.8M values
+        ("triton", (64, 64, 112, 112), torch.float32, False, True, True, True),  # 51.4M: below any win
+        ("cuda", BIG, torch.float32, False, True, True, False),
+        ("cuda", (256, 256, 56, 56), torch.float32, False, True, True, True),
+        ("cuda", (256, 256, 56, 56), torch.bfloat16, False, True, True, False),
+        ("cuda", (256, 256, 56, 56), torch.bfloat16, False, True, False, True),
+        ("cuda", BIG, torch.float32, False, False, False, True),
     ],
 )
-def test_auto_policy_follows_the_measured_regimes(name, shape, dtype, channels_last, training, torch_faster):
+def test_auto_policy_follows_the_measured_regimes(name, shape, dtype, channels_last, training, backward, torch_faster):
     """Meta tensors: the policy reads shapes and strides only."""
     x = torch.empty(shape, dtype=dtype, device="meta")
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    assert backends.auto_policy.torch_is_faster(name, x, training) is torch_faster
+    assert backends.auto_policy.torch_is_faster(name, x, training, backward) is torch_faster
 
 
 def test_only_auto_defers_to_torch(restore_default):
     short = torch.empty(SHORT, device="meta")
-    assert backends.defers_to_torch("auto", "triton", short, True)
-    assert backends.defers_to_torch(None, "triton", short, True)
-    assert not backends.defers_to_torch("triton", "triton", short, True)
-    assert not backends.defers_to_torch("auto", "cpp", short, True)
+    assert backends.defers_to_torch("auto", "triton", short, True, True)
+    assert backends.defers_to_torch("AUTO", "triton", short, True, True)
+    assert backends.defers_to_torch(None, "triton", short, True, True)
+    assert not backends.defers_to_torch("triton", "triton", short, True, True)
+    assert "cpp" not in backends.DEFERS_WHEN_AUTO and "reference" not in backends.DEFERS_WHEN_AUTO
     backends.set_backend("triton")
-    assert not backends.defers_to_torch(None, "triton", short, True)
+    assert not backends.defers_to_torch(None, "triton", short, True, True)
 
 
 @pytest.mark.gpu
@@ -192,6 +198,6 @@ def test_auto_on_cuda_runs_torchs_batch_norm_where_it_is_faster(training, monkey
     monkeypatch.undo()
     calls = []
     monkeypatch.setattr(torch.nn.functional, "batch_norm", lambda *a, **k: calls.append(a) or pytest.fail("deferred"))
-    x = torch.randn(1, 1, 4096, 4096, device="cuda")
+    x = torch.randn(1, 1, 10240, 10240, device="cuda")  # 105M values on one long plane
     y = bnfused.BatchNorm2d(1).cuda().train(training)(x)
     assert not calls and y.shape == x.shape

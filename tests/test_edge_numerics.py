@@ -59,7 +59,7 @@ def like(oracle_value, actual):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_item02_float32_near_its_largest_values(backend):
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(torch.get_default_device()).manual_seed(0)
     x = torch.randn(4, 1, 5, generator=g).clamp(-3, 3) * 1e38
     y, rm, rv, *_ = run(backend, x, torch.zeros(1), torch.ones(1))
     y_o, rm_o, rv_o, *_ = run("oracle", x, torch.zeros(1), torch.ones(1))
@@ -97,7 +97,7 @@ def test_item03_eval_backward_ignores_inf_inputs_and_nan_running_mean(backend):
     ],
 )
 def test_item04_variance_beyond_the_dtype_range(backend, dtype, magnitude):
-    g = torch.Generator().manual_seed(4)
+    g = torch.Generator(torch.get_default_device()).manual_seed(4)
     base = torch.randn(8, 3, 5, generator=g, dtype=torch.float64)
     x = (base * magnitude).to(dtype)
     dy = torch.randn(8, 3, 5, generator=g, dtype=torch.float64)
@@ -112,7 +112,7 @@ def test_item04_variance_beyond_the_dtype_range(backend, dtype, magnitude):
 
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 def test_item05_tiny_variance_with_tiny_eps(backend):
-    g = torch.Generator().manual_seed(5)
+    g = torch.Generator(torch.get_default_device()).manual_seed(5)
     x = torch.randn(8, 2, 3, generator=g) * 1e-30
     dy = torch.randn(8, 2, 3, generator=g)
     w = torch.rand(2, generator=g) + 0.5
@@ -130,7 +130,7 @@ def test_item05_tiny_variance_with_tiny_eps(backend):
 def test_item05_subnormal_inputs_give_finite_statistics(backend, shape, spread, offset):
     # Deviations below float32's smallest normal: scaling them by their reciprocal (to square them
     # without overflow) would overflow to inf, and inf * 0 made the Triton statistics NaN.
-    g = torch.Generator().manual_seed(55)
+    g = torch.Generator(torch.get_default_device()).manual_seed(55)
     x = (torch.randn(shape, generator=g, dtype=torch.float64) * spread + offset).float()
     C = shape[1]
     w = torch.rand(C, generator=g) + 0.5
@@ -151,7 +151,7 @@ def test_item05_constant_channel_far_from_zero_has_zero_variance(backend, shape,
     # error squared (1e5, or inf) and y = +-1 instead of b. (torch's own float32 CPU kernel gives y
     # ~ 1e5 for 1e10 here; float64 gives 1e-4.)
     C = shape[1]
-    g = torch.Generator().manual_seed(56)
+    g = torch.Generator(torch.get_default_device()).manual_seed(56)
     x = torch.full(shape, value)
     w, b = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g)
     dy = torch.randn(shape, generator=g)
@@ -202,7 +202,7 @@ def test_item07_running_stats_aliasing_weight_bias_or_input(backend, alias):
     first), even where ATen cannot decide the overlap."""
 
     def call(fn):
-        g = torch.Generator().manual_seed(7)
+        g = torch.Generator(torch.get_default_device()).manual_seed(7)
         x = torch.randn(6, 3, generator=g)
         w, b = torch.rand(3, generator=g) + 0.5, torch.randn(3, generator=g)
         residual = torch.randn(6, 3, generator=g)
@@ -327,7 +327,7 @@ def result_scales(args, kwargs, want) -> dict[str, float]:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fuzz_against_float64_oracle(backend):
-    g = torch.Generator().manual_seed(1606 + BACKENDS.index(backend))
+    g = torch.Generator(torch.get_default_device()).manual_seed(1606 + BACKENDS.index(backend))
     # A fixed number of cases, not as many as fit a time budget: which cases run must not depend on
     # the machine's speed (a subnormal case that only a fast run reached once went unnoticed).
     for _ in range(200):

@@ -180,15 +180,16 @@ def _caller_stacklevel() -> int:
     return level
 
 
-def defers_to_torch(request: str | None, name: str, x: torch.Tensor, training: bool) -> bool:
-    """Whether this call, which ``request`` resolved to backend ``name``, goes to torch's own BatchNorm
-    instead: only for "auto", only where torch was measured faster (``auto_policy``)."""
-    return (
-        name in _DEFERS_WHEN_AUTO and (request or _default) == "auto" and auto_policy.torch_is_faster(name, x, training)
-    )
+def defers_to_torch(request: str | None, name: str, x: torch.Tensor, training: bool, backward: bool) -> bool:
+    """Whether this call, which ``request`` resolved to backend ``name`` (one of ``DEFERS_WHEN_AUTO``),
+    goes to torch's own BatchNorm instead: only for "auto", only where torch was measured faster
+    (``auto_policy``); ``backward``: a backward may follow."""
+    return (request or _default).lower() == "auto" and auto_policy.torch_is_faster(name, x, training, backward)
 
 
-_DEFERS_WHEN_AUTO = frozenset(("triton", "cuda"))
+# The backends whose kernels "auto" may leave to torch's (CUDA ones: the CPU kernels are at or past
+# ATen's wherever measured).
+DEFERS_WHEN_AUTO = frozenset(("triton", "cuda"))
 
 
 def availability(device: torch.device) -> dict[str, str | None]:
