@@ -205,7 +205,7 @@ def _hypot3(a, b, c):
 
 
 @triton.jit
-def _chunk_stats(
+def _chunk_stats_by_tile(
     x_ptr,
     c_start,
     t_start,
@@ -220,7 +220,8 @@ def _chunk_stats(
     BLOCK_S: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    """(count, mean, biased std) per channel, each fp32 [BLOCK_C], over tiles [t_start, t_end)."""
+    """(count, mean, biased std) per channel, each fp32 [BLOCK_C], over tiles [t_start, t_end): each tile
+    reduced on its own and merged (see "forward: the math"), right at every edge of float32's range."""
     count = tl.zeros([BLOCK_C], dtype=tl.float32)
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     std = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -257,6 +258,71 @@ def _chunk_stats(
         moved = tl.where(_not_finite(delta), mean * (1.0 - weight) + mean_tile * weight, mean + delta * weight)
         mean = tl.where(_not_finite(mean) | _not_finite(mean_tile), mean + mean_tile, moved)
         count = new_count
+    return count, mean, std
+
+
+@triton.jit
+def _chunk_stats(
+    x_ptr,
+    c_start,
+    t_start,
+    t_end,
+    C,
+    cols,
+    col_blocks,
+    stride_row,
+    stride_col,
+    stride_c,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    INT64: tl.constexpr,
+):
+    """(count, mean, biased std) per channel, each fp32 [BLOCK_C], over tiles [t_start, t_end).
+
+    The tile-by-tile walk reduces across lanes several times per tile, which on a GPU costs more than
+    the loads. So first the deviations d = x - pivot are summed, and squared, per lane over all
+    tiles and reduced once: pivot is the first tile's mean, taken about its first value (a constant
+    channel's is then exact). M2 = sum d^2 - sum d * mean(d) loses at most 2 bits to cancellation
+    when sum d^2 <= 4 M2 (the pivot within a standard deviation or so of the mean), and no square
+    leaves float32's normal range when 2^-60 < |d| < 2^60. Where any channel of the block fails
+    either, or a sum is not finite, the chunk is walked again tile by tile.
+    """
+    offsets, mask, n_first = _tile(
+        t_start, c_start, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64
+    )
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    first = tl.sum(tl.where((tl.arange(0, BLOCK_S) == 0)[None, :], x, 0.0), axis=1)
+    pivot = first + tl.sum(tl.where(mask, x - first[:, None], 0.0), axis=1) / n_first.to(tl.float32)
+    sum_d = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    sum_d2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    largest = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    count = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for t in range(t_start, t_end):
+        offsets, mask, n_valid = _tile(
+            t, c_start, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64
+        )
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, x - pivot[:, None], 0.0)
+        sum_d += d
+        sum_d2 += d * d
+        largest = tl.maximum(largest, tl.abs(d))
+        count += n_valid.to(tl.float32)
+    s1 = tl.sum(sum_d, axis=1)
+    s2 = tl.sum(sum_d2, axis=1)
+    d_max = tl.max(largest, axis=1)
+    mean_d = s1 / count
+    mean = pivot + mean_d
+    m2 = s2 - s1 * mean_d
+    # About the rounded mean passed on, as the tile walk measures it (its rounding error's share).
+    rounding = mean_d - (mean - pivot)
+    std = tl.sqrt(tl.maximum(m2, 0.0) / count + rounding * rounding)
+    in_range = (d_max > 8.673617379884035e-19) & (d_max < 1.152921504606847e18)  # 2^-60, 2^60
+    trusted = ~_not_finite(s1) & ~_not_finite(s2) & ((d_max == 0) | (in_range & (s2 <= 4.0 * m2)))
+    if tl.min(trusted.to(tl.int32), axis=0) == 0:
+        count, mean, std = _chunk_stats_by_tile(
+            x_ptr, c_start, t_start, t_end, C, cols, col_blocks, stride_row, stride_col, stride_c,
+            BLOCK_C, BLOCK_S, INT64,
+        )  # fmt: skip
     return count, mean, std
 
 
