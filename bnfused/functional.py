@@ -311,7 +311,7 @@ def batch_norm(
         name in backends.DEFERS_WHEN_AUTO
         and memory == "default"
         and backends.defers_to_torch(
-            backend, name, input, training, training and _backward_may_follow(input, weight, bias, residual)
+            backend, name, input, training, training and backward_may_follow(input, weight, bias, residual)
         )
     ):
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
@@ -336,7 +336,8 @@ def batch_norm(
     return _add_and_activate(y, residual, act, slope)
 
 
-def _backward_may_follow(input, weight, bias, residual) -> bool:
+def backward_may_follow(input, weight, bias, residual) -> bool:
+    """Whether autograd will record this call (grad enabled, a tensor argument requiring grad)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, residual))
 
 

@@ -17,8 +17,8 @@ from torch.fx import Proxy
 from torch.jit import is_scripting
 
 from bnfused import activation as act_codes
-from bnfused import inplace, torch_ops
-from bnfused.functional import batch_norm
+from bnfused import backends, inplace, torch_ops
+from bnfused.functional import backward_may_follow, batch_norm
 
 # A tensor or None, in annotations TorchScript reads (forward's residual, the step counter): spelled with
 # typing's name, as TorchScript evaluates annotations and `X | None` does not evaluate on Python 3.9.
@@ -115,6 +115,10 @@ class _FusedBatchNorm:
             return self._scripted_forward(input, residual)
         if input.__class__ is not torch.Tensor and isinstance(input, Proxy):
             return self._fx_leaf(input, residual)
+        if input.is_cuda and self.memory == "default" and self._defers_to_torch(input, residual):
+            # torch's own BatchNorm is faster here (``backends.auto_policy``): its forward as torch
+            # writes it, with none of bnfused's per-call work (a GPU layer can take microseconds).
+            return self._scripted_forward(input, residual)
         if residual is not None and not isinstance(residual, torch.Tensor):
             # A number the fusion pass took for a tensor (a traced graph cannot tell them apart): a
             # 0-d tensor adds and promotes as the Python number would.
@@ -139,6 +143,17 @@ class _FusedBatchNorm:
             residual,
             self.memory,
         )
+
+    def _defers_to_torch(self, input: torch.Tensor, residual: MaybeTensor) -> bool:
+        """Whether "auto" leaves this call to torch's BatchNorm (``backends.defers_to_torch``)."""
+        name = backends.resolve(self.backend, input.device)
+        if name not in backends.DEFERS_WHEN_AUTO:
+            return False
+        params, buffers = self._parameters, self._buffers
+        training = self.training or (buffers.get("running_mean") is None and buffers.get("running_var") is None)
+        residual = residual if isinstance(residual, torch.Tensor) else None
+        backward = training and backward_may_follow(input, params.get("weight"), params.get("bias"), residual)
+        return backends.defers_to_torch(self.backend, name, input, training, backward)
 
     def _compiles_to_torch_ops(self, input: torch.Tensor) -> bool:
         """Under torch.compile: whether this call becomes torch's ops (``torch_ops.use_torch_ops``)."""
