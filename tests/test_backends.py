@@ -201,3 +201,27 @@ def test_auto_on_cuda_runs_torchs_batch_norm_where_it_is_faster(training, monkey
     x = torch.randn(1, 1, 10240, 10240, device="cuda")  # 105M values on one long plane
     y = bnfused.BatchNorm2d(1).cuda().train(training)(x)
     assert not calls and y.shape == x.shape
+
+
+@pytest.mark.parametrize("mode", ["train", "eval", "eval-no-stats", "no-grad-train", "frozen"])
+def test_a_module_asks_the_policy_with_its_mode_and_whether_a_backward_follows(mode, monkeypatch):
+    """CPU twin of the module half of the GPU test above: what a layer passes to ``defers_to_torch``."""
+    asked = []
+    monkeypatch.setattr(backends, "resolve", lambda request, device: "triton")
+    monkeypatch.setattr(backends, "defers_to_torch", lambda *args: asked.append(args[3:]) or True)
+    layer = bnfused.BatchNorm2d(4, track_running_stats=mode != "eval-no-stats").train(
+        mode in ("train", "no-grad-train")
+    )
+    if mode == "frozen":
+        layer.requires_grad_(False)
+    x = torch.randn(2, 4, 3, 3)
+    if mode == "no-grad-train":
+        with torch.no_grad():
+            assert layer._defers_to_torch(x, None)
+    else:
+        assert layer._defers_to_torch(x, None)
+    expected = {
+        "train": (True, True), "eval": (False, False), "eval-no-stats": (True, True),
+        "no-grad-train": (True, False), "frozen": (False, False),
+    }[mode]  # fmt: skip
+    assert asked == [expected]
