@@ -24,7 +24,7 @@ def _swap_class(bn: nn.Module, cls: type) -> nn.Module:
         template = bn.weight if bn.affine else bn.running_mean
         kwargs = {"device": template.device, "dtype": template.dtype} if template is not None else {}
         if bn.affine and bn.bias is None:
-            kwargs["bias"] = False  # torch's bias=False (torch >= 2.10)
+            kwargs["bias"] = False  # torch's bias=False (newer than torch 2.11, which has no such argument)
         return cls(bn.eps, bn.momentum, bn.affine, bn.track_running_stats, **kwargs).train(bn.training)
     new = cls.__new__(cls)
     new.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in bn.__dict__.items()})

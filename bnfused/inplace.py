@@ -28,6 +28,12 @@ from bnfused import backends, layout
 
 MEMORY_MODES = ("default", "inplace")
 
+# torch 2.11's Dynamo (fixed in 2.12: pytorch/pytorch#180642) makes an autograd.Function's
+# intermediates extra outputs, and one that is the returned tensor itself (a no-op .to(), an in-place
+# add) takes over its gradient slot: y's gradient is lost, silently (the reference kernels end with
+# a .to()). A copy, under compile on 2.11 only, gives y a tensor of its own.
+_ALIASED_INTERMEDIATES = torch.__version__.startswith("2.11.")
+
 
 def check_memory_mode(memory: str, act: int, slope: float) -> None:
     """Raises ValueError when ``memory`` is unknown or cannot recover x_hat for this activation."""
@@ -74,6 +80,8 @@ class InplaceBatchNormFunction(torch.autograd.Function):
             invstd = backends.module("reference").eval_stats(running_mean, running_var, eps, x.dtype)[1]
         if not fused:
             y = act_codes.apply(y.add_(residual), act, slope)
+        if _ALIASED_INTERMEDIATES and torch.compiler.is_compiling():
+            y = y.clone()
         ctx.save_for_backward(y, weight, bias, invstd, residual)
         ctx.config = (training, eps, act, slope)
         return y

@@ -97,9 +97,10 @@ def _backward_op(
     needs_residual: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # dy with x's strides here, on the real tensors: torch 2.6's Dynamo refuses .stride() in a backward.
     dx, dw, db, dres = backends.module(backend).backward(
-        dy, x, y, weight, mean, invstd, act, slope, training, needs_input, needs_weight, needs_bias,
-        bias, residual, needs_residual,
+        layout.like(x, dy), x, y, weight, mean, invstd, act, slope, training, needs_input, needs_weight,
+        needs_bias, bias, residual, needs_residual,
     )  # fmt: skip
     empty = mean.new_empty(_EMPTY_GRAD_SHAPE)
     return (
@@ -270,7 +271,8 @@ class BatchNormFunction(torch.autograd.Function):
                 dy, x, y, weight, bias, residual, mean, invstd, training, eps, act, slope, needs
             )
         else:
-            dy = layout.like(x, dy)
+            if not torch.compiler.is_compiling():  # the op does it under compile
+                dy = layout.like(x, dy)
             dx, dw, db, dres = backward(
                 backend, dy, x, y, weight, bias, residual, mean, invstd, act, slope, training, needs
             )

@@ -67,16 +67,30 @@ def use_torch_ops(x: torch.Tensor, training: bool) -> bool:
     compile mode says so (the kernels' ops have no batching rule or jvp formula, so transforms
     decompose there too)."""
     if torch.compiler.is_compiling():
-        return not training or get_compile_mode(x.device.type) == "decompose" or transform_active()
+        return (
+            not training
+            or get_compile_mode(x.device.type) == "decompose"
+            or _functorch_depth_when_traced() > 0
+            or forward_ad._current_level >= 0
+        )
     return transform_active() or _tracing_state() is not None
 
 
 # torch.jit.is_tracing() without its Python wrapper (62 ns against 177 ns: this runs on every call).
 _tracing_state = torch._C._get_tracing_state
 
-# The depth rather than peek_interpreter_stack(): Dynamo traces the depth as its true value, while it
-# answers peek_interpreter_stack() with an interpreter even outside any transform.
+# torch.func's transform depth: 0 outside any transform.
 _functorch_depth = torch._C._functorch.get_dynamic_layer_stack_depth
+
+
+# The depth under torch.compile: Dynamo folds the builtin on torch 2.14 but refuses it on 2.11
+# (Unsupported, "marked as skipped"). A function marked constant-result it calls while tracing, when
+# the transforms it inlines have pushed their levels for real, so the depth is this call's. One path
+# on every torch (the one CI runs), no guard needed: Dynamo guards a frame entered under a transform
+# on the functorch stack, and forward-mode AD on its dual level.
+@torch.compiler.assume_constant_result
+def _functorch_depth_when_traced() -> int:
+    return _functorch_depth()
 
 
 def transform_active() -> bool:
