@@ -97,7 +97,7 @@ def _backward_op(
     needs_residual: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    # dy with x's strides here, on the real tensors: torch 2.6's Dynamo refuses .stride() in a backward.
+    # dy with x's strides here, on real tensors: torch 2.6's Dynamo refuses .stride() in a traced backward.
     dx, dw, db, dres = backends.module(backend).backward(
         layout.like(x, dy), x, y, weight, mean, invstd, act, slope, training, needs_input, needs_weight,
         needs_bias, bias, residual, needs_residual,
@@ -153,7 +153,7 @@ def backward(backend, dy, x, y, weight, bias, residual, mean, invstd, act, slope
         )
         return tuple(grad if needed else None for grad, needed in zip(grads, needs))
     return backends.module(backend).backward(
-        dy, x, y, weight, mean, invstd, act, slope, training, *needs[:3], bias, residual, needs[3]
+        layout.like(x, dy), x, y, weight, mean, invstd, act, slope, training, *needs[:3], bias, residual, needs[3]
     )
 
 
@@ -271,8 +271,6 @@ class BatchNormFunction(torch.autograd.Function):
                 dy, x, y, weight, bias, residual, mean, invstd, training, eps, act, slope, needs
             )
         else:
-            if not torch.compiler.is_compiling():  # the op does it under compile
-                dy = layout.like(x, dy)
             dx, dw, db, dres = backward(
                 backend, dy, x, y, weight, bias, residual, mean, invstd, act, slope, training, needs
             )
