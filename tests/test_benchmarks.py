@@ -170,12 +170,11 @@ def test_bench_models_layouts_and_modes(cpu_one_thread, capsys):
     assert "bnfused-reference eval: time ratio geometric mean" in capsys.readouterr().out
 
 
-def test_compiled_providers_stay_compiled_case_after_case(cpu_one_thread, monkeypatch):
+def test_compiled_providers_stay_compiled_case_after_case(cpu_one_thread):
     """Dynamo keeps recompile_limit entries per code object; past it, a model whose forward is code
     already seen (the seed models are all nn.Sequential) silently runs eagerly. The benchmark resets
     Dynamo per case, so no case meets the limit, here lowered to what one case needs."""
     limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    monkeypatch.setattr(torch._dynamo.config, limit_name, 2)
     messages = []
 
     class Collect(logging.Handler):
@@ -185,8 +184,11 @@ def test_compiled_providers_stay_compiled_case_after_case(cpu_one_thread, monkey
     handler = Collect(logging.WARNING)
     logging.getLogger("torch._dynamo").addHandler(handler)
     try:
-        argv = ["--quick", *cpu_one_thread, "--models", "mnist_bn_mlp,mnist_bn_after_relu", "--layouts", "nchw"]
-        rows = bench_models.main([*argv, "--providers", "compile,bnfused-reference+compile"])
+        # config.patch, not monkeypatch: pytest 9.2's monkeypatch undoes a setattr on a torch config
+        # module with a delattr, which deletes the setting for the rest of the process.
+        with torch._dynamo.config.patch(**{limit_name: 2}):
+            argv = ["--quick", *cpu_one_thread, "--models", "mnist_bn_mlp,mnist_bn_after_relu", "--layouts", "nchw"]
+            rows = bench_models.main([*argv, "--providers", "compile,bnfused-reference+compile"])
     finally:
         logging.getLogger("torch._dynamo").removeHandler(handler)
     assert len(rows) == 8  # 2 models x 2 modes x 2 providers, none skipped

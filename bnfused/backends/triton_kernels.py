@@ -188,6 +188,11 @@ def _not_finite(v):
 
 
 @triton.jit
+def _finite(v):
+    return (v - v) == 0  # not ~_not_finite(v): Triton 3.2's interpreter cannot invert a boolean
+
+
+@triton.jit
 def _scale_by(m):
     """(inv, back) for values of magnitude <= m: multiply them by inv before squaring, and their root by
     back. inv = 1 / m and back = m, except where 1 / m overflows float32 (m = 0 or subnormal): there
@@ -317,7 +322,7 @@ def _chunk_stats(
     rounding = mean_d - (mean - pivot)
     std = tl.sqrt(tl.maximum(m2, 0.0) / count + rounding * rounding)
     in_range = (d_max > 8.673617379884035e-19) & (d_max < 1.152921504606847e18)  # 2^-60, 2^60
-    trusted = ~_not_finite(s1) & ~_not_finite(s2) & ((d_max == 0) | (in_range & (s2 <= 4.0 * m2)))
+    trusted = _finite(s1) & _finite(s2) & ((d_max == 0) | (in_range & (s2 <= 4.0 * m2)))
     if tl.min(trusted.to(tl.int32), axis=0) == 0:
         count, mean, std = _chunk_stats_by_tile(
             x_ptr, c_start, t_start, t_end, C, cols, col_blocks, stride_row, stride_col, stride_c,
