@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnfused import activation as act_codes
+from bnfused.graph_module import FusedGraphModule, hold_everything
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -77,7 +78,8 @@ def _mode_reason(model: nn.Module) -> str | None:
     mode it was traced in, so a class whose code reads ``self.training`` (a dropout's flag, Inception's
     auxiliary logits) stays a leaf; so does a class whose source cannot be read."""
     for cls in type(model).__mro__:
-        if cls in (nn.Module, object) or cls.__module__.startswith("torch.nn"):
+        # A GraphModule's forward is generated from its graph, which holds no flag reads.
+        if cls in (nn.Module, object, FusedGraphModule) or cls.__module__.startswith(("torch.nn", "torch.fx")):
             continue
         try:
             source = inspect.getsource(cls)
@@ -101,24 +103,10 @@ def untraceable_reason(model: nn.Module) -> str | None:
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
-    """The traced model, holding every submodule, parameter and buffer of ``model`` under its name
-    (fx.GraphModule keeps only those its graph uses: state_dict keys would change)."""
+    """The traced model, holding every submodule, parameter and buffer of ``model`` under its name."""
     graph = _Tracer(model).trace(model)
-    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
-    for name, module in model.named_modules():
-        if not name:
-            continue
-        parent_name, _, leaf = name.rpartition(".")
-        try:
-            gm.get_submodule(name)
-        except AttributeError:
-            gm.get_submodule(parent_name)._modules[leaf] = module
-    for name, tensor in [*model.named_parameters(recurse=False), *model.named_buffers(recurse=False)]:
-        if name not in gm._parameters and name not in gm._buffers:
-            if isinstance(tensor, nn.Parameter):
-                gm.register_parameter(name, tensor)
-            else:
-                gm.register_buffer(name, tensor, persistent=name not in model._non_persistent_buffers_set)
+    gm = FusedGraphModule(model, graph, class_name=type(model).__name__)
+    hold_everything(gm, model)
     return gm
 
 

@@ -418,6 +418,64 @@ def test_unused_submodules_and_buffers_keep_their_state_dict_keys_and_the_model_
     torch.testing.assert_close(again(x), fused(x))
 
 
+class _Nested(nn.Module):
+    """Containers within containers, as torchvision's models have them, with a residual add."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Hardswish()))
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 3 * 3, 5))
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.head(self.block(y) + y)
+
+
+def _container_lookups(model, x, monkeypatch) -> int:
+    """How often a call of ``model`` asks ``nn.Module.__getattr__`` for a submodule of a container:
+    the fused forward reaches them through ``_modules``."""
+    calls = []
+    slow_lookup = nn.Module.__getattr__
+
+    def counted(module, name):
+        found = slow_lookup(module, name)
+        calls.extend([name] if isinstance(found, nn.Module) else [])
+        return found
+
+    with monkeypatch.context() as patch:
+        patch.setattr(nn.Module, "__getattr__", counted)
+        model(x)
+    return len(calls)
+
+
+def test_fused_forward_looks_submodules_up_directly_and_as_they_are_now(monkeypatch):
+    original = _Nested()
+    fused = bnfused.convert_model(copy.deepcopy(original), fuse=True, backend="reference")
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(fused(x), original(x))
+    assert fused.get_submodule("block.1").takes_residual  # the add went into the layer
+    assert _container_lookups(original, x, monkeypatch) > 0  # nn.Sequential's own forward
+    assert _container_lookups(fused, x, monkeypatch) == 0
+    assert "getattr(self.stem" in fused.code  # fx's code: what prints, pickles and scripts
+    # A submodule replaced after the conversion, at any depth, is the one called.
+    conv, head = nn.Conv2d(3, 4, 3), nn.Linear(4 * 3 * 3, 5)
+    original.stem[0][0], original.head[1] = conv, head
+    setattr(fused.get_submodule("stem.0"), "0", conv)
+    setattr(fused.get_submodule("head"), "1", head)
+    torch.testing.assert_close(fused(x), original(x))
+    for twin in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+        torch.testing.assert_close(twin(x), original(x))
+    assert _container_lookups(copy.deepcopy(fused), x, monkeypatch) == 0
+
+
+def test_fusing_a_fused_model_again_keeps_it(recwarn):
+    fused = bnfused.convert_model(_Nested(), fuse=True)
+    assert bnfused.convert_model(fused, fuse=True) is fused
+    assert not [w for w in recwarn if "bnfused" in str(w.message)]
+
+
 def test_lazy_numbers_and_optional_arguments():
     class LazyResidual(nn.Module):
         def __init__(self):
