@@ -401,8 +401,14 @@ for mode in bnfused.torch_ops.COMPILE_MODES:  # every jvp first: see the note ab
     x, w = torch.randn(4, 3, 5), torch.rand(3) + 0.5
     tangent = torch.randn_like(x)
     expected = jvp_step(x, w, tangent, torch_layer)
-    torch.testing.assert_close(compiled(jvp_step, x, w, tangent, bnfused_layer), expected)
-    print(mode, "jvp: matches torch")
+    got = compiled(jvp_step, x, w, tangent, bnfused_layer)
+    if isinstance(got, Exception):  # torch 2.6 to 2.11: Dynamo cannot run torch's own layer under jvp
+        refused = compiled(jvp_step, x, w, tangent, torch_layer)
+        assert isinstance(refused, type(got)), (got, refused)
+        print(mode, "jvp: torch's error:", type(got).__name__)
+    else:
+        torch.testing.assert_close(got, expected)
+        print(mode, "jvp: matches torch")
 
 for mode in bnfused.torch_ops.COMPILE_MODES:
     bnfused.set_compile_mode(mode)
@@ -419,13 +425,14 @@ for mode in bnfused.torch_ops.COMPILE_MODES:
 
 
 def test_compiled_jvp_and_double_backward_steps():
-    """A compiled jvp step gives torch's values (transforms decompose in either compile mode). A
+    """A compiled jvp step gives torch's values (transforms decompose in either compile mode), or the
+    error torch's own layer meets in the same step (older torch). A
     compiled step taking a gradient of a gradient: torch.compile itself refuses it (AOTAutograd has
     no double backward), and bnfused must give torch's result or exactly torch's error."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     for mode in torch_ops.COMPILE_MODES:
-        assert f"{mode} jvp: matches torch" in done.stdout
+        assert f"{mode} jvp: matches torch" in done.stdout or f"{mode} jvp: torch's error" in done.stdout
         refused = f"{mode} double backward: torch's error: torch.compile with aot_autograd does not currently support"
         assert refused in done.stdout or f"{mode} double backward: matches torch" in done.stdout
