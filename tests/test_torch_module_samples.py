@@ -1,7 +1,7 @@
 """torch's own module samples (``common_modules.module_db``: the constructor arguments and inputs its
 ``test_modules.py`` runs nn.BatchNorm1d/2d/3d with) on bnfused's classes, against torch's: outputs,
-gradients, running statistics and the counter, in training and evaluation, contiguous and
-channels_last; and torch's float64 gradient checks."""
+gradients, running statistics and the counter, in training and evaluation, contiguous,
+channels_last and strided; and torch's float64 gradient checks."""
 
 import copy
 
@@ -55,13 +55,15 @@ def _assert_same_state(ours: nn.Module, reference: nn.Module) -> None:
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize(("torch_cls", "sample", "training"), _samples(torch.float32))
-def test_torch_module_samples_match_torch(torch_cls, sample, training, channels_last, backend):
+def test_torch_module_samples_match_torch(torch_cls, sample, training, layout, backend):
     reference, ours = _pair(torch_cls, sample, training, torch.float32, backend)
     x = sample.forward_input.args[0].detach()
-    if channels_last and x.dim() in (4, 5):
+    if layout == "channels_last" and x.dim() in (4, 5):
         x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    elif layout == "strided":  # every other value of a tensor twice as long in its last dimension
+        x = x.repeat_interleave(2, dim=-1)[..., ::2]
     x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
     for _ in range(2):  # the second call sees the running statistics the first updated
         want, got = reference(x_ref), ours(x_ours)
