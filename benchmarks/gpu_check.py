@@ -16,12 +16,14 @@ the others; a step that would start past the budget is skipped and says so):
     racecheck   compute-sanitizer --tool racecheck on the same tests
     kernels     bench_kernels.py on ResNet-50 shapes: float32 and bfloat16, NCHW and channels_last;
                 torch, bnfused ("auto") and each bnfused backend -> kernels.csv, kernels.png (float32 NCHW)
+    profile     profile_kernels.py: device time per kernel of torch's and the Triton backend's training
+                forward and backward on ResNet-50's two shortest planes, both layouts -> profile.csv
     models      bench_models.py: ResNet-50 and MobileNetV3-small, train and eval, both layouts, eager,
                 torch vs bnfused -> models.csv (compiled models take minutes to compile: run
                 bench_models.py with the compile providers in a call of their own)
 
 Everything goes to OUT: gpu_check.log (every step's full output, written as it runs), info.txt,
-pytest.txt, kernels.csv, kernels.png, models.csv and summary.md: the table printed last, one line
+pytest.txt, kernels.csv, kernels.png, profile.csv, models.csv and summary.md: the table printed last, one line
 per step with its status, time and what it found. The dry run replaces what needs a GPU: device
 cpu, --quick timings, tiny shapes, no compile providers (compiling on a CPU takes minutes; their
 names are still validated), the sanitizers' test selection without compute-sanitizer, and a few
@@ -52,7 +54,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 DEFAULT_BUDGET_S = 470  # under 8 minutes, so that one 10-minute call leaves room for start-up and transfers
-STEPS = ("install", "gpu", "info", "validate", "tests", "memcheck", "racecheck", "kernels", "models")
+STEPS = ("install", "gpu", "info", "validate", "tests", "memcheck", "racecheck", "kernels", "profile", "models")
 SUMMARY_RESERVE_S = 10  # kept for merging files and printing the summary
 # Seconds each step may take at most (the budget cuts them further). The first H200 run (2026-12-04)
 # took: install 4, info 77 (the CUDA build), validate 12, the GPU-kernel tests 90 on 12 workers,
@@ -60,7 +62,7 @@ SUMMARY_RESERVE_S = 10  # kept for merging files and printing the summary
 # three MobileNetV3-small training steps took over 100 s, so the kernel step times no compiled
 # providers and the model step only eager ones.
 LIMITS = {"install": 90, "gpu": 30, "info": 180, "validate": 60, "tests": 240, "memcheck": 60, "racecheck": 120,
-          "kernels": 90, "plot": 60, "models": 120}  # fmt: skip
+          "kernels": 90, "plot": 60, "profile": 60, "models": 120}  # fmt: skip
 
 KERNEL_PROVIDERS = "torch,torch+relu,bnfused,bnfused-triton,bnfused-cuda,bnfused+relu"
 # Most telling first (float32 as written, bfloat16 channels_last as mixed-precision training runs): a
@@ -71,6 +73,9 @@ KERNEL_CONFIGS = [
     ("float32", "channels_last"),
     ("bfloat16", "nchw"),
 ]
+# Where the Triton kernels lose most (the first H200 run: a training step 2.2-3.5x torch's on 14x14 and
+# 7x7 planes), kernel by kernel.
+PROFILE_ARGS = ["--shapes", "256x1024x14x14,256x2048x7x7", "--providers", "torch,bnfused-triton"]
 MODEL_PROVIDERS = "torch,bnfused"
 MODEL_NAMES = ("resnet50", "mobilenet_v3_small")
 MODEL_LAYOUTS = ("nchw", "channels_last")
@@ -288,7 +293,8 @@ def model_command(model: str, layout: str, csv_path: Path, dry_run: bool) -> lis
 
 
 VALIDATE = """
-from benchmarks import bench_models, providers
+from benchmarks import bench_models, profile_kernels, providers
+profile_kernels.build_parser().parse_args({profile!r})
 for name in {kernel!r}.split(","):
     providers.parse(name)
 for name in {model!r}.split(","):
@@ -323,7 +329,9 @@ def run_all(args: argparse.Namespace, runner: Runner, scratch: Path) -> None:
         if chosen:
             runner.found("auto -> " + ", ".join(chosen))
     if wanted("validate"):
-        code = VALIDATE.format(kernel=KERNEL_PROVIDERS, model=MODEL_PROVIDERS, models=list(MODEL_NAMES))
+        code = VALIDATE.format(
+            kernel=KERNEL_PROVIDERS, model=MODEL_PROVIDERS, models=list(MODEL_NAMES), profile=PROFILE_ARGS
+        )
         runner.run("validate", [PYTHON, "-c", code], LIMITS["validate"])
     if wanted("tests"):
         pytest = [PYTHON, "-m", "pytest", *(DRY_TESTS if dry else TESTS)]
@@ -366,6 +374,10 @@ def run_all(args: argparse.Namespace, runner: Runner, scratch: Path) -> None:
         if parts and parts[0].exists():
             runner.run("kernels plot", [PYTHON, "benchmarks/plot_results.py", str(parts[0]),
                                         "--out", str(out / "kernels.png")], LIMITS["plot"])  # fmt: skip
+    if wanted("profile"):
+        command = [PYTHON, "benchmarks/profile_kernels.py", "--csv", str(out / "profile.csv")]
+        runner.run("profile", [*command, "--device", "cpu", "--quick"] if dry else [*command, *PROFILE_ARGS],
+                   LIMITS["profile"])  # fmt: skip
     if wanted("models"):
         parts = []
         for layout in MODEL_LAYOUTS:

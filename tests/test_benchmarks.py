@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import bnfused
-from benchmarks import bench_kernels, bench_models, memory, plot_results, providers, timing
+from benchmarks import bench_kernels, bench_models, memory, plot_results, profile_kernels, providers, timing
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -88,6 +88,23 @@ def test_bench_kernels_quick_writes_csv_and_plot(tmp_path, device):
     assert (tmp_path / "from_csv.png").read_bytes().startswith(PNG_MAGIC)
     assert "fwd-train ms" in done.stdout  # the printed table
     assert done.stdout.splitlines()[-3].startswith("Found (speedup, geometric mean over 2 shapes")  # then CSV, PNG
+
+
+def test_profile_kernels_lists_what_each_provider_runs(tmp_path):
+    csv_path = tmp_path / "profile.csv"
+    argv = ["--quick", "--device", "cpu", "--shapes", "8x16x8x8", "--layout", "nchw", "--csv", str(csv_path)]
+    rows = profile_kernels.main(argv)
+    ops: dict[tuple, list] = {}
+    for row in rows:
+        ops.setdefault((row["provider"], row["mode"]), []).append(row["kernel"])
+    assert any("native_batch_norm" in k for k in ops["torch", "fwd-train"])
+    assert any("bnfused" in k for k in ops["bnfused", "fwd-train"]) and ops["bnfused", "bwd"]
+    assert not any("bnfused" in k for k in ops["torch", "fwd-train"] + ops["torch", "bwd"])
+    with open(csv_path) as f:
+        written = list(csv.DictReader(f))
+    assert len(written) == len(rows) and written[0]["commit"] and float(written[0]["us"]) > 0
+    with pytest.raises(SystemExit, match="--modes: unknown step"):
+        profile_kernels.main(["--quick", "--device", "cpu", "--modes", "step"])
 
 
 def test_bench_kernels_compile_provider_runs(cpu_one_thread):

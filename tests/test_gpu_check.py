@@ -35,7 +35,7 @@ def test_dry_run_exercises_every_step_and_prints_the_summary_last(tmp_path):
     summary = (out / "summary.md").read_text()
     steps = [
         "install", "info", "validate", "tests", "memcheck", "kernels float32 nchw", "kernels bfloat16 channels_last",
-        "kernels plot", "models lenet nchw", "models lenet channels_last",
+        "kernels plot", "profile", "models lenet nchw", "models lenet channels_last",
     ]  # fmt: skip
     for step in steps:
         assert f"\n{step} " in summary and f"\n{step} " in done.stdout, step
@@ -49,6 +49,8 @@ def test_dry_run_exercises_every_step_and_prints_the_summary_last(tmp_path):
     assert header == list(bench_kernels.COLUMNS)
     assert {(r["dtype"], r["layout"]) for r in kernels} == {("float32", "nchw"), ("bfloat16", "channels_last")}
     assert (out / "kernels.png").read_bytes().startswith(PNG_MAGIC)
+    _, profiled = _rows(out / "profile.csv")
+    assert {r["provider"] for r in profiled} == {"torch", "bnfused"} and all(float(r["us"]) > 0 for r in profiled)
     _, models = _rows(out / "models.csv")
     assert {(r["model"], r["layout"]) for r in models} == {("lenet", "nchw"), ("lenet", "channels_last")}
     log = (out / "gpu_check.log").read_text()
