@@ -96,6 +96,9 @@ def untraceable_reason(model: nn.Module) -> str | None:
     reason = _mode_reason(model)
     if reason is not None:
         return reason
+    unwritable = [n for n, _ in model.named_modules() if any(c in n for c in '\\"\n')]
+    if unwritable:  # fx's code would name it unescaped: a model that runs but does not pickle or script
+        return f"torch.fx cannot write the submodule name {unwritable[0]!r} in its code"
     optional = [p.name for p in inspect.signature(model.forward).parameters.values() if p.default is not p.empty]
     if optional:
         return f"{type(model).__name__}.forward has optional arguments ({', '.join(optional)})"

@@ -5,15 +5,17 @@ fx writes a call of ``features.1.block.0`` as ``getattr(getattr(self.features, "
 Every step of that chain is an attribute lookup that fails on the class and the instance before
 ``nn.Module.__getattr__`` finds the submodule, about 0.3 µs each: on a MobileNetV3-small at batch 2
 (CPU, one thread) fx's forward took 14% longer than the model it was traced from. The same forward
-written with ``self._modules['features']._modules['1']...`` took 6% less than the original (no calls of
-the containers). So the module keeps fx's code as its ``code`` (what it prints, pickles and scripts
-from) and runs an equivalent forward that differs only in those lookups. The lookups stay dynamic: a
-submodule replaced later (``setattr(model.classifier, "3", head)``) is the one called.
+written with ``_modules`` lookups (``submodule_at``) took 6% less than the original (no calls of the
+containers). So the module keeps fx's code as its ``code`` (what it prints, and what TorchScript and
+pickling read) and runs an equivalent forward that differs only in those lookups, on each call's own
+line. The lookups stay dynamic: a submodule replaced later (``setattr(model.classifier, "3", head)``)
+is the one called, and a container wrapped later (``torch.compile`` of a block) is looked into as fx's
+code would.
 """
 
 from __future__ import annotations
 
-import copy
+import re
 from collections.abc import Callable
 
 import torch.fx as fx
@@ -29,7 +31,7 @@ except ImportError:  # pragma: no cover - every torch from 2.6 to 2.15 has both
 def hold_everything(gm: fx.GraphModule, model: nn.Module) -> None:
     """Adds to ``gm`` every submodule, parameter and buffer of ``model`` that its graph does not use
     (fx.GraphModule keeps only those: state_dict keys would change)."""
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(remove_duplicate=False):  # a module kept under two names too
         if not name:
             continue
         parent_name, _, leaf = name.rpartition(".")
@@ -37,7 +39,9 @@ def hold_everything(gm: fx.GraphModule, model: nn.Module) -> None:
             gm.get_submodule(name)
         except AttributeError:
             gm.get_submodule(parent_name)._modules[leaf] = module
-    for name, tensor in [*model.named_parameters(recurse=False), *model.named_buffers(recurse=False)]:
+    own = [*model.named_parameters(recurse=False, remove_duplicate=False),
+           *model.named_buffers(recurse=False, remove_duplicate=False)]  # fmt: skip
+    for name, tensor in own:
         if name not in gm._parameters and name not in gm._buffers:
             if isinstance(tensor, nn.Parameter):
                 gm.register_parameter(name, tensor)
@@ -45,24 +49,42 @@ def hold_everything(gm: fx.GraphModule, model: nn.Module) -> None:
                 gm.register_buffer(name, tensor, persistent=name not in model._non_persistent_buffers_set)
 
 
+def submodule_at(module: nn.Module, path: tuple[str, ...]) -> nn.Module:
+    """``module``'s submodule at ``path``, found in ``_modules`` where it is registered, else through
+    ``getattr`` (a wrapper that forwards attribute lookups, as ``torch.compile``'s and activation
+    checkpointing's do, and fx's errors for a missing one)."""
+    for name in path:
+        found = module._modules.get(name)
+        module = found if found is not None else getattr(module, name)
+    return module
+
+
+_LOOKUP = "_bnfused_submodule_at"
+
+
 def _direct_forward(gm: fx.GraphModule, src: str, globals_: dict) -> Callable | None:
-    """fx's forward ``src`` with each submodule call's ``getattr`` chain written as ``_modules``
-    lookups; None where a call is not written as expected (the forward then stays fx's)."""
+    """fx's forward ``src`` with each submodule call's ``getattr`` chain, on the call's own line,
+    written as a ``submodule_at`` lookup; None where a line is not as expected (the forward then
+    stays fx's)."""
     if _format_target is None or _forward_from_src is None:
         return None
-    targets = {node.target for node in gm.graph.nodes if node.op == "call_module"}
-    for target in sorted(targets, key=len, reverse=True):
-        written = f" = {_format_target('self', target)}("
-        if written not in src:
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        written = re.escape(_format_target("self", node.target))
+        line = re.compile(rf"^(\s*{re.escape(node.name)}\b[^=\n]*= ){written}\(", re.MULTILINE)
+        lookup = f"{_LOOKUP}(self, {tuple(node.target.split('.'))!r})("
+        src, found = line.subn(lambda match, lookup=lookup: match.group(1) + lookup, src, count=1)
+        if found != 1:
             return None
-        direct = "self" + "".join(f"._modules[{part!r}]" for part in target.split("."))
-        src = src.replace(written, f" = {direct}(")
-    return _forward_from_src(src, globals_, getattr(gm.graph, "_co_fields", None) or {})
+    forward = _forward_from_src(src, {**globals_, _LOOKUP: submodule_at}, getattr(gm.graph, "_co_fields", None) or {})
+    forward.__wrapped__ = type(gm).forward  # fx's: where TorchScript and inspect read the source
+    return forward
 
 
 class FusedGraphModule(fx.GraphModule):
     """A ``torch.fx.GraphModule`` whose forward looks its submodules up in ``_modules`` (see the
-    module's docstring); ``code``, pickling, deep copies and TorchScript are fx's."""
+    module's docstring); ``code`` and TorchScript are fx's, copies and pickles stay this class."""
 
     def recompile(self):
         python_code = super().recompile()
@@ -72,9 +94,22 @@ class FusedGraphModule(fx.GraphModule):
                 type(self).forward = forward
         return python_code
 
-    def __prepare_scriptable__(self) -> fx.GraphModule:
-        """TorchScript has no ``_modules``: it compiles a plain GraphModule of the same graph, holding
-        the same submodules."""
-        twin = fx.GraphModule(self, copy.deepcopy(self.graph), class_name=type(self).__name__)
+    def __copy__(self) -> FusedGraphModule:
+        """As fx's copy (the same submodules and graph), with every submodule and this forward kept:
+        ``copy.copy`` and DataParallel's replicas."""
+        twin = FusedGraphModule(self, self.graph, class_name=type(self).__name__)
         hold_everything(twin, self)
+        twin.meta = getattr(self, "meta", {})
         return twin
+
+    def __reduce__(self):
+        rebuild, args = super().__reduce__()[:2]
+        return (_unpickled, (rebuild, args))
+
+
+def _unpickled(rebuild: Callable, args: tuple) -> FusedGraphModule:
+    """A pickled FusedGraphModule: fx rebuilds a GraphModule from its code, which becomes this class again."""
+    gm = rebuild(*args)
+    fused = FusedGraphModule(gm, gm.graph, class_name=type(gm).__name__)
+    hold_everything(fused, gm)
+    return fused

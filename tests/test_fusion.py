@@ -465,9 +465,74 @@ def test_fused_forward_looks_submodules_up_directly_and_as_they_are_now(monkeypa
     setattr(fused.get_submodule("stem.0"), "0", conv)
     setattr(fused.get_submodule("head"), "1", head)
     torch.testing.assert_close(fused(x), original(x))
-    for twin in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+    for twin in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused)), copy.copy(fused)):
         torch.testing.assert_close(twin(x), original(x))
-    assert _container_lookups(copy.deepcopy(fused), x, monkeypatch) == 0
+        assert _container_lookups(twin, x, monkeypatch) == 0
+        assert set(twin.state_dict()) == set(original.state_dict())
+    del fused.head
+    with pytest.raises(AttributeError, match="head"):  # fx's error, not a KeyError
+        fused(x)
+
+
+class _Forwarding(nn.Module):
+    """A wrapper that forwards attribute lookups to the module it wraps, as torch.compile's and
+    activation checkpointing's do: the wrapped module's children are not in its ``_modules``."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args):
+        return self.inner(*args)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+
+def test_fused_forward_follows_wrapped_containers_and_keeps_aliases_and_constants():
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+            self.backbone = self.body  # a second name, used outside forward (checkpoints hold both)
+            self.scale = nn.Parameter(torch.tensor(2.0))
+            self.scale_alias = self.scale
+
+        def forward(self, x):
+            return self.body(x) * self.scale, "y = self.body(x)", 'say "y = self.body(x)"'
+
+    original = Aliased()
+    fused = bnfused.convert_model(copy.deepcopy(original), fuse=True)
+    x = torch.randn(2, 3, 4, 4)
+    got, want = fused(x), original(x)
+    torch.testing.assert_close(got[0], want[0])
+    assert got[1:] == want[1:]  # string constants that look like a submodule call are left as they are
+    assert list(fused.state_dict()) == list(original.state_dict())
+    fused.body = _Forwarding(fused.body)
+    torch.testing.assert_close(fused(x)[0], want[0])
+
+
+def test_names_fx_cannot_write_fall_back():
+    model = nn.Sequential()
+    model.add_module("a\\b", nn.BatchNorm2d(3))
+    model.add_module("act", nn.ReLU())
+    with pytest.warns(RuntimeWarning, match="cannot write the submodule name"):
+        fused = bnfused.convert_model(model, fuse=True)
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(pickle.loads(pickle.dumps(fused))(x), fused(x))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
+def test_scripting_a_model_that_holds_a_fused_one_leaves_it_in_place():
+    fused = bnfused.convert_model(_Nested().eval(), fuse=True)
+    parent = nn.Sequential(fused, nn.Identity()).eval()
+    scripted = torch.jit.script(parent)
+    assert parent[0] is fused
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(scripted(x), fused(x))
 
 
 def test_fusing_a_fused_model_again_keeps_it(recwarn):
