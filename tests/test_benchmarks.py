@@ -107,6 +107,26 @@ def test_profile_kernels_lists_what_each_provider_runs(tmp_path):
         profile_kernels.main(["--quick", "--device", "cpu", "--modes", "step"])
 
 
+def test_triton_codegen_reports_registers_and_vector_accesses(tmp_path):
+    """Compiles for sm_90 without a GPU (a fresh interpreter: this process interprets Triton)."""
+    from triton.compiler import ASTSource
+
+    if "constexprs" not in ASTSource.__init__.__code__.co_varnames:
+        pytest.skip("ahead-of-time compile through ASTSource(constexprs=...) needs triton >= 3.3")
+    csv_path = tmp_path / "codegen.csv"
+    argv = ["--shapes", "8x3x14x14,8x3x7x7", "--layout", "nchw", "--kernels", "normalize", "--csv", str(csv_path)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "benchmarks/triton_codegen.py", *argv], cwd=Path(__file__).parent.parent,
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(csv_path) as f:
+        rows = {row["shape"]: row for row in csv.DictReader(f)}
+    assert rows["8x3x14x14"]["col_vec"] == "4" and rows["8x3x7x7"]["col_vec"] == "1"
+    assert "v4x32" in rows["8x3x14x14"]["loads"] and "v4x32" in rows["8x3x14x14"]["stores"]
+    assert "v4" not in rows["8x3x7x7"]["stores"]  # 49-value rows: no aligned vectors to move
+    assert all(int(row["registers"]) > 0 and row["spilled"] == "0" for row in rows.values())
+
+
 def test_bench_kernels_compile_provider_runs(cpu_one_thread):
     rows = bench_kernels.main(["--quick", *cpu_one_thread, "--providers", "torch,compile", "--shapes", "4x3x4x4"])
     assert sorted((r["provider"], r["mode"]) for r in rows) == sorted(

@@ -123,6 +123,48 @@ def test_small_tensors_take_the_fused_kernels_and_large_ones_split():
     assert small.chunks == 1 and large.chunks > 1
 
 
+@pytest.mark.parametrize(
+    "shape, view, col_vec",
+    [
+        ((4, 3, 14, 14), "contiguous", 4),  # 196-value planes: multiples of 4, not 16
+        ((4, 3, 4, 4), "contiguous", 16),
+        ((4, 3, 7, 7), "contiguous", 1),
+        ((4, 3, 6), "contiguous", 2),
+        ((4, 3, 8, 8), "channels_last", 1),  # channels are the contiguous axis
+        ((4, 3, 8, 8), "every_other_channel", 16),  # stride_c 128: still whole rows of 64
+        ((4, 3, 16), "rows_49_apart", 1),  # planes of 16 values, but the batch stride is odd
+    ],
+)
+def test_column_vector_is_what_rows_of_the_tensor_are_multiples_of(shape, view, col_vec):
+    x = torch.randn(shape)
+    if view == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif view == "every_other_channel":
+        x = torch.randn(shape[0], shape[1] * 2, *shape[2:])[:, ::2]
+    elif view == "rows_49_apart":
+        x = torch.randn(4 * 49).as_strided(shape, (49, 16, 1))
+    assert triton_backend._make_plan(x).col_vec == col_vec
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 3, 4), (5, 3, 6), (2, 4, 2, 2)], ids=str)
+def test_column_vector_changes_no_value(shape, monkeypatch):
+    """The kernels round the strides and row length to multiples of COL_VEC: exact only if they are."""
+    x, dy = torch.randn(shape) * 3 + 2, torch.randn(shape)
+    weight, bias = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
+
+    def step():
+        triton_backend._plans.clear()
+        y, mean, invstd = triton_backend.forward_train(x, weight, bias, None, None, 0.1, 1e-5, 0, 0.0)
+        grads = triton_backend.backward(dy, x, y, weight, mean, invstd, 0, 0.0, True, True, True, True)
+        return triton_backend._plan(x).col_vec, [y, mean, invstd, *grads[:3]]
+
+    col_vec, vectorised = step()
+    monkeypatch.setattr(triton_backend, "_column_vector", lambda *args: 1)
+    assert col_vec > 1 and step()[0] == 1
+    for got, want in zip(vectorised, step()[1], strict=True):
+        assert torch.equal(got, want)
+
+
 # --------------------------------------------------------------------------- each contract function
 
 
@@ -352,9 +394,12 @@ KERNELS = {
     K._sum_chunks_kernel: dict(BOTH=True, BLOCK_C=64, BLOCK_K=16),
 }
 LAYOUTS = {
-    "contiguous": dict(stride_col=1, BLOCK_C=2, BLOCK_S=1024),
-    "channels_last": dict(stride_c=1, BLOCK_C=64, BLOCK_S=32),
+    "contiguous": dict(stride_col=1, BLOCK_C=2, BLOCK_S=1024, COL_VEC=1),
+    "channels_last": dict(stride_c=1, BLOCK_C=64, BLOCK_S=32, COL_VEC=1),
 }
+# Contiguous planes of 196 values (14x14): the row stride, channel stride and row length are multiples
+# of 4 but not of 16, so Triton assumes nothing of them; the launcher's COL_VEC says what they are.
+SHORT_PLANE = dict(stride_col=1, BLOCK_C=16, BLOCK_S=256, COL_VEC=4, INT64=False)
 # (kernel, its report name, its constexprs): both layouts and offset widths with the flags above
 # (hardswish and the residual: the backward that reads the most), and every other activation code.
 jobs = []
@@ -366,6 +411,8 @@ for fn, flags in KERNELS.items():
             jobs.append((fn, f"{layout},int64={int64}", consts))
         for act in (0, 1, 3, 5) if "ACT" in flags else ():
             jobs.append((fn, f"{layout},int64=False,act={act}", {**flags, **layout_consts, "INT64": False, "ACT": act}))
+    if tiled:
+        jobs.append((fn, "short_plane", {**flags, **SHORT_PLANE}))
 report = {}
 for fn, name, consts in jobs:
     signature, attrs = {}, {}
@@ -376,7 +423,7 @@ for fn, name, consts in jobs:
             signature[arg], attrs[(i,)] = "*fp32", [["tt.divisibility", 16]]
         elif arg in TILE_ARGS or arg == "K":
             signature[arg] = "i32"
-            if arg.startswith("stride") or arg in ("C", "cols"):
+            if (arg.startswith("stride") or arg in ("C", "cols")) and not name.startswith("short_plane"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[arg] = "fp32"
@@ -392,7 +439,8 @@ json.dump(report, sys.stdout)
 
 def test_kernels_compile_for_gpu_with_coalesced_vector_access():
     """Catches what the interpreter cannot: kernels that fail to compile, or tiles whose fast axis
-    is not the unit-stride one (no 128-bit vector accesses) in either layout."""
+    is not the unit-stride one (no 128-bit vector accesses) in either layout, or planes whose length
+    is a multiple of 4 but not of 16 moved one value at a time."""
     import inspect
 
     from triton.compiler import ASTSource
@@ -403,7 +451,7 @@ def test_kernels_compile_for_gpu_with_coalesced_vector_access():
     done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
-    assert len(report) == 6 * 2 * 2 + 2 + 5 * 2 * 4, report
+    assert len(report) == 6 * 2 * 2 + 2 + 5 * 2 * 4 + 6, report
     for name, access in report.items():
         assert access["vector_loads"], f"{name}: scalar global loads"
         if name.startswith(("_normalize_kernel", "_backward_dx_kernel", "_forward_fused", "_backward_fused")):

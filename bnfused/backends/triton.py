@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from typing import NamedTuple
 
@@ -90,6 +91,7 @@ class _Plan(NamedTuple):
     int64: bool
     num_warps: int
     count: int  # N * S
+    col_vec: int  # see _column_vector
 
 
 class _Forced(NamedTuple):
@@ -189,8 +191,23 @@ def _make_plan(x: torch.Tensor) -> _Plan:
     num_warps = 8 if block_c * block_s >= 2048 else 4
     return _Plan(
         c, cols, col_blocks, num_tiles, stride_row, stride_col, stride_c, block_c, block_s, c_blocks,
-        chunks, tiles_per_chunk, int64, num_warps, n * s,
+        chunks, tiles_per_chunk, int64, num_warps, n * s, _column_vector(cols, stride_row, stride_col, stride_c),
     )  # fmt: skip
+
+
+def _column_vector(cols: int, stride_row: int, stride_col: int, stride_c: int) -> int:
+    """The kernels' COL_VEC: where columns are contiguous, the largest power of two up to 16 that divides
+    cols, stride_row and stride_c (every row of a tile then starts on a multiple of it); else 1."""
+    if stride_col != 1:
+        return 1
+    common = math.gcd(cols, stride_row, stride_c)
+    return min(common & -common, 16) if common else 16
+
+
+def _blocks(plan: _Plan) -> dict:
+    """The block sizes, index width, column vector and warps every tile kernel is launched with."""
+    return {"BLOCK_C": plan.block_c, "BLOCK_S": plan.block_s, "INT64": plan.int64, "COL_VEC": plan.col_vec,
+            "num_warps": plan.num_warps}  # fmt: skip
 
 
 def _tiling(plan: _Plan) -> tuple:
@@ -223,7 +240,7 @@ def _stats(x, plan: _Plan, running_mean, running_var, momentum: float, eps: floa
     partial = torch.empty((3, K, C), dtype=torch.float32, device=x.device)
     kernels._stats_partial_kernel[(plan.c_blocks, K)](
         x, partial, *_tiling(plan), plan.tiles_per_chunk, *_strides(plan),
-        BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, INT64=plan.int64, num_warps=plan.num_warps,
+        **_blocks(plan),
     )  # fmt: skip
     mean = torch.empty(C, dtype=torch.float32, device=x.device)
     second = torch.empty(C, dtype=torch.float32, device=x.device)
@@ -247,7 +264,7 @@ def _normalize(
         mean, spread, *_tiling(plan), *_strides(plan), eps, slope,
         FROM_RUNNING_VAR=from_running_var, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=act,
         HAS_RESIDUAL=residual is not None, ROUND_BF16=_round_bf16(x),
-        BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, INT64=plan.int64, num_warps=plan.num_warps,
+        **_blocks(plan),
     )  # fmt: skip
     return y
 
@@ -263,7 +280,7 @@ def _forward_fused(x, plan: _Plan, weight, bias, running_mean, running_var, mome
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING_MEAN=running_mean is not None,
         HAS_RUNNING_VAR=running_var is not None, ACT=act, HAS_RESIDUAL=residual is not None,
         ROUND_BF16=_round_bf16(x), ROUND_BF16_RUNNING=_round_bf16(running_mean) or _round_bf16(running_var),
-        BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, INT64=plan.int64, num_warps=plan.num_warps,
+        **_blocks(plan),
     )  # fmt: skip
     return y, mean, invstd
 
@@ -320,7 +337,7 @@ def _backward_fused(grad: _GradInputs, plan: _Plan, need_g_xhat: bool, need_dx: 
         grad.mean, grad.invstd, sum_g, sum_g if sum_g_xhat is None else sum_g_xhat,
         *_tiling(plan), *_strides(plan), 1.0 / plan.count, grad.slope,
         NEED_G_XHAT=need_g_xhat, NEED_DX=need_dx, STORE_G=need_dres, **grad.flags(), ROUND_BF16=_round_bf16(x),
-        BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, INT64=plan.int64, num_warps=plan.num_warps,
+        **_blocks(plan),
     )  # fmt: skip
     return dx, dres, sum_g, sum_g_xhat
 
@@ -386,7 +403,7 @@ def _reduce(grad: _GradInputs, plan: _Plan, need_g_xhat: bool, store_g: bool):
         *grad.tensors(), x if dres is None else dres, *grad.per_channel(), grad.mean, grad.invstd, partial,
         *_tiling(plan), plan.tiles_per_chunk, *_strides(plan), grad.slope,
         **grad.flags(), NEED_G_XHAT=need_g_xhat, STORE_G=store_g, ROUND_BF16=_round_bf16(x),
-        BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, INT64=plan.int64, num_warps=plan.num_warps,
+        **_blocks(plan),
     )  # fmt: skip
     sum_g = torch.empty(C, dtype=torch.float32, device=x.device)
     sum_g_xhat = torch.empty(C, dtype=torch.float32, device=x.device) if need_g_xhat else None
@@ -408,7 +425,7 @@ def _dx(grad: _GradInputs, plan: _Plan, sum_g, sum_g_xhat, count: int, training:
         invstd if sum_g is None else sum_g, invstd if sum_g_xhat is None else sum_g_xhat,
         *_tiling(plan), *_strides(plan), 1.0 / count, grad.slope,
         TRAINING=training and need_dx, NEED_DX=need_dx, STORE_G=store_g, **grad.flags(), ROUND_BF16=_round_bf16(x),
-        BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, INT64=plan.int64, num_warps=plan.num_warps,
+        **_blocks(plan),
     )  # fmt: skip
     return dx, dres
 

@@ -42,8 +42,20 @@ def _tile(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     INT64: tl.constexpr,
+    COL_VEC: tl.constexpr,
 ):
-    """Element offsets [BLOCK_C, BLOCK_S], their mask, and how many columns of the tile are real."""
+    """Element offsets [BLOCK_C, BLOCK_S], their mask, and how many columns of the tile are real.
+
+    COL_VEC > 1: columns are the contiguous axis (stride_col 1) and stride_row, stride_c and cols are
+    multiples of it (the launcher checked). Rounded to multiples here, which changes no value, they
+    let the compiler prove that every row of a tile starts aligned and is masked in whole vectors, so
+    it loads and stores vectors: the compiler assumes nothing of an integer that is not a multiple of
+    16, and 14x14 planes (196 values) would otherwise move one value per instruction.
+    """
+    if COL_VEC > 1:
+        stride_row = stride_row // COL_VEC * COL_VEC
+        stride_c = stride_c // COL_VEC * COL_VEC
+        cols = cols // COL_VEC * COL_VEC
     c = c_start + tl.arange(0, BLOCK_C)
     s = tl.arange(0, BLOCK_S)
     if INT64:
@@ -224,6 +236,7 @@ def _chunk_stats_by_tile(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     INT64: tl.constexpr,
+    COL_VEC: tl.constexpr,
 ):
     """(count, mean, biased std) per channel, each fp32 [BLOCK_C], over tiles [t_start, t_end): each tile
     reduced on its own and merged (see "forward: the math"), right at every edge of float32's range."""
@@ -232,7 +245,7 @@ def _chunk_stats_by_tile(
     std = tl.zeros([BLOCK_C], dtype=tl.float32)
     for t in range(t_start, t_end):
         offsets, mask, n_valid = _tile(
-            t, c_start, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64
+            t, c_start, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64, COL_VEC
         )
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         n_tile = n_valid.to(tl.float32)
@@ -281,6 +294,7 @@ def _chunk_stats(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     INT64: tl.constexpr,
+    COL_VEC: tl.constexpr,
 ):
     """(count, mean, biased std) per channel, each fp32 [BLOCK_C], over tiles [t_start, t_end).
 
@@ -293,7 +307,7 @@ def _chunk_stats(
     either, or a sum is not finite, the chunk is walked again tile by tile.
     """
     offsets, mask, n_first = _tile(
-        t_start, c_start, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64
+        t_start, c_start, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64, COL_VEC
     )
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     first = tl.sum(tl.where((tl.arange(0, BLOCK_S) == 0)[None, :], x, 0.0), axis=1)
@@ -304,7 +318,7 @@ def _chunk_stats(
     count = tl.zeros([BLOCK_C], dtype=tl.float32)
     for t in range(t_start, t_end):
         offsets, mask, n_valid = _tile(
-            t, c_start, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64
+            t, c_start, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64, COL_VEC
         )
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         d = tl.where(mask, x - pivot[:, None], 0.0)
@@ -326,7 +340,7 @@ def _chunk_stats(
     if tl.min(trusted.to(tl.int32), axis=0) == 0:
         count, mean, std = _chunk_stats_by_tile(
             x_ptr, c_start, t_start, t_end, C, cols, col_blocks, stride_row, stride_col, stride_c,
-            BLOCK_C, BLOCK_S, INT64,
+            BLOCK_C, BLOCK_S, INT64, COL_VEC,
         )  # fmt: skip
     return count, mean, std
 
@@ -399,12 +413,15 @@ def _normalize_tile(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     INT64: tl.constexpr,
+    COL_VEC: tl.constexpr,
 ):
     """Tile t of y = act((x - mean) * scale + shift (+ residual)).
 
     The subtraction comes first: at |mean| >> std, x * scale + (shift - mean * scale) would cancel.
     """
-    offsets, mask, _ = _tile(t, c_start, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64)
+    offsets, mask, _ = _tile(
+        t, c_start, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64, COL_VEC
+    )
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     z = (x - mean[:, None]) * scale[:, None] + shift[:, None]
     if HAS_RESIDUAL:
@@ -431,6 +448,7 @@ def _stats_partial_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     INT64: tl.constexpr,
+    COL_VEC: tl.constexpr,
 ):
     """Stage 1 of the statistics: per-chunk (count, mean, std). Grid: (cdiv(C, BLOCK_C), K)."""
     c_start = tl.program_id(0) * BLOCK_C
@@ -438,8 +456,9 @@ def _stats_partial_kernel(
     t_start = chunk * tiles_per_chunk
     t_end = tl.minimum(t_start + tiles_per_chunk, num_tiles)
     count, mean, std = _chunk_stats(
-        x_ptr, c_start, t_start, t_end, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64
-    )
+        x_ptr, c_start, t_start, t_end, C, cols, col_blocks, stride_row, stride_col, stride_c,
+        BLOCK_C, BLOCK_S, INT64, COL_VEC,
+    )  # fmt: skip
     c = c_start + tl.arange(0, BLOCK_C)
     out = partial_ptr + chunk * C + c
     c_mask = c < C
@@ -540,6 +559,7 @@ def _normalize_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     INT64: tl.constexpr,
+    COL_VEC: tl.constexpr,
 ):
     """y = act((x - mean) * (invstd * w) + b (+ residual)), one tile per program.
 
@@ -553,7 +573,7 @@ def _normalize_kernel(
     scale, shift = _affine(spread, c, c_mask, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS)
     _normalize_tile(
         x_ptr, y_ptr, residual_ptr, t, c_start, mean, scale, shift, C, cols, col_blocks,
-        stride_row, stride_col, stride_c, slope, ACT, HAS_RESIDUAL, ROUND_BF16, BLOCK_C, BLOCK_S, INT64,
+        stride_row, stride_col, stride_c, slope, ACT, HAS_RESIDUAL, ROUND_BF16, BLOCK_C, BLOCK_S, INT64, COL_VEC,
     )  # fmt: skip
 
 
@@ -590,14 +610,16 @@ def _forward_fused_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     INT64: tl.constexpr,
+    COL_VEC: tl.constexpr,
 ):
     """The whole training forward of a channel block in one program. Grid: (cdiv(C, BLOCK_C),)."""
     c_start = tl.program_id(0) * BLOCK_C
     c = c_start + tl.arange(0, BLOCK_C)
     c_mask = c < C
     _, mean, std = _chunk_stats(
-        x_ptr, c_start, 0, num_tiles, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64
-    )
+        x_ptr, c_start, 0, num_tiles, C, cols, col_blocks, stride_row, stride_col, stride_c,
+        BLOCK_C, BLOCK_S, INT64, COL_VEC,
+    )  # fmt: skip
     _finish_stats(
         mean, std, c, c_mask, running_mean_ptr, running_var_ptr, total, momentum,
         HAS_RUNNING_MEAN, HAS_RUNNING_VAR, ROUND_BF16_RUNNING,
@@ -609,7 +631,7 @@ def _forward_fused_kernel(
     for t in range(0, num_tiles):
         _normalize_tile(
             x_ptr, y_ptr, residual_ptr, t, c_start, mean, scale, shift, C, cols, col_blocks,
-            stride_row, stride_col, stride_c, slope, ACT, HAS_RESIDUAL, ROUND_BF16, BLOCK_C, BLOCK_S, INT64,
+            stride_row, stride_col, stride_c, slope, ACT, HAS_RESIDUAL, ROUND_BF16, BLOCK_C, BLOCK_S, INT64, COL_VEC,
         )  # fmt: skip
 
 
@@ -660,6 +682,7 @@ def _chunk_grad_sums(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     INT64: tl.constexpr,
+    COL_VEC: tl.constexpr,
 ):
     """(sum(g), sum(g * x_hat)) per channel, fp32 [BLOCK_C], over tiles [t_start, t_end).
 
@@ -670,7 +693,7 @@ def _chunk_grad_sums(
     acc_g_xhat = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     for t in range(t_start, t_end):
         offsets, mask, _ = _tile(
-            t, c_start, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64
+            t, c_start, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64, COL_VEC
         )
         g, x = _grad_tile(
             dy_ptr, x_ptr, y_ptr, residual_ptr, offsets, mask, mean, scale, shift, slope, ACT, HAS_RESIDUAL, NEED_G_XHAT
@@ -715,9 +738,12 @@ def _dx_tile(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     INT64: tl.constexpr,
+    COL_VEC: tl.constexpr,
 ):
     """Tile t of dx (by the formulas above) and of dresidual = g."""
-    offsets, mask, _ = _tile(t, c_start, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64)
+    offsets, mask, _ = _tile(
+        t, c_start, C, cols, col_blocks, stride_row, stride_col, stride_c, BLOCK_C, BLOCK_S, INT64, COL_VEC
+    )
     g, x = _grad_tile(
         dy_ptr, x_ptr, y_ptr, residual_ptr, offsets, mask, mean, scale, shift, slope, ACT, HAS_RESIDUAL, TRAINING
     )
@@ -763,6 +789,7 @@ def _backward_partial_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     INT64: tl.constexpr,
+    COL_VEC: tl.constexpr,
 ):
     """Per-chunk sum(g) and sum(g * x_hat) of each channel. Grid: (cdiv(C, BLOCK_C), K)."""
     c_start = tl.program_id(0) * BLOCK_C
@@ -777,7 +804,7 @@ def _backward_partial_kernel(
     sum_g, sum_g_xhat = _chunk_grad_sums(
         dy_ptr, x_ptr, y_ptr, residual_ptr, dres_ptr, mean, invstd, scale, shift, c_start, t_start, t_end, C, cols,
         col_blocks, stride_row, stride_col, stride_c, slope, ACT, HAS_RESIDUAL, NEED_G_XHAT, STORE_G, ROUND_BF16,
-        BLOCK_C, BLOCK_S, INT64,
+        BLOCK_C, BLOCK_S, INT64, COL_VEC,
     )  # fmt: skip
     out = partial_ptr + chunk * C + c
     tl.store(out, sum_g, mask=c_mask)
@@ -862,6 +889,7 @@ def _backward_dx_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     INT64: tl.constexpr,
+    COL_VEC: tl.constexpr,
 ):
     """dx and/or dresidual, one tile per program. Grid: (cdiv(C, BLOCK_C) * num_tiles,)."""
     t, c_start, c = _elementwise_program(num_tiles, BLOCK_C)
@@ -872,7 +900,7 @@ def _backward_dx_kernel(
     _dx_tile(
         dy_ptr, x_ptr, y_ptr, residual_ptr, dx_ptr, dres_ptr, t, c_start, mean, scale, shift, mean_g, xhat_coef, C,
         cols, col_blocks, stride_row, stride_col, stride_c, slope, TRAINING, NEED_DX, STORE_G, ACT, HAS_RESIDUAL,
-        ROUND_BF16, BLOCK_C, BLOCK_S, INT64,
+        ROUND_BF16, BLOCK_C, BLOCK_S, INT64, COL_VEC,
     )  # fmt: skip
 
 
@@ -910,6 +938,7 @@ def _backward_fused_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     INT64: tl.constexpr,
+    COL_VEC: tl.constexpr,
 ):
     """The whole training backward of a channel block in one program. Grid: (cdiv(C, BLOCK_C),)."""
     c_start = tl.program_id(0) * BLOCK_C
@@ -921,7 +950,7 @@ def _backward_fused_kernel(
     sum_g, sum_g_xhat = _chunk_grad_sums(
         dy_ptr, x_ptr, y_ptr, residual_ptr, dres_ptr, mean, invstd, scale, shift, c_start, 0, num_tiles, C, cols,
         col_blocks, stride_row, stride_col, stride_c, slope, ACT, HAS_RESIDUAL, NEED_G_XHAT, STORE_G and not NEED_DX,
-        ROUND_BF16, BLOCK_C, BLOCK_S, INT64,
+        ROUND_BF16, BLOCK_C, BLOCK_S, INT64, COL_VEC,
     )  # fmt: skip
     tl.store(sum_g_ptr + c, sum_g, mask=c_mask)
     if NEED_G_XHAT:
@@ -933,5 +962,5 @@ def _backward_fused_kernel(
             _dx_tile(
                 dy_ptr, x_ptr, y_ptr, residual_ptr, dx_ptr, dres_ptr, t, c_start, mean, scale, shift, mean_g,
                 xhat_coef, C, cols, col_blocks, stride_row, stride_col, stride_c, slope, True, True, STORE_G, ACT,
-                HAS_RESIDUAL, ROUND_BF16, BLOCK_C, BLOCK_S, INT64,
+                HAS_RESIDUAL, ROUND_BF16, BLOCK_C, BLOCK_S, INT64, COL_VEC,
             )  # fmt: skip
