@@ -7,12 +7,14 @@ the call's device time); on a CPU it lists the ATen ops by self CPU time, which 
 kernels are called through.
 
     python benchmarks/profile_kernels.py --shapes 256x1024x14x14 --providers torch,bnfused-triton
+    python benchmarks/profile_kernels.py --shapes 256x2048x7x7 --blocks 32x64,16x64   # Triton tiles
     python benchmarks/profile_kernels.py --quick     # tiny shapes on whatever device is present
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +27,7 @@ if __package__ in (None, ""):
 
 from benchmarks import cli, providers, report
 from benchmarks.bench_kernels import LAYOUTS, _mode_call, make_input, parse_shapes, shape_text
+from bnfused.backends import triton as triton_launcher
 
 MODES = ("fwd-train", "bwd", "fwd-eval")
 COLUMNS = ("shape", "dtype", "layout", "provider", "mode", "kernel", "launches", "us", "share")
@@ -62,6 +65,17 @@ def profile_case(call, device: torch.device, calls: int) -> list[tuple[str, floa
     return sorted(rows, key=lambda r: -r[2])
 
 
+def _variants(names: Sequence[str], blocks: Sequence[tuple[int, int]], device: torch.device) -> list[tuple]:
+    """(label, provider, tile or None): each provider as it plans, then each Triton one on every tile."""
+    variants = []
+    for name in names:
+        provider = providers.parse(name)
+        variants.append((name, provider, None))
+        if providers.resolved_backend(provider, device) == "triton":
+            variants += [(f"{name}@{c}x{s}", provider, (c, s)) for c, s in blocks]
+    return variants
+
+
 def run(args: argparse.Namespace, device: torch.device) -> list[dict]:
     rows = []
     dtype = cli.DTYPES[args.dtype]
@@ -69,12 +83,12 @@ def run(args: argparse.Namespace, device: torch.device) -> list[dict]:
         for layout in args.layout:
             x = make_input(shape, dtype, layout, device)
             dy = torch.randn_like(x)
-            for name in args.providers:
-                provider = providers.parse(name)
+            for name, provider, tile in _variants(args.providers, args.blocks, device):
                 for mode in args.modes:
                     layer = providers.build_layer(provider, shape, device, dtype)
                     xi = x.detach().requires_grad_(mode != "fwd-eval")
-                    with torch.set_grad_enabled(mode != "fwd-eval"):
+                    forced = triton_launcher.forced_blocks(*tile, None) if tile else contextlib.nullcontext()
+                    with torch.set_grad_enabled(mode != "fwd-eval"), forced:
                         call = _mode_call(mode, layer, xi, dy)
                         kernels = profile_case(call, device, args.calls)
                     total = sum(us for _, _, us in kernels) or 1.0
@@ -96,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layout", default="nchw,channels_last", help=f"comma-separated: {', '.join(LAYOUTS)}")
     parser.add_argument("--providers", default="torch,bnfused-triton", help="comma-separated provider names")
     parser.add_argument("--modes", default="fwd-train,bwd", help=f"comma-separated: {', '.join(MODES)}")
+    parser.add_argument(
+        "--blocks",
+        default="",
+        help="Triton tiles to profile too, as CxS (channels x columns, "
+        "powers of two), comma-separated; each Triton provider runs on its own plan and on each",
+    )
     parser.add_argument("--calls", type=int, default=20, help="profiled calls per case (after 3 warm-up calls)")
     parser.add_argument("--top", type=int, default=8, help="kernels listed per case")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 calls: a smoke run")
@@ -116,6 +136,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     args.layout = cli.split(args.layout)
     args.providers = cli.split(args.providers)
     args.modes = cli.split(args.modes)
+    try:
+        args.blocks = [tuple(int(v) for v in spec.split("x")) for spec in cli.split(args.blocks)]
+        if any(len(b) != 2 or min(b) < 1 or any(v & (v - 1) for v in b) for b in args.blocks):
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"--blocks: expected CxS with powers of two, e.g. 32x64; got {args.blocks!r}") from None
     for option, values, allowed in (("--layout", args.layout, LAYOUTS), ("--modes", args.modes, MODES)):
         unknown = [v for v in values if v not in allowed]
         if unknown:

@@ -105,6 +105,16 @@ def test_profile_kernels_lists_what_each_provider_runs(tmp_path):
     assert len(written) == len(rows) and written[0]["commit"] and float(written[0]["us"]) > 0
     with pytest.raises(SystemExit, match="--modes: unknown step"):
         profile_kernels.main(["--quick", "--device", "cpu", "--modes", "step"])
+    with pytest.raises(SystemExit, match="--blocks: expected CxS"):
+        profile_kernels.main(["--quick", "--device", "cpu", "--blocks", "32x48"])
+
+
+def test_profile_kernels_runs_triton_on_each_tile_asked_for():
+    argv = ["--device", "cpu", "--shapes", "2x4x3x3", "--layout", "nchw", "--providers", "bnfused-triton,torch"]
+    rows = profile_kernels.main([*argv, "--blocks", "2x8,4x4", "--calls", "1", "--modes", "fwd-train"])
+    assert [p for p in dict.fromkeys(r["provider"] for r in rows)] == [
+        "bnfused-triton", "bnfused-triton@2x8", "bnfused-triton@4x4", "torch"
+    ]  # fmt: skip
 
 
 def test_triton_codegen_reports_registers_and_vector_accesses(tmp_path):

@@ -121,6 +121,10 @@ def test_small_tensors_take_the_fused_kernels_and_large_ones_split():
     small = triton_backend._make_plan(torch.empty((8, 32, 8, 8), device="meta"))
     large = triton_backend._make_plan(torch.empty((64, 8, 32, 32), device="meta"))
     assert small.chunks == 1 and large.chunks > 1
+    with triton_backend.forced_blocks(block_c=2, block_s=8, chunks=None):  # the tile only
+        forced = triton_backend._make_plan(torch.empty((64, 8, 32, 32), device="meta"))
+    # Chunks as the plan takes them: off a GPU it aims at 4 programs, which 4 channel blocks already are.
+    assert (forced.block_c, forced.block_s, forced.c_blocks, forced.chunks) == (2, 8, 4, 1)
 
 
 @pytest.mark.parametrize(

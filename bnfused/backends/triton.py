@@ -97,7 +97,7 @@ class _Plan(NamedTuple):
 class _Forced(NamedTuple):
     block_c: int
     block_s: int
-    chunks: int
+    chunks: int | None
     int64: bool
 
 
@@ -106,15 +106,16 @@ _plans: dict[tuple, _Plan] = {}
 
 
 @contextlib.contextmanager
-def forced_blocks(block_c: int, block_s: int, chunks: int, int64: bool = False):
+def forced_blocks(block_c: int, block_s: int, chunks: int | None, int64: bool = False):
     """Within the block, every launch uses these block sizes (powers of two), at most ``chunks``
-    reduction chunks (1: the fused kernels) and, if ``int64``, 64-bit offsets: lets tests exercise
-    multi-tile, multi-chunk merges and the 64-bit indexing on tiny shapes."""
+    reduction chunks (1: the fused kernels; None: as many as the plan would take) and, if ``int64``,
+    64-bit offsets: lets tests exercise multi-tile, multi-chunk merges and the 64-bit indexing on tiny
+    shapes, and benchmarks time other tiles."""
     global _forced
     for name, value in (("block_c", block_c), ("block_s", block_s)):
         if value < 1 or value & (value - 1):
             raise ValueError(f"bnfused: {name} must be a power of two, got {value}")
-    if chunks < 1:
+    if chunks is not None and chunks < 1:
         raise ValueError(f"bnfused: chunks must be >= 1, got {chunks}")
     previous, _forced = _forced, _Forced(block_c, block_s, chunks, int64)
     _plans.clear()
@@ -177,7 +178,7 @@ def _make_plan(x: torch.Tensor) -> _Plan:
     col_blocks = _cdiv(cols, block_s)
     num_tiles = rows * col_blocks
     c_blocks = _cdiv(c, block_c)
-    if _forced is not None:
+    if _forced is not None and _forced.chunks is not None:
         chunks = min(_forced.chunks, num_tiles)
     elif num_tiles <= _FUSED_MAX_TILES:
         chunks = 1
