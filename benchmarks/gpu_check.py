@@ -17,7 +17,8 @@ the others; a step that would start past the budget is skipped and says so):
     kernels     bench_kernels.py on ResNet-50 shapes: float32 and bfloat16, NCHW and channels_last;
                 torch, bnfused ("auto") and each bnfused backend -> kernels.csv, kernels.png (float32 NCHW)
     profile     profile_kernels.py: device time per kernel of torch's and the Triton backend's training
-                forward and backward on ResNet-50's two shortest planes, both layouts -> profile.csv
+                forward and backward on ResNet-50's two shortest planes, NCHW, on the Triton plan's
+                tile and two smaller ones (compiling each tile's kernels: ~40 s) -> profile.csv
     models      bench_models.py: ResNet-50 and MobileNetV3-small, train and eval, both layouts, eager,
                 torch vs bnfused -> models.csv (compiled models take minutes to compile: run
                 bench_models.py with the compile providers in a call of their own)
@@ -62,7 +63,7 @@ SUMMARY_RESERVE_S = 10  # kept for merging files and printing the summary
 # three MobileNetV3-small training steps took over 100 s, so the kernel step times no compiled
 # providers and the model step only eager ones.
 LIMITS = {"install": 90, "gpu": 30, "info": 180, "validate": 60, "tests": 240, "memcheck": 60, "racecheck": 120,
-          "kernels": 90, "plot": 60, "profile": 60, "models": 120}  # fmt: skip
+          "kernels": 90, "plot": 60, "profile": 120, "models": 120}  # fmt: skip
 
 KERNEL_PROVIDERS = "torch,torch+relu,bnfused,bnfused-triton,bnfused-cuda,bnfused+relu"
 # Most telling first (float32 as written, bfloat16 channels_last as mixed-precision training runs): a
@@ -77,8 +78,8 @@ KERNEL_CONFIGS = [
 # 7x7 planes), kernel by kernel.
 # 7x7 runs scalar loads at 116-192 registers on its default tile; the smaller tiles need half
 # (benchmarks/triton_codegen.py).
-PROFILE_ARGS = ["--shapes", "256x1024x14x14,256x2048x7x7", "--providers", "torch,bnfused-triton",
-                "--blocks", "32x64,8x256"]  # fmt: skip
+PROFILE_ARGS = ["--shapes", "256x1024x14x14,256x2048x7x7", "--layout", "nchw", "--providers", "torch,bnfused-triton",
+                "--blocks", "32x64,8x256", "--calls", "10"]  # fmt: skip
 MODEL_PROVIDERS = "torch,bnfused"
 MODEL_NAMES = ("resnet50", "mobilenet_v3_small")
 MODEL_LAYOUTS = ("nchw", "channels_last")
