@@ -24,12 +24,14 @@ LEAKY_RELU = 2
 RELU6 = 3
 HARDSWISH = 4
 SILU = 5
+SIGMOID = 6
 
 _CODES = {
     None: NONE, "none": NONE, "identity": NONE, "relu": RELU, "leaky_relu": LEAKY_RELU,
-    "relu6": RELU6, "hardswish": HARDSWISH, "silu": SILU,
+    "relu6": RELU6, "hardswish": HARDSWISH, "silu": SILU, "sigmoid": SIGMOID,
 }  # fmt: skip
-NAMES = {NONE: None, RELU: "relu", LEAKY_RELU: "leaky_relu", RELU6: "relu6", HARDSWISH: "hardswish", SILU: "silu"}
+NAMES = {NONE: None, RELU: "relu", LEAKY_RELU: "leaky_relu", RELU6: "relu6", HARDSWISH: "hardswish", SILU: "silu",
+         SIGMOID: "sigmoid"}  # fmt: skip
 # An activation's name, as parse and apply_named take it; typing's spelling, as TorchScript evaluates it
 # and `str | None` does not evaluate on Python 3.9.
 Name = Optional[str]  # noqa: UP045
@@ -39,7 +41,7 @@ SPLIT_CODES = frozenset((NONE, RELU, LEAKY_RELU))
 
 def grad_from_input(code: int) -> bool:
     """Whether the backward needs the pre-activation z (recomputed from x), not just the output y."""
-    return code == HARDSWISH or code == SILU
+    return code == HARDSWISH or code == SILU or code == SIGMOID
 
 
 def parse(activation: str | None, negative_slope: float) -> tuple[int, float]:
@@ -91,6 +93,8 @@ def apply_named(z: torch.Tensor, activation: Name, negative_slope: float, inplac
         return F.hardswish(z, inplace)
     if name == "silu":
         return F.silu(z, inplace)
+    if name == "sigmoid":
+        return z.sigmoid_() if inplace else torch.sigmoid(z)
     if name == "none" or name == "identity":
         return z
     raise ValueError("bnfused: unknown activation " + activation)

@@ -67,7 +67,7 @@ def convert_model(
     in an ``nn.Sequential`` becomes the BatchNorm's fused activation and is replaced by ``nn.Identity``.
     With ``fuse=True``, the forward is traced with ``torch.fx`` and every ``BN -> act``,
     ``BN -> add -> act`` and ``BN -> add`` becomes one bnfused layer (act: relu, relu6, leaky_relu,
-    hardswish, silu; see ``bnfused.fusion``); the result is then a ``torch.fx.GraphModule`` with the
+    hardswish, silu, sigmoid; see ``bnfused.fusion``); the result is then a ``torch.fx.GraphModule`` with the
     same submodules and state_dict keys. A model that cannot be traced gets the ``fuse_relu``
     conversion instead, with a warning naming why.
     With ``sync=True`` every BatchNorm then becomes a ``bnfused.SyncBatchNorm`` (statistics over all
@@ -154,7 +154,7 @@ class ActivationHook:
 
 
 _ACTIVATION_MODULES = {act_codes.RELU: nn.ReLU, act_codes.RELU6: nn.ReLU6, act_codes.HARDSWISH: nn.Hardswish,
-                       act_codes.SILU: nn.SiLU}  # fmt: skip
+                       act_codes.SILU: nn.SiLU, act_codes.SIGMOID: nn.Sigmoid}  # fmt: skip
 
 
 def _activation_module(bn: _FusedBatchNorm) -> nn.Module | None:

@@ -231,7 +231,7 @@ def batch_norm(
         input: (N, C, *) float16 | bfloat16 | float32 | float64.
         running_mean, running_var: (C,) or None; input's dtype, or float32 for half/bfloat16 input.
         weight, bias: (C,) or None, same dtype rule.
-        activation: None, "relu", "leaky_relu", "relu6", "hardswish" or "silu", applied after the
+        activation: None, "relu", "leaky_relu", "relu6", "hardswish", "silu" or "sigmoid", applied after the
             affine step (and the residual add); relu and leaky_relu inside the kernels.
         negative_slope: leaky_relu's slope (>= 0).
         backend: "auto", "triton", "cpp", "cuda", "reference", or None for the global default.

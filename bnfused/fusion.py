@@ -33,12 +33,14 @@ from bnfused.graph_module import FusedGraphModule, hold_everything
 _BN = nn.modules.batchnorm._BatchNorm
 
 _ACTIVATION_MODULES = {nn.ReLU: act_codes.RELU, nn.ReLU6: act_codes.RELU6, nn.Hardswish: act_codes.HARDSWISH,
-                       nn.SiLU: act_codes.SILU}  # fmt: skip
+                       nn.SiLU: act_codes.SILU, nn.Sigmoid: act_codes.SIGMOID}  # fmt: skip
 _ACTIVATION_FUNCTIONS = {
     F.relu: act_codes.RELU, torch.relu: act_codes.RELU, F.relu_: act_codes.RELU, torch.relu_: act_codes.RELU,
     F.relu6: act_codes.RELU6, F.hardswish: act_codes.HARDSWISH, F.silu: act_codes.SILU,
+    torch.sigmoid: act_codes.SIGMOID, torch.sigmoid_: act_codes.SIGMOID, F.sigmoid: act_codes.SIGMOID,
 }  # fmt: skip
-_ACTIVATION_METHODS = {"relu": act_codes.RELU, "relu_": act_codes.RELU}
+_ACTIVATION_METHODS = {"relu": act_codes.RELU, "relu_": act_codes.RELU, "sigmoid": act_codes.SIGMOID,
+                       "sigmoid_": act_codes.SIGMOID}  # fmt: skip
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_")
 

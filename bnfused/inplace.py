@@ -14,9 +14,10 @@ When the activation is invertible, ``x_hat`` can be recovered from ``y`` instead
 so the layer saves ``y`` (which the next layer saves anyway: one storage) and the per-channel
 invstd, and ``x`` is freed as soon as the forward is done: typically a third of a CNN's activation
 memory (the idea of the inplace_abn project, here for every backend). Identity or leaky_relu with a
-positive slope only: relu, relu6, hardswish and silu lose the information. With a residual add
-(``act(bn(x) + r)``), ``r`` is saved too and subtracted: a residual block's input, which its first
-convolution keeps anyway. The backward runs as torch ops in float32 (float64 for float64).
+positive slope only: relu, relu6, hardswish, silu and sigmoid lose the information (sigmoid in floating
+point, where it saturates). With a residual add (``act(bn(x) + r)``), ``r`` is saved too and
+subtracted: a residual block's input, which its first convolution keeps anyway. The backward runs
+as torch ops in float32 (float64 for float64).
 """
 
 from __future__ import annotations

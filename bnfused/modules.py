@@ -227,7 +227,7 @@ def _fused_class(torch_cls: type, doc: str) -> type:
 _DOC = """Drop-in for ``torch.nn.{name}`` (same constructor, state_dict and behaviour).
 
     Extra keyword arguments: ``activation`` (None, "relu", "leaky_relu", "relu6", "hardswish",
-    "silu") applied after the affine step (and the residual add of ``forward(input, residual)``),
+    "silu", "sigmoid") applied after the affine step (and the residual add of ``forward(input, residual)``),
     ``negative_slope`` for leaky_relu, ``backend`` ("auto", "triton", "cpp", "cuda", "reference";
     None follows ``bnfused.set_backend``), ``memory`` ("default", or "inplace": keep only the output
     for backward; see ``bnfused.inplace``). Input: {shape}.

@@ -194,7 +194,7 @@ def differentiable_backward(dy, x, y, weight, bias, residual, mean, invstd, trai
     so that the graph holds their dependence on x; eval's are constants (the running stats). A
     (leaky) relu's or relu6's mask, read off the saved output, is a constant too: their second
     derivative is 0, and at a kink torch's convention holds (relu' = 0, leaky_relu' = slope).
-    hardswish' and silu' are functions of z, formed here from x, weight, bias and residual so that
+    hardswish', silu' and sigmoid' are functions of z, formed here from x, weight, bias and residual so that
     autograd sees those dependences. The C++ layer op does the same in ATen
     (``differentiable_backward`` in csrc/autograd.cpp).
     """
@@ -230,7 +230,7 @@ class BatchNormFunction(torch.autograd.Function):
     Inputs are already checked and kernel-ready (see ``bnfused.functional.batch_norm``); ``backend``
     is a concrete backend name whose kernels fuse ``act`` (and the residual, when there is one).
     Saved for backward: x, the output y where act' is read off it (relu, leaky_relu, relu6), and the
-    bias and residual where act' needs z (hardswish, silu).
+    bias and residual where act' needs z (hardswish, silu, sigmoid).
     """
 
     @staticmethod

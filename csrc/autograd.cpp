@@ -131,6 +131,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> differentiable_backward(const Tensor&
     if (residual.defined()) z = z + residual.to(acc);
     if (act == kHardswish) {
       g = g * at::where(z <= -3, at::zeros_like(z), at::where(z < 3, z / 3 + 0.5, at::ones_like(z)));
+    } else if (act == kSigmoid) {
+      const Tensor s = at::sigmoid(z);
+      g = g * (s * (1 - s));
     } else {
       const Tensor s = at::sigmoid(z);
       g = g * s * (1 + z * (1 - s));

@@ -21,6 +21,7 @@ ALL_ACTS = [
     (act_codes.RELU6, 0.0),
     (act_codes.HARDSWISH, 0.0),
     (act_codes.SILU, 0.0),
+    (act_codes.SIGMOID, 0.0),
 ]
 ACT_IDS = [act_codes.NAMES[a] or "none" for a, _ in ALL_ACTS]
 EPS = 1e-5
@@ -185,12 +186,15 @@ def test_gradcheck_layer_op_with_residual(training, act, slope):
     w, b = (t.requires_grad_() for t in _params(3, torch.float64))
     residual = make_input((4, 3, 3, 2), torch.float64, offset=0.0).requires_grad_()
     assert torch.autograd.gradcheck(lambda *a: _layer(*a, training, act, slope), (x, w, b, residual))
-    if act in (act_codes.HARDSWISH, act_codes.SILU):  # z recomputed in ATen ops under create_graph
+    if act in (act_codes.HARDSWISH, act_codes.SILU, act_codes.SIGMOID):  # z recomputed in ATen ops under create_graph
         assert torch.autograd.gradgradcheck(lambda *a: _layer(*a, training, act, slope), (x, w, b, residual))
 
 
-@pytest.mark.parametrize("act", [act_codes.NONE, act_codes.RELU6, act_codes.HARDSWISH, act_codes.SILU],
-                         ids=["none", "relu6", "hardswish", "silu"])  # fmt: skip
+@pytest.mark.parametrize(
+    "act",
+    [act_codes.NONE, act_codes.RELU6, act_codes.HARDSWISH, act_codes.SILU, act_codes.SIGMOID],
+    ids=["none", "relu6", "hardswish", "silu", "sigmoid"],
+)
 def test_layer_op_saves_what_its_activation_needs(act):
     """relu6 keeps y (act' is read off it); hardswish and silu keep bias and residual instead (z is
     recomputed), not y; d(residual) needs nothing saved."""
@@ -206,7 +210,7 @@ def test_layer_op_saves_what_its_activation_needs(act):
 
     assert kept(x)
     assert kept(y) == (act == act_codes.RELU6)
-    assert kept(residual) == kept(b) == (act in (act_codes.HARDSWISH, act_codes.SILU))
+    assert kept(residual) == kept(b) == (act in (act_codes.HARDSWISH, act_codes.SILU, act_codes.SIGMOID))
     dx, dr = torch.autograd.grad(y.sum(), (x, residual))
     assert dx.shape == dr.shape == x.shape
 
@@ -234,7 +238,9 @@ def test_kinks_follow_torch(dtype):
 
 
 @pytest.mark.parametrize(
-    "act", [act_codes.RELU6, act_codes.HARDSWISH, act_codes.SILU], ids=["relu6", "hardswish", "silu"]
+    "act",
+    [act_codes.RELU6, act_codes.HARDSWISH, act_codes.SILU, act_codes.SIGMOID],
+    ids=["relu6", "hardswish", "silu", "sigmoid"],
 )
 def test_activation_rounds_as_torchs(act):
     """With z = x exactly (eval, mean 0, var 1, eps 0, no affine), y is torch's activation of x to the bit."""
@@ -259,7 +265,9 @@ THREAD_SCHEDULES = [
 @pytest.mark.parametrize("shape, channels_last", THREAD_SCHEDULES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
-    "act", [act_codes.RELU6, act_codes.HARDSWISH, act_codes.SILU], ids=["relu6", "hardswish", "silu"]
+    "act",
+    [act_codes.RELU6, act_codes.HARDSWISH, act_codes.SILU, act_codes.SIGMOID],
+    ids=["relu6", "hardswish", "silu", "sigmoid"],
 )
 def test_bitwise_identical_for_any_thread_count(shape, channels_last, dtype, act):
     x = make_input(shape, dtype, channels_last=channels_last)
@@ -311,7 +319,9 @@ def test_opcheck_new_signatures():
         torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("act", [act_codes.HARDSWISH, act_codes.SILU], ids=["hardswish", "silu"])
+@pytest.mark.parametrize(
+    "act", [act_codes.HARDSWISH, act_codes.SILU, act_codes.SIGMOID], ids=["hardswish", "silu", "sigmoid"]
+)
 def test_outputs_large_enough_to_stream_are_exact(act):
     """y, dx and dresidual of 16 MiB and more are written with streaming stores where a whole vector is
     aligned: in eval (elementwise) every value equals the one computed on a single sample (too small

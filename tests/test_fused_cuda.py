@@ -38,6 +38,7 @@ ACTS = [
     pytest.param(act_codes.RELU6, 0.0, id="relu6"),
     pytest.param(act_codes.HARDSWISH, 0.0, id="hardswish"),
     pytest.param(act_codes.SILU, 0.0, id="silu"),
+    pytest.param(act_codes.SIGMOID, 0.0, id="sigmoid"),
 ]
 # The codes whose act' the backward reads off the saved output y (the others get y=None).
 GRAD_FROM_OUTPUT = frozenset((act_codes.RELU, act_codes.LEAKY_RELU, act_codes.RELU6))

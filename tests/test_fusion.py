@@ -15,7 +15,7 @@ import bnfused
 from bnfused import activation as act_codes
 from bnfused import fusion
 
-ACTIVATIONS = [None, "relu", "leaky_relu", "relu6", "hardswish", "silu"]
+ACTIVATIONS = [None, "relu", "leaky_relu", "relu6", "hardswish", "silu", "sigmoid"]
 CPU_BACKENDS = ["reference", "cpp", "triton"]
 
 
@@ -53,7 +53,7 @@ def test_residual_and_activation_match_torch(backend, activation, training):
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
-@pytest.mark.parametrize("activation", ["relu6", "hardswish", "silu", "leaky_relu"])
+@pytest.mark.parametrize("activation", ["relu6", "hardswish", "silu", "sigmoid", "leaky_relu"])
 def test_gradcheck_float64_with_residual(backend, activation):
     torch.manual_seed(0)
     x = (torch.randn(3, 2, 3, dtype=torch.float64) * 2).requires_grad_()
@@ -292,10 +292,13 @@ def test_functional_activations_and_methods_are_found():
         def __init__(self):
             super().__init__()
             self.a, self.b, self.c = nn.BatchNorm1d(4), nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+            self.d, self.e = nn.BatchNorm1d(4), nn.BatchNorm1d(4)
 
         def forward(self, x):
             y = F.leaky_relu(self.a(x), 0.3)
             y = torch.relu(self.b(y) + x)
+            y = torch.sigmoid(self.d(y))
+            y = self.e(y).sigmoid()
             return (x + self.c(y)).relu()
 
     torch.manual_seed(0)
@@ -304,6 +307,7 @@ def test_functional_activations_and_methods_are_found():
     assert (fused.a.activation, fused.a.negative_slope) == ("leaky_relu", 0.3)
     assert fused.b.activation == fused.c.activation == "relu"
     assert fused.b.takes_residual and fused.c.takes_residual
+    assert fused.d.activation == fused.e.activation == "sigmoid"
     x = torch.randn(5, 4)
     torch.testing.assert_close(fused(x), model(x))
 

@@ -82,7 +82,7 @@ def test_bfloat16_input_against_float32():
 @pytest.mark.parametrize(
     ("activation", "slope", "residual"),
     [("relu", 0.0, None), ("leaky_relu", 0.0, None), ("hardswish", 0.0, None), ("silu", 0.0, None),
-     ("relu6", 0.0, None), (None, 0.0, torch.ones(1, 3))],
+     ("sigmoid", 0.0, None), ("relu6", 0.0, None), (None, 0.0, torch.ones(1, 3))],
 )  # fmt: skip
 def test_what_cannot_be_inverted_raises(activation, slope, residual):
     x = torch.randn(2, 3)

@@ -26,6 +26,7 @@ CONFIGS = [
     {"activation": "ReLU6"},
     {"activation": "hardswish"},
     {"activation": "silu"},
+    {"activation": "sigmoid"},
     {"momentum": None},
     {"track_running_stats": False},
     {"affine": False, "eps": 1e-3},

@@ -312,5 +312,5 @@ def test_split_primitives_refuse_activations_that_need_z(code):
 
 
 def test_backend_lists_every_activation_and_the_residual():
-    assert triton_backend.ACTIVATIONS == frozenset(activation.NAMES) == frozenset(range(6))
+    assert triton_backend.ACTIVATIONS == frozenset(activation.NAMES) == frozenset(range(7))
     assert triton_backend.RESIDUAL is True

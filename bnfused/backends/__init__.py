@@ -26,7 +26,7 @@ stride (contiguous, channels_last, or an (N, L, C) tensor viewed as (N, C, L)); 
 have x's shape, dtype and strides. weight, bias, running_mean, running_var are (C,) or None. mean
 and invstd are (C,) float32 (float64 for float64 x). y, dx, dresidual come back with x's dtype and
 strides; dweight and dbias in float32 (float64). ``act`` is a code from ``bnfused.activation``
-(0 none, 1 relu, 2 leaky_relu, 3 relu6, 4 hardswish, 5 silu); ``slope`` the leaky_relu slope (0
+(0 none, 1 relu, 2 leaky_relu, 3 relu6, 4 hardswish, 5 silu, 6 sigmoid); ``slope`` the leaky_relu slope (0
 otherwise).
 
 The layer: z = (x - mean) * invstd * weight + bias (+ residual), y = act(z), computed in the
@@ -34,7 +34,7 @@ accumulation dtype and rounded once to x's dtype. The backward's g = dy * act'(z
 conventions at the kinks (relu' = 0 and leaky_relu' = slope at z = 0; relu6' = 0 at z = 0 and 6;
 hardswish' = z / 3 + 1/2 on -3 < z < 3, 0 at z <= -3, 1 at z >= 3). For relu, leaky_relu and relu6, act'
 is read off the saved output y (y is passed for those codes, None for the others: 0 < y exactly
-where 0 < z, and 0 < y < 6 exactly where 0 < z < 6). For hardswish and silu, z is recomputed from
+where 0 < z, and 0 < y < 6 exactly where 0 < z < 6). For hardswish, silu and sigmoid, z is recomputed from
 x, mean, invstd, weight and the ``bias`` and ``residual`` the forward had. dresidual = g
 (for act 0 it may be dy itself); dweight = sum(g * x_hat), dbias = sum(g), and dx as for the plain
 layer with g in place of dy.

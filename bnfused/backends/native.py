@@ -52,7 +52,7 @@ LAYER_OP = "batch_norm"
 # hardswish, silu), and the residual add before the activation (forward_train, forward_eval,
 # backward and the layer op; the split primitives take no residual, and backward_reduce and
 # backward_elemt only the codes whose act' is read off y, 0-3).
-ACTIVATIONS = frozenset({0, 1, 2, 3, 4, 5})
+ACTIVATIONS = frozenset({0, 1, 2, 3, 4, 5, 6})
 RESIDUAL = True
 # torch's CPU capability -> compiler flags giving at::vec the same vector width ATen itself uses.
 _ISA_FLAGS = {

@@ -73,6 +73,8 @@ def activation_grad(dy: torch.Tensor, y: torch.Tensor | None, act: int, slope: f
     if act == act_codes.HARDSWISH:
         return torch.where(z <= -3, 0.0, torch.where(z < 3, dy * (z / 3 + 0.5), dy))
     sig = torch.sigmoid(z)
+    if act == act_codes.SIGMOID:
+        return dy * (sig * (1 - sig))
     return dy * (sig * (1 + z * (1 - sig)))
 
 

@@ -102,6 +102,8 @@ def _activate(z, ACT: tl.constexpr, slope):
         z = z * _clamp(z + 3.0, 0.0, 6.0) / 6.0
     elif ACT == 5:  # silu
         z = z * tl.sigmoid(z)
+    elif ACT == 6:  # sigmoid
+        z = tl.sigmoid(z)
     elif ACT == 2:  # leaky_relu
         z = tl.where(z > 0, z, z * slope)
     elif ACT == 1:  # relu: not z * 0, which is NaN at z = -inf (torch gives 0)
@@ -130,7 +132,7 @@ def _grad_tile(
     relu, leaky_relu and relu6 read act' off the saved output: y > 0 exactly where z > 0 (slope >= 0)
     and y < 6 exactly where z < 6, so no mask tensor is stored. hardswish and silu need z itself,
     recomputed from x as the forward computed it (same formula, same bits), which costs less memory
-    traffic than saving z.
+    traffic than saving z; so does sigmoid (ACT 6), whose derivative s (1 - s) is then formed in fp32.
     """
     g = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     x = tl.zeros_like(g)
@@ -142,6 +144,9 @@ def _grad_tile(
             z += tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         if ACT == 4:  # hardswish' = 0 at z <= -3, z / 3 + 1/2 between, 1 at z >= 3 (torch's kinks)
             g = tl.where(z <= -3.0, 0.0, tl.where(z < 3.0, g * (z / 3.0 + 0.5), g))
+        elif ACT == 6:  # sigmoid' = s (1 - s)
+            s = tl.sigmoid(z)
+            g = g * (s * (1.0 - s))
         else:  # silu' = s (1 + z (1 - s)), s = sigmoid(z)
             s = tl.sigmoid(z)
             g = g * (s * (1.0 + z * (1.0 - s)))

@@ -41,6 +41,8 @@ inline V activate(const V& z, const V& slope) {
     return z * at::vec::minimum(at::vec::maximum(z + V(3), V(0)), V(6)) / V(6);
   } else if constexpr (Act == kSilu) {  // z * sigmoid(z), written as torch's CPU kernel writes it
     return z / (V(1) + z.neg().exp());
+  } else if constexpr (Act == kSigmoid) {  // as torch's vectorised CPU sigmoid
+    return V(1) / (V(1) + z.neg().exp());
   } else {
     return z;
   }
@@ -68,6 +70,9 @@ inline V act_grad(const V& dy, const V& y_or_z, const V& slope) {
     // of about 1e-6 in g (the forward keeps exp(), so that y rounds as torch's silu).
     const V s = V(1) / (V(1) + y_or_z.neg().exp_u20());
     return dy * s * (V(1) + y_or_z * (V(1) - s));
+  } else if constexpr (Act == kSigmoid) {  // s * (1 - s), s = sigmoid(z) (exp_u20: see silu)
+    const V s = V(1) / (V(1) + y_or_z.neg().exp_u20());
+    return dy * (s * (V(1) - s));
   } else {
     return dy;
   }

@@ -57,6 +57,7 @@ __device__ __forceinline__ A activate(A z, A slope) {
     return z * (shifted <= A(0) ? A(0) : (shifted >= A(6) ? A(6) : shifted)) / A(6);
   }
   if constexpr (kAct == kSilu) return z / one_plus_exp_neg(z);
+  if constexpr (kAct == kSigmoid) return A(1) / one_plus_exp_neg(z);
   return z;
 }
 
@@ -76,6 +77,10 @@ __device__ __forceinline__ A act_grad(A dy, A v, A slope) {
   if constexpr (kAct == kSilu) {
     const A s = A(1) / one_plus_exp_neg(v);
     return dy * s * (A(1) + v * (A(1) - s));
+  }
+  if constexpr (kAct == kSigmoid) {
+    const A s = A(1) / one_plus_exp_neg(v);
+    return dy * (s * (A(1) - s));
   }
   return dy;
 }
