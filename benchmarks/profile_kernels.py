@@ -27,6 +27,7 @@ if __package__ in (None, ""):
 
 from benchmarks import cli, providers, report
 from benchmarks.bench_kernels import LAYOUTS, _mode_call, make_input, parse_shapes, shape_text
+from bnfused import layout as bn_layout
 from bnfused.backends import triton as triton_launcher
 
 MODES = ("fwd-train", "bwd", "fwd-eval")
@@ -83,7 +84,15 @@ def run(args: argparse.Namespace, device: torch.device) -> list[dict]:
         for layout in args.layout:
             x = make_input(shape, dtype, layout, device)
             dy = torch.randn_like(x)
+            done = set()
             for name, provider, tile in _variants(args.providers, args.blocks, device):
+                if tile:  # the tile the plan takes (a block is capped at the tensor's extent), once
+                    with triton_launcher.forced_blocks(*tile, None):
+                        plan = triton_launcher._make_plan(bn_layout.kernel_ready(x))
+                    name = f"{name.split('@')[0]}@{plan.block_c}x{plan.block_s}"
+                    if name in done:
+                        continue
+                done.add(name)
                 for mode in args.modes:
                     layer = providers.build_layer(provider, shape, device, dtype)
                     xi = x.detach().requires_grad_(mode != "fwd-eval")
@@ -132,27 +141,31 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         args.shapes, args.calls = "tiny", 2
         if device.type != "cuda":
             args.providers = "torch,bnfused"
-    args.shapes = parse_shapes(args.shapes)
+    try:
+        args.shapes = parse_shapes(args.shapes)
+    except ValueError as err:
+        raise SystemExit(f"--shapes: {err}") from None
     args.layout = cli.split(args.layout)
     args.providers = cli.split(args.providers)
     args.modes = cli.split(args.modes)
+    text = args.blocks
     try:
-        args.blocks = [tuple(int(v) for v in spec.split("x")) for spec in cli.split(args.blocks)]
+        args.blocks = [tuple(int(v) for v in spec.split("x")) for spec in cli.split(text)]
         if any(len(b) != 2 or min(b) < 1 or any(v & (v - 1) for v in b) for b in args.blocks):
             raise ValueError
     except ValueError:
-        raise SystemExit(f"--blocks: expected CxS with powers of two, e.g. 32x64; got {args.blocks!r}") from None
+        raise SystemExit(f"--blocks: expected CxS with powers of two, e.g. 32x64; got {text!r}") from None
     for option, values, allowed in (("--layout", args.layout, LAYOUTS), ("--modes", args.modes, MODES)):
         unknown = [v for v in values if v not in allowed]
         if unknown:
             raise SystemExit(f"{option}: unknown {', '.join(unknown)}; expected {', '.join(allowed)}")
     try:
         for name in args.providers:
-            providers.parse(name)
-    except ValueError as err:
-        raise SystemExit(str(err)) from None
-    if args.calls < 1:
-        raise SystemExit(f"--calls must be >= 1, got {args.calls}")
+            providers.resolved_backend(providers.parse(name), device)  # unknown or unavailable: say so now
+    except Exception as err:
+        raise SystemExit(f"--providers: {report.short_reason(err)}") from None
+    if args.calls < 1 or args.top < 1:
+        raise SystemExit(f"--calls and --top must be >= 1, got {args.calls} and {args.top}")
     rows = run(args, device)
     metadata = report.run_metadata(device)
     print(" | ".join(metadata.values()))

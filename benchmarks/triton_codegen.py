@@ -66,8 +66,10 @@ def compiler_supported() -> str | None:
     return None
 
 
-def _ptxas() -> Path:
-    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+def _ptxas(arch: int = 90) -> Path:
+    """Triton's own ptxas for this architecture (it ships a second one for sm_100 and later)."""
+    folder = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    return folder / "ptxas-blackwell" if arch >= 100 and (folder / "ptxas-blackwell").exists() else folder / "ptxas"
 
 
 def _signature(fn, runtime: dict, constexprs: dict, dtype: torch.dtype):
@@ -100,8 +102,11 @@ def compile_kernel(fn, runtime: dict, constexprs: dict, dtype: torch.dtype, num_
         path = Path(folder) / "kernel.ptx"
         path.write_text(ptx)
         gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-        info = subprocess.run([str(_ptxas()), "-v", "--gpu-name", gpu, str(path), "-o", os.devnull],
-                              capture_output=True, text=True, check=True).stderr  # fmt: skip
+        done = subprocess.run([str(_ptxas(arch)), "-v", "--gpu-name", gpu, str(path), "-o", os.devnull],
+                              capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"ptxas for {gpu} failed: {done.stderr.strip()[-500:]}")
+    info = done.stderr
     accesses = Counter()
     for op, width, bits in re.findall(r"\b(ld|st)\.global(?:\.[a-z]\w*)*?(\.v[248])?\.b(\d+)", ptx):
         accesses[op, f"{width[1:] + 'x' if width else ''}{bits}"] += 1
@@ -132,8 +137,9 @@ def run(shapes, dtypes, layouts, names, arch: int) -> list[dict]:
                 runtime = {
                     "C": plan.C, "cols": plan.cols, "col_blocks": plan.col_blocks, "num_tiles": plan.num_tiles,
                     "tiles_per_chunk": plan.tiles_per_chunk, "stride_row": plan.stride_row,
-                    "stride_col": plan.stride_col, "stride_c": plan.stride_c, "total": plan.count,
+                    "stride_col": plan.stride_col, "stride_c": plan.stride_c,
                     "slope": 0.01, "inv_count": 1.0 / plan.count, "eps": 1e-5, "momentum": 0.1,
+                    "total": float(plan.count),  # launched as a float
                 }  # fmt: skip
                 for name in names:
                     fn = KERNELS[name]
@@ -156,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     reason = compiler_supported()
     if reason:
         raise SystemExit(f"cannot compile here: {reason}")
+    if args.arch < 70:
+        raise SystemExit(f"--arch: Triton compiles for compute capability 70 and later, got {args.arch}")
     lists = {
         name: [s.strip() for s in getattr(args, name).split(",") if s.strip()]
         for name in ("dtype", "layout", "kernels")
@@ -164,7 +172,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         unknown = [v for v in lists[option] if v not in allowed]
         if unknown:
             raise SystemExit(f"--{option}: unknown {', '.join(unknown)}; expected {', '.join(allowed)}")
-    rows = run(parse_shapes(args.shapes), lists["dtype"], lists["layout"], lists["kernels"], args.arch)
+    try:
+        shapes = parse_shapes(args.shapes)
+    except ValueError as err:
+        raise SystemExit(f"--shapes: {err}") from None
+    rows = run(shapes, lists["dtype"], lists["layout"], lists["kernels"], args.arch)
     print(f"triton {triton.__version__}, sm_{args.arch}, plans of bnfused.backends.triton at {report.git_commit()}")
     print(report.format_table(COLUMNS, ([str(row[c]) for c in COLUMNS] for row in rows)))
     if args.csv:

@@ -111,10 +111,13 @@ def test_profile_kernels_lists_what_each_provider_runs(tmp_path):
 
 def test_profile_kernels_runs_triton_on_each_tile_asked_for():
     argv = ["--device", "cpu", "--shapes", "2x4x3x3", "--layout", "nchw", "--providers", "bnfused-triton,torch"]
-    rows = profile_kernels.main([*argv, "--blocks", "2x8,4x4", "--calls", "1", "--modes", "fwd-train"])
+    rows = profile_kernels.main([*argv, "--blocks", "2x8,4x4,8x256,2x8", "--calls", "1", "--modes", "fwd-train"])
+    # Each tile as the plan takes it (8x256 is capped at 4 channels, 9 columns), each once.
     assert [p for p in dict.fromkeys(r["provider"] for r in rows)] == [
-        "bnfused-triton", "bnfused-triton@2x8", "bnfused-triton@4x4", "torch"
+        "bnfused-triton", "bnfused-triton@2x8", "bnfused-triton@4x4", "bnfused-triton@4x16", "torch"
     ]  # fmt: skip
+    with pytest.raises(SystemExit, match="--shapes"):
+        profile_kernels.main(["--device", "cpu", "--shapes", "1x1"])
 
 
 def test_triton_codegen_reports_registers_and_vector_accesses(tmp_path):
