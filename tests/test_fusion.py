@@ -621,6 +621,32 @@ def test_relu_of_minus_infinity_is_zero_and_of_nan_is_nan(backend, training):
     torch.testing.assert_close(got, want, equal_nan=True)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation", ["sigmoid", "silu"])
+def test_a_nan_reaching_a_smooth_activation_gives_nan_gradients(backend, training, activation):
+    """A NaN in the residual makes z NaN there: its gradients are NaN, as torch's, not dropped."""
+    x = torch.randn(4, 2, 8)
+    r = torch.randn(4, 2, 8)
+    r[0, 0, 3] = float("nan")
+    grads = []
+    for layer in ("bnfused", "torch"):
+        xi, ri = x.clone().requires_grad_(), r.clone().requires_grad_()
+        rm, rv = torch.zeros(2), torch.ones(2)
+        if layer == "bnfused":
+            y = bnfused.batch_norm(xi, rm, rv, None, None, training, 0.1, 1e-5, activation, 0.0, backend, residual=ri)
+        else:
+            y = act_codes.apply(
+                F.batch_norm(xi, rm, rv, None, None, training, 0.1, 1e-5) + ri, *act_codes.parse(activation, 0)
+            )
+        y.sum().backward()
+        grads.append((xi.grad, ri.grad))
+    (dx, dr), (want_dx, want_dr) = grads
+    assert torch.isnan(dr[0, 0, 3]) and torch.isnan(want_dr[0, 0, 3])
+    torch.testing.assert_close(dr, want_dr, equal_nan=True)
+    torch.testing.assert_close(dx, want_dx, equal_nan=True)
+
+
 @pytest.mark.parametrize("mode", ["kernels", "decompose"])
 def test_compiled_layer_with_its_own_input_as_residual(mode):
     """bn(x, x) (what the fusion pass makes of act(bn(x) + x)) compiles in one graph in either compile mode."""

@@ -72,7 +72,8 @@ inline V act_grad(const V& dy, const V& y_or_z, const V& slope) {
     return dy * s * (V(1) + y_or_z * (V(1) - s));
   } else if constexpr (Act == kSigmoid) {  // s * (1 - s), s = sigmoid(z) (exp_u20: see silu)
     const V s = V(1) / (V(1) + y_or_z.neg().exp_u20());
-    return dy * (s * (V(1) - s));
+    // exp_u20 does not carry a NaN through (silu's z * (1 - s) does): a NaN z gives a NaN gradient, as torch.
+    return V::blendv(dy * (s * (V(1) - s)), y_or_z, y_or_z.isnan());
   } else {
     return dy;
   }
