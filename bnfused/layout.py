@@ -114,4 +114,7 @@ def like(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """t with x's strides (copied only when they differ), so kernels can index both with one offset."""
     if t.stride() == x.stride():
         return t
-    return torch.empty_like(x, dtype=t.dtype).copy_(t)
+    out = torch.empty_like(x, dtype=t.dtype)
+    if out.stride() != x.stride():  # x has gaps (a slice), which empty_like does not keep: x's strides exactly
+        out = torch.empty_strided(x.shape, x.stride(), dtype=t.dtype, device=x.device)
+    return out.copy_(t)

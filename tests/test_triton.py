@@ -150,6 +150,22 @@ def test_column_vector_is_what_rows_of_the_tensor_are_multiples_of(shape, view, 
     assert triton_backend._make_plan(x).col_vec == col_vec
 
 
+@pytest.mark.parametrize("view", ["every_other_sample", "every_other_channel"])
+def test_backend_on_a_sliced_input_indexes_dy_with_its_strides(view):
+    """The backend contract's x may have gaps (a slice of a larger tensor): dy, given contiguous, is laid
+    out over x's strides before the kernels index both with one offset."""
+    base = torch.randn(6, 6, 3, 4) * 3 + 2
+    x = base[::2] if view == "every_other_sample" else base[:, ::2]
+    dy = torch.randn(x.shape)
+    weight, bias = torch.rand(x.shape[1]) + 0.5, torch.randn(x.shape[1])
+    results = []
+    for backend in (triton_backend, reference):
+        y, mean, invstd = backend.forward_train(x, weight, bias, None, None, 0.1, 1e-5, 0, 0.0)
+        results.append([y, *backend.backward(dy, x, y, weight, mean, invstd, 0, 0.0, True, True, True, True)[:3]])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("shape", [(3, 4, 3, 4), (5, 3, 6), (2, 4, 2, 2)], ids=str)
 def test_column_vector_changes_no_value(shape, monkeypatch):
     """The kernels round the strides and row length to multiples of COL_VEC: exact only if they are."""
