@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnfused import activation as act_codes
-from bnfused.graph_module import FusedGraphModule, hold_everything
+from bnfused.graph_module import FusedGraphModule, fused_graph_module
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -109,10 +109,7 @@ def untraceable_reason(model: nn.Module) -> str | None:
 
 def trace(model: nn.Module) -> fx.GraphModule:
     """The traced model, holding every submodule, parameter and buffer of ``model`` under its name."""
-    graph = _Tracer(model).trace(model)
-    gm = FusedGraphModule(model, graph, class_name=type(model).__name__)
-    hold_everything(gm, model)
-    return gm
+    return fused_graph_module(model, _Tracer(model).trace(model))
 
 
 def _activation(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[int, float] | None:

@@ -97,8 +97,7 @@ class FusedGraphModule(fx.GraphModule):
     def __copy__(self) -> FusedGraphModule:
         """As fx's copy (the same submodules and graph), with every submodule and this forward kept:
         ``copy.copy`` and DataParallel's replicas."""
-        twin = FusedGraphModule(self, self.graph, class_name=type(self).__name__)
-        hold_everything(twin, self)
+        twin = fused_graph_module(self, self.graph)
         twin.meta = getattr(self, "meta", {})
         return twin
 
@@ -110,6 +109,12 @@ class FusedGraphModule(fx.GraphModule):
 def _unpickled(rebuild: Callable, args: tuple) -> FusedGraphModule:
     """A pickled FusedGraphModule: fx rebuilds a GraphModule from its code, which becomes this class again."""
     gm = rebuild(*args)
-    fused = FusedGraphModule(gm, gm.graph, class_name=type(gm).__name__)
-    hold_everything(fused, gm)
-    return fused
+    return fused_graph_module(gm, gm.graph)
+
+
+def fused_graph_module(root: nn.Module, graph: fx.Graph) -> FusedGraphModule:
+    """A FusedGraphModule of ``graph`` named after ``root``'s class, holding every submodule, parameter and
+    buffer of ``root`` under its name."""
+    gm = FusedGraphModule(root, graph, class_name=type(root).__name__)
+    hold_everything(gm, root)
+    return gm
