@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -386,14 +387,14 @@ def test_compile_fullgraph_matches_eager():
 # --------------------------------------------------------------------------- compiled kernels, without a GPU
 
 # Run in a fresh interpreter (the test process has TRITON_INTERPRET=1, under which @triton.jit does
-# not compile). Compiles each kernel for sm_90 as a launch on aligned tensors would (pointers, sizes
-# and non-unit strides divisible by 16, which Triton detects and specialises on), for both layouts
-# and both offset widths, and reports whether global loads and stores came out as 128-bit vectors,
-# i.e. along the unit-stride axis.
+# not compile). Compiles each kernel for sm_90 (benchmarks/triton_codegen.py) as a launch on aligned
+# tensors would (pointers, sizes and non-unit strides divisible by 16, which Triton detects and
+# specialises on), for both layouts and both offset widths, and reports whether global loads and stores
+# came out as vectors, i.e. along the unit-stride axis.
 _COMPILE_SCRIPT = r"""
-import json, re, sys
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource, compile
+import json, sys
+import torch
+from benchmarks.triton_codegen import compile_kernel
 from bnfused.backends import triton_kernels as K
 
 TILE_ARGS = ("C", "cols", "col_blocks", "num_tiles", "tiles_per_chunk", "stride_row", "stride_col", "stride_c")
@@ -435,24 +436,12 @@ for fn, flags in KERNELS.items():
         jobs.append((fn, "short_plane", {**flags, **SHORT_PLANE}))
 report = {}
 for fn, name, consts in jobs:
-    signature, attrs = {}, {}
-    for i, arg in enumerate(fn.arg_names):
-        if arg in consts:
-            signature[arg] = "constexpr"
-        elif arg.endswith("_ptr"):
-            signature[arg], attrs[(i,)] = "*fp32", [["tt.divisibility", 16]]
-        elif arg in TILE_ARGS or arg == "K":
-            signature[arg] = "i32"
-            if (arg.startswith("stride") or arg in ("C", "cols")) and not name.startswith("short_plane"):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            signature[arg] = "fp32"
-    kernel = compile(ASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", 90, 32))
-    ptx = kernel.asm["ptx"]
-    report[f"{fn.__name__}[{name}]"] = {
-        "vector_loads": bool(re.search(r"ld\.global(\.[a-z0-9]+)*\.v[24]", ptx)),
-        "vector_stores": bool(re.search(r"st\.global(\.[a-z0-9]+)*\.v[24]", ptx)),
-    }
+    # Sizes and strides 1024 (multiples of 16, which Triton specialises on) or, for short planes, 196.
+    size = 196 if name == "short_plane" else 1024
+    runtime = {arg: size if arg in TILE_ARGS or arg == "K" else 0.5 for arg in fn.arg_names
+               if arg not in consts and not arg.endswith("_ptr")}  # fmt: skip
+    found = compile_kernel(fn, runtime, consts, torch.float32, 4, 90)
+    report[f"{fn.__name__}[{name}]"] = {"vector_loads": "v" in found["loads"], "vector_stores": "v" in found["stores"]}
 json.dump(report, sys.stdout)
 """
 
@@ -468,7 +457,8 @@ def test_kernels_compile_for_gpu_with_coalesced_vector_access():
     if "constexprs" not in inspect.signature(ASTSource.__init__).parameters:
         pytest.skip("ahead-of-time compile through ASTSource(constexprs=...) needs triton >= 3.3")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=Path(__file__).parent.parent,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert len(report) == 6 * 2 * 2 + 2 + 5 * 2 * 4 + 6, report
