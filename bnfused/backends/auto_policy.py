@@ -24,7 +24,8 @@ channels_last training, short planes, (N, C) inputs, float64 (which the Triton b
 to the pure-PyTorch reference path), and tensors under 100M values: the smallest tensor on which
 the kernels won held 102.8M, and a smaller one pays a launch cost that this GPU time leaves out.
 Asking for a backend by name (``backend="triton"``, ``set_backend``) always runs it. SyncBatchNorm's
-multi-process path runs its own split primitives, always the kernels. The CPU backends are at or
+multi-process path follows the same rule: where torch is faster it runs torch.nn.SyncBatchNorm's own
+function (torch's kernels and collectives). The CPU backends are at or
 past ATen everywhere measured (README), so no CPU call defers.
 """
 
