@@ -48,6 +48,13 @@ def _type_error(name: str, value, expected: str) -> TypeError:
     )
 
 
+def _float_argument(name: str, value) -> float:
+    """A 0-d tensor that needs no grad passes as its number, as torch's argument parser takes it."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.requires_grad and not value.is_complex():
+        return float(value)
+    raise _type_error(name, value, "float")
+
+
 def _check_per_channel_slowly(x, named: tuple) -> None:
     """The slow path of ``check_arguments``: finds the offending argument and raises torch's error, or
     returns when nothing is wrong after all (running stats that require grad under no_grad, strided
@@ -247,15 +254,17 @@ def batch_norm(
     if training is not True and training is not False:
         raise _type_error("training", training, "bool")
     if momentum.__class__ is not float and not isinstance(momentum, numbers.Real):
-        raise _type_error("momentum", momentum, "float")
+        momentum = _float_argument("momentum", momentum)
     if eps.__class__ is not float and not isinstance(eps, numbers.Real):
-        raise _type_error("eps", eps, "float")
+        eps = _float_argument("eps", eps)
     act, slope = (act_codes.NONE, 0.0) if activation is None else act_codes.parse(activation, negative_slope)
     # Compiled calls check in Python: Dynamo cannot trace into the C++ function, and must not read
     # _compiled_checks either (the extension may load, and set it, while Dynamo traces this call).
+    # Nor under torch.func: vmap's batched tensors refuse the layout queries the C++ checks make.
     checked = (
         not torch.compiler.is_compiling()
         and _compiled_checks is not None
+        and not torch_ops.functorch_active()
         and _compiled_checks(input, running_mean, running_var, weight, bias, training)
     )
     if not checked:

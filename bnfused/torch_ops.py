@@ -93,6 +93,12 @@ def _functorch_depth_when_traced() -> int:
     return _functorch_depth()
 
 
+def functorch_active() -> bool:
+    """A torch.func transform is running (vmap's batched tensors answer no layout query but the
+    contiguous one)."""
+    return _functorch_depth() > 0
+
+
 def transform_active() -> bool:
     """A torch.func transform (vmap, grad, jvp, jacrev, jacfwd, hessian) is running, or a
     forward-mode AD level (``torch.autograd.forward_ad.dual_level``) is open.
@@ -102,7 +108,7 @@ def transform_active() -> bool:
     rules and forward derivatives, with torch's errors where torch refuses (e.g. an in-place
     running-stat update of an unbatched buffer under vmap). Two reads, about 50 ns together.
     """
-    return _functorch_depth() > 0 or forward_ad._current_level >= 0
+    return functorch_active() or forward_ad._current_level >= 0
 
 
 def batch_norm(

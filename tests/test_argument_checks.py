@@ -149,7 +149,11 @@ def test_item13_empty_input_with_wrong_size_per_channel_tensors_is_returned_empt
     torch.testing.assert_close(wrong[0], torch.zeros(C + 1))  # running stats untouched
 
 
-@pytest.mark.parametrize(("name", "value"), [("momentum", "0.1"), ("momentum", None), ("eps", "1e-5"), ("eps", [1e-5])])
+@pytest.mark.parametrize(("name", "value"), [
+    ("momentum", "0.1"), ("momentum", None), ("eps", "1e-5"), ("eps", [1e-5]),
+    ("momentum", torch.tensor([0.5])), ("momentum", torch.tensor(0.5, requires_grad=True)),
+    ("eps", torch.tensor([1e-5])),
+])  # fmt: skip
 def test_item13_momentum_and_eps_must_be_numbers_as_in_torch(name, value):
     x = torch.randn(4, 3)
     kwargs = {"training": True, name: value}
@@ -161,6 +165,24 @@ def test_item13_momentum_and_eps_must_be_numbers_as_in_torch(name, value):
         assert str(got.value) == str(expected.value)
     else:  # torch's eps check compares first ("'<=' not supported ..."): ours names the argument
         assert str(got.value) == f"batch_norm(): argument 'eps' (position 8) must be float, not {type(value).__name__}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_item13_momentum_and_eps_as_0d_tensors_are_their_numbers_as_in_torch(backend):
+    """torch's argument parser takes a 0-d tensor (that needs no grad) for a float: functional and module."""
+    x = torch.randn(4, 3, 5)
+    stats, want_stats = [torch.zeros(3), torch.ones(3)], [torch.zeros(3), torch.ones(3)]
+    momentum, eps = torch.tensor(0.5), torch.tensor(1e-3, dtype=torch.float64)
+    got = bnfused.batch_norm(x, *stats, training=True, momentum=momentum, eps=eps, backend=backend)
+    want = F.batch_norm(x, *want_stats, training=True, momentum=momentum, eps=eps)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(stats, want_stats)
+    ours, theirs = bnfused.BatchNorm1d(3, backend=backend), torch.nn.BatchNorm1d(3)
+    ours.momentum = theirs.momentum = torch.tensor(0.25)
+    for layer in (ours, theirs):
+        layer(x)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
 
 
 # --------------------------------------------------------------------------- the checks' C++ fast path

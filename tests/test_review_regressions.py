@@ -95,6 +95,21 @@ def test_eval_graph_survives_a_later_training_step(backend):
     torch.testing.assert_close(x.grad, expected)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_training_update_leaves_the_running_stats_version_as_torch(backend):
+    """torch's kernels write the running stats through their data pointer: a graph that saved them
+    still backpropagates after a training step (every backend, as torch.nn.BatchNorm)."""
+    for layer in (nn.BatchNorm1d(3), bnfused.BatchNorm1d(3, backend=backend)):
+        w = torch.ones(3, requires_grad=True)
+        z = (w * layer.running_mean).sum() + (w * layer.running_var).sum()  # saves both buffers
+        versions = (layer.running_mean._version, layer.running_var._version)
+        layer(torch.randn(4, 3))
+        assert (layer.running_mean._version, layer.running_var._version) == versions
+        z.backward()
+        # torch's answer: the buffers as the step left them, read by the backward through the saved tensors
+        torch.testing.assert_close(w.grad, layer.running_mean + layer.running_var)
+
+
 @pytest.mark.parametrize("make", [lambda: torch.randn(4, 7, 3).transpose(1, 2), lambda: torch.randn(3, 5).t()])
 def test_output_layout_follows_torch(make):
     x = make()

@@ -278,6 +278,29 @@ def _mlp(backend, activation="leaky_relu"):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("samples", ["in_dims_1", "channels_last", "strided"])
+@pytest.mark.parametrize("training", [False, True])
+def test_vmap_over_samples_that_are_not_contiguous(samples, training, backend):
+    """vmap hands the layer batched tensors whose samples are not contiguous (a batch dim other than
+    0, channels_last or strided samples): they refuse every layout query but the contiguous one, which
+    the argument checks of an eager call (the C++ ones, once the extension is loaded) must not make."""
+    batch_norm(torch.randn(2, 3, 4, 4), None, None, training=True, backend=backend)  # an eager call first
+    xs = torch.randn(2, 4, 3, 5, 5) if samples == "in_dims_1" else torch.randn(4, 2, 3, 5, 5)
+    if samples == "channels_last":
+        xs = torch.stack([x.to(memory_format=torch.channels_last) for x in xs])  # each sample channels_last
+    elif samples == "strided":
+        xs = torch.randn(4, 2, 3, 5, 10)[..., ::2]
+    in_dims = 1 if samples == "in_dims_1" else 0
+    ours = bnfused.BatchNorm2d(3, track_running_stats=not training, backend=backend).train(training)
+    theirs = nn.BatchNorm2d(3, track_running_stats=not training).train(training)
+    with torch.no_grad():
+        for layer in (ours, theirs):
+            layer.weight.copy_(torch.linspace(0.5, 2.0, 3))
+            layer.bias.copy_(torch.linspace(-1.0, 1.0, 3))
+    torch.testing.assert_close(vmap(ours, in_dims)(xs), vmap(theirs, in_dims)(xs))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_per_sample_gradients_of_an_eval_model(backend):
     """vmap(grad(...)) through functional_call against one backward per sample (bnfused's kernels)."""
     model = _mlp(backend)

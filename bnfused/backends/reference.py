@@ -135,13 +135,17 @@ def update_running_stats(
     momentum: float,
 ) -> None:
     """In-place exponential (or, via the momentum the caller picks, cumulative) average update,
-    computed in the statistics' dtype (as torch does on the CPU) and rounded once to the buffer's."""
+    computed in the statistics' dtype (as torch does on the CPU) and rounded once to the buffer's.
+
+    Written through ``.data``, as torch's kernels write through the data pointer: the buffers'
+    version counters stay as they are, so a graph that saved them backpropagates after a training
+    step, as with torch.nn.BatchNorm."""
     with torch.no_grad():
         if running_mean is not None:
-            running_mean.copy_(running_mean.to(mean.dtype) * (1.0 - momentum) + mean * momentum)
+            running_mean.data.copy_(running_mean.to(mean.dtype) * (1.0 - momentum) + mean * momentum)
         if running_var is not None:
             unbiased = var * (count / (count - 1))
-            running_var.copy_(running_var.to(var.dtype) * (1.0 - momentum) + unbiased * momentum)
+            running_var.data.copy_(running_var.to(var.dtype) * (1.0 - momentum) + unbiased * momentum)
 
 
 def normalize(x, weight, bias, mean, invstd, act: int, slope: float, residual=None) -> torch.Tensor:
