@@ -25,6 +25,12 @@ def test_reference_is_always_available():
     assert backends.resolve("reference", CPU) == "reference"
 
 
+def test_availability_takes_a_device_as_torch_does():
+    assert bnfused.availability("cpu") == bnfused.availability(CPU)
+    with pytest.raises(RuntimeError, match="device string"):
+        bnfused.availability("cpux")
+
+
 def test_auto_resolves_to_an_available_backend():
     assert bnfused.availability(CPU)[backends.resolve("auto", CPU)] is None
 

@@ -192,6 +192,8 @@ def defers_to_torch(request: str | None, name: str, x: torch.Tensor, training: b
 DEFERS_WHEN_AUTO = frozenset(("triton", "cuda"))
 
 
-def availability(device: torch.device) -> dict[str, str | None]:
-    """Every concrete backend name mapped to None (available) or the reason it is not."""
+def availability(device: torch.device | str | int) -> dict[str, str | None]:
+    """Every concrete backend name mapped to None (available) or the reason it is not; ``device`` as
+    torch takes one ("cpu", "cuda:0", a CUDA index or a ``torch.device``)."""
+    device = torch.device(device)
     return {name: unavailable_reason(name, device) for name in _MODULES}
