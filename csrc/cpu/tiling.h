@@ -496,7 +496,11 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, const ChannelArrays
     // One sum (the moments) in four accumulators, the chunks of a run dealt to them in turn: one
     // accumulator is a chain of dependent adds, an add's latency (4 cycles) per vector, several times
     // what loading a vector from L1/L2 takes (the training forward took 0.77-0.98x the time of one chain).
-    // The backward's two sums measured slower that way (1.05-1.17x), so they keep one chain each.
+    // The backward's two sums measured slower that way with AVX512 (1.05-1.17x), so they keep one
+    // chain each there; with 256-bit vectors a plane has twice the vectors, each waiting on the last,
+    // and two chains each (alternate chunks) took the (64, 16, 8, 8) float32 backward op from 1.11x
+    // to 0.95x ATen's time, (32, 64, 56, 56) from 0.71x to 0.61x (AVX2 build and ATen on the AVX512
+    // machine, 1 thread), where with AVX512 the first went from 0.87x to 0.96x.
     // Which chunk goes to which accumulator, and the order they are added in, depend on the tile
     // alone, never on the thread count.
     using Acc = std::array<V, K>;
@@ -504,7 +508,9 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, const ChannelArrays
     zero.fill(V(0));
     Acc a0 = zero, c1 = zero, c2 = zero, c3 = zero;
     constexpr bool kFourChains = K == 1;
-    Acc &a1 = kFourChains ? c1 : a0, &a2 = kFourChains ? c2 : a0, &a3 = kFourChains ? c3 : a0;
+    constexpr bool kTwoChains = !kFourChains && sizeof(V) <= 32;
+    Acc &a1 = (kFourChains || kTwoChains) ? c1 : a0, &a2 = kFourChains ? c2 : a0;
+    Acc& a3 = kFourChains ? c3 : (kTwoChains ? c1 : a0);
     const V cen(center ? center[0] : A(0));
     const PlaneSpan p = tl.plane_span(t);
     const PlaneCoefs<A, N> coef(arrays, p.c);
@@ -534,7 +540,9 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, const ChannelArrays
       for (; i + VW <= p.len; i += VW) a0 = added(a0, Full{}, off + i);
       if (i < p.len) a1 = added(a1, Part{p.len - i}, off + i);
     }
-    for (int k = 0; k < K; ++k) out[k] = lane_sum(kFourChains ? (a0[k] + a1[k]) + (a2[k] + a3[k]) : a0[k]);
+    for (int k = 0; k < K; ++k) {
+      out[k] = lane_sum(kFourChains ? (a0[k] + a1[k]) + (a2[k] + a3[k]) : kTwoChains ? a0[k] + c1[k] : a0[k]);
+    }
     return;
   }
   // Rows walked one by one: in blocks of up to four vectors of channels, each summed over the tile's
