@@ -48,6 +48,16 @@ def _type_error(name: str, value, expected: str) -> TypeError:
     )
 
 
+def float_arguments(momentum, eps) -> tuple:
+    """momentum and eps as torch's argument parser takes them: numbers, or 0-d tensors that need no
+    grad (their numbers); anything else raises torch's TypeError."""
+    if momentum.__class__ is not float and not isinstance(momentum, numbers.Real):
+        momentum = _float_argument("momentum", momentum)
+    if eps.__class__ is not float and not isinstance(eps, numbers.Real):
+        eps = _float_argument("eps", eps)
+    return momentum, eps
+
+
 def _float_argument(name: str, value) -> float:
     """A 0-d tensor that needs no grad passes as its number, as torch's argument parser takes it."""
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.requires_grad and not value.is_complex():
@@ -253,10 +263,7 @@ def batch_norm(
     """
     if training is not True and training is not False:
         raise _type_error("training", training, "bool")
-    if momentum.__class__ is not float and not isinstance(momentum, numbers.Real):
-        momentum = _float_argument("momentum", momentum)
-    if eps.__class__ is not float and not isinstance(eps, numbers.Real):
-        eps = _float_argument("eps", eps)
+    momentum, eps = float_arguments(momentum, eps)
     act, slope = (act_codes.NONE, 0.0) if activation is None else act_codes.parse(activation, negative_slope)
     # Compiled calls check in Python: Dynamo cannot trace into the C++ function, and must not read
     # _compiled_checks either (the extension may load, and set it, while Dynamo traces this call).

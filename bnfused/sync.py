@@ -36,11 +36,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.fx import Proxy
-from torch.nn.modules._functions import SyncBatchNorm as TorchSyncBatchNormFunction
 
 from bnfused import activation as act_codes
 from bnfused import backends, layout
-from bnfused.functional import backward_may_follow, check_arguments, check_eps, empty_batch_norm
+from bnfused.functional import check_arguments, check_eps, empty_batch_norm, float_arguments
 from bnfused.modules import _FusedBatchNorm
 
 # Dtype of the exchanged statistics: float64 keeps per-rank counts exact far beyond 2^24 values.
@@ -173,6 +172,7 @@ def sync_batch_norm(
     Raises:
         ValueError: the global batch has only 1 value per channel.
     """
+    momentum, eps = float_arguments(momentum, eps)
     act, slope = act_codes.parse(activation, negative_slope)
     if act not in act_codes.SPLIT_CODES:  # fused in no kernel: the torch activation after the layer
         y = sync_batch_norm(
@@ -187,15 +187,6 @@ def sync_batch_norm(
     world_size = dist.get_world_size(process_group)
     x = layout.kernel_ready(input)
     name = backends.resolve(backend, x.device)
-    if name in backends.DEFERS_WHEN_AUTO and backends.defers_to_torch(
-        backend, name, x, True, backward_may_follow(input, weight, bias, None)
-    ):
-        # torch's own kernels are faster here (``backends.auto_policy``): torch.nn.SyncBatchNorm's
-        # function, with its collectives, then the activation as a torch op.
-        y = TorchSyncBatchNormFunction.apply(
-            input, weight, bias, running_mean, running_var, eps, momentum, process_group, world_size
-        )
-        return act_codes.apply(y, act, slope)
     with torch.no_grad():
         count, mean, var = global_batch_stats(x, name, process_group, world_size)
     if count == 1:

@@ -330,20 +330,10 @@ def test_falls_back_to_plain_batch_norm_with_world_size_one(tmp_path):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize(
-    "device, backend",
-    [
-        ("cpu", None),
-        pytest.param("cuda", "auto", marks=pytest.mark.gpu),  # this size defers to torch's function
-        pytest.param("cuda", "triton", marks=pytest.mark.gpu),
-        pytest.param("cuda", "cuda", marks=pytest.mark.gpu),
-    ],
-)
-def test_sync_path_in_one_process_matches_torch(device, backend, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_sync_path_in_one_process_matches_torch(device, tmp_path):
     """The synchronised path itself (collectives included: gloo on CPU, NCCL on CUDA) in a group of
     one, against nn.SyncBatchNorm on CUDA (its world-size-1 fallback) or nn.BatchNorm2d on CPU."""
-    if backends.unavailable_reason(backend or "auto", torch.device(device)) is not None:
-        pytest.skip(backends.unavailable_reason(backend, torch.device(device)))
     init = f"file://{tmp_path}/store"
     dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=init, rank=0, world_size=1,
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))  # fmt: skip
@@ -358,9 +348,7 @@ def test_sync_path_in_one_process_matches_torch(device, backend, tmp_path):
             x = make_input((4, 3, 5, 5), torch.float32).to(device).requires_grad_()
             x_ref = x.detach().requires_grad_()
             dy = torch.randn_like(x)
-            y = bnfused.sync.sync_batch_norm(
-                x, running_mean, running_var, weight, bias, 0.5, 1e-5, "relu", backend=backend
-            )
+            y = bnfused.sync.sync_batch_norm(x, running_mean, running_var, weight, bias, 0.5, 1e-5, "relu")
             y.backward(dy)
             y_ref = torch.nn.functional.relu(ref(x_ref))
             y_ref.backward(dy)
@@ -375,48 +363,22 @@ def test_sync_path_in_one_process_matches_torch(device, backend, tmp_path):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("requested, torch_faster, defers", [
-    ("auto", True, True), ("auto", False, False), ("triton", True, False),
-])  # fmt: skip
-def test_sync_path_defers_to_torch_sync_function_where_auto_policy_says(
-    requested, torch_faster, defers, monkeypatch, tmp_path
-):
-    """Where "auto" resolves to a CUDA backend and ``auto_policy`` measured torch faster, the
-    multi-process path runs torch.nn.SyncBatchNorm's own function (CUDA-only, so stood in for here by
-    the single-process computation it equals in a group of one) and then the activation."""
-    calls = []
-
-    class TorchSyncStandIn:
-        @staticmethod
-        def apply(input, weight, bias, running_mean, running_var, eps, momentum, process_group, world_size):
-            calls.append((eps, momentum, world_size))
-            return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
-
-    monkeypatch.setattr(bnfused.sync, "TorchSyncBatchNormFunction", TorchSyncStandIn)
-    real_resolve = backends.resolve
-    # Triton runs on CPU tensors under the interpreter: the kernels' path stays runnable here.
-    monkeypatch.setattr(
-        backends, "resolve", lambda name, device: "triton" if name in (None, "auto") else real_resolve(name, device)
-    )
-    monkeypatch.setattr(backends.auto_policy, "torch_is_faster", lambda *args: torch_faster)
+def test_sync_path_takes_momentum_and_eps_as_torch_does(tmp_path):
+    """0-d tensors are their numbers; other tensors raise torch's TypeError, as bnfused.batch_norm does."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1,
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))  # fmt: skip
     try:
         x = make_input((4, 3, 5, 5), torch.float32)
-        weight, bias = torch.rand(3) + 0.5, torch.randn(3)
-        running_mean, running_var = torch.zeros(3), torch.ones(3)
-        y = bnfused.sync.sync_batch_norm(
-            x, running_mean, running_var, weight, bias, 0.5, 1e-5, "relu", backend=requested
-        )
+        stats, want_stats = [torch.zeros(3), torch.ones(3)], [torch.zeros(3), torch.ones(3)]
+        y = bnfused.sync.sync_batch_norm(x, *stats, None, None, torch.tensor(0.5), torch.tensor(1e-3))
+        want = torch.nn.functional.batch_norm(x, *want_stats, None, None, True, 0.5, 1e-3)
+        torch.testing.assert_close(y, want)
+        torch.testing.assert_close(stats, want_stats)
+        for momentum in (torch.tensor([0.5]), torch.tensor(0.5, requires_grad=True), torch.tensor([0.1, 0.5, 0.9])):
+            with pytest.raises(TypeError, match="argument 'momentum' .* must be float, not Tensor"):
+                bnfused.sync.sync_batch_norm(x, *stats, None, None, momentum, 1e-5)
     finally:
         dist.destroy_process_group()
-    assert calls == ([(1e-5, 0.5, 1)] if defers else [])
-    ref_mean, ref_var = torch.zeros(3), torch.ones(3)
-    y_ref = torch.relu(torch.nn.functional.batch_norm(x, ref_mean, ref_var, weight, bias, True, 0.5, 1e-5))
-    atol, rtol = TOLERANCES[torch.float32]
-    torch.testing.assert_close(y, y_ref, atol=atol, rtol=rtol)
-    torch.testing.assert_close(running_mean, ref_mean, atol=atol, rtol=rtol)
-    torch.testing.assert_close(running_var, ref_var, atol=atol, rtol=rtol)
 
 
 def test_merge_stats_handles_empty_ranks_and_large_means():

@@ -24,8 +24,11 @@ channels_last training, short planes, (N, C) inputs, float64 (which the Triton b
 to the pure-PyTorch reference path), and tensors under 100M values: the smallest tensor on which
 the kernels won held 102.8M, and a smaller one pays a launch cost that this GPU time leaves out.
 Asking for a backend by name (``backend="triton"``, ``set_backend``) always runs it. SyncBatchNorm's
-multi-process path follows the same rule: where torch is faster it runs torch.nn.SyncBatchNorm's own
-function (torch's kernels and collectives). The CPU backends are at or
+multi-process path runs its own split primitives, always the kernels: each rank would decide on its
+own local batch (ranks may hold different sizes, or none), and torch.nn.SyncBatchNorm's function
+exchanges other collectives than bnfused's, so ranks that chose differently would pair mismatched
+collectives (found with a simulated 2-rank run); a per-rank choice of local kernels inside bnfused's
+own exchange is what a GPU run would have to measure. The CPU backends are at or
 past ATen everywhere measured (README), so no CPU call defers.
 """
 
