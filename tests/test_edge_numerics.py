@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import bnfused
 
@@ -340,3 +341,32 @@ def test_fuzz_against_float64_oracle(backend):
             tol = (FUZZ_TOLERANCE[dtype] * scales[name] if math.isfinite(scales[name]) else 0.0) + 2 * subnormal
             message = f"{name} of {label}"
             torch.testing.assert_close(a.double(), like(o, a), rtol=0, atol=tol, msg=lambda m, s=message: f"{s}: {m}")
+
+
+@pytest.mark.parametrize(
+    "backend, dtype",
+    [(b, d) for b in BACKENDS for d in (torch.float16, torch.bfloat16)]
+    # torch itself, where it holds: its bfloat16 running variance was 13.7 units off here (torch 2.14)
+    + [("torch", torch.float16)],
+)
+def test_16_bit_running_stats_are_rounded_once(backend, dtype):
+    """A layer converted to float16/bfloat16 keeps 16-bit running stats: each update is the exact
+    (1 - m) * running + m * batch rounded once to the buffer's dtype (within half a unit in the last
+    place, as torch's float16 kernels, which compute it in float), not rounded after each of its
+    operations."""
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(64, 120, generator=gen) * 2 + torch.randn(120, generator=gen) * 3).to(dtype)
+    layer = (nn.BatchNorm1d(120) if backend == "torch" else bnfused.BatchNorm1d(120, backend=backend)).to(dtype)
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.randn(120, generator=gen) * 5)
+        layer.running_var.copy_(torch.rand(120, generator=gen) * 4 + 0.1)
+    before = (layer.running_mean.double(), layer.running_var.double())
+    layer(x)
+    var, mean = torch.var_mean(x.double(), dim=0, correction=1)
+    for got, old, batch in zip((layer.running_mean, layer.running_var), before, (mean, var)):
+        exact = 0.9 * old + 0.1 * batch
+        ulp = torch.finfo(dtype).eps * torch.exp2(
+            torch.floor(torch.log2(exact.abs().clamp_min(torch.finfo(dtype).tiny)))
+        )
+        error = (got.double() - exact).abs()
+        assert (error <= 0.5 * ulp + 1e-6 * exact.abs()).all(), (error / ulp).max()

@@ -51,8 +51,9 @@ void update_running(const optional<Tensor>& running, const std::vector<double>& 
         p[c] = static_cast<scalar_t>((1.0 - momentum) * double(p[c]) + momentum * batch[c]);
       }
     });
-  } else {  // float16/bfloat16 running stats: the same update, in their own dtype, as torch does it
-    r.mul_(1.0 - momentum).add_(channel_tensor(batch, at::kDouble).to(dtype), momentum);
+  } else {  // float16/bfloat16 running stats: the same update, rounded once to their dtype (as torch's
+            // kernels, which compute it in float; three operations in the 16-bit dtype would round thrice)
+    r.copy_(r.to(at::kDouble).mul_(1.0 - momentum).add_(channel_tensor(batch, at::kDouble), momentum));
   }
 }
 
