@@ -180,9 +180,9 @@ class KernelBenchmark:
                         self._run_mode(provider, shape, mode, layer, cases, round_index)
         self.copy_gbps = statistics.median(copies)
         rows = []
-        for (shape, _, mode), case in cases.items():
+        for (shape, name, mode), case in cases.items():
             row = self._row(case["fields"], timing.median_timing(list(case["timings"].values())))
-            base = cases.get((shape, "torch", mode))
+            base = cases.get((shape, providers.parse(name).baseline, mode))
             rounds = [] if base is None else sorted(case["timings"].keys() & base["timings"].keys())
             speedups = [base["timings"][r].ms / case["timings"][r].ms for r in rounds]
             row["speedup_vs_torch"] = f"{statistics.median(speedups):.4g}" if speedups else None
@@ -291,11 +291,16 @@ def _geometric_mean(values: Sequence[float]) -> float:
 
 def findings(rows: Sequence[dict], modes: Sequence[str]) -> str:
     """One line saying what the run found: per mode, the geometric mean over shapes of the speedup of
-    the first plain bnfused provider over torch, and of fused BN + ReLU over torch's BN then ReLU."""
+    the first plain bnfused provider over torch, of fused BN + ReLU over torch's BN then ReLU, and of
+    the first bnfused functional over torch's functional (each against torch called the same way)."""
     providers_in_run = list(dict.fromkeys(r["provider"] for r in rows))
-    fused = [p for p in providers_in_run if p.startswith("bnfused")]
-    pairs = [(p, b) for p, b in ((next((p for p in fused if "+relu" not in p), None), "torch"),
-                                 (next((p for p in fused if "+relu" in p), None), "torch+relu")) if p]  # fmt: skip
+    fused = [providers.parse(p) for p in providers_in_run if p.startswith("bnfused")]
+    firsts = (
+        next((p for p in fused if not p.relu and not p.functional), None),
+        next((p for p in fused if p.relu and not p.functional), None),
+        next((p for p in fused if not p.relu and p.functional), None),
+    )
+    pairs = [(p.name, p.baseline + (providers.RELU_SUFFIX if p.relu else "")) for p in firsts if p]
     ms = {(r["provider"], r["shape"], r["mode"]): float(r["ms"]) for r in rows}
     parts = []
     for provider, baseline in pairs:

@@ -1,6 +1,6 @@
 """Providers: the BatchNorm implementations a benchmark puts side by side, by name.
 
-A provider name is ``<base>[+relu]``:
+A provider name is ``<base>[+functional][+relu]``:
 
     torch              torch.nn.BatchNorm (native kernels; cuDNN / MIOpen on GPUs)
     compile            torch.compile of the torch.nn module
@@ -9,6 +9,9 @@ A provider name is ``<base>[+relu]``:
     bnfused-<backend>  bnfused with one backend: reference, triton, cpp, cuda, ...
     <base>+relu        followed by ReLU: a separate nn.ReLU for torch/compile/scratch, the fused
                        activation for bnfused
+    <base>+functional  torch and bnfused only: the layer's tensors called through the functional
+                       (F.batch_norm, bnfused.functional.batch_norm), the per-call path of code that
+                       does not use the modules
 
 The bnfused backends are discovered with ``bnfused.availability``, so a new backend shows up here
 without a change to this file.
@@ -19,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import bnfused
@@ -26,6 +30,7 @@ from benchmarks.scratch_bn import ScratchBatchNorm
 
 BASES = ("torch", "compile", "scratch", "bnfused")
 RELU_SUFFIX = "+relu"
+FUNCTIONAL_SUFFIX = "+functional"
 # The Triton interpreter is orders of magnitude slower than any real kernel: on CPU it is a
 # correctness tool, not a benchmark candidate, so it is only run when asked for by name.
 _NOT_BENCHMARKED_BY_DEFAULT = {"cpu": ("triton",)}
@@ -39,10 +44,16 @@ class Provider:
     base: str
     backend: str | None
     relu: bool
+    functional: bool = False
 
     @property
     def compiled(self) -> bool:
         return self.base == "compile"
+
+    @property
+    def baseline(self) -> str:
+        """The provider this one's speedup is measured against: torch, called the same way."""
+        return "torch" + FUNCTIONAL_SUFFIX if self.functional else "torch"
 
 
 def split_backend(base: str, name: str) -> tuple[str, str | None]:
@@ -60,15 +71,22 @@ def split_backend(base: str, name: str) -> tuple[str, str | None]:
 
 
 def parse(name: str) -> Provider:
-    """Parses ``<base>[+relu]`` (see the module docstring); raises ValueError naming what is wrong."""
+    """Parses ``<base>[+functional][+relu]`` (see the module docstring); raises ValueError naming what
+    is wrong."""
     text = name.strip().lower()
-    relu = text.endswith(RELU_SUFFIX)
-    base, backend = split_backend(text[: -len(RELU_SUFFIX)] if relu else text, name)
+    rest = text
+    relu = rest.endswith(RELU_SUFFIX)
+    rest = rest[: -len(RELU_SUFFIX)] if relu else rest
+    functional = rest.endswith(FUNCTIONAL_SUFFIX)
+    base, backend = split_backend(rest[: -len(FUNCTIONAL_SUFFIX)] if functional else rest, name)
     if base not in BASES:
         raise ValueError(
-            f"unknown provider {name!r}: expected one of {', '.join(BASES)}, bnfused-<backend>, each optionally +relu"
+            f"unknown provider {name!r}: expected one of {', '.join(BASES)}, bnfused-<backend>, each optionally "
+            "+functional (torch, bnfused) and +relu"
         )
-    return Provider(text, base, backend, relu)
+    if functional and base not in ("torch", "bnfused"):
+        raise ValueError(f"provider {name!r}: +functional applies to torch and bnfused only")
+    return Provider(text, base, backend, relu, functional)
 
 
 def available_backends(device: torch.device) -> list[str]:
@@ -125,6 +143,8 @@ def build_layer(provider: Provider, shape: tuple[int, ...], device: torch.device
         raise ValueError(f"BatchNorm takes 2D to 5D inputs (N, C, *); got shape {shape}")
     num_features = shape[1]
     factory = {"device": device, "dtype": param_dtype(dtype)}
+    if provider.functional:
+        return _FunctionalCall(_TORCH_CLASSES[len(shape)](num_features, **factory), provider)
     if provider.base == "bnfused":
         activation = "relu" if provider.relu else None
         return _FUSED_CLASSES[len(shape)](num_features, activation=activation, backend=provider.backend, **factory)
@@ -141,3 +161,23 @@ def build_layer(provider: Provider, shape: tuple[int, ...], device: torch.device
         torch._dynamo.reset()
         layer = torch.compile(layer)
     return layer
+
+
+class _FunctionalCall(nn.Module):
+    """A BatchNorm layer's tensors called through a functional, with the module's train/eval flag:
+    ``F.batch_norm`` (then ``F.relu``) or ``bnfused.functional.batch_norm`` (relu fused). Both
+    providers pay this wrapper's call alike; num_batches_tracked is not counted, as by neither
+    functional."""
+
+    def __init__(self, layer: nn.modules.batchnorm._BatchNorm, provider: Provider) -> None:
+        super().__init__()
+        self.layer = layer
+        self.provider = provider
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn, p = self.layer, self.provider
+        args = (x, bn.running_mean, bn.running_var, bn.weight, bn.bias, self.training, bn.momentum, bn.eps)
+        if p.base == "bnfused":
+            return bnfused.functional.batch_norm(*args, activation="relu" if p.relu else None, backend=p.backend)
+        y = F.batch_norm(*args)
+        return F.relu(y, inplace=True) if p.relu else y

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import bnfused
@@ -153,6 +154,30 @@ def test_bench_kernels_repeat_keeps_one_row_per_case(cpu_one_thread):
     assert sorted((r["provider"], r["mode"]) for r in rows) == sorted(
         (p, m) for p in ("torch", "scratch") for m in ("fwd-train", "bwd")
     )
+
+
+def test_functional_providers_call_the_functionals_and_compare_with_torchs(monkeypatch, capsys, cpu_one_thread):
+    """+functional: the layer's tensors through F.batch_norm / bnfused.functional.batch_norm, each row's
+    speedup against torch called the same way, and the run's findings name that pair."""
+    calls = []
+    for module, name in ((bnfused.functional, "batch_norm"), (providers.F, "batch_norm")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _m=module, **k: calls.append(_m) or _f(*a, **k))
+    argv = ["--quick", *cpu_one_thread, "--providers", "torch,torch+functional,bnfused-reference+functional",
+            "--shapes", "6x7", "--modes", "fwd-train,fwd-eval"]  # fmt: skip
+    rows = bench_kernels.main(argv)
+    assert bnfused.functional in calls and providers.F in calls
+    by = {(r["provider"], r["mode"]): r for r in rows}
+    for mode in ("fwd-train", "fwd-eval"):
+        assert float(by[("torch+functional", mode)]["speedup_vs_torch"]) == 1.0  # its own baseline
+        assert float(by[("torch", mode)]["speedup_vs_torch"]) == 1.0
+    assert "vs torch+functional" in capsys.readouterr().out
+    layer = providers.build_layer(providers.parse("bnfused-reference+functional+relu"), (6, 7), torch.device("cpu"),
+                                  torch.float32)  # fmt: skip
+    x = torch.randn(6, 7)
+    torch.testing.assert_close(layer(x), torch.relu(F.batch_norm(x, None, None, training=True)))
+    with pytest.raises(ValueError, match=r"\+functional applies to torch and bnfused only"):
+        providers.parse("compile+functional")
 
 
 def test_bench_kernels_failing_provider_is_reported_and_skipped(monkeypatch, capsys, cpu_one_thread):
