@@ -70,8 +70,8 @@ def activation_grad(dy: torch.Tensor, y: torch.Tensor | None, act: int, slope: f
         return torch.where(y > 0, dy, dy * slope)
     if act == act_codes.RELU6:
         return torch.where((y > 0) & (y < 6), dy, 0.0)
-    if act == act_codes.HARDSWISH:
-        return torch.where(z <= -3, 0.0, torch.where(z < 3, dy * (z / 3 + 0.5), dy))
+    if act == act_codes.HARDSWISH:  # a NaN z gives NaN, as torch's vectorised hardswish_backward
+        return torch.where(z <= -3, 0.0, torch.where(z >= 3, dy, dy * (z / 3 + 0.5)))
     sig = torch.sigmoid(z)
     if act == act_codes.SIGMOID:
         return dy * (sig * (1 - sig))

@@ -142,8 +142,9 @@ def _grad_tile(
         z = (x - mean[:, None]) * scale[:, None] + shift[:, None]
         if HAS_RESIDUAL:
             z += tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        if ACT == 4:  # hardswish' = 0 at z <= -3, z / 3 + 1/2 between, 1 at z >= 3 (torch's kinks)
-            g = tl.where(z <= -3.0, 0.0, tl.where(z < 3.0, g * (z / 3.0 + 0.5), g))
+        if ACT == 4:  # hardswish' = 0 at z <= -3, z / 3 + 1/2 between, 1 at z >= 3 (torch's kinks; a
+            # NaN z falls to the middle case and gives NaN, as torch's vectorised kernel)
+            g = tl.where(z <= -3.0, 0.0, tl.where(z >= 3.0, g, g * (z / 3.0 + 0.5)))
         elif ACT == 6:  # sigmoid' = s (1 - s)
             s = tl.sigmoid(z)
             g = g * (s * (1.0 - s))
