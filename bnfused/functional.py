@@ -263,7 +263,8 @@ def batch_norm(
     """
     if training is not True and training is not False:
         raise _type_error("training", training, "bool")
-    momentum, eps = float_arguments(momentum, eps)
+    if momentum.__class__ is not float or eps.__class__ is not float:  # the common case skips a call
+        momentum, eps = float_arguments(momentum, eps)
     act, slope = (act_codes.NONE, 0.0) if activation is None else act_codes.parse(activation, negative_slope)
     # Compiled calls check in Python: Dynamo cannot trace into the C++ function, and must not read
     # _compiled_checks either (the extension may load, and set it, while Dynamo traces this call).
@@ -271,7 +272,7 @@ def batch_norm(
     checked = (
         not torch.compiler.is_compiling()
         and _compiled_checks is not None
-        and not torch_ops.functorch_active()
+        and not torch_ops.functorch_depth()
         and _compiled_checks(input, running_mean, running_var, weight, bias, training)
     )
     if not checked:

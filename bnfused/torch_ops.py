@@ -79,8 +79,8 @@ def use_torch_ops(x: torch.Tensor, training: bool) -> bool:
 # torch.jit.is_tracing() without its Python wrapper (62 ns against 177 ns: this runs on every call).
 _tracing_state = torch._C._get_tracing_state
 
-# torch.func's transform depth: 0 outside any transform.
-_functorch_depth = torch._C._functorch.get_dynamic_layer_stack_depth
+# torch.func's transform depth: 0 outside any transform (a C function: no Python frame per call).
+functorch_depth = torch._C._functorch.get_dynamic_layer_stack_depth
 
 
 # The depth under torch.compile: Dynamo folds the builtin on torch 2.14 but refuses it on 2.11
@@ -90,13 +90,7 @@ _functorch_depth = torch._C._functorch.get_dynamic_layer_stack_depth
 # on the functorch stack, and forward-mode AD on its dual level.
 @torch.compiler.assume_constant_result
 def _functorch_depth_when_traced() -> int:
-    return _functorch_depth()
-
-
-def functorch_active() -> bool:
-    """A torch.func transform is running (vmap's batched tensors answer no layout query but the
-    contiguous one)."""
-    return _functorch_depth() > 0
+    return functorch_depth()
 
 
 def transform_active() -> bool:
@@ -108,7 +102,7 @@ def transform_active() -> bool:
     rules and forward derivatives, with torch's errors where torch refuses (e.g. an in-place
     running-stat update of an unbatched buffer under vmap). Two reads, about 50 ns together.
     """
-    return functorch_active() or forward_ad._current_level >= 0
+    return functorch_depth() > 0 or forward_ad._current_level >= 0
 
 
 def batch_norm(
