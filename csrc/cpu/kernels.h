@@ -468,6 +468,9 @@ template <typename T>
 void normalize(const T* xp, const Tiling& tl, const acc_t<T>* mean, const acc_t<T>* scale, const acc_t<T>* shift,
                int64_t act, double slope, const T* rp, T* yp);
 
+// 16-bit planes of at most this many bytes (8 cache lines) are short for stats_then_normalize.
+constexpr int64_t kShortPlaneBytes = 512;
+
 // The forward: statistics of x, then finish(c, Moments) for each channel (it must fill mean[c],
 // scale[c], shift[c]), then y = act(z (+ residual rp, when not null)) (skipped when yp is null:
 // statistics only).
@@ -483,10 +486,14 @@ void stats_then_normalize(const T* xp, const Tiling& tl, const Finish& finish, c
   // than channel by channel (two_pass), whose normalize pass walks each channel's planes C * S values
   // apart. bfloat16 (128, 256, 14, 14) NCHW training forward against ATen, AVX2, three processes of
   // 15 rounds: 1 thread 1.27 / 0.92 / 1.10 -> 1.05 / 0.97 / 0.93, 2 threads 1.08 / 1.22 / 1.13 ->
-  // 0.95 / 0.96 / 0.94. float32, with twice the bytes per plane, is faster channel by channel. AVX512
-  // builds keep two_pass (0.75-0.79 of ATen there, not measured the other way).
+  // 0.95 / 0.96 / 0.94. float32, with twice the bytes per plane, is faster channel by channel, and so
+  // are longer 16-bit planes, whose runs the prefetcher follows: planes of more than kShortPlaneBytes
+  // keep two_pass, which reads x once (AVX2 build on an AVX512 machine, bfloat16 training forward,
+  // 2 threads, medians of 7 alternating processes: (32, 64, 56, 56) 1.22 -> 1.16 ms, (64, 128, 28,
+  // 28) 1.38 -> 1.28 ms). AVX512 builds keep two_pass (0.75-0.79 of ATen there, not measured the
+  // other way).
   if constexpr (kNarrowVectors && is_16bit_float<T>()) {
-    if (planes_in_memory_order(tl)) {
+    if (planes_in_memory_order(tl) && tl.L.s * int64_t(sizeof(T)) <= kShortPlaneBytes) {
       channel_stats(xp, tl, finish);
       normalize(xp, tl, mean, scale, shift, act, slope, rp, yp);
       return;
