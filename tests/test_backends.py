@@ -31,6 +31,15 @@ def test_availability_takes_a_device_as_torch_does():
         bnfused.availability("cpux")
 
 
+def test_availability_names_a_cuda_index_past_the_devices(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    reasons = bnfused.availability("cuda:7")
+    assert set(reasons) == set(backends._MODULES)
+    for reason in reasons.values():
+        assert reason == "cuda:7 does not exist: torch sees 2 CUDA device(s)"
+
+
 def test_auto_resolves_to_an_available_backend():
     assert bnfused.availability(CPU)[backends.resolve("auto", CPU)] is None
 

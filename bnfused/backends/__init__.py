@@ -113,6 +113,10 @@ def module(name: str) -> ModuleType:
 
 def unavailable_reason(name: str, device: torch.device) -> str | None:
     """Why backend ``name`` cannot run on ``device``, or None when it can."""
+    if device.type == "cuda" and device.index is not None and torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            return f"{device} does not exist: torch sees {count} CUDA device(s)"
     wanted = _DEVICE_TYPE.get(name)
     if wanted is not None and device.type != wanted:
         other = next(n for n, t in _DEVICE_TYPE.items() if t == device.type) if device.type in ("cpu", "cuda") else None
