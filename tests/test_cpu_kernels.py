@@ -342,7 +342,7 @@ def test_eager_binding_in_inference_mode_and_no_grad():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_flat_walk_over_short_planes_matches_the_training_forward(shape, dtype):
     """Eval over contiguous short planes walks the tensor in whole vectors, blending two channels'
-    coefficients where a vector straddles planes (csrc/cpu/kernels.h, normalize_flat): every value
+    coefficients where a vector straddles planes (csrc/cpu/forward_kernels.h, normalize_flat): every value
     must equal the training forward's, which applies the same coefficients plane by plane."""
     _assert_normalize_matches_training_forward(make_input(shape, dtype), act_codes.LEAKY_RELU, 0.1)
 
@@ -565,7 +565,7 @@ def test_flat_walk_streams_from_a_misaligned_input():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_flat_walk_over_short_rows_matches_the_training_forward(shape, channels_last, dtype):
     """Eval over dense rows of C channels, C not a multiple of the vector width, walks the tensor flat
-    with coefficients repeated over lcm(C, VW) values (csrc/cpu/kernels.h, normalize_rows_flat): the
+    with coefficients repeated over lcm(C, VW) values (csrc/cpu/forward_kernels.h, normalize_rows_flat): the
     same bits as the training forward's walk by tiles (row by row, or flat for the larger ones)."""
     x = make_input(shape, dtype, channels_last=channels_last)
     _assert_normalize_matches_training_forward(x, act_codes.RELU, 0.0)

@@ -10,7 +10,7 @@
 
 #include "../layout.h"
 #include "channel_values.h"
-#include "kernels.h"
+#include "backward_kernels.h"
 
 namespace bnfused::cpu {
 namespace {

@@ -5,7 +5,7 @@
 
 #include "../layout.h"
 #include "channel_values.h"
-#include "kernels.h"
+#include "forward_kernels.h"
 
 namespace bnfused::cpu {
 

@@ -203,6 +203,15 @@ void parallel_planes(const Tiling& tl, F&& body) {
 
 inline int64_t plane_offset(const Tiling& tl, int64_t p) { return (p / tl.L.c) * tl.L.sn + (p % tl.L.c) * tl.L.sc; }
 
+// Calls f(offset) for each of channel c's N * S values: the scalar walk of the exact (rare) paths.
+template <typename F>
+void for_channel_values(const Tiling& tl, int64_t c, F&& f) {
+  const Ncs& L = tl.L;
+  for (int64_t n = 0; n < L.n; ++n) {
+    for (int64_t s = 0; s < L.s; ++s) f(n * L.sn + c * L.sc + s * L.ss);
+  }
+}
+
 // The offsets of rows r0, r0 + 1, ... in turn (row r = n * S + s), stepped without a division per row.
 class RowOffsets {
  public:

@@ -1,0 +1,189 @@
+// The CPU backward kernel of BatchNorm, written once per tile (see tiling.h) and scheduled by
+// two_pass: per-channel sum(g) and sum(g * (x - mean)) with g = dy * act'(z), then
+// dx = g * k1 - x_hat * k2 - k3, x_hat = (x - mean) * invstd. The op wrapper (backward.cpp) supplies
+// `finish(c, ...)`, which turns channel c's merged sums into k1..k3 before any of its values are written.
+// T is the tensor dtype; A = acc_t<T> (float or double) is the dtype of all arithmetic.
+#pragma once
+
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "elementwise.h"
+
+namespace bnfused::cpu {
+
+// The tensors of one backward pass, all with x's layout; null when absent or not wanted.
+template <typename T>
+struct GradTensors {
+  const T* dy;
+  const T* x;
+  const T* y;         // the forward output: read for relu, leaky_relu, relu6 (grad_from_output)
+  const T* residual;  // the forward's residual: read to recompute z for hardswish, silu (grad_from_input)
+  T* dx;
+  T* dresidual;       // gets g itself
+};
+
+// The backward: per-channel sum(g) and sum(g * x_hat) with g = dy * act'(z) and x_hat =
+// (x - mean) * invstd, summed per tile in A (as sum(g * (x - mean)), times invstd once merged in
+// double, in tile order; recomputed in double from x_hat when a tile sum overflowed), handed to
+// finish(c, sum_g_c, sum_gxhat_c) (it must fill k1[c], k2[c], k3[c]); then
+//   training (`centered`): dx = g * k1 - x_hat * k2 - k3,
+//   eval:                  dx = g * k1 (x is not read unless z is: an inf or NaN in x, or in the
+//                          running mean, changes nothing, as in torch),
+// skipped when io.dx is null, and dresidual = g when io.dresidual is not null. With reduce == false
+// only those are computed, from given k1..k3. For hardswish and silu, z = (x - mean) * k1 + shift
+// (+ residual) is recomputed exactly as the forward computed it (k1 = weight * invstd is its scale),
+// in both passes. x_hat is formed before it meets k2 so that no coefficient holds invstd^2 (it
+// overflows float for a tiny variance with a tiny eps).
+template <typename T, typename Finish>
+void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_t<T>* mean, const acc_t<T>* invstd,
+                          const acc_t<T>* shift, bool reduce, const Finish& finish, const acc_t<T>* k1,
+                          const acc_t<T>* k2, const acc_t<T>* k3, bool centered, int64_t act, double slope) {
+  using A = acc_t<T>;
+  using V = at::vec::Vectorized<A>;
+  const int64_t W = tl.width();
+  const V vslope(static_cast<A>(slope));
+  std::vector<A> part(reduce ? tl.tiles * 2 * W : 0, A(0));  // per tile: W sums of g, W of g * (x - mean)
+  const T *dyp = io.dy, *xp = io.x, *yp = io.y, *rp = io.residual;
+  T *dxp = io.dx, *drp = io.dresidual;
+  // Rows walked flat read every per-channel array repeated over the period, and the elementwise pass
+  // over rows in pairs reads them in pair order (arrange_channels): those known now are arranged
+  // here, k2 and k3 once the last channel is finished when the sums give them (two_pass finishes a
+  // row tiling's channels in order, on one thread, before any apply). The sums read the arrays as
+  // given unless the rows are walked flat; the exact paths of merge read the (C,) arrays.
+  const int64_t P = arranged_size<T>(tl);
+  std::vector<A> arranged(6 * P);
+  auto arrange = [&](int64_t i, const A* arr) -> const A* {
+    if (!P || !arr) return arr;
+    arrange_channels<T>(tl, arr, arranged.data() + i * P);
+    return arranged.data() + i * P;
+  };
+  const ChannelArrays<A, 6> given{mean, k1, shift, invstd, k2, k3};
+  const A* later_k2 = P ? arranged.data() + kK2 * P : k2;  // arranged by arrange_k2_k3
+  const A* later_k3 = P ? arranged.data() + kK3 * P : k3;
+  const ChannelArrays<A, 6> arrays{arrange(kMean, mean),   arrange(kK1, k1), arrange(kShift, shift),
+                                   arrange(kInvstd, invstd), later_k2,        later_k3};
+  const ChannelArrays<A, 6>& sum_arrays = tl.flat ? arrays : given;
+  auto arrange_k2_k3 = [&] {
+    arrange(kK2, k2);
+    arrange(kK3, k3);
+  };
+  if (!reduce) arrange_k2_k3();
+  const int64_t streams = 2 + (grad_from_output(act) ? 1 : 0) + (grad_from_input(act) && rp ? 1 : 0) +
+                          (drp ? 1 : 0);
+  auto body = [&](auto act_c) {
+    constexpr int kAct = decltype(act_c)::value;
+    // g for a chunk, or for one register of a pair (tag PairLo, PairHi); coef(kIndex) gives one of
+    // `arrays`' values for the chunk's lanes.
+    auto grad = [=](auto tag, int64_t off, auto chunk_coef) {
+      const auto& coef = chunk_coef.at(tag);
+      const V dy = ld(tag, dyp + off);
+      if constexpr (kAct == kAnyAct) {  // float64: the same operations, chosen at run time
+        if (grad_from_input(act)) {
+          V z = at::vec::fmadd(ld(tag, xp + off) - coef(kMean), coef(kK1), coef(kShift));
+          if (rp) z = z + ld(tag, rp + off);
+          return act_grad_any(act, dy, z, vslope);
+        } else if (grad_from_output(act)) {
+          return act_grad_any(act, dy, ld(tag, yp + off), vslope);
+        } else {
+          return dy;
+        }
+      } else if constexpr (grad_from_input(kAct)) {
+        V z = at::vec::fmadd(ld(tag, xp + off) - coef(kMean), coef(kK1), coef(kShift));
+        if (rp) z = z + ld(tag, rp + off);
+        return act_grad<kAct>(dy, z, vslope);
+      } else if constexpr (grad_from_output(kAct)) {
+        return act_grad<kAct>(dy, ld(tag, yp + off), vslope);
+      } else {
+        return dy;
+      }
+    };
+    auto sums = [&](int64_t t) {
+      const A* center = tl.rows ? sum_arrays[kMean] : mean + tl.plane_channel(t);
+      tile_sums<2>(
+          tl, t, center, sum_arrays,
+          [=](auto tag, int64_t off, const V& cen, auto coef) {
+            const V g = grad(tag, off, coef);
+            return std::array<V, 2>{g, g * (ld(tag, xp + off) - cen)};
+          },
+          part.data() + t * 2 * W);
+    };
+    // A rows tiling sums every channel on the first call, tiles outermost (as RowMomentMerge, and for
+    // the same reason: each channel's sum is a chain of dependent adds, one per tile), in the same order.
+    std::vector<double> rows_sums;
+    auto merge = [&](int64_t c) {
+      if (!reduce) return;
+      double sg = 0, sgx = 0;
+      if (tl.rows) {
+        if (rows_sums.empty()) {
+          rows_sums.assign(2 * W, 0.0);
+          for (int64_t t = 0; t < tl.tiles; ++t) {
+            for (int64_t j = 0; j < 2 * W; ++j) rows_sums[j] += double(part[t * 2 * W + j]);
+          }
+        }
+        sg = rows_sums[c];
+        sgx = rows_sums[W + c];
+      } else {
+        tl.for_channel_tiles(c, [&](int64_t t, int64_t j) {
+          sg += double(part[t * 2 * W + j]);
+          sgx += double(part[t * 2 * W + W + j]);
+        });
+      }
+      sgx *= double(invstd[c]);
+      if (!std::isfinite(sg) || !std::isfinite(sgx)) {  // overflowed in A, or inf/NaN in dy or x
+        sg = sgx = 0;
+        const double m = double(mean[c]), is = double(invstd[c]);
+        for_channel_values(tl, c, [&](int64_t off) {
+          double y_or_z = 0;
+          const int64_t act_v = kAct == kAnyAct ? act : kAct;
+          if (grad_from_input(act_v)) {
+            y_or_z = (double(xp[off]) - m) * double(k1[c]) + double(shift[c]) + (rp ? double(rp[off]) : 0.0);
+          } else if (grad_from_output(act_v)) {
+            y_or_z = double(yp[off]);
+          }
+          const double g = act_grad_value(act_v, double(dyp[off]), y_or_z, slope);
+          sg += g;
+          sgx += g * ((double(xp[off]) - m) * is);
+        });
+      }
+      finish(c, sg, sgx);
+      if (P && c == tl.L.c - 1) arrange_k2_k3();
+    };
+    const bool stream = tile_streams_output<T>(tl);
+    auto input_grad = [&](int64_t t) {
+      auto write = [&](auto centered_c) {
+        tile_chunks<A, has_pairs<T>()>(tl, t, arrays, [=](auto tag, int64_t off, auto coef) {
+          auto dx = [&](auto part, const V& g) {  // part: the chunk's tag, or one register of a pair
+            const auto& cf = coef.at(part);
+            if constexpr (decltype(centered_c)::value) {
+              const V x_hat = (ld(part, xp + off) - cf(kMean)) * cf(kInvstd);
+              return at::vec::fmsub(g, cf(kK1), at::vec::fmadd(x_hat, cf(kK2), cf(kK3)));
+            } else {
+              return V(g * cf(kK1));
+            }
+          };
+          if constexpr (std::is_same_v<decltype(tag), Pair>) {
+            const V g_lo = grad(PairLo{}, off, coef), g_hi = grad(PairHi{}, off, coef);
+            if (drp) st_pair(drp + off, g_lo, g_hi, stream);
+            if (dxp) st_pair(dxp + off, dx(PairLo{}, g_lo), dx(PairHi{}, g_hi), stream);
+          } else {
+            const V g = grad(tag, off, coef);
+            if (drp) st_out(tag, drp + off, g, stream);
+            if (dxp) st_out(tag, dxp + off, dx(tag, g), stream);
+          }
+        }, stream, rows_in_pairs<T>(tl));
+      };
+      centered ? write(std::true_type{}) : write(std::false_type{});
+      stream_fence(stream);
+    };
+    two_pass(tl, streams * int64_t(sizeof(T)), reduce, dxp != nullptr || drp != nullptr, sums, merge, input_grad);
+  };
+  if constexpr (runtime_epilogue<T>()) {
+    body(std::integral_constant<int, kAnyAct>{});
+  } else {
+    with_act(act, body);
+  }
+}
+
+}  // namespace bnfused::cpu

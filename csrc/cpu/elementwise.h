@@ -1,0 +1,176 @@
+// What the CPU kernels' elementwise steps share (forward_kernels.h, backward_kernels.h): where each
+// per-channel array sits in a chunk's coefficients, the activations and their gradients on vectors,
+// the forward's epilogue act(z (+ residual)), and which outputs are written with streaming stores.
+// T is the tensor dtype; A = acc_t<T> (float or double) is the dtype of all arithmetic.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../activation.h"
+#include "tiling.h"
+
+namespace bnfused::cpu {
+
+// Where the kernels' per-channel arrays sit in their ChannelArrays (see tile_chunks): the
+// normalisation's (x - mean) * scale + shift, and the backward's, whose k1 is that same scale.
+constexpr CoefIndex<0> kMean{};
+constexpr CoefIndex<1> kScale{}, kK1{};
+constexpr CoefIndex<2> kShift{};
+constexpr CoefIndex<3> kInvstd{};
+constexpr CoefIndex<4> kK2{};
+constexpr CoefIndex<5> kK3{};
+template <typename A>
+constexpr ChannelArrays<A, 0> kNoArrays{};
+
+template <int Act, typename V>
+inline V activate(const V& z, const V& slope) {
+  if constexpr (Act == kRelu) {
+    return at::vec::maximum(z, V(0));
+  } else if constexpr (Act == kLeakyRelu) {
+    return V::blendv(z * slope, z, z > V(0));
+  } else if constexpr (Act == kRelu6) {
+    return at::vec::minimum(at::vec::maximum(z, V(0)), V(6));
+  } else if constexpr (Act == kHardswish) {  // torch's own expression, so that it rounds as torch's does
+    return z * at::vec::minimum(at::vec::maximum(z + V(3), V(0)), V(6)) / V(6);
+  } else if constexpr (Act == kSilu) {  // z * sigmoid(z), written as torch's CPU kernel writes it
+    return z / (V(1) + z.neg().exp());
+  } else if constexpr (Act == kSigmoid) {  // as torch's vectorised CPU sigmoid
+    return V(1) / (V(1) + z.neg().exp());
+  } else {
+    return z;
+  }
+}
+
+// dy * act'(z). y_or_z is the saved output y for relu, leaky_relu and relu6 (grad_from_output: y > 0
+// exactly where z > 0 for slope >= 0, and 0 < y < 6 exactly where 0 < z < 6), the recomputed z for
+// hardswish and silu (grad_from_input); unused without an activation. Torch's conventions at the kinks,
+// and at NaN those of its vectorised CPU kernels: relu passes dy ("zero where z <= 0"), leaky_relu
+// scales it by the slope ("dy where z > 0"), relu6 gives 0, hardswish NaN.
+template <int Act, typename V>
+inline V act_grad(const V& dy, const V& y_or_z, const V& slope) {
+  if constexpr (Act == kRelu) {
+    return V::blendv(dy, V(0), y_or_z <= V(0));
+  } else if constexpr (Act == kLeakyRelu) {
+    return V::blendv(dy * slope, dy, y_or_z > V(0));
+  } else if constexpr (Act == kRelu6) {
+    return V::blendv(V(0), dy, (y_or_z > V(0)) & (y_or_z < V(6)));
+  } else if constexpr (Act == kHardswish) {  // 0 for z <= -3, z / 3 + 1/2 between, 1 for z >= 3
+    const V inner = V::blendv(y_or_z / V(3) + V(0.5), V(1), y_or_z >= V(3));
+    return V::blendv(dy * inner, V(0), y_or_z <= V(-3));
+  } else if constexpr (Act == kSilu) {  // s * (1 + z * (1 - s)), s = sigmoid(z), as torch's silu_backward
+    // The backward recomputes z's exponential in both of its passes, where it costs more than the
+    // memory traffic: ATen's faster exp_u20 (float; double's is exp) halves that, for a relative error
+    // of about 1e-6 in g (the forward keeps exp(), so that y rounds as torch's silu).
+    const V s = V(1) / (V(1) + y_or_z.neg().exp_u20());
+    return dy * s * (V(1) + y_or_z * (V(1) - s));
+  } else if constexpr (Act == kSigmoid) {  // s * (1 - s), s = sigmoid(z) (exp_u20: see silu)
+    const V s = V(1) / (V(1) + y_or_z.neg().exp_u20());
+    // exp_u20 does not carry a NaN through (silu's z * (1 - s) does): a NaN z gives a NaN gradient, as torch.
+    return V::blendv(dy * (s * (V(1) - s)), y_or_z, y_or_z.isnan());
+  } else {
+    return dy;
+  }
+}
+
+// The forward's last step on a chunk, shared by every schedule: y = act(z (+ residual)). The residual
+// is read at the chunk's own offset (it has x's strides); kResidual keeps the add out of the loops
+// that have none.
+template <int kAct, bool kResidual, typename T>
+struct Epilogue {
+  const T* rp;  // the residual, or null
+  VecA<T> slope;
+
+  template <typename Tag>
+  VecA<T> operator()(Tag tag, int64_t off, const VecA<T>& z) const {
+    if constexpr (kResidual) {
+      return activate<kAct>(z + ld(tag, rp + off), slope);
+    } else {
+      return activate<kAct>(z, slope);
+    }
+  }
+};
+
+// float64 is for correctness checks, not speed: its kernels take the activation and the residual at
+// run time (one instantiation of each schedule instead of one per activation and residual), with
+// the same operations in the same order, so that the results are the same bits. kAnyAct marks them.
+constexpr int kAnyAct = -1;
+
+template <typename T>
+constexpr bool runtime_epilogue() {
+  return std::is_same_v<T, double>;
+}
+
+template <typename V>
+inline V activate_any(int64_t act, const V& z, const V& slope) {
+  return with_act(act, [&](auto act_c) -> V { return activate<decltype(act_c)::value>(z, slope); });
+}
+
+template <typename V>
+inline V act_grad_any(int64_t act, const V& dy, const V& y_or_z, const V& slope) {
+  return with_act(act, [&](auto act_c) -> V { return act_grad<decltype(act_c)::value>(dy, y_or_z, slope); });
+}
+
+// Epilogue with the activation and the residual chosen at run time (float64).
+template <typename T>
+struct AnyEpilogue {
+  const T* rp;  // the residual, or null
+  VecA<T> slope;
+  int64_t act;
+
+  template <typename Tag>
+  VecA<T> operator()(Tag tag, int64_t off, const VecA<T>& z) const {
+    return activate_any(act, rp ? VecA<T>(z + ld(tag, rp + off)) : z, slope);
+  }
+};
+
+// Calls f(Epilogue<act, residual present, T>), specialised per activation and residual (float64:
+// f(AnyEpilogue<T>)).
+template <typename T, typename F>
+void with_epilogue(int64_t act, double slope, const T* rp, F&& f) {
+  const VecA<T> vslope(static_cast<acc_t<T>>(slope));
+  if constexpr (runtime_epilogue<T>()) {
+    f(AnyEpilogue<T>{rp, vslope, act});
+    return;
+  }
+  with_act(act, [&](auto act_c) {
+    constexpr int kAct = decltype(act_c)::value;
+    if (rp != nullptr) {
+      f(Epilogue<kAct, true, T>{rp, vslope});
+    } else {
+      f(Epilogue<kAct, false, T>{rp, vslope});
+    }
+  });
+}
+
+// Outputs of at least this many bytes are written with streaming stores (see st_out): below it, the
+// output (or most of it) can still be in cache when the next layer reads it.
+constexpr int64_t kStreamBytes = int64_t{16} << 20;
+
+// Rows (channels innermost) stream only when a row is whole cache lines: otherwise a line would
+// mix streamed and ordinary stores (a partial-line streaming write costs more than it saves).
+template <typename T>
+inline bool streams_output(const Tiling& tl) {
+  return tl.L.numel() * int64_t(sizeof(T)) >= kStreamBytes && (!tl.rows || tl.L.c * int64_t(sizeof(T)) % 64 == 0);
+}
+
+// Tiles of short planes (a channel's planes n0..n1, each C * S values from the next) write each plane
+// apart from its neighbours in memory, which other tiles write at other times: for the same reason
+// they stream only when a plane is whole cache lines. Streamed, the 196-value planes of (128, 256,
+// 14, 14) float32 (784 bytes) spent about 70% of the backward's input-gradient pass on the streaming
+// stores (perf, AVX2), and that backward took 1.1-1.2x ATen's time.
+template <typename T>
+inline bool tile_streams_output(const Tiling& tl) {
+  return streams_output<T>(tl) && (tl.rows || tl.group == 1 || tl.L.s * int64_t(sizeof(T)) % 64 == 0);
+}
+
+// g = dy * act'(z) for one value, in double (the exact paths): act_grad on one lane.
+// (Not hot: taken per channel only when a tile sum overflowed, so the activation is chosen at run time.)
+inline double act_grad_value(int64_t act, double dy, double y_or_z, double slope) {
+  using V = at::vec::Vectorized<double>;
+  double lanes[V::size()];
+  act_grad_any(act, V(dy), V(y_or_z), V(slope)).store(lanes);
+  return lanes[0];
+}
+
+}  // namespace bnfused::cpu
