@@ -10,9 +10,10 @@
 
 For each shape, provider and mode it reports the median time (and 20th/80th percentiles), the
 speedup over torch.nn.BatchNorm from the same run, the effective bandwidth from the minimum bytes
-the mode must move (byte model in benchmarks/memory.py) and that bandwidth as a fraction of a
-device copy measured in the same run, the bytes kept for backward, and the peak memory.
-A fraction above 1 means the data stayed in cache, which the copy of a large buffer cannot.
+the mode must move (byte model in benchmarks/memory.py) and that bandwidth as a fraction of two
+copies measured in the same run: one of a buffer larger than any cache (memory bandwidth; a fraction
+above 1 means the data stayed in cache) and one of the layer's input size (what its data can move at
+where it stays in cache), the bytes kept for backward, and the peak memory.
 The table ends with what the run found: the geometric-mean speedup of bnfused over torch per mode.
 
 --dtype and --layout take comma-separated lists: every combination is run, one table each (the CSV
@@ -85,13 +86,13 @@ def sweep_for(args: argparse.Namespace, device: torch.device) -> Sweep:
 
 COLUMNS = (
     "provider", "backend", "shape", "dtype", "layout", "mode",
-    "ms", "q20_ms", "q80_ms", "speedup_vs_torch", "gbps", "roofline_frac", "copy_gbps",
-    "min_bytes", "saved_bytes", "peak_mem_bytes",
+    "ms", "q20_ms", "q80_ms", "speedup_vs_torch", "gbps", "roofline_frac", "copy_gbps", "x_copy_gbps",
+    "x_copy_frac", "min_bytes", "saved_bytes", "peak_mem_bytes",
     "clock", "device", "torch", "triton", "commit", "date",
 )  # fmt: skip
 NUMERIC_COLUMNS = (
-    "ms", "q20_ms", "q80_ms", "speedup_vs_torch", "gbps", "roofline_frac", "copy_gbps",
-    "min_bytes", "saved_bytes", "peak_mem_bytes",
+    "ms", "q20_ms", "q80_ms", "speedup_vs_torch", "gbps", "roofline_frac", "copy_gbps", "x_copy_gbps",
+    "x_copy_frac", "min_bytes", "saved_bytes", "peak_mem_bytes",
 )  # fmt: skip
 
 
@@ -158,15 +159,23 @@ class KernelBenchmark:
         """Measures every case ``repeat`` times, a whole round after another. Within a round, each mode
         of a shape is timed for every provider in turn, so that a burst of load from another process
         hits the providers alike; a row keeps the median of its rounds, and its speedup is the median
-        of the per-round speedups over torch."""
+        of the per-round speedups over torch.
+
+        Each round also times a copy of each shape's input size (``x_copy_gbps``): where the layer and
+        its output stay in cache, that copy (not the large one) is the rate a one-pass kernel can reach."""
         cases: dict[tuple, dict] = {}  # (shape, provider, mode) -> the row's fixed fields and its timings
         copies = []
+        x_copies: dict[str, list[float]] = {}
         start, done, total = time.monotonic(), 0, repeat * len(shapes) * len(self.providers)
         for round_index in range(repeat):
             copies.append(timing.copy_bandwidth_gbps(self.device, self.budget, copy_bytes))
             self.log(f"round {round_index + 1}/{repeat}: device copy bandwidth {copies[-1]:.1f} GB/s "
                      f"(read + write of {copy_bytes >> 20} MiB)")  # fmt: skip
             for shape in shapes:
+                x_bytes = math.prod(shape) * self.dtype.itemsize
+                x_copies.setdefault(shape_text(shape), []).append(
+                    timing.copy_bandwidth_gbps(self.device, self.budget, x_bytes)
+                )
                 layers = []
                 for provider in self.providers:
                     done += 1
@@ -182,6 +191,9 @@ class KernelBenchmark:
         rows = []
         for (shape, name, mode), case in cases.items():
             row = self._row(case["fields"], timing.median_timing(list(case["timings"].values())))
+            x_copy_gbps = statistics.median(x_copies[shape])
+            row["x_copy_gbps"] = f"{x_copy_gbps:.4g}"
+            row["x_copy_frac"] = f"{float(row['gbps']) / x_copy_gbps:.4g}"
             base = cases.get((shape, providers.parse(name).baseline, mode))
             rounds = [] if base is None else sorted(case["timings"].keys() & base["timings"].keys())
             speedups = [base["timings"][r].ms / case["timings"][r].ms for r in rounds]
@@ -265,7 +277,7 @@ def results_table(rows: Sequence[dict], modes: Sequence[str], markdown: bool = F
         cells.setdefault((r["shape"], r["provider"]), {})[r["mode"]] = r
     last = modes[-1]
     with_peak = any(r["peak_mem_bytes"] is not None for r in rows)
-    header = ["shape", "provider", *(f"{m} ms (vs torch)" for m in modes), f"{last} GB/s (% of copy)"]
+    header = ["shape", "provider", *(f"{m} ms (vs torch)" for m in modes), f"{last} GB/s (% of copy, x copy)"]
     header += [f"{last} peak MiB"] * with_peak + ["saved / x"]
     body = []
     for by_mode in cells.values():
@@ -276,7 +288,8 @@ def results_table(rows: Sequence[dict], modes: Sequence[str], markdown: bool = F
             f"{float(by_mode[m]['ms']):.4g}{_speedup_text(by_mode[m])}" if m in by_mode else "failed" for m in modes
         ]
         r = by_mode.get(last)
-        line.append(f"{float(r['gbps']):.3g} ({100 * float(r['roofline_frac']):.0f}%)" if r else "-")
+        copies = f"{100 * float(r['roofline_frac']):.0f}%, {100 * float(r['x_copy_frac']):.0f}%" if r else ""
+        line.append(f"{float(r['gbps']):.3g} ({copies})" if r else "-")
         if with_peak:
             line.append(f"{r['peak_mem_bytes'] / 2**20:.1f}" if r else "-")
         x_bytes = math.prod(int(d) for d in shape.split("x")) * cli.DTYPES[first["dtype"]].itemsize

@@ -146,7 +146,8 @@ def copy_bandwidth_gbps(device: torch.device, budget: Budget, nbytes: int) -> fl
     """Bandwidth of ``dst.copy_(src)`` for an ``nbytes`` buffer, counting bytes read + written (GB/s).
 
     This is what a memory-bound elementwise kernel can reach on this device, measured in the same
-    run: the denominator of ``roofline_frac``. Choose ``nbytes`` well above the last-level cache.
+    run: the denominator of ``roofline_frac`` with ``nbytes`` well above the last-level cache, of
+    ``x_copy_frac`` with a layer's input size (a layer that stays in cache moves data at that rate).
     """
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)

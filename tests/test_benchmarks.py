@@ -75,6 +75,7 @@ def test_bench_kernels_quick_writes_csv_and_plot(tmp_path, device):
         assert float(r["q20_ms"]) <= float(r["ms"]) <= float(r["q80_ms"])
         assert float(r["ms"]) > 0 and float(r["gbps"]) > 0
         assert float(r["roofline_frac"]) == pytest.approx(float(r["gbps"]) / float(r["copy_gbps"]), rel=1e-3)
+        assert float(r["x_copy_frac"]) == pytest.approx(float(r["gbps"]) / float(r["x_copy_gbps"]), rel=1e-3)
         shape = tuple(int(d) for d in r["shape"].split("x"))
         assert int(r["min_bytes"]) == memory.min_bytes(
             r["mode"], shape, torch.float32, torch.float32, r["provider"].endswith("+relu")
