@@ -12,8 +12,8 @@ For each shape, provider and mode it reports the median time (and 20th/80th perc
 speedup over torch.nn.BatchNorm from the same run, the effective bandwidth from the minimum bytes
 the mode must move (byte model in benchmarks/memory.py) and that bandwidth as a fraction of two
 copies measured in the same run: one of a buffer larger than any cache (memory bandwidth; a fraction
-above 1 means the data stayed in cache) and one of the layer's input size (what its data can move at
-where it stays in cache), the bytes kept for backward, and the peak memory.
+above 1 means the data stayed in cache) and one of the layer's input size (on a CPU, what its data
+can move at where it stays in cache), the bytes kept for backward, and the peak memory.
 The table ends with what the run found: the geometric-mean speedup of bnfused over torch per mode.
 
 --dtype and --layout take comma-separated lists: every combination is run, one table each (the CSV
@@ -161,8 +161,9 @@ class KernelBenchmark:
         hits the providers alike; a row keeps the median of its rounds, and its speedup is the median
         of the per-round speedups over torch.
 
-        Each round also times a copy of each shape's input size (``x_copy_gbps``): where the layer and
-        its output stay in cache, that copy (not the large one) is the rate a one-pass kernel can reach."""
+        Each round also times a copy of each shape's input size (``x_copy_gbps``): on a CPU, where the
+        layer and its output stay in cache, that copy (not the large one) is the rate a one-pass kernel
+        can reach; on CUDA, whose timing clears L2 before each call, it is a cold copy of that size."""
         cases: dict[tuple, dict] = {}  # (shape, provider, mode) -> the row's fixed fields and its timings
         copies = []
         x_copies: dict[str, list[float]] = {}

@@ -149,7 +149,7 @@ def copy_bandwidth_gbps(device: torch.device, budget: Budget, nbytes: int) -> fl
     run: the denominator of ``roofline_frac`` with ``nbytes`` well above the last-level cache, of
     ``x_copy_frac`` with a layer's input size (a layer that stays in cache moves data at that rate).
     """
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    src = torch.empty((nbytes + 3) // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     timing = measure(lambda: dst.copy_(src), device, budget)
     return 2 * src.nbytes / (timing.ms * 1e-3) / 1e9

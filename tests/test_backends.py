@@ -38,6 +38,9 @@ def test_availability_names_a_cuda_index_past_the_devices(monkeypatch):
     assert set(reasons) == set(backends._MODULES)
     for reason in reasons.values():
         assert reason == "cuda:7 does not exist: torch sees 2 CUDA device(s)"
+    monkeypatch.setattr(backends, "_resolved", {})
+    with pytest.raises(bnfused.BackendUnavailableError, match="no backend can run on cuda:7: 'triton'"):
+        backends.resolve("auto", torch.device("cuda", 7))
 
 
 def test_auto_resolves_to_an_available_backend():

@@ -165,7 +165,10 @@ def _resolve_uncached(name: str, device: torch.device) -> str:
                 )
             return candidate
         skipped.append((candidate, reason))
-    raise AssertionError("unreachable: the reference backend is always available")
+    # Only a device no tensor can live on gets here (the reference backend runs on every other one).
+    raise BackendUnavailableError(
+        f"bnfused: no backend can run on {device}: " + "; ".join(f"{n!r}: {r}" for n, r in skipped)
+    )
 
 
 # Frames of these packages are skipped when a warning names the line that caused it: the user's call

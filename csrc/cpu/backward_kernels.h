@@ -5,6 +5,7 @@
 // T is the tensor dtype; A = acc_t<T> (float or double) is the dtype of all arithmetic.
 #pragma once
 
+#include <array>
 #include <cmath>
 #include <type_traits>
 #include <vector>

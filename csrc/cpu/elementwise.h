@@ -1,6 +1,7 @@
-// What the CPU kernels' elementwise steps share (forward_kernels.h, backward_kernels.h): where each
-// per-channel array sits in a chunk's coefficients, the activations and their gradients on vectors,
-// the forward's epilogue act(z (+ residual)), and which outputs are written with streaming stores.
+// The per-value pieces of the CPU kernels (forward_kernels.h, backward_kernels.h): where each
+// per-channel array sits in a chunk's coefficients (the forward's and the backward's slots), the
+// activations (forward) and their gradients (backward) on vectors and on one value, the forward's
+// epilogue act(z (+ residual)), and which outputs both write with streaming stores.
 // T is the tensor dtype; A = acc_t<T> (float or double) is the dtype of all arithmetic.
 #pragma once
 

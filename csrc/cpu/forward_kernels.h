@@ -1,15 +1,17 @@
 // The CPU forward kernels of BatchNorm, written once per tile (see tiling.h) and scheduled by
 // two_pass: per-channel mean and M2 (tile_moments, merged in tile order), then
 // y = act((x - mean) * scale + shift (+ residual)); and the one-pass schedules of that normalisation
-// alone (normalize: eval, and the training forward over short planes). The op wrappers
+// alone (normalize: eval, the normalize op, and on AVX2-and-narrower builds the 16-bit training
+// forward over short planes, see stats_then_normalize). The op wrappers
 // (forward_train.cpp, forward_eval.cpp) supply `finish(c, Moments)`, which turns channel c's merged
 // moments into its coefficients before any of its values are written.
 // T is the tensor dtype; A = acc_t<T> (float or double) is the dtype of all arithmetic.
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
-#include <numeric>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
