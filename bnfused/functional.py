@@ -327,8 +327,11 @@ def batch_norm(
     if (
         name in backends.DEFERS_WHEN_AUTO
         and memory == "default"
-        and backends.defers_to_torch(
-            backend, name, input, training, training and backward_may_follow(input, weight, bias, residual)
+        and (
+            backends.defers_in_every_mode(backend, input)
+            or backends.defers_to_torch(
+                backend, name, input, training, training and backward_may_follow(input, weight, bias, residual)
+            )
         )
     ):
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)

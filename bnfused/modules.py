@@ -149,6 +149,8 @@ class _FusedBatchNorm:
         name = backends.resolve(self.backend, input.device)
         if name not in backends.DEFERS_WHEN_AUTO:
             return False
+        if backends.defers_in_every_mode(self.backend, input):
+            return True
         params, buffers = self._parameters, self._buffers
         training = self.training or (buffers.get("running_mean") is None and buffers.get("running_var") is None)
         residual = residual if isinstance(residual, torch.Tensor) else None

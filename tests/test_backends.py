@@ -232,7 +232,7 @@ def test_a_module_asks_the_policy_with_its_mode_and_whether_a_backward_follows(m
     )
     if mode == "frozen":
         layer.requires_grad_(False)
-    x = torch.randn(2, 4, 3, 3)
+    x = torch.empty(SHORT, device="meta").requires_grad_()  # inside the measured regimes: the mode matters
     if mode == "no-grad-train":
         with torch.no_grad():
             assert layer._defers_to_torch(x, None)
@@ -243,3 +243,28 @@ def test_a_module_asks_the_policy_with_its_mode_and_whether_a_backward_follows(m
         "no-grad-train": (True, False), "frozen": (False, False),
     }[mode]  # fmt: skip
     assert asked == [expected]
+
+
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [((64, 16, 8, 8), torch.float32), ((40000, 4096), torch.float32), (BIG, torch.float64), (SHORT, torch.float32)],
+)
+def test_layers_outside_every_measured_regime_defer_without_working_out_their_mode(shape, dtype, monkeypatch):
+    """The policy's answer for any mode, where it has one (small, (N, C), float64), without the mode:
+    the same answer as asking with each mode; a layer asks nothing more then."""
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    outside = backends.auto_policy.outside_measured(x)
+    assert outside == (shape != SHORT)
+    every_mode = all(
+        backends.defers_to_torch("auto", name, x, training, backward)
+        for name in backends.DEFERS_WHEN_AUTO
+        for training in (True, False)
+        for backward in (True, False)
+    )
+    assert backends.defers_in_every_mode("auto", x) == outside
+    assert not outside or every_mode
+    assert not backends.defers_in_every_mode("triton", x)
+    monkeypatch.setattr(backends, "resolve", lambda request, device: "triton")
+    monkeypatch.setattr(backends, "defers_to_torch", lambda *args: pytest.fail("asked with a mode"))
+    if outside:
+        assert bnfused.BatchNorm2d(shape[1], dtype=dtype)._defers_to_torch(x, None)

@@ -191,7 +191,18 @@ def defers_to_torch(request: str | None, name: str, x: torch.Tensor, training: b
     """Whether this call, which ``request`` resolved to backend ``name`` (one of ``DEFERS_WHEN_AUTO``),
     goes to torch's own BatchNorm instead: only for "auto", only where torch was measured faster
     (``auto_policy``); ``backward``: a backward may follow."""
-    return (request or _default).lower() == "auto" and auto_policy.torch_is_faster(name, x, training, backward)
+    return _asks_auto(request) and auto_policy.torch_is_faster(name, x, training, backward)
+
+
+def defers_in_every_mode(request: str | None, x: torch.Tensor) -> bool:
+    """``defers_to_torch`` for any training flag and backward: x lies outside every measured regime.
+    Most layers do, so a caller asks this first and works out its mode only when it says False (about
+    1 us a call: a deferred layer's only cost over torch's own)."""
+    return _asks_auto(request) and auto_policy.outside_measured(x)
+
+
+def _asks_auto(request: str | None) -> bool:
+    return (request or _default).lower() == "auto"
 
 
 # The backends whose kernels "auto" may leave to torch's (CUDA ones: the CPU kernels are at or past

@@ -55,13 +55,19 @@ _EVAL_MIN_PLANE = {"triton": 28 * 28}  # NCHW planes; the C++ CUDA eval kernels 
 _EVAL_MIN_PLANE_CHANNELS_LAST = {"triton": 56 * 56}
 
 
+def outside_measured(x: torch.Tensor) -> bool:
+    """x lies outside every regime the GPU run measured (fewer values than any win, (N, C) inputs, a
+    dtype other than 16 or 32 bits): torch's BatchNorm is taken whatever the mode."""
+    return x.numel() < MEASURED_MIN_NUMEL or x.dim() < 3 or x.element_size() not in (2, 4)
+
+
 def torch_is_faster(name: str, x: torch.Tensor, training: bool, backward: bool = True) -> bool:
     """Whether torch's own BatchNorm was measured faster than backend ``name``'s kernels for x on CUDA
     (or x lies outside what was measured); ``backward``: a backward may follow (a training call with
     grad enabled and a tensor that requires it). x is (N, C, *) with N * C > 0."""
-    size = x.element_size()
-    if x.dim() < 3 or size not in (2, 4) or x.numel() < MEASURED_MIN_NUMEL:
+    if outside_measured(x):
         return True
+    size = x.element_size()
     plane = x.numel() // (x.shape[0] * x.shape[1])
     planes_contiguous = x.stride(-1) == 1 and x.stride(1) >= plane
     if training:
