@@ -91,6 +91,16 @@ class _FusedBatchNorm:
         running_var = self.running_var if keep_running else None
         return self.weight, self.bias, running_mean, running_var, momentum
 
+    def _batch_norm_args(self) -> tuple:
+        """(running_mean, running_var, weight, bias, use_batch_stats, momentum) as torch's forward passes
+        them to F.batch_norm, the tensors read by ``_tensors_and_momentum`` (which counts the step)."""
+        weight, bias, running_mean, running_var, momentum = self._tensors_and_momentum()
+        # Batch statistics in training, and in eval when there are no running stats to use.
+        use_batch_stats = self.training or (running_mean is None and running_var is None)
+        if self.training and not self.track_running_stats:
+            running_mean = running_var = None
+        return running_mean, running_var, weight, bias, use_batch_stats, momentum
+
     def _step_momentum(self, num_batches_tracked: MaybeTensor) -> float:
         """Counts a training step in num_batches_tracked (as torch does) and returns its momentum."""
         if self.training and self.track_running_stats and num_batches_tracked is not None:
@@ -116,22 +126,17 @@ class _FusedBatchNorm:
         if input.__class__ is not torch.Tensor and isinstance(input, Proxy):
             return self._fx_leaf(input, residual)
         if input.is_cuda and self.memory == "default" and self._defers_to_torch(input, residual):
-            # torch's own BatchNorm is faster here (``backends.auto_policy``): its forward as torch
-            # writes it, with none of bnfused's per-call work (a GPU layer can take microseconds).
-            return self._scripted_forward(input, residual)
+            return self._deferred_forward(input, residual)
         if residual is not None and not isinstance(residual, torch.Tensor):
             # A number the fusion pass took for a tensor (a traced graph cannot tell them apart): a
             # 0-d tensor adds and promotes as the Python number would.
             residual = torch.as_tensor(residual, device=input.device)
         self._check_input_dim(input)
-        weight, bias, running_mean, running_var, momentum = self._tensors_and_momentum()
-        # Batch statistics in training, and in eval when there are no running stats to use.
-        use_batch_stats = self.training or (running_mean is None and running_var is None)
-        keep_running = not self.training or self.track_running_stats
+        running_mean, running_var, weight, bias, use_batch_stats, momentum = self._batch_norm_args()
         return batch_norm(
             input,
-            running_mean if keep_running else None,
-            running_var if keep_running else None,
+            running_mean,
+            running_var,
             weight,
             bias,
             use_batch_stats,
@@ -156,6 +161,13 @@ class _FusedBatchNorm:
         residual = residual if isinstance(residual, torch.Tensor) else None
         backward = training and backward_may_follow(input, params.get("weight"), params.get("bias"), residual)
         return backends.defers_to_torch(self.backend, name, input, training, backward)
+
+    def _deferred_forward(self, input: torch.Tensor, residual: MaybeTensor) -> torch.Tensor:
+        """A call "auto" leaves to torch (``backends.auto_policy``: torch's BatchNorm is faster there):
+        torch's ops, with none of bnfused's per-call work (a GPU layer can take microseconds), the
+        module's tensors read as the fused path reads them (an attribute read costs about 0.4 us)."""
+        self._check_input_dim(input)
+        return self._add_and_activate(F.batch_norm(input, *self._batch_norm_args(), self.eps), residual)
 
     def _compiles_to_torch_ops(self, input: torch.Tensor) -> bool:
         """Under torch.compile: whether this call becomes torch's ops (``torch_ops.use_torch_ops``)."""
@@ -184,6 +196,10 @@ class _FusedBatchNorm:
             momentum,
             self.eps,
         )
+        return self._add_and_activate(y, residual)
+
+    def _add_and_activate(self, y: torch.Tensor, residual: MaybeTensor) -> torch.Tensor:
+        """``act(y [+ residual])`` for a BatchNorm output y, in torch ops."""
         if residual is not None:
             y = y + residual
         return act_codes.apply_named(y, self.activation, self.negative_slope)

@@ -221,6 +221,46 @@ def test_auto_on_cuda_runs_torchs_batch_norm_where_it_is_faster(training, monkey
     assert not calls and y.shape == x.shape
 
 
+@pytest.mark.parametrize("activation", [None, "hardswish"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize(
+    "mode", ["train", "eval", "no-stats-train", "no-stats-eval", "untracked-later", "cumulative", "frozen"]
+)
+def test_a_deferred_call_is_torchs_batch_norm(mode, with_residual, activation):
+    """CPU twin of the deferred half of the GPU test above: the forward a deferred call runs gives
+    torch's output, running stats, step count and gradients bit for bit, in every mode."""
+    torch.manual_seed(0)
+    kwargs = {"track_running_stats": not mode.startswith("no-stats"), "momentum": None if mode == "cumulative" else 0.1}
+    ours = bnfused.BatchNorm2d(3, activation=activation, **kwargs)
+    theirs = torch.nn.BatchNorm2d(3, **kwargs)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+        theirs.bias.uniform_(-1, 1)
+    ours.load_state_dict(theirs.state_dict())
+    for layer in (ours, theirs):
+        layer.train(mode not in ("eval", "no-stats-eval"))
+        if mode == "untracked-later":  # running stats kept, no longer updated: torch normalises with the batch's
+            layer.track_running_stats = False
+        if mode == "frozen":
+            layer.requires_grad_(False)
+    act = torch.nn.Hardswish() if activation else torch.nn.Identity()
+    x = torch.randn(4, 3, 5, 5)
+    residual = torch.randn(4, 3, 5, 5) if with_residual else None
+    for _ in range(2):  # the second call sees the first's running stats and count
+        x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_ours = ours._deferred_forward(x_ours, residual)
+        y_theirs = theirs(x_theirs)
+        y_theirs = act(y_theirs if residual is None else y_theirs + residual)
+        assert torch.equal(y_ours, y_theirs)
+        assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+        dy = torch.randn_like(y_ours)
+        y_ours.backward(dy)
+        y_theirs.backward(dy)
+        assert torch.equal(x_ours.grad, x_theirs.grad)
+        if mode != "frozen":
+            assert torch.equal(ours.weight.grad, theirs.weight.grad) and torch.equal(ours.bias.grad, theirs.bias.grad)
+
+
 @pytest.mark.parametrize("mode", ["train", "eval", "eval-no-stats", "no-grad-train", "frozen"])
 def test_a_module_asks_the_policy_with_its_mode_and_whether_a_backward_follows(mode, monkeypatch):
     """CPU twin of the module half of the GPU test above: what a layer passes to ``defers_to_torch``."""
