@@ -16,7 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnfused
-from benchmarks import bench_kernels, bench_models, memory, plot_results, profile_kernels, providers, timing
+from benchmarks import (
+    bench_deferred,
+    bench_kernels,
+    bench_models,
+    memory,
+    plot_results,
+    profile_kernels,
+    providers,
+    timing,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -109,6 +118,20 @@ def test_profile_kernels_lists_what_each_provider_runs(tmp_path):
         profile_kernels.main(["--quick", "--device", "cpu", "--modes", "step"])
     with pytest.raises(SystemExit, match="--blocks: expected CxS"):
         profile_kernels.main(["--quick", "--device", "cpu", "--blocks", "32x48"])
+
+
+def test_bench_deferred_times_each_case_and_mode_and_restores_resolve():
+    threads = torch.get_num_threads()
+    resolve = bnfused.backends.resolve
+    try:
+        rows = bench_deferred.main(["--device", "cpu", "--rounds", "1", "--calls", "3"])
+    finally:
+        torch.set_num_threads(threads)
+    assert [(r["case"], r["mode"]) for r in rows] == [
+        (case, mode) for mode in ("train", "eval") for case in ("batchnorm", "batchnorm+hardswish")
+    ]
+    assert all(r["torch_us"] > 0 and r["bnfused_us"] > 0 for r in rows)
+    assert bnfused.backends.resolve is resolve
 
 
 def test_profile_kernels_runs_triton_on_each_tile_asked_for():
