@@ -19,13 +19,15 @@ the others; a step that would start past the budget is skipped and says so):
     profile     profile_kernels.py: device time per kernel of torch's and the Triton backend's training
                 forward and backward on ResNet-50's two shortest planes, NCHW, on the Triton plan's
                 tile and two smaller ones (compiling each tile's kernels: ~40 s) -> profile.csv
+    deferred    bench_deferred.py: CPU-side cost per call of a layer "auto" leaves to torch, against
+                torch's modules -> deferred.txt
     models      bench_models.py: ResNet-50 and MobileNetV3-small, train and eval, both layouts, eager,
                 torch vs bnfused -> models.csv (compiled models take minutes to compile: run
                 bench_models.py with the compile providers in a call of their own)
 
 Everything goes to OUT: gpu_check.log (every step's full output, written as it runs), info.txt,
-pytest.txt, kernels.csv, kernels.png, profile.csv, models.csv and summary.md: the table printed last, one line
-per step with its status, time and what it found. The dry run replaces what needs a GPU: device
+pytest.txt, kernels.csv, kernels.png, profile.csv, deferred.txt, models.csv and summary.md: the table
+printed last, one line per step with its status, time and what it found. The dry run replaces what needs a GPU: device
 cpu, --quick timings, tiny shapes, no compile providers (compiling on a CPU takes minutes; their
 names are still validated), the sanitizers' test selection without compute-sanitizer, and a few
 tests instead of the suite. Standard library only: it must run before the package is installed.
@@ -55,7 +57,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 DEFAULT_BUDGET_S = 470  # under 8 minutes, so that one 10-minute call leaves room for start-up and transfers
-STEPS = ("install", "gpu", "info", "validate", "tests", "memcheck", "racecheck", "kernels", "profile", "models")
+STEPS = (
+    "install", "gpu", "info", "validate", "tests", "memcheck", "racecheck", "kernels", "profile", "deferred", "models"
+)  # fmt: skip
 SUMMARY_RESERVE_S = 10  # kept for merging files and printing the summary
 # Seconds each step may take at most (the budget cuts them further). The first H200 run (2026-12-04)
 # took: install 4, info 77 (the CUDA build), validate 12, the GPU-kernel tests 90 on 12 workers,
@@ -63,7 +67,7 @@ SUMMARY_RESERVE_S = 10  # kept for merging files and printing the summary
 # three MobileNetV3-small training steps took over 100 s, so the kernel step times no compiled
 # providers and the model step only eager ones.
 LIMITS = {"install": 90, "gpu": 30, "info": 180, "validate": 60, "tests": 240, "memcheck": 60, "racecheck": 120,
-          "kernels": 90, "plot": 60, "profile": 120, "models": 120}  # fmt: skip
+          "kernels": 90, "plot": 60, "profile": 120, "deferred": 60, "models": 120}  # fmt: skip
 
 KERNEL_PROVIDERS = "torch,torch+relu,bnfused,bnfused-triton,bnfused-cuda,bnfused+relu"
 # Most telling first (float32 as written, bfloat16 channels_last as mixed-precision training runs): a
@@ -382,6 +386,13 @@ def run_all(args: argparse.Namespace, runner: Runner, scratch: Path) -> None:
         command = [PYTHON, "benchmarks/profile_kernels.py", "--csv", str(out / "profile.csv")]
         runner.run("profile", [*command, "--device", "cpu", "--quick"] if dry else [*command, *PROFILE_ARGS],
                    LIMITS["profile"])  # fmt: skip
+    if wanted("deferred"):
+        command = [PYTHON, "benchmarks/bench_deferred.py"]
+        command += ["--device", "cpu", "--rounds", "1", "--calls", "3"] if dry else ["--rounds", "5", "--calls", "1000"]
+        output = runner.run("deferred", command, LIMITS["deferred"], copy_to=out / "deferred.txt")
+        if output is not None:
+            ratios = re.findall(r"^(\S+)\s+(train|eval) .* ratio (\S+)$", output, flags=re.MULTILINE)
+            runner.found(", ".join(f"{case} {mode} {ratio}" for case, mode, ratio in ratios))
     if wanted("models"):
         parts = []
         for layout in MODEL_LAYOUTS:

@@ -35,7 +35,7 @@ def test_dry_run_exercises_every_step_and_prints_the_summary_last(tmp_path):
     summary = (out / "summary.md").read_text()
     steps = [
         "install", "info", "validate", "tests", "memcheck", "kernels float32 nchw", "kernels bfloat16 channels_last",
-        "kernels plot", "profile", "models lenet nchw", "models lenet channels_last",
+        "kernels plot", "profile", "deferred", "models lenet nchw", "models lenet channels_last",
     ]  # fmt: skip
     for step in steps:
         assert f"\n{step} " in summary and f"\n{step} " in done.stdout, step
