@@ -195,9 +195,9 @@ def defers_to_torch(request: str | None, name: str, x: torch.Tensor, training: b
 
 
 def defers_in_every_mode(request: str | None, x: torch.Tensor) -> bool:
-    """``defers_to_torch`` for any training flag and backward: x lies outside every measured regime.
-    Most layers do, so a caller asks this first and works out its mode only when it says False (about
-    1 us a call: a deferred layer's only cost over torch's own)."""
+    """True only where ``defers_to_torch`` is True whatever the training flag and backward (x lies
+    outside every measured regime); False decides nothing. Most layers are such, so a caller asks this
+    first and works out its mode (about 1 us a call) only when it says False."""
     return _asks_auto(request) and auto_policy.outside_measured(x)
 
 

@@ -57,8 +57,9 @@ _EVAL_MIN_PLANE_CHANNELS_LAST = {"triton": 56 * 56}
 
 def outside_measured(x: torch.Tensor) -> bool:
     """x lies outside every regime the GPU run measured (fewer values than any win, (N, C) inputs, a
-    dtype other than 16 or 32 bits): torch's BatchNorm is taken whatever the mode."""
-    return x.numel() < MEASURED_MIN_NUMEL or x.dim() < 3 or x.element_size() not in (2, 4)
+    dtype other than 16 or 32 bits): torch's BatchNorm is taken whatever the mode. The size is read
+    last: under torch.compile with dynamic shapes a read of it is a guard (a recompile at 100M values)."""
+    return x.dim() < 3 or x.element_size() not in (2, 4) or x.numel() < MEASURED_MIN_NUMEL
 
 
 def torch_is_faster(name: str, x: torch.Tensor, training: bool, backward: bool = True) -> bool:
