@@ -132,11 +132,14 @@ class _FusedBatchNorm:
             # 0-d tensor adds and promotes as the Python number would.
             residual = torch.as_tensor(residual, device=input.device)
         self._check_input_dim(input)
-        running_mean, running_var, weight, bias, use_batch_stats, momentum = self._batch_norm_args()
+        # What _batch_norm_args gives, written out: a method call here is paid by every CPU call.
+        weight, bias, running_mean, running_var, momentum = self._tensors_and_momentum()
+        use_batch_stats = self.training or (running_mean is None and running_var is None)
+        keep_running = not self.training or self.track_running_stats
         return batch_norm(
             input,
-            running_mean,
-            running_var,
+            running_mean if keep_running else None,
+            running_var if keep_running else None,
             weight,
             bias,
             use_batch_stats,
