@@ -4,6 +4,7 @@
     python benchmarks/bench_models.py                    # every model, layout and mode; CUDA if present, else CPU
     python benchmarks/bench_models.py --quick            # seconds: the small models, short timings
     python benchmarks/bench_models.py --models resnet18,mobilenet_v3_small --modes eval --layouts channels_last
+    python benchmarks/bench_models.py --models more      # DenseNet, ResNeXt, RegNet, ShuffleNet, VGG, a video net
 
 Each model is timed as written (torch.nn.BatchNorm) and as converted with
 ``bnfused.convert_model(model, fuse=True)`` (the fusion pass: BN -> add -> act into one layer),
@@ -84,6 +85,10 @@ def _digit(size: int) -> tuple[int, ...]:
     return (1, 28, 28)
 
 
+def _clip(size: int) -> tuple[int, ...]:
+    return (3, VIDEO_FRAMES, size, size)
+
+
 MODELS: dict[str, Model] = {
     "resnet18": Model(_torchvision("resnet18"), _image, large=True, convolutional=True),
     "resnet50": Model(_torchvision("resnet50"), _image, large=True, convolutional=True),
@@ -98,6 +103,21 @@ MODELS: dict[str, Model] = {
     "mnist_bn_mlp": Model(lambda: models.mnist_bn_mlp("torch"), _digit, large=False, convolutional=False),
     "mnist_bn_after_relu": Model(lambda: models.mnist_bn_after_relu("torch"), _digit, large=False, convolutional=False),
 }
+# More torchvision networks, each with its own BatchNorm placement (pre-activation in DenseNet,
+# grouped convolutions in ResNeXt and RegNet, channel shuffles, BatchNorm3d in a video network);
+# timed when named, or all at once with --models more.
+MORE_MODELS: dict[str, Model] = {
+    name: Model(_torchvision(name), _image, large=True, convolutional=True)
+    for name in ("mobilenet_v2", "densenet121", "shufflenet_v2_x1_0", "regnet_y_400mf", "resnext50_32x4d", "vgg11_bn")
+}
+MORE_MODELS["r3d_18"] = Model(
+    lambda: torchvision.models.video.r3d_18(weights=None, num_classes=NUM_CLASSES),
+    _clip,
+    large=True,
+    convolutional=True,
+)
+MODEL_SETS = {"all": list(MODELS), "more": list(MORE_MODELS)}
+MODELS.update(MORE_MODELS)
 MODES = ("train", "eval")
 LAYOUTS = ("nchw", "channels_last")
 BASES = ("torch", "scratch", "bnfused")
@@ -107,6 +127,7 @@ INPLACE_SUFFIX = "+inplace"
 DEFAULTS = {"cuda": (128, 224, 256), "cpu": (16, 112, 64)}
 QUICK = (2, 32, 16)
 QUICK_MODELS = "lenet,mnist_bn_mlp"
+VIDEO_FRAMES = 8  # frames of the video network's clips
 
 COLUMNS = (
     "model", "mode", "layout", "provider", "backend", "baseline", "batch", "input_shape", "dtype",
@@ -157,6 +178,11 @@ def parse_provider(name: str) -> Provider:
 DEFAULT_PROVIDERS = "torch,compile,bnfused,bnfused+compile,scratch"
 
 
+def channels_last_format(name: str) -> torch.memory_format:
+    """Channels innermost for the model's input: channels_last, or channels_last_3d for clips."""
+    return torch.channels_last_3d if len(MODELS[name].input_shape(32)) == 4 else torch.channels_last
+
+
 def build_model(name: str, provider: Provider, device: torch.device, dtype: torch.dtype, layout: str, mode: str):
     """Model ``name`` with ``provider``'s BatchNorm, on ``device`` in ``dtype``, ``layout`` and ``mode``."""
     model = MODELS[name].build()
@@ -167,7 +193,7 @@ def build_model(name: str, provider: Provider, device: torch.device, dtype: torc
         model = models.to_scratch(model)
     model = model.to(device=device, dtype=dtype).train(mode == "train")
     if layout == "channels_last":
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=channels_last_format(name))
     if provider.compiled:
         model = torch.compile(model)
     return model
@@ -234,7 +260,7 @@ def run(model_names, provider_names, modes, layouts, device, dtype, sizes, budge
         torch.manual_seed(0)
         x = torch.randn(shape, device=device, dtype=dtype)
         if layout == "channels_last":
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=channels_last_format(model_name))
         target = torch.randint(0, NUM_CLASSES, (batch,), device=device)
         steps: dict[str, Callable[[], None]] = {}
         memory_columns: dict[str, dict[str, str | None]] = {}
@@ -329,7 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_common_arguments(
         parser, quick_help="seconds: small models, small batches, short timings", csv_help="write one row per case"
     )
-    parser.add_argument("--models", help=f"subset of {', '.join(MODELS)} (default: all; {QUICK_MODELS} with --quick)")
+    parser.add_argument(
+        "--models",
+        help=f"comma-separated names or sets: all ({', '.join(MODEL_SETS['all'])}; the default, {QUICK_MODELS} with "
+        f"--quick), more ({', '.join(MODEL_SETS['more'])})",
+    )
     parser.add_argument("--providers", help=f"comma-separated (default: {DEFAULT_PROVIDERS})")
     parser.add_argument("--modes", default=",".join(MODES), help=f"subset of {', '.join(MODES)} (default: both)")
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"subset of {', '.join(LAYOUTS)} (default: both)")
@@ -345,8 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _choose(text: str, allowed: Sequence[str], option: str) -> list[str]:
-    chosen = cli.split(text)
+def _choose(text: str, allowed: Sequence[str], option: str, sets: dict[str, list[str]] | None = None) -> list[str]:
+    chosen = []
+    for item in cli.split(text):
+        chosen += (sets or {}).get(item, [item])
+    chosen = list(dict.fromkeys(chosen))
     unknown = [c for c in chosen if c not in allowed]
     if unknown or not chosen:
         raise SystemExit(f"{option}: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(allowed)}")
@@ -356,7 +389,7 @@ def _choose(text: str, allowed: Sequence[str], option: str) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
     device = cli.setup(args)
-    model_names = _choose(args.models or (QUICK_MODELS if args.quick else ",".join(MODELS)), list(MODELS), "--models")
+    model_names = _choose(args.models or (QUICK_MODELS if args.quick else "all"), list(MODELS), "--models", MODEL_SETS)
     modes = _choose(args.modes, MODES, "--modes")
     layouts = _choose(args.layouts, LAYOUTS, "--layouts")
     names = cli.split(args.providers or DEFAULT_PROVIDERS)

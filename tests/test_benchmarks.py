@@ -269,6 +269,35 @@ def test_bench_models_layouts_and_modes(cpu_one_thread, capsys):
     assert "bnfused-reference eval: time ratio geometric mean" in capsys.readouterr().out
 
 
+def test_bench_models_more_networks_and_the_video_layout(cpu_one_thread):
+    """--models takes set names (all: the default, more: the other torchvision networks); the video
+    network's channels_last is channels_last_3d, for its model and its clips alike."""
+    parse = bench_models.parse_provider
+    assert bench_models._choose(
+        "more,resnet18,more", list(bench_models.MODELS), "--models", bench_models.MODEL_SETS
+    ) == [*bench_models.MODEL_SETS["more"], "resnet18"]
+    assert "r3d_18" not in bench_models.MODEL_SETS["all"] and "resnet18" not in bench_models.MODEL_SETS["more"]
+    with pytest.raises(SystemExit, match="--models: unknown densenet"):
+        bench_models.main(["--quick", "--models", "densenet"])
+    video = bench_models.build_model("r3d_18", parse("bnfused-reference"), torch.device("cpu"), torch.float32,
+                                     "channels_last", "eval")  # fmt: skip
+    written = bench_models.MODELS["r3d_18"].build()
+    assert (
+        sum(isinstance(m, bnfused.BatchNorm3d) for m in video.modules())
+        == sum(isinstance(m, nn.BatchNorm3d) for m in written.modules())
+        > 0
+    )
+    conv = next(m for m in video.modules() if isinstance(m, nn.Conv3d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    argv = ["--quick", *cpu_one_thread, "--models", "r3d_18", "--providers", "torch,bnfused-reference"]
+    rows = bench_models.main([*argv, "--modes", "eval", "--layouts", "channels_last"])
+    assert [(r["model"], r["layout"], r["provider"]) for r in rows] == [
+        ("r3d_18", "channels_last", "torch"),
+        ("r3d_18", "channels_last", "bnfused-reference"),
+    ]
+    assert rows[0]["input_shape"] == f"3x{bench_models.VIDEO_FRAMES}x32x32"
+
+
 def test_compiled_providers_stay_compiled_case_after_case(cpu_one_thread):
     """Dynamo keeps recompile_limit entries per code object; past it, a model whose forward is code
     already seen (the seed models are all nn.Sequential) silently runs eagerly. The benchmark resets
