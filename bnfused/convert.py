@@ -115,6 +115,8 @@ def _convert_traced(model: nn.Module, backend: str | None, sync: bool) -> nn.Mod
     if reason is None:
         try:
             gm = fusion.trace(model)
+        except fusion.Untraceable as exc:
+            reason = str(exc)
         except Exception as exc:  # any tracing failure means: convert without the pass
             reason = f"torch.fx cannot trace it ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})"
     if reason is not None:

@@ -107,9 +107,39 @@ def untraceable_reason(model: nn.Module) -> str | None:
     return None
 
 
+class Untraceable(Exception):
+    """A trace that would not behave as the model does; the message says why."""
+
+
+# Attributes torch.fx sets on the traced root for the constants it meets (_tensor_constant0, ...).
+_FX_CONSTANT_PREFIXES = ("_tensor_constant", "_torchbind_obj", "_tree_spec_constant", "_opaque_obj")
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
-    """The traced model, holding every submodule, parameter and buffer of ``model`` under its name."""
-    return fused_graph_module(model, _Tracer(model).trace(model))
+    """The traced model, holding every submodule, parameter and buffer of ``model`` under its name.
+
+    Raises ``Untraceable`` where the forward uses a tensor that is neither a parameter nor a buffer:
+    the trace would hold its value at trace time as a constant (a tensor the forward makes without
+    tensor inputs, as ``torch.rand(1)`` or ``torch.tensor(...)``, would no longer be made per call),
+    and the GraphModule would hold it as a buffer, a state_dict key the model does not have."""
+    before = set(vars(model))
+    try:
+        graph = _Tracer(model).trace(model)
+    finally:
+        for name in set(vars(model)) - before:
+            if name.startswith(_FX_CONSTANT_PREFIXES):
+                delattr(model, name)
+    state = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    state.update(name for name, _ in model.named_buffers(remove_duplicate=False))
+    for node in graph.nodes:
+        if node.op == "get_attr" and node.target not in state:
+            what = (
+                "a tensor its forward makes without tensor inputs (such as torch.rand(1) or torch.tensor(...))"
+                if node.target.startswith(_FX_CONSTANT_PREFIXES)
+                else f"the tensor attribute {node.target!r}, neither a parameter nor a buffer,"
+            )
+            raise Untraceable(f"a torch.fx trace would hold {what} as a constant")
+    return fused_graph_module(model, graph)
 
 
 def _activation(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[int, float] | None:
@@ -187,6 +217,96 @@ def _fusable(module: nn.Module) -> bool:
     return type(module) in EQUIVALENTS
 
 
+# ------------------------------------------------------------------ in-place writes between BN and add
+#
+# A fused BN -> add runs where the add was, after the nodes between them: the rewrite is faithful
+# only if none of those writes in place into the BatchNorm's input, or into a tensor that may share
+# its memory (``h.relu_()`` on the conv output the BatchNorm read, before the shortcut uses it).
+
+# Calls that return a new tensor, never their argument or a view of it.
+_NEW_TENSOR_MODULES = (
+    nn.modules.conv._ConvNd, nn.Linear, _BN, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+)  # fmt: skip
+_NEW_TENSOR_FUNCTIONS = frozenset((
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.matmul, torch.add, torch.sub,
+    torch.mul, torch.cat, torch.stack, F.conv1d, F.conv2d, F.conv3d, F.linear, F.pad, F.avg_pool2d, F.max_pool2d,
+    F.adaptive_avg_pool2d, F.interpolate,
+))  # fmt: skip
+_NEW_TENSOR_METHODS = frozenset(("add", "sub", "mul", "div", "mean", "sum", "clone", "matmul"))
+_IN_PLACE_OPERATORS = frozenset((
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow,
+    operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift, operator.setitem,
+))  # fmt: skip
+
+
+def _writes_in_place(module: nn.Module) -> bool:
+    """Whether a leaf module may write into its inputs: one of torch.nn's with ``inplace=True`` inside,
+    or any other class (its code is not read)."""
+    return any(not type(m).__module__.startswith("torch.nn.") or getattr(m, "inplace", False) for m in module.modules())
+
+
+def _gives_new_tensor(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        module = modules[node.target]
+        return isinstance(module, _NEW_TENSOR_MODULES) and not _writes_in_place(module)
+    if node.op == "call_function":
+        return node.target in _NEW_TENSOR_FUNCTIONS and not _written(node, modules)
+    return node.op == "call_method" and node.target in _NEW_TENSOR_METHODS
+
+
+def _written(node: fx.Node, modules: dict[str, nn.Module]) -> list:
+    """The arguments ``node`` may write into in place."""
+    if node.op == "call_module":
+        return list(node.all_input_nodes) if _writes_in_place(modules[node.target]) else []
+    if node.op == "call_method":
+        name = node.target
+        in_place = (name.endswith("_") and not name.startswith("__")) or name in ("__setitem__", "__iadd__")
+        return list(node.args[:1]) if in_place else []
+    if node.op != "call_function":
+        return []
+    out = node.kwargs.get("out")
+    if out is not None:
+        return [out]
+    in_place = (
+        node.target in _IN_PLACE_OPERATORS
+        or getattr(node.target, "__name__", "").endswith("_")  # torch.relu_, F.relu_, torch.sigmoid_
+        or node.kwargs.get("inplace") is True
+        or any(arg is True for arg in node.args[1:])  # F.relu(x, True)
+    )
+    return list(node.args[:1]) if in_place else []
+
+
+def _sharing_memory(node: fx.Node, nodes: list[fx.Node], modules: dict[str, nn.Module]) -> set[fx.Node]:
+    """The nodes whose tensors may share memory with ``node``'s: through every call not known to give a
+    new tensor, in both directions (what a view was taken of, and the views taken of it)."""
+    group = {node}
+    grown = True
+    while grown:
+        grown = False
+        for n in nodes:
+            if _gives_new_tensor(n, modules):
+                continue
+            linked = {n, *n.all_input_nodes}
+            if n in group or group & linked:
+                new = linked - group
+                if new:
+                    group |= new
+                    grown = True
+    return group
+
+
+def _input_written_before_add(site_bn: fx.Node, add: fx.Node, nodes: list[fx.Node], modules) -> bool:
+    """Whether a node between the BatchNorm and the add writes (or may write) into the BatchNorm's
+    input, or reads the BatchNorm's own state, which moving the BatchNorm past it would change."""
+    between = nodes[nodes.index(site_bn) + 1 : nodes.index(add)]
+    prefix = site_bn.target + "."
+    if any(n.op == "get_attr" and n.target.startswith(prefix) for n in between):
+        return True
+    written = {w for n in between for w in _written(n, modules) if isinstance(w, fx.Node)}
+    return bool(written) and bool(written & _sharing_memory(site_bn.args[0], nodes, modules))
+
+
 def _only_user(node: fx.Node) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
@@ -200,6 +320,7 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
     sites, taken = [], set()
+    nodes = None  # in graph order, listed at the first add
     for node in gm.graph.nodes:
         if node.op != "call_module" or not _fusable(modules[node.target]) or calls[node.target] != 1:
             continue
@@ -216,6 +337,10 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
         residual = _residual_of_add(user, node)
         lazy = isinstance(modules[node.target], nn.modules.lazy.LazyModuleMixin)
         if residual is None or lazy:  # a lazy layer's first call infers its size from one input
+            continue
+        if nodes is None:
+            nodes = list(gm.graph.nodes)
+        if _input_written_before_add(node, user, nodes, modules):
             continue
         after = _only_user(user)
         found = _activation(after, modules) if after is not None else None

@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - every torch from 2.6 to 2.15 has both
 
 def hold_everything(gm: fx.GraphModule, model: nn.Module) -> None:
     """Adds to ``gm`` every submodule, parameter and buffer of ``model`` that its graph does not use
-    (fx.GraphModule keeps only those: state_dict keys would change)."""
+    (fx.GraphModule keeps only those: state_dict keys would change), in ``model``'s order."""
     for name, module in model.named_modules(remove_duplicate=False):  # a module kept under two names too
         if not name:
             continue
@@ -47,6 +47,23 @@ def hold_everything(gm: fx.GraphModule, model: nn.Module) -> None:
                 gm.register_parameter(name, tensor)
             else:
                 gm.register_buffer(name, tensor, persistent=name not in model._non_persistent_buffers_set)
+    _follow_registration_order(gm, model)
+
+
+def _follow_registration_order(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Orders the submodules, parameters and buffers of ``gm`` and of each container it made as
+    ``model``'s were registered. fx adds them in the order the forward first uses them, and
+    ``parameters()`` follows that order, which is what an optimizer's state_dict and
+    ``parameters_to_vector`` index by."""
+    for name, original in model.named_modules(remove_duplicate=False):
+        held = gm.get_submodule(name) if name else gm
+        if held is original:
+            continue
+        for attribute in ("_modules", "_parameters", "_buffers"):
+            mine, theirs = getattr(held, attribute), getattr(original, attribute)
+            ordered = {key: mine[key] for key in [*theirs, *mine] if key in mine}
+            mine.clear()
+            mine.update(ordered)
 
 
 def submodule_at(module: nn.Module, path: tuple[str, ...]) -> nn.Module:

@@ -305,6 +305,12 @@ class SyncBatchNorm(_FusedBatchNorm, nn.modules.batchnorm._BatchNorm):
                 "run one forward pass before converting"
             )
         fused = isinstance(bn, _FusedBatchNorm)
+        if fused and bn.takes_residual:
+            raise ValueError(
+                "convert_sync_batchnorm: this layer adds a residual that convert_model(fuse=True) fused into it, "
+                "and SyncBatchNorm takes no residual; convert the unfused model with "
+                "bnfused.convert_model(model, fuse=True, sync=True), which fuses only what SyncBatchNorm runs"
+            )
         new = cls(
             bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, process_group,
             activation=bn.activation if fused else None,

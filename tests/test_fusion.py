@@ -272,6 +272,142 @@ def test_untraceable_models_fall_back_with_one_warning(cls, reason):
     assert converted.bn.activation is None
 
 
+class _Made(nn.Module):
+    def __init__(self, make):
+        super().__init__()
+        self.bn, self.make = nn.BatchNorm1d(3), make
+
+    def forward(self, x):
+        return F.relu(self.bn(x) + self.make(x))
+
+
+class _Jitter(_Made):
+    def forward(self, x):
+        return F.relu(self.bn(x) + torch.rand(1))  # new noise on every call
+
+
+class _TensorAttribute(_Made):
+    def forward(self, x):
+        return F.relu(self.bn(x) * self.scale)
+
+
+@pytest.mark.parametrize(
+    ("cls", "reason"),
+    [(_Jitter, "a tensor its forward makes without tensor inputs"), (_TensorAttribute, "attribute 'scale'")],
+)
+def test_tensors_a_trace_would_freeze_are_not_traced(cls, reason):
+    """torch.fx holds a tensor that is not a parameter or buffer as a constant of the trace: made in the
+    forward, it would no longer be made per call; either way it would become a state_dict key."""
+    model = cls(None)
+    model.scale = torch.tensor(2.0)
+    with pytest.warns(RuntimeWarning, match=reason):
+        converted = bnfused.convert_model(model, fuse=True)
+    assert type(converted) is cls and converted.bn.activation is None
+    assert list(converted.state_dict()) == ["bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
+                                            "bn.num_batches_tracked"]  # fmt: skip
+    assert not [name for name in vars(model) if name.startswith("_tensor_constant")]  # fx's attribute removed
+    if cls is _Jitter:
+        x = torch.randn(4, 3)
+        converted.eval()
+        assert not torch.equal(converted(x), converted(x))
+
+
+def _writes_into_bn_input(kind):
+    """A block whose BatchNorm's input is ``h``; between the BatchNorm and the add, ``kind`` says what
+    writes in place, and into what."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.proj = nn.Conv1d(3, 3, 1), nn.BatchNorm1d(3), nn.Conv1d(3, 3, 1)
+            self.act = nn.ReLU(inplace=True)
+            self.own = _InPlaceLeaf()
+            self.conv.requires_grad_(kind != "out")  # out= refuses a tensor that requires grad
+
+        def forward(self, x):
+            h = self.conv(x)
+            out = self.bn(h)
+            if kind == "method":
+                shortcut = self.proj(h.relu_())
+            elif kind == "view":
+                flat = h.flatten(1)
+                flat.mul_(2.0)
+                shortcut = self.proj(h)
+            elif kind == "function":
+                shortcut = self.proj(torch.relu_(h))
+            elif kind == "out":
+                shortcut = self.proj(torch.mul(h, 2.0, out=h))
+            elif kind == "torch module":
+                shortcut = self.proj(self.act(h))
+            elif kind == "own module":
+                shortcut = self.proj(self.own(h))
+            elif kind == "running stats":
+                shortcut = (self.proj(x).transpose(1, 2) + self.bn.running_mean).transpose(1, 2)
+            elif kind == "block input":  # x is not h, nor shares its memory: fused
+                shortcut = self.proj(x.relu_())
+            else:  # the new tensor the conv gives is written into, not h: fused
+                shortcut = self.proj(self.proj(h).relu_())
+            return F.relu(out + shortcut)
+
+    return Block()
+
+
+class _InPlaceLeaf(nn.Module):
+    def forward(self, t):
+        return t.sigmoid_()
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["method", "view", "function", "out", "torch module", "own module", "running stats", "block input", "new tensor"],
+)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_a_batchnorm_is_not_moved_past_a_write_into_its_input(kind, training):
+    """A fused BN -> add runs where the add was: a node between them that writes in place into the
+    BatchNorm's input (or a view of it), or reads the BatchNorm's running stats, keeps the BatchNorm
+    where it is; writes into other tensors do not."""
+    torch.manual_seed(0)
+    original = _writes_into_bn_input(kind).train(training)
+    converted = bnfused.convert_model(copy.deepcopy(original), fuse=True)
+    fused = kind in ("block input", "new tensor")
+    assert converted.bn.takes_residual if fused else type(converted) is type(original), kind
+    x = torch.randn(4, 3, 5)
+    torch.testing.assert_close(converted(x.clone()), original(x.clone()))
+    torch.testing.assert_close(converted.bn.running_mean, original.bn.running_mean)
+
+
+def test_parameters_keep_their_registration_order():
+    """fx registers submodules in the order the forward first uses them; the fused model keeps the
+    model's order, which an optimizer's state_dict and parameters_to_vector index by."""
+
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 2)  # registered first, used last
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+            self.register_buffer("unused", torch.zeros(1))
+            self.scale = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return self.head(self.body(x).mean((2, 3))) * self.scale
+
+    torch.manual_seed(0)
+    original = HeadFirst()
+    fused = bnfused.convert_model(copy.deepcopy(original), fuse=True)
+    assert fused.body._modules["1"].activation == "relu"
+    assert [n for n, _ in fused.named_parameters()] == [n for n, _ in original.named_parameters()]
+    assert [n for n, _ in fused.named_buffers()] == [n for n, _ in original.named_buffers()]
+    assert list(fused.state_dict()) == list(original.state_dict())
+    x = torch.randn(2, 3, 6, 6)
+    optimizer = torch.optim.SGD(original.parameters(), lr=0.1, momentum=0.9)
+    original(x).sum().backward()
+    optimizer.step()
+    resumed = torch.optim.SGD(fused.parameters(), lr=0.1, momentum=0.9)
+    resumed.load_state_dict(optimizer.state_dict())
+    for (name, p), q in zip(fused.named_parameters(), original.parameters()):
+        torch.testing.assert_close(resumed.state[p]["momentum_buffer"], optimizer.state[q]["momentum_buffer"], msg=name)
+
+
 def test_shared_and_multiply_used_batchnorms_are_not_fused():
     class Shared(nn.Module):
         def __init__(self):
@@ -330,6 +466,11 @@ def test_sync_conversion_fuses_only_what_syncbatchnorm_runs():
     assert len(sync_layers) == 20
     assert sum(m.activation == "relu" for m in sync_layers) == 9
     assert not any(getattr(m, "takes_residual", False) for m in sync_layers)
+    fused = bnfused.convert_model(torchvision.models.resnet18(num_classes=5), fuse=True)
+    with pytest.raises(ValueError, match=r"SyncBatchNorm takes no residual.*fuse=True, sync=True"):
+        bnfused.SyncBatchNorm.convert_sync_batchnorm(fused)
+    with_relu = bnfused.SyncBatchNorm.convert_sync_batchnorm(bnfused.BatchNorm2d(3, activation="relu"))
+    assert isinstance(with_relu, bnfused.SyncBatchNorm) and with_relu.activation == "relu"
 
 
 # --------------------------------------------------------------------------- what the outside review found
