@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnfused import activation as act_codes
+from bnfused import inplace
 from bnfused.graph_module import FusedGraphModule, fused_graph_module
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -242,8 +243,14 @@ _IN_PLACE_OPERATORS = frozenset((
 
 def _writes_in_place(module: nn.Module) -> bool:
     """Whether a leaf module may write into its inputs: one of torch.nn's with ``inplace=True`` inside,
-    or any other class (its code is not read)."""
-    return any(not type(m).__module__.startswith("torch.nn.") or getattr(m, "inplace", False) for m in module.modules())
+    a bnfused layer with ``memory="inplace"``, or any other class (its code is not read)."""
+    for m in module.modules():
+        if type(m).__module__.startswith("bnfused."):
+            if getattr(m, "memory", None) == "inplace":
+                return True
+        elif not type(m).__module__.startswith("torch.nn.") or getattr(m, "inplace", False):
+            return True
+    return False
 
 
 def _gives_new_tensor(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -279,7 +286,9 @@ def _written(node: fx.Node, modules: dict[str, nn.Module]) -> list:
 
 def _sharing_memory(node: fx.Node, nodes: list[fx.Node], modules: dict[str, nn.Module]) -> set[fx.Node]:
     """The nodes whose tensors may share memory with ``node``'s: through every call not known to give a
-    new tensor, in both directions (what a view was taken of, and the views taken of it)."""
+    new tensor, in both directions (what a view was taken of, and the views taken of it). A method's
+    result may be its tensor (``t.relu_()``) or a view of it (``t.flatten(1)``); a function's or a
+    module's, any of their inputs."""
     group = {node}
     grown = True
     while grown:
@@ -287,7 +296,8 @@ def _sharing_memory(node: fx.Node, nodes: list[fx.Node], modules: dict[str, nn.M
         for n in nodes:
             if _gives_new_tensor(n, modules):
                 continue
-            linked = {n, *n.all_input_nodes}
+            self_only = n.op == "call_method" and n.args and isinstance(n.args[0], fx.Node)
+            linked = {n, n.args[0]} if self_only else {n, *n.all_input_nodes}
             if n in group or group & linked:
                 new = linked - group
                 if new:
@@ -305,6 +315,18 @@ def _input_written_before_add(site_bn: fx.Node, add: fx.Node, nodes: list[fx.Nod
         return True
     written = {w for n in between for w in _written(n, modules) if isinstance(w, fx.Node)}
     return bool(written) and bool(written & _sharing_memory(site_bn.args[0], nodes, modules))
+
+
+def _fusable_activation(node: fx.Node, module: nn.Module, modules: dict[str, nn.Module]) -> tuple[int, float] | None:
+    """``_activation(node)`` where ``module`` can run it: a layer already set to memory="inplace" takes
+    only an invertible one."""
+    found = _activation(node, modules)
+    if found is not None and getattr(module, "memory", "default") == "inplace":
+        try:
+            inplace.check_memory_mode("inplace", *found)
+        except ValueError:
+            return None
+    return found
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
@@ -329,7 +351,7 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
         user = _only_user(node)
         if user is None or user in taken:
             continue
-        found = _activation(user, modules)
+        found = _fusable_activation(user, modules[node.target], modules)
         if found is not None:
             sites.append(Site(node, None, None, user, *found))
             taken.add(user)
@@ -343,7 +365,7 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
         if _input_written_before_add(node, user, nodes, modules):
             continue
         after = _only_user(user)
-        found = _activation(after, modules) if after is not None else None
+        found = _fusable_activation(after, modules[node.target], modules) if after is not None else None
         sites.append(Site(node, user, residual, after if found else None, *(found or (act_codes.NONE, 0.0))))
         taken.update(n for n in (user, after if found else None) if n is not None)
     return sites

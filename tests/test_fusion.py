@@ -376,6 +376,37 @@ def test_a_batchnorm_is_not_moved_past_a_write_into_its_input(kind, training):
     torch.testing.assert_close(converted.bn.running_mean, original.bn.running_mean)
 
 
+@pytest.mark.parametrize("memory", ["default", "inplace"])
+def test_fusing_a_converted_model_keeps_its_memory_mode_and_results(memory):
+    """A model converted before (memory="inplace" layers write their output over their input): the
+    shortcut's layer writing into its own input does not stop the fusion of the other BatchNorm's add,
+    and an activation an "inplace" layer cannot invert stays a module of its own."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv1d(3, 3, 1), nn.BatchNorm1d(3)
+            self.shortcut = nn.Sequential(nn.Conv1d(3, 3, 1), nn.BatchNorm1d(3))
+
+        def forward(self, x):
+            out = self.bn(self.conv(x))
+            return F.relu(out.add_(self.shortcut(x)))
+
+    torch.manual_seed(0)
+    original = Block()  # torch's layers: the reference (an "inplace" layer's output may not be added into)
+    converted = bnfused.convert_model(copy.deepcopy(original), memory=memory)
+    fused = bnfused.convert_model(converted, fuse=True)
+    assert fused.bn.takes_residual and fused.bn.memory == memory
+    assert fused.bn.activation == ("relu" if memory == "default" else None)
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    got, want = fused(x), original(x2)
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
 def test_parameters_keep_their_registration_order():
     """fx registers submodules in the order the forward first uses them; the fused model keeps the
     model's order, which an optimizer's state_dict and parameters_to_vector index by."""
