@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from bnfused import activation as act_codes
 from bnfused import inplace
@@ -116,6 +117,56 @@ class Untraceable(Exception):
 _FX_CONSTANT_PREFIXES = ("_tensor_constant", "_torchbind_obj", "_tree_spec_constant", "_opaque_obj")
 
 
+class _PythonValues(TorchFunctionMode):
+    """Notes the first tensor (not one being traced) that the forward turns into a Python number or
+    bool while traced: ``torch.rand(1).item()``, ``if self.flag:`` on a buffer. The graph holds only
+    the number, so the draw, or the buffer's value of that moment, would be frozen."""
+
+    _TO_PYTHON = frozenset((
+        torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
+        torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.__complex__,
+    ))  # fmt: skip
+
+    def __init__(self):
+        super().__init__()
+        self.read = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.read is None and func in self._TO_PYTHON and isinstance(args[0], torch.Tensor):
+            self.read = f"Tensor.{func.__name__}"
+        return func(*args, **(kwargs or {}))
+
+
+class _State:
+    """The parameters and buffers of a model, to find (and undo) what its forward changed while traced:
+    an in-place update of a buffer (``self.count += 1``) or a tensor assigned in its place runs on
+    the real tensors, once, and leaves no node in the graph."""
+
+    def __init__(self, model: nn.Module):
+        self.entries = []  # (name, module, key, tensor, version, copy of a buffer's values)
+        for module_name, module in model.named_modules():
+            for kind in ("_parameters", "_buffers"):
+                for key, tensor in getattr(module, kind).items():
+                    if tensor is not None:
+                        saved = tensor.detach().clone() if kind == "_buffers" else None
+                        name = f"{module_name}.{key}" if module_name else key
+                        self.entries.append((name, module, kind, key, tensor, tensor._version, saved))
+
+    def restore_changed(self) -> str | None:
+        """Puts back what changed; returns the first changed name, or None."""
+        changed = None
+        for name, module, kind, key, tensor, version, saved in self.entries:
+            replaced, written = getattr(module, kind).get(key) is not tensor, tensor._version != version
+            if replaced:
+                getattr(module, kind)[key] = tensor
+            if written and saved is not None:
+                with torch.no_grad():
+                    tensor.copy_(saved)
+            if replaced or written:
+                changed = changed or name
+        return changed
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """The traced model, holding every submodule, parameter and buffer of ``model`` under its name.
 
@@ -124,12 +175,25 @@ def trace(model: nn.Module) -> fx.GraphModule:
     tensor inputs, as ``torch.rand(1)`` or ``torch.tensor(...)``, would no longer be made per call),
     and the GraphModule would hold it as a buffer, a state_dict key the model does not have."""
     before = set(vars(model))
+    state = _State(model)
+    values = _PythonValues()
     try:
-        graph = _Tracer(model).trace(model)
+        with values:
+            graph = _Tracer(model).trace(model)
     finally:
         for name in set(vars(model)) - before:
             if name.startswith(_FX_CONSTANT_PREFIXES):
                 delattr(model, name)
+        changed = state.restore_changed()
+    if values.read is not None:
+        raise Untraceable(
+            f"its forward turns a tensor into a Python value ({values.read}: a random draw or a buffer's value "
+            "would be read once, while tracing, and frozen)"
+        )
+    if changed:
+        raise Untraceable(
+            f"its forward changes {changed!r} (a trace would run that once, while tracing, not at every call)"
+        )
     state = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     state.update(name for name, _ in model.named_buffers(remove_duplicate=False))
     for node in graph.nodes:
@@ -224,14 +288,15 @@ def _fusable(module: nn.Module) -> bool:
 # only if none of those writes in place into the BatchNorm's input, or into a tensor that may share
 # its memory (``h.relu_()`` on the conv output the BatchNorm read, before the shortcut uses it).
 
-# Calls that return a new tensor, never their argument or a view of it.
+# Calls that return a new tensor, never their argument or a view of it (not operator.add nor mul,
+# which join tuples: ``h.chunk(2) + x.chunk(2)`` holds views of h).
 _NEW_TENSOR_MODULES = (
     nn.modules.conv._ConvNd, nn.Linear, _BN, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
     nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
 )  # fmt: skip
 _NEW_TENSOR_FUNCTIONS = frozenset((
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.matmul, torch.add, torch.sub,
-    torch.mul, torch.cat, torch.stack, F.conv1d, F.conv2d, F.conv3d, F.linear, F.pad, F.avg_pool2d, F.max_pool2d,
+    operator.sub, operator.truediv, operator.neg, operator.matmul, torch.add, torch.sub, torch.mul, torch.cat,
+    torch.stack, F.conv1d, F.conv2d, F.conv3d, F.linear, F.pad, F.avg_pool2d, F.max_pool2d,
     F.adaptive_avg_pool2d, F.interpolate,
 ))  # fmt: skip
 _NEW_TENSOR_METHODS = frozenset(("add", "sub", "mul", "div", "mean", "sum", "clone", "matmul"))
@@ -275,8 +340,10 @@ def _written(node: fx.Node, modules: dict[str, nn.Module]) -> list:
     out = node.kwargs.get("out")
     if out is not None:
         return [out]
+    schema = getattr(node.target, "_schema", None)  # an aten overload: torch.ops.aten.relu_.default
     in_place = (
         node.target in _IN_PLACE_OPERATORS
+        or (schema is not None and schema.is_mutable)
         or getattr(node.target, "__name__", "").endswith("_")  # torch.relu_, F.relu_, torch.sigmoid_
         or node.kwargs.get("inplace") is True
         or any(arg is True for arg in node.args[1:])  # F.relu(x, True)
@@ -289,15 +356,23 @@ def _sharing_memory(node: fx.Node, nodes: list[fx.Node], modules: dict[str, nn.M
     new tensor, in both directions (what a view was taken of, and the views taken of it). A method's
     result may be its tensor (``t.relu_()``) or a view of it (``t.flatten(1)``); a function's or a
     module's, any of their inputs."""
+    reads: dict[str, set[fx.Node]] = {}  # each read of a parameter or buffer gives the same tensor
+    for n in nodes:
+        if n.op == "get_attr":
+            reads.setdefault(n.target, set()).add(n)
     group = {node}
     grown = True
     while grown:
         grown = False
         for n in nodes:
-            if _gives_new_tensor(n, modules):
+            if n.op == "get_attr":
+                linked = reads[n.target]
+            elif _gives_new_tensor(n, modules):
                 continue
-            self_only = n.op == "call_method" and n.args and isinstance(n.args[0], fx.Node)
-            linked = {n, n.args[0]} if self_only else {n, *n.all_input_nodes}
+            elif n.op == "call_method" and n.args and isinstance(n.args[0], fx.Node):
+                linked = {n, n.args[0]}
+            else:
+                linked = {n, *n.all_input_nodes}
             if n in group or group & linked:
                 new = linked - group
                 if new:

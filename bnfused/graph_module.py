@@ -39,14 +39,20 @@ def hold_everything(gm: fx.GraphModule, model: nn.Module) -> None:
             gm.get_submodule(name)
         except AttributeError:
             gm.get_submodule(parent_name)._modules[leaf] = module
-    own = [*model.named_parameters(recurse=False, remove_duplicate=False),
-           *model.named_buffers(recurse=False, remove_duplicate=False)]  # fmt: skip
-    for name, tensor in own:
-        if name not in gm._parameters and name not in gm._buffers:
-            if isinstance(tensor, nn.Parameter):
-                gm.register_parameter(name, tensor)
-            else:
-                gm.register_buffer(name, tensor, persistent=name not in model._non_persistent_buffers_set)
+    # The root, and each container fx made in place of a module traced through, holds only the
+    # tensors the forward reads: the others are added.
+    for name, original in model.named_modules(remove_duplicate=False):
+        held = gm.get_submodule(name) if name else gm
+        if held is original:
+            continue
+        own = [*original.named_parameters(recurse=False, remove_duplicate=False),
+               *original.named_buffers(recurse=False, remove_duplicate=False)]  # fmt: skip
+        for key, tensor in own:
+            if key not in held._parameters and key not in held._buffers:
+                if isinstance(tensor, nn.Parameter):
+                    held.register_parameter(key, tensor)
+                else:
+                    held.register_buffer(key, tensor, persistent=key not in original._non_persistent_buffers_set)
     _follow_registration_order(gm, model)
 
 

@@ -291,25 +291,71 @@ class _TensorAttribute(_Made):
         return F.relu(self.bn(x) * self.scale)
 
 
+class _Counter(_Made):
+    def forward(self, x):
+        self.calls += 1  # a buffer updated in place at every call
+        return F.relu(self.bn(x) + x)
+
+
+class _Reassigned(_Made):
+    def forward(self, x):
+        self.calls = self.calls + 1  # a new tensor in the buffer's place at every call
+        return F.relu(self.bn(x) + x)
+
+
+class _DrawnNumber(_Made):
+    def forward(self, x):
+        return F.relu(self.bn(x) + x) * torch.rand(1).item()  # a Python number drawn at every call
+
+
+class _BufferInput(_Made):
+    def forward(self, x):
+        y = self.bn(self.memory)
+        self.memory.add_(x)  # written after the BatchNorm read it, before the add (a node: x is traced)
+        return y + x
+
+
 @pytest.mark.parametrize(
     ("cls", "reason"),
-    [(_Jitter, "a tensor its forward makes without tensor inputs"), (_TensorAttribute, "attribute 'scale'")],
+    [
+        (_Jitter, "a tensor its forward makes without tensor inputs"),
+        (_TensorAttribute, "attribute 'scale'"),
+        (_Counter, "changes 'calls'"),
+        (_Reassigned, "changes 'calls'"),
+        (_DrawnNumber, "turns a tensor into a Python value"),
+    ],
 )
-def test_tensors_a_trace_would_freeze_are_not_traced(cls, reason):
-    """torch.fx holds a tensor that is not a parameter or buffer as a constant of the trace: made in the
-    forward, it would no longer be made per call; either way it would become a state_dict key."""
+def test_what_a_trace_would_freeze_is_not_traced(cls, reason):
+    """A trace runs the forward once: a tensor that is not a parameter or buffer becomes a constant of
+    the graph (and a state_dict key), a buffer updated in the forward is updated once, a number taken
+    from a tensor is taken once. Such a model is converted without the pass, left as it was."""
     model = cls(None)
     model.scale = torch.tensor(2.0)
+    model.register_buffer("calls", torch.zeros(()))
     with pytest.warns(RuntimeWarning, match=reason):
         converted = bnfused.convert_model(model, fuse=True)
     assert type(converted) is cls and converted.bn.activation is None
-    assert list(converted.state_dict()) == ["bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
+    assert list(converted.state_dict()) == ["calls", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
                                             "bn.num_batches_tracked"]  # fmt: skip
     assert not [name for name in vars(model) if name.startswith("_tensor_constant")]  # fx's attribute removed
-    if cls is _Jitter:
-        x = torch.randn(4, 3)
-        converted.eval()
+    assert converted.calls.item() == 0  # the trace's update undone
+    x = torch.randn(4, 3)
+    converted.eval()
+    converted(x)
+    assert converted.calls.item() == (1 if cls in (_Counter, _Reassigned) else 0)
+    if cls in (_Jitter, _DrawnNumber):
         assert not torch.equal(converted(x), converted(x))
+
+
+def test_a_buffer_the_batchnorm_reads_and_the_forward_then_writes_keeps_it_in_place():
+    torch.manual_seed(0)
+    original = _BufferInput(None)
+    original.register_buffer("memory", torch.randn(4, 3))
+    converted = bnfused.convert_model(copy.deepcopy(original), fuse=True)
+    assert not converted.bn.takes_residual
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(converted(x), original(x))
+    torch.testing.assert_close(converted.memory, original.memory)
 
 
 def _writes_into_bn_input(kind):
@@ -322,7 +368,8 @@ def _writes_into_bn_input(kind):
             self.conv, self.bn, self.proj = nn.Conv1d(3, 3, 1), nn.BatchNorm1d(3), nn.Conv1d(3, 3, 1)
             self.act = nn.ReLU(inplace=True)
             self.own = _InPlaceLeaf()
-            self.conv.requires_grad_(kind != "out")  # out= refuses a tensor that requires grad
+            # out= refuses a tensor that requires grad, and autograd an in-place write into one of chunk's views
+            self.conv.requires_grad_(kind not in ("out", "tuple of views"))
 
         def forward(self, x):
             h = self.conv(x)
@@ -343,6 +390,12 @@ def _writes_into_bn_input(kind):
                 shortcut = self.proj(self.own(h))
             elif kind == "running stats":
                 shortcut = (self.proj(x).transpose(1, 2) + self.bn.running_mean).transpose(1, 2)
+            elif kind == "tuple of views":
+                parts = h.chunk(3, 1) + x.chunk(3, 1)  # operator.add of two tuples, the first of views of h
+                parts[0].add_(1.0)
+                shortcut = self.proj(x)
+            elif kind == "aten overload":
+                shortcut = self.proj(torch.ops.aten.relu_.default(h))
             elif kind == "block input":  # x is not h, nor shares its memory: fused
                 shortcut = self.proj(x.relu_())
             else:  # the new tensor the conv gives is written into, not h: fused
@@ -359,7 +412,19 @@ class _InPlaceLeaf(nn.Module):
 
 @pytest.mark.parametrize(
     "kind",
-    ["method", "view", "function", "out", "torch module", "own module", "running stats", "block input", "new tensor"],
+    [
+        "method",
+        "view",
+        "function",
+        "out",
+        "tuple of views",
+        "aten overload",
+        "torch module",
+        "own module",
+        "running stats",
+        "block input",
+        "new tensor",
+    ],
 )
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_a_batchnorm_is_not_moved_past_a_write_into_its_input(kind, training):
@@ -424,6 +489,9 @@ def test_parameters_keep_their_registration_order():
 
     torch.manual_seed(0)
     original = HeadFirst()
+    original.body.unused = nn.Parameter(torch.ones(3))  # in a container traced through, not read by the forward
+    original.body.register_buffer("unused_buffer", torch.ones(1))
+    original.body.register_buffer("scratch", torch.ones(1), persistent=False)
     fused = bnfused.convert_model(copy.deepcopy(original), fuse=True)
     assert fused.body._modules["1"].activation == "relu"
     assert [n for n, _ in fused.named_parameters()] == [n for n, _ in original.named_parameters()]
@@ -436,7 +504,9 @@ def test_parameters_keep_their_registration_order():
     resumed = torch.optim.SGD(fused.parameters(), lr=0.1, momentum=0.9)
     resumed.load_state_dict(optimizer.state_dict())
     for (name, p), q in zip(fused.named_parameters(), original.parameters()):
-        torch.testing.assert_close(resumed.state[p]["momentum_buffer"], optimizer.state[q]["momentum_buffer"], msg=name)
+        assert (p in resumed.state) == (q in optimizer.state), name  # the unused parameter has none
+        if q in optimizer.state:
+            torch.testing.assert_close(resumed.state[p]["momentum_buffer"], optimizer.state[q]["momentum_buffer"])
 
 
 def test_shared_and_multiply_used_batchnorms_are_not_fused():
