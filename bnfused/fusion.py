@@ -170,10 +170,12 @@ class _State:
 def trace(model: nn.Module) -> fx.GraphModule:
     """The traced model, holding every submodule, parameter and buffer of ``model`` under its name.
 
-    Raises ``Untraceable`` where the forward uses a tensor that is neither a parameter nor a buffer:
-    the trace would hold its value at trace time as a constant (a tensor the forward makes without
-    tensor inputs, as ``torch.rand(1)`` or ``torch.tensor(...)``, would no longer be made per call),
-    and the GraphModule would hold it as a buffer, a state_dict key the model does not have."""
+    Raises ``Untraceable`` where the trace would freeze what the forward does at every call: where it
+    uses a tensor that is neither a parameter nor a buffer (the trace would hold its value at trace
+    time as a constant, and the GraphModule as a buffer, a state_dict key the model does not have: a
+    tensor made without tensor inputs, as ``torch.rand(1)``, would no longer be made per call), turns
+    a tensor into a Python value (``_PythonValues``), or changes a parameter or buffer (``_State``;
+    the change is undone)."""
     before = set(vars(model))
     state = _State(model)
     values = _PythonValues()
@@ -194,10 +196,10 @@ def trace(model: nn.Module) -> fx.GraphModule:
         raise Untraceable(
             f"its forward changes {changed!r} (a trace would run that once, while tracing, not at every call)"
         )
-    state = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    state.update(name for name, _ in model.named_buffers(remove_duplicate=False))
+    held = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    held.update(name for name, _ in model.named_buffers(remove_duplicate=False))
     for node in graph.nodes:
-        if node.op == "get_attr" and node.target not in state:
+        if node.op == "get_attr" and node.target not in held:
             what = (
                 "a tensor its forward makes without tensor inputs (such as torch.rand(1) or torch.tensor(...))"
                 if node.target.startswith(_FX_CONSTANT_PREFIXES)
