@@ -323,7 +323,7 @@ def test_opcheck_new_signatures():
     "act", [act_codes.HARDSWISH, act_codes.SILU, act_codes.SIGMOID], ids=["hardswish", "silu", "sigmoid"]
 )
 def test_outputs_large_enough_to_stream_are_exact(act):
-    """y, dx and dresidual of 16 MiB and more are written with streaming stores where a whole vector is
+    """y, dx and dresidual of 16 to 32 MiB are written with streaming stores where a whole vector is
     aligned: in eval (elementwise) every value equals the one computed on a single sample (too small
     to stream), bit for bit."""
     shape = (3, 5, 601, 467)
