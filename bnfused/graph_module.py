@@ -40,7 +40,9 @@ def hold_everything(gm: fx.GraphModule, model: nn.Module) -> None:
         except AttributeError:
             gm.get_submodule(parent_name)._modules[leaf] = module
     # The root, and each container fx made in place of a module traced through, holds only the
-    # tensors the forward reads: the others are added.
+    # tensors the forward reads, in the order the forward first uses them: the others are added, and
+    # all put in the order ``model`` registered them, which ``parameters()`` follows (an optimizer's
+    # state_dict and ``parameters_to_vector`` index by it).
     for name, original in model.named_modules(remove_duplicate=False):
         held = gm.get_submodule(name) if name else gm
         if held is original:
@@ -53,18 +55,6 @@ def hold_everything(gm: fx.GraphModule, model: nn.Module) -> None:
                     held.register_parameter(key, tensor)
                 else:
                     held.register_buffer(key, tensor, persistent=key not in original._non_persistent_buffers_set)
-    _follow_registration_order(gm, model)
-
-
-def _follow_registration_order(gm: fx.GraphModule, model: nn.Module) -> None:
-    """Orders the submodules, parameters and buffers of ``gm`` and of each container it made as
-    ``model``'s were registered. fx adds them in the order the forward first uses them, and
-    ``parameters()`` follows that order, which is what an optimizer's state_dict and
-    ``parameters_to_vector`` index by."""
-    for name, original in model.named_modules(remove_duplicate=False):
-        held = gm.get_submodule(name) if name else gm
-        if held is original:
-            continue
         for attribute in ("_modules", "_parameters", "_buffers"):
             mine, theirs = getattr(held, attribute), getattr(original, attribute)
             ordered = {key: mine[key] for key in [*theirs, *mine] if key in mine}
