@@ -11,6 +11,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from bnfused import activation as act_codes
 from bnfused import backends, inplace, layout, ops, torch_ops
@@ -116,6 +118,14 @@ def check_input(x) -> None:
     """Input dtype and rank (torch's messages)."""
     dtype = x.dtype
     if dtype not in _FLOATING:
+        if x.is_quantized:
+            # torch.ao.quantization.convert swaps torch's own BatchNorm classes for quantized ones by
+            # exact type; a bnfused layer stays and is handed the quantized tensor.
+            raise NotImplementedError(
+                f"bnfused BatchNorm takes floating-point input, got a quantized tensor ({dtype}): eager-mode "
+                "quantization (torch.ao.quantization.prepare/convert) swaps only torch.nn's BatchNorm classes "
+                "for quantized ones; call bnfused.revert_model(model) before quantizing"
+            )
         raise NotImplementedError(f"\"batch_norm\" not implemented for '{_ATEN_NAMES.get(dtype, dtype)}'")
     if x.dim() == 1 and x.numel() == 0:
         raise EmptyVector
@@ -324,6 +334,11 @@ def batch_norm(
                 input, running_mean, running_var, weight, bias, training, momentum, eps, act, slope, residual
             )
     name = backends.resolve(backend, input.device)
+    # (Compiled calls reach the kernels through bnfused's registered ops, which Dynamo traces.)
+    if not backends.module(name).DISPATCHED and not torch.compiler.is_compiling() and _needs_dispatch(input, residual):
+        return torch_ops.batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, act, slope, residual
+        )
     if (
         name in backends.DEFERS_WHEN_AUTO
         and memory == "default"
@@ -356,6 +371,19 @@ def batch_norm(
     return _add_and_activate(y, residual, act, slope)
 
 
+def _needs_dispatch(input: torch.Tensor, residual) -> bool:
+    """Whether this call's ops must go through torch's dispatcher: a tensor subclass's input or residual
+    (its ``__torch_function__`` / ``__torch_dispatch__`` and its class on the output, as torch's
+    BatchNorm gives them), a fake tensor, or an active dispatch mode (FakeTensorMode, FlopCounterMode).
+    Kernels launched from Python would read the memory behind them, or none, and return plain tensors."""
+    plain = (torch.Tensor, nn.Parameter)
+    return (
+        input.__class__ not in plain
+        or (residual is not None and residual.__class__ not in plain)
+        or torch._C._len_torch_dispatch_stack() > 0
+    )
+
+
 def backward_may_follow(input, weight, bias, residual) -> bool:
     """Whether autograd will record this call (grad enabled, a tensor argument requiring grad)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, residual))
@@ -374,7 +402,9 @@ def _add_and_activate(y: torch.Tensor, residual: torch.Tensor | None, act: int, 
 
 def _stats_share_memory(running_mean: torch.Tensor, running_var: torch.Tensor, others) -> bool:
     """Whether the running stats share a storage with each other or with a tensor of ``others`` (None
-    entries skipped). Tensors without a storage of their own (wrapper subclasses) share none."""
+    entries skipped). Tensors without a storage of their own (wrapper subclasses, fake tensors) share none."""
+    if any(isinstance(t, FakeTensor) for t in (running_mean, running_var, *others)):
+        return False
     try:
         stats = {running_mean.untyped_storage().data_ptr(), running_var.untyped_storage().data_ptr()}
         return len(stats) == 1 or any(t is not None and t.untyped_storage().data_ptr() in stats for t in others)

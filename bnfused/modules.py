@@ -8,6 +8,7 @@ Each class subclasses its ``torch.nn`` namesake, so the constructor, parameters,
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -118,6 +119,8 @@ class _FusedBatchNorm:
         """``act(bn(input) [+ residual])``; ``residual`` is the shortcut of a residual block."""
         if is_scripting():  # TorchScript compiles this branch alone
             return self._scripted_forward(input, residual)
+        if torch.compiler.is_compiling() and self.momentum is None and self.training and self.track_running_stats:
+            return self._cumulative_average_forward(input, residual)
         if torch.compiler.is_compiling() and self.memory == "default" and self._compiles_to_torch_ops(input):
             # The graph the functional path would give (torch's BatchNorm, the add, the activation),
             # traced through less of bnfused: every global and attribute Dynamo reads becomes a guard
@@ -201,6 +204,26 @@ class _FusedBatchNorm:
         )
         return self._add_and_activate(y, residual)
 
+    def _cumulative_average_forward(self, input: torch.Tensor, residual: MaybeTensor) -> torch.Tensor:
+        """A training step with ``momentum=None`` (running stats as a cumulative average) under
+        torch.compile or export: torch's forward takes the step's factor 1 / num_batches_tracked as a
+        Python float, a graph break after which the rest of the frame is specialised on that float (a
+        recompile at every step). Here the factor stays a tensor, and the graph holds the update."""
+        self._check_input_dim(input)
+        running_mean, running_var, steps = self.running_mean, self.running_var, self.num_batches_tracked
+        if running_mean is None or running_var is None or steps is None:  # torch's own corner cases
+            return self._scripted_forward(input, residual)
+        steps.add_(1)
+        y = F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        # Statistics and update in float32 or wider, rounded once into the buffers, as torch's kernels do
+        # (from the detached input: nothing here is recorded for backward).
+        acc = torch.float64 if torch.float64 in (input.dtype, running_mean.dtype) else torch.float32
+        var, mean = torch.var_mean(input.detach().to(acc), [0, *range(2, input.dim())], correction=1)
+        factor = 1.0 / steps.to(torch.float64)
+        running_mean.copy_(running_mean.to(acc) * (1 - factor).to(acc) + mean * factor.to(acc))
+        running_var.copy_(running_var.to(acc) * (1 - factor).to(acc) + var * factor.to(acc))
+        return self._add_and_activate(y, residual)
+
     def _add_and_activate(self, y: torch.Tensor, residual: MaybeTensor) -> torch.Tensor:
         """``act(y [+ residual])`` for a BatchNorm output y, in torch ops."""
         if residual is not None:
@@ -235,11 +258,28 @@ class _FusedBatchNorm:
         return text
 
 
+def _signature(torch_cls: type, activation: str | None) -> inspect.Signature:
+    """torch_cls's constructor signature and bnfused's keyword-only options: what ``inspect.signature``
+    reports, so that code reading it finds torch's arguments (``nn.utils.skip_init`` asks for ``device``)."""
+    torch_sig = inspect.signature(torch_cls.__init__)
+    extra = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+        for name, default in (
+            ("activation", activation),
+            ("negative_slope", 0.01),
+            ("backend", None),
+            ("memory", "default"),
+        )
+    ]
+    return torch_sig.replace(parameters=[*torch_sig.parameters.values(), *extra])
+
+
 def _fused_class(torch_cls: type, doc: str) -> type:
     def __init__(self, *args, activation=None, negative_slope=0.01, backend=None, memory="default", **kwargs):
         torch_cls.__init__(self, *args, **kwargs)
         self._init_fused(activation, negative_slope, backend, memory)
 
+    __init__.__signature__ = _signature(torch_cls, None)
     return type(
         torch_cls.__name__, (_FusedBatchNorm, torch_cls), {"__init__": __init__, "__doc__": doc, "__module__": __name__}
     )
@@ -271,6 +311,7 @@ def _relu_class(base: type) -> type:
         kwargs.setdefault("activation", "relu")
         base.__init__(self, *args, **kwargs)
 
+    __init__.__signature__ = _signature(base.__mro__[2], "relu")  # (base, _FusedBatchNorm, torch's class)
     name = base.__name__.replace("BatchNorm", "BatchNormReLU")
     doc = f"``{base.__name__}`` followed by a ReLU, fused in one kernel (``activation='relu'``)."
     return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})

@@ -141,3 +141,107 @@ def test_weight_and_bias_of_another_shape_are_accepted_like_torch():
     assert w.grad.shape == (1, 3) and b.grad.shape == (1, 3)
     torch.testing.assert_close(w.grad.view(-1), w1.grad)
     torch.testing.assert_close(b.grad.view(-1), b1.grad)
+
+
+@pytest.mark.parametrize(
+    "cls", [bnfused.BatchNorm1d, bnfused.BatchNorm2d, bnfused.BatchNorm3d, bnfused.BatchNormReLU2d]
+)
+def test_constructor_signature_is_torchs_and_skip_init_works(cls):
+    """inspect.signature shows torch's arguments (nn.utils.skip_init asks for ``device``) and bnfused's."""
+    torch_cls = next(c for c in cls.__mro__ if c.__module__.startswith("torch.nn"))
+    params = inspect.signature(cls).parameters
+    assert list(params)[:-4] == list(inspect.signature(torch_cls).parameters)
+    assert list(params)[-4:] == ["activation", "negative_slope", "backend", "memory"]
+    layer = torch.nn.utils.skip_init(cls, 3, eps=1e-3, activation="leaky_relu")
+    assert type(layer) is cls and layer.eps == 1e-3 and layer.activation == "leaky_relu"
+    assert layer.weight.shape == (3,) and layer.weight.device.type == "cpu"
+    default_act = params["activation"].default
+    assert cls(3).activation == default_act
+
+
+def test_quantized_input_names_revert_model():
+    """Eager-mode quantization swaps torch's BatchNorm classes by exact type and leaves bnfused's: the
+    quantized model's call says what to do. After revert_model, quantization works as for torch."""
+    import torch.ao.quantization as tq
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.dequant(self.bn(self.conv(self.quant(x))))
+
+    def quantize(model):
+        model.eval().qconfig = tq.get_default_qconfig("x86")
+        prepared = tq.prepare(model)
+        prepared(torch.randn(4, 3, 8, 8))
+        return tq.convert(prepared)
+
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(NotImplementedError, match="revert_model"):
+        quantize(bnfused.convert_model(Net()))(x)
+    quantized = quantize(bnfused.revert_model(bnfused.convert_model(Net())))
+    assert quantized(x).shape == (2, 4, 6, 6)
+    with pytest.raises(NotImplementedError, match="quantized tensor"):
+        batch_norm(torch.quantize_per_tensor(x, 0.1, 0, torch.quint8), None, None, training=True)
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_compiled_cumulative_average_has_one_graph_for_every_step(activation):
+    """momentum=None under torch.compile: the factor 1 / num_batches_tracked stays a tensor, so there is
+    no graph break (fullgraph=True) and no recompile per step; the state follows eager torch's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def net(lib):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3), lib.BatchNorm2d(4, momentum=None), nn.ReLU(), nn.Conv2d(4, 4, 3))
+
+    original = net(nn).double()
+    twin = bnfused.convert_model(net(nn), fuse=activation is not None).double()
+    if activation is None:
+        twin[1].activation = None
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(twin, backend=counter, fullgraph=True)
+    for _ in range(4):
+        x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+        outs = [m(x) for m in (original, compiled)]
+        for out in outs:
+            out.square().mean().backward()
+        torch.testing.assert_close(outs[1], outs[0])
+    assert counter.frame_count == 1
+    state, twin_state = original.state_dict(), twin.state_dict()
+    assert list(twin_state) == list(state)
+    for key in state:
+        torch.testing.assert_close(twin_state[key], state[key], msg=key)
+    assert int(twin_state["1.num_batches_tracked"]) == 4
+    for p, q in zip(original.parameters(), twin.parameters()):
+        torch.testing.assert_close(q.grad, p.grad)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference", "triton"])
+@pytest.mark.parametrize("training", [True, False])
+def test_subclasses_and_fake_tensors_reach_every_backend_as_torch(backend, training):
+    """A tensor subclass comes back as its class, and FakeTensorMode gives a fake output (no kernel
+    launched on fake memory, no warning about fake data pointers), on every backend."""
+    import warnings
+
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    class Marked(torch.Tensor):
+        pass
+
+    layer, reference = bnfused.BatchNorm2d(4, backend=backend).train(training), nn.BatchNorm2d(4).train(training)
+    x = torch.randn(2, 4, 3, 3)
+    y = layer(x.as_subclass(Marked))
+    assert type(y) is Marked and type(reference(x.as_subclass(Marked))) is Marked
+    torch.testing.assert_close(y.as_subclass(torch.Tensor), reference(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with FakeTensorMode():
+            fake_layer = bnfused.BatchNorm2d(4, backend=backend).train(training)
+            out = fake_layer(torch.empty(2, 4, 3, 3))
+    assert isinstance(out, FakeTensor) and out.shape == (2, 4, 3, 3)

@@ -6,6 +6,9 @@ backend, ``reference.py``, defines them and their semantics):
     available(device) -> str | None          reason the backend cannot run on ``device``, or None
     ACTIVATIONS: frozenset[int]              the activation codes its kernels fuse
     RESIDUAL: bool                           whether its kernels fuse the residual add
+    DISPATCHED: bool                         whether its kernels run as ops of torch's dispatcher, which
+                                             tensor subclasses, fake tensors and dispatch modes see
+                                             (inputs that need it go to torch's ops otherwise)
     forward_train(x, weight, bias, running_mean, running_var, momentum, eps, act, slope, residual=None)
         -> (y, mean, invstd)
     forward_eval(x, weight, bias, running_mean, running_var, eps, act, slope, residual=None) -> y

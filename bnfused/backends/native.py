@@ -54,6 +54,7 @@ LAYER_OP = "batch_norm"
 # backward_elemt only the codes whose act' is read off y, 0-3).
 ACTIVATIONS = frozenset({0, 1, 2, 3, 4, 5, 6})
 RESIDUAL = True
+DISPATCHED = True  # torch.ops.bnfused_native, with fake (meta) implementations
 # torch's CPU capability -> compiler flags giving at::vec the same vector width ATen itself uses.
 _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],

@@ -47,6 +47,7 @@ def _per_channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 ACTIVATIONS = frozenset(act_codes.NAMES)
 RESIDUAL = True
+DISPATCHED = True  # torch's ops
 
 
 def _activate(z: torch.Tensor, act: int, slope: float) -> torch.Tensor:

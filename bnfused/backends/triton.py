@@ -49,6 +49,7 @@ except ImportError as exc:  # reported by available(), so "auto" can fall back w
 # Every activation code and the residual add are fused in the kernels.
 ACTIVATIONS = frozenset(act_codes.NAMES)
 RESIDUAL = True
+DISPATCHED = False  # launched from Python on the tensors' memory
 
 
 def available(device: torch.device) -> str | None:
