@@ -11,7 +11,6 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from bnfused import activation as act_codes
@@ -334,8 +333,7 @@ def batch_norm(
                 input, running_mean, running_var, weight, bias, training, momentum, eps, act, slope, residual
             )
     name = backends.resolve(backend, input.device)
-    # (Compiled calls reach the kernels through bnfused's registered ops, which Dynamo traces.)
-    if not backends.module(name).DISPATCHED and not torch.compiler.is_compiling() and _needs_dispatch(input, residual):
+    if backends.needs_dispatch(name, input, weight, bias, running_mean, running_var, residual):
         return torch_ops.batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps, act, slope, residual
         )
@@ -369,19 +367,6 @@ def batch_norm(
     # unfused layers cost, with torch's broadcasting, type promotion and gradients.
     y = ops.batch_norm(name, x, weight, bias, running_mean, running_var, training, float(momentum), float(eps), 0, 0.0)
     return _add_and_activate(y, residual, act, slope)
-
-
-def _needs_dispatch(input: torch.Tensor, residual) -> bool:
-    """Whether this call's ops must go through torch's dispatcher: a tensor subclass's input or residual
-    (its ``__torch_function__`` / ``__torch_dispatch__`` and its class on the output, as torch's
-    BatchNorm gives them), a fake tensor, or an active dispatch mode (FakeTensorMode, FlopCounterMode).
-    Kernels launched from Python would read the memory behind them, or none, and return plain tensors."""
-    plain = (torch.Tensor, nn.Parameter)
-    return (
-        input.__class__ not in plain
-        or (residual is not None and residual.__class__ not in plain)
-        or torch._C._len_torch_dispatch_stack() > 0
-    )
 
 
 def backward_may_follow(input, weight, bias, residual) -> bool:

@@ -19,7 +19,7 @@ from torch.jit import is_scripting
 
 from bnfused import activation as act_codes
 from bnfused import backends, inplace, torch_ops
-from bnfused.functional import backward_may_follow, batch_norm
+from bnfused.functional import backward_may_follow, batch_norm, check_arguments
 
 # A tensor or None, in annotations TorchScript reads (forward's residual, the step counter): spelled with
 # typing's name, as TorchScript evaluates annotations and `X | None` does not evaluate on Python 3.9.
@@ -214,7 +214,12 @@ class _FusedBatchNorm:
         if running_mean is None or running_var is None or steps is None:  # torch's own corner cases
             return self._scripted_forward(input, residual)
         steps.add_(1)
+        # torch's checks of the running stats (dtype, shape), which F.batch_norm does not see here: given
+        # to it, they would be saved for its backward, and the update below would then fail it.
+        check_arguments(input, running_mean, running_var, self.weight, self.bias)
         y = F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        if input.numel() == 0:  # an empty batch leaves the running stats as they are
+            return self._add_and_activate(y, residual)
         # Statistics and update in float32 or wider, rounded once into the buffers, as torch's kernels do
         # (from the detached input: nothing here is recorded for backward).
         acc = torch.float64 if torch.float64 in (input.dtype, running_mean.dtype) else torch.float32

@@ -266,7 +266,8 @@ class BatchNormFunction(torch.autograd.Function):
         x, y, weight, bias, residual, mean, invstd = ctx.saved_tensors
         training, eps, act, slope, backend, bias_dtype = ctx.config
         needs = (*ctx.needs_input_grad[:3], ctx.needs_input_grad[11])
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # create_graph=True
+        # create_graph=True, or a gradient the backend's kernels cannot take (backends.needs_dispatch)
+        if (torch.is_grad_enabled() and not torch.compiler.is_compiling()) or backends.needs_dispatch(backend, dy):
             dx, dw, db, dres = differentiable_backward(
                 dy, x, y, weight, bias, residual, mean, invstd, training, eps, act, slope, needs
             )

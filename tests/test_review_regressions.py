@@ -245,3 +245,43 @@ def test_subclasses_and_fake_tensors_reach_every_backend_as_torch(backend, train
             fake_layer = bnfused.BatchNorm2d(4, backend=backend).train(training)
             out = fake_layer(torch.empty(2, 4, 3, 3))
     assert isinstance(out, FakeTensor) and out.shape == (2, 4, 3, 3)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference", "triton"])
+def test_subclass_weight_and_gradient_reach_every_backend_as_torch(backend):
+    """A subclass weight gives an output of that class, and a subclass gradient an input gradient of
+    that class, as torch's BatchNorm does (the triton kernels would read their memory as plain tensors)."""
+
+    class Marked(torch.Tensor):
+        pass
+
+    x, weight = torch.randn(3, 4, 2, 2), torch.rand(4).add_(0.5)
+    results = []
+    for layer in (nn.BatchNorm2d(4), bnfused.BatchNorm2d(4, backend=backend)):
+        layer.weight = nn.Parameter(weight.clone().as_subclass(Marked))
+        y = layer(x)
+        xg = x.clone().requires_grad_()
+        layer(xg).backward(torch.ones_like(x).as_subclass(Marked))
+        results.append((type(y), type(xg.grad), y.as_subclass(torch.Tensor), xg.grad.as_subclass(torch.Tensor)))
+    (torch_y_cls, torch_g_cls, torch_y, torch_g), (y_cls, g_cls, y, g) = results
+    assert (y_cls, g_cls) == (torch_y_cls, torch_g_cls)
+    torch.testing.assert_close(y, torch_y)
+    torch.testing.assert_close(g, torch_g)
+
+
+def test_compiled_cumulative_average_keeps_torchs_checks_and_empty_batches():
+    """The compiled momentum=None path checks the running stats as torch does, and an empty batch
+    leaves them as they are (its statistics are NaN)."""
+    layer = bnfused.BatchNorm2d(3, momentum=None)
+    compiled = torch.compile(layer, backend="aot_eager")
+    torch._dynamo.reset()
+    compiled(torch.randn(4, 3, 2, 2))
+    stats = layer.running_mean.clone(), layer.running_var.clone()
+    assert compiled(torch.randn(0, 3, 2, 2)).shape == (0, 3, 2, 2)
+    assert torch.equal(layer.running_mean, stats[0]) and torch.equal(layer.running_var, stats[1])
+    assert int(layer.num_batches_tracked) == 2
+    layer.running_var = layer.running_var.double()
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="float64"):
+        torch.compile(layer, backend="aot_eager")(torch.randn(4, 3, 2, 2))
+    torch._dynamo.reset()
