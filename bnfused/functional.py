@@ -333,7 +333,8 @@ def batch_norm(
                 input, running_mean, running_var, weight, bias, training, momentum, eps, act, slope, residual
             )
     name = backends.resolve(backend, input.device)
-    if backends.needs_dispatch(name, input, weight, bias, running_mean, running_var, residual):
+    fused = backends.module(name)
+    if not fused.DISPATCHED and backends.needs_dispatch(name, input, weight, bias, running_mean, running_var, residual):
         return torch_ops.batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps, act, slope, residual
         )
@@ -355,7 +356,6 @@ def batch_norm(
             training, float(momentum), float(eps), act, slope, name, residual,
         )  # fmt: skip
     x = input if checked else layout.kernel_ready(input)  # args_ok passes only kernel-ready inputs
-    fused = backends.module(name)
     if act in fused.ACTIVATIONS and (residual is None or (fused.RESIDUAL and _same_tensor_kind(x, residual))):
         if residual is not None:
             residual = layout.like(x, residual)

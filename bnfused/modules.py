@@ -119,13 +119,14 @@ class _FusedBatchNorm:
         """``act(bn(input) [+ residual])``; ``residual`` is the shortcut of a residual block."""
         if is_scripting():  # TorchScript compiles this branch alone
             return self._scripted_forward(input, residual)
-        if torch.compiler.is_compiling() and self.momentum is None and self.training and self.track_running_stats:
-            return self._cumulative_average_forward(input, residual)
-        if torch.compiler.is_compiling() and self.memory == "default" and self._compiles_to_torch_ops(input):
-            # The graph the functional path would give (torch's BatchNorm, the add, the activation),
-            # traced through less of bnfused: every global and attribute Dynamo reads becomes a guard
-            # that each call of the compiled model checks (tens of ns each).
-            return self._scripted_forward(input, residual)
+        if torch.compiler.is_compiling():  # asked once: the eager path pays for every question
+            if self.momentum is None and self.training and self.track_running_stats:
+                return self._cumulative_average_forward(input, residual)
+            if self.memory == "default" and self._compiles_to_torch_ops(input):
+                # The graph the functional path would give (torch's BatchNorm, the add, the activation),
+                # traced through less of bnfused: every global and attribute Dynamo reads becomes a guard
+                # that each call of the compiled model checks (tens of ns each).
+                return self._scripted_forward(input, residual)
         if input.__class__ is not torch.Tensor and isinstance(input, Proxy):
             return self._fx_leaf(input, residual)
         if input.is_cuda and self.memory == "default" and self._defers_to_torch(input, residual):
