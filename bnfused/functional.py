@@ -334,7 +334,7 @@ def batch_norm(
             )
     name = backends.resolve(backend, input.device)
     fused = backends.module(name)
-    if not fused.DISPATCHED and backends.needs_dispatch(name, input, weight, bias, running_mean, running_var, residual):
+    if not fused.DISPATCHED and backends.needs_dispatch(input, weight, bias, running_mean, running_var, residual):
         return torch_ops.batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps, act, slope, residual
         )

@@ -226,8 +226,9 @@ class _FusedBatchNorm:
         acc = torch.float64 if torch.float64 in (input.dtype, running_mean.dtype) else torch.float32
         var, mean = torch.var_mean(input.detach().to(acc), [0, *range(2, input.dim())], correction=1)
         factor = 1.0 / steps.to(torch.float64)
-        running_mean.copy_(running_mean.to(acc) * (1 - factor).to(acc) + mean * factor.to(acc))
-        running_var.copy_(running_var.to(acc) * (1 - factor).to(acc) + var * factor.to(acc))
+        keep, take = (1 - factor).to(acc), factor.to(acc)
+        running_mean.copy_(running_mean.to(acc) * keep + mean * take)
+        running_var.copy_(running_var.to(acc) * keep + var * take)
         return self._add_and_activate(y, residual)
 
     def _add_and_activate(self, y: torch.Tensor, residual: MaybeTensor) -> torch.Tensor:
@@ -264,20 +265,13 @@ class _FusedBatchNorm:
         return text
 
 
-def _signature(torch_cls: type, activation: str | None) -> inspect.Signature:
-    """torch_cls's constructor signature and bnfused's keyword-only options: what ``inspect.signature``
-    reports, so that code reading it finds torch's arguments (``nn.utils.skip_init`` asks for ``device``)."""
-    torch_sig = inspect.signature(torch_cls.__init__)
-    extra = [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
-        for name, default in (
-            ("activation", activation),
-            ("negative_slope", 0.01),
-            ("backend", None),
-            ("memory", "default"),
-        )
-    ]
-    return torch_sig.replace(parameters=[*torch_sig.parameters.values(), *extra])
+def _signature(torch_cls: type, fused_init) -> inspect.Signature:
+    """torch_cls's constructor signature and the keyword-only options of ``fused_init``: what
+    ``inspect.signature`` reports, so that code reading it finds torch's arguments
+    (``nn.utils.skip_init`` asks for ``device``)."""
+    torch_params = inspect.signature(torch_cls.__init__).parameters.values()
+    options = [p for p in inspect.signature(fused_init).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    return inspect.signature(torch_cls.__init__).replace(parameters=[*torch_params, *options])
 
 
 def _fused_class(torch_cls: type, doc: str) -> type:
@@ -285,7 +279,7 @@ def _fused_class(torch_cls: type, doc: str) -> type:
         torch_cls.__init__(self, *args, **kwargs)
         self._init_fused(activation, negative_slope, backend, memory)
 
-    __init__.__signature__ = _signature(torch_cls, None)
+    __init__.__signature__ = _signature(torch_cls, __init__)
     return type(
         torch_cls.__name__, (_FusedBatchNorm, torch_cls), {"__init__": __init__, "__doc__": doc, "__module__": __name__}
     )
@@ -317,7 +311,9 @@ def _relu_class(base: type) -> type:
         kwargs.setdefault("activation", "relu")
         base.__init__(self, *args, **kwargs)
 
-    __init__.__signature__ = _signature(base.__mro__[2], "relu")  # (base, _FusedBatchNorm, torch's class)
+    base_sig = base.__init__.__signature__
+    relu = [p.replace(default="relu") if p.name == "activation" else p for p in base_sig.parameters.values()]
+    __init__.__signature__ = base_sig.replace(parameters=relu)
     name = base.__name__.replace("BatchNorm", "BatchNormReLU")
     doc = f"``{base.__name__}`` followed by a ReLU, fused in one kernel (``activation='relu'``)."
     return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})

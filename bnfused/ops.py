@@ -267,7 +267,9 @@ class BatchNormFunction(torch.autograd.Function):
         training, eps, act, slope, backend, bias_dtype = ctx.config
         needs = (*ctx.needs_input_grad[:3], ctx.needs_input_grad[11])
         # create_graph=True, or a gradient the backend's kernels cannot take (backends.needs_dispatch)
-        if (torch.is_grad_enabled() and not torch.compiler.is_compiling()) or backends.needs_dispatch(backend, dy):
+        if (torch.is_grad_enabled() and not torch.compiler.is_compiling()) or (
+            not backends.module(backend).DISPATCHED and backends.needs_dispatch(dy)
+        ):
             dx, dw, db, dres = differentiable_backward(
                 dy, x, y, weight, bias, residual, mean, invstd, training, eps, act, slope, needs
             )

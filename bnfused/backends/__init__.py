@@ -114,13 +114,13 @@ def module(name: str) -> ModuleType:
     return mod
 
 
-def needs_dispatch(name: str, *tensors: torch.Tensor | None) -> bool:
-    """Whether backend ``name`` would launch its kernels from Python on tensors whose ops must go
-    through torch's dispatcher: a tensor subclass (its ``__torch_function__`` / ``__torch_dispatch__``,
-    and its class on the output, as torch's BatchNorm gives them), a fake tensor, or any tensor while a
-    dispatch mode is active (FakeTensorMode, FlopCounterMode). Such calls take torch's ops instead.
-    Compiled calls reach the kernels through bnfused's registered ops, which Dynamo traces."""
-    if module(name).DISPATCHED or torch.compiler.is_compiling():
+def needs_dispatch(*tensors: torch.Tensor | None) -> bool:
+    """Whether a backend whose kernels are launched from Python (``DISPATCHED = False``) must leave this
+    call to torch's ops: a tensor subclass (its ``__torch_function__`` / ``__torch_dispatch__``, and its
+    class on the output, as torch's BatchNorm gives them), a fake tensor, or any tensor while a dispatch
+    mode is active (FakeTensorMode, FlopCounterMode). Compiled calls reach the kernels through
+    bnfused's registered ops, which Dynamo traces."""
+    if torch.compiler.is_compiling():
         return False
     plain = (torch.Tensor, torch.nn.Parameter)
     return torch._C._len_torch_dispatch_stack() > 0 or any(t is not None and t.__class__ not in plain for t in tensors)
