@@ -37,11 +37,16 @@ def _convert_one(bn: nn.Module, backend: str | None) -> nn.Module:
     return new
 
 
-def _fuse_following_relu(seq: nn.Sequential) -> None:
+def _fuse_following_relu(seq: nn.Sequential, shared: set[int]) -> None:
+    """Folds each ReLU that follows a bnfused layer in ``seq`` into it. Not where the layer is also
+    used elsewhere (``shared``: the ReLU would then run after it there too) or where either module has
+    hooks (``fusion.has_hooks``)."""
     names = list(seq._modules)
     for first, second in zip(names, names[1:]):
         bn, nxt = seq._modules[first], seq._modules[second]
-        if not isinstance(bn, _FusedBatchNorm) or bn.activation is not None:
+        if not isinstance(bn, _FusedBatchNorm) or bn.activation is not None or id(bn) in shared:
+            continue
+        if fusion.has_hooks(bn) or fusion.has_hooks(nxt):
             continue
         if type(nxt) is nn.ReLU:
             bn.activation = "relu"
@@ -86,14 +91,35 @@ def convert_model(
         return SyncBatchNorm.convert_sync_batchnorm(convert_model(model, fuse_relu, backend))
     if type(model) in EQUIVALENTS:
         return _convert_one(model, backend)
-    for name, child in model.named_children():
-        if type(child) in EQUIVALENTS:
-            model._modules[name] = _convert_one(child, backend)
-        else:
-            convert_model(child, fuse_relu, backend)
-    if fuse_relu and isinstance(model, nn.Sequential):
-        _fuse_following_relu(model)
+    _convert_children(model, backend, {})
+    if fuse_relu:
+        shared = _shared_modules(model)
+        for seq in model.modules():
+            if isinstance(seq, nn.Sequential):
+                _fuse_following_relu(seq, shared)
     return model
+
+
+def _convert_children(model: nn.Module, backend: str | None, converted: dict[int, nn.Module]) -> None:
+    """Converts the BatchNorms below ``model``; one registered under several names (a layer shared by
+    two branches) becomes one bnfused layer under all of them, as it was one torch layer."""
+    for name, child in list(model._modules.items()):
+        if type(child) in EQUIVALENTS:
+            if id(child) not in converted:
+                converted[id(child)] = _convert_one(child, backend)
+            model._modules[name] = converted[id(child)]
+        elif child is not None and id(child) not in converted:
+            converted[id(child)] = child
+            _convert_children(child, backend, converted)
+
+
+def _shared_modules(model: nn.Module) -> set[int]:
+    """The ids of the modules registered under more than one name in ``model``."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    for _, m in model.named_modules(remove_duplicate=False):
+        (shared if id(m) in seen else seen).add(id(m))
+    return shared
 
 
 def _keep_outputs(model: nn.Module, memory: str) -> nn.Module:
@@ -201,17 +227,28 @@ def revert_model(model: nn.Module) -> nn.Module:
         if activation is not None:
             new.register_forward_hook(ActivationHook(activation))
         return new
+    _revert_children(model, {}, _shared_modules(model))
+    return model
+
+
+def _revert_children(model: nn.Module, reverted: dict[int, nn.Module], shared: set[int]) -> None:
+    """Reverts the bnfused layers below ``model``; a shared one stays one module (see ``_convert_children``),
+    with its activation as a hook, which runs wherever it is called."""
     children = list(model._modules.items())
     for i, (name, child) in enumerate(children):
         if not isinstance(child, _FusedBatchNorm):
-            if child is not None:
-                revert_model(child)
+            if child is not None and id(child) not in reverted:
+                reverted[id(child)] = child
+                _revert_children(child, reverted, shared)
+            continue
+        if id(child) in reverted:
+            model._modules[name] = reverted[id(child)]
             continue
         new, activation = _revert_one(child)
         following = children[i + 1] if i + 1 < len(children) else (None, None)
-        if activation is not None and isinstance(model, nn.Sequential) and type(following[1]) is nn.Identity:
+        in_slot = isinstance(model, nn.Sequential) and type(following[1]) is nn.Identity and id(child) not in shared
+        if activation is not None and in_slot:
             model._modules[following[0]] = activation.train(child.training)
         elif activation is not None:
             new.register_forward_hook(ActivationHook(activation))
-        model._modules[name] = new
-    return model
+        model._modules[name] = reverted[id(child)] = new

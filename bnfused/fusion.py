@@ -76,6 +76,10 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, _BN) or m not in self._traced or super().is_leaf_module(m, qualname)
 
+    def call_module(self, m, forward, args, kwargs):
+        _Watch.check_context()
+        return super().call_module(m, forward, args, kwargs)
+
 
 def _mode_reason(model: nn.Module) -> str | None:
     """Why tracing through ``model`` would freeze behaviour, or None: a traced forward is frozen in the
@@ -117,23 +121,64 @@ class Untraceable(Exception):
 _FX_CONSTANT_PREFIXES = ("_tensor_constant", "_torchbind_obj", "_tree_spec_constant", "_opaque_obj")
 
 
-class _PythonValues(TorchFunctionMode):
-    """Notes the first tensor (not one being traced) that the forward turns into a Python number or
-    bool while traced: ``torch.rand(1).item()``, ``if self.flag:`` on a buffer. The graph holds only
-    the number, so the draw, or the buffer's value of that moment, would be frozen."""
+def _autograd_context() -> tuple:
+    """What a ``with`` block in a forward can change for the calls inside it and a graph does not hold:
+    grad mode (``torch.no_grad()``, reentrant activation checkpointing), inference mode, autocast, and
+    saved-tensor hooks (non-reentrant checkpointing, ``save_on_cpu``)."""
+    autocast = tuple(
+        (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")
+    )  # fmt: skip
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
+    return torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast, hooks is not None
+
+
+class _Watch(TorchFunctionMode):
+    """Watches a trace for what its graph would not hold.
+
+    ``read``: the first tensor (not one being traced) that the forward turns into a Python number or
+    bool: ``torch.rand(1).item()``, ``if self.flag:`` on a buffer. The graph holds only the number, so
+    the draw, or the buffer's value of that moment, would be frozen.
+    ``context``: the first call made under another autograd context than the trace's (see
+    ``_autograd_context``): the graph would run that call without its ``with`` block."""
 
     _TO_PYTHON = frozenset((
         torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
         torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.__complex__,
     ))  # fmt: skip
 
+    _active: _Watch | None = None  # the watch of the trace in progress, for _Tracer.call_module
+
     def __init__(self):
         super().__init__()
         self.read = None
+        self.context_changed = False
+        self._context = None
+
+    def begin(self) -> None:
+        """Takes the autograd context a trace starts in as the one every call should see."""
+        self._context = _autograd_context()
+
+    def end(self) -> None:
+        self._context = None
+
+    def __enter__(self):
+        _Watch._active = self
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _Watch._active = None
+        return super().__exit__(*exc)
+
+    @staticmethod
+    def check_context() -> None:
+        watch = _Watch._active
+        if watch is not None and watch._context is not None and _autograd_context() != watch._context:
+            watch.context_changed = True
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if self.read is None and func in self._TO_PYTHON and isinstance(args[0], torch.Tensor):
             self.read = f"Tensor.{func.__name__}"
+        self.check_context()
         return func(*args, **(kwargs or {}))
 
 
@@ -167,6 +212,34 @@ class _State:
         return changed
 
 
+def _trace_twice(model: nn.Module, watch: _Watch) -> tuple[fx.Graph, fx.Graph]:
+    """The graph in the model's modes, and the graph with every module in the other mode (the modes
+    are put back). Traced classes whose own code reads ``self.training`` are leaves already
+    (``_mode_reason``); a difference between the two comes from code the pass cannot see, such as a
+    function that takes the module and reads ``module.training``. The second trace runs without grad
+    and under autocast, so that ``watch`` also sees a block that turns them back on or off
+    (``torch.enable_grad()``, ``torch.autocast(..., enabled=False)``), which changes nothing when
+    traced as the model is called."""
+    watch.begin()
+    graph = _Tracer(model).trace(model)
+    watch.end()
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.train(not model.training)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            watch.begin()
+            other = _Tracer(model).trace(model)
+            watch.end()
+    finally:
+        for m, training in modes:
+            m.training = training
+    return graph, other
+
+
+def _same_code(a: fx.Graph, b: fx.Graph) -> bool:
+    return a.python_code("self").src == b.python_code("self").src
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """The traced model, holding every submodule, parameter and buffer of ``model`` under its name.
 
@@ -174,23 +247,30 @@ def trace(model: nn.Module) -> fx.GraphModule:
     uses a tensor that is neither a parameter nor a buffer (the trace would hold its value at trace
     time as a constant, and the GraphModule as a buffer, a state_dict key the model does not have: a
     tensor made without tensor inputs, as ``torch.rand(1)``, would no longer be made per call), turns
-    a tensor into a Python value (``_PythonValues``), or changes a parameter or buffer (``_State``;
-    the change is undone)."""
+    a tensor into a Python value, calls something inside a ``with`` block that changes autograd or
+    autocast (``_Watch``: ``torch.no_grad()``, activation checkpointing, ``torch.autocast``), gives
+    another graph in the other train/eval mode (``_trace_twice``), or changes a parameter or
+    buffer (``_State``; the change is undone)."""
     before = set(vars(model))
     state = _State(model)
-    values = _PythonValues()
+    watch = _Watch()
     try:
-        with values:
-            graph = _Tracer(model).trace(model)
+        with watch:
+            graph, other_mode = _trace_twice(model, watch)
     finally:
         for name in set(vars(model)) - before:
             if name.startswith(_FX_CONSTANT_PREFIXES):
                 delattr(model, name)
         changed = state.restore_changed()
-    if values.read is not None:
+    if watch.read is not None:
         raise Untraceable(
-            f"its forward turns a tensor into a Python value ({values.read}: a random draw or a buffer's value "
+            f"its forward turns a tensor into a Python value ({watch.read}: a random draw or a buffer's value "
             "would be read once, while tracing, and frozen)"
+        )
+    if watch.context_changed:
+        raise Untraceable(
+            "its forward calls part of the model inside a block that changes autograd or autocast (torch.no_grad, "
+            "torch.autocast, activation checkpointing, saved-tensor hooks), which a torch.fx graph does not hold"
         )
     if changed:
         raise Untraceable(
@@ -206,6 +286,11 @@ def trace(model: nn.Module) -> fx.GraphModule:
                 else f"the tensor attribute {node.target!r}, neither a parameter nor a buffer,"
             )
             raise Untraceable(f"a torch.fx trace would hold {what} as a constant")
+    if not _same_code(graph, other_mode):
+        raise Untraceable(
+            "its forward differs in train and eval mode through code the pass does not read (such as a function "
+            "that reads module.training), which a trace would freeze in one mode"
+        )
     return fused_graph_module(model, graph)
 
 
@@ -213,6 +298,8 @@ def _activation(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[int, floa
     """(code, slope) when ``node`` applies a fusable activation to its first argument, else None."""
     if node.op == "call_module":
         module = modules[node.target]
+        if has_hooks(module):
+            return None
         if type(module) is nn.LeakyReLU:
             return (act_codes.LEAKY_RELU, module.negative_slope) if module.negative_slope >= 0 else None
         code = _ACTIVATION_MODULES.get(type(module))
@@ -251,15 +338,21 @@ def _residual_of_add(node: fx.Node, operand: fx.Node) -> fx.Node | None:
     return other if isinstance(other, fx.Node) and other is not operand and not _is_number(other) else None
 
 
+# Python's arithmetic, which gives a number when all its operands are numbers (``x.size(1) * 0.5``).
+_ARITHMETIC = frozenset((
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod, operator.pow,
+    operator.neg, operator.pos, operator.abs,
+))  # fmt: skip
 # Tensor methods and attributes that give numbers (or sizes, indexed into numbers).
 _NUMBER_METHODS = frozenset(("size", "dim", "ndimension", "numel", "nelement", "element_size", "item", "__len__"))
 _NUMBER_ATTRIBUTES = frozenset(("shape", "ndim"))
 
 
 def _is_number(node: fx.Node) -> bool:
-    """Whether ``node`` is known to give a Python number, such as ``x.size(0)`` or ``x.shape[-1]``: the
-    layer's residual must be a tensor under TorchScript, so ``bn(x) + x.size(0)`` stays unfused (a
-    traced graph does not say what type the other nodes give; eager calls take numbers as well)."""
+    """Whether ``node`` is known to give a Python number, such as ``x.size(0)``, ``x.shape[-1]`` or
+    arithmetic on them (``x.size(1) * 0.5``): the layer's residual must be a tensor under TorchScript,
+    so ``bn(x) + x.size(0)`` stays unfused (a traced graph does not say what type the other nodes
+    give; eager calls take numbers as well)."""
     if node.op == "call_method":
         return node.target in _NUMBER_METHODS
     if node.op != "call_function":
@@ -270,15 +363,30 @@ def _is_number(node: fx.Node) -> bool:
         return len(node.args) >= 2 and node.args[1] in _NUMBER_ATTRIBUTES
     if node.target is operator.getitem:
         return isinstance(node.args[0], fx.Node) and _is_number(node.args[0])
+    if node.target in _ARITHMETIC and not node.kwargs:
+        return all(_is_number(a) if isinstance(a, fx.Node) else isinstance(a, (int, float)) for a in node.args)
     return False
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward or backward hooks of its own. A fused layer's hooks would see
+    what the fused call takes and gives (``bn(x, residual)``, ``act(bn(x) + residual)``), not what
+    they were written for; those of an activation folded into the BatchNorm would no longer run."""
+    return any(
+        getattr(module, name, None)
+        for name in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+    )
 
 
 def _fusable(module: nn.Module) -> bool:
     """A BatchNorm the pass may rewrite: torch's own classes (converted afterwards) and bnfused's,
-    with no activation or residual of their own yet; not subclasses with a forward of their own."""
+    with no activation or residual of their own yet and no hooks; not subclasses with a forward of
+    their own."""
     from bnfused.modules import EQUIVALENTS, _FusedBatchNorm
     from bnfused.sync import SyncBatchNorm
 
+    if has_hooks(module):
+        return False
     if isinstance(module, _FusedBatchNorm):
         return not isinstance(module, SyncBatchNorm) and module.activation is None and not module.takes_residual
     return type(module) in EQUIVALENTS

@@ -119,6 +119,12 @@ class _FusedBatchNorm:
         """``act(bn(input) [+ residual])``; ``residual`` is the shortcut of a residual block."""
         if is_scripting():  # TorchScript compiles this branch alone
             return self._scripted_forward(input, residual)
+        if residual is None and self.takes_residual:
+            raise RuntimeError(
+                f"bnfused: this {type(self).__name__} was fused with the residual add after it "
+                "(convert_model(fuse=True)) and is called without the residual; a forward pre-hook must return "
+                "all of its arguments, (input, residual), not the input alone"
+            )
         if torch.compiler.is_compiling():  # asked once: the eager path pays for every question
             if self.momentum is None and self.training and self.track_running_stats:
                 return self._cumulative_average_forward(input, residual)

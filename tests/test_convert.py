@@ -81,3 +81,33 @@ def test_backend_argument_reaches_the_modules():
 def test_bnfused_layers_are_left_alone(already):
     model = nn.Sequential(already)
     assert bnfused.convert_model(model)[0] is already
+
+
+class _SharedNorm(nn.Module):
+    """One BatchNorm registered under two names (tied layers): in a branch with a ReLU after it and in one without."""
+
+    def __init__(self):
+        super().__init__()
+        bn = nn.BatchNorm2d(3)
+        self.a = nn.Sequential(nn.Conv2d(3, 3, 1), bn, nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(3, 3, 1), bn)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"fuse_relu": True}, {"fuse": True}], ids=["plain", "fuse_relu", "fuse"])
+def test_a_shared_batchnorm_stays_one_layer(kwargs):
+    torch.manual_seed(0)
+    original = _SharedNorm()
+    converted = bnfused.convert_model(copy.deepcopy(original), **kwargs)
+    shared = converted.get_submodule("a.1")
+    assert converted.get_submodule("b.1") is shared and isinstance(shared, bnfused.BatchNorm2d)
+    assert shared.activation is None  # its ReLU runs in one branch only
+    x = torch.randn(4, 3, 5, 5)
+    original.a.eval(), converted.get_submodule("a").eval()  # both branches see the one layer's mode
+    torch.testing.assert_close(converted(x), original(x))
+    assert shared.num_batches_tracked.item() == original.a[1].num_batches_tracked.item() == 0
+    reverted = bnfused.revert_model(converted)
+    assert reverted.get_submodule("b.1") is reverted.get_submodule("a.1")
+    assert type(reverted.get_submodule("a.1")) is nn.BatchNorm2d

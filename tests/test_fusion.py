@@ -906,3 +906,137 @@ def test_compiled_layer_with_its_own_input_as_residual(mode):
         torch._dynamo.reset()
     torch.testing.assert_close(got, twin(x, x))
     torch.testing.assert_close(layer.running_mean, twin.running_mean)
+
+
+# ------------------------------------------------ what a graph does not hold: with blocks, modes, hooks
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)) + x)
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, reentrant):
+        super().__init__()
+        self.block, self.reentrant = _Block(), reentrant
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=self.reentrant)
+
+
+class _FrozenStem(_Block):
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.conv(x)
+        return F.relu(self.bn(h) + x)
+
+
+class _GradInside(_Block):
+    def forward(self, x):
+        with torch.enable_grad():  # changes nothing when traced with grad on, as convert_model is called
+            h = self.conv(x)
+        return F.relu(self.bn(h) + x)
+
+
+class _Float32Head(_Block):
+    def forward(self, x):
+        with torch.autocast("cpu", enabled=False):  # changes nothing when traced outside autocast
+            return F.relu(self.bn(self.conv(x.float())) + x)
+
+
+def _dropout_for(module, x):  # reads module.training outside the class the pass reads
+    return F.dropout(x, 0.5, module.training)
+
+
+class _HelperReadsMode(_Block):
+    def forward(self, x):
+        return _dropout_for(self, F.relu(self.bn(self.conv(x)) + x))
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda: _Checkpointed(False), "changes autograd or autocast"),
+        (lambda: _Checkpointed(True), "changes autograd or autocast"),
+        (_FrozenStem, "changes autograd or autocast"),
+        (_GradInside, "changes autograd or autocast"),
+        (_Float32Head, "changes autograd or autocast"),
+        (_HelperReadsMode, "differs in train and eval mode"),
+    ],
+    ids=["checkpoint", "checkpoint-reentrant", "no_grad", "enable_grad", "autocast-off", "helper-reads-mode"],
+)
+def test_forwards_a_graph_would_change_are_not_traced(make, reason):
+    """A torch.fx graph holds the calls, not the with blocks around them (no_grad, autocast, activation
+    checkpointing) nor a mode read by code the pass does not read: such a model falls back, with a
+    warning, and behaves as the original in both modes, under autocast and in backward."""
+    torch.manual_seed(0)
+    original = make()
+    with pytest.warns(RuntimeWarning, match=reason):
+        converted = bnfused.convert_model(copy.deepcopy(original), fuse=True)
+    assert not isinstance(converted, torch.fx.GraphModule)
+    x = torch.randn(4, 3, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(1)
+        want = original(x)
+        torch.manual_seed(1)
+        got = converted(x)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want)
+    original.eval(), converted.eval()
+    torch.testing.assert_close(converted(x), original(x))
+    original.train(), converted.train()
+    for model in (original, converted):
+        torch.manual_seed(2)
+        model(x.requires_grad_()).sum().backward()
+    want_grad = original.block.conv.weight.grad if hasattr(original, "block") else original.conv.weight.grad
+    got_grad = converted.block.conv.weight.grad if hasattr(converted, "block") else converted.conv.weight.grad
+    assert (got_grad is None) == (want_grad is None)  # the frozen stem stays without a gradient
+    if want_grad is not None:
+        torch.testing.assert_close(got_grad, want_grad)
+
+
+def test_layers_with_hooks_are_not_fused():
+    """A hook sees what its module takes and gives: a BatchNorm's pre-hook written for bn(x) would drop
+    the residual of bn(x, residual), a forward hook would see act(bn(x) + r); an activation's hooks
+    would not run once it is folded away. Such layers are converted but not fused."""
+    torch.manual_seed(0)
+    seen = []
+    original = _Block()
+    original.bn.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    converted = bnfused.convert_model(copy.deepcopy(original), fuse=True)
+    assert not converted.bn.takes_residual
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(converted(x), original(x))
+    relu = nn.ReLU()
+    relu.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    seq = bnfused.convert_model(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), relu), fuse_relu=True)
+    assert seq[1].activation is None and seq[2] is relu
+    seq(x)
+    assert seen == [x.shape]
+
+
+def test_a_pre_hook_that_drops_the_residual_is_an_error():
+    converted = bnfused.convert_model(_Block(), fuse=True)
+    assert converted.bn.takes_residual
+    converted.bn.register_forward_pre_hook(lambda m, args: (args[0].float(),))  # written for bn(x)
+    with pytest.raises(RuntimeError, match="called without the residual"):
+        converted(torch.randn(4, 3, 5, 5))
+
+
+class _SizeArithmetic(_Block):
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)) + x.size(1) * 0.5)
+
+
+def test_arithmetic_on_sizes_is_not_a_residual():
+    """``bn(x) + x.size(1) * 0.5`` adds a number: the layer's residual must be a tensor under TorchScript."""
+    original = _SizeArithmetic()
+    converted = bnfused.convert_model(copy.deepcopy(original), fuse=True)
+    assert not converted.bn.takes_residual
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(torch.jit.script(converted)(x), original(x))
