@@ -2,6 +2,11 @@
 planes, long planes, rows), float16/bfloat16 within twice torch's own low-precision error of an fp32
 reference, odd sizes, and the eager binding of the layer op (csrc/autograd.cpp, eager_batch_norm)."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import make_input
@@ -46,11 +51,12 @@ SCHEDULES = [
     # Wider rows, row by row, ending in a partial vector (too few rows to walk flat).
     pytest.param((20, 100, 3, 3), True, id="rows-C100"),
     pytest.param((200, 264), False, id="rows-NC-264"),
-    # Larger than L2 (over 1 MiB of float32): with vectors of 8 floats or fewer (AVX2) the row sums are
-    # kept in memory, one accumulator per channel (csrc/cpu/tiling.h, tile_sums), rather than in
-    # register blocks when a row spans more than one block; whole vectors, and rows ending in a partial
-    # vector (a period too long to walk flat).
+    # Larger than L2 (over 1 MiB of float32): with sequential walks (csrc/cpu/walk_order.h) the row sums
+    # are kept in memory, one accumulator per channel (csrc/cpu/tiling.h, tile_sums), rather than in
+    # register blocks when a row spans more than one block (32 channels with AVX2, 64 with AVX512);
+    # whole vectors, and rows ending in a partial vector (a period too long to walk flat).
     pytest.param((16, 64, 18, 18), True, id="rows-C64-large"),
+    pytest.param((16, 80, 15, 15), True, id="rows-C80-large"),
     pytest.param((80, 4095), False, id="rows-NC-4095-large"),
     pytest.param((160, 8, 16, 16), True, id="rows-C8-large"),  # one register block: registers still
 ]
@@ -569,3 +575,31 @@ def test_flat_walk_over_short_rows_matches_the_training_forward(shape, channels_
     same bits as the training forward's walk by tiles (row by row, or flat for the larger ones)."""
     x = make_input(shape, dtype, channels_last=channels_last)
     _assert_normalize_matches_training_forward(x, act_codes.RELU, 0.0)
+
+
+# The schedule tests again, under each walk (csrc/cpu/walk_order.h): the kernels choose it once per
+# process (sequential on AMD processors and AVX2 builds, blocked otherwise), so each runs in a process of
+# its own. The -k expression must not select the tests below.
+_WALK_TESTS = "bitwise_identical or matches_float64 or schedules_agree or within_twice or slice"
+
+
+def _pytest_with_walk(walk, *args):
+    env = dict(os.environ, BNFUSED_CPU_WALK=walk)
+    here = Path(__file__).parent
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+    return subprocess.run(command, cwd=here, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize("walk", ["sequential", "blocked"])
+def test_schedule_tests_pass_under_either_walk(walk):
+    result = _pytest_with_walk(walk, "test_cpu_kernels.py", "test_cpu_schedules.py", "-k", _WALK_TESTS)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout
+
+
+def test_an_unknown_walk_is_an_error_naming_the_variable():
+    code = "import torch, bnfused; bnfused.functional.batch_norm(torch.randn(4, 3), None, None, training=True)"
+    env = dict(os.environ, BNFUSED_CPU_WALK="fast")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "BNFUSED_CPU_WALK must be 'sequential' or 'blocked', got 'fast'" in result.stderr

@@ -1,8 +1,8 @@
 // The CPU forward kernels of BatchNorm, written once per tile (see tiling.h) and scheduled by
 // two_pass: per-channel mean and M2 (tile_moments, merged in tile order), then
 // y = act((x - mean) * scale + shift (+ residual)); and the one-pass schedules of that normalisation
-// alone (normalize: eval, the normalize op, and on AVX2-and-narrower builds the 16-bit training
-// forward over short planes, see stats_then_normalize). The op wrappers
+// alone (normalize: eval, the normalize op, and with sequential walks (walk_order.h) the 16-bit
+// training forward over short planes, see stats_then_normalize). The op wrappers
 // (forward_train.cpp, forward_eval.cpp) supply `finish(c, Moments)`, which turns channel c's merged
 // moments into its coefficients before any of its values are written.
 // T is the tensor dtype; A = acc_t<T> (float or double) is the dtype of all arithmetic.
@@ -330,10 +330,11 @@ void stats_then_normalize(const T* xp, const Tiling& tl, const Finish& finish, c
   // are longer 16-bit planes, whose runs the prefetcher follows: planes of more than kShortPlaneBytes
   // keep two_pass, which reads x once (AVX2 build on an AVX512 machine, bfloat16 training forward,
   // 2 threads, medians of 7 alternating processes: (32, 64, 56, 56) 1.22 -> 1.16 ms, (64, 128, 28,
-  // 28) 1.38 -> 1.28 ms). AVX512 builds keep two_pass (0.75-0.79 of ATen there, not measured the
-  // other way).
-  if constexpr (kNarrowVectors && is_16bit_float<T>()) {
-    if (planes_in_memory_order(tl) && tl.L.s * int64_t(sizeof(T)) <= kShortPlaneBytes) {
+  // 28) 1.38 -> 1.28 ms). Taken with sequential walks (walk_order.h): on the Intel AVX512 machine
+  // two_pass ran at 0.75-0.79 of ATen's time (not measured the other way); on an AMD Zen 4 with
+  // AVX512, (128, 256, 14, 14) bfloat16 at 1.09 / 1.29 (2 / 1 threads) with two_pass.
+  if constexpr (is_16bit_float<T>()) {
+    if (sequential_walks() && planes_in_memory_order(tl) && tl.L.s * int64_t(sizeof(T)) <= kShortPlaneBytes) {
       channel_stats(xp, tl, finish);
       normalize(xp, tl, mean, scale, shift, act, slope, rp, yp);
       return;

@@ -23,6 +23,7 @@
 
 #include "../layout.h"
 #include "vec_chunks.h"
+#include "walk_order.h"
 
 namespace bnfused::cpu {
 
@@ -39,16 +40,6 @@ constexpr int64_t kMinTaskValues = 32768;  // fewer values than this per thread 
 // (beyond it, the arrays would cost more than the partial vectors they save).
 constexpr int64_t kMaxRowsPeriod = 4096;
 
-// Builds whose vectors hold 8 floats or fewer (AVX2 and below) take two schedules of their own,
-// measured on an AVX2 machine (the AVX512 ones were measured on an AVX512 machine): row tiles of
-// tensors over kFuseBytes of float accumulators, with rows wider than one register block, are summed
-// in memory, not in register blocks (tile_sums), and the 16-bit training forward over short planes
-// normalizes in memory order (stats_then_normalize).
-#if defined(CPU_CAPABILITY_AVX512)
-constexpr bool kNarrowVectors = false;
-#else
-constexpr bool kNarrowVectors = true;
-#endif
 
 // The training kernels (sums and elementwise passes over row tiles) walk flat only tensors of at least
 // this many periods: each call and tile pays O(period) to repeat its coefficients and fold its
@@ -557,18 +548,20 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, const ChannelArrays
   // Rows walked one by one: in blocks of up to four vectors of channels, each summed over the tile's
   // rows in registers (row_block_sums; a wider row re-reads the tile, from L1/L2, once per block).
   // Summed in out itself, row by row, the training forward of (128, 256, 14, 14) channels_last took
-  // 1.03x (float32) and 1.05x (bfloat16) the time with AVX512. With AVX2 a block is 32 channels, half
-  // a row of 64 float channels, and a tensor read from memory a block at a time ran far slower than
-  // one row after another: the float32 backward of (32, 64, 56, 56) channels_last at 1.57x ATen's
-  // time in register blocks, 0.99x summed in memory (one accumulator per channel, as for the flat
-  // walk); the MLP's (64, 512), in cache, stays faster in registers (forward 0.83-0.84x against
+  // 1.03x (float32) and 1.05x (bfloat16) the time with AVX512 on an Intel Xeon. With sequential walks
+  // (walk_order.h) rows wider than a block are summed in memory, one accumulator per channel, as for
+  // the flat walk, in tensors too large for L2: read a block at a time, a tensor from memory ran far
+  // slower than one row after another on AMD processors (AVX2: the float32 backward of (32, 64, 56,
+  // 56) channels_last, whose 64-channel rows are two 32-channel blocks, at 1.57x ATen's time in
+  // register blocks, 0.99x in memory; Zen 4, AVX512: the backward's sums of (128, 256, 14, 14) 1.6x
+  // the time); the MLP's (64, 512), in cache, stays faster in registers (forward 0.83-0.84x against
   // 0.90-0.92x). Walked flat: one accumulator per place of the period, folded into out's C sums at
   // the end. Rows of one block (C <= 4 * VW) are read once either way and keep their registers: in
   // memory, each row's adds wait on the previous row's stores (channels_last (256, 8, 32, 32)
   // training forward 1.60 ms in registers, 2.27 ms in memory).
   constexpr int64_t VW = vec_width<A>();
   const int64_t C = tl.L.c;
-  const bool rows_in_memory = kNarrowVectors && C > 4 * VW && C <= kMaxRowsPeriod &&
+  const bool rows_in_memory = sequential_walks() && C > 4 * VW && C <= kMaxRowsPeriod &&
                               tl.L.numel() * int64_t(sizeof(A)) > kFuseBytes;
   if (!tl.flat && !rows_in_memory) {
     for (int64_t c0 = 0; c0 < C; c0 += 4 * VW) {
