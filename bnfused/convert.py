@@ -100,16 +100,17 @@ def convert_model(
     return model
 
 
-def _convert_children(model: nn.Module, backend: str | None, converted: dict[int, nn.Module]) -> None:
+def _convert_children(model: nn.Module, backend: str | None, converted: dict[int, tuple]) -> None:
     """Converts the BatchNorms below ``model``; one registered under several names (a layer shared by
-    two branches) becomes one bnfused layer under all of them, as it was one torch layer."""
+    two branches) becomes one bnfused layer under all of them, as it was one torch layer. ``converted``
+    maps each module met to (it, its result): the original is kept, so that its id stays its own."""
     for name, child in list(model._modules.items()):
         if type(child) in EQUIVALENTS:
             if id(child) not in converted:
-                converted[id(child)] = _convert_one(child, backend)
-            model._modules[name] = converted[id(child)]
+                converted[id(child)] = (child, _convert_one(child, backend))
+            model._modules[name] = converted[id(child)][1]
         elif child is not None and id(child) not in converted:
-            converted[id(child)] = child
+            converted[id(child)] = (child, child)
             _convert_children(child, backend, converted)
 
 
@@ -231,18 +232,18 @@ def revert_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _revert_children(model: nn.Module, reverted: dict[int, nn.Module], shared: set[int]) -> None:
+def _revert_children(model: nn.Module, reverted: dict[int, tuple], shared: set[int]) -> None:
     """Reverts the bnfused layers below ``model``; a shared one stays one module (see ``_convert_children``),
     with its activation as a hook, which runs wherever it is called."""
     children = list(model._modules.items())
     for i, (name, child) in enumerate(children):
         if not isinstance(child, _FusedBatchNorm):
             if child is not None and id(child) not in reverted:
-                reverted[id(child)] = child
+                reverted[id(child)] = (child, child)
                 _revert_children(child, reverted, shared)
             continue
         if id(child) in reverted:
-            model._modules[name] = reverted[id(child)]
+            model._modules[name] = reverted[id(child)][1]
             continue
         new, activation = _revert_one(child)
         following = children[i + 1] if i + 1 < len(children) else (None, None)
@@ -251,4 +252,5 @@ def _revert_children(model: nn.Module, reverted: dict[int, nn.Module], shared: s
             model._modules[following[0]] = activation.train(child.training)
         elif activation is not None:
             new.register_forward_hook(ActivationHook(activation))
-        model._modules[name] = reverted[id(child)] = new
+        model._modules[name] = new
+        reverted[id(child)] = (child, new)

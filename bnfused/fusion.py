@@ -18,6 +18,7 @@ keys are the original's and checkpoints load both ways.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import operator
 from dataclasses import dataclass
@@ -121,15 +122,33 @@ class Untraceable(Exception):
 _FX_CONSTANT_PREFIXES = ("_tensor_constant", "_torchbind_obj", "_tree_spec_constant", "_opaque_obj")
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
 def _autograd_context() -> tuple:
     """What a ``with`` block in a forward can change for the calls inside it and a graph does not hold:
     grad mode (``torch.no_grad()``, reentrant activation checkpointing), inference mode, autocast, and
     saved-tensor hooks (non-reentrant checkpointing, ``save_on_cpu``)."""
-    autocast = tuple(
-        (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")
-    )  # fmt: skip
+    autocast = tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES)
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
-    return torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast, hooks is not None
+    return torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast, hooks
+
+
+@contextlib.contextmanager
+def _all_modes(on: bool):
+    """Grad on, inference mode and autocast (every device type) off; or the reverse. A forward is traced
+    in both, whatever the caller's modes, so that a block that sets any of them changes it in one trace
+    at least (``torch.no_grad()`` in the first, ``torch.autocast(..., enabled=False)`` in the second)."""
+    saved = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES]
+    try:
+        for d in _AUTOCAST_DEVICES:
+            torch.set_autocast_enabled(d, on)
+        with torch.inference_mode(on), torch.set_grad_enabled(not on):
+            yield
+    finally:
+        for d, enabled, dtype in saved:
+            torch.set_autocast_enabled(d, enabled)
+            torch.set_autocast_dtype(d, dtype)
 
 
 class _Watch(TorchFunctionMode):
@@ -138,8 +157,10 @@ class _Watch(TorchFunctionMode):
     ``read``: the first tensor (not one being traced) that the forward turns into a Python number or
     bool: ``torch.rand(1).item()``, ``if self.flag:`` on a buffer. The graph holds only the number, so
     the draw, or the buffer's value of that moment, would be frozen.
-    ``context``: the first call made under another autograd context than the trace's (see
-    ``_autograd_context``): the graph would run that call without its ``with`` block."""
+    ``context_changed``: a call made under another autograd context than the trace's (see
+    ``_autograd_context``): the graph would run that call without its ``with`` block.
+    ``function``: the first custom ``torch.autograd.Function`` applied while traced: fx traces through
+    its forward, and the graph keeps neither the Function nor its backward."""
 
     _TO_PYTHON = frozenset((
         torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
@@ -152,7 +173,9 @@ class _Watch(TorchFunctionMode):
         super().__init__()
         self.read = None
         self.context_changed = False
+        self.function = None
         self._context = None
+        self._apply = None
 
     def begin(self) -> None:
         """Takes the autograd context a trace starts in as the one every call should see."""
@@ -163,10 +186,21 @@ class _Watch(TorchFunctionMode):
 
     def __enter__(self):
         _Watch._active = self
+        # Function.apply is not seen by torch function modes: it is wrapped while the watch is on.
+        self._apply = original = torch.autograd.Function.__dict__["apply"]
+
+        def apply(cls, *args, **kwargs):
+            watch = _Watch._active
+            if watch is not None and watch._context is not None and watch.function is None:
+                watch.function = cls.__name__
+            return original.__get__(None, cls)(*args, **kwargs)
+
+        torch.autograd.Function.apply = classmethod(apply)
         return super().__enter__()
 
     def __exit__(self, *exc):
         _Watch._active = None
+        torch.autograd.Function.apply = self._apply
         return super().__exit__(*exc)
 
     @staticmethod
@@ -213,20 +247,21 @@ class _State:
 
 
 def _trace_twice(model: nn.Module, watch: _Watch) -> tuple[fx.Graph, fx.Graph]:
-    """The graph in the model's modes, and the graph with every module in the other mode (the modes
-    are put back). Traced classes whose own code reads ``self.training`` are leaves already
-    (``_mode_reason``); a difference between the two comes from code the pass cannot see, such as a
-    function that takes the module and reads ``module.training``. The second trace runs without grad
-    and under autocast, so that ``watch`` also sees a block that turns them back on or off
-    (``torch.enable_grad()``, ``torch.autocast(..., enabled=False)``), which changes nothing when
-    traced as the model is called."""
-    watch.begin()
-    graph = _Tracer(model).trace(model)
-    watch.end()
+    """The graph in the model's modes, and the graph with every module's train/eval flag flipped (put
+    back afterwards; set directly, not through ``train()``, which a module may override). Traced classes
+    whose own code reads ``self.training`` are leaves already (``_mode_reason``); a difference between
+    the two comes from code the pass cannot see, such as a function that reads ``module.training``.
+    The two traces run in opposite autograd modes (``_all_modes``), so that ``watch`` sees any block
+    that sets one of them."""
+    with _all_modes(False):
+        watch.begin()
+        graph = _Tracer(model).trace(model)
+        watch.end()
     modes = [(m, m.training) for m in model.modules()]
     try:
-        model.train(not model.training)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for m, training in modes:
+            m.training = not training
+        with _all_modes(True):
             watch.begin()
             other = _Tracer(model).trace(model)
             watch.end()
@@ -266,6 +301,10 @@ def trace(model: nn.Module) -> fx.GraphModule:
         raise Untraceable(
             f"its forward turns a tensor into a Python value ({watch.read}: a random draw or a buffer's value "
             "would be read once, while tracing, and frozen)"
+        )
+    if watch.function is not None:
+        raise Untraceable(
+            f"its forward applies the autograd.Function {watch.function}, whose backward a torch.fx graph does not keep"
         )
     if watch.context_changed:
         raise Untraceable(
@@ -357,7 +396,7 @@ def _is_number(node: fx.Node) -> bool:
         return node.target in _NUMBER_METHODS
     if node.op != "call_function":
         return False
-    if node.target is len:
+    if node.target in (len, torch.numel) or getattr(node.target, "__module__", None) == "math":
         return True
     if node.target is getattr:
         return len(node.args) >= 2 and node.args[1] in _NUMBER_ATTRIBUTES

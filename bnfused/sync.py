@@ -288,13 +288,26 @@ class SyncBatchNorm(_FusedBatchNorm, nn.modules.batchnorm._BatchNorm):
         bnfused's ``BatchNorm*d``) with a ``bnfused.SyncBatchNorm``.
 
         The very same parameter and buffer tensors are kept, with the train/eval flag and a bnfused
-        layer's fused activation and backend. Returns ``module`` converted in place, or the new
-        layer when ``module`` itself is a BatchNorm.
+        layer's fused activation and backend. A layer registered under several names becomes one
+        SyncBatchNorm under all of them (torch's converts the first of a parent's names only, leaving
+        the others unsynchronised, and makes one layer per parent). Returns ``module`` converted in
+        place, or the new layer when ``module`` itself is a BatchNorm.
         """
+        return cls._convert(module, process_group, {})
+
+    @classmethod
+    def _convert(cls, module: nn.Module, process_group, done: dict[int, tuple[nn.Module, nn.Module]]) -> nn.Module:
+        """``convert_sync_batchnorm`` below ``module``; ``done`` maps each module met to its result (the
+        original is kept in it, so that its id stays its own)."""
+        if id(module) in done:
+            return done[id(module)][1]
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            return cls._from_batch_norm(module, process_group)
-        for name, child in module.named_children():
-            module._modules[name] = cls.convert_sync_batchnorm(child, process_group)
+            done[id(module)] = (module, cls._from_batch_norm(module, process_group))
+            return done[id(module)][1]
+        done[id(module)] = (module, module)
+        for name, child in list(module._modules.items()):
+            if child is not None:
+                module._modules[name] = cls._convert(child, process_group, done)
         return module
 
     @classmethod

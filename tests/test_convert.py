@@ -96,6 +96,17 @@ class _SharedNorm(nn.Module):
         return self.a(x) + self.b(x)
 
 
+def test_a_shared_batchnorm_stays_one_sync_layer():
+    """torch's convert_sync_batchnorm leaves a parent's second name for a layer unconverted (unsynchronised)
+    and makes one layer per parent; bnfused's keeps one SyncBatchNorm under every name."""
+    model = _SharedNorm()
+    model.again = model.a[1]  # a second name in the same parent
+    converted = bnfused.convert_model(model, sync=True)
+    layer = converted.a[1]
+    assert isinstance(layer, bnfused.SyncBatchNorm)
+    assert converted.b[1] is layer and converted.again is layer
+
+
 @pytest.mark.parametrize("kwargs", [{}, {"fuse_relu": True}, {"fuse": True}], ids=["plain", "fuse_relu", "fuse"])
 def test_a_shared_batchnorm_stays_one_layer(kwargs):
     torch.manual_seed(0)

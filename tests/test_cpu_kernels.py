@@ -597,9 +597,18 @@ def test_schedule_tests_pass_under_either_walk(walk):
     assert " passed" in result.stdout and " failed" not in result.stdout
 
 
+_EVAL_CALL = (
+    "import torch, bnfused; "
+    "bnfused.functional.batch_norm(torch.randn(4, 3, 5, 5), torch.zeros(3), torch.ones(3), training=False)"
+)
+
+
 def test_an_unknown_walk_is_an_error_naming_the_variable():
-    code = "import torch, bnfused; bnfused.functional.batch_norm(torch.randn(4, 3), None, None, training=True)"
+    """At the first kernel call, whichever kernel it is (an eval call of NCHW planes has no choice to make)."""
     env = dict(os.environ, BNFUSED_CPU_WALK="fast")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-c", _EVAL_CALL], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode != 0
     assert "BNFUSED_CPU_WALK must be 'sequential' or 'blocked', got 'fast'" in result.stderr
+    env["BNFUSED_CPU_WALK"] = ""  # empty is unset
+    result = subprocess.run([sys.executable, "-c", _EVAL_CALL], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -334,7 +334,7 @@ void stats_then_normalize(const T* xp, const Tiling& tl, const Finish& finish, c
   // two_pass ran at 0.75-0.79 of ATen's time (not measured the other way); on an AMD Zen 4 with
   // AVX512, (128, 256, 14, 14) bfloat16 at 1.09 / 1.29 (2 / 1 threads) with two_pass.
   if constexpr (is_16bit_float<T>()) {
-    if (sequential_walks() && planes_in_memory_order(tl) && tl.L.s * int64_t(sizeof(T)) <= kShortPlaneBytes) {
+    if (tl.sequential && planes_in_memory_order(tl) && tl.L.s * int64_t(sizeof(T)) <= kShortPlaneBytes) {
       channel_stats(xp, tl, finish);
       normalize(xp, tl, mean, scale, shift, act, slope, rp, yp);
       return;

@@ -67,9 +67,11 @@ struct Tiling {
   // True when the row tiles are walked flat too (see kFlatTilePeriods): tiles then hold whole
   // periods (but the last), so that each one starts at the pattern's start.
   bool flat;
+  // The walk where two exist (walk_order.h): true for sequential.
+  bool sequential;
 
   static Tiling of(const Ncs& L) {
-    Tiling t{L, false, 1, 0, 1, 1, 0, 0, 0, false};
+    Tiling t{L, false, 1, 0, 1, 1, 0, 0, 0, false, sequential_walks()};
     if (L.s > 1 && L.ss == 1) {
       t.rows = false;
     } else if (L.sc == 1 || L.c == 1) {
@@ -561,7 +563,7 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, const ChannelArrays
   // training forward 1.60 ms in registers, 2.27 ms in memory).
   constexpr int64_t VW = vec_width<A>();
   const int64_t C = tl.L.c;
-  const bool rows_in_memory = sequential_walks() && C > 4 * VW && C <= kMaxRowsPeriod &&
+  const bool rows_in_memory = tl.sequential && C > 4 * VW && C <= kMaxRowsPeriod &&
                               tl.L.numel() * int64_t(sizeof(A)) > kFuseBytes;
   if (!tl.flat && !rows_in_memory) {
     for (int64_t c0 = 0; c0 < C; c0 += 4 * VW) {

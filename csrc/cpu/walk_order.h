@@ -17,7 +17,8 @@
 // sums measured 1.03x (float32) and 1.05x (bfloat16) faster for the channels_last training forward
 // of (128, 256, 14, 14); AVX2 builds there run sequential (0c46db8's matrix: no cell above ATen's time).
 // So: sequential on AMD (and Hygon) processors and in builds of 8-float vectors or fewer, blocked
-// otherwise. BNFUSED_CPU_WALK=sequential|blocked overrides the choice (read at the first call).
+// otherwise. BNFUSED_CPU_WALK=sequential|blocked overrides the choice (read at the first kernel call;
+// empty is unset, any other value an error).
 // Both give the same bits for any thread count; they group the row sums differently.
 #pragma once
 
@@ -63,7 +64,8 @@ inline std::string cpu_vendor() {
 
 inline bool sequential_walks() {
   static const bool sequential = [] {
-    if (const char* choice = std::getenv("BNFUSED_CPU_WALK")) {
+    const char* choice = std::getenv("BNFUSED_CPU_WALK");
+    if (choice != nullptr && choice[0] != '\0') {  // set and not empty
       const std::string walk(choice);
       TORCH_CHECK(walk == "sequential" || walk == "blocked",
                   "bnfused: BNFUSED_CPU_WALK must be 'sequential' or 'blocked', got '", walk, "'");
