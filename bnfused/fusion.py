@@ -20,7 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import operator
+import textwrap
+import threading
+import tokenize
 from dataclasses import dataclass
 
 import torch
@@ -94,9 +98,29 @@ def _mode_reason(model: nn.Module) -> str | None:
             source = inspect.getsource(cls)
         except (OSError, TypeError):
             return f"the source of {cls.__name__} is not available"
-        if "training" in source:
+        if _reads_training(source):
             return f"{cls.__name__} depends on self.training"
     return None
+
+
+def _reads_training(source: str) -> bool:
+    """Whether code (not a comment or docstring) names ``training``: ``self.training``, a string that is just
+    the name, as in ``getattr(self, "training")``, or an f-string that mentions it. Code that cannot be
+    tokenized counts as reading it."""
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(textwrap.dedent(source)).readline))
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return "training" in source
+    for token in tokens:
+        if token.type == tokenize.NAME and token.string == "training":
+            return True
+        if token.type == tokenize.STRING:
+            prefix = token.string[: len(token.string) - len(token.string.lstrip("rRbBuUfF"))]
+            if token.string[len(prefix) :].strip("'\"") == "training" or (
+                "f" in prefix.lower() and "training" in token.string
+            ):
+                return True  # getattr(self, "training"), or an f-string before Python 3.12 (one token)
+    return False
 
 
 def untraceable_reason(model: nn.Module) -> str | None:
@@ -168,6 +192,9 @@ class _Watch(TorchFunctionMode):
     ))  # fmt: skip
 
     _active: _Watch | None = None  # the watch of the trace in progress, for _Tracer.call_module
+    # One trace at a time: the watch wraps a process-wide Function.apply, and torch.fx patches globals
+    # while it traces. Calls from other threads are not the traced forward's.
+    _lock = threading.RLock()
 
     def __init__(self):
         super().__init__()
@@ -176,6 +203,7 @@ class _Watch(TorchFunctionMode):
         self.function = None
         self._context = None
         self._apply = None
+        self._thread = None
 
     def begin(self) -> None:
         """Takes the autograd context a trace starts in as the one every call should see."""
@@ -185,13 +213,15 @@ class _Watch(TorchFunctionMode):
         self._context = None
 
     def __enter__(self):
+        _Watch._lock.acquire()
+        self._thread = threading.get_ident()
         _Watch._active = self
         # Function.apply is not seen by torch function modes: it is wrapped while the watch is on.
         self._apply = original = torch.autograd.Function.__dict__["apply"]
 
         def apply(cls, *args, **kwargs):
-            watch = _Watch._active
-            if watch is not None and watch._context is not None and watch.function is None:
+            watch = _Watch._watching()
+            if watch is not None and watch.function is None:
                 watch.function = cls.__name__
             return original.__get__(None, cls)(*args, **kwargs)
 
@@ -199,14 +229,25 @@ class _Watch(TorchFunctionMode):
         return super().__enter__()
 
     def __exit__(self, *exc):
-        _Watch._active = None
-        torch.autograd.Function.apply = self._apply
-        return super().__exit__(*exc)
+        try:
+            _Watch._active = None
+            torch.autograd.Function.apply = self._apply
+            return super().__exit__(*exc)
+        finally:
+            _Watch._lock.release()
+
+    @staticmethod
+    def _watching() -> _Watch | None:
+        """The watch of a trace running on this thread, or None."""
+        watch = _Watch._active
+        if watch is None or watch._context is None or watch._thread != threading.get_ident():
+            return None
+        return watch
 
     @staticmethod
     def check_context() -> None:
-        watch = _Watch._active
-        if watch is not None and watch._context is not None and _autograd_context() != watch._context:
+        watch = _Watch._watching()
+        if watch is not None and _autograd_context() != watch._context:
             watch.context_changed = True
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -327,8 +368,9 @@ def trace(model: nn.Module) -> fx.GraphModule:
             raise Untraceable(f"a torch.fx trace would hold {what} as a constant")
     if not _same_code(graph, other_mode):
         raise Untraceable(
-            "its forward differs in train and eval mode through code the pass does not read (such as a function "
-            "that reads module.training), which a trace would freeze in one mode"
+            "its forward differs with every module's train/eval flag flipped and grad, inference mode and autocast "
+            "switched, through code the pass does not read (such as a function that reads module.training, or a "
+            "branch on torch.is_grad_enabled()), which a trace would freeze in one of them"
         )
     return fused_graph_module(model, graph)
 

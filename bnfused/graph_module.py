@@ -15,6 +15,7 @@ code would.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable
 
@@ -114,14 +115,36 @@ class FusedGraphModule(fx.GraphModule):
         twin.meta = getattr(self, "meta", {})
         return twin
 
+    def __deepcopy__(self, memo) -> FusedGraphModule:
+        twin = super().__deepcopy__(memo)
+        _restore_aliases(twin, {a: copy.deepcopy(getattr(self, a), memo) for a in _REGISTRIES})
+        return twin
+
     def __reduce__(self):
         rebuild, args = super().__reduce__()[:2]
         return (_unpickled, (rebuild, args))
 
 
+# fx rebuilds a copied or unpickled GraphModule from the root's named_children(), named_parameters() and
+# named_buffers(), which list an object registered under two names (a layer shared by two branches) once:
+# the other names are put back from the registries they were copied with.
+_REGISTRIES = ("_modules", "_parameters", "_buffers")
+
+
+def _restore_aliases(gm: nn.Module, registries: dict[str, dict]) -> None:
+    for attribute, theirs in registries.items():
+        mine = getattr(gm, attribute)
+        ordered = {key: mine[key] if key in mine else value for key, value in theirs.items()}
+        ordered.update((key, value) for key, value in mine.items() if key not in ordered)
+        mine.clear()
+        mine.update(ordered)
+
+
 def _unpickled(rebuild: Callable, args: tuple) -> FusedGraphModule:
     """A pickled FusedGraphModule: fx rebuilds a GraphModule from its code, which becomes this class again."""
     gm = rebuild(*args)
+    body = args[0]
+    _restore_aliases(gm, {a: body[a] for a in _REGISTRIES if isinstance(body.get(a), dict)})
     return fused_graph_module(gm, gm.graph)
 
 

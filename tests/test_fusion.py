@@ -1003,8 +1003,8 @@ class _HelperReadsStemMode(_Block):
         (_Float32Head, "changes autograd or autocast"),
         (_CudaAutocastOff, "changes autograd or autocast"),
         (_GradientReversal, "autograd.Function _Reverse"),
-        (_HelperReadsMode, "differs in train and eval mode"),
-        (_HelperReadsStemMode, "differs in train and eval mode"),
+        (_HelperReadsMode, "differs with every module.s train/eval flag flipped"),
+        (_HelperReadsStemMode, "differs with every module.s train/eval flag flipped"),
     ],
     ids=[
         "checkpoint",
@@ -1119,3 +1119,67 @@ def test_conversion_does_not_call_train():
     converted = bnfused.convert_model(original, fuse=True)
     assert converted.bn.takes_residual
     assert torch.equal(converted.conv.weight, weight)
+
+
+def test_another_threads_autograd_function_does_not_stop_the_fusion():
+    """The trace wraps the process-wide Function.apply: calls from other threads are not its forward's."""
+    import threading
+
+    stop = threading.Event()
+    x = torch.randn(8, requires_grad=True)
+
+    def worker():
+        while not stop.is_set():
+            _Reverse.apply(x).sum().backward()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in range(3):
+                converted = bnfused.convert_model(_Block(), fuse=True)
+                assert converted.bn.takes_residual
+    finally:
+        stop.set()
+        thread.join()
+    assert type(torch.autograd.Function.__dict__["apply"]).__name__ == "classmethod_descriptor"  # put back
+
+
+class _RootAlias(_Block):
+    def __init__(self):
+        super().__init__()
+        self.alias = self.bn  # the same layer under a second name of the root
+
+
+def test_copies_and_pickles_keep_a_root_level_alias():
+    """fx rebuilds a copied or unpickled GraphModule from named_children(), which lists a shared module once."""
+    converted = bnfused.convert_model(_RootAlias(), fuse=True)
+    keys = list(converted.state_dict())
+    assert "alias.weight" in keys
+    for twin in (copy.deepcopy(converted), pickle.loads(pickle.dumps(converted))):
+        assert twin.alias is twin.bn and twin.bn is not converted.bn
+        assert list(twin.state_dict()) == keys
+        converted.load_state_dict(twin.state_dict())
+
+
+class _SaysTraining(_Block):
+    """A block for training on CIFAR: the word in a docstring or comment is no read of the mode."""
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)) + x)  # trained with SGD, training schedule of 90 epochs
+
+
+class _ReadsTrainingByName(_Block):
+    def forward(self, x):
+        flag = "training"  # read by name, as a config-driven model may
+        return F.dropout(F.relu(self.bn(self.conv(x)) + x), 0.5, getattr(self, flag))
+
+
+def test_a_docstring_about_training_is_not_a_read_of_the_mode():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        converted = bnfused.convert_model(_SaysTraining(), fuse=True)
+    assert converted.bn.takes_residual
+    with pytest.warns(RuntimeWarning, match="depends on self.training"):
+        bnfused.convert_model(_ReadsTrainingByName(), fuse=True)
