@@ -9,7 +9,7 @@ from torch import nn
 
 from bnfused import activation as act_codes
 from bnfused import fusion, inplace
-from bnfused.modules import EQUIVALENTS, _FusedBatchNorm
+from bnfused.modules import EQUIVALENTS, _FusedBatchNorm, swap_submodules
 from bnfused.sync import SyncBatchNorm
 
 _FUSED_ATTRIBUTES = ("activation", "negative_slope", "backend", "memory")
@@ -91,27 +91,13 @@ def convert_model(
         return SyncBatchNorm.convert_sync_batchnorm(convert_model(model, fuse_relu, backend))
     if type(model) in EQUIVALENTS:
         return _convert_one(model, backend)
-    _convert_children(model, backend, {})
+    swap_submodules(model, lambda m: _convert_one(m, backend) if type(m) in EQUIVALENTS else None)
     if fuse_relu:
         shared = _shared_modules(model)
         for seq in model.modules():
             if isinstance(seq, nn.Sequential):
                 _fuse_following_relu(seq, shared)
     return model
-
-
-def _convert_children(model: nn.Module, backend: str | None, converted: dict[int, tuple]) -> None:
-    """Converts the BatchNorms below ``model``; one registered under several names (a layer shared by
-    two branches) becomes one bnfused layer under all of them, as it was one torch layer. ``converted``
-    maps each module met to (it, its result): the original is kept, so that its id stays its own."""
-    for name, child in list(model._modules.items()):
-        if type(child) in EQUIVALENTS:
-            if id(child) not in converted:
-                converted[id(child)] = (child, _convert_one(child, backend))
-            model._modules[name] = converted[id(child)][1]
-        elif child is not None and id(child) not in converted:
-            converted[id(child)] = (child, child)
-            _convert_children(child, backend, converted)
 
 
 def _shared_modules(model: nn.Module) -> set[int]:
@@ -233,8 +219,8 @@ def revert_model(model: nn.Module) -> nn.Module:
 
 
 def _revert_children(model: nn.Module, reverted: dict[int, tuple], shared: set[int]) -> None:
-    """Reverts the bnfused layers below ``model``; a shared one stays one module (see ``_convert_children``),
-    with its activation as a hook, which runs wherever it is called."""
+    """Reverts the bnfused layers below ``model``; a shared one stays one module (as
+    ``modules.swap_submodules`` keeps it), with its activation as a hook, which runs wherever it is called."""
     children = list(model._modules.items())
     for i, (name, child) in enumerate(children):
         if not isinstance(child, _FusedBatchNorm):

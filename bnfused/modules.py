@@ -271,6 +271,26 @@ class _FusedBatchNorm:
         return text
 
 
+def swap_submodules(module: nn.Module, swap) -> None:
+    """Replaces each submodule below ``module`` for which ``swap(submodule)`` gives a new module, and
+    looks inside those for which it gives None. A module registered under several names (a layer
+    shared by two branches) is swapped once and stays one module under all of them."""
+    done: dict[int, tuple[nn.Module, nn.Module]] = {}  # id -> (module, result): the module kept, its id its own
+
+    def walk(parent: nn.Module) -> None:
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            if id(child) not in done:
+                new = swap(child)
+                done[id(child)] = (child, child if new is None else new)
+                if new is None:
+                    walk(child)
+            parent._modules[name] = done[id(child)][1]
+
+    walk(module)
+
+
 def _signature(torch_cls: type, fused_init) -> inspect.Signature:
     """torch_cls's constructor signature and the keyword-only options of ``fused_init``: what
     ``inspect.signature`` reports, so that code reading it finds torch's arguments

@@ -40,7 +40,7 @@ from torch.fx import Proxy
 from bnfused import activation as act_codes
 from bnfused import backends, layout
 from bnfused.functional import check_arguments, check_eps, empty_batch_norm, float_arguments
-from bnfused.modules import _FusedBatchNorm
+from bnfused.modules import _FusedBatchNorm, swap_submodules
 
 # Dtype of the exchanged statistics: float64 keeps per-rank counts exact far beyond 2^24 values.
 _EXCHANGE_DTYPE = torch.float64
@@ -293,21 +293,10 @@ class SyncBatchNorm(_FusedBatchNorm, nn.modules.batchnorm._BatchNorm):
         the others unsynchronised, and makes one layer per parent). Returns ``module`` converted in
         place, or the new layer when ``module`` itself is a BatchNorm.
         """
-        return cls._convert(module, process_group, {})
-
-    @classmethod
-    def _convert(cls, module: nn.Module, process_group, done: dict[int, tuple[nn.Module, nn.Module]]) -> nn.Module:
-        """``convert_sync_batchnorm`` below ``module``; ``done`` maps each module met to its result (the
-        original is kept in it, so that its id stays its own)."""
-        if id(module) in done:
-            return done[id(module)][1]
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            done[id(module)] = (module, cls._from_batch_norm(module, process_group))
-            return done[id(module)][1]
-        done[id(module)] = (module, module)
-        for name, child in list(module._modules.items()):
-            if child is not None:
-                module._modules[name] = cls._convert(child, process_group, done)
+            return cls._from_batch_norm(module, process_group)
+        is_bn = nn.modules.batchnorm._BatchNorm
+        swap_submodules(module, lambda m: cls._from_batch_norm(m, process_group) if isinstance(m, is_bn) else None)
         return module
 
     @classmethod
