@@ -29,6 +29,14 @@ namespace bnfused::cpu {
 
 constexpr int64_t kTileValues = 16384;     // values per tile: its two passes stay in L1/L2
 constexpr int64_t kMinTaskValues = 32768;  // fewer values than this per thread is not worth a fork
+// Row tiles of sequential walks (walk_order.h) hold up to this many values, where enough rows remain
+// for at least kMinRowTiles tiles: their statistics pay per tile a shift from its first rows
+// (row_shift), a few loops over its channels and a merge step per channel, which over the 16 rows of
+// kTileValues took the float32 (32, 1024, 14, 14) channels_last training forward to 1.2-1.7x ATen's
+// time (Zen 4, 2 threads; 64 rows and more: 0.8-0.95x). Blocked walks keep kTileValues: each block
+// re-reads its tile, from L2 while it fits.
+constexpr int64_t kSequentialRowTileValues = 65536;
+constexpr int64_t kMinRowTiles = 64;
 
 // Rows of C channels that do not fill whole vectors (LeNet's 6 or 16 channels in channels_last, an
 // MLP's 120 features) cost a partial vector per row when walked row by row: a masked load, and for a
@@ -87,6 +95,9 @@ struct Tiling {
       }
       t.flat = t.period && L.numel() >= kFlatTilePeriods * t.period;
       t.block = std::max<int64_t>(1, kTileValues / L.c);
+      if (t.sequential) {
+        t.block = std::max(t.block, std::min(kSequentialRowTileValues / L.c, L.n * L.s / kMinRowTiles));
+      }
       if (t.flat) {  // whole periods: block * C a multiple of the period
         const int64_t q = t.period / L.c;
         t.block = (t.block + q - 1) / q * q;
@@ -482,6 +493,80 @@ void row_block_sums(const Tiling& tl, int64_t t, int64_t c0, int64_t C, const A*
   }
 }
 
+// Accumulator registers a row tile's sums may use (rows_head_in_registers): AVX512 has 32 vector
+// registers, AVX2 and narrower 16; the rest hold the sums' operands.
+constexpr int kRowSumRegisters = kNarrowVectors ? 8 : 24;
+
+// The sums of tile_sums over rows walked one after another (sequential walks), with the first NR
+// vectors of every row summed in registers and the rest of the row in acc (K sums of C channels,
+// zeroed by the caller), which holds all C sums at the end. Summed in acc alone, every vector was a
+// load, an add and a store per sum; the stores, queued behind the loads of x that wait on memory,
+// stalled the walk (Zen 4, float32 (128, 256, 14, 14) channels_last, 1 thread, op alone: the
+// forward's statistics 2.0-2.1 -> 1.5-1.6 ms, the backward's sums 2.6-3.1 -> 1.8-2.0 ms). Each value
+// is added in the order acc alone adds it: the same bits.
+template <int NR, int K, typename A, size_t N, typename Contrib>
+void rows_head_in_registers(const Tiling& tl, int64_t t, const A* center, const ChannelArrays<A, N>& arrays,
+                            const Contrib& contrib, A* __restrict acc) {
+  using V = at::vec::Vectorized<A>;
+  // The accumulators as the compiler's own vector type, copied in and out by value: an array of
+  // Vectorized stayed in registers but was also stored to the stack after every row (GCC 12).
+  typedef A Raw __attribute__((vector_size(sizeof(V))));
+  constexpr int64_t VW = vec_width<A>();
+  const int64_t C = tl.L.c, rows = tl.count(t);
+  const Contrib local = contrib;  // copies in registers, as in tile_chunks
+  const ChannelArrays<A, N> arr = arrays;
+  Raw reg[NR][K];
+#pragma GCC unroll 16
+  for (int v = 0; v < NR; ++v) {
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) reg[v][k] = Raw{};
+  }
+  RowOffsets next_row(tl.L, t * tl.block);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t off = next_row();
+#pragma GCC unroll 16
+    for (int v = 0; v < NR; ++v) {
+      const RowCoefs<A, N, Full> coef{arr, Full{}, v * VW};
+      const std::array<V, K> c = local(Full{}, off + v * VW, center ? V::loadu(center + v * VW) : V(0), coef);
+#pragma GCC unroll 4
+      for (int k = 0; k < K; ++k) reg[v][k] += __builtin_bit_cast(Raw, c[k]);
+    }
+    const auto in_memory = [&](auto tag, int64_t j) {
+      const RowCoefs<A, N, decltype(tag)> coef{arr, tag, j};
+      const std::array<V, K> c = local(tag, off + j, center ? ld(tag, center + j) : V(0), coef);
+      for (int k = 0; k < K; ++k) {
+        A* o = acc + k * C + j;
+        st(tag, o, ld(tag, o) + valid(tag, c[k]));
+      }
+    };
+    int64_t j = NR * VW;
+    for (; j + VW <= C; j += VW) in_memory(Full{}, j);
+    if (j < C) in_memory(Part{C - j}, j);
+  }
+#pragma GCC unroll 16
+  for (int v = 0; v < NR; ++v) {
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) __builtin_bit_cast(V, reg[v][k]).store(acc + k * C + v * VW);
+  }
+}
+
+// rows_head_in_registers with as many vectors in registers as the row and kRowSumRegisters allow
+// (rows of at least 4 vectors).
+template <int K, typename A, size_t N, typename Contrib>
+void rows_sums_sequential(const Tiling& tl, int64_t t, const A* center, const ChannelArrays<A, N>& arrays,
+                          const Contrib& contrib, A* acc) {
+  constexpr int kMaxVectors = kRowSumRegisters / K;
+  static_assert(kMaxVectors >= 4, "too many sums for the registers");
+  const int64_t vectors = tl.L.c / vec_width<A>();
+  if constexpr (kMaxVectors >= 12) {
+    if (vectors >= 12) return rows_head_in_registers<12, K>(tl, t, center, arrays, contrib, acc);
+  }
+  if constexpr (kMaxVectors >= 8) {
+    if (vectors >= 8) return rows_head_in_registers<8, K>(tl, t, center, arrays, contrib, acc);
+  }
+  rows_head_in_registers<4, K>(tl, t, center, arrays, contrib, acc);
+}
+
 // K per-channel sums over tile t of contrib(tag, offset, center, coef) -> std::array<Vec, K>, written
 // to out[k * width + j] (out zeroed by the caller). center points at the tile's per-channel centre
 // values (center[0] for a plane tile, center[c] for a row tile) or is null (centre 0); coef gives
@@ -551,8 +636,8 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, const ChannelArrays
   // rows in registers (row_block_sums; a wider row re-reads the tile, from L1/L2, once per block).
   // Summed in out itself, row by row, the training forward of (128, 256, 14, 14) channels_last took
   // 1.03x (float32) and 1.05x (bfloat16) the time with AVX512 on an Intel Xeon. With sequential walks
-  // (walk_order.h) rows wider than a block are summed in memory, one accumulator per channel, as for
-  // the flat walk, in tensors too large for L2: read a block at a time, a tensor from memory ran far
+  // (walk_order.h) rows wider than a block are summed one after another, the first vectors of each
+  // row in registers and the rest in memory (rows_sums_sequential), in tensors too large for L2: read a block at a time, a tensor from memory ran far
   // slower than one row after another on AMD processors (AVX2: the float32 backward of (32, 64, 56,
   // 56) channels_last, whose 64-channel rows are two 32-channel blocks, at 1.57x ATen's time in
   // register blocks, 0.99x in memory; Zen 4, AVX512: the backward's sums of (128, 256, 14, 14) 1.6x
@@ -581,14 +666,22 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, const ChannelArrays
   alignas(64) A flat_acc[K * kMaxRowsPeriod];
   A* const acc = flat_acc;
   std::fill(acc, acc + K * P, A(0));
-  walk_rows<A>(tl, t, [=, arr = arrays](auto tag, int64_t off, int64_t j) {  // by value: this loop stores
-    const RowCoefs<A, N, decltype(tag)> coef{arr, tag, j};
-    const std::array<V, K> v = contrib(tag, off, center ? ld(tag, center + j) : V(0), coef);
-    for (int k = 0; k < K; ++k) {
-      A* o = acc + k * P + j;
-      st(tag, o, ld(tag, o) + valid(tag, v[k]));
-    }
-  });
+  if (tl.flat) {
+    walk_rows<A>(tl, t, [=, arr = arrays](auto tag, int64_t off, int64_t j) {  // by value: this loop stores
+      const RowCoefs<A, N, decltype(tag)> coef{arr, tag, j};
+      const std::array<V, K> v = contrib(tag, off, center ? ld(tag, center + j) : V(0), coef);
+      for (int k = 0; k < K; ++k) {
+        A* o = acc + k * P + j;
+        st(tag, o, ld(tag, o) + valid(tag, v[k]));
+      }
+    });
+  } else {
+    rows_sums_sequential<K>(tl, t, center, arrays, contrib, acc);
+  }
+  if (!tl.flat) {  // one loop over the K * C sums, which vectorises
+    for (int64_t i = 0; i < K * C; ++i) out[i] += acc[i];
+    return;
+  }
   for (int k = 0; k < K; ++k) {
     for (int64_t j = 0, c = 0; j < P; ++j, c = c + 1 == C ? 0 : c + 1) out[k * C + c] += acc[k * P + j];
   }
