@@ -533,10 +533,16 @@ void rows_head_in_registers(const Tiling& tl, int64_t t, const A* center, const 
     }
     const auto in_memory = [&](auto tag, int64_t j) {
       const RowCoefs<A, N, decltype(tag)> coef{arr, tag, j};
-      const std::array<V, K> c = local(tag, off + j, center ? ld(tag, center + j) : V(0), coef);
+      Raw ck[K];  // copied out before the stores below: otherwise GCC 12 stored c to the stack per vector
+      {
+        const std::array<V, K> c = local(tag, off + j, center ? ld(tag, center + j) : V(0), coef);
+#pragma GCC unroll 4
+        for (int k = 0; k < K; ++k) ck[k] = __builtin_bit_cast(Raw, valid(tag, c[k]));
+      }
+#pragma GCC unroll 4
       for (int k = 0; k < K; ++k) {
         A* o = acc + k * C + j;
-        st(tag, o, ld(tag, o) + valid(tag, c[k]));
+        st(tag, o, ld(tag, o) + __builtin_bit_cast(V, ck[k]));
       }
     };
     int64_t j = NR * VW;
