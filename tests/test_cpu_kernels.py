@@ -59,6 +59,11 @@ SCHEDULES = [
     pytest.param((16, 80, 15, 15), True, id="rows-C80-large"),
     pytest.param((80, 4095), False, id="rows-NC-4095-large"),
     pytest.param((160, 8, 16, 16), True, id="rows-C8-large"),  # one register block: registers still
+    # Over a million values: sequential walks take row tiles of more rows than kTileValues holds
+    # (csrc/cpu/tiling.h, kSequentialRowTileValues), and the first 8 (C = 160) or 12 (C = 200, then a
+    # partial vector) vectors of each row are summed in registers with AVX512 (rows_head_in_registers).
+    pytest.param((4, 160, 48, 48), True, id="rows-C160-tiles-large"),
+    pytest.param((4, 200, 40, 40), True, id="rows-C200-tiles-large"),
 ]
 
 

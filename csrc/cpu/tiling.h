@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstring>
 #include <numeric>
 #include <type_traits>
 
@@ -494,8 +495,39 @@ void row_block_sums(const Tiling& tl, int64_t t, int64_t c0, int64_t C, const A*
 }
 
 // Accumulator registers a row tile's sums may use (rows_head_in_registers): AVX512 has 32 vector
-// registers, AVX2 and narrower 16; the rest hold the sums' operands.
-constexpr int kRowSumRegisters = kNarrowVectors ? 8 : 24;
+// registers and AVX2 16, the rest hold the sums' operands; other builds (at::vec's generic or NEON
+// vectors, not measured) sum rows in memory alone.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kRowSumRegisters = 24;
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int kRowSumRegisters = 8;
+#else
+constexpr int kRowSumRegisters = 0;
+#endif
+
+// The type of those accumulators: the compiler's own vector type where it has one (GCC, clang), as
+// an array of Vectorized stayed in registers but was also stored to the stack after every row (GCC
+// 12); Vectorized itself elsewhere. Copied in and out with bit_copy.
+#if defined(__GNUC__)
+template <typename A>
+struct RegisterVec {
+  typedef A type __attribute__((vector_size(sizeof(at::vec::Vectorized<A>))));
+};
+#else
+template <typename A>
+struct RegisterVec {
+  using type = at::vec::Vectorized<A>;
+};
+#endif
+
+template <typename To, typename From>
+inline To bit_copy(const From& from) {
+  static_assert(sizeof(To) == sizeof(From) && std::is_trivially_copyable_v<To> && std::is_trivially_copyable_v<From>,
+                "bit_copy needs two trivially copyable types of one size");
+  To to;
+  std::memcpy(&to, &from, sizeof(To));
+  return to;
+}
 
 // The sums of tile_sums over rows walked one after another (sequential walks), with the first NR
 // vectors of every row summed in registers and the rest of the row in acc (K sums of C channels,
@@ -503,23 +535,21 @@ constexpr int kRowSumRegisters = kNarrowVectors ? 8 : 24;
 // load, an add and a store per sum; the stores, queued behind the loads of x that wait on memory,
 // stalled the walk (Zen 4, float32 (128, 256, 14, 14) channels_last, 1 thread, op alone: the
 // forward's statistics 2.0-2.1 -> 1.5-1.6 ms, the backward's sums 2.6-3.1 -> 1.8-2.0 ms). Each value
-// is added in the order acc alone adds it: the same bits.
+// is added in the order acc alone adds it (with GCC 12 and AVX512, the same bits).
 template <int NR, int K, typename A, size_t N, typename Contrib>
 void rows_head_in_registers(const Tiling& tl, int64_t t, const A* center, const ChannelArrays<A, N>& arrays,
                             const Contrib& contrib, A* __restrict acc) {
   using V = at::vec::Vectorized<A>;
-  // The accumulators as the compiler's own vector type, copied in and out by value: an array of
-  // Vectorized stayed in registers but was also stored to the stack after every row (GCC 12).
-  typedef A Raw __attribute__((vector_size(sizeof(V))));
+  using Raw = typename RegisterVec<A>::type;
   constexpr int64_t VW = vec_width<A>();
   const int64_t C = tl.L.c, rows = tl.count(t);
   const Contrib local = contrib;  // copies in registers, as in tile_chunks
   const ChannelArrays<A, N> arr = arrays;
-  Raw reg[NR][K];
+  Raw reg[NR > 0 ? NR : 1][K];
 #pragma GCC unroll 16
   for (int v = 0; v < NR; ++v) {
 #pragma GCC unroll 4
-    for (int k = 0; k < K; ++k) reg[v][k] = Raw{};
+    for (int k = 0; k < K; ++k) reg[v][k] = bit_copy<Raw>(V(0));
   }
   RowOffsets next_row(tl.L, t * tl.block);
   for (int64_t r = 0; r < rows; ++r) {
@@ -529,20 +559,14 @@ void rows_head_in_registers(const Tiling& tl, int64_t t, const A* center, const 
       const RowCoefs<A, N, Full> coef{arr, Full{}, v * VW};
       const std::array<V, K> c = local(Full{}, off + v * VW, center ? V::loadu(center + v * VW) : V(0), coef);
 #pragma GCC unroll 4
-      for (int k = 0; k < K; ++k) reg[v][k] += __builtin_bit_cast(Raw, c[k]);
+      for (int k = 0; k < K; ++k) reg[v][k] = reg[v][k] + bit_copy<Raw>(c[k]);
     }
     const auto in_memory = [&](auto tag, int64_t j) {
       const RowCoefs<A, N, decltype(tag)> coef{arr, tag, j};
-      Raw ck[K];  // copied out before the stores below: otherwise GCC 12 stored c to the stack per vector
-      {
-        const std::array<V, K> c = local(tag, off + j, center ? ld(tag, center + j) : V(0), coef);
-#pragma GCC unroll 4
-        for (int k = 0; k < K; ++k) ck[k] = __builtin_bit_cast(Raw, valid(tag, c[k]));
-      }
-#pragma GCC unroll 4
+      const std::array<V, K> c = local(tag, off + j, center ? ld(tag, center + j) : V(0), coef);
       for (int k = 0; k < K; ++k) {
         A* o = acc + k * C + j;
-        st(tag, o, ld(tag, o) + __builtin_bit_cast(V, ck[k]));
+        st(tag, o, ld(tag, o) + valid(tag, c[k]));
       }
     };
     int64_t j = NR * VW;
@@ -552,7 +576,7 @@ void rows_head_in_registers(const Tiling& tl, int64_t t, const A* center, const 
 #pragma GCC unroll 16
   for (int v = 0; v < NR; ++v) {
 #pragma GCC unroll 4
-    for (int k = 0; k < K; ++k) __builtin_bit_cast(V, reg[v][k]).store(acc + k * C + v * VW);
+    for (int k = 0; k < K; ++k) bit_copy<V>(reg[v][k]).store(acc + k * C + v * VW);
   }
 }
 
@@ -562,7 +586,6 @@ template <int K, typename A, size_t N, typename Contrib>
 void rows_sums_sequential(const Tiling& tl, int64_t t, const A* center, const ChannelArrays<A, N>& arrays,
                           const Contrib& contrib, A* acc) {
   constexpr int kMaxVectors = kRowSumRegisters / K;
-  static_assert(kMaxVectors >= 4, "too many sums for the registers");
   const int64_t vectors = tl.L.c / vec_width<A>();
   if constexpr (kMaxVectors >= 12) {
     if (vectors >= 12) return rows_head_in_registers<12, K>(tl, t, center, arrays, contrib, acc);
@@ -570,7 +593,11 @@ void rows_sums_sequential(const Tiling& tl, int64_t t, const A* center, const Ch
   if constexpr (kMaxVectors >= 8) {
     if (vectors >= 8) return rows_head_in_registers<8, K>(tl, t, center, arrays, contrib, acc);
   }
-  rows_head_in_registers<4, K>(tl, t, center, arrays, contrib, acc);
+  if constexpr (kMaxVectors >= 4) {
+    rows_head_in_registers<4, K>(tl, t, center, arrays, contrib, acc);
+  } else {
+    rows_head_in_registers<0, K>(tl, t, center, arrays, contrib, acc);
+  }
 }
 
 // K per-channel sums over tile t of contrib(tag, offset, center, coef) -> std::array<Vec, K>, written
@@ -638,20 +665,20 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, const ChannelArrays
     }
     return;
   }
-  // Rows walked one by one: in blocks of up to four vectors of channels, each summed over the tile's
-  // rows in registers (row_block_sums; a wider row re-reads the tile, from L1/L2, once per block).
-  // Summed in out itself, row by row, the training forward of (128, 256, 14, 14) channels_last took
-  // 1.03x (float32) and 1.05x (bfloat16) the time with AVX512 on an Intel Xeon. With sequential walks
-  // (walk_order.h) rows wider than a block are summed one after another, the first vectors of each
-  // row in registers and the rest in memory (rows_sums_sequential), in tensors too large for L2: read a block at a time, a tensor from memory ran far
-  // slower than one row after another on AMD processors (AVX2: the float32 backward of (32, 64, 56,
-  // 56) channels_last, whose 64-channel rows are two 32-channel blocks, at 1.57x ATen's time in
-  // register blocks, 0.99x in memory; Zen 4, AVX512: the backward's sums of (128, 256, 14, 14) 1.6x
-  // the time); the MLP's (64, 512), in cache, stays faster in registers (forward 0.83-0.84x against
-  // 0.90-0.92x). Walked flat: one accumulator per place of the period, folded into out's C sums at
-  // the end. Rows of one block (C <= 4 * VW) are read once either way and keep their registers: in
-  // memory, each row's adds wait on the previous row's stores (channels_last (256, 8, 32, 32)
-  // training forward 1.60 ms in registers, 2.27 ms in memory).
+  // Rows walked one by one: in blocks of up to four vectors of channels, each summed over the tile's rows in
+  // registers (row_block_sums; a wider row re-reads the tile, from L1/L2, once per block). Summed in out
+  // itself, row by row, the training forward of (128, 256, 14, 14) channels_last took 1.03x (float32) and
+  // 1.05x (bfloat16) the time with AVX512 on an Intel Xeon. With sequential walks (walk_order.h) rows wider
+  // than a block are summed one after another (rows_sums_sequential: the first vectors of each row in
+  // registers, the rest in memory), in tensors too large for L2: read a block at a time, a tensor from memory
+  // ran far slower than one row after another on AMD processors (AVX2: the float32 backward of (32, 64, 56,
+  // 56) channels_last, whose 64-channel rows are two 32-channel blocks, at 1.57x ATen's time in register
+  // blocks, 0.99x in memory; Zen 4, AVX512: the backward's sums of (128, 256, 14, 14) 1.6x the time); the
+  // MLP's (64, 512), in cache, stays faster in registers (forward 0.83-0.84x against 0.90-0.92x). Walked
+  // flat: one accumulator per place of the period, folded into out's C sums at the end. Rows of one block (C
+  // <= 4 * VW) are read once either way and keep their registers: in memory, each row's adds wait on the
+  // previous row's stores (channels_last (256, 8, 32, 32) training forward 1.60 ms in registers, 2.27 ms in
+  // memory).
   constexpr int64_t VW = vec_width<A>();
   const int64_t C = tl.L.c;
   const bool rows_in_memory = tl.sequential && C > 4 * VW && C <= kMaxRowsPeriod &&
