@@ -529,6 +529,20 @@ inline To bit_copy(const From& from) {
   return to;
 }
 
+// Adds a row chunk's K contributions to acc[k * stride + j ..] (the sums of tile_sums kept in memory):
+// contrib at offset off, with the lanes' centre and coefficients at place j.
+template <int K, typename A, size_t N, typename Contrib, typename Tag>
+inline void add_chunk(A* acc, int64_t stride, const Contrib& contrib, const ChannelArrays<A, N>& arrays,
+                      const A* center, Tag tag, int64_t off, int64_t j) {
+  using V = at::vec::Vectorized<A>;
+  const RowCoefs<A, N, Tag> coef{arrays, tag, j};
+  const std::array<V, K> v = contrib(tag, off, center ? ld(tag, center + j) : V(0), coef);
+  for (int k = 0; k < K; ++k) {
+    A* o = acc + k * stride + j;
+    st(tag, o, ld(tag, o) + valid(tag, v[k]));
+  }
+}
+
 // The sums of tile_sums over rows walked one after another (sequential walks), with the first NR
 // vectors of every row summed in registers and the rest of the row in acc (K sums of C channels,
 // zeroed by the caller), which holds all C sums at the end. Summed in acc alone, every vector was a
@@ -545,7 +559,7 @@ void rows_head_in_registers(const Tiling& tl, int64_t t, const A* center, const 
   const int64_t C = tl.L.c, rows = tl.count(t);
   const Contrib local = contrib;  // copies in registers, as in tile_chunks
   const ChannelArrays<A, N> arr = arrays;
-  Raw reg[NR > 0 ? NR : 1][K];
+  Raw reg[NR][K];
 #pragma GCC unroll 16
   for (int v = 0; v < NR; ++v) {
 #pragma GCC unroll 4
@@ -561,17 +575,9 @@ void rows_head_in_registers(const Tiling& tl, int64_t t, const A* center, const 
 #pragma GCC unroll 4
       for (int k = 0; k < K; ++k) reg[v][k] = reg[v][k] + bit_copy<Raw>(c[k]);
     }
-    const auto in_memory = [&](auto tag, int64_t j) {
-      const RowCoefs<A, N, decltype(tag)> coef{arr, tag, j};
-      const std::array<V, K> c = local(tag, off + j, center ? ld(tag, center + j) : V(0), coef);
-      for (int k = 0; k < K; ++k) {
-        A* o = acc + k * C + j;
-        st(tag, o, ld(tag, o) + valid(tag, c[k]));
-      }
-    };
     int64_t j = NR * VW;
-    for (; j + VW <= C; j += VW) in_memory(Full{}, j);
-    if (j < C) in_memory(Part{C - j}, j);
+    for (; j + VW <= C; j += VW) add_chunk<K>(acc, C, local, arr, center, Full{}, off + j, j);
+    if (j < C) add_chunk<K>(acc, C, local, arr, center, Part{C - j}, off + j, j);
   }
 #pragma GCC unroll 16
   for (int v = 0; v < NR; ++v) {
@@ -581,7 +587,7 @@ void rows_head_in_registers(const Tiling& tl, int64_t t, const A* center, const 
 }
 
 // rows_head_in_registers with as many vectors in registers as the row and kRowSumRegisters allow
-// (rows of at least 4 vectors).
+// (rows of at least 4 vectors, kRowSumRegisters / K >= 4).
 template <int K, typename A, size_t N, typename Contrib>
 void rows_sums_sequential(const Tiling& tl, int64_t t, const A* center, const ChannelArrays<A, N>& arrays,
                           const Contrib& contrib, A* acc) {
@@ -593,11 +599,7 @@ void rows_sums_sequential(const Tiling& tl, int64_t t, const A* center, const Ch
   if constexpr (kMaxVectors >= 8) {
     if (vectors >= 8) return rows_head_in_registers<8, K>(tl, t, center, arrays, contrib, acc);
   }
-  if constexpr (kMaxVectors >= 4) {
-    rows_head_in_registers<4, K>(tl, t, center, arrays, contrib, acc);
-  } else {
-    rows_head_in_registers<0, K>(tl, t, center, arrays, contrib, acc);
-  }
+  rows_head_in_registers<4, K>(tl, t, center, arrays, contrib, acc);
 }
 
 // K per-channel sums over tile t of contrib(tag, offset, center, coef) -> std::array<Vec, K>, written
@@ -699,17 +701,12 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, const ChannelArrays
   alignas(64) A flat_acc[K * kMaxRowsPeriod];
   A* const acc = flat_acc;
   std::fill(acc, acc + K * P, A(0));
-  if (tl.flat) {
-    walk_rows<A>(tl, t, [=, arr = arrays](auto tag, int64_t off, int64_t j) {  // by value: this loop stores
-      const RowCoefs<A, N, decltype(tag)> coef{arr, tag, j};
-      const std::array<V, K> v = contrib(tag, off, center ? ld(tag, center + j) : V(0), coef);
-      for (int k = 0; k < K; ++k) {
-        A* o = acc + k * P + j;
-        st(tag, o, ld(tag, o) + valid(tag, v[k]));
-      }
-    });
-  } else {
+  if (!tl.flat && kRowSumRegisters / K >= 4) {
     rows_sums_sequential<K>(tl, t, center, arrays, contrib, acc);
+  } else {
+    walk_rows<A>(tl, t, [=, arr = arrays](auto tag, int64_t off, int64_t j) {  // by value: this loop stores
+      add_chunk<K>(acc, P, contrib, arr, center, tag, off, j);
+    });
   }
   if (!tl.flat) {  // one loop over the K * C sums, which vectorises
     for (int64_t i = 0; i < K * C; ++i) out[i] += acc[i];
