@@ -106,7 +106,7 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_
           tl, t, center, sum_arrays,
           [=](auto tag, int64_t off, const V& cen, auto coef) {
             const V g = grad(tag, off, coef);
-            return std::array<V, 2>{g, g * (ld(tag, xp + off) - cen)};
+            return contributions(g, V(g * (ld(tag, xp + off) - cen)));
           },
           part.data() + t * 2 * W);
     };

@@ -12,6 +12,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <array>
 #include <cstdint>
 #include <type_traits>
 #include <utility>
@@ -444,6 +445,18 @@ inline std::pair<VecA<T>, VecA<T>> pair_index() {
     return {VecA<T>::arange(A(0), A(2)), VecA<T>::arange(A(1), A(2))};
   }
   return {VecA<T>::arange(A(0), A(1)), VecA<T>::arange(A(vec_width<A>()), A(1))};
+}
+
+// A chunk's K contributions to tile_sums, as the std::array it takes. Filled by assignment: built
+// from a braced list, the array stayed on the stack where GCC 12 stored the first contribution for
+// every vector of the row sums kept in memory (a third store per vector beside the two sums').
+template <typename V, typename... Rest>
+inline std::array<V, 1 + sizeof...(Rest)> contributions(const V& first, const Rest&... rest) {
+  std::array<V, 1 + sizeof...(Rest)> out;
+  size_t k = 0;
+  out[k++] = first;
+  ((out[k++] = rest), ...);
+  return out;
 }
 
 // Zeroes the lanes past the chunk's end, so that they add nothing to a sum.
