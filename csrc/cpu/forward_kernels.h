@@ -147,7 +147,7 @@ void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
   if (tl.flat) repeat_channels(tl, tile_mean, repeated);
   tile_sums<1>(
       tl, t, center, kNoArrays<A>,
-      [=](auto tag, int64_t off, const V& c, auto) { return contributions(centered(tag, off, c)); },
+      [=](auto tag, int64_t off, const V& c, auto) { return contributions(V(centered(tag, off, c))); },
       tile_m2);
   for (int64_t j = 0; j < W; ++j) tile_mean[j] += tile_m2[j] * inv_count;
   squares_around_means();

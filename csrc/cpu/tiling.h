@@ -701,9 +701,14 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, const ChannelArrays
   alignas(64) A flat_acc[K * kMaxRowsPeriod];
   A* const acc = flat_acc;
   std::fill(acc, acc + K * P, A(0));
-  if (!tl.flat && kRowSumRegisters / K >= 4) {
-    rows_sums_sequential<K>(tl, t, center, arrays, contrib, acc);
-  } else {
+  bool summed = false;
+  if constexpr (kRowSumRegisters / K >= 4) {  // not compiled where it cannot run
+    if (!tl.flat) {
+      rows_sums_sequential<K>(tl, t, center, arrays, contrib, acc);
+      summed = true;
+    }
+  }
+  if (!summed) {
     walk_rows<A>(tl, t, [=, arr = arrays](auto tag, int64_t off, int64_t j) {  // by value: this loop stores
       add_chunk<K>(acc, P, contrib, arr, center, tag, off, j);
     });

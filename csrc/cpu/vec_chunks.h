@@ -452,6 +452,7 @@ inline std::pair<VecA<T>, VecA<T>> pair_index() {
 // every vector of the row sums kept in memory (a third store per vector beside the two sums').
 template <typename V, typename... Rest>
 inline std::array<V, 1 + sizeof...(Rest)> contributions(const V& first, const Rest&... rest) {
+  static_assert((std::is_same_v<Rest, V> && ...), "every contribution is a vector of the first's type");
   std::array<V, 1 + sizeof...(Rest)> out;
   size_t k = 0;
   out[k++] = first;
@@ -459,14 +460,17 @@ inline std::array<V, 1 + sizeof...(Rest)> contributions(const V& first, const Re
   return out;
 }
 
-// Zeroes the lanes past the chunk's end, so that they add nothing to a sum.
+// Zeroes the lanes past the chunk's end, so that they add nothing to a sum. A blend under a lane
+// mask, which inlines: V::set(V(0), v, n) is an out-of-line call for n < VW with AVX512, which took
+// its operands through the stack once per partial chunk (a row's last, where C is not whole vectors).
 template <typename V>
 inline V valid(Full, const V& v) {
   return v;
 }
 template <typename V, typename Tag>
 inline V valid(Tag k, const V& v) {
-  return V::set(V(0), v, k.n);
+  using A = typename V::value_type;
+  return V::blendv(V(0), v, V::arange(A(0), A(1)) < V(A(k.n)));
 }
 
 }  // namespace bnfused::cpu
