@@ -106,7 +106,10 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_
           tl, t, center, sum_arrays,
           [=](auto tag, int64_t off, const V& cen, auto coef) {
             const V g = grad(tag, off, coef);
-            return contributions(g, V(g * (ld(tag, xp + off) - cen)));
+            // A braced list, not contributions(): with it GCC 12 kept the row sums' register part
+            // here in fewer registers, spilling six accumulators per row (channels_last (128, 256,
+            // 14, 14) float32 backward sums, 1 thread: 2.1-2.4 ms against 1.7-2.0).
+            return std::array<V, 2>{g, g * (ld(tag, xp + off) - cen)};
           },
           part.data() + t * 2 * W);
     };
