@@ -64,6 +64,9 @@ SCHEDULES = [
     # partial vector) vectors of each row are summed in registers with AVX512 (rows_head_in_registers).
     pytest.param((4, 160, 48, 48), True, id="rows-C160-tiles-large"),
     pytest.param((4, 200, 40, 40), True, id="rows-C200-tiles-large"),
+    # Wide rows ending in a partial vector: most of each row summed in memory, each vector's two sums
+    # side by side, the partial vector's too (rows_head_in_registers).
+    pytest.param((6, 1000, 9, 9), True, id="rows-C1000-large"),
 ]
 
 
