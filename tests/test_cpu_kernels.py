@@ -60,13 +60,15 @@ SCHEDULES = [
     pytest.param((80, 4095), False, id="rows-NC-4095-large"),
     pytest.param((160, 8, 16, 16), True, id="rows-C8-large"),  # one register block: registers still
     # Over a million values: sequential walks take row tiles of more rows than kTileValues holds
-    # (csrc/cpu/tiling.h, kSequentialRowTileValues), and the first 8 (C = 160) or 12 (C = 200, then a
-    # partial vector) vectors of each row are summed in registers with AVX512 (rows_head_in_registers).
+    # (csrc/cpu/tiling.h, kSequentialRowTileValues), and the first 8 vectors of each row (C = 160) are
+    # summed in registers with AVX512 (rows_head_in_registers); C = 200 is walked flat (its period,
+    # lcm(200, 16) = 400, fits the tensor 128 times).
     pytest.param((4, 160, 48, 48), True, id="rows-C160-tiles-large"),
     pytest.param((4, 200, 40, 40), True, id="rows-C200-tiles-large"),
-    # Wide rows ending in a partial vector: most of each row summed in memory, each vector's two sums
-    # side by side, the partial vector's too (rows_head_in_registers).
-    pytest.param((6, 1000, 9, 9), True, id="rows-C1000-large"),
+    # Wide rows ending in a partial vector, and too long a period to walk flat (C odd): the first
+    # vectors of each row in registers, the rest in memory, each vector's two sums side by side, the
+    # partial vector's too (rows_head_in_registers).
+    pytest.param((6, 1001, 7, 7), True, id="rows-C1001-large"),
 ]
 
 
@@ -126,6 +128,9 @@ def test_training_step_matches_float64(shape, channels_last):
         pytest.param((6, 64, 10, 10), True, list(range(5, 22)), id="rows-C64-seventeen"),
         pytest.param((200, 512), False, list(range(100, 116)), id="NC-C512-sixteen"),
         pytest.param((200, 512), False, list(range(100, 117)), id="NC-C512-seventeen"),  # more than 16
+        # Over 1 MiB with a row too long to walk flat: the sweep's sums of squares kept in memory
+        # beyond the first vectors of each row, ending in a partial vector (rows_head_in_registers, K = 1).
+        pytest.param((2000, 257), False, None, id="NC-C257-sweep-large"),
     ],
 )
 def test_row_moments_stay_exact_when_a_tile_starts_far_out(shape, channels_last, far):

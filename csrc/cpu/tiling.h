@@ -720,11 +720,12 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, const ChannelArrays
     });
   }
   if (!tl.flat && summed) {  // acc holds each vector's K sums side by side (rows_head_in_registers)
-    for (int64_t j = 0; j < C; j += VW) {
-      const int64_t lanes = std::min(VW, C - j);
-      for (int k = 0; k < K; ++k) {
-        for (int64_t l = 0; l < lanes; ++l) out[k * C + j + l] += acc[j * K + k * VW + l];
-      }
+    int64_t j = 0;
+    for (; j + VW <= C; j += VW) {
+      for (int k = 0; k < K; ++k) (V::loadu(out + k * C + j) + V::loadu(acc + j * K + k * VW)).store(out + k * C + j);
+    }
+    for (int k = 0; k < K && j < C; ++k) {
+      for (int64_t l = 0; l < C - j; ++l) out[k * C + j + l] += acc[j * K + k * VW + l];
     }
     return;
   }
