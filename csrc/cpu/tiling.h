@@ -707,28 +707,22 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, const ChannelArrays
   alignas(64) A flat_acc[K * kMaxRowsPeriod];
   A* const acc = flat_acc;
   std::fill(acc, acc + K * ((P + VW - 1) / VW * VW), A(0));  // whole vectors, as rows_head_in_registers uses it
-  bool summed = false;
   if constexpr (kRowSumRegisters / K >= 4) {  // not compiled where it cannot run
     if (!tl.flat) {
       rows_sums_sequential<K>(tl, t, center, arrays, contrib, acc);
-      summed = true;
+      // acc holds each vector's K sums side by side (rows_head_in_registers)
+      const auto fold = [&](auto tag, int64_t j) {
+        for (int k = 0; k < K; ++k) st(tag, out + k * C + j, ld(tag, out + k * C + j) + ld(tag, acc + j * K + k * VW));
+      };
+      int64_t j = 0;
+      for (; j + VW <= C; j += VW) fold(Full{}, j);
+      if (j < C) fold(Part{C - j}, j);
+      return;
     }
   }
-  if (!summed) {
-    walk_rows<A>(tl, t, [=, arr = arrays](auto tag, int64_t off, int64_t j) {  // by value: this loop stores
-      add_chunk<K>(acc, P, contrib, arr, center, tag, off, j);
-    });
-  }
-  if (!tl.flat && summed) {  // acc holds each vector's K sums side by side (rows_head_in_registers)
-    int64_t j = 0;
-    for (; j + VW <= C; j += VW) {
-      for (int k = 0; k < K; ++k) (V::loadu(out + k * C + j) + V::loadu(acc + j * K + k * VW)).store(out + k * C + j);
-    }
-    for (int k = 0; k < K && j < C; ++k) {
-      for (int64_t l = 0; l < C - j; ++l) out[k * C + j + l] += acc[j * K + k * VW + l];
-    }
-    return;
-  }
+  walk_rows<A>(tl, t, [=, arr = arrays](auto tag, int64_t off, int64_t j) {  // by value: this loop stores
+    add_chunk<K>(acc, P, contrib, arr, center, tag, off, j);
+  });
   if (!tl.flat) {  // one loop over the K * C sums, which vectorises
     for (int64_t i = 0; i < K * C; ++i) out[i] += acc[i];
     return;
