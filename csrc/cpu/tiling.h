@@ -410,30 +410,45 @@ BNFUSED_INLINE void walk_row(int64_t C, F&& f) {
   }
 }
 
-// tile_chunks over row tile t walked row by row (not flat), two rows at a time: each chunk's
-// coefficients are loaded once for both rows. Wide rows and their arrays overflow L1 (float32
-// (32, 2048, 7, 7): 8 KB rows and normalize's three 8 KB arrays), where one row at a time took
-// 1.2-1.3x the time of two (op alone, 1 thread, Zen 4; the backward's input gradient 1.3x). The
-// rows of the tile's first half go with those of its second, so that each half is read in address
-// order: neighbouring rows together took 1.7-2x the time at 1 KB rows ((128, 256, 14, 14)).
-template <typename A, bool kPairs, size_t N, typename Op>
-void row_tile_chunks(const Tiling& tl, int64_t t, const ChannelArrays<A, N>& arrays, const Op& local) {
-  const int64_t C = tl.L.c, rows = tl.count(t), half = rows / 2;
+// Row tile t's rows two at a time: two(off_a, off_b) for the i-th rows of the tile's first and second
+// halves in turn, then one(off) for the first half's last row when the tile has an odd number of rows.
+// Each half is read in address order; neighbouring rows together took 1.7-2x the time of one row at a
+// time at 1 KB rows (float32 (128, 256, 14, 14) channels_last, Zen 4: normalize, and the statistics).
+template <typename Two, typename One>
+inline void for_row_pairs(const Tiling& tl, int64_t t, const Two& two, const One& one) {
+  const int64_t rows = tl.count(t), half = rows / 2;
   RowOffsets next_a(tl.L, t * tl.block), next_b(tl.L, t * tl.block + rows - half);
   for (int64_t r = 0; r < half; ++r) {
-    const int64_t off_a = next_a(), off_b = next_b();
-    walk_row<A, kPairs>(C, [=](auto tag, int64_t j) {
-      const LoadedRowCoefs<A, N, decltype(tag)> coef(arrays, tag, j);
-      local(tag, off_a + j, coef);
-      local(tag, off_b + j, coef);
-    });
+    const int64_t off_a = next_a();
+    two(off_a, next_b());
   }
-  if (rows % 2 != 0) {  // the first half's last row
-    const int64_t off = next_a();
-    walk_row<A, kPairs>(C, [=](auto tag, int64_t j) {
-      local(tag, off + j, RowCoefs<A, N, decltype(tag)>{arrays, tag, j});
-    });
+  if (rows % 2 != 0) one(next_a());
+}
+
+// coef for a chunk read by `rows` rows at once: RowCoefs for one, LoadedRowCoefs for more.
+template <size_t kRows, typename A, size_t N, typename Tag>
+BNFUSED_INLINE auto row_coefs(const ChannelArrays<A, N>& arrays, Tag tag, int64_t j) {
+  if constexpr (kRows == 1) {
+    return RowCoefs<A, N, Tag>{arrays, tag, j};
+  } else {
+    return LoadedRowCoefs<A, N, Tag>(arrays, tag, j);
   }
+}
+
+// tile_chunks over row tile t walked row by row (not flat), two rows at a time (for_row_pairs): each
+// chunk's coefficients are loaded once for both. Wide rows and their arrays overflow L1 (float32
+// (32, 2048, 7, 7): 8 KB rows and normalize's three 8 KB arrays), where one row at a time took
+// 1.2-1.3x the time (op alone, 1 thread, Zen 4; the backward's input gradient 1.3x).
+template <typename A, bool kPairs, size_t N, typename Op>
+void row_tile_chunks(const Tiling& tl, int64_t t, const ChannelArrays<A, N>& arrays, const Op& local) {
+  const int64_t C = tl.L.c;
+  const auto walk = [&](auto... off) {  // by value into the chunk loop, as in tile_chunks
+    walk_row<A, kPairs>(C, [=](auto tag, int64_t j) {
+      const auto coef = row_coefs<sizeof...(off)>(arrays, tag, j);
+      (local(tag, off + j, coef), ...);
+    });
+  };
+  for_row_pairs(tl, t, walk, walk);
 }
 
 // Elementwise work on tile t: op(tag, offset, coef) for every chunk, where coef gives the values of
@@ -603,16 +618,20 @@ inline To bit_copy(const From& from) {
 }
 
 // Adds a row chunk's K contributions to acc[k * stride + j ..] (the sums of tile_sums kept in memory):
-// contrib at offset off, with the lanes' centre and coefficients at place j.
-template <int K, typename A, size_t N, typename Contrib, typename Tag>
+// contrib at offset off of each row given, in that order, with the lanes' centre and coefficients at
+// place j.
+template <int K, typename A, size_t N, typename Contrib, typename Tag, typename... Off>
 inline void add_chunk(A* acc, int64_t stride, const Contrib& contrib, const ChannelArrays<A, N>& arrays,
-                      const A* center, Tag tag, int64_t off, int64_t j) {
+                      const A* center, Tag tag, int64_t j, Off... off) {
   using V = at::vec::Vectorized<A>;
-  const RowCoefs<A, N, Tag> coef{arrays, tag, j};
-  const std::array<V, K> v = contrib(tag, off, center ? ld(tag, center + j) : V(0), coef);
+  const auto coef = row_coefs<sizeof...(Off)>(arrays, tag, j);
+  const V cen = center ? ld(tag, center + j) : V(0);
+  const std::array<std::array<V, K>, sizeof...(Off)> v{contrib(tag, off, cen, coef)...};
   for (int k = 0; k < K; ++k) {
     A* o = acc + k * stride + j;
-    st(tag, o, ld(tag, o) + valid(tag, v[k]));
+    V sum = ld(tag, o);
+    for (const auto& row : v) sum = sum + valid(tag, row[k]);
+    st(tag, o, sum);
   }
 }
 
@@ -626,8 +645,12 @@ inline void add_chunk(A* acc, int64_t stride, const Contrib& contrib, const Chan
 // side by side against 1.82, (32, 2048, 7, 7) 0.94 against 1.05). Summed in acc alone, every vector was a
 // load, an add and a store per sum; the stores, queued behind the loads of x that wait on memory,
 // stalled the walk (Zen 4, float32 (128, 256, 14, 14) channels_last, 1 thread, op alone: the
-// forward's statistics 2.0-2.1 -> 1.5-1.6 ms, the backward's sums 2.6-3.1 -> 1.8-2.0 ms). Each value
-// is added in the order acc alone adds it (with GCC 12 and AVX512, the same bits).
+// forward's statistics 2.0-2.1 -> 1.5-1.6 ms, the backward's sums 2.6-3.1 -> 1.8-2.0 ms). Rows are
+// added two at a time (for_row_pairs: each chunk's centre and coefficients loaded, and its sums
+// loaded and stored, once for both): float32 (32, 2048, 7, 7) channels_last backward sums 1.77 ->
+// 1.27 ms, statistics 1.14 -> 1.05, (32, 1024, 14, 14) statistics 1.74 -> 1.38 (1 thread, op alone,
+// one run in each order, medians). Each value is added in the order tile_sums' rows in memory add it,
+// in every build (with GCC 12 and AVX512, the same bits).
 template <int NR, int K, typename A, size_t N, typename Contrib>
 void rows_head_in_registers(const Tiling& tl, int64_t t, const A* center, const ChannelArrays<A, N>& arrays,
                             const Contrib& contrib, A* __restrict acc) {
@@ -643,20 +666,23 @@ void rows_head_in_registers(const Tiling& tl, int64_t t, const A* center, const 
 #pragma GCC unroll 4
     for (int k = 0; k < K; ++k) reg[v][k] = bit_copy<Raw>(V(0));
   }
-  RowOffsets next_row(tl.L, t * tl.block);
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t off = next_row();
+  const auto add_rows = [&](auto... off) {  // one row or two, added in that order
 #pragma GCC unroll 16
     for (int v = 0; v < NR; ++v) {
-      const RowCoefs<A, N, Full> coef{arr, Full{}, v * VW};
-      const std::array<V, K> c = local(Full{}, off + v * VW, center ? V::loadu(center + v * VW) : V(0), coef);
+      const auto coef = row_coefs<sizeof...(off)>(arr, Full{}, v * VW);
+      const V cen = center ? V::loadu(center + v * VW) : V(0);
+      const auto add_row = [&](int64_t o) {
+        const std::array<V, K> c = local(Full{}, o + v * VW, cen, coef);
 #pragma GCC unroll 4
-      for (int k = 0; k < K; ++k) reg[v][k] = reg[v][k] + bit_copy<Raw>(c[k]);
+        for (int k = 0; k < K; ++k) reg[v][k] = reg[v][k] + bit_copy<Raw>(c[k]);
+      };
+      (add_row(off), ...);
     }
     int64_t j = NR * VW;
-    for (; j + VW <= C; j += VW) add_chunk<K>(acc + j * (K - 1), VW, local, arr, center, Full{}, off + j, j);
-    if (j < C) add_chunk<K>(acc + j * (K - 1), VW, local, arr, center, Part{C - j}, off + j, j);
-  }
+    for (; j + VW <= C; j += VW) add_chunk<K>(acc + j * (K - 1), VW, local, arr, center, Full{}, j, (off + j)...);
+    if (j < C) add_chunk<K>(acc + j * (K - 1), VW, local, arr, center, Part{C - j}, j, (off + j)...);
+  };
+  for_row_pairs(tl, t, add_rows, add_rows);
 #pragma GCC unroll 16
   for (int v = 0; v < NR; ++v) {
 #pragma GCC unroll 4
@@ -793,13 +819,20 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, const ChannelArrays
       return;
     }
   }
-  walk_rows<A>(tl, t, [=, arr = arrays](auto tag, int64_t off, int64_t j) {  // by value: this loop stores
-    add_chunk<K>(acc, P, contrib, arr, center, tag, off, j);
-  });
-  if (!tl.flat) {  // one loop over the K * C sums, which vectorises
-    for (int64_t i = 0; i < K * C; ++i) out[i] += acc[i];
+  const ChannelArrays<A, N> arr = arrays;
+  if (!tl.flat) {  // the rows in rows_head_in_registers' order, so that every build adds alike
+    const auto add_rows = [=](auto... off) {  // by value: this loop stores
+      walk_row<A, false>(C, [=](auto tag, int64_t j) {
+        add_chunk<K>(acc, P, contrib, arr, center, tag, j, (off + j)...);
+      });
+    };
+    for_row_pairs(tl, t, add_rows, add_rows);
+    for (int64_t i = 0; i < K * C; ++i) out[i] += acc[i];  // one loop over the K * C sums, which vectorises
     return;
   }
+  walk_rows<A>(tl, t, [=](auto tag, int64_t off, int64_t j) {  // by value: this loop stores
+    add_chunk<K>(acc, P, contrib, arr, center, tag, j, off);
+  });
   for (int k = 0; k < K; ++k) {
     for (int64_t j = 0, c = 0; j < P; ++j, c = c + 1 == C ? 0 : c + 1) out[k * C + c] += acc[k * P + j];
   }
