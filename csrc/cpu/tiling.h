@@ -366,7 +366,7 @@ struct RowCoefs {
 template <typename A, size_t N, typename Tag>
 struct LoadedRowCoefs {
   std::array<at::vec::Vectorized<A>, N> v;
-  LoadedRowCoefs(const ChannelArrays<A, N>& arrays, Tag tag, int64_t j) {
+  BNFUSED_INLINE LoadedRowCoefs(const ChannelArrays<A, N>& arrays, Tag tag, int64_t j) {
     alignas(64) static constexpr A kZeros[vec_width<A>()] = {};
     for (size_t i = 0; i < N; ++i) v[i] = ld(tag, arrays[i] ? arrays[i] + j : kZeros);
   }
@@ -383,7 +383,7 @@ struct LoadedRowCoefs {
 template <typename A, size_t N>
 struct LoadedRowCoefs<A, N, Pair> {
   LoadedRowCoefs<A, N, Full> lo, hi;
-  LoadedRowCoefs(const ChannelArrays<A, N>& arrays, Pair, int64_t j)
+  BNFUSED_INLINE LoadedRowCoefs(const ChannelArrays<A, N>& arrays, Pair, int64_t j)
       : lo(arrays, Full{}, j), hi(arrays, Full{}, j + vec_width<A>()) {}
   template <typename Part>
   const LoadedRowCoefs<A, N, Full>& at(Part) const {
