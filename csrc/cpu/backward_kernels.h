@@ -76,8 +76,10 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_
   auto body = [&](auto act_c) {
     constexpr int kAct = decltype(act_c)::value;
     // g for a chunk, or for one register of a pair (tag PairLo, PairHi); coef(kIndex) gives one of
-    // `arrays`' values for the chunk's lanes.
-    auto grad = [=](auto tag, int64_t off, auto chunk_coef) {
+    // `arrays`' values for the chunk's lanes. inline_c: act_grad_inline (the input gradient) or
+    // act_grad (the sums).
+    auto grad = [=](auto tag, int64_t off, auto chunk_coef, auto inline_c) {
+      constexpr bool kInline = decltype(inline_c)::value;
       const auto& coef = chunk_coef.at(tag);
       const V dy = ld(tag, dyp + off);
       if constexpr (kAct == kAnyAct) {  // float64: the same operations, chosen at run time
@@ -93,9 +95,10 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_
       } else if constexpr (grad_from_input(kAct)) {
         V z = at::vec::fmadd(ld(tag, xp + off) - coef(kMean), coef(kK1), coef(kShift));
         if (rp) z = z + ld(tag, rp + off);
-        return act_grad<kAct>(dy, z, vslope);
+        return kInline ? act_grad_inline<kAct>(dy, z, vslope) : act_grad<kAct>(dy, z, vslope);
       } else if constexpr (grad_from_output(kAct)) {
-        return act_grad<kAct>(dy, ld(tag, yp + off), vslope);
+        const V y = ld(tag, yp + off);
+        return kInline ? act_grad_inline<kAct>(dy, y, vslope) : act_grad<kAct>(dy, y, vslope);
       } else {
         return dy;
       }
@@ -105,7 +108,7 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_
       tile_sums<2>(
           tl, t, center, sum_arrays,
           [=](auto tag, int64_t off, const V& cen, auto coef) {
-            const V g = grad(tag, off, coef);
+            const V g = grad(tag, off, coef, std::false_type{});
             // A braced list, not contributions(): with it GCC 12 kept the row sums' register part
             // here in fewer registers, spilling six accumulators per row (channels_last (128, 256,
             // 14, 14) float32 backward sums, 1 thread: 2.1-2.4 ms against 1.7-2.0).
@@ -157,7 +160,9 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_
     const bool stream = tile_streams_output<T>(tl);
     auto input_grad = [&](int64_t t) {
       auto write = [&](auto centered_c) {
-        tile_chunks<A, has_pairs<T>()>(tl, t, arrays, [=](auto tag, int64_t off, auto coef) {
+        // 16-bit silu and sigmoid: an exponential per value of a pair (see tile_chunks)
+        constexpr bool kTwoRows = !has_pairs<T>() || (kAct != kSilu && kAct != kSigmoid);
+        tile_chunks<A, has_pairs<T>(), kTwoRows>(tl, t, arrays, [=](auto tag, int64_t off, auto coef) {
           auto dx = [&](auto part, const V& g) {  // part: the chunk's tag, or one register of a pair
             const auto& cf = coef.at(part);
             if constexpr (decltype(centered_c)::value) {
@@ -168,11 +173,12 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_
             }
           };
           if constexpr (std::is_same_v<decltype(tag), Pair>) {
-            const V g_lo = grad(PairLo{}, off, coef), g_hi = grad(PairHi{}, off, coef);
+            const V g_lo = grad(PairLo{}, off, coef, std::true_type{});
+            const V g_hi = grad(PairHi{}, off, coef, std::true_type{});
             if (drp) st_pair(drp + off, g_lo, g_hi, stream);
             if (dxp) st_pair(dxp + off, dx(PairLo{}, g_lo), dx(PairHi{}, g_hi), stream);
           } else {
-            const V g = grad(tag, off, coef);
+            const V g = grad(tag, off, coef, std::true_type{});
             if (drp) st_out(tag, drp + off, g, stream);
             if (dxp) st_out(tag, dxp + off, dx(tag, g), stream);
           }

@@ -239,8 +239,10 @@ class RowOffsets {
 // place indexing the per-channel arrays. Row by row, each row is a run of C values whose places are
 // its channels; walked flat (tl.flat), the tile is one run of whole vectors whose places go round
 // the period (only the tensor's last tile can end in a partial chunk). One walk for both, so that
-// the sums' chunk bodies are compiled once for either (elementwise passes: see tile_chunks).
-template <typename A, typename F>
+// the chunk bodies are compiled once for either. With kPairs (see rows_in_pairs), each row is walked
+// in Pair chunks only. (The sums and most elementwise passes walk rows that are not flat two at a
+// time: see rows_head_in_registers and tile_chunks.)
+template <typename A, bool kPairs = false, typename F>
 inline void walk_rows(const Tiling& tl, int64_t t, F&& f) {
   constexpr int64_t VW = vec_width<A>();
   const int64_t C = tl.L.c, r0 = t * tl.block, rows = tl.count(t);
@@ -248,12 +250,16 @@ inline void walk_rows(const Tiling& tl, int64_t t, F&& f) {
   RowOffsets next_row(tl.L, r0);
   for (int64_t r = 0; r < runs; ++r) {
     const int64_t off = next_row();
-    int64_t i = 0, j = 0;
-    for (; i + VW <= len; i += VW) {
-      f(Full{}, off + i, j);
-      j = j + VW == wrap ? 0 : j + VW;
+    if constexpr (kPairs) {
+      for (int64_t i = 0; i < len; i += 2 * VW) f(Pair{}, off + i, i);
+    } else {
+      int64_t i = 0, j = 0;
+      for (; i + VW <= len; i += VW) {
+        f(Full{}, off + i, j);
+        j = j + VW == wrap ? 0 : j + VW;
+      }
+      if (i < len) f(Part{len - i}, off + i, j);
     }
-    if (i < len) f(Part{len - i}, off + i, j);
   }
 }
 
@@ -451,32 +457,43 @@ void row_tile_chunks(const Tiling& tl, int64_t t, const ChannelArrays<A, N>& arr
   for_row_pairs(tl, t, walk, walk);
 }
 
-// Elementwise work on tile t: op(tag, offset, coef) for every chunk, where coef gives the values of
-// `arrays` for the chunk's lanes (one broadcast channel for planes, consecutive channels for rows;
-// coef.at(PairLo{}) and coef.at(PairHi{}) those of a pair's registers). With kPairs, plane tiles also
-// pass Pair chunks (see walk_run), and row tiles pass only Pair chunks when `row_pairs` (see
-// rows_in_pairs; the arrays then in pair order).
+// Rows not walked flat go two at a time (row_tile_chunks), unless kTwoRows is false: for chunks whose
+// work is bound by arithmetic rather than memory, where four of them in one loop body (two rows of
+// pairs) left GCC 12 calling the activation's gradient out of line, and forcing it inline spilled
+// registers (the bfloat16 silu and sigmoid backward's input gradient, channels_last (32, 256, 14, 14)
+// and (32, 1024, 7, 7), 1 thread: 0.80-0.88 ms one row at a time, 1.00-1.07 two).
 //
 // Kernels pass lambdas that capture their pointers BY VALUE, and each tile calls a local copy: the
 // compiler can then keep the pointers in registers, where a captured reference would be re-read
 // after every store (a store through a T* might, for all it knows, overwrite the pointer).
-template <typename A, bool kPairs = false, size_t N, typename Op>
+template <typename A, bool kPairs = false, bool kTwoRows = true, size_t N, typename Op>
 void tile_chunks(const Tiling& tl, int64_t t, const ChannelArrays<A, N>& arrays, const Op& op, bool aligned = false,
                  bool row_pairs = false) {
   const Op local = op;
   const ChannelArrays<A, N> arr = arrays;
-  if (tl.rows && !tl.flat) {
+  if constexpr (kTwoRows) {
+    if (tl.rows && !tl.flat) {
+      if constexpr (kPairs) {
+        if (row_pairs) {
+          row_tile_chunks<A, true>(tl, t, arr, local);
+          return;
+        }
+      }
+      row_tile_chunks<A, false>(tl, t, arr, local);
+      return;
+    }
+  }
+  if (tl.rows) {
+    const auto chunk = [=](auto tag, int64_t off, int64_t j) {
+      local(tag, off, RowCoefs<A, N, decltype(tag)>{arr, tag, j});
+    };
     if constexpr (kPairs) {
       if (row_pairs) {
-        row_tile_chunks<A, true>(tl, t, arr, local);
+        walk_rows<A, true>(tl, t, chunk);
         return;
       }
     }
-    row_tile_chunks<A, false>(tl, t, arr, local);
-  } else if (tl.rows) {
-    walk_rows<A>(tl, t, [=](auto tag, int64_t off, int64_t j) {
-      local(tag, off, RowCoefs<A, N, decltype(tag)>{arr, tag, j});
-    });
+    walk_rows<A>(tl, t, chunk);
   } else {
     const PlaneCoefs<A, N> coef(arr, tl.plane_channel(t));
     walk_plane<A, kPairs>(tl, t, [=](auto tag, int64_t off) { local(tag, off, coef); }, aligned);
@@ -649,8 +666,9 @@ inline void add_chunk(A* acc, int64_t stride, const Contrib& contrib, const Chan
 // added two at a time (for_row_pairs: each chunk's centre and coefficients loaded, and its sums
 // loaded and stored, once for both): float32 (32, 2048, 7, 7) channels_last backward sums 1.77 ->
 // 1.27 ms, statistics 1.14 -> 1.05, (32, 1024, 14, 14) statistics 1.74 -> 1.38 (1 thread, op alone,
-// one run in each order, medians). Each value is added in the order tile_sums' rows in memory add it,
-// in every build (with GCC 12 and AVX512, the same bits).
+// one run in each order, medians). Each value is added in the order tile_sums' rows in memory add it
+// (which path a tensor takes depends on the build's vector width; contracted multiply-adds in the
+// contributions can still differ between builds).
 template <int NR, int K, typename A, size_t N, typename Contrib>
 void rows_head_in_registers(const Tiling& tl, int64_t t, const A* center, const ChannelArrays<A, N>& arrays,
                             const Contrib& contrib, A* __restrict acc) {
@@ -820,7 +838,7 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, const ChannelArrays
     }
   }
   const ChannelArrays<A, N> arr = arrays;
-  if (!tl.flat) {  // the rows in rows_head_in_registers' order, so that every build adds alike
+  if (!tl.flat) {  // the rows in rows_head_in_registers' order: builds that take either path add alike
     const auto add_rows = [=](auto... off) {  // by value: this loop stores
       walk_row<A, false>(C, [=](auto tag, int64_t j) {
         add_chunk<K>(acc, P, contrib, arr, center, tag, j, (off + j)...);
