@@ -35,9 +35,13 @@ constexpr int64_t kMinTaskValues = 32768;  // fewer values than this per thread 
 // (row_shift), a few loops over its channels and a merge step per channel, which over the 16 rows of
 // kTileValues took the float32 (32, 1024, 14, 14) channels_last training forward to 1.2-1.7x ATen's
 // time (Zen 4, 2 threads; 64 rows and more: 0.8-0.95x). Blocked walks keep kTileValues: each block
-// re-reads its tile, from L2 while it fits.
+// re-reads its tile, from L2 while it fits. At least 64 tiles left (8, 2048, 7, 7) 8 rows per tile,
+// whose row_shift read the whole tile once more: its float32 training forward took 1.5x ATen's time
+// (1 thread, op alone: 477 us against 313); at 16, 24 rows, 331 us (bfloat16 421 -> 260 us against
+// ATen's 279), and (64, 512, 7, 7) 468 -> 378 us (ATen 600); 2 threads, (8, 2048, 7, 7) 292 -> 217 us
+// (ATen 188-215), no shape slower.
 constexpr int64_t kSequentialRowTileValues = 65536;
-constexpr int64_t kMinRowTiles = 64;
+constexpr int64_t kMinRowTiles = 16;
 
 // Rows of C channels that do not fill whole vectors (LeNet's 6 or 16 channels in channels_last, an
 // MLP's 120 features) cost a partial vector per row when walked row by row: a masked load, and for a
