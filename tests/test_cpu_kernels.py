@@ -123,6 +123,7 @@ def test_training_step_matches_float64(shape, channels_last):
         pytest.param((300, 264), False, None, id="rows-NC-264"),  # rows in blocks of channels
         pytest.param((600, 64), False, [0], id="NC-C64-one"),
         pytest.param((600, 64), False, [3, 40, 63], id="NC-C64-three"),
+        pytest.param((600, 64), False, [7, 8, 56], id="NC-C64-group-edges"),  # listed 8 flags at a time
         pytest.param((600, 64), False, list(range(5, 22)), id="NC-C64-seventeen"),  # more than one in 16
         pytest.param((6, 64, 10, 10), True, [3, 40, 63], id="rows-C64-three"),
         pytest.param((6, 64, 10, 10), True, list(range(5, 22)), id="rows-C64-seventeen"),
