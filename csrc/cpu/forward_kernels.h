@@ -103,21 +103,30 @@ void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
         },
         tile_mean);
     const int64_t rows = tl.count(t);
-    // Separate loops over the channels, so that the flagging and storing loops vectorise: one loop
-    // with a branch per channel was a scalar division per channel and tile, about a tenth of the sums'
-    // time (float32 (128, 256, 14, 14) channels_last). The far channels are then listed from their
-    // flags eight at a time: listed by testing each channel again, one by one up to the last far one,
-    // the listing was about 40% of this function's time at 2048 channels.
-    const auto m2_of = [rows](double sum_d, double squares) { return squares - sum_d * sum_d / double(rows); };
+    // One vectorised loop over the channels turns the sums into the tile's moments and flags the
+    // channels whose shift is too far out (one loop with a branch per channel was a scalar division per
+    // channel and tile, about a tenth of the sums' time: float32 (128, 256, 14, 14) channels_last); the
+    // flagged ones are then listed eight flags at a time (testing every channel again, one by one up
+    // to the last far one, was about 40% of this function's time at 2048 channels).
+    const double inv_rows = 1.0 / double(rows);
     // Also true for NaN sums; an infinite M2 is left to needs_exact_moments.
     const auto is_far = [](double squares, double m2) { return !(squares <= kMaxShiftedLoss * m2); };
     alignas(64) uint8_t far_flag[kMaxRowsPeriod + 8];
     int64_t n_far = 0;
-    for (int64_t j = 0; j < W; ++j) {
-      const double squares = tile_m2[j];
-      const uint8_t f = is_far(squares, m2_of(tile_mean[j], squares)) ? 1 : 0;
-      far_flag[j] = f;
-      n_far += f;
+    {
+      A* __restrict means = tile_mean;
+      A* __restrict m2s = tile_m2;
+      const A* __restrict shifts = shift;
+      uint8_t* __restrict flags = far_flag;
+      for (int64_t j = 0; j < W; ++j) {
+        const double sum_d = means[j], squares = m2s[j];
+        const double m2 = squares - sum_d * sum_d * inv_rows;
+        const uint8_t f = is_far(squares, m2) ? 1 : 0;
+        flags[j] = f;
+        n_far += f;
+        m2s[j] = static_cast<A>(m2);
+        means[j] = shifts[j] + static_cast<A>(sum_d) * inv_count;
+      }
     }
     // A few such channels (one in 200 for normal data) are summed again one by one, in double; more
     // (rows whose first values are alike, as neighbouring pixels are) cost less as one more sweep.
@@ -133,11 +142,6 @@ void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
           if (far_flag[j]) far[n_listed++] = j;
         }
       }
-    }
-    for (int64_t j = 0; j < W; ++j) {
-      const double sum_d = tile_mean[j];
-      tile_m2[j] = static_cast<A>(m2_of(sum_d, tile_m2[j]));
-      tile_mean[j] = shift[j] + static_cast<A>(sum_d) * inv_count;
     }
     if (sweep) {
       squares_around_means();
