@@ -108,7 +108,6 @@ void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
     // channel and tile, about a tenth of the sums' time: float32 (128, 256, 14, 14) channels_last); the
     // flagged ones are then listed eight flags at a time (testing every channel again, one by one up
     // to the last far one, was about 40% of this function's time at 2048 channels).
-    const double inv_rows = 1.0 / double(rows);
     // Also true for NaN sums; an infinite M2 is left to needs_exact_moments.
     const auto is_far = [](double squares, double m2) { return !(squares <= kMaxShiftedLoss * m2); };
     alignas(64) uint8_t far_flag[kMaxRowsPeriod + 8];
@@ -120,7 +119,8 @@ void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
       uint8_t* __restrict flags = far_flag;
       for (int64_t j = 0; j < W; ++j) {
         const double sum_d = means[j], squares = m2s[j];
-        const double m2 = squares - sum_d * sum_d * inv_rows;
+        // Divided, not multiplied by 1 / rows: the product moves a float64 M2 by an ulp or so.
+        const double m2 = squares - sum_d * sum_d / double(rows);
         const uint8_t f = is_far(squares, m2) ? 1 : 0;
         flags[j] = f;
         n_far += f;
