@@ -29,6 +29,7 @@ def _with_threads(n, fn):
         ((6, 19, 14, 14), False, torch.float32),  # 196 values, C not a multiple of the vector width
         ((6, 19, 14, 14), False, torch.bfloat16),  # 16-bit short planes: AVX2's forward in memory order
         ((6, 19, 20, 20), False, torch.float16),  # 16-bit planes of 800 bytes: every forward by channel
+        ((33, 61, 45, 47), False, torch.bfloat16),  # long 16-bit planes in 8.5 MB: sequential walks in memory order
         ((6, 19, 14, 14), True, torch.float32),  # rows of C channels
         ((3, 5, 130, 131), False, torch.float64),  # planes long enough for one tile each
     ],

@@ -5,7 +5,8 @@
 //               training forward over short planes normalizes each channel's planes while they are in
 //               cache (two_pass).
 //   sequential: the same row tiles are summed row after row into accumulators in memory, and that
-//               forward takes the statistics, then one eval pass in memory order (stats_then_normalize).
+//               forward (and over longer planes, in tensors of 8 MiB or more) takes the statistics,
+//               then one eval pass in memory order (stats_then_normalize).
 //
 // sequential reads every tensor in address order, which some hardware prefetchers need: blocked
 // reads a few cache lines of each row per block (256 bytes of every 1 KB row for float32 (128, 256,
