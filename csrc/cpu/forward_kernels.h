@@ -327,7 +327,7 @@ void normalize(const T* xp, const Tiling& tl, const acc_t<T>* mean, const acc_t<
 
 // 16-bit planes of at most this many bytes (8 cache lines) are short for stats_then_normalize.
 constexpr int64_t kShortPlaneBytes = 512;
-// Longer 16-bit planes take the same schedule in tensors of at least this many bytes.
+// Longer 16-bit planes take the same schedule when x takes at least this many bytes.
 constexpr int64_t kLongPlanesInOrderBytes = int64_t{8} << 20;
 
 // The forward: statistics of x, then finish(c, Moments) for each channel (it must fill mean[c],
@@ -341,19 +341,23 @@ void stats_then_normalize(const T* xp, const Tiling& tl, const Finish& finish, c
     channel_stats(xp, tl, finish);
     return;
   }
-  // 16-bit values over short planes: the statistics, then the eval pass in memory order, rather
-  // than channel by channel (two_pass), whose normalize pass walks each channel's planes C * S values
-  // apart. bfloat16 (128, 256, 14, 14) NCHW training forward against ATen, AVX2, three processes of
-  // 15 rounds: 1 thread 1.27 / 0.92 / 1.10 -> 1.05 / 0.97 / 0.93, 2 threads 1.08 / 1.22 / 1.13 ->
-  // 0.95 / 0.96 / 0.94. float32, with twice the bytes per plane, is faster channel by channel. Longer
-  // 16-bit planes measured faster channel by channel on the Intel machine (AVX2 build, bfloat16, 2
-  // threads, medians of 7 alternating processes: (32, 64, 56, 56) 1.22 -> 1.16 ms, (64, 128, 28, 28)
-  // 1.38 -> 1.28 ms), but in memory order on an AMD Zen 4 once the tensor is large (op alone, two
-  // runs in each order, 1 / 2 threads, AVX512 build: (32, 64, 56, 56) 2.17-2.30 -> 1.69-1.85 ms / 0.93-1.00
-  // -> 0.76-0.80, (64, 128, 28, 28) 1.98-2.39 -> 1.54-1.67 / 0.90 -> 0.73-0.77; AVX2 build 1.99-2.57
-  // -> 1.86-2.10 / 0.87-1.30 -> 0.83-1.12 and 2.04-2.70 -> 1.63 / 1.06-1.23 -> 0.76-0.86), not below
-  // kLongPlanesInOrderBytes ((16, 64, 56, 56), 6.4 MB, 2 threads: 0.30-0.32 -> 0.31-0.37 ms; (8, 64,
-  // 56, 56) with AVX2 0.18 -> 0.19). Taken with sequential walks (walk_order.h): on the Intel AVX512
+  // 16-bit values over short planes: the statistics, then the eval pass in memory order ("in order"),
+  // rather than channel by channel (two_pass), whose normalize pass walks each channel's planes C * S
+  // values apart. bfloat16 (128, 256, 14, 14) NCHW training forward against ATen, AVX2, three processes
+  // of 15 rounds, by channel -> in order: 1 thread 1.27 / 0.92 / 1.10 -> 1.05 / 0.97 / 0.93, 2 threads
+  // 1.08 / 1.22 / 1.13 -> 0.95 / 0.96 / 0.94. float32, with twice the bytes per plane, is faster by
+  // channel. Longer 16-bit planes measured faster by channel on the Intel machine (AVX2 build,
+  // bfloat16, 2 threads, medians of 7 alternating processes, in order -> by channel: (32, 64, 56, 56)
+  // 1.22 -> 1.16 ms, (64, 128, 28, 28) 1.38 -> 1.28 ms), but in order on an AMD Zen 4 once the tensor
+  // is large (op alone, two runs in each order, by channel -> in order, 1 / 2 threads, AVX512 build:
+  // (32, 64, 56, 56) 2.17-2.30 -> 1.69-1.85 ms / 0.93-1.00 -> 0.76-0.80, (64, 128, 28, 28) 1.98-2.39 ->
+  // 1.54-1.67 / 0.90 -> 0.73-0.77; AVX2 build 1.99-2.57 -> 1.86-2.10 / 0.87-1.30 -> 0.83-1.12 and
+  // 2.04-2.70 -> 1.63 / 1.06-1.23 -> 0.76-0.86), and not in smaller ones ((16, 64, 56, 56), 6.4 MB, 2
+  // threads: 0.30-0.32 -> 0.31-0.37 ms; (8, 64, 56, 56), AVX2, 0.18 -> 0.19). So longer planes go in
+  // order when x takes at least kLongPlanesInOrderBytes; that includes AVX2 builds on Intel processors,
+  // against the Intel figures above (20% gained on the Zen 4, 5% lost there; not re-measured on Intel).
+  // Only planes grouped several to a tile take this path (planes_in_memory_order: up to kTileValues / 2
+  // values); longer ones keep two_pass. Taken with sequential walks (walk_order.h): on the Intel AVX512
   // machine two_pass ran at 0.75-0.79 of ATen's time (not measured the other way); on an AMD Zen 4
   // with AVX512, (128, 256, 14, 14) bfloat16 at 1.09 / 1.29 (2 / 1 threads) with two_pass.
   if constexpr (is_16bit_float<T>()) {

@@ -5,7 +5,7 @@
 //               training forward over short planes normalizes each channel's planes while they are in
 //               cache (two_pass).
 //   sequential: the same row tiles are summed row after row into accumulators in memory, and that
-//               forward (and over longer planes, in tensors of 8 MiB or more) takes the statistics,
+//               forward (and over longer planes, when x takes 8 MiB or more) takes the statistics,
 //               then one eval pass in memory order (stats_then_normalize).
 //
 // sequential reads every tensor in address order, which some hardware prefetchers need: blocked
@@ -20,7 +20,8 @@
 // So: sequential on AMD (and Hygon) processors and in builds of 8-float vectors or fewer, blocked
 // otherwise. BNFUSED_CPU_WALK=sequential|blocked overrides the choice (read at the first kernel call;
 // empty is unset, any other value an error).
-// Both give the same bits for any thread count; they group the row sums differently.
+// Each gives the same bits for any thread count; the two group the row sums differently, so their
+// bits can differ from each other's (channels_last 16-bit inputs, for one).
 #pragma once
 
 #include <c10/util/Exception.h>
