@@ -69,6 +69,9 @@ SCHEDULES = [
     # vectors of each row in registers, the rest in memory, each vector's two sums side by side, the
     # partial vector's too (rows_head_in_registers).
     pytest.param((6, 1001, 7, 7), True, id="rows-C1001-large"),
+    # 16-bit planes of 1147 values in over 4 MiB: with sequential walks the backward takes one plane per
+    # tile, in memory order (csrc/cpu/backward_kernels.h, grad_tiling); float32 keeps grouped tiles.
+    pytest.param((33, 61, 31, 37), False, id="planes-1147-large"),
 ]
 
 
@@ -203,6 +206,7 @@ def _max_error(a, reference):
         ((64, 16, 8, 8), True),
         ((32, 64, 9, 9), True),
         ((20, 100, 3, 3), True),
+        ((33, 61, 31, 37), False),
     ],
     ids=[
         "NCHW-196",
@@ -215,6 +219,7 @@ def _max_error(a, reference):
         "rows-C16",
         "rows-C64",
         "rows-C100",
+        "planes-1147-large",
     ],
 )
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)

@@ -25,6 +25,31 @@ struct GradTensors {
   T* dresidual;       // gets g itself
 };
 
+// 16-bit planes longer than kShortPlaneBytes but grouped several to a tile, in tensors x of at least
+// this many bytes, are walked one plane per tile in memory order by the backward (grad_tiling).
+constexpr int64_t kGradPlanesInOrderBytes = int64_t{4} << 20;
+
+// The tiling the backward walks: with sequential walks (walk_order.h), 16-bit planes of 257 to
+// kTileValues / 2 values in an x of kGradPlanesInOrderBytes or more take one_plane_tiles, which read
+// x and dy from start to end in both passes; the grouped tiles run each channel's two passes while
+// its values sit in L2 (two_pass), reading them from memory once, but C * S values apart. bfloat16,
+// op alone, interleaved in one process, Zen 4, grouped -> one plane per tile, 1 / 2 threads:
+// (32, 64, 56, 56) 2.73-3.86 -> 1.78-2.13 ms / 1.17-1.62 -> 0.78-0.95; (64, 128, 28, 28) 3.09-3.43 ->
+// 2.20-2.66 / 1.71-1.82 -> 1.11-1.44; (16, 64, 56, 56) 0.98-1.37 -> 0.74-0.83 / 0.57-0.61 -> 0.42-0.44;
+// (64, 128, 24, 24) 2.47 -> 1.66 / 1.00 -> 0.83; (128, 128, 20, 20) 3.62 -> 2.87 / 1.60 -> 1.38;
+// float16 (32, 64, 56, 56) 3.05 -> 1.87 / 1.68 -> 1.03. Not taken, as time ratios: smaller tensors
+// ((12, 64, 56, 56), 4.8 MB: 1.00 / 0.83; (8, 64, 56, 56) 1.01 / 1.07), short planes ((128, 256, 14,
+// 14) 1.07 / 1.20; (32, 256, 14, 14) 1.76 / 1.67), float32 (twice the bytes per plane: (32, 64, 56, 56)
+// 0.99 / 0.93-1.03, (64, 128, 28, 28) 1.13 / 1.62), and planes of over kTileValues / 2 values, one per
+// tile already but channel-major ((16, 64, 112, 112) bfloat16 in memory order: 0.95 / 0.99).
+template <typename T>
+Tiling grad_tiling(const Tiling& tl) {
+  const int64_t plane_bytes = tl.L.s * int64_t(sizeof(T));
+  const bool in_order = is_16bit_float<T>() && tl.sequential && !tl.rows && tl.es == 1 && tl.group > 1 &&
+                        plane_bytes > kShortPlaneBytes && tl.L.numel() * int64_t(sizeof(T)) >= kGradPlanesInOrderBytes;
+  return in_order ? tl.one_plane_tiles() : tl;
+}
+
 // The backward: per-channel sum(g) and sum(g * x_hat) with g = dy * act'(z) and x_hat =
 // (x - mean) * invstd, summed per tile in A (as sum(g * (x - mean)), times invstd once merged in
 // double, in tile order; recomputed in double from x_hat when a tile sum overflowed), handed to
@@ -38,11 +63,12 @@ struct GradTensors {
 // in both passes. x_hat is formed before it meets k2 so that no coefficient holds invstd^2 (it
 // overflows float for a tiny variance with a tiny eps).
 template <typename T, typename Finish>
-void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tl, const acc_t<T>* mean, const acc_t<T>* invstd,
+void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const acc_t<T>* mean, const acc_t<T>* invstd,
                           const acc_t<T>* shift, bool reduce, const Finish& finish, const acc_t<T>* k1,
                           const acc_t<T>* k2, const acc_t<T>* k3, bool centered, int64_t act, double slope) {
   using A = acc_t<T>;
   using V = at::vec::Vectorized<A>;
+  const Tiling tl = grad_tiling<T>(tiling);
   const int64_t W = tl.width();
   const V vslope(static_cast<A>(slope));
   std::vector<A> part(reduce ? tl.tiles * 2 * W : 0, A(0));  // per tile: W sums of g, W of g * (x - mean)

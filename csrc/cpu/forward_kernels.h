@@ -325,8 +325,6 @@ template <typename T>
 void normalize(const T* xp, const Tiling& tl, const acc_t<T>* mean, const acc_t<T>* scale, const acc_t<T>* shift,
                int64_t act, double slope, const T* rp, T* yp);
 
-// 16-bit planes of at most this many bytes (8 cache lines) are short for stats_then_normalize.
-constexpr int64_t kShortPlaneBytes = 512;
 // Longer 16-bit planes take the same schedule when x takes at least this many bytes.
 constexpr int64_t kLongPlanesInOrderBytes = int64_t{8} << 20;
 

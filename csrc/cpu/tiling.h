@@ -82,6 +82,9 @@ struct Tiling {
   bool flat;
   // The walk where two exist (walk_order.h): true for sequential.
   bool sequential;
+  // planes: one whole plane per tile, the tiles numbered in memory order (tile t is plane t = n * C + c)
+  // rather than channel-major (see one_plane_tiles).
+  bool tiles_in_memory_order = false;
 
   static Tiling of(const Ncs& L) {
     Tiling t{L, false, 1, 0, 1, 1, 0, 0, 0, false, sequential_walks()};
@@ -118,11 +121,26 @@ struct Tiling {
     return t;
   }
 
+  // This plane tiling (of planes grouped several to a tile) with one plane per tile, numbered in
+  // memory order, so that a pass over the tiles in order reads the tensor from start to end, where
+  // the grouped tiles jump C * S values from plane to plane. The partials of a channel are still
+  // merged in a fixed order (its planes'), so the results are the same for any thread count; they
+  // differ from the grouped tiles' (each plane is summed on its own).
+  Tiling one_plane_tiles() const {
+    Tiling t = *this;
+    t.group = 1;
+    t.per_channel_tiles = L.n;
+    t.tiles = L.n * L.c;
+    t.tiles_in_memory_order = true;
+    return t;
+  }
+
   // Channels a tile holds partial sums for: all C for a row tile, one for a plane tile.
   int64_t width() const { return rows ? L.c : 1; }
-  // Plane tiles are ordered channel-major, so one channel's tiles are consecutive.
-  int64_t plane_channel(int64_t t) const { return t / per_channel_tiles; }
+  // Plane tiles are ordered channel-major, so one channel's tiles are consecutive (but one_plane_tiles).
+  int64_t plane_channel(int64_t t) const { return tiles_in_memory_order ? t % L.c : t / per_channel_tiles; }
   PlaneSpan plane_span(int64_t t) const {
+    if (tiles_in_memory_order) return {t % L.c, t / L.c, t / L.c + 1, 0, L.s};
     const int64_t c = t / per_channel_tiles, k = t % per_channel_tiles;
     if (blocks > 1) {
       const int64_t s0 = (k % blocks) * block;
@@ -150,6 +168,8 @@ struct Tiling {
   void for_channel_tiles(int64_t c, F&& f) const {
     if (rows) {
       for (int64_t t = 0; t < tiles; ++t) f(t, c);
+    } else if (tiles_in_memory_order) {
+      for (int64_t t = c; t < tiles; t += L.c) f(t, int64_t{0});
     } else {
       for (int64_t t = c * per_channel_tiles; t < (c + 1) * per_channel_tiles; ++t) f(t, int64_t{0});
     }
@@ -196,12 +216,17 @@ inline void walk_plane(const Tiling& tl, int64_t t, F&& f, bool aligned = false)
   }
 }
 
+// 16-bit planes of at most this many bytes (8 cache lines) are short for the schedules that walk
+// longer ones in memory order (stats_then_normalize, grad_tiling).
+constexpr int64_t kShortPlaneBytes = 512;
+
 // Elementwise passes over short planes go plane by plane in memory order, (n, c) after (n, c),
 // rather than by tiles: a tile groups one channel's planes n0..n1, which lie C * S values apart, so
 // its runs are a few cache lines each between jumps that the hardware prefetcher cannot follow
 // (eval on (128, 256, 14, 14) walked that way ran at about 2/3 of ATen's speed). Reductions keep the
-// tiles: their partial sums must be grouped the same way for any thread count.
-inline bool planes_in_memory_order(const Tiling& tl) { return !tl.rows && tl.group > 1; }
+// tiles, whose partial sums must be grouped the same way for any thread count: in memory order only
+// when they hold one plane each (one_plane_tiles).
+inline bool planes_in_memory_order(const Tiling& tl) { return !tl.rows && (tl.group > 1 || tl.tiles_in_memory_order); }
 
 // Runs body(p0, p1) over ranges of planes p = n * C + c, in parallel; a plane starts at plane_offset(p).
 template <typename F>
@@ -512,13 +537,14 @@ constexpr int64_t kFuseBytes = 1 << 20;
 // (it merges c's tile partials, in tile order), then apply(t) on every tile; either pass may be
 // absent (null flags). For planes whose channels fit in L2, and with at least as many channels as
 // threads, one task per channel runs all three for its channel, so apply() re-reads values that
-// reduce() just brought into cache; otherwise each step runs over all tiles (channels) at once.
+// reduce() just brought into cache; otherwise (and always for tiles in memory order) each step runs
+// over all tiles at once.
 // The same functions see the same tiles in the same order both ways: the results are identical.
 template <typename Reduce, typename Finish, typename Apply>
 void two_pass(const Tiling& tl, int64_t bytes_per_value, bool has_reduce, bool has_apply, const Reduce& reduce,
               const Finish& finish, const Apply& apply) {
-  const bool by_channel = !tl.rows && has_reduce && has_apply && tl.L.c >= at::get_num_threads() &&
-                          tl.L.per_channel() * bytes_per_value <= kFuseBytes;
+  const bool by_channel = !tl.rows && !tl.tiles_in_memory_order && has_reduce && has_apply &&
+                          tl.L.c >= at::get_num_threads() && tl.L.per_channel() * bytes_per_value <= kFuseBytes;
   if (by_channel) {
     const int64_t grain = std::max<int64_t>(1, kMinTaskValues / tl.L.per_channel());
     at::parallel_for(0, tl.L.c, grain, [&](int64_t begin, int64_t end) {
