@@ -29,8 +29,8 @@ struct GradTensors {
 // this many bytes, are walked one plane per tile in memory order by the backward (grad_tiling).
 constexpr int64_t kGradPlanesInOrderBytes = int64_t{4} << 20;
 
-// The tiling the backward walks: with sequential walks (walk_order.h), 16-bit planes of 257 to
-// kTileValues / 2 values in an x of kGradPlanesInOrderBytes or more take one_plane_tiles, which read
+// The tiling the backward walks: with sequential walks (walk_order.h), 16-bit contiguous planes of 257
+// to kTileValues / 2 values in an x of kGradPlanesInOrderBytes or more take one_plane_tiles, which read
 // x and dy from start to end in both passes; the grouped tiles run each channel's two passes while
 // its values sit in L2 (two_pass), reading them from memory once, but C * S values apart. bfloat16,
 // op alone, interleaved in one process, Zen 4, grouped -> one plane per tile, 1 / 2 threads:
@@ -45,7 +45,7 @@ constexpr int64_t kGradPlanesInOrderBytes = int64_t{4} << 20;
 template <typename T>
 Tiling grad_tiling(const Tiling& tl) {
   const int64_t plane_bytes = tl.L.s * int64_t(sizeof(T));
-  const bool in_order = is_16bit_float<T>() && tl.sequential && !tl.rows && tl.es == 1 && tl.group > 1 &&
+  const bool in_order = is_16bit_float<T>() && tl.sequential && tl.contiguous_planes() && tl.group > 1 &&
                         plane_bytes > kShortPlaneBytes && tl.L.numel() * int64_t(sizeof(T)) >= kGradPlanesInOrderBytes;
   return in_order ? tl.one_plane_tiles() : tl;
 }

@@ -360,7 +360,7 @@ void stats_then_normalize(const T* xp, const Tiling& tl, const Finish& finish, c
   // values); longer ones keep two_pass. Taken with sequential walks (walk_order.h): on the Intel AVX512
   // machine two_pass ran at 0.75-0.79 of ATen's time (not measured the other way); on an AMD Zen 4
   // with AVX512, (128, 256, 14, 14) bfloat16 at 1.09 / 1.29 (2 / 1 threads) with two_pass.
-  // Planes of at least kStatsPlaneBytes take their statistics one plane per tile, in memory order
+  // Contiguous planes of at least kStatsPlaneBytes take their statistics one plane per tile, in memory order
   // (one_plane_tiles), rather than in tiles of one channel's planes C * S values apart. bfloat16 op
   // alone, interleaved in one process, Zen 4, 1 / 2 threads, grouped -> one plane per tile:
   // (32, 64, 56, 56) 1.70-1.83 -> 1.39-1.42 ms / 0.69-0.84 -> 0.65-0.80; (128, 64, 32, 32) 3.18 -> 2.24 /
@@ -373,7 +373,8 @@ void stats_then_normalize(const T* xp, const Tiling& tl, const Finish& finish, c
     const bool in_order =
         plane_bytes <= kShortPlaneBytes || tl.L.numel() * int64_t(sizeof(T)) >= kLongPlanesInOrderBytes;
     if (tl.sequential && planes_in_memory_order(tl) && in_order) {
-      channel_stats(xp, plane_bytes >= kStatsPlaneBytes ? tl.one_plane_tiles() : tl, finish);
+      const bool one_plane = plane_bytes >= kStatsPlaneBytes && tl.contiguous_planes();
+      channel_stats(xp, one_plane ? tl.one_plane_tiles() : tl, finish);
       normalize(xp, tl, mean, scale, shift, act, slope, rp, yp);
       return;
     }
@@ -435,8 +436,7 @@ void normalize_planes(const T* xp, T* yp, const Tiling& tl, const acc_t<T>* mean
 // True when x is contiguous (N, C, S) with planes of at least one vector: normalize_flat applies.
 template <typename T>
 inline bool flat_planes(const Tiling& tl) {
-  const Ncs& L = tl.L;
-  return !tl.rows && tl.es == 1 && L.s >= vec_width<acc_t<T>>() && L.sc == L.s && L.sn == L.c * L.s;
+  return tl.contiguous_planes() && tl.L.s >= vec_width<acc_t<T>>();
 }
 
 // normalize_planes over a contiguous tensor, walked flat in whole vectors: a vector that straddles

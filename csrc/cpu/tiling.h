@@ -121,11 +121,15 @@ struct Tiling {
     return t;
   }
 
-  // This plane tiling (of planes grouped several to a tile) with one plane per tile, numbered in
-  // memory order, so that a pass over the tiles in order reads the tensor from start to end, where
-  // the grouped tiles jump C * S values from plane to plane. The partials of a channel are still
-  // merged in a fixed order (its planes'), so the results are the same for any thread count; they
-  // differ from the grouped tiles' (each plane is summed on its own).
+  // True for planes stored as a contiguous (N, C, S) tensor: plane n * C + c starts at (n * C + c) * S.
+  bool contiguous_planes() const { return !rows && es == 1 && L.sc == L.s && L.sn == L.c * L.s; }
+
+  // This plane tiling (of planes grouped several to a tile) with one plane per tile, numbered
+  // n * C + c: for contiguous_planes, memory order, so that a pass over the tiles in order reads the
+  // tensor from start to end, where the grouped tiles jump C * S values from plane to plane. (Another
+  // order of the strides, such as a transposed (C, N, S), would jump instead.) The partials of a
+  // channel are still merged in a fixed order (its planes'), so the results are the same for any
+  // thread count; they differ from the grouped tiles' (each plane is summed on its own).
   Tiling one_plane_tiles() const {
     Tiling t = *this;
     t.group = 1;
@@ -224,9 +228,9 @@ constexpr int64_t kShortPlaneBytes = 512;
 // rather than by tiles: a tile groups one channel's planes n0..n1, which lie C * S values apart, so
 // its runs are a few cache lines each between jumps that the hardware prefetcher cannot follow
 // (eval on (128, 256, 14, 14) walked that way ran at about 2/3 of ATen's speed). Reductions keep the
-// tiles, whose partial sums must be grouped the same way for any thread count: in memory order only
-// when they hold one plane each (one_plane_tiles).
-inline bool planes_in_memory_order(const Tiling& tl) { return !tl.rows && (tl.group > 1 || tl.tiles_in_memory_order); }
+// tiles, whose partial sums must be grouped the same way for any thread count (one_plane_tiles puts
+// them in memory order, one plane each).
+inline bool planes_in_memory_order(const Tiling& tl) { return !tl.rows && tl.group > 1; }
 
 // Runs body(p0, p1) over ranges of planes p = n * C + c, in parallel; a plane starts at plane_offset(p).
 template <typename F>
