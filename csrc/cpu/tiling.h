@@ -141,7 +141,8 @@ struct Tiling {
 
   // Channels a tile holds partial sums for: all C for a row tile, one for a plane tile.
   int64_t width() const { return rows ? L.c : 1; }
-  // Plane tiles are ordered channel-major, so one channel's tiles are consecutive (but one_plane_tiles).
+  // Plane tiles are ordered channel-major, so one channel's tiles are consecutive (one_plane_tiles'
+  // are numbered n * C + c instead).
   int64_t plane_channel(int64_t t) const { return tiles_in_memory_order ? t % L.c : t / per_channel_tiles; }
   PlaneSpan plane_span(int64_t t) const {
     if (tiles_in_memory_order) return {t % L.c, t / L.c, t / L.c + 1, 0, L.s};
