@@ -72,6 +72,13 @@ SCHEDULES = [
     # 16-bit planes of 1147 values in over 4 MiB: with sequential walks the backward takes one plane per
     # tile, in memory order (csrc/cpu/backward_kernels.h, grad_tiling); float32 keeps grouped tiles.
     pytest.param((33, 61, 31, 37), False, id="planes-1147-large"),
+    # Planes under 256 bytes, with sequential walks: blocks of channels, each sample's planes of a block
+    # in one run (csrc/cpu/tiling.h, plane_block_channels, plane_sums, plane_chunks); blocks of several
+    # channels, and of one at 3 threads (C = 3); one whole vector per float32 plane, and planes ending
+    # in a partial vector.
+    pytest.param((24, 96, 4, 4), False, id="plane-blocks-16"),
+    pytest.param((20, 40, 7, 7), False, id="plane-blocks-49"),
+    pytest.param((1400, 3, 5, 5), False, id="plane-blocks-25-C3"),
 ]
 # 16-bit planes of 2115 values in over 8 MiB: the training forward's statistics one plane per tile in
 # memory order too (csrc/cpu/forward_kernels.h, stats_then_normalize). (Not in the float32 check
@@ -212,6 +219,8 @@ def _max_error(a, reference):
         ((20, 100, 3, 3), True),
         ((33, 61, 31, 37), False),
         ((33, 61, 45, 47), False),
+        ((24, 96, 4, 4), False),
+        ((20, 40, 7, 7), False),
     ],
     ids=[
         "NCHW-196",
@@ -226,6 +235,8 @@ def _max_error(a, reference):
         "rows-C100",
         "planes-1147-large",
         "planes-2115-large",
+        "plane-blocks-16",
+        "plane-blocks-49",
     ],
 )
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)

@@ -129,18 +129,23 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
         return dy;
       }
     };
-    auto sums = [&](int64_t t) {
-      const A* center = tl.rows ? sum_arrays[kMean] : mean + tl.plane_channel(t);
-      tile_sums<2>(
-          tl, t, center, sum_arrays,
-          [=](auto tag, int64_t off, const V& cen, auto coef) {
-            const V g = grad(tag, off, coef, std::false_type{});
-            // A braced list, not contributions(): with it GCC 12 kept the row sums' register part
-            // here in fewer registers, spilling six accumulators per row (channels_last (128, 256,
-            // 14, 14) float32 backward sums, 1 thread: 2.1-2.4 ms against 1.7-2.0).
-            return std::array<V, 2>{g, g * (ld(tag, xp + off) - cen)};
-          },
-          part.data() + t * 2 * W);
+    const auto sum_contrib = [=](auto tag, int64_t off, const V& cen, auto coef) {
+      const V g = grad(tag, off, coef, std::false_type{});
+      // A braced list, not contributions(): with it GCC 12 kept the row sums' register part
+      // here in fewer registers, spilling six accumulators per row (channels_last (128, 256,
+      // 14, 14) float32 backward sums, 1 thread: 2.1-2.4 ms against 1.7-2.0).
+      return std::array<V, 2>{g, g * (ld(tag, xp + off) - cen)};
+    };
+    auto sums = [&](auto tiles) {  // a tile t, or a block's PlaneTiles (two_pass)
+      if constexpr (std::is_same_v<decltype(tiles), PlaneTiles>) {
+        plane_sums<2>(
+            tl, tiles, [=](int64_t c) { return mean[c]; }, sum_arrays, sum_contrib,
+            [&](int64_t c) { return part.data() + tl.tile_of(c, tiles.k) * 2 * W; });
+      } else {
+        const int64_t t = tiles;
+        const A* center = tl.rows ? sum_arrays[kMean] : mean + tl.plane_channel(t);
+        tile_sums<2>(tl, t, center, sum_arrays, sum_contrib, part.data() + t * 2 * W);
+      }
     };
     // A rows tiling sums every channel on the first call, tiles outermost (as RowMomentMerge, and for
     // the same reason: each channel's sum is a chain of dependent adds, one per tile), in the same order.
@@ -184,7 +189,7 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
       if (P && c == tl.L.c - 1) arrange_k2_k3();
     };
     const bool stream = tile_streams_output<T>(tl);
-    auto input_grad = [&](int64_t t) {
+    auto input_grad = [&](auto t) {  // a tile, or a block's PlaneTiles (two_pass)
       auto write = [&](auto centered_c) {
         // 16-bit silu and sigmoid: an exponential per value of a pair (see tile_chunks)
         constexpr bool kTwoRows = !has_pairs<T>() || (kAct != kSilu && kAct != kSigmoid);
@@ -213,7 +218,8 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
       centered ? write(std::true_type{}) : write(std::false_type{});
       stream_fence(stream);
     };
-    two_pass(tl, streams * int64_t(sizeof(T)), reduce, dxp != nullptr || drp != nullptr, sums, merge, input_grad);
+    two_pass(tl, streams * int64_t(sizeof(T)), reduce, dxp != nullptr || drp != nullptr, sums, merge, input_grad,
+             plane_block_channels(tl, sizeof(T)));
   };
   if constexpr (runtime_epilogue<T>()) {
     body(std::integral_constant<int, kAnyAct>{});

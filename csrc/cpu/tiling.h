@@ -144,15 +144,19 @@ struct Tiling {
   // Plane tiles are ordered channel-major, so one channel's tiles are consecutive (one_plane_tiles'
   // are numbered n * C + c instead).
   int64_t plane_channel(int64_t t) const { return tiles_in_memory_order ? t % L.c : t / per_channel_tiles; }
-  PlaneSpan plane_span(int64_t t) const {
-    if (tiles_in_memory_order) return {t % L.c, t / L.c, t / L.c + 1, 0, L.s};
-    const int64_t c = t / per_channel_tiles, k = t % per_channel_tiles;
+  // Plane tiles by channel c and place k among the channel's tiles (0 .. per_channel_tiles - 1): the
+  // tile's number, and its span, which depends on c alone otherwise.
+  int64_t tile_of(int64_t c, int64_t k) const { return tiles_in_memory_order ? k * L.c + c : c * per_channel_tiles + k; }
+  PlaneSpan span_of(int64_t c, int64_t k) const {
+    if (tiles_in_memory_order) return {c, k, k + 1, 0, L.s};
     if (blocks > 1) {
       const int64_t s0 = (k % blocks) * block;
       return {c, k / blocks, k / blocks + 1, s0, std::min(block, L.s - s0)};
     }
     return {c, k * group, std::min(L.n, (k + 1) * group), 0, L.s};
   }
+  int64_t plane_place(int64_t t) const { return tiles_in_memory_order ? t / L.c : t % per_channel_tiles; }
+  PlaneSpan plane_span(int64_t t) const { return span_of(plane_channel(t), plane_place(t)); }
   // Values of each channel inside tile t.
   int64_t count(int64_t t) const {
     if (rows) return std::min(block, L.n * L.s - t * block);
@@ -180,6 +184,53 @@ struct Tiling {
     }
   }
 };
+
+// The plane tiles at place k of channels c0 .. c1 - 1 (tiles tile_of(c, k)), walked together in
+// memory order (see plane_block_channels): plane (n, c0) .. (n, c1 - 1), then the same channels of
+// plane n + 1. A single tile is the block of its one channel.
+struct PlaneTiles {
+  int64_t k, c0, c1;
+};
+inline PlaneTiles single_tile(const Tiling& tl, int64_t t) {
+  const int64_t c = tl.plane_channel(t);
+  return {tl.plane_place(t), c, c + 1};
+}
+
+// Short planes are walked by blocks of channels, in memory order, where a tile of one channel's
+// planes reads a few cache lines and jumps C * S values to the next (past the hardware prefetcher's
+// reach: it does not cross 4 KB pages), and pays a plane's fixed costs (its run's start and end, a
+// partial vector) per few vectors: planes of under kBlockPlaneBytes, contiguous, grouped several to a
+// tile, with sequential walks (walk_order.h; the blocked walk keeps its tiles, unmeasured). A block
+// holds at least kBlockRunBytes of each sample (one run of memory) where it can, at most
+// kMaxBlockChannels channels and kMaxBlockValues values per sample (the state of its sums, and its
+// coefficients repeated per value, stay in L1), and the blocks are a multiple of the threads, so that
+// each thread gets as many. The backward (grad_sums_then_input) against the channel tiles, op alone,
+// Zen 4, two processes each, 1 / 2 threads, float32: (32, 576, 4, 4) 217-218 -> 135-142 us / 148-152
+// -> 106-138 (ATen 150-160 / 84-150); (32, 240, 7, 7) 229-234 -> 177-187 / 119-137 -> 94-101;
+// (32, 40, 7, 7) 44-45 -> 32-36 / 26-30 -> 21-24; (32, 512, 5, 5) 353-373 -> 209-216 / 171-180 ->
+// 116; (64, 256, 3, 3) 189-225 -> 110-113 / 100-105 -> 66-83; bfloat16 (32, 576, 4, 4) 234-237 ->
+// 129-130 / 129-159 -> 84-86; (32, 240, 7, 7) 244-251 -> 145-146 / 212-214 -> 80-94; (128, 64, 8, 8)
+// 176-180 -> 164-178 / 118-138 -> 88-128. Planes of 256 bytes stay in tiles: float32 (128, 64, 8, 8)
+// 204-213 -> 207-240 us / 103-123 -> 126-131 with blocks.
+constexpr int64_t kBlockPlaneBytes = 256;
+constexpr int64_t kBlockRunBytes = 2048;
+constexpr int64_t kMaxBlockChannels = 64;
+constexpr int64_t kMaxBlockValues = 1024;  // per sample: C * S of a block
+
+// The channels of a block for tl's passes over values of value_bytes, 0 when tl is not walked by blocks.
+inline int64_t plane_block_channels(const Tiling& tl, int64_t value_bytes) {
+  const int64_t plane_bytes = tl.L.s * value_bytes;
+  if (!tl.sequential || !tl.contiguous_planes() || tl.tiles_in_memory_order || tl.group == 1 ||
+      plane_bytes >= kBlockPlaneBytes) {
+    return 0;
+  }
+  const int64_t C = tl.L.c, threads = at::get_num_threads();
+  const int64_t most = std::min(kMaxBlockChannels, kMaxBlockValues / tl.L.s);
+  const int64_t least = std::min(most, (kBlockRunBytes + plane_bytes - 1) / plane_bytes);
+  const int64_t by_run = (C + least - 1) / least;
+  const int64_t blocks = std::min(C, (by_run + threads - 1) / threads * threads);
+  return (C + blocks - 1) / blocks;
+}
 
 // Runs body(t) for every tile, in parallel. Tiles write disjoint outputs.
 template <typename F>
@@ -210,14 +261,6 @@ inline void walk_run(int64_t off, int64_t len, int64_t es, F&& f, bool aligned) 
     if (i < len) f(Part{len - i}, off + i);
   } else {
     for (int64_t i = 0; i < len; i += VW) f(Gather{std::min(VW, len - i), es}, off + i * es);
-  }
-}
-
-template <typename A, bool kPairs = false, typename F>
-inline void walk_plane(const Tiling& tl, int64_t t, F&& f, bool aligned = false) {
-  const PlaneSpan p = tl.plane_span(t);
-  for (int64_t n = p.n0; n < p.n1; ++n) {
-    walk_run<A, kPairs>(n * tl.L.sn + p.c * tl.L.sc + p.s0 * tl.es, p.len, tl.es, f, aligned);
   }
 }
 
@@ -491,6 +534,46 @@ void row_tile_chunks(const Tiling& tl, int64_t t, const ChannelArrays<A, N>& arr
   for_row_pairs(tl, t, walk, walk);
 }
 
+// The plane tiles b in chunks: local(tag, offset of the chunk's first element, coef). A single tile
+// goes plane by plane, coef its channel's PlaneCoefs. A block (whole planes, contiguous) goes as one
+// run per sample, planes (n, c0) .. (n, c1 - 1) together, coef a RowCoefs over the arrays' values
+// repeated S times per channel: a plane of a few vectors, walked alone, paid more per plane
+// (broadcasting its coefficients, starting its run) than for its chunks (float32 (32, 576, 4, 4),
+// the backward's input gradient alone, 1 thread, Zen 4: 111-115 us in channel tiles, 139-142 plane
+// by plane in blocks, 66-70 as runs).
+template <typename A, bool kPairs, size_t N, typename Op>
+void plane_chunks(const Tiling& tl, const PlaneTiles& b, const ChannelArrays<A, N>& arr, const Op& local,
+                  bool aligned) {
+  const PlaneSpan p = tl.span_of(b.c0, b.k);
+  if (b.c1 - b.c0 == 1) {
+    const PlaneCoefs<A, N> coef(arr, b.c0);
+    const auto chunk = [=](auto tag, int64_t off) { local(tag, off, coef); };
+    for (int64_t n = p.n0; n < p.n1; ++n) {
+      walk_run<A, kPairs>(n * tl.L.sn + b.c0 * tl.L.sc + p.s0 * tl.es, p.len, tl.es, chunk, aligned);
+    }
+    return;
+  }
+  using V = at::vec::Vectorized<A>;
+  constexpr int64_t VW = vec_width<A>();
+  const int64_t S = tl.L.s, run = (b.c1 - b.c0) * S;
+  alignas(64) A repeated[N][kMaxBlockValues + VW];  // VW past the end: the last channel's whole vectors
+  ChannelArrays<A, N> flat{};
+  for (size_t i = 0; i < N; ++i) {
+    if (!arr[i]) continue;
+    for (int64_t c = b.c0; c < b.c1; ++c) {
+      const V v(arr[i][c]);
+      // whole vectors from the channel's first place on; the next channel's overwrite the overhang
+      for (int64_t s = 0; s < S; s += VW) v.store(repeated[i] + (c - b.c0) * S + s);
+    }
+    flat[i] = repeated[i];
+  }
+  for (int64_t n = p.n0; n < p.n1; ++n) {
+    const int64_t off = n * tl.L.sn + b.c0 * tl.L.sc;
+    walk_run<A>(off, run, 1, [=](auto tag, int64_t o) { local(tag, o, RowCoefs<A, N, decltype(tag)>{flat, tag, o - off}); },
+                aligned);
+  }
+}
+
 // Rows not walked flat go two at a time (row_tile_chunks), unless kTwoRows is false: for chunks whose
 // work is bound by arithmetic rather than memory, where four of them in one loop body (two rows of
 // pairs) left GCC 12 calling the activation's gradient out of line, and forcing it inline spilled
@@ -529,9 +612,17 @@ void tile_chunks(const Tiling& tl, int64_t t, const ChannelArrays<A, N>& arrays,
     }
     walk_rows<A>(tl, t, chunk);
   } else {
-    const PlaneCoefs<A, N> coef(arr, tl.plane_channel(t));
-    walk_plane<A, kPairs>(tl, t, [=](auto tag, int64_t off) { local(tag, off, coef); }, aligned);
+    plane_chunks<A, kPairs>(tl, single_tile(tl, t), arr, local, aligned);
   }
+}
+
+// tile_chunks over the plane tiles of a block (plane_block_channels), in memory order.
+template <typename A, bool kPairs = false, bool kTwoRows = true, size_t N, typename Op>
+void tile_chunks(const Tiling& tl, const PlaneTiles& b, const ChannelArrays<A, N>& arrays, const Op& op,
+                 bool aligned = false, bool = false) {
+  const Op local = op;
+  const ChannelArrays<A, N> arr = arrays;
+  plane_chunks<A, kPairs>(tl, b, arr, local, aligned);
 }
 
 // Channels whose values (times `streams` tensors) take at most this many bytes are reduced and
@@ -540,14 +631,41 @@ constexpr int64_t kFuseBytes = 1 << 20;
 
 // The schedule of every two-pass kernel: reduce(t) on every tile, then finish(c) on every channel
 // (it merges c's tile partials, in tile order), then apply(t) on every tile; either pass may be
-// absent (null flags). For planes whose channels fit in L2, and with at least as many channels as
-// threads, one task per channel runs all three for its channel, so apply() re-reads values that
-// reduce() just brought into cache; otherwise (and always for tiles in memory order) each step runs
-// over all tiles at once.
-// The same functions see the same tiles in the same order both ways: the results are identical.
+// absent (null flags). With `block` channels per block (plane_block_channels; reduce and apply then
+// also take PlaneTiles), one task per block of channels runs reduce on the block's tiles, finish on
+// its channels and apply on its tiles. Else, for planes whose channels fit in L2, and with at least
+// as many channels as threads, one task per channel runs all three for its channel, so apply()
+// re-reads values that reduce() just brought into cache; otherwise (and always for tiles in memory
+// order) each step runs over all tiles at once.
+// Each tile's partials are the same whichever way (plane_sums): so are the results.
 template <typename Reduce, typename Finish, typename Apply>
 void two_pass(const Tiling& tl, int64_t bytes_per_value, bool has_reduce, bool has_apply, const Reduce& reduce,
-              const Finish& finish, const Apply& apply) {
+              const Finish& finish, const Apply& apply, int64_t block = 0) {
+  if constexpr (std::is_invocable_v<const Reduce&, PlaneTiles> && std::is_invocable_v<const Apply&, PlaneTiles>) {
+    if (block > 0) {
+      const int64_t C = tl.L.c;
+      const auto each_block = [&](auto&& body) {
+        at::parallel_for(0, (C + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) body(i * block, std::min(C, (i + 1) * block));
+        });
+      };
+      const auto over_tiles = [&](const auto& pass, int64_t c0, int64_t c1) {
+        for (int64_t k = 0; k < tl.per_channel_tiles; ++k) pass(PlaneTiles{k, c0, c1});
+      };
+      if (has_reduce && has_apply) {
+        each_block([&](int64_t c0, int64_t c1) {
+          over_tiles(reduce, c0, c1);
+          for (int64_t c = c0; c < c1; ++c) finish(c);
+          over_tiles(apply, c0, c1);
+        });
+        return;
+      }
+      if (has_reduce) each_block([&](int64_t c0, int64_t c1) { over_tiles(reduce, c0, c1); });
+      for (int64_t c = 0; c < C; ++c) finish(c);
+      if (has_apply) each_block([&](int64_t c0, int64_t c1) { over_tiles(apply, c0, c1); });
+      return;
+    }
+  }
   const bool by_channel = !tl.rows && !tl.tiles_in_memory_order && has_reduce && has_apply &&
                           tl.L.c >= at::get_num_threads() && tl.L.per_channel() * bytes_per_value <= kFuseBytes;
   if (by_channel) {
@@ -759,6 +877,95 @@ void rows_sums_sequential(const Tiling& tl, int64_t t, const A* center, const Ch
   rows_head_in_registers<4, K>(tl, t, center, arrays, contrib, acc);
 }
 
+// One contiguous run of a plane tile's sums: runs of four chunks to chains a0 .. a3 in turn, the
+// whole chunks after them to a0 and a partial one to a1 (chains may alias, see tile_sums).
+// acc = added(acc, tag, offset) adds a chunk. Forced inline, where GCC keeps the chains in registers.
+template <int64_t VW, typename Acc, typename Added>
+BNFUSED_INLINE void add_run(Acc& a0, Acc& a1, Acc& a2, Acc& a3, int64_t off, int64_t len, const Added& added) {
+  int64_t i = 0;
+  for (; i + 4 * VW <= len; i += 4 * VW) {
+    a0 = added(a0, Full{}, off + i);
+    a1 = added(a1, Full{}, off + i + VW);
+    a2 = added(a2, Full{}, off + i + 2 * VW);
+    a3 = added(a3, Full{}, off + i + 3 * VW);
+  }
+  for (; i + VW <= len; i += VW) a0 = added(a0, Full{}, off + i);
+  if (i < len) a1 = added(a1, Part{len - i}, off + i);
+}
+
+// tile_sums over the plane tiles of a block (plane_block_channels), in memory order: K sums of
+// contrib(tag, offset, centre, coef) -> std::array<Vec, K> per tile, channel c's into out_of(c)[0 ..
+// K) with centre center_of(c) (broadcast) and coef its PlaneCoefs. Each plane's chunks go to the
+// same chains, in the same order, as in tile_sums' walk of the tile (see there): the same sums, bit
+// for bit, whichever walk a tensor takes. (Not one function for both: walked as here, a tile's chains
+// kept in memory between planes, or with tile_sums' loop moved into a lambda, GCC 12 compiled the
+// float32 statistics of a single tile's short planes to 1.5-1.6x the time, (32, 576, 4, 4).)
+template <int K, typename A, size_t N, typename CenterOf, typename Contrib, typename OutOf>
+void plane_sums(const Tiling& tl, const PlaneTiles& b, const CenterOf& center_of, const ChannelArrays<A, N>& arrays,
+                const Contrib& contrib, const OutOf& out_of) {
+  using V = at::vec::Vectorized<A>;
+  using Acc = std::array<V, K>;
+  constexpr int64_t VW = vec_width<A>();
+  constexpr bool kFourChains = K == 1;
+  constexpr bool kTwoChains = !kFourChains && sizeof(V) <= 32;
+  constexpr int kChains = kFourChains ? 4 : kTwoChains ? 2 : 1;
+  Acc zero;
+  zero.fill(V(0));
+  const PlaneSpan p = tl.span_of(b.c0, b.k);
+  // Plane (n, c)'s chunks into chains c0 .. c3 (those of kChains: a single chain's stand-ins alias it).
+  const auto plane = [&](Acc& a0, Acc& c1, Acc& c2, Acc& c3, int64_t off, const V& cen, const PlaneCoefs<A, N>& coef) {
+    Acc &a1 = (kFourChains || kTwoChains) ? c1 : a0, &a2 = kFourChains ? c2 : a0;
+    Acc& a3 = kFourChains ? c3 : (kTwoChains ? c1 : a0);
+    // By value in and out, so that the accumulators stay in registers across the loops.
+    const auto added = [&](const Acc& acc, auto tag, int64_t o) {
+      const Acc v = contrib(tag, o, cen, coef);
+      Acc sum;
+      for (int k = 0; k < K; ++k) sum[k] = acc[k] + valid(tag, v[k]);
+      return sum;
+    };
+    add_run<VW>(a0, a1, a2, a3, off, p.len, added);  // blocks are of contiguous planes: no gathers
+  };
+  const auto write = [&](const Acc& a0, const Acc& c1, const Acc& c2, const Acc& c3, int64_t c) {
+    A* out = out_of(c);
+    for (int k = 0; k < K; ++k) {
+      out[k] = lane_sum(kFourChains ? (a0[k] + c1[k]) + (c2[k] + c3[k]) : kTwoChains ? a0[k] + c1[k] : a0[k]);
+    }
+  };
+  // Each channel's chains wait in memory (L1) between its planes; only the chains its planes' chunks
+  // reach are loaded and stored.
+  const int64_t fours = p.len / (4 * VW), tail = p.len % VW;
+  const int live = fours == 0 && tail == 0 ? 1 : fours == 0 ? std::min(2, kChains) : kChains;
+  alignas(64) std::array<Acc, kChains> state[kMaxBlockChannels];
+  std::array<Acc, kChains> zeros;
+  zeros.fill(zero);
+  std::fill(state, state + (b.c1 - b.c0), zeros);
+  for (int64_t n = p.n0; n < p.n1; ++n) {
+    for (int64_t c = b.c0; c < b.c1; ++c) {
+      std::array<Acc, kChains>& kept = state[c - b.c0];
+      Acc a0 = kept[0], c1 = zero, c2 = zero, c3 = zero;
+      if constexpr (kChains > 1) {
+        if (live > 1) c1 = kept[1];
+      }
+      if constexpr (kChains > 2) {
+        if (live > 2) c2 = kept[2], c3 = kept[3];
+      }
+      plane(a0, c1, c2, c3, n * tl.L.sn + c * tl.L.sc, V(center_of(c)), PlaneCoefs<A, N>(arrays, c));
+      kept[0] = a0;
+      if constexpr (kChains > 1) {
+        if (live > 1) kept[1] = c1;
+      }
+      if constexpr (kChains > 2) {
+        if (live > 2) kept[2] = c2, kept[3] = c3;
+      }
+    }
+  }
+  for (int64_t c = b.c0; c < b.c1; ++c) {
+    const std::array<Acc, kChains>& kept = state[c - b.c0];
+    write(kept[0], kChains > 1 ? kept[1 % kChains] : zero, kChains > 2 ? kept[2 % kChains] : zero,
+          kChains > 2 ? kept[3 % kChains] : zero, c);
+  }
+}
+
 // K per-channel sums over tile t of contrib(tag, offset, center, coef) -> std::array<Vec, K>, written
 // to out[k * width + j] (out zeroed by the caller). center points at the tile's per-channel centre
 // values (center[0] for a plane tile, center[c] for a row tile) or is null (centre 0); coef gives
@@ -781,7 +988,7 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, const ChannelArrays
     // to 0.95x ATen's time, (32, 64, 56, 56) from 0.71x to 0.61x (AVX2 build and ATen on the AVX512
     // machine, 1 thread), where with AVX512 the first went from 0.87x to 0.96x.
     // Which chunk goes to which accumulator, and the order they are added in, depend on the tile
-    // alone, never on the thread count.
+    // alone, never on the thread count (nor on the walk: plane_sums adds a block's planes alike).
     using Acc = std::array<V, K>;
     Acc zero;
     zero.fill(V(0));
@@ -809,15 +1016,7 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, const ChannelArrays
         }
         continue;
       }
-      int64_t i = 0;
-      for (; i + 4 * VW <= p.len; i += 4 * VW) {
-        a0 = added(a0, Full{}, off + i);
-        a1 = added(a1, Full{}, off + i + VW);
-        a2 = added(a2, Full{}, off + i + 2 * VW);
-        a3 = added(a3, Full{}, off + i + 3 * VW);
-      }
-      for (; i + VW <= p.len; i += VW) a0 = added(a0, Full{}, off + i);
-      if (i < p.len) a1 = added(a1, Part{p.len - i}, off + i);
+      add_run<VW>(a0, a1, a2, a3, off, p.len, added);
     }
     for (int k = 0; k < K; ++k) {
       out[k] = lane_sum(kFourChains ? (a0[k] + a1[k]) + (a2[k] + a3[k]) : kTwoChains ? a0[k] + c1[k] : a0[k]);
