@@ -186,6 +186,8 @@ inline bool streams_output(const Tiling& tl) {
 // store. The 16-bit backward over one_plane_tiles, streamed, measured faster than the grouped tiles
 // unstreamed: bfloat16 (48, 64, 56, 56) and (64, 64, 56, 56), 1 thread, 4.3-5.4 -> 3.6-3.7 ms and
 // 6.2-6.4 -> 4.3-4.6 ms.
+// Blocks of short planes (plane_block_channels) write each sample's planes of a block as one run, in
+// memory order, but keep this rule (not measured streamed: their tensors are mostly under kStreamBytes).
 template <typename T>
 inline bool tile_streams_output(const Tiling& tl) {
   return streams_output<T>(tl) && (tl.rows || tl.group == 1 || tl.L.s * int64_t(sizeof(T)) % 64 == 0);

@@ -145,7 +145,8 @@ struct Tiling {
   // are numbered n * C + c instead).
   int64_t plane_channel(int64_t t) const { return tiles_in_memory_order ? t % L.c : t / per_channel_tiles; }
   // Plane tiles by channel c and place k among the channel's tiles (0 .. per_channel_tiles - 1): the
-  // tile's number, and its span, which depends on c alone otherwise.
+  // tile's number, and its span, whose planes and positions depend on k alone (the tiles at place k of
+  // all channels cover the same n and s).
   int64_t tile_of(int64_t c, int64_t k) const { return tiles_in_memory_order ? k * L.c + c : c * per_channel_tiles + k; }
   PlaneSpan span_of(int64_t c, int64_t k) const {
     if (tiles_in_memory_order) return {c, k, k + 1, 0, L.s};
@@ -204,7 +205,7 @@ inline PlaneTiles single_tile(const Tiling& tl, int64_t t) {
 // holds at least kBlockRunBytes of each sample (one run of memory) where it can, at most
 // kMaxBlockChannels channels and kMaxBlockValues values per sample (the state of its sums, and its
 // coefficients repeated per value, stay in L1), and the blocks are a multiple of the threads, so that
-// each thread gets as many. The backward (grad_sums_then_input) against the channel tiles, op alone,
+// each thread gets as many (with fewer channels than threads, the tiles are kept). The backward (grad_sums_then_input) against the channel tiles, op alone,
 // Zen 4, two processes each, 1 / 2 threads, float32: (32, 576, 4, 4) 217-218 -> 135-142 us / 148-152
 // -> 106-138 (ATen 150-160 / 84-150); (32, 240, 7, 7) 229-234 -> 177-187 / 119-137 -> 94-101;
 // (32, 40, 7, 7) 44-45 -> 32-36 / 26-30 -> 21-24; (32, 512, 5, 5) 353-373 -> 209-216 / 171-180 ->
@@ -225,6 +226,7 @@ inline int64_t plane_block_channels(const Tiling& tl, int64_t value_bytes) {
     return 0;
   }
   const int64_t C = tl.L.c, threads = at::get_num_threads();
+  if (C < threads) return 0;  // a block per channel would leave threads idle; the tiles split planes too
   const int64_t most = std::min(kMaxBlockChannels, kMaxBlockValues / tl.L.s);
   const int64_t least = std::min(most, (kBlockRunBytes + plane_bytes - 1) / plane_bytes);
   const int64_t by_run = (C + least - 1) / least;
@@ -535,9 +537,10 @@ void row_tile_chunks(const Tiling& tl, int64_t t, const ChannelArrays<A, N>& arr
 }
 
 // The plane tiles b in chunks: local(tag, offset of the chunk's first element, coef). A single tile
-// goes plane by plane, coef its channel's PlaneCoefs. A block (whole planes, contiguous) goes as one
-// run per sample, planes (n, c0) .. (n, c1 - 1) together, coef a RowCoefs over the arrays' values
-// repeated S times per channel: a plane of a few vectors, walked alone, paid more per plane
+// goes plane by plane, coef its channel's PlaneCoefs. A block (whole contiguous planes, as
+// plane_block_channels gives) goes as one run per sample, planes (n, c0) .. (n, c1 - 1) together, one
+// vector at a time (16-bit values too: no Pair chunks, whose lanes would need the arrays in pair
+// order), coef a RowCoefs over the arrays' values repeated S times per channel: a plane of a few vectors, walked alone, paid more per plane
 // (broadcasting its coefficients, starting its run) than for its chunks (float32 (32, 576, 4, 4),
 // the backward's input gradient alone, 1 thread, Zen 4: 111-115 us in channel tiles, 139-142 plane
 // by plane in blocks, 66-70 as runs).
@@ -631,9 +634,10 @@ constexpr int64_t kFuseBytes = 1 << 20;
 
 // The schedule of every two-pass kernel: reduce(t) on every tile, then finish(c) on every channel
 // (it merges c's tile partials, in tile order), then apply(t) on every tile; either pass may be
-// absent (null flags). With `block` channels per block (plane_block_channels; reduce and apply then
-// also take PlaneTiles), one task per block of channels runs reduce on the block's tiles, finish on
-// its channels and apply on its tiles. Else, for planes whose channels fit in L2, and with at least
+// absent (null flags). With `block` channels per block (plane_block_channels), where reduce and apply
+// also take PlaneTiles (kernels opt in so: a callable of int64_t alone keeps the tiles), one task per
+// block of channels runs reduce on the block's tiles, finish on its channels and apply on its tiles,
+// re-reading the block from cache when it fits and in memory order when not. Else, for planes whose channels fit in L2, and with at least
 // as many channels as threads, one task per channel runs all three for its channel, so apply()
 // re-reads values that reduce() just brought into cache; otherwise (and always for tiles in memory
 // order) each step runs over all tiles at once.
@@ -912,10 +916,11 @@ void plane_sums(const Tiling& tl, const PlaneTiles& b, const CenterOf& center_of
   Acc zero;
   zero.fill(V(0));
   const PlaneSpan p = tl.span_of(b.c0, b.k);
-  // Plane (n, c)'s chunks into chains c0 .. c3 (those of kChains: a single chain's stand-ins alias it).
-  const auto plane = [&](Acc& a0, Acc& c1, Acc& c2, Acc& c3, int64_t off, const V& cen, const PlaneCoefs<A, N>& coef) {
-    Acc &a1 = (kFourChains || kTwoChains) ? c1 : a0, &a2 = kFourChains ? c2 : a0;
-    Acc& a3 = kFourChains ? c3 : (kTwoChains ? c1 : a0);
+  // Plane (n, c)'s chunks into chains q0 .. q3 (tile_sums' a0, c1, c2, c3; those past kChains stand
+  // for the ones they alias there, and stay zero).
+  const auto plane = [&](Acc& q0, Acc& q1, Acc& q2, Acc& q3, int64_t off, const V& cen, const PlaneCoefs<A, N>& coef) {
+    Acc &a1 = (kFourChains || kTwoChains) ? q1 : q0, &a2 = kFourChains ? q2 : q0;
+    Acc& a3 = kFourChains ? q3 : (kTwoChains ? q1 : q0);
     // By value in and out, so that the accumulators stay in registers across the loops.
     const auto added = [&](const Acc& acc, auto tag, int64_t o) {
       const Acc v = contrib(tag, o, cen, coef);
@@ -923,12 +928,19 @@ void plane_sums(const Tiling& tl, const PlaneTiles& b, const CenterOf& center_of
       for (int k = 0; k < K; ++k) sum[k] = acc[k] + valid(tag, v[k]);
       return sum;
     };
-    add_run<VW>(a0, a1, a2, a3, off, p.len, added);  // blocks are of contiguous planes: no gathers
+    add_run<VW>(q0, a1, a2, a3, off, p.len, added);  // blocks are of contiguous planes: no gathers
   };
-  const auto write = [&](const Acc& a0, const Acc& c1, const Acc& c2, const Acc& c3, int64_t c) {
+  // Channel c's chains added as tile_sums adds them.
+  const auto write = [&](const std::array<Acc, kChains>& q, int64_t c) {
     A* out = out_of(c);
     for (int k = 0; k < K; ++k) {
-      out[k] = lane_sum(kFourChains ? (a0[k] + c1[k]) + (c2[k] + c3[k]) : kTwoChains ? a0[k] + c1[k] : a0[k]);
+      if constexpr (kFourChains) {
+        out[k] = lane_sum((q[0][k] + q[1 % kChains][k]) + (q[2 % kChains][k] + q[3 % kChains][k]));
+      } else if constexpr (kTwoChains) {
+        out[k] = lane_sum(q[0][k] + q[1 % kChains][k]);
+      } else {
+        out[k] = lane_sum(q[0][k]);
+      }
     }
   };
   // Each channel's chains wait in memory (L1) between its planes; only the chains its planes' chunks
@@ -942,28 +954,24 @@ void plane_sums(const Tiling& tl, const PlaneTiles& b, const CenterOf& center_of
   for (int64_t n = p.n0; n < p.n1; ++n) {
     for (int64_t c = b.c0; c < b.c1; ++c) {
       std::array<Acc, kChains>& kept = state[c - b.c0];
-      Acc a0 = kept[0], c1 = zero, c2 = zero, c3 = zero;
+      Acc q0 = kept[0], q1 = zero, q2 = zero, q3 = zero;
       if constexpr (kChains > 1) {
-        if (live > 1) c1 = kept[1];
+        if (live > 1) q1 = kept[1 % kChains];
       }
       if constexpr (kChains > 2) {
-        if (live > 2) c2 = kept[2], c3 = kept[3];
+        if (live > 2) q2 = kept[2 % kChains], q3 = kept[3 % kChains];
       }
-      plane(a0, c1, c2, c3, n * tl.L.sn + c * tl.L.sc, V(center_of(c)), PlaneCoefs<A, N>(arrays, c));
-      kept[0] = a0;
+      plane(q0, q1, q2, q3, n * tl.L.sn + c * tl.L.sc, V(center_of(c)), PlaneCoefs<A, N>(arrays, c));
+      kept[0] = q0;
       if constexpr (kChains > 1) {
-        if (live > 1) kept[1] = c1;
+        if (live > 1) kept[1 % kChains] = q1;
       }
       if constexpr (kChains > 2) {
-        if (live > 2) kept[2] = c2, kept[3] = c3;
+        if (live > 2) kept[2 % kChains] = q2, kept[3 % kChains] = q3;
       }
     }
   }
-  for (int64_t c = b.c0; c < b.c1; ++c) {
-    const std::array<Acc, kChains>& kept = state[c - b.c0];
-    write(kept[0], kChains > 1 ? kept[1 % kChains] : zero, kChains > 2 ? kept[2 % kChains] : zero,
-          kChains > 2 ? kept[3 % kChains] : zero, c);
-  }
+  for (int64_t c = b.c0; c < b.c1; ++c) write(state[c - b.c0], c);
 }
 
 // K per-channel sums over tile t of contrib(tag, offset, center, coef) -> std::array<Vec, K>, written
