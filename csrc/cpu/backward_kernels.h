@@ -222,7 +222,11 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
              plane_block_channels(tl, sizeof(T)));
   };
   if constexpr (runtime_epilogue<T>()) {
-    body(std::integral_constant<int, kAnyAct>{});
+    if (act == kNone) {
+      body(std::integral_constant<int, kNone>{});
+    } else {
+      body(std::integral_constant<int, kAnyAct>{});
+    }
   } else {
     with_act(act, body);
   }
