@@ -103,12 +103,14 @@ struct Epilogue {
   }
 };
 
-// float64 kernels take an activation and a residual at run time (one more instantiation of each
-// schedule instead of one per activation and residual), with the same operations in the same order,
-// so that the results are the same bits; kAnyAct marks them. Plain float64 BatchNorm (no activation,
-// no residual: every unfused module) is compiled as the other dtypes are: with the activation chosen
-// per vector (a call each) and the tile schedule alone, its eval forward took 1.2-2.5x ATen's time
-// ((64, 16, 8, 8) 44 against 26 us, (64, 6, 24, 24) 119 against 71, 1 thread, Zen 4).
+// float64 kernels take an activation and a residual at run time, chosen per vector (activate_any,
+// act_grad_any: one more instantiation of each schedule instead of one per activation and residual),
+// with the same operations in the same order, so that the results are the same bits; kAnyAct marks
+// them. Plain float64 BatchNorm (no activation, no residual: every unfused module) is compiled as the
+// other dtypes are. With the choice a call per vector, and the tile schedule alone, the float64 eval
+// forward took 1.2-2.5x ATen's time (1 thread, Zen 4: (64, 16, 8, 8) 44 against 26 us, (64, 6, 24,
+// 24) 119 against 71; with relu, 131-161 us against ATen's 71 without); now 17-18 and 45-47 plain,
+// 65-68 us with relu.
 constexpr int kAnyAct = -1;
 
 template <typename T>
@@ -116,14 +118,32 @@ constexpr bool runtime_epilogue() {
   return std::is_same_v<T, double>;
 }
 
+// The activation chosen per vector, inlined into the loops (a predictable branch; called, it cost
+// more than the vector's arithmetic).
 template <typename V>
-inline V activate_any(int64_t act, const V& z, const V& slope) {
-  return with_act(act, [&](auto act_c) -> V { return activate<decltype(act_c)::value>(z, slope); });
+BNFUSED_INLINE V activate_any(int64_t act, const V& z, const V& slope) {
+  switch (act) {
+    case kRelu: return activate<kRelu>(z, slope);
+    case kLeakyRelu: return activate<kLeakyRelu>(z, slope);
+    case kRelu6: return activate<kRelu6>(z, slope);
+    case kHardswish: return activate<kHardswish>(z, slope);
+    case kSilu: return activate<kSilu>(z, slope);
+    case kSigmoid: return activate<kSigmoid>(z, slope);
+    default: return z;
+  }
 }
 
 template <typename V>
-inline V act_grad_any(int64_t act, const V& dy, const V& y_or_z, const V& slope) {
-  return with_act(act, [&](auto act_c) -> V { return act_grad<decltype(act_c)::value>(dy, y_or_z, slope); });
+BNFUSED_INLINE V act_grad_any(int64_t act, const V& dy, const V& y_or_z, const V& slope) {
+  switch (act) {
+    case kRelu: return act_grad<kRelu>(dy, y_or_z, slope);
+    case kLeakyRelu: return act_grad<kLeakyRelu>(dy, y_or_z, slope);
+    case kRelu6: return act_grad<kRelu6>(dy, y_or_z, slope);
+    case kHardswish: return act_grad<kHardswish>(dy, y_or_z, slope);
+    case kSilu: return act_grad<kSilu>(dy, y_or_z, slope);
+    case kSigmoid: return act_grad<kSigmoid>(dy, y_or_z, slope);
+    default: return dy;
+  }
 }
 
 // Epilogue with the activation and the residual chosen at run time (float64).

@@ -568,9 +568,6 @@ void normalize(const T* xp, const Tiling& tl, const acc_t<T>* mean, const acc_t<
                int64_t act, double slope, const T* rp, T* yp) {
   using A = acc_t<T>;
   with_epilogue(act, slope, rp, [&](const auto& epi) {
-    // A run-time epilogue (float64 with an activation or a residual) takes only the tile schedule: the
-    // others compute the same bits per value, faster.
-    if constexpr (!std::is_same_v<std::decay_t<decltype(epi)>, AnyEpilogue<T>>) {
     if (planes_in_memory_order(tl)) {
       if (flat_planes<T>(tl)) {
         normalize_flat(xp, yp, tl, mean, scale, shift, epi);
@@ -582,7 +579,6 @@ void normalize(const T* xp, const Tiling& tl, const acc_t<T>* mean, const acc_t<
     if (tl.period) {
       normalize_rows_flat(xp, yp, tl, mean, scale, shift, epi);
       return;
-    }
     }
     // The tile schedule over rows walked flat or in pairs reads the coefficients arranged.
     const int64_t P = arranged_size<T>(tl);
