@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(native.available(torch.device("cpu")) is not Non
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-# Each has more values than one thread takes (kMinTaskBytes in csrc/cpu/tiling.h: 32768 float values), so that
+# Each has more values than one thread takes (kMinTaskValues = 32768 in csrc/cpu/tiling.h), so that
 # 2 and 3 threads really split the work.
 SCHEDULES = [
     pytest.param((16, 12, 20, 20), False, id="short-planes-400"),
@@ -482,7 +482,7 @@ def test_plane_tiles_by_pairs_match_one_vector_rows(shape, dtype):
 # float16/bfloat16 rows of whole pairs (C a multiple of 2 * VW: 16 with AVX2, 32 with AVX512) are
 # converted a pair at a time too, each pair's lanes reading the per-channel arrays in pair order
 # (csrc/cpu/tiling.h, rows_in_pairs): one and several pairs per row, rows over several tiles, and
-# more values than one thread takes (kMinTaskBytes: 32768 float values), so that 3 threads split the work.
+# more values than one thread takes (kMinTaskValues = 32768), so that 3 threads split the work.
 PAIR_ROWS = [
     pytest.param((6, 16, 3, 3), id="C16"),
     pytest.param((5, 48, 3, 5), id="C48"),

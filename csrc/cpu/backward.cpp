@@ -25,7 +25,7 @@ struct GradInputs {
 
   GradInputs(const Tensor& dy_in, const Tensor& x, const optional<Tensor>& y_in, int64_t act, double slope,
              const optional<Tensor>& residual_in = std::nullopt)
-      : tl(Tiling::of(ncs_of(x), x.element_size())) {
+      : tl(Tiling::of(ncs_of(x))) {
     check_input_dtype(x);
     check_act(act, slope);
     dy = conform(dy_in, x, tl.L, "dy");

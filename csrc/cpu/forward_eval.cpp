@@ -29,7 +29,7 @@ Tensor forward_eval(const Tensor& x, const optional<Tensor>& weight, const optio
                     const optional<Tensor>& residual) {
   check_forward_args(x, weight, bias, act, slope);
   check_running_args(x, running_mean, running_var);
-  const Tiling tl = Tiling::of(ncs_of(x), x.element_size());
+  const Tiling tl = Tiling::of(ncs_of(x));
   const Tensor r = residual_of(residual, x, tl);
   const int64_t C = tl.L.c;
   Tensor y;
@@ -48,7 +48,7 @@ Tensor normalize_op(const Tensor& x, const optional<Tensor>& weight, const optio
                     const Tensor& mean, const Tensor& invstd, int64_t act, double slope) {
   check_forward_args(x, weight, bias, act, slope);
   check_stats_args(x, mean, invstd);
-  const Tiling tl = Tiling::of(ncs_of(x), x.element_size());
+  const Tiling tl = Tiling::of(ncs_of(x));
   Tensor y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_native::normalize", [&] {
     using A = acc_t<scalar_t>;

@@ -454,7 +454,7 @@ void normalize_flat(const T* xp, T* yp, const Tiling& tl, const acc_t<T>* mean, 
   const int64_t S = tl.L.s, C = tl.L.c, total = tl.L.numel();
   const bool stream = streams_output<T>(tl);
   const V lane = V::arange(A(0), A(1));
-  at::parallel_for(0, (total + VW - 1) / VW, std::max<int64_t>(1, tl.task_values / VW), [&](int64_t v0, int64_t v1) {
+  at::parallel_for(0, (total + VW - 1) / VW, std::max<int64_t>(1, kMinTaskValues / VW), [&](int64_t v0, int64_t v1) {
     int64_t i = v0 * VW, p = i / S;
     int64_t left = (p + 1) * S - i;  // values of plane p from i on
     int64_t c = p % C;
@@ -546,7 +546,7 @@ void normalize_rows_flat(const T* xp, T* yp, const Tiling& tl, const acc_t<T>* m
   repeat_channels(tl, scale, k.data());
   repeat_channels(tl, shift, b.data());
   const A *mp = m.data(), *kp = k.data(), *bp = b.data();
-  at::parallel_for(0, (total + VW - 1) / VW, std::max<int64_t>(1, tl.task_values / VW), [&](int64_t v0, int64_t v1) {
+  at::parallel_for(0, (total + VW - 1) / VW, std::max<int64_t>(1, kMinTaskValues / VW), [&](int64_t v0, int64_t v1) {
     int64_t i = v0 * VW, j = i % period;
     auto apply = [=](auto tag, int64_t off, int64_t at) {
       const V z = at::vec::fmadd(ld(tag, xp + off) - V::loadu(mp + at), V::loadu(kp + at), V::loadu(bp + at));

@@ -65,7 +65,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& x, const optional
   check_running_args(x, running_mean, running_var);
   check_running_not_aliased(running_mean, "running_mean", x, weight, bias, residual);
   check_running_not_aliased(running_var, "running_var", x, weight, bias, residual);
-  const Tiling tl = Tiling::of(ncs_of(x), x.element_size());
+  const Tiling tl = Tiling::of(ncs_of(x));
   const Tensor r = residual_of(residual, x, tl);
   const int64_t C = tl.L.c, M = tl.L.per_channel();
   std::vector<double> mean(C), m2(C);
@@ -99,7 +99,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& x, const optional
 
 std::tuple<Tensor, Tensor> batch_stats(const Tensor& x) {
   check_input_dtype(x);
-  const Tiling tl = Tiling::of(ncs_of(x), x.element_size());
+  const Tiling tl = Tiling::of(ncs_of(x));
   const int64_t C = tl.L.c;
   std::vector<double> mean(C), var(C);
   const double M = double(tl.L.per_channel());

@@ -29,11 +29,7 @@
 namespace bnfused::cpu {
 
 constexpr int64_t kTileValues = 16384;     // values per tile: its two passes stay in L1/L2
-// Fewer bytes of values, as computed (16-bit values in float), than this per thread are not worth a
-// fork: 32768 float values. Counted in values, float64's threshold was twice the bytes, and its
-// (64, 512) backward ran on one thread where ATen's took two: 33 us against 28-29 at 2 threads (Zen
-// 4, op alone); split, 26 us.
-constexpr int64_t kMinTaskBytes = 128 << 10;
+constexpr int64_t kMinTaskValues = 32768;  // fewer values than this per thread is not worth a fork
 // Row tiles of sequential walks (walk_order.h) hold up to this many values, where enough rows remain
 // for at least kMinRowTiles tiles: their statistics pay per tile a shift from its first rows
 // (row_shift), a few loops over its channels and a merge step per channel, which over the 16 rows of
@@ -89,13 +85,9 @@ struct Tiling {
   // planes: one whole plane per tile, the tiles numbered in memory order (tile t is plane t = n * C + c)
   // rather than channel-major (see one_plane_tiles).
   bool tiles_in_memory_order = false;
-  // The fewest values worth a thread's task (kMinTaskBytes).
-  int64_t task_values = 0;
 
-  // The tiling of L for values of value_bytes each.
-  static Tiling of(const Ncs& L, int64_t value_bytes) {
+  static Tiling of(const Ncs& L) {
     Tiling t{L, false, 1, 0, 1, 1, 0, 0, 0, false, sequential_walks()};
-    t.task_values = kMinTaskBytes / std::max<int64_t>(sizeof(float), value_bytes);
     if (L.s > 1 && L.ss == 1) {
       t.rows = false;
     } else if (L.sc == 1 || L.c == 1) {
@@ -246,7 +238,7 @@ inline int64_t plane_block_channels(const Tiling& tl, int64_t value_bytes) {
 template <typename F>
 void parallel_tiles(const Tiling& tl, F&& body) {
   const int64_t mean_tile_values = std::max<int64_t>(1, tl.L.numel() / tl.tiles);
-  const int64_t grain = std::max<int64_t>(1, tl.task_values / mean_tile_values);
+  const int64_t grain = std::max<int64_t>(1, kMinTaskValues / mean_tile_values);
   at::parallel_for(0, tl.tiles, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) body(t);
   });
@@ -289,7 +281,7 @@ inline bool planes_in_memory_order(const Tiling& tl) { return !tl.rows && tl.gro
 // Runs body(p0, p1) over ranges of planes p = n * C + c, in parallel; a plane starts at plane_offset(p).
 template <typename F>
 void parallel_planes(const Tiling& tl, F&& body) {
-  const int64_t grain = std::max<int64_t>(1, tl.task_values / std::max<int64_t>(1, tl.L.s));
+  const int64_t grain = std::max<int64_t>(1, kMinTaskValues / std::max<int64_t>(1, tl.L.s));
   at::parallel_for(0, tl.L.n * tl.L.c, grain, body);
 }
 
@@ -681,7 +673,7 @@ void two_pass(const Tiling& tl, int64_t bytes_per_value, bool has_reduce, bool h
   const bool by_channel = !tl.rows && !tl.tiles_in_memory_order && has_reduce && has_apply &&
                           tl.L.c >= at::get_num_threads() && tl.L.per_channel() * bytes_per_value <= kFuseBytes;
   if (by_channel) {
-    const int64_t grain = std::max<int64_t>(1, tl.task_values / tl.L.per_channel());
+    const int64_t grain = std::max<int64_t>(1, kMinTaskValues / tl.L.per_channel());
     at::parallel_for(0, tl.L.c, grain, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         tl.for_channel_tiles(c, [&](int64_t t, int64_t) { reduce(t); });
