@@ -32,7 +32,7 @@ def _with_threads(n, fn):
         ((33, 61, 45, 47), False, torch.bfloat16),  # long 16-bit planes in 8.5 MB: sequential walks in memory order
         ((6, 19, 14, 14), True, torch.float32),  # rows of C channels
         ((3, 5, 130, 131), False, torch.float64),  # planes long enough for one tile each
-        # float64 without an activation takes the memory-order schedules too (with one, the tiles)
+        # float64 takes the memory-order schedules too (its activations chosen per vector)
         ((9, 13, 7, 1), False, torch.float64),  # planes shorter than a vector: plane by plane
         ((6, 19, 14, 14), False, torch.float64),  # 196 values: walked flat
         ((6, 19, 14, 14), True, torch.float64),  # rows of C channels

@@ -221,11 +221,14 @@ inline bool tile_streams_output(const Tiling& tl) {
 }
 
 // g = dy * act'(z) for one value, in double (the exact paths): act_grad on one lane.
-// (Not hot: taken per channel only when a tile sum overflowed, so the activation is chosen at run time.)
+// (Not hot: taken per channel only when a tile sum overflowed, so the activation is chosen at run time,
+// through with_act: the loops' inlined act_grad_any ordered silu's operands otherwise, which changed
+// the sign of the NaN that an inf or NaN input gives here.)
 inline double act_grad_value(int64_t act, double dy, double y_or_z, double slope) {
   using V = at::vec::Vectorized<double>;
   double lanes[V::size()];
-  act_grad_any(act, V(dy), V(y_or_z), V(slope)).store(lanes);
+  const V g = with_act(act, [&](auto act_c) -> V { return act_grad<decltype(act_c)::value>(V(dy), V(y_or_z), V(slope)); });
+  g.store(lanes);
   return lanes[0];
 }
 
