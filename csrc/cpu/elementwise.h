@@ -119,7 +119,9 @@ constexpr bool runtime_epilogue() {
 }
 
 // The activation chosen per vector, inlined into the loops (a predictable branch; called, it cost
-// more than the vector's arithmetic).
+// more than the vector's arithmetic). with_act's own switch, flattened in (__attribute__((flatten))),
+// measured 1.4-2.8x these switches' time (float64 relu backward (64, 6, 24, 24), 1 thread: 587-679 us
+// against 237-270).
 template <typename V>
 BNFUSED_INLINE V activate_any(int64_t act, const V& z, const V& slope) {
   switch (act) {
