@@ -72,7 +72,7 @@ SCHEDULES = [
     # 16-bit planes of 1147 values in over 4 MiB: with sequential walks the backward takes one plane per
     # tile, in memory order (csrc/cpu/backward_kernels.h, grad_tiling); float32 keeps grouped tiles.
     pytest.param((33, 61, 31, 37), False, id="planes-1147-large"),
-    # Planes under 256 bytes, with sequential walks: blocks of channels, each sample's planes of a block
+    # Planes under 256 bytes: blocks of channels, each sample's planes of a block
     # in one run (csrc/cpu/tiling.h, plane_block_channels, plane_sums, plane_chunks); blocks of several
     # channels, and of one at 2 threads (C = 3: blocks of 2 and 1; channel tiles at 3 threads, as fewer
     # channels than threads); one whole vector per float32 plane, and planes ending in a partial vector.
@@ -633,52 +633,51 @@ def test_schedule_tests_pass_under_either_walk(walk):
     assert " passed" in result.stdout and " failed" not in result.stdout
 
 
-# The backward over short planes walks blocks of channels with sequential walks and channel tiles with
-# blocked ones (csrc/cpu/tiling.h, plane_block_channels): the same sums in the same order, so the same bits.
-_BLOCKS_SCRIPT = """
-import sys, torch
-from bnfused import activation as act_codes
-from bnfused.backends import native
-torch.set_num_threads(2)
-out = {}
-cases = [((24, 96, 4, 4), torch.float32), ((20, 40, 7, 7), torch.bfloat16), ((1400, 3, 5, 5), torch.float32)]
-for shape, dtype in cases:
-    g = torch.Generator().manual_seed(0)
-    x = (torch.randn(shape, generator=g) * 3 + 2).to(dtype)
-    dy, res = torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
-    C = shape[1]
-    w, b = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g)
-    dims = [0, 2, 3]
-    mean = x.float().mean(dims)
-    invstd = (x.float().var(dims, unbiased=False) + 1e-5).rsqrt()
-    y = torch.relu((x.float() - mean[:, None, None]) * (invstd * w)[:, None, None] + b[:, None, None]).to(dtype)
-    for act, y_in, r in [(act_codes.NONE, None, None), (act_codes.RELU, y, None), (act_codes.HARDSWISH, None, res),
-                         (act_codes.SILU, None, None)]:
-        for training in (True, False):
-            needs_res = r is not None
-            got = native.backward(dy, x, y_in, w, mean, invstd, act, 0.0, training, True, True, True, b, r, needs_res)
-            out[(shape, act, training)] = [t for t in got if t is not None]
-    s1, s2 = native.backward_reduce(dy, x, y, mean, invstd, act_codes.RELU, 0.0)
-    dx = native.backward_elemt(dy, x, y, w, mean, invstd, s1, s2, x.numel() // C, act_codes.RELU, 0.0)
-    out[(shape, "split")] = [s1, s2, dx]
-torch.save(out, sys.argv[1])
-"""
+# The backward over short planes walks blocks of channels (csrc/cpu/tiling.h, plane_block_channels)
+# where the planes are a contiguous (N, C, S) tensor, and channel tiles otherwise: the same tiles'
+# sums in the same order, so the same bits. The same values stored channel-major ((C, N, H, W) seen as
+# (N, C, H, W)) take the channel tiles.
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_plane_blocks_give_the_bits_of_channel_tiles(threads):
+    cases = [((24, 96, 4, 4), torch.float32), ((20, 40, 7, 7), torch.bfloat16), ((1400, 3, 5, 5), torch.float32)]
 
+    def compare_all():
+        for shape, dtype in cases:
+            g = torch.Generator().manual_seed(0)
+            x = (torch.randn(shape, generator=g) * 3 + 2).to(dtype)
+            dy, res = torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
+            C = shape[1]
+            w, b = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g)
+            dims = [0, 2, 3]
+            mean = x.float().mean(dims)
+            invstd = (x.float().var(dims, unbiased=False) + 1e-5).rsqrt()
+            z = (x.float() - mean[:, None, None]) * (invstd * w)[:, None, None] + b[:, None, None]
+            y = torch.relu(z).to(dtype)
 
-def test_plane_blocks_give_the_bits_of_channel_tiles(tmp_path):
-    results = {}
-    for walk in ("sequential", "blocked"):
-        path = tmp_path / f"{walk}.pt"
-        env = dict(os.environ, BNFUSED_CPU_WALK=walk)
-        run = subprocess.run(
-            [sys.executable, "-c", _BLOCKS_SCRIPT, str(path)], env=env, capture_output=True, text=True, timeout=900
-        )
-        assert run.returncode == 0, run.stderr[-3000:]
-        results[walk] = torch.load(path)
-    assert results["sequential"].keys() == results["blocked"].keys()
-    for key, tensors in results["sequential"].items():
-        for i, (a, c) in enumerate(zip(tensors, results["blocked"][key], strict=True)):
-            assert torch.equal(a, c), f"{key} output {i} differs between blocks and channel tiles"
+            def channel_major(t):
+                return None if t is None else t.transpose(0, 1).contiguous().transpose(0, 1)
+
+            acts = [(act_codes.NONE, None, None), (act_codes.RELU, y, None), (act_codes.HARDSWISH, None, res),
+                    (act_codes.SILU, None, None)]  # fmt: skip
+            for act, y_in, r in acts:
+                for training in (True, False):
+                    outs = []
+                    for tensors in ((dy, x, y_in, r), tuple(map(channel_major, (dy, x, y_in, r)))):
+                        d, xx, yy, rr = tensors
+                        got = native.backward(d, xx, yy, w, mean, invstd, act, 0.0, training, True, True, True, b,
+                                              rr, r is not None)  # fmt: skip
+                        outs.append([t for t in got if t is not None])
+                    for i, (a, c) in enumerate(zip(*outs, strict=True)):
+                        assert torch.equal(a, c), f"{shape} act {act} training {training}: output {i} differs"
+            split = []
+            for d, xx, yy in ((dy, x, y), tuple(map(channel_major, (dy, x, y)))):
+                s1, s2 = native.backward_reduce(d, xx, yy, mean, invstd, act_codes.RELU, 0.0)
+                dx = native.backward_elemt(d, xx, yy, w, mean, invstd, s1, s2, x.numel() // C, act_codes.RELU, 0.0)
+                split.append([s1, s2, dx])
+            for i, (a, c) in enumerate(zip(*split, strict=True)):
+                assert torch.equal(a, c), f"{shape} split ops: output {i} differs"
+
+    _with_threads(threads, compare_all)
 
 
 _EVAL_CALL = (

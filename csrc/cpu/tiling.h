@@ -201,18 +201,23 @@ inline PlaneTiles single_tile(const Tiling& tl, int64_t t) {
 // planes reads a few cache lines and jumps C * S values to the next (past the hardware prefetcher's
 // reach: it does not cross 4 KB pages), and pays a plane's fixed costs (its run's start and end, a
 // partial vector) per few vectors: planes of under kBlockPlaneBytes, contiguous, grouped several to a
-// tile, with sequential walks (walk_order.h; the blocked walk keeps its tiles, unmeasured). A block
-// holds at least kBlockRunBytes of each sample (one run of memory) where it can, at most
-// kMaxBlockChannels channels and kMaxBlockValues values per sample (the state of its sums, and its
-// coefficients repeated per value, stay in L1), and the blocks are a multiple of the threads, so that
-// each thread gets as many (with fewer channels than threads, the tiles are kept). The backward (grad_sums_then_input) against the channel tiles, op alone,
-// Zen 4, two processes each, 1 / 2 threads, float32: (32, 576, 4, 4) 217-218 -> 135-142 us / 148-152
-// -> 106-138 (ATen 150-160 / 84-150); (32, 240, 7, 7) 229-234 -> 177-187 / 119-137 -> 94-101;
-// (32, 40, 7, 7) 44-45 -> 32-36 / 26-30 -> 21-24; (32, 512, 5, 5) 353-373 -> 209-216 / 171-180 ->
-// 116; (64, 256, 3, 3) 189-225 -> 110-113 / 100-105 -> 66-83; bfloat16 (32, 576, 4, 4) 234-237 ->
-// 129-130 / 129-159 -> 84-86; (32, 240, 7, 7) 244-251 -> 145-146 / 212-214 -> 80-94; (128, 64, 8, 8)
-// 176-180 -> 164-178 / 118-138 -> 88-128. Planes of 256 bytes stay in tiles: float32 (128, 64, 8, 8)
-// 204-213 -> 207-240 us / 103-123 -> 126-131 with blocks.
+// tile, with either walk (walk_order.h). A block holds at least kBlockRunBytes of each sample (one
+// run of memory) where it can, at most kMaxBlockChannels channels and kMaxBlockValues values per
+// sample (the state of its sums, and its coefficients repeated per value, stay in L1), and the blocks
+// are a multiple of the threads, so that each thread gets as many (with fewer channels than threads,
+// the tiles are kept). The backward (grad_sums_then_input) against the channel tiles, op alone, two
+// processes each, 1 / 2 threads:
+//   Zen 4, float32: (32, 576, 4, 4) 217-218 -> 135-142 us / 148-152 -> 106-138 (ATen 150-160 /
+//   84-150); (32, 240, 7, 7) 229-234 -> 177-187 / 119-137 -> 94-101; (32, 40, 7, 7) 44-45 -> 32-36 /
+//   26-30 -> 21-24; (32, 512, 5, 5) 353-373 -> 209-216 / 171-180 -> 116; (64, 256, 3, 3) 189-225 ->
+//   110-113 / 100-105 -> 66-83; bfloat16 (32, 576, 4, 4) 234-237 -> 129-130 / 129-159 -> 84-86; (32,
+//   240, 7, 7) 244-251 -> 145-146 / 212-214 -> 80-94; (128, 64, 8, 8) 176-180 -> 164-178 / 118-138 ->
+//   88-128. Planes of 256 bytes stay in tiles: float32 (128, 64, 8, 8) 204-213 -> 207-240 us / 103-123
+//   -> 126-131 with blocks.
+//   Intel Xeon (AVX512; its blocked walk kept the tiles until measured), float32: (32, 576, 4, 4)
+//   366-408 -> 177-185 us / 182 -> 106-133 (ATen 284-307 / 128-236); (64, 256, 3, 3) 210-282 ->
+//   127-133 / 132-225 -> 71-114; (32, 96, 7, 7) 78-93 -> 75 / 47-67 -> 49-65 (ATen 82-96 / 45-81);
+//   bfloat16 (32, 576, 4, 4) 238-252 -> 122-150 / 159-249 -> 109-156; (128, 32, 2, 2) 50-52 -> 26-29.
 constexpr int64_t kBlockPlaneBytes = 256;
 constexpr int64_t kBlockRunBytes = 2048;
 constexpr int64_t kMaxBlockChannels = 64;
@@ -221,8 +226,7 @@ constexpr int64_t kMaxBlockValues = 1024;  // per sample: C * S of a block
 // The channels of a block for tl's passes over values of value_bytes, 0 when tl is not walked by blocks.
 inline int64_t plane_block_channels(const Tiling& tl, int64_t value_bytes) {
   const int64_t plane_bytes = tl.L.s * value_bytes;
-  if (!tl.sequential || !tl.contiguous_planes() || tl.tiles_in_memory_order || tl.group == 1 ||
-      plane_bytes >= kBlockPlaneBytes) {
+  if (!tl.contiguous_planes() || tl.tiles_in_memory_order || tl.group == 1 || plane_bytes >= kBlockPlaneBytes) {
     return 0;
   }
   const int64_t C = tl.L.c, threads = at::get_num_threads();
