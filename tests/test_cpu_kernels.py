@@ -614,8 +614,8 @@ def test_flat_walk_over_short_rows_matches_the_training_forward(shape, channels_
 
 
 # The schedule tests again, under each walk (csrc/cpu/walk_order.h): the kernels choose it once per
-# process (sequential on AMD processors and AVX2 builds, blocked otherwise), so each runs in a process of
-# its own. The -k expression must not select the tests below.
+# process (rows sequential everywhere; 16-bit planes sequential on AMD processors and AVX2 builds,
+# blocked otherwise), so each runs in a process of its own. The -k expression must not select the tests below.
 _WALK_TESTS = "bitwise_identical or matches_float64 or schedules_agree or within_twice or slice"
 
 
@@ -684,6 +684,42 @@ _EVAL_CALL = (
     "import torch, bnfused; "
     "bnfused.functional.batch_norm(torch.randn(4, 3, 5, 5), torch.zeros(3), torch.ones(3), training=False)"
 )
+
+
+# Rows (channels_last here) walk sequentially on every processor unless BNFUSED_CPU_WALK says otherwise
+# (csrc/cpu/walk_order.h): unset, the results are the sequential walk's bits, which the blocked walk's
+# differ from for these wide rows (their sums are grouped by register blocks there).
+_ROWS_SCRIPT = """
+import sys, torch
+from bnfused.backends import native
+torch.set_num_threads(2)
+out = {}
+for shape, dtype in [((6, 1001, 7, 7), torch.float32), ((4, 300, 20, 20), torch.bfloat16)]:
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g) * 3 + 2).to(dtype).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    C = shape[1]
+    w, b = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g)
+    y, mean, invstd = native.forward_train(x, w, b, None, None, 0.1, 1e-5, 0, 0.0)
+    dx, dw, db, _ = native.backward(dy, x, None, w, mean, invstd, 0, 0.0, True, True, True, True)
+    out[(shape, str(dtype))] = [y, mean, invstd, dx, dw, db]
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_rows_walk_sequentially_unless_told(tmp_path):
+    results = {}
+    for walk in ("", "sequential", "blocked"):
+        path = tmp_path / f"walk-{walk or 'default'}.pt"
+        env = dict(os.environ, BNFUSED_CPU_WALK=walk)
+        run = subprocess.run(
+            [sys.executable, "-c", _ROWS_SCRIPT, str(path)], env=env, capture_output=True, text=True, timeout=900
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        results[walk] = torch.load(path)
+    for key, tensors in results[""].items():
+        assert all(torch.equal(a, c) for a, c in zip(tensors, results["sequential"][key], strict=True)), key
+        assert not torch.equal(results["sequential"][key][0], results["blocked"][key][0]), key
 
 
 def test_an_unknown_walk_is_an_error_naming_the_variable():

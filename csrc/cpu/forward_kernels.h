@@ -372,7 +372,7 @@ void stats_then_normalize(const T* xp, const Tiling& tl, const Finish& finish, c
     const int64_t plane_bytes = tl.L.s * int64_t(sizeof(T));
     const bool in_order =
         plane_bytes <= kShortPlaneBytes || tl.L.numel() * int64_t(sizeof(T)) >= kLongPlanesInOrderBytes;
-    if (tl.sequential && planes_in_memory_order(tl) && in_order) {
+    if (tl.sequential_planes && planes_in_memory_order(tl) && in_order) {
       const bool one_plane = plane_bytes >= kStatsPlaneBytes && tl.contiguous_planes();
       channel_stats(xp, one_plane ? tl.one_plane_tiles() : tl, finish);
       normalize(xp, tl, mean, scale, shift, act, slope, rp, yp);

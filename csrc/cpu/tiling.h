@@ -80,14 +80,15 @@ struct Tiling {
   // True when the row tiles are walked flat too (see kFlatTilePeriods): tiles then hold whole
   // periods (but the last), so that each one starts at the pattern's start.
   bool flat;
-  // The walk where two exist (walk_order.h): true for sequential.
-  bool sequential;
+  // The walks where two exist (walk_order.h): true for sequential, for row tiles and for 16-bit planes.
+  bool sequential_rows, sequential_planes;
   // planes: one whole plane per tile, the tiles numbered in memory order (tile t is plane t = n * C + c)
   // rather than channel-major (see one_plane_tiles).
   bool tiles_in_memory_order = false;
 
   static Tiling of(const Ncs& L) {
-    Tiling t{L, false, 1, 0, 1, 1, 0, 0, 0, false, sequential_walks()};
+    const Walks walks = sequential_walks();
+    Tiling t{L, false, 1, 0, 1, 1, 0, 0, 0, false, walks.rows, walks.planes};
     if (L.s > 1 && L.ss == 1) {
       t.rows = false;
     } else if (L.sc == 1 || L.c == 1) {
@@ -103,7 +104,7 @@ struct Tiling {
       }
       t.flat = t.period && L.numel() >= kFlatTilePeriods * t.period;
       t.block = std::max<int64_t>(1, kTileValues / L.c);
-      if (t.sequential) {
+      if (t.sequential_rows) {
         t.block = std::max(t.block, std::min(kSequentialRowTileValues / L.c, L.n * L.s / kMinRowTiles));
       }
       if (t.flat) {  // whole periods: block * C a multiple of the period
@@ -1038,7 +1039,8 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, const ChannelArrays
   // Rows walked one by one: in blocks of up to four vectors of channels, each summed over the tile's rows in
   // registers (row_block_sums; a wider row re-reads the tile, from L1/L2, once per block). Summed in out
   // itself, row by row, the training forward of (128, 256, 14, 14) channels_last took 1.03x (float32) and
-  // 1.05x (bfloat16) the time with AVX512 on an Intel Xeon. With sequential walks (walk_order.h) rows wider
+  // 1.05x (bfloat16) the time with AVX512 on an Intel Xeon (before the memory sums below were rewritten; rows
+  // walk sequentially on every processor since). With sequential walks (walk_order.h) rows wider
   // than a block are summed one after another (rows_sums_sequential: the first vectors of each row in
   // registers, the rest in memory), in tensors too large for L2: read a block at a time, a tensor from memory
   // ran far slower than one row after another on AMD processors (AVX2: the float32 backward of (32, 64, 56,
@@ -1051,7 +1053,7 @@ void tile_sums(const Tiling& tl, int64_t t, const A* center, const ChannelArrays
   // memory).
   constexpr int64_t VW = vec_width<A>();
   const int64_t C = tl.L.c;
-  const bool rows_in_memory = tl.sequential && C > 4 * VW && C <= kMaxRowsPeriod &&
+  const bool rows_in_memory = tl.sequential_rows && C > 4 * VW && C <= kMaxRowsPeriod &&
                               tl.L.numel() * int64_t(sizeof(A)) > kFuseBytes;
   if (!tl.flat && !rows_in_memory) {
     for (int64_t c0 = 0; c0 < C; c0 += 4 * VW) {
