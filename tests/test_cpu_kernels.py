@@ -688,7 +688,8 @@ _EVAL_CALL = (
 
 # Rows (channels_last here) walk sequentially on every processor unless BNFUSED_CPU_WALK says otherwise
 # (csrc/cpu/walk_order.h): unset, the results are the sequential walk's bits, which the blocked walk's
-# differ from for these wide rows (their sums are grouped by register blocks there).
+# differ from for these wide rows (their sums are grouped by register blocks there); long 16-bit planes
+# take the vendor's walk.
 _ROWS_SCRIPT = """
 import sys, torch
 from bnfused.backends import native
@@ -703,6 +704,11 @@ for shape, dtype in [((6, 1001, 7, 7), torch.float32), ((4, 300, 20, 20), torch.
     y, mean, invstd = native.forward_train(x, w, b, None, None, 0.1, 1e-5, 0, 0.0)
     dx, dw, db, _ = native.backward(dy, x, None, w, mean, invstd, 0, 0.0, True, True, True, True)
     out[(shape, str(dtype))] = [y, mean, invstd, dx, dw, db]
+g = torch.Generator().manual_seed(1)  # long 16-bit planes in over 4 MiB: the planes' walk
+x = (torch.randn(33, 61, 31, 37, generator=g) * 3 + 2).bfloat16()
+dy = torch.randn(33, 61, 31, 37, generator=g).bfloat16()
+y, mean, invstd = native.forward_train(x, None, None, None, None, 0.1, 1e-5, 0, 0.0)
+out["planes"] = list(native.backward(dy, x, None, None, mean, invstd, 0, 0.0, True, True, True, True)[:3])
 torch.save(out, sys.argv[1])
 """
 
@@ -717,9 +723,17 @@ def test_rows_walk_sequentially_unless_told(tmp_path):
         )
         assert run.returncode == 0, run.stderr[-3000:]
         results[walk] = torch.load(path)
+    planes = results["sequential"].pop("planes"), results["blocked"].pop("planes"), results[""].pop("planes")
     for key, tensors in results[""].items():
         assert all(torch.equal(a, c) for a, c in zip(tensors, results["sequential"][key], strict=True)), key
         assert not torch.equal(results["sequential"][key][0], results["blocked"][key][0]), key
+    # 16-bit planes: sequential on AMD processors and in builds of narrower vectors than AVX512's
+    vendor = next((line.split()[-1] for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("vendor_id")), "") if Path("/proc/cpuinfo").exists() else ""  # fmt: skip
+    sequential = vendor in ("AuthenticAMD", "HygonGenuine") or torch.backends.cpu.get_cpu_capability() != "AVX512"
+    expected = planes[0] if sequential else planes[1]
+    assert not torch.equal(planes[0][0], planes[1][0])  # the two walks differ here
+    assert all(torch.equal(a, c) for a, c in zip(planes[2], expected, strict=True))
 
 
 def test_an_unknown_walk_is_an_error_naming_the_variable():

@@ -204,9 +204,10 @@ inline PlaneTiles single_tile(const Tiling& tl, int64_t t) {
 // partial vector) per few vectors: planes of under kBlockPlaneBytes, contiguous, grouped several to a
 // tile, with either walk (walk_order.h). A block holds at least kBlockRunBytes of each sample (one
 // run of memory) where it can, at most kMaxBlockChannels channels and kMaxBlockValues values per
-// sample (the state of its sums, and its coefficients repeated per value, stay in L1), and the blocks
-// are a multiple of the threads, so that each thread gets as many (with fewer channels than threads,
-// the tiles are kept). The backward (grad_sums_then_input) against the channel tiles, op alone, two
+// sample (the state of its sums, and its coefficients repeated per value, stay in L1), and the count
+// of blocks aims at a multiple of the threads, so that each thread gets as many (at most C blocks, and
+// rounding the channels per block up can leave fewer; with fewer channels than threads, the tiles are
+// kept). The backward (grad_sums_then_input) against the channel tiles, op alone, two
 // processes each, 1 / 2 threads:
 //   Zen 4, float32: (32, 576, 4, 4) 217-218 -> 135-142 us / 148-152 -> 106-138 (ATen 150-160 /
 //   84-150); (32, 240, 7, 7) 229-234 -> 177-187 / 119-137 -> 94-101; (32, 40, 7, 7) 44-45 -> 32-36 /

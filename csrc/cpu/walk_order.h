@@ -29,8 +29,9 @@
 // So: rows sequential on every processor; planes sequential on AMD (and Hygon) processors and in
 // builds of 8-float vectors or fewer, blocked otherwise. BNFUSED_CPU_WALK=sequential|blocked sets both
 // (read at the first kernel call; empty is unset, any other value an error).
-// Each gives the same bits for any thread count; the two group the row sums differently, so their
-// bits can differ from each other's (channels_last 16-bit inputs, for one).
+// Each gives the same bits for any thread count; the two group the row sums, and the 16-bit plane sums,
+// differently, so their bits can differ from each other's (channels_last inputs with wide rows, 16-bit
+// NCHW inputs with long planes).
 #pragma once
 
 #include <c10/util/Exception.h>
