@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from bnfused import activation as act_codes
-from bnfused import backends, layout
+from bnfused import backends, layout, ops
 
 MEMORY_MODES = ("default", "inplace")
 
@@ -88,37 +88,65 @@ class InplaceBatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        y, weight, bias, invstd, residual = ctx.saved_tensors
-        training, eps, act, slope = ctx.config
-        acc = invstd.dtype
-        shape = (1, -1, *([1] * (y.dim() - 2)))
-        yf = y.to(acc)
-        z = yf if act == act_codes.NONE else torch.where(yf >= 0, yf, yf / slope)
-        g = dy.to(acc) if act == act_codes.NONE else torch.where(yf > 0, dy.to(acc), dy.to(acc) * slope)
-        w = torch.ones_like(invstd) if weight is None else weight.to(acc)
-        needs = "bnfused: memory='inplace' recovers x_hat = (y - bias) / weight, which needs |weight| > eps"
-        if torch.compiler.is_compiling():  # no branching on values there: the check runs in the graph
-            torch._assert_async((w.abs() > eps).all(), f"{needs} in every channel")
-        elif bool((w.abs() <= eps).any()):
-            raise RuntimeError(
-                f"{needs} in every channel; {int((w.abs() <= eps).sum())} channel(s) have |weight| <= {eps}"
-            )
-        if residual is not None:
-            z = z - residual.to(acc)
-        shifted = z if bias is None else z - bias.to(acc).view(shape)
-        x_hat = shifted / w.view(shape)
-        dims = [0, *range(2, y.dim())]
-        g_act = g  # the residual's gradient: the add passes dy * act'(z) through
-        dbias, dweight = g.sum(dims), (g * x_hat).sum(dims)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            if training:
-                count = y.numel() // y.shape[1]
-                g = g - (dbias / count).view(shape) - x_hat * (dweight / count).view(shape)
-            dx = (g * (w * invstd).view(shape)).to(y.dtype)
-        dw = dweight.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        db = dbias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        dresidual = g_act.to(residual.dtype) if residual is not None and ctx.needs_input_grad[11] else None
+        # create_graph=True: in eval mode the torch ops below are recorded and differentiate exactly
+        # (invstd is the running variance's, a constant, and x_hat depends on x only through y, which
+        # autograd follows back through this layer). In training invstd depends on x, which is not
+        # kept: the recorded gradients raise when differentiated, rather than miss that term.
+        training, act = ctx.config[0], ctx.config[2]
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return _gradients(ctx, dy)
+        _, weight, bias, _, residual = ctx.saved_tensors
+        refusal = None
+        if training:
+            refusal = _SECOND_DERIVATIVE_REFUSED
+            with torch.no_grad():
+                grads = _gradients(ctx, dy)
+        else:
+            grads = _gradients(ctx, dy)
+        dx, dw, db, *_, dresidual = grads
+        sources = (dy, ctx.saved_tensors[0], weight, bias, residual)
+        dx, dw, db, dresidual = ops.recorded_like_torch(
+            (dx, dw, db, dresidual), dy, ctx.needs_input_grad[0], weight, act, sources, refusal
+        )
         return dx, dw, db, None, None, None, None, None, None, None, None, dresidual
+
+
+_SECOND_DERIVATIVE_REFUSED = (
+    "bnfused: memory='inplace' has no second derivative in training mode (a gradient taken with "
+    "create_graph=True, then differentiated): the input is not kept, and the batch statistics' "
+    "dependence on it is lost; use memory='default' for double backward"
+)
+
+
+def _gradients(ctx, dy):
+    y, weight, bias, invstd, residual = ctx.saved_tensors
+    training, eps, act, slope = ctx.config
+    acc = invstd.dtype
+    shape = (1, -1, *([1] * (y.dim() - 2)))
+    yf = y.to(acc)
+    z = yf if act == act_codes.NONE else torch.where(yf >= 0, yf, yf / slope)
+    g = dy.to(acc) if act == act_codes.NONE else torch.where(yf > 0, dy.to(acc), dy.to(acc) * slope)
+    w = torch.ones_like(invstd) if weight is None else weight.to(acc)
+    needs = "bnfused: memory='inplace' recovers x_hat = (y - bias) / weight, which needs |weight| > eps"
+    if torch.compiler.is_compiling():  # no branching on values there: the check runs in the graph
+        torch._assert_async((w.abs() > eps).all(), f"{needs} in every channel")
+    elif bool((w.abs() <= eps).any()):
+        raise RuntimeError(f"{needs} in every channel; {int((w.abs() <= eps).sum())} channel(s) have |weight| <= {eps}")
+    if residual is not None:
+        z = z - residual.to(acc)
+    shifted = z if bias is None else z - bias.to(acc).view(shape)
+    x_hat = shifted / w.view(shape)
+    dims = [0, *range(2, y.dim())]
+    g_act = g  # the residual's gradient: the add passes dy * act'(z) through
+    dbias, dweight = g.sum(dims), (g * x_hat).sum(dims)
+    dx = None
+    if ctx.needs_input_grad[0]:
+        if training:
+            count = y.numel() // y.shape[1]
+            g = g - (dbias / count).view(shape) - x_hat * (dweight / count).view(shape)
+        dx = (g * (w * invstd).view(shape)).to(y.dtype)
+    dw = dweight.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+    db = dbias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+    dresidual = g_act.to(residual.dtype) if residual is not None and ctx.needs_input_grad[11] else None
+    return dx, dw, db, None, None, None, None, None, None, None, None, dresidual

@@ -224,6 +224,51 @@ def differentiable_backward(dy, x, y, weight, bias, residual, mean, invstd, trai
     return dx, (sum_g_xhat if needs[1] else None), (sum_g if needs[2] else None), dresidual
 
 
+class _ZeroDerivative(torch.autograd.Function):
+    """``value`` recorded as a function of ``sources`` with derivative zero (no gradient flows back),
+    or, given a ``refusal``, with a derivative that raises it.
+
+    Under create_graph=True torch's BatchNorm gradients require grad whenever an input of its
+    backward does (dy, x, weight; and always after an activation, whose backward reads y), even
+    where they do not depend on it: eval mode's dx without a trainable weight, the affine sums when
+    dy is a constant. Code that differentiates them again (a gradient penalty on a frozen model)
+    must find a graph there, as with torch, and gets no gradient (None) for the sources.
+    """
+
+    @staticmethod
+    def forward(ctx, refusal, value, *sources):
+        ctx.refusal = refusal
+        return value.clone()  # a new tensor: an input returned as is would be a view, refusing in-place ops
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.refusal is not None:
+            raise RuntimeError(ctx.refusal)
+        return (None,) * len(ctx.needs_input_grad)
+
+
+def recorded_like_torch(grads, dy, x_requires_grad, weight, act, sources, refusal=None):
+    """(dx, dweight, dbias, dresidual) of a create_graph=True backward with torch's requires_grad
+    (see ``_ZeroDerivative``); with a ``refusal``, every recorded gradient raises it when
+    differentiated (``grads`` then come from a backward that autograd did not record)."""
+    sources = [t for t in sources if t is not None and t.requires_grad]
+    if not sources:
+        return grads
+    # torch: dx, dweight, dbias come from batch_norm's backward, whose inputs are g (the
+    # activation's gradient: it requires grad after an activation, through y or z), x and weight;
+    # dresidual is g itself.
+    g_recorded = act != act_codes.NONE or dy.requires_grad
+    bn_recorded = g_recorded or x_requires_grad or (weight is not None and weight.requires_grad)
+
+    def linked(grad, recorded):
+        if grad is None or not recorded or (grad.requires_grad and refusal is None):
+            return grad
+        return _ZeroDerivative.apply(refusal, grad, *sources)
+
+    dx, dw, db, dres = grads
+    return linked(dx, bn_recorded), linked(dw, bn_recorded), linked(db, bn_recorded), linked(dres, g_recorded)
+
+
 class BatchNormFunction(torch.autograd.Function):
     """y = act(batch_norm(x) [+ residual]) with an explicit backward.
 
@@ -273,6 +318,10 @@ class BatchNormFunction(torch.autograd.Function):
             dx, dw, db, dres = differentiable_backward(
                 dy, x, y, weight, bias, residual, mean, invstd, training, eps, act, slope, needs
             )
+            if torch.is_grad_enabled():
+                dx, dw, db, dres = recorded_like_torch(
+                    (dx, dw, db, dres), dy, x.requires_grad, weight, act, (dy, x, y, weight, bias, residual)
+                )
         else:
             dx, dw, db, dres = backward(
                 backend, dy, x, y, weight, bias, residual, mean, invstd, act, slope, training, needs

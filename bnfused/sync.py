@@ -34,11 +34,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.autograd.function import once_differentiable
 from torch.fx import Proxy
 
 from bnfused import activation as act_codes
-from bnfused import backends, layout
+from bnfused import backends, layout, ops
 from bnfused.functional import check_arguments, check_eps, empty_batch_norm, float_arguments
 from bnfused.modules import _FusedBatchNorm, swap_submodules
 
@@ -118,28 +117,49 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
-        x, y, weight, mean, invstd = ctx.saved_tensors
-        count, act, slope, backend, process_group, bias_dtype = ctx.config
-        impl = backends.module(backend)
-        dy = layout.like(x, dy)
+        if not torch.is_grad_enabled():
+            return _gradients(ctx, dy)
+        # create_graph=True: no second derivative (the statistics' dependence on every rank's input
+        # is not kept), but torch's requires_grad, and an error when differentiated, also where dy
+        # is a constant and autograd would not otherwise notice
+        with torch.no_grad():
+            dx, dw, db, *rest = _gradients(ctx, dy)
+        x, y, weight, _, _ = ctx.saved_tensors
+        dx, dw, db, _ = ops.recorded_like_torch(
+            (dx, dw, db, None), dy, ctx.needs_input_grad[0], weight, ctx.config[1], (dy, x, y, weight),
+            _SECOND_DERIVATIVE_REFUSED,
+        )  # fmt: skip
+        return dx, dw, db, *rest
+
+
+_SECOND_DERIVATIVE_REFUSED = (
+    "bnfused: SyncBatchNorm has no second derivative (a gradient taken with create_graph=True, then "
+    "differentiated), as torch's has none"
+)
+
+
+def _gradients(ctx, dy):
+    x, y, weight, mean, invstd = ctx.saved_tensors
+    count, act, slope, backend, process_group, bias_dtype = ctx.config
+    impl = backends.module(backend)
+    dy = layout.like(x, dy)
+    if x.numel() > 0:
+        sum_g, sum_g_xhat = impl.backward_reduce(dy, x, y, mean, invstd, act, slope)
+    else:  # an empty rank still joins the all_reduce below, with zero sums
+        sum_g, sum_g_xhat = torch.zeros_like(mean), torch.zeros_like(mean)
+    dx = None
+    if ctx.needs_input_grad[0]:
+        sums = torch.cat([sum_g, sum_g_xhat])  # a new tensor: the local sums stay local
+        dist.all_reduce(sums, group=process_group)
+        global_g, global_g_xhat = sums.split(mean.numel())
         if x.numel() > 0:
-            sum_g, sum_g_xhat = impl.backward_reduce(dy, x, y, mean, invstd, act, slope)
-        else:  # an empty rank still joins the all_reduce below, with zero sums
-            sum_g, sum_g_xhat = torch.zeros_like(mean), torch.zeros_like(mean)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            sums = torch.cat([sum_g, sum_g_xhat])  # a new tensor: the local sums stay local
-            dist.all_reduce(sums, group=process_group)
-            global_g, global_g_xhat = sums.split(mean.numel())
-            if x.numel() > 0:
-                dx = impl.backward_elemt(dy, x, y, weight, mean, invstd, global_g, global_g_xhat, count, act, slope)
-            else:
-                dx = torch.empty_like(x)
-        dw = sum_g_xhat.to(weight.dtype) if ctx.needs_input_grad[1] else None
-        db = sum_g.to(bias_dtype) if ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None, None, None, None, None, None
+            dx = impl.backward_elemt(dy, x, y, weight, mean, invstd, global_g, global_g_xhat, count, act, slope)
+        else:
+            dx = torch.empty_like(x)
+    dw = sum_g_xhat.to(weight.dtype) if ctx.needs_input_grad[1] else None
+    db = sum_g.to(bias_dtype) if ctx.needs_input_grad[2] else None
+    return dx, dw, db, None, None, None, None, None, None, None
 
 
 # Dynamo would split this at the host read of the count anyway; running it eagerly as a whole keeps

@@ -9,6 +9,7 @@
 // Like bnfused.ops.BatchNormFunction, the backward runs the fused kernel, except under
 // create_graph=True, where it is written in differentiable ATen ops (differentiable_backward).
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
@@ -149,6 +150,48 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> differentiable_backward(const Tensor&
   return {(g * scale.view(per_channel)).to(x.scalar_type()), sum_g_xhat, sum_g, dresidual};
 }
 
+// `value` recorded as a function of `sources` with derivative zero (no gradient flows back). Under
+// create_graph=True torch's BatchNorm gradients require grad whenever an input of its backward does
+// (dy, x, weight; and always after an activation, whose backward reads y), even where they do not
+// depend on it: eval mode's dx without a trainable weight, the affine sums when dy is a constant.
+// Code that differentiates them again (a gradient penalty on a frozen model) must find a graph
+// there, as with torch, and gets no gradient for the sources. bnfused.ops._ZeroDerivative likewise.
+struct ZeroDerivative : public torch::autograd::Function<ZeroDerivative> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& value, at::TensorList sources) {
+    ctx->saved_data["inputs"] = static_cast<int64_t>(1 + sources.size());
+    return value.clone();  // a new tensor: an input returned as is would be a view, refusing in-place ops
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 const torch::autograd::variable_list&) {
+    return torch::autograd::variable_list(ctx->saved_data["inputs"].toInt(), Tensor());
+  }
+};
+
+// The create_graph gradients with torch's requires_grad (see ZeroDerivative): dx, dweight and dbias
+// come from batch_norm's backward, whose inputs are g (the activation's gradient, which requires
+// grad after an activation, through y or z), x and weight; dresidual is g itself.
+void record_like_torch(Tensor& dx, Tensor& dweight, Tensor& dbias, Tensor& dresidual, const Tensor& dy,
+                       const Tensor& x, const Tensor& y, const Tensor& weight, const Tensor& bias,
+                       const Tensor& residual, int64_t act) {
+  std::vector<Tensor> sources;
+  for (const Tensor* t : {&dy, &x, &y, &weight, &bias, &residual}) {
+    if (t->defined() && t->requires_grad()) sources.push_back(*t);
+  }
+  if (sources.empty()) return;
+  const bool g_recorded = act != kNone || dy.requires_grad();
+  const bool bn_recorded = g_recorded || x.requires_grad() || (weight.defined() && weight.requires_grad());
+  auto link = [&](Tensor& grad, bool recorded) {
+    // as a TensorList: apply() takes a std::vector argument for a non-tensor and would record no edge
+    if (grad.defined() && !grad.requires_grad() && recorded) {
+      grad = ZeroDerivative::apply(grad, at::TensorList(sources));
+    }
+  };
+  link(dx, bn_recorded);
+  link(dweight, bn_recorded);
+  link(dbias, bn_recorded);
+  link(dresidual, g_recorded);
+}
+
 struct BatchNormBackward : public torch::autograd::Node {
   using SavedVariable = torch::autograd::SavedVariable;
   // x, y (relu, leaky_relu, relu6: their derivative is read off y), bias and residual (hardswish,
@@ -197,6 +240,7 @@ struct BatchNormBackward : public torch::autograd::Node {
       if (!needs_weight) dweight = Tensor();
       if (!needs_bias) dbias = Tensor();
       if (!needs_residual) dresidual = Tensor();
+      record_like_torch(dx, dweight, dbias, dresidual, grads[0], x_, y_, weight_, bias_, residual_, act);
     } else {
       // Without an activation, d(residual) is dy itself: no pass, no copy.
       const bool kernel_dresidual = needs_residual && act != kNone;

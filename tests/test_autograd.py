@@ -76,3 +76,66 @@ def test_grad_of_non_contiguous_upstream():
     # d(sum(BN(x)))/dx is 0 in training mode: every value's shift is cancelled by the mean's
     batch_norm(x, None, None, w, b, training=True).sum().backward()
     torch.testing.assert_close(x.grad, torch.zeros_like(x), atol=1e-5, rtol=0)
+
+
+def _torch_layer(x, rm, rv, w, b, training, activation, residual):
+    y = torch.nn.functional.batch_norm(x, rm, rv, w, b, training)
+    y = y if residual is None else y + residual
+    return {None: lambda t: t, "relu": torch.relu, "silu": torch.nn.functional.silu}[activation](y)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation", [None, "relu", "silu"])
+def test_create_graph_gradients_require_grad_as_torchs(backend, training, activation):
+    """Under create_graph=True each gradient requires grad exactly where torch's does, including the
+    ones that are constants of the graph (eval dx without a trainable weight, the sums when dy is a
+    constant): torch records them, and code that differentiates them again must not fail."""
+    import itertools
+
+    for weight_grad, x_grad, dy_grad, with_residual in itertools.product(
+        ["trained", "frozen", "absent"], [True, False], [True, False], [True, False]
+    ):
+        seen = {}
+        for name, layer in (("torch", _torch_layer), ("bnfused", None)):
+            torch.manual_seed(0)
+            x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=x_grad)
+            w = b = None
+            if weight_grad != "absent":
+                w = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(weight_grad == "trained")
+                b = torch.randn(3, dtype=torch.float64).requires_grad_(weight_grad == "trained")
+            r = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True) if with_residual else None
+            rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+            if layer is None:
+                y = batch_norm(x, rm, rv, w, b, training, activation=activation, backend=backend, residual=r)
+            else:
+                y = layer(x, rm, rv, w, b, training, activation, r)
+            leaves = [t for t in (x, w, b, r) if t is not None and t.requires_grad]
+            if not leaves:
+                continue
+            dy = torch.randn(y.shape, dtype=torch.float64, requires_grad=dy_grad)
+            grads = torch.autograd.grad(y, leaves, dy, create_graph=True)
+            seen[name] = [g.requires_grad for g in grads]
+        case = (weight_grad, x_grad, dy_grad, with_residual)
+        assert seen.get("bnfused") == seen.get("torch"), case
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_gradient_penalty_through_a_frozen_eval_layer(backend):
+    """A gradient penalty on the input of a frozen model in eval mode whose last layer is BatchNorm:
+    dx is a constant of the graph; torch lets the penalty backpropagate (no gradient reaches x),
+    and so must bnfused."""
+    import bnfused
+
+    x = torch.randn(6, 3, 4, 4, requires_grad=True)
+    dy = torch.randn(6, 3, 4, 4)
+    got = []
+    for layer in (torch.nn.BatchNorm2d(3, affine=False), bnfused.BatchNorm2d(3, affine=False, backend=backend)):
+        layer.running_var.fill_(2.0)
+        layer.eval()
+        (dx,) = torch.autograd.grad(layer(x), x, dy, create_graph=True)
+        dx.pow(2).sum().backward()
+        got.append((dx.detach(), x.grad))
+        x.grad = None
+    torch.testing.assert_close(got[1][0], got[0][0])
+    assert got[0][1] is None and got[1][1] is None

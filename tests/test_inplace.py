@@ -67,6 +67,42 @@ def test_gradcheck_float64(backend, training):
     assert torch.autograd.gradcheck(layer, (x, w, b))
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_eval_double_backward_is_exact(backend, residual):
+    """Eval mode's gradients are recorded under create_graph=True: invstd is a constant there, and
+    x_hat depends on x only through y. gradgradcheck differentiates them in every input."""
+    x = (torch.randn(3, 2, 4, dtype=torch.float64) * 2 + 1).requires_grad_()
+    w = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.randn(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64) + 0.5
+
+    def layer(x, w, b, *r):
+        return bnfused.batch_norm(
+            x, rm, rv, w, b, False, 0.1, 1e-5, "leaky_relu", 0.2, backend, residual=r[0] if r else None,
+            memory="inplace",
+        )  # fmt: skip
+
+    assert torch.autograd.gradgradcheck(layer, (x, w, b, *([r] if residual else [])))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("upstream_requires_grad", [False, True])
+def test_training_double_backward_raises(backend, upstream_requires_grad):
+    """In training the statistics depend on x, which is not kept: differentiating a gradient taken
+    with create_graph=True raises, whether or not dy requires grad (with a constant dy nothing else
+    in the graph would have noticed, and the second derivative would lack the statistics' terms)."""
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    w = (torch.rand(3) + 0.5).requires_grad_()
+    y = bnfused.batch_norm(x, None, None, w, None, True, backend=backend, memory="inplace")
+    dy = torch.randn(4, 3, 5, requires_grad=upstream_requires_grad)
+    dx, dw = torch.autograd.grad(y, (x, w), dy, create_graph=True)
+    assert dx.requires_grad and dw.requires_grad
+    with pytest.raises(RuntimeError, match="memory='inplace' has no second derivative in training mode"):
+        dx.pow(2).sum().backward()
+
+
 def test_bfloat16_input_against_float32():
     x = make_input((8, 4, 5, 5), torch.bfloat16)
     w, b = torch.rand(4) + 0.5, torch.randn(4)

@@ -363,6 +363,26 @@ def test_sync_path_in_one_process_matches_torch(device, tmp_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("upstream_requires_grad", [False, True])
+def test_sync_path_double_backward_raises(upstream_requires_grad, tmp_path):
+    """The synchronised backward has no second derivative (nor has torch's): a gradient taken with
+    create_graph=True requires grad, and differentiating it raises, also when dy is a constant
+    (where nothing else in the graph would notice, and the result would silently lack terms)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))  # fmt: skip
+    try:
+        x = make_input((4, 3, 5, 5), torch.float32).requires_grad_()
+        weight = nn.Parameter(torch.rand(3) + 0.5)
+        y = bnfused.sync.sync_batch_norm(x, None, None, weight, None, 0.1, 1e-5)
+        dy = torch.randn(4, 3, 5, 5, requires_grad=upstream_requires_grad)
+        dx, dw = torch.autograd.grad(y, (x, weight), dy, create_graph=True)
+        assert dx.requires_grad and dw.requires_grad
+        with pytest.raises(RuntimeError, match="SyncBatchNorm has no second derivative"):
+            dx.pow(2).sum().backward()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_sync_path_takes_momentum_and_eps_as_torch_does(tmp_path):
     """0-d tensors are their numbers; other tensors raise torch's TypeError, as bnfused.batch_norm does."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1,
