@@ -247,10 +247,25 @@ class _ZeroDerivative(torch.autograd.Function):
         return (None,) * len(ctx.needs_input_grad)
 
 
+_is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+
+
+def _batched(t: torch.Tensor) -> bool:
+    """A tensor of a vmap: is_grads_batched's legacy batching, or torch.func's."""
+    return _is_legacy_batched(t) or torch._C._functorch.is_batchedtensor(t)
+
+
 def recorded_like_torch(grads, dy, x_requires_grad, weight, act, sources, refusal=None):
     """(dx, dweight, dbias, dresidual) of a create_graph=True backward with torch's requires_grad
     (see ``_ZeroDerivative``); with a ``refusal``, every recorded gradient raises it when
     differentiated (``grads`` then come from a backward that autograd did not record)."""
+    if _batched(dy):
+        # is_grads_batched=True (jacobian(..., vectorize=True)): a batched tensor reports
+        # requires_grad=False even where autograd records it, so nothing can be told apart here,
+        # and a link would cut the recorded graph. A refusal cannot ride on a link either: raised now.
+        if refusal is not None:
+            raise RuntimeError(f"{refusal} (a batched backward with create_graph=True is refused at once)")
+        return grads
     sources = [t for t in sources if t is not None and t.requires_grad]
     if not sources:
         return grads

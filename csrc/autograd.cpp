@@ -173,6 +173,10 @@ struct ZeroDerivative : public torch::autograd::Function<ZeroDerivative> {
 void record_like_torch(Tensor& dx, Tensor& dweight, Tensor& dbias, Tensor& dresidual, const Tensor& dy,
                        const Tensor& x, const Tensor& y, const Tensor& weight, const Tensor& bias,
                        const Tensor& residual, int64_t act) {
+  // is_grads_batched=True (jacobian(..., vectorize=True)): a batched tensor reports requires_grad
+  // false even where autograd records it, so nothing can be told apart, and a link would cut the graph.
+  const auto keys = dy.key_set();
+  if (keys.has(c10::DispatchKey::Batched) || keys.has(c10::DispatchKey::FuncTorchBatched)) return;
   std::vector<Tensor> sources;
   for (const Tensor* t : {&dy, &x, &y, &weight, &bias, &residual}) {
     if (t->defined() && t->requires_grad()) sources.push_back(*t);

@@ -139,3 +139,33 @@ def test_gradient_penalty_through_a_frozen_eval_layer(backend):
         x.grad = None
     torch.testing.assert_close(got[1][0], got[0][0])
     assert got[0][1] is None and got[1][1] is None
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_vectorized_jacobian_keeps_its_graph(backend, training):
+    """jacobian(create_graph=True, vectorize=True) backpropagates batched gradients, which report
+    requires_grad=False even where autograd records them: their graph must be kept, so that a
+    function of the Jacobian differentiates as torch's does."""
+    from torch.autograd.functional import jacobian
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 2, dtype=torch.float64)
+    rm, rv = torch.randn(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64) + 0.5
+    weight = torch.rand(2, dtype=torch.float64) + 0.5
+    results = []
+    for layer in ("torch", "bnfused"):
+        w = weight.clone().requires_grad_()
+        if layer == "torch":
+
+            def f(x, w=w):
+                return torch.nn.functional.silu(torch.nn.functional.batch_norm(x, rm, rv, w, None, training))
+        else:
+
+            def f(x, w=w):
+                return batch_norm(x, rm, rv, w, None, training, activation="silu", backend=backend)
+
+        jac = jacobian(f, x, create_graph=True, vectorize=True)
+        assert jac.requires_grad
+        results.append(torch.autograd.grad(jac.pow(2).sum(), w))
+    torch.testing.assert_close(results[1], results[0])

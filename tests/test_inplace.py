@@ -101,6 +101,10 @@ def test_training_double_backward_raises(backend, upstream_requires_grad):
     assert dx.requires_grad and dw.requires_grad
     with pytest.raises(RuntimeError, match="memory='inplace' has no second derivative in training mode"):
         dx.pow(2).sum().backward()
+    # batched gradients (jacobian(vectorize=True)) cannot carry the refusal: raised at once
+    layer = lambda x: bnfused.batch_norm(x, None, None, w, None, True, backend=backend, memory="inplace")  # noqa: E731
+    with pytest.raises(RuntimeError, match="memory='inplace' has no second derivative in training mode"):
+        torch.autograd.functional.jacobian(layer, torch.randn(4, 3, 5), create_graph=True, vectorize=True)
 
 
 def test_bfloat16_input_against_float32():
