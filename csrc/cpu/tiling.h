@@ -654,8 +654,10 @@ void two_pass(const Tiling& tl, int64_t bytes_per_value, bool has_reduce, bool h
   if constexpr (std::is_invocable_v<const Reduce&, PlaneTiles> && std::is_invocable_v<const Apply&, PlaneTiles>) {
     if (block > 0) {
       const int64_t C = tl.L.c;
+      // kMinTaskValues per task, as everywhere: a small layer's blocks run on one thread, not forked
+      const int64_t grain = std::max<int64_t>(1, kMinTaskValues / (block * tl.L.per_channel()));
       const auto each_block = [&](auto&& body) {
-        at::parallel_for(0, (C + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
+        at::parallel_for(0, (C + block - 1) / block, grain, [&](int64_t begin, int64_t end) {
           for (int64_t i = begin; i < end; ++i) body(i * block, std::min(C, (i + 1) * block));
         });
       };
