@@ -59,6 +59,51 @@ def test_normalize_schedules_agree_bit_for_bit(shape, channels_last, dtype, act,
         assert torch.equal(again, y_eval), f"eval, {threads} thread(s)"
 
 
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [
+        ((9, 13, 2, 2), torch.float32),  # planes of 4 values, walked flat with a repeated pattern
+        ((9, 13, 3, 3), torch.bfloat16),  # 9 values
+        ((5, 7, 7, 1), torch.float16),  # 7 values, a sample of 49
+        ((9, 13, 2, 2), torch.float64),
+        ((3, 600, 3, 3), torch.float32),  # a period too long for the pattern: plane by plane
+    ],
+)
+@pytest.mark.parametrize("act, slope", [(act_codes.NONE, 0.0), (act_codes.LEAKY_RELU, 0.2), (act_codes.SILU, 0.0)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_short_planes_walked_flat_give_the_bits_of_the_plane_walk(shape, dtype, act, slope, residual):
+    """Contiguous planes shorter than a vector are normalised walked flat; the same values stored
+    channels_last are normalised as rows of C channels: the eval forward, the normalize op and the
+    training forward's output give the same bits."""
+    x = make_input(shape, dtype)
+    apart = x.contiguous(memory_format=torch.channels_last)
+    r = make_input(shape, dtype) if residual else None
+    C = shape[1]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    w, b = torch.rand(C, dtype=acc) + 0.5, torch.randn(C, dtype=acc)
+    rm, rv = torch.randn(C, dtype=acc), torch.rand(C, dtype=acc) + 0.5
+    for threads in (1, 2):
+        eval_flat, eval_apart = (
+            _with_threads(threads, lambda t=t, rt=rt: native.forward_eval(t, w, b, rm, rv, 1e-5, act, slope, rt))
+            for t, rt in ((x, r), (apart, None if r is None else r.contiguous(memory_format=torch.channels_last)))
+        )
+        assert torch.equal(eval_flat, eval_apart), f"eval, {threads} thread(s)"
+        y_train, mean, invstd = _with_threads(
+            threads, lambda: native.forward_train(x, w, b, None, None, 0.1, 1e-5, act, slope, r)
+        )
+        if r is None:
+            y_apart = _with_threads(threads, lambda m=mean, i=invstd: native.normalize(apart, w, b, m, i, act, slope))
+            assert torch.equal(y_train, y_apart), f"train, {threads} thread(s)"
+    want = act_codes.apply(
+        torch.nn.functional.batch_norm(x.double(), rm.double(), rv.double(), w.double(), b.double(), False, 0.0, 1e-5)
+        + (0 if r is None else r.double()),
+        act,
+        slope,
+    )
+    tol = {torch.bfloat16: 3e-2, torch.float16: 4e-3, torch.float32: 1e-5}.get(dtype, 1e-12)
+    torch.testing.assert_close(eval_flat.double(), want, rtol=tol, atol=tol)
+
+
 def test_short_planes_large_enough_to_stream_match_a_small_slice():
     """(128, 256, 14, 14) float32 is 25.7 MB: its eval output is streamed (aligned whole vectors) in
     memory order; every value must equal the same computation on one sample, which is not streamed."""
