@@ -606,17 +606,13 @@ void normalize_short_planes(const T* xp, T* yp, const Tiling& tl, const acc_t<T>
                             const acc_t<T>* shift, const Epi& epi) {
   using A = acc_t<T>;
   const int64_t S = tl.L.s, sample = tl.L.c * S, period = short_planes_period<T>(tl);
-  std::vector<A> m(period), k(period), b(period);
-  for (int64_t c = 0; c < tl.L.c; ++c) {
-    std::fill_n(m.begin() + c * S, S, mean[c]);
-    std::fill_n(k.begin() + c * S, S, scale[c]);
-    std::fill_n(b.begin() + c * S, S, shift[c]);
-  }
-  for (int64_t r = sample; r < period; r += sample) {
-    std::copy_n(m.begin(), sample, m.begin() + r);
-    std::copy_n(k.begin(), sample, k.begin() + r);
-    std::copy_n(b.begin(), sample, b.begin() + r);
-  }
+  auto repeated = [&](const A* per_channel) {
+    std::vector<A> out(period);
+    for (int64_t c = 0; c < tl.L.c; ++c) std::fill_n(out.begin() + c * S, S, per_channel[c]);
+    for (int64_t r = sample; r < period; r += sample) std::copy_n(out.begin(), sample, out.begin() + r);
+    return out;
+  };
+  const std::vector<A> m = repeated(mean), k = repeated(scale), b = repeated(shift);
   normalize_periodic(xp, yp, tl.L.numel(), period, m.data(), k.data(), b.data(), epi);
 }
 
