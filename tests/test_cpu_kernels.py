@@ -79,6 +79,11 @@ SCHEDULES = [
     pytest.param((24, 96, 4, 4), False, id="plane-blocks-16"),
     pytest.param((20, 40, 7, 7), False, id="plane-blocks-49"),
     pytest.param((1400, 3, 5, 5), False, id="plane-blocks-25-C3"),
+    # Planes shorter than a vector: the statistics over N rows of C * S positions, each channel's
+    # positions merged after (csrc/cpu/forward_kernels.h, short_plane_stats); rows of whole vectors
+    # in several tiles, and (planes-7 above) rows walked flat.
+    pytest.param((128, 96, 2, 2), False, id="short-planes-4"),
+    pytest.param((300, 13, 3, 3), False, id="short-planes-9-C13"),
 ]
 # 16-bit planes of 2115 values in over 8 MiB: the training forward's statistics one plane per tile in
 # memory order too (csrc/cpu/forward_kernels.h, stats_then_normalize). (Not in the float32 check
@@ -173,6 +178,40 @@ def test_row_moments_stay_exact_when_a_tile_starts_far_out(shape, channels_last,
     torch.testing.assert_close(mean.double(), x64.mean(dims), rtol=2e-6, atol=0.0)
     want = x64.var(dims, unbiased=False).rsqrt()
     torch.testing.assert_close(invstd.double()[far], want[far], rtol=2e-6, atol=0.0)
+
+
+@pytest.mark.parametrize(
+    "shape, far",
+    [
+        ((600, 16, 2, 2), None),  # every channel's first samples far out
+        ((600, 16, 2, 2), [0, 5, 15]),
+        ((300, 13, 3, 3), [2]),  # C * S = 117: rows walked flat
+        ((7, 40, 1, 5), None),  # a tile of 7 rows, shifted by its first 4
+        ((1, 8, 3, 5), None),  # one sample: each position a single value
+        ((40, 3, 7), [1]),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_short_plane_moments_match_float64(shape, far, dtype):
+    # Planes shorter than a vector are summed per position (c, s) across the samples, then each
+    # channel's positions are merged (short_plane_stats): the mean and invstd are those of float64,
+    # with |mean| >> std, with the first samples far out in some channels, and the same through
+    # batch_stats (the statistics alone).
+    x = make_input(shape, torch.float32, offset=1e3, scale=1.0)
+    C = shape[1]
+    far = list(range(C)) if far is None else far
+    x[: min(8, shape[0] - 1), far] += 30.0
+    x = x.to(dtype)
+    _, mean, invstd = native.forward_train(x, torch.ones(C), torch.zeros(C), None, None, 0.1, 0.0, 0, 0.0)
+    batch_mean, batch_var = native.batch_stats(x)
+    dims = [d for d in range(x.dim()) if d != 1]
+    x64 = x.double()
+    want_mean, want_var = x64.mean(dims), x64.var(dims, unbiased=False)
+    torch.testing.assert_close(mean.double(), want_mean, rtol=2e-6, atol=0.0)
+    torch.testing.assert_close(invstd.double(), want_var.rsqrt(), rtol=2e-6, atol=0.0)
+    torch.testing.assert_close(batch_mean.double(), want_mean, rtol=2e-6, atol=0.0)
+    torch.testing.assert_close(batch_var.double(), want_var, rtol=4e-6, atol=0.0)
 
 
 @pytest.mark.parametrize("shape", [(256, 64), (128, 128), (64, 120), (16, 256, 7, 7)], ids=str)

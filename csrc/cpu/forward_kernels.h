@@ -305,10 +305,9 @@ void normalize_tile(const T* xp, T* yp, const Tiling& tl, int64_t t, const acc_t
   stream_fence(stream);
 }
 
-// The forward's statistics alone: finish(c, Moments) for each channel (batch_stats). The same
-// reduction as stats_then_normalize's, without instantiating any normalisation.
+// The forward's statistics over tl's tiles: finish(c, Moments) for each channel (see channel_stats).
 template <typename T, typename Finish>
-void channel_stats(const T* xp, const Tiling& tl, const Finish& finish) {
+void tile_stats(const T* xp, const Tiling& tl, const Finish& finish) {
   using A = acc_t<T>;
   std::vector<A> part(tl.tiles * 2 * tl.width(), A(0));
   RowMomentMerge rows;
@@ -330,7 +329,7 @@ void channel_stats(const T* xp, const Tiling& tl, const Finish& finish) {
 // processes, time over ATen's, by planes -> flat: eval (16, 256, 2, 2) 1.44-1.52 -> 0.52-0.60, (16,
 // 96, 3, 3) 1.01-1.10 -> 0.65-0.71, (4, 96, 2, 2) 1.06-1.08 -> 0.94-0.99; training forward (16, 256,
 // 2, 2) 1.45-1.51 -> 0.99, (16, 96, 3, 3) 0.88-1.06 -> 0.68-0.70, (4, 96, 2, 2) 1.93-1.97 -> 1.51-1.65
-// (16 values per channel: the statistics' cost per channel is what is left).
+// (the statistics' cost per channel, since taken over positions: see short_plane_stats).
 // The period holds at most this many values per array (the three arrays stay in L2).
 constexpr int64_t kMaxShortPlanesPeriod = 8192;
 
@@ -351,6 +350,54 @@ template <typename T>
 void normalize(const T* xp, const Tiling& tl, const acc_t<T>* mean, const acc_t<T>* scale, const acc_t<T>* shift,
                int64_t act, double slope, const T* rp, T* yp);
 
+// channel_stats over contiguous planes shorter than a vector (short_flat_planes), where a tile of
+// one channel's planes sums a partial vector per plane, at C * S values from the next: the tensor is
+// taken instead as N rows of C * S positions, summed as channels_last rows are (a position per lane,
+// whole vectors), and each channel's S positions are then merged in double with Chan's update, in
+// position order (the same order for any thread count). A channel with a position that needed its
+// exact moments takes exact_moments whole, as does one whose merged moments need them. Training
+// forward, float32, op alone, alternated processes, time over ATen's, channel tiles -> positions, 1 /
+// 2 threads: (16, 256, 2, 2) 0.98-1.05 -> 0.45 / 1.44-1.49 -> 0.65 (a tensor under kMinTaskValues
+// runs on one thread, where ATen takes two); (64, 512, 2, 2) 0.72 -> 0.25-0.26 / 0.77-0.81 -> 0.39-0.40;
+// (16, 96, 3, 3) 0.72-0.77 -> 0.52-0.54 / 0.84-0.91 -> 0.67; (4, 96, 2, 2) 1.49-1.50 -> 1.11-1.15 /
+// 1.05-1.08 -> 0.82-0.84 (ATen 8-12 us, called through torch.ops, whose argument parsing the modules
+// skip). bfloat16 (16, 256, 2, 2) 0.62-0.63 -> 0.28-0.29 / 1.01 -> 0.45-0.46.
+template <typename T, typename Finish>
+void short_plane_stats(const T* xp, const Tiling& tl, const Finish& finish) {
+  const Ncs& L = tl.L;
+  const int64_t S = L.s, width = L.c * S;
+  const Tiling positions = Tiling::of(Ncs{L.n, width, 1, width, 1, 1});
+  std::vector<double> mean(width), m2(width);
+  std::vector<uint8_t> exact(L.c, 0);
+  tile_stats(xp, positions, [&](int64_t j, const Moments& mo) {
+    mean[j] = mo.mean;
+    m2[j] = mo.m2;
+    if (mo.unscale != 1.0) exact[j / S] = 1;
+  });
+  std::vector<ChanStep> steps;  // merging position s into positions 0 .. s - 1: the same for every channel
+  for (int64_t s = 1; s < S; ++s) steps.emplace_back(double(s * L.n), double(L.n));
+  for (int64_t c = 0; c < L.c; ++c) {
+    const double* mean_c = mean.data() + c * S;
+    const double* m2_c = m2.data() + c * S;
+    double mu = mean_c[0], q = m2_c[0];
+    for (int64_t s = 1; s < S; ++s) steps[s - 1].apply(mu, q, mean_c[s], m2_c[s]);
+    const bool whole = exact[c] || needs_exact_moments<acc_t<T>>(mu, q, L.per_channel());
+    finish(c, whole ? exact_moments(xp, tl, c) : Moments{mu, q});
+  }
+}
+
+// The forward's statistics alone: finish(c, Moments) for each channel (batch_stats, and the training
+// forward before a separate normalisation). The same reduction as stats_then_normalize's, without
+// instantiating any normalisation.
+template <typename T, typename Finish>
+void channel_stats(const T* xp, const Tiling& tl, const Finish& finish) {
+  if (planes_in_memory_order(tl) && short_flat_planes<T>(tl)) {
+    short_plane_stats(xp, tl, finish);
+  } else {
+    tile_stats(xp, tl, finish);
+  }
+}
+
 // Longer 16-bit planes take the same schedule when x takes at least this many bytes,
 constexpr int64_t kLongPlanesInOrderBytes = int64_t{8} << 20;
 // and their statistics one plane per tile from this many bytes per plane.
@@ -365,6 +412,13 @@ void stats_then_normalize(const T* xp, const Tiling& tl, const Finish& finish, c
   using A = acc_t<T>;
   if (yp == nullptr) {  // statistics only
     channel_stats(xp, tl, finish);
+    return;
+  }
+  // Planes shorter than a vector, any dtype: the statistics (short_plane_stats), then the
+  // normalisation walked flat (see normalize_short_planes) rather than plane by plane.
+  if (planes_in_memory_order(tl) && short_flat_planes<T>(tl)) {
+    channel_stats(xp, tl, finish);
+    normalize(xp, tl, mean, scale, shift, act, slope, rp, yp);
     return;
   }
   // 16-bit values over short planes: the statistics, then the eval pass in memory order ("in order"),
@@ -404,13 +458,6 @@ void stats_then_normalize(const T* xp, const Tiling& tl, const Finish& finish, c
       normalize(xp, tl, mean, scale, shift, act, slope, rp, yp);
       return;
     }
-  }
-  // Planes shorter than a vector: the statistics, then the normalisation walked flat (see
-  // normalize_short_planes) rather than plane by plane.
-  if (planes_in_memory_order(tl) && short_flat_planes<T>(tl)) {
-    channel_stats(xp, tl, finish);
-    normalize(xp, tl, mean, scale, shift, act, slope, rp, yp);
-    return;
   }
   std::vector<A> part(tl.tiles * 2 * tl.width(), A(0));
   // Rows walked flat or in pairs read the coefficients arranged (arrange_channels): arranged once the
