@@ -181,27 +181,33 @@ def test_row_moments_stay_exact_when_a_tile_starts_far_out(shape, channels_last,
 
 
 @pytest.mark.parametrize(
-    "shape, far",
+    "shape, far, offset, scale",
     [
-        ((600, 16, 2, 2), None),  # every channel's first samples far out
-        ((600, 16, 2, 2), [0, 5, 15]),
-        ((300, 13, 3, 3), [2]),  # C * S = 117: rows walked flat
-        ((7, 40, 1, 5), None),  # a tile of 7 rows, shifted by its first 4
-        ((1, 8, 3, 5), None),  # one sample: each position a single value
-        ((40, 3, 7), [1]),
+        ((600, 16, 2, 2), None, 1e3, 1.0),  # every channel's first samples far out
+        ((600, 16, 2, 2), [0, 5, 15], 1e3, 1.0),
+        ((300, 13, 3, 3), [2], 1e3, 1.0),  # C * S = 117: rows walked flat
+        ((7, 40, 1, 5), None, 1e3, 1.0),  # a tile of 7 rows, shifted by its first 4
+        ((1, 8, 3, 5), None, 1e3, 1.0),  # one sample: each position a single value
+        ((40, 3, 7), [1], 1e3, 1.0),
+        # |mean| >> std alone: the positions' means rounded to float, merged as they were in f50b412,
+        # put their rounding into M2 (invstd 1e-5 off at 1000 standard deviations; torch's float32
+        # kernel is 1e-3 off at 1e6).
+        ((2, 7, 3, 3), [], 1e3, 1.0),
+        ((7, 40, 1, 5), [], 3e3, 1.0),
+        ((16, 256, 2, 2), [], 1e4, 1e-2),
+        ((300, 13, 3, 3), [], 1e4, 1e-2),
     ],
     ids=str,
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_short_plane_moments_match_float64(shape, far, dtype):
-    # Planes shorter than a vector are summed per position (c, s) across the samples, then each
-    # channel's positions are merged (short_plane_stats): the mean and invstd are those of float64,
-    # with |mean| >> std, with the first samples far out in some channels, and the same through
-    # batch_stats (the statistics alone).
-    x = make_input(shape, torch.float32, offset=1e3, scale=1.0)
+def test_short_plane_moments_match_float64(shape, far, offset, scale, dtype):
+    # Planes shorter than a vector are summed per position (c, s) across the samples, in two sweeps
+    # (short_plane_stats): the mean and invstd are those of float64, with |mean| >> std, with the first
+    # samples far out in some channels, and the same through batch_stats (the statistics alone).
+    x = make_input(shape, torch.float32, offset=offset, scale=scale)
     C = shape[1]
     far = list(range(C)) if far is None else far
-    x[: min(8, shape[0] - 1), far] += 30.0
+    x[: min(8, shape[0] - 1), far] += 30.0 * scale
     x = x.to(dtype)
     _, mean, invstd = native.forward_train(x, torch.ones(C), torch.zeros(C), None, None, 0.1, 0.0, 0, 0.0)
     batch_mean, batch_var = native.batch_stats(x)
@@ -212,6 +218,21 @@ def test_short_plane_moments_match_float64(shape, far, dtype):
     torch.testing.assert_close(invstd.double(), want_var.rsqrt(), rtol=2e-6, atol=0.0)
     torch.testing.assert_close(batch_mean.double(), want_mean, rtol=2e-6, atol=0.0)
     torch.testing.assert_close(batch_var.double(), want_var, rtol=4e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(5, 6, 3, 3), (70, 3, 2, 2)], ids=str)
+def test_short_plane_constant_channel_is_exactly_its_value(shape, dtype):
+    # A constant channel's mean is its value and its variance 0, exactly (y = bias), in every dtype:
+    # the mean is taken as the channel's first shift plus the mean deviation from it.
+    C = shape[1]
+    values = torch.tensor([1e10 + 0.1, -3.3e7, 0.7], dtype=torch.float64).repeat(2)[:C].to(dtype)
+    x = values.view(1, C, 1, 1).expand(shape).contiguous()
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    y, mean, invstd = native.forward_train(x, w, b, None, None, 0.1, 1e-5, 0, 0.0)
+    assert torch.equal(mean, values.to(mean.dtype))
+    assert torch.equal(invstd, torch.full((C,), 1e-5, dtype=torch.float64).rsqrt().to(invstd.dtype))
+    assert torch.equal(y, b.to(dtype).view(1, C, 1, 1).expand(shape))
 
 
 @pytest.mark.parametrize("shape", [(256, 64), (128, 128), (64, 120), (16, 256, 7, 7)], ids=str)

@@ -352,37 +352,79 @@ void normalize(const T* xp, const Tiling& tl, const acc_t<T>* mean, const acc_t<
 
 // channel_stats over contiguous planes shorter than a vector (short_flat_planes), where a tile of
 // one channel's planes sums a partial vector per plane, at C * S values from the next: the tensor is
-// taken instead as N rows of C * S positions, summed as channels_last rows are (a position per lane,
-// whole vectors), and each channel's S positions are then merged in double with Chan's update, in
-// position order (the same order for any thread count). A channel with a position that needed its
-// exact moments takes exact_moments whole, as does one whose merged moments need them. Training
-// forward, float32, op alone, alternated processes, time over ATen's, channel tiles -> positions, 1 /
-// 2 threads: (16, 256, 2, 2) 0.98-1.05 -> 0.45 / 1.44-1.49 -> 0.65 (a tensor under kMinTaskValues
-// runs on one thread, where ATen takes two); (64, 512, 2, 2) 0.72 -> 0.25-0.26 / 0.77-0.81 -> 0.39-0.40;
-// (16, 96, 3, 3) 0.72-0.77 -> 0.52-0.54 / 0.84-0.91 -> 0.67; (4, 96, 2, 2) 1.49-1.50 -> 1.11-1.15 /
-// 1.05-1.08 -> 0.82-0.84 (ATen 8-12 us, called through torch.ops, whose argument parsing the modules
-// skip). bfloat16 (16, 256, 2, 2) 0.62-0.63 -> 0.28-0.29 / 1.01 -> 0.45-0.46.
+// taken instead as N rows of C * S positions, walked as channels_last rows are (a position per lane,
+// whole vectors), in two sweeps, as plane tiles are summed:
+//   1. per row tile and position, a shift (row_shift, a value of the data) and the sum of the
+//      deviations from it; each channel's mean in double from these, tile by tile and position by
+//      position in a fixed order (the same for any thread count);
+//   2. per row tile and position, the sum of squared deviations from the channel's mean rounded to A;
+//      M2 = their sum (in double) less count * (mean - rounded mean)^2.
+// Merging the positions' own (mean, M2) with Chan's update instead put the rounding of each position's
+// mean, a few ulps of |mean|, into M2 at first order: invstd 1e-5 off at |mean| = 1000 std.
+// A channel whose sums are not finite, or whose variance is tiny, takes exact_moments.
+// Training forward, float32, op alone, alternated processes, time over ATen's, channel tiles ->
+// positions, 1 / 2 threads: (16, 256, 2, 2) 0.98-1.05 -> 0.45 / 1.44-1.49 -> 0.65 (a tensor under
+// kMinTaskValues runs on one thread, where ATen takes two); (64, 512, 2, 2) 0.72 -> 0.25-0.26 /
+// 0.77-0.81 -> 0.39-0.40; (16, 96, 3, 3) 0.72-0.77 -> 0.52-0.54 / 0.84-0.91 -> 0.67; (4, 96, 2, 2)
+// 1.49-1.50 -> 1.11-1.15 / 1.05-1.08 -> 0.82-0.84 (ATen 8-12 us, called through torch.ops, whose
+// argument parsing the modules skip). bfloat16 (16, 256, 2, 2) 0.62-0.63 -> 0.28-0.29 / 1.01 -> 0.45-0.46.
 template <typename T, typename Finish>
 void short_plane_stats(const T* xp, const Tiling& tl, const Finish& finish) {
+  using A = acc_t<T>;
+  using V = at::vec::Vectorized<A>;
   const Ncs& L = tl.L;
-  const int64_t S = L.s, width = L.c * S;
-  const Tiling positions = Tiling::of(Ncs{L.n, width, 1, width, 1, 1});
-  std::vector<double> mean(width), m2(width);
-  std::vector<uint8_t> exact(L.c, 0);
-  tile_stats(xp, positions, [&](int64_t j, const Moments& mo) {
-    mean[j] = mo.mean;
-    m2[j] = mo.m2;
-    if (mo.unscale != 1.0) exact[j / S] = 1;
+  const int64_t S = L.s, W = L.c * S;
+  const Tiling pos = Tiling::of(Ncs{L.n, W, 1, W, 1, 1});
+  // A flat walk reads its centres repeated over the period (see tile_sums).
+  const auto centres_for_walk = [&](const A* per_position, A* repeated) {
+    if (!pos.flat) return per_position;
+    repeat_channels(pos, per_position, repeated);
+    return static_cast<const A*>(repeated);
+  };
+  const auto sum_around = [&](int64_t t, const A* centre, auto square, A* out) {
+    tile_sums<1>(
+        pos, t, centre, kNoArrays<A>,
+        [=](auto tag, int64_t off, const V& c, auto) {
+          const V d = ld(tag, xp + off) - c;
+          if constexpr (decltype(square)::value) return contributions(V(d * d));
+          else return contributions(d);
+        },
+        out);
+  };
+  std::vector<A> shifts(pos.tiles * W), sums(pos.tiles * W, A(0));
+  parallel_tiles(pos, [&](int64_t t) {
+    alignas(64) A repeated[kMaxRowsPeriod];
+    A* shift = shifts.data() + t * W;
+    row_shift(xp, pos, t, shift);
+    sum_around(t, centres_for_walk(shift, repeated), std::false_type{}, sums.data() + t * W);
   });
-  std::vector<ChanStep> steps;  // merging position s into positions 0 .. s - 1: the same for every channel
-  for (int64_t s = 1; s < S; ++s) steps.emplace_back(double(s * L.n), double(L.n));
+  // Each channel's mean as its first shift (a value of the data) plus the mean deviation from it:
+  // exactly that value for a constant channel.
+  std::vector<double> mean(L.c, 0.0);
+  for (int64_t t = 0; t < pos.tiles; ++t) {
+    const double rows = double(pos.count(t));
+    for (int64_t j = 0; j < W; ++j) {
+      mean[j / S] += (double(shifts[t * W + j]) - double(shifts[j / S * S])) * rows + double(sums[t * W + j]);
+    }
+  }
+  const double count = double(L.per_channel());
+  std::vector<A> centre(W);
   for (int64_t c = 0; c < L.c; ++c) {
-    const double* mean_c = mean.data() + c * S;
-    const double* m2_c = m2.data() + c * S;
-    double mu = mean_c[0], q = m2_c[0];
-    for (int64_t s = 1; s < S; ++s) steps[s - 1].apply(mu, q, mean_c[s], m2_c[s]);
-    const bool whole = exact[c] || needs_exact_moments<acc_t<T>>(mu, q, L.per_channel());
-    finish(c, whole ? exact_moments(xp, tl, c) : Moments{mu, q});
+    mean[c] = double(shifts[c * S]) + mean[c] / count;
+    std::fill_n(centre.begin() + c * S, S, static_cast<A>(mean[c]));
+  }
+  std::vector<A> squares(pos.tiles * W, A(0)), repeated_centre(pos.flat ? pos.period : 0);
+  const A* centre_walk = centres_for_walk(centre.data(), repeated_centre.data());
+  parallel_tiles(pos, [&](int64_t t) { sum_around(t, centre_walk, std::true_type{}, squares.data() + t * W); });
+  for (int64_t c = 0; c < L.c; ++c) {
+    double q = 0;
+    for (int64_t t = 0; t < pos.tiles; ++t) {
+      for (int64_t s = 0; s < S; ++s) q += double(squares[t * W + c * S + s]);
+    }
+    const double off = mean[c] - double(centre[c * S]);
+    double m2 = q - count * off * off;
+    if (m2 < 0) m2 = 0;  // (a NaN stays NaN, for needs_exact_moments)
+    finish(c, needs_exact_moments<A>(mean[c], m2, L.per_channel()) ? exact_moments(xp, tl, c) : Moments{mean[c], m2});
   }
 }
 
