@@ -375,12 +375,6 @@ void short_plane_stats(const T* xp, const Tiling& tl, const Finish& finish) {
   const Ncs& L = tl.L;
   const int64_t S = L.s, W = L.c * S;
   const Tiling pos = Tiling::of(Ncs{L.n, W, 1, W, 1, 1});
-  // A flat walk reads its centres repeated over the period (see tile_sums).
-  const auto centres_for_walk = [&](const A* per_position, A* repeated) {
-    if (!pos.flat) return per_position;
-    repeat_channels(pos, per_position, repeated);
-    return static_cast<const A*>(repeated);
-  };
   const auto sum_around = [&](int64_t t, const A* centre, auto square, A* out) {
     tile_sums<1>(
         pos, t, centre, kNoArrays<A>,
@@ -391,36 +385,56 @@ void short_plane_stats(const T* xp, const Tiling& tl, const Finish& finish) {
         },
         out);
   };
-  std::vector<A> shifts(pos.tiles * W), sums(pos.tiles * W, A(0));
+  // Sweep 1, per tile: each channel's reference (its first position's shift, a value of the data) and
+  // the sum of its values' deviations from it, in double.
+  const int64_t C = L.c;
+  std::vector<A> refs(pos.tiles * C);
+  std::vector<double> deviations(pos.tiles * C);
   parallel_tiles(pos, [&](int64_t t) {
-    alignas(64) A repeated[kMaxRowsPeriod];
-    A* shift = shifts.data() + t * W;
-    row_shift(xp, pos, t, shift);
-    sum_around(t, centres_for_walk(shift, repeated), std::false_type{}, sums.data() + t * W);
-  });
-  // Each channel's mean as its first shift (a value of the data) plus the mean deviation from it:
-  // exactly that value for a constant channel.
-  std::vector<double> mean(L.c, 0.0);
-  for (int64_t t = 0; t < pos.tiles; ++t) {
+    std::vector<A> shift(W), repeated(pos.flat ? pos.period : 0), sums(W, A(0));
+    row_shift(xp, pos, t, shift.data());
+    if (pos.flat) repeat_channels(pos, shift.data(), repeated.data());
+    sum_around(t, pos.flat ? repeated.data() : shift.data(), std::false_type{}, sums.data());
     const double rows = double(pos.count(t));
-    for (int64_t j = 0; j < W; ++j) {
-      mean[j / S] += (double(shifts[t * W + j]) - double(shifts[j / S * S])) * rows + double(sums[t * W + j]);
+    for (int64_t c = 0, j = 0; c < C; ++c) {
+      const A ref = shift[c * S];
+      double d = 0;
+      for (int64_t s = 0; s < S; ++s, ++j) d += (double(shift[j]) - double(ref)) * rows + double(sums[j]);
+      refs[t * C + c] = ref;
+      deviations[t * C + c] = d;
     }
-  }
+  });
+  // Each channel's mean as its first reference plus the mean deviation from it: exactly that value
+  // for a constant channel.
   const double count = double(L.per_channel());
+  std::vector<double> mean(C);
   std::vector<A> centre(W);
-  for (int64_t c = 0; c < L.c; ++c) {
-    mean[c] = double(shifts[c * S]) + mean[c] / count;
+  for (int64_t c = 0; c < C; ++c) {
+    const double first = double(refs[c]);
+    double d = 0;
+    for (int64_t t = 0; t < pos.tiles; ++t) {
+      d += (double(refs[t * C + c]) - first) * double(pos.count(t) * S) + deviations[t * C + c];
+    }
+    mean[c] = first + d / count;
     std::fill_n(centre.begin() + c * S, S, static_cast<A>(mean[c]));
   }
-  std::vector<A> squares(pos.tiles * W, A(0)), repeated_centre(pos.flat ? pos.period : 0);
-  const A* centre_walk = centres_for_walk(centre.data(), repeated_centre.data());
-  parallel_tiles(pos, [&](int64_t t) { sum_around(t, centre_walk, std::true_type{}, squares.data() + t * W); });
-  for (int64_t c = 0; c < L.c; ++c) {
-    double q = 0;
-    for (int64_t t = 0; t < pos.tiles; ++t) {
-      for (int64_t s = 0; s < S; ++s) q += double(squares[t * W + c * S + s]);
+  // Sweep 2, per tile: each channel's sum of squared deviations from its mean rounded to A, in double.
+  std::vector<A> repeated_centre(pos.flat ? pos.period : 0);
+  if (pos.flat) repeat_channels(pos, centre.data(), repeated_centre.data());
+  const A* centre_walk = pos.flat ? repeated_centre.data() : centre.data();
+  std::vector<double> squares(pos.tiles * C);
+  parallel_tiles(pos, [&](int64_t t) {
+    std::vector<A> out(W, A(0));
+    sum_around(t, centre_walk, std::true_type{}, out.data());
+    for (int64_t c = 0, j = 0; c < C; ++c) {
+      double q = 0;
+      for (int64_t s = 0; s < S; ++s, ++j) q += double(out[j]);
+      squares[t * C + c] = q;
     }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double q = 0;
+    for (int64_t t = 0; t < pos.tiles; ++t) q += squares[t * C + c];
     const double off = mean[c] - double(centre[c * S]);
     double m2 = q - count * off * off;
     if (m2 < 0) m2 = 0;  // (a NaN stays NaN, for needs_exact_moments)
