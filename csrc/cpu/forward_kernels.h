@@ -362,12 +362,12 @@ void normalize(const T* xp, const Tiling& tl, const acc_t<T>* mean, const acc_t<
 // Merging the positions' own (mean, M2) with Chan's update instead put the rounding of each position's
 // mean, a few ulps of |mean|, into M2 at first order: invstd 1e-5 off at |mean| = 1000 std.
 // A channel whose sums are not finite, or whose variance is tiny, takes exact_moments.
-// Training forward, float32, op alone, alternated processes, time over ATen's, channel tiles ->
-// positions, 1 / 2 threads: (16, 256, 2, 2) 0.98-1.05 -> 0.45 / 1.44-1.49 -> 0.65 (a tensor under
-// kMinTaskValues runs on one thread, where ATen takes two); (64, 512, 2, 2) 0.72 -> 0.25-0.26 /
-// 0.77-0.81 -> 0.39-0.40; (16, 96, 3, 3) 0.72-0.77 -> 0.52-0.54 / 0.84-0.91 -> 0.67; (4, 96, 2, 2)
-// 1.49-1.50 -> 1.11-1.15 / 1.05-1.08 -> 0.82-0.84 (ATen 8-12 us, called through torch.ops, whose
-// argument parsing the modules skip). bfloat16 (16, 256, 2, 2) 0.62-0.63 -> 0.28-0.29 / 1.01 -> 0.45-0.46.
+// Training forward through the layer (bench_kernels, time over torch's, two runs each), channel tiles
+// (6351a50) -> positions (9709e0b), float32, 1 / 2 threads: (16, 256, 2, 2) 0.88 -> 0.44-0.45 /
+// 1.15-1.30 -> 0.56 (a tensor under kMinTaskValues runs on one thread, where ATen takes two); (64,
+// 512, 2, 2) 0.68-0.89 -> 0.31 / 0.70-0.90 -> 0.43-0.44; (16, 96, 3, 3) 0.63-0.64 -> 0.47 / 0.67-0.85 ->
+// 0.54; (4, 96, 2, 2) 0.90-0.94 -> 0.71 / 0.79-0.82 -> 0.61; bfloat16 (16, 256, 2, 2) 0.61-0.63 -> 0.29 /
+// 0.89-1.03 -> 0.43-0.44.
 template <typename T, typename Finish>
 void short_plane_stats(const T* xp, const Tiling& tl, const Finish& finish) {
   using A = acc_t<T>;
