@@ -354,9 +354,9 @@ void normalize(const T* xp, const Tiling& tl, const acc_t<T>* mean, const acc_t<
 // one channel's planes sums a partial vector per plane, at C * S values from the next: the tensor is
 // taken instead as N rows of C * S positions, walked as channels_last rows are (a position per lane,
 // whole vectors), in two sweeps, as plane tiles are summed:
-//   1. per row tile and position, a shift (row_shift, a value of the data) and the sum of the
-//      deviations from it; each channel's mean in double from these, tile by tile and position by
-//      position in a fixed order (the same for any thread count);
+//   1. per row tile and position, a shift near the tile's mean (row_shift: exactly the value of a
+//      constant channel) and the sum of the deviations from it; each channel's mean in double from
+//      these, tile by tile and position by position in a fixed order (the same for any thread count);
 //   2. per row tile and position, the sum of squared deviations from the channel's mean rounded to A;
 //      M2 = their sum (in double) less count * (mean - rounded mean)^2.
 // Merging the positions' own (mean, M2) with Chan's update instead put the rounding of each position's
@@ -368,13 +368,37 @@ void normalize(const T* xp, const Tiling& tl, const acc_t<T>* mean, const acc_t<
 // 512, 2, 2) 0.68-0.89 -> 0.31 / 0.70-0.90 -> 0.43-0.44; (16, 96, 3, 3) 0.63-0.64 -> 0.47 / 0.67-0.85 ->
 // 0.54; (4, 96, 2, 2) 0.90-0.94 -> 0.71 / 0.79-0.82 -> 0.61; bfloat16 (16, 256, 2, 2) 0.61-0.63 -> 0.29 /
 // 0.89-1.03 -> 0.43-0.44.
+// At most this many rows per tile of positions: each lane's float sums then add at most this many
+// values (the plane tiles' four chains added about as many) before they are taken to double. Tiles
+// of up to 65536 values (the sequential walks' row tiles) left invstd 1.4e-5 off float64 on
+// (300000, 1, 2, 2) at 1e5 standard deviations from zero (4e-6 with the plane tiles).
+constexpr int64_t kMaxPositionRows = 256;
+
+// The row tiling of short_plane_stats: N rows of C * S positions, in the tiles of the sequential walk
+// (walk_order.h) capped at kMaxPositionRows rows, whichever walk is set: the same tiles and sums, so
+// the same bits, under either walk. (Register blocks and tiles of kTileValues, the blocked walk's,
+// took the float32 (512, 256, 3, 3) training forward from 0.28 to 0.40-0.42 of ATen's time, 1 thread.)
+inline Tiling short_plane_positions(const Ncs& L) {
+  const int64_t W = L.c * L.s;
+  Tiling pos = Tiling::of(Ncs{L.n, W, 1, W, 1, 1});
+  pos.sequential_rows = true;
+  const int64_t block = std::max(kTileValues / W, std::min(kSequentialRowTileValues / W, L.n / kMinRowTiles));
+  pos.block = std::clamp<int64_t>(block, 1, kMaxPositionRows);
+  if (pos.flat) {  // whole periods, as Tiling::of makes them
+    const int64_t q = pos.period / W;
+    pos.block = (pos.block + q - 1) / q * q;
+  }
+  pos.tiles = (L.n + pos.block - 1) / pos.block;
+  return pos;
+}
+
 template <typename T, typename Finish>
 void short_plane_stats(const T* xp, const Tiling& tl, const Finish& finish) {
   using A = acc_t<T>;
   using V = at::vec::Vectorized<A>;
   const Ncs& L = tl.L;
   const int64_t S = L.s, W = L.c * S;
-  const Tiling pos = Tiling::of(Ncs{L.n, W, 1, W, 1, 1});
+  const Tiling pos = short_plane_positions(L);
   const auto sum_around = [&](int64_t t, const A* centre, auto square, A* out) {
     tile_sums<1>(
         pos, t, centre, kNoArrays<A>,
@@ -385,8 +409,8 @@ void short_plane_stats(const T* xp, const Tiling& tl, const Finish& finish) {
         },
         out);
   };
-  // Sweep 1, per tile: each channel's reference (its first position's shift, a value of the data) and
-  // the sum of its values' deviations from it, in double.
+  // Sweep 1, per tile: each channel's reference (its first position's shift) and the sum of its
+  // values' deviations from it, in double.
   const int64_t C = L.c;
   std::vector<A> refs(pos.tiles * C);
   std::vector<double> deviations(pos.tiles * C);
@@ -404,8 +428,8 @@ void short_plane_stats(const T* xp, const Tiling& tl, const Finish& finish) {
       deviations[t * C + c] = d;
     }
   });
-  // Each channel's mean as its first reference plus the mean deviation from it: exactly that value
-  // for a constant channel.
+  // Each channel's mean as its first reference plus the mean deviation from it: exactly the value of
+  // a constant channel.
   const double count = double(L.per_channel());
   std::vector<double> mean(C);
   std::vector<A> centre(W);
