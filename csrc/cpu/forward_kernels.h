@@ -340,9 +340,12 @@ inline int64_t short_planes_period(const Tiling& tl) {
   return sample / std::gcd(sample, VW) * VW;
 }
 
+// True for contiguous planes shorter than a vector, grouped several to a tile (planes_in_memory_order),
+// whose pattern over the period fits kMaxShortPlanesPeriod: their statistics are taken over positions
+// (short_plane_stats) and their normalisation walked flat (normalize_short_planes).
 template <typename T>
 inline bool short_flat_planes(const Tiling& tl) {
-  return tl.contiguous_planes() && tl.L.s < vec_width<acc_t<T>>() &&
+  return planes_in_memory_order(tl) && tl.contiguous_planes() && tl.L.s < vec_width<acc_t<T>>() &&
          short_planes_period<T>(tl) <= kMaxShortPlanesPeriod;
 }
 
@@ -471,7 +474,7 @@ void short_plane_stats(const T* xp, const Tiling& tl, const Finish& finish) {
 // instantiating any normalisation.
 template <typename T, typename Finish>
 void channel_stats(const T* xp, const Tiling& tl, const Finish& finish) {
-  if (planes_in_memory_order(tl) && short_flat_planes<T>(tl)) {
+  if (short_flat_planes<T>(tl)) {
     short_plane_stats(xp, tl, finish);
   } else {
     tile_stats(xp, tl, finish);
@@ -496,7 +499,7 @@ void stats_then_normalize(const T* xp, const Tiling& tl, const Finish& finish, c
   }
   // Planes shorter than a vector, any dtype: the statistics (short_plane_stats), then the
   // normalisation walked flat (see normalize_short_planes) rather than plane by plane.
-  if (planes_in_memory_order(tl) && short_flat_planes<T>(tl)) {
+  if (short_flat_planes<T>(tl)) {
     channel_stats(xp, tl, finish);
     normalize(xp, tl, mean, scale, shift, act, slope, rp, yp);
     return;
