@@ -20,6 +20,7 @@ from benchmarks import (
     bench_deferred,
     bench_kernels,
     bench_models,
+    bench_precision,
     memory,
     plot_results,
     profile_kernels,
@@ -229,6 +230,23 @@ def test_bad_options_exit_with_a_message():
     ):
         with pytest.raises(SystemExit, match=message):
             bench_kernels.main(["--quick", "--device", "cpu", *argv])
+
+
+def test_bench_precision_compares_each_provider_with_float64(tmp_path, capsys):
+    csv_path = tmp_path / "precision.csv"
+    argv = ["--device", "cpu", "--shapes", "64x40,4x8x5x5", "--offsets", "0,1e4", "--csv", str(csv_path)]
+    rows = bench_precision.main([*argv, "--providers", "torch,reference,no-such-backend"])
+    assert "no-such-backend on 64x40 nchw" in capsys.readouterr().err  # reported, and the run goes on
+    header, read = _read_csv(csv_path)
+    assert header[: len(bench_precision.COLUMNS)] == bench_precision.COLUMNS
+    cases = {(r["shape"], r["layout"], r["offset"], r["provider"]) for r in read}
+    shapes = [("64x40", "nchw"), ("4x8x5x5", "nchw"), ("4x8x5x5", "channels_last")]
+    assert cases == {(s, lay, o, p) for s, lay in shapes for o in ("0", "10000") for p in ("torch", "reference")}
+    assert len(rows) == len(read)
+    for r in read:
+        assert 0 <= float(r["mean_error"]) < 1e-2 and 0 <= float(r["var_error"]) < 1e-3, r
+        if r["provider"] == "reference":  # float64 arithmetic: only the float32 running buffers round
+            assert float(r["var_error"]) < 2e-7, r
 
 
 def test_bench_models_quick_writes_csv(tmp_path, cpu_one_thread):
