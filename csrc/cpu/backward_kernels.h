@@ -76,9 +76,9 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
   T *dxp = io.dx, *drp = io.dresidual;
   // Rows walked flat read every per-channel array repeated over the period, and the elementwise pass
   // over rows in pairs reads them in pair order (arrange_channels): those known now are arranged
-  // here, k2 and k3 once the last channel is finished when the sums give them (two_pass finishes a
-  // row tiling's channels in order, on one thread, before any apply). The sums read the arrays as
-  // given unless the rows are walked flat; the exact paths of merge read the (C,) arrays.
+  // here, k2 and k3 once every channel is finished when the sums give them (two_pass's before_apply).
+  // The sums read the arrays as given unless the rows are walked flat; the exact paths of merge read
+  // the (C,) arrays.
   const int64_t P = arranged_size<T>(tl);
   std::vector<A> arranged(6 * P);
   auto arrange = [&](int64_t i, const A* arr) -> const A* {
@@ -147,19 +147,22 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
         tile_sums<2>(tl, t, center, sum_arrays, sum_contrib, part.data() + t * 2 * W);
       }
     };
-    // A rows tiling sums every channel on the first call, tiles outermost (as RowMomentMerge, and for
-    // the same reason: each channel's sum is a chain of dependent adds, one per tile), in the same order.
-    std::vector<double> rows_sums;
-    auto merge = [&](int64_t c) {
-      if (!reduce) return;
+    // A rows tiling sums each range of channels tiles outermost (as RowMomentMerge, and for the same
+    // reason: each channel's sum is a chain of dependent adds, one per tile), in the same order.
+    std::vector<double> rows_sums(reduce && tl.rows ? 2 * W : 0);
+    auto merge_rows = [&](int64_t c0, int64_t c1) {
+      for (int64_t half = 0; half < 2 * W; half += W) {
+        double* sums = rows_sums.data() + half;
+        std::fill(sums + c0, sums + c1, 0.0);
+        for (int64_t t = 0; t < tl.tiles; ++t) {
+          const A* tile = part.data() + t * 2 * W + half;
+          for (int64_t j = c0; j < c1; ++j) sums[j] += double(tile[j]);
+        }
+      }
+    };
+    auto merge_channel = [&](int64_t c) {
       double sg = 0, sgx = 0;
       if (tl.rows) {
-        if (rows_sums.empty()) {
-          rows_sums.assign(2 * W, 0.0);
-          for (int64_t t = 0; t < tl.tiles; ++t) {
-            for (int64_t j = 0; j < 2 * W; ++j) rows_sums[j] += double(part[t * 2 * W + j]);
-          }
-        }
         sg = rows_sums[c];
         sgx = rows_sums[W + c];
       } else {
@@ -186,7 +189,11 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
         });
       }
       finish(c, sg, sgx);
-      if (P && c == tl.L.c - 1) arrange_k2_k3();
+    };
+    auto merge = [&](int64_t c0, int64_t c1) {
+      if (!reduce) return;
+      if (tl.rows) merge_rows(c0, c1);
+      for (int64_t c = c0; c < c1; ++c) merge_channel(c);
     };
     const bool stream = tile_streams_output<T>(tl);
     auto input_grad = [&](auto t) {  // a tile, or a block's PlaneTiles (two_pass)
@@ -219,7 +226,9 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
       stream_fence(stream);
     };
     two_pass(tl, streams * int64_t(sizeof(T)), reduce, dxp != nullptr || drp != nullptr, sums, merge, input_grad,
-             plane_block_channels(tl, sizeof(T)));
+             plane_block_channels(tl, sizeof(T)), [&] {
+               if (reduce) arrange_k2_k3();
+             });
   };
   if constexpr (runtime_epilogue<T>()) {
     if (act == kNone) {

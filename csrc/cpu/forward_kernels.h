@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <numeric>
 #include <type_traits>
 #include <utility>
@@ -75,6 +76,13 @@ inline void store_tile_mean(A shift, A deviation, A* rounded, A* rest) {
   const A sum = shift + deviation;
   *rounded = sum;
   *rest = deviation - (sum - shift);
+}
+
+// The tiles' partials, uninitialised: tile_moments writes all of its tile's (zeroing them took 5% of
+// the float32 (256, 2048) training forward's time, one thread).
+template <typename A>
+std::unique_ptr<A[]> tile_parts(const Tiling& tl) {
+  return std::unique_ptr<A[]>(new A[tl.tiles * kTileParts * tl.width()]);
 }
 
 // Tile t's (mean, M2) of x for each of its `width()` channels, into part[t * kTileParts * W ..].
@@ -191,6 +199,7 @@ void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
   for (int64_t j = 0; j < W; ++j) tile_mean[j] = static_cast<A>(xp[first + j]);  // the shift
   const A* center = tl.flat ? repeated : tile_mean;
   if (tl.flat) repeat_channels(tl, tile_mean, repeated);
+  std::fill(tile_m2, tile_m2 + W, A(0));
   tile_sums<1>(
       tl, t, center, kNoArrays<A>,
       [=](auto tag, int64_t off, const V& c, auto) { return contributions(V(centered(tag, off, c))); },
@@ -206,12 +215,14 @@ void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
 // (n + nb). The two weights depend on the counts alone, the same for every channel of a tile:
 // computed once per tile, they leave the channels' updates without a division (a merge of 256
 // channels over 392 tiles was bound by its two divisions per channel and tile, about 0.1 ms).
+// mean_b comes as its pair (rounded, rest; kTileParts), the rest added to the difference: for float64
+// tiles, adding it to the rounded mean first would round it away.
 struct ChanStep {
   double mean_weight;  // nb / (n + nb)
   double m2_weight;    // n * nb / (n + nb)
   ChanStep(double n, double nb) : mean_weight(nb / (n + nb)), m2_weight(n * mean_weight) {}
-  void apply(double& mu, double& q, double tile_mean, double tile_m2) const {
-    const double delta = tile_mean - mu;
+  void apply(double& mu, double& q, double tile_mean, double tile_mean_rest, double tile_m2) const {
+    const double delta = (tile_mean - mu) + tile_mean_rest;
     mu += delta * mean_weight;
     q += tile_m2 + delta * delta * m2_weight;
   }
@@ -226,26 +237,28 @@ std::pair<double, double> merged_moments(const Tiling& tl, const A* part, int64_
   tl.for_channel_tiles(c, [&](int64_t t, int64_t j) {
     const double nb = double(tl.count(t));
     const A* tile = part + t * kTileParts * W;
-    ChanStep(n, nb).apply(mu, q, double(tile[j]) + double(tile[2 * W + j]), double(tile[W + j]));
+    ChanStep(n, nb).apply(mu, q, double(tile[j]), double(tile[2 * W + j]), double(tile[W + j]));
     n += nb;
   });
   return {mu, q};
 }
 
-// merged_moments for every channel of a rows tiling, where each channel has the same tiles. Channel
-// by channel, a merge is a chain of dependent updates, one per tile: 256 channels over the 392
+// merged_moments for channels c0 .. c1 - 1 of a rows tiling, where each channel has the same tiles.
+// Channel by channel, a merge is a chain of dependent updates, one per tile: 256 channels over the 392
 // tiles of a (128, 256, 14, 14) channels_last tensor took about a millisecond. Here the tiles are
 // outermost, so that the channels' independent updates overlap (and vectorise), with the same
-// operations in the same order per channel: the same bits.
+// operations in the same order per channel: the same bits. Ranges of channels may be merged
+// concurrently (two_pass's finish).
 class RowMomentMerge {
  public:
+  explicit RowMomentMerge(const Tiling& tl) : mu_(tl.rows ? tl.width() : 0), q_(tl.rows ? tl.width() : 0) {}
   template <typename A>
-  void merge(const Tiling& tl, const A* part) {
+  void merge(const Tiling& tl, const A* part, int64_t c0, int64_t c1) {
     const int64_t W = tl.width();
-    mu_.assign(W, 0.0);
-    q_.assign(W, 0.0);
     double* mu = mu_.data();
     double* q = q_.data();
+    std::fill(mu + c0, mu + c1, 0.0);
+    std::fill(q + c0, q + c1, 0.0);
     double n = 0;
     for (int64_t t = 0; t < tl.tiles; ++t) {
       const double nb = double(tl.count(t));
@@ -253,27 +266,17 @@ class RowMomentMerge {
       const A* tile_mean = part + t * kTileParts * W;
       const A* tile_m2 = tile_mean + W;
       const A* tile_mean_rest = tile_m2 + W;
-      for (int64_t j = 0; j < W; ++j) {
-        step.apply(mu[j], q[j], double(tile_mean[j]) + double(tile_mean_rest[j]), double(tile_m2[j]));
+      for (int64_t j = c0; j < c1; ++j) {
+        step.apply(mu[j], q[j], double(tile_mean[j]), double(tile_mean_rest[j]), double(tile_m2[j]));
       }
       n += nb;
     }
   }
-  bool empty() const { return mu_.empty(); }
   std::pair<double, double> operator[](int64_t c) const { return {mu_[c], q_[c]}; }
 
  private:
   std::vector<double> mu_, q_;
 };
-
-// Channel c's merged (mean, M2), for finish(c): a rows tiling merges every channel on the first call
-// (two_pass finishes a rows tiling's channels in order, on one thread), planes channel by channel.
-template <typename A>
-std::pair<double, double> channel_moments(const Tiling& tl, const A* part, RowMomentMerge& rows, int64_t c) {
-  if (!tl.rows) return merged_moments(tl, part, c);
-  if (rows.empty()) rows.merge(tl, part);
-  return rows[c];
-}
 
 // A channel's statistics: its mean, and its sum of squared deviations m2 * unscale^2 (unscale is a
 // power of two, 1 unless exact_moments had to scale the values to keep their squares in range).
@@ -314,6 +317,19 @@ Moments exact_moments(const T* xp, const Tiling& tl, int64_t c) {
   return {mean * unscale, m2, unscale};
 }
 
+// finish(c, Moments) for channels c0 .. c1 - 1 from the tiles' partials (two_pass's finish step):
+// merged in double, or recomputed exactly where the float sums cannot be trusted.
+template <typename T, typename Finish>
+void finish_channels(const T* xp, const Tiling& tl, const acc_t<T>* part, RowMomentMerge& rows, int64_t c0,
+                     int64_t c1, const Finish& finish) {
+  if (tl.rows) rows.merge(tl, part, c0, c1);
+  const int64_t count = tl.L.per_channel();
+  for (int64_t c = c0; c < c1; ++c) {
+    const auto [mean_c, m2_c] = tl.rows ? rows[c] : merged_moments(tl, part, c);
+    finish(c, needs_exact_moments<acc_t<T>>(mean_c, m2_c, count) ? exact_moments(xp, tl, c) : Moments{mean_c, m2_c});
+  }
+}
+
 // y = epi((x - mean[c]) * scale[c] + shift[c]) on tile t. Subtracting the mean first keeps the
 // result exact when |mean| >> std (folding it into the shift would cancel catastrophically). The
 // arrays as arranged for tl (arranged_size, arrange_channels), when it asks for an arrangement.
@@ -343,16 +359,11 @@ void normalize_tile(const T* xp, T* yp, const Tiling& tl, int64_t t, const acc_t
 template <typename T, typename Finish>
 void tile_stats(const T* xp, const Tiling& tl, const Finish& finish) {
   using A = acc_t<T>;
-  std::vector<A> part(tl.tiles * kTileParts * tl.width(), A(0));
-  RowMomentMerge rows;
+  const auto part = tile_parts<A>(tl);
+  RowMomentMerge rows(tl);
   two_pass(
-      tl, sizeof(T), true, false, [&](int64_t t) { tile_moments(xp, tl, t, part.data()); },
-      [&](int64_t c) {
-        const auto [mean_c, m2_c] = channel_moments(tl, part.data(), rows, c);
-        const int64_t count = tl.L.per_channel();
-        finish(c, needs_exact_moments<A>(mean_c, m2_c, count) ? exact_moments(xp, tl, c) : Moments{mean_c, m2_c});
-      },
-      [](int64_t) {});
+      tl, sizeof(T), true, false, [&](int64_t t) { tile_moments(xp, tl, t, part.get()); },
+      [&](int64_t c0, int64_t c1) { finish_channels(xp, tl, part.get(), rows, c0, c1, finish); }, [](int64_t) {});
 }
 
 // Contiguous planes shorter than a vector (2x2, 3x3 feature maps) are walked flat too, with each
@@ -576,30 +587,26 @@ void stats_then_normalize(const T* xp, const Tiling& tl, const Finish& finish, c
       return;
     }
   }
-  std::vector<A> part(tl.tiles * kTileParts * tl.width(), A(0));
-  // Rows walked flat or in pairs read the coefficients arranged (arrange_channels): arranged once the
-  // last channel is finished (two_pass finishes a row tiling's channels in order, on one thread,
-  // before any apply).
+  const auto part = tile_parts<A>(tl);
+  // Rows walked flat or in pairs read the coefficients arranged (arrange_channels): arranged once every
+  // channel is finished, before any apply.
   const int64_t P = arranged_size<T>(tl);
   std::vector<A> arranged(3 * P);
   const A* m = P ? arranged.data() : mean;
   const A* k = P ? m + P : scale;
   const A* b = P ? k + P : shift;
-  auto reduce = [&](int64_t t) { tile_moments(xp, tl, t, part.data()); };
-  RowMomentMerge rows;
-  auto merge = [&](int64_t c) {
-    const auto [mean_c, m2_c] = channel_moments(tl, part.data(), rows, c);
-    const int64_t count = tl.L.per_channel();
-    finish(c, needs_exact_moments<A>(mean_c, m2_c, count) ? exact_moments(xp, tl, c) : Moments{mean_c, m2_c});
-    if (P && c == tl.L.c - 1) {
-      arrange_channels<T>(tl, mean, arranged.data());
-      arrange_channels<T>(tl, scale, arranged.data() + P);
-      arrange_channels<T>(tl, shift, arranged.data() + 2 * P);
-    }
+  auto reduce = [&](int64_t t) { tile_moments(xp, tl, t, part.get()); };
+  RowMomentMerge rows(tl);
+  auto merge = [&](int64_t c0, int64_t c1) { finish_channels(xp, tl, part.get(), rows, c0, c1, finish); };
+  auto arrange = [&] {
+    if (!P) return;
+    arrange_channels<T>(tl, mean, arranged.data());
+    arrange_channels<T>(tl, scale, arranged.data() + P);
+    arrange_channels<T>(tl, shift, arranged.data() + 2 * P);
   };
   with_epilogue(act, slope, rp, [&](const auto& epi) {
     two_pass(tl, sizeof(T), true, true, reduce, merge,
-             [&](int64_t t) { normalize_tile(xp, yp, tl, t, m, k, b, epi); });
+             [&](int64_t t) { normalize_tile(xp, yp, tl, t, m, k, b, epi); }, 0, arrange);
   });
 }
 
@@ -813,7 +820,7 @@ void normalize(const T* xp, const Tiling& tl, const acc_t<T>* mean, const acc_t<
       arrange_channels<T>(tl, shift, arranged.data() + 2 * P);
     }
     two_pass(
-        tl, sizeof(T), false, true, [](int64_t) {}, [](int64_t) {},
+        tl, sizeof(T), false, true, [](int64_t) {}, [](int64_t, int64_t) {},
         [&](int64_t t) { normalize_tile(xp, yp, tl, t, m, k, b, epi); });
   });
 }

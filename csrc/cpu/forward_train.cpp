@@ -13,6 +13,8 @@ using std::optional;
 // 1 / sqrt(var + eps) for var = m2 * unscale^2 / M, with the scale taken out of the square root, so
 // that a variance beyond double's range (|x| >~ 1e155) still gives its (representable) invstd.
 double invstd_of(const Moments& mo, int64_t M, double eps) {
+  // Unscaled (every channel but exact_moments' extremes): the same value without the two divisions by u.
+  if (mo.unscale == 1.0) return 1.0 / std::sqrt(mo.m2 / double(M) + eps);
   const double u = mo.unscale, var_scaled = mo.m2 / double(M);
   return u >= 1.0 ? 1.0 / (u * std::sqrt(var_scaled + eps / u / u)) : 1.0 / std::sqrt(var_scaled * u * u + eps);
 }
