@@ -17,6 +17,7 @@ TRITON_INTERPRET=1 before anything imports triton).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from benchmarks import cli, report  # noqa: E402
 from benchmarks.bench_kernels import parse_shapes  # noqa: E402
 
 DEFAULT_SHAPES = "64x512,256x40,8x40x7x7,32x64x28x28,16x256x14x14,64x96x3x3"
+MAX_OFFSET = 2.0**24
 COLUMNS = ["shape", "layout", "offset", "provider", "mean_error", "var_error"]
 
 
@@ -69,7 +71,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"N x C x ... shapes (default {DEFAULT_SHAPES})")
     parser.add_argument("--layout", default="nchw,channels_last", help="nchw and/or channels_last (4-D/5-D shapes)")
-    parser.add_argument("--offsets", default="1e2,1e3,1e4,1e6", help="the means, in standard deviations")
+    parser.add_argument(
+        "--offsets",
+        default="1e2,1e3,1e4,1e6",
+        help="the means, in standard deviations, below 2**24 in magnitude (negative ones as --offsets=-1e4)",
+    )
     parser.add_argument("--providers", default="torch,cpp", help="torch and/or bnfused backends by name")
     parser.add_argument("--device", help="cuda, cpu (default: cuda if available, else cpu)")
     parser.add_argument("--csv", metavar="PATH", help="also write the rows, with where and when they were measured")
@@ -78,35 +84,47 @@ def main(argv: list[str] | None = None) -> list[dict]:
     try:
         shapes = parse_shapes(args.shapes)
         offsets = [float(o) for o in cli.split(args.offsets)]
-    except ValueError as exc:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (ValueError, RuntimeError) as exc:
         raise SystemExit(str(exc)) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    if not all(math.isfinite(o) and abs(o) < MAX_OFFSET for o in offsets):
+        raise SystemExit(
+            f"--offsets {args.offsets!r}: each must be finite and below 2**24 in magnitude "
+            "(beyond it float32 spaces its values more than a standard deviation apart)"
+        )
     layouts = cli.split(args.layout)
     if not set(layouts) <= {"nchw", "channels_last"}:
         raise SystemExit(f"--layout takes nchw and/or channels_last, got {args.layout!r}")
     providers = cli.split(args.providers)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cases = [(s, lay) for s in shapes for lay in layouts if lay == "nchw" or len(s) in (4, 5)]
+    if not (offsets and providers and cases):
+        raise SystemExit(
+            "nothing to measure: give offsets, providers, and shapes that --layout applies to "
+            "(channels_last takes 4-D and 5-D shapes)"
+        )
     rows = []
-    for shape in shapes:
-        for layout in layouts:
-            if layout == "channels_last" and len(shape) not in (4, 5):
-                continue
-            for offset in offsets:
-                x = make_input(shape, offset, layout, device)
-                row = {"shape": "x".join(map(str, shape)), "layout": layout, "offset": f"{offset:g}"}
-                for provider in providers:
-                    try:
-                        mean_error, var_error = errors(x, provider)
-                    except Exception as exc:  # a provider that cannot run here is reported, not fatal
-                        cli.log(f"{provider} on {row['shape']} {layout}: {report.short_reason(exc)}")
-                        continue
-                    rows.append(
-                        {
-                            **row,
-                            "provider": provider,
-                            "mean_error": f"{mean_error:.1e}",
-                            "var_error": f"{var_error:.1e}",
-                        }
-                    )
+    for shape, layout in cases:
+        for offset in offsets:
+            x = make_input(shape, offset, layout, device)
+            row = {"shape": "x".join(map(str, shape)), "layout": layout, "offset": f"{offset:g}"}
+            for provider in providers:
+                try:
+                    mean_error, var_error = errors(x, provider)
+                except Exception as exc:  # a provider that cannot run here is reported, not fatal
+                    cli.log(f"{provider} on {row['shape']} {layout}: {report.short_reason(exc)}")
+                    continue
+                rows.append(
+                    {
+                        **row,
+                        "provider": provider,
+                        "mean_error": f"{mean_error:.1e}",
+                        "var_error": f"{var_error:.1e}",
+                    }
+                )
+    if not rows:
+        raise SystemExit("no provider ran (see the messages above)")
     print(report.format_table(COLUMNS, ([r[k] for k in COLUMNS] for r in rows), markdown=args.markdown))
     if args.csv:
         meta = report.run_metadata(device)

@@ -249,6 +249,20 @@ def test_bench_precision_compares_each_provider_with_float64(tmp_path, capsys):
             assert float(r["var_error"]) < 2e-7, r
 
 
+def test_bench_precision_bad_options_exit_with_a_message():
+    for argv, message in (
+        (["--offsets", "nan"], "must be finite"),
+        (["--offsets=1e30"], "below 2\\*\\*24"),
+        (["--layout", "channels_last", "--shapes", "4x3"], "nothing to measure"),
+        (["--providers", ","], "nothing to measure"),
+        (["--providers", "no-such-backend", "--shapes", "4x3"], "no provider ran"),
+        (["--device", "foo"], "device"),
+        (["--shapes", "4x0"], "bad shape"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            bench_precision.main(["--device", "cpu", *argv] if argv[0] != "--device" else argv)
+
+
 def test_bench_models_quick_writes_csv(tmp_path, cpu_one_thread):
     csv_path = tmp_path / "models.csv"
     names = ["torch", "compile", "bnfused-reference", "bnfused-reference+compile", "scratch"]
