@@ -703,8 +703,9 @@ void two_pass(const Tiling& tl, int64_t bytes_per_value, bool has_reduce, bool h
   // Serial while the merges are small next to the data: one parallel region less is one barrier less
   // (on a loaded machine, a barrier waits for the slowest, descheduled thread). The 17 tiles x 2048
   // channels of (8, 2048, 7, 7) channels_last took 52 us on one thread to finish, a sixth of its
-  // 2-thread training forward.
-  const int64_t grain = std::max<int64_t>(1, kMinFinishWork / std::max<int64_t>(1, tl.tiles));
+  // 2-thread training forward. A channel merges every tile of a rows tiling, its own of planes.
+  const int64_t merged_per_channel = std::max<int64_t>(1, tl.rows ? tl.tiles : tl.per_channel_tiles);
+  const int64_t grain = std::max<int64_t>(1, kMinFinishWork / merged_per_channel);
   at::parallel_for(0, tl.L.c, grain, [&](int64_t begin, int64_t end) { finish(begin, end); });
   before_apply();
   if (has_apply) parallel_tiles(tl, apply);
