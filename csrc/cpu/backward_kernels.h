@@ -72,6 +72,7 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
   const int64_t W = tl.width();
   const V vslope(static_cast<A>(slope));
   std::vector<A> part(reduce ? tl.tiles * 2 * W : 0, A(0));  // per tile: W sums of g, W of g * (x - mean)
+  auto tile_part = [&](int64_t t) { return part.data() + t * 2 * W; };
   const T *dyp = io.dy, *xp = io.x, *yp = io.y, *rp = io.residual;
   T *dxp = io.dx, *drp = io.dresidual;
   // Rows walked flat read every per-channel array repeated over the period, and the elementwise pass
@@ -140,11 +141,11 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
       if constexpr (std::is_same_v<decltype(tiles), PlaneTiles>) {
         plane_sums<2>(
             tl, tiles, [=](int64_t c) { return mean[c]; }, sum_arrays, sum_contrib,
-            [&](int64_t c) { return part.data() + tl.tile_of(c, tiles.k) * 2 * W; });
+            [&](int64_t c) { return tile_part(tl.tile_of(c, tiles.k)); });
       } else {
         const int64_t t = tiles;
         const A* center = tl.rows ? sum_arrays[kMean] : mean + tl.plane_channel(t);
-        tile_sums<2>(tl, t, center, sum_arrays, sum_contrib, part.data() + t * 2 * W);
+        tile_sums<2>(tl, t, center, sum_arrays, sum_contrib, tile_part(t));
       }
     };
     // A rows tiling sums each range of channels tiles outermost (as RowMomentMerge, and for the same
@@ -155,7 +156,7 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
         double* sums = rows_sums.data() + half;
         std::fill(sums + c0, sums + c1, 0.0);
         for (int64_t t = 0; t < tl.tiles; ++t) {
-          const A* tile = part.data() + t * 2 * W + half;
+          const A* tile = tile_part(t) + half;
           for (int64_t j = c0; j < c1; ++j) sums[j] += double(tile[j]);
         }
       }
@@ -167,8 +168,8 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
         sgx = rows_sums[W + c];
       } else {
         tl.for_channel_tiles(c, [&](int64_t t, int64_t j) {
-          sg += double(part[t * 2 * W + j]);
-          sgx += double(part[t * 2 * W + W + j]);
+          sg += double(tile_part(t)[j]);
+          sgx += double(tile_part(t)[W + j]);
         });
       }
       sgx *= double(invstd[c]);

@@ -78,6 +78,16 @@ inline void store_tile_mean(A shift, A deviation, A* rounded, A* rest) {
   *rest = deviation - (sum - shift);
 }
 
+// Tile t's three arrays within the partials (P is A, or const A where they are read).
+template <typename P>
+struct TilePartials {
+  P* mean;
+  P* m2;
+  P* rest;
+  TilePartials(P* part, int64_t t, int64_t W)
+      : mean(part + t * kTileParts * W), m2(mean + W), rest(mean + 2 * W) {}
+};
+
 // The tiles' partials, uninitialised: tile_moments writes all of its tile's (zeroing them took 5% of
 // the float32 (256, 2048) training forward's time, one thread).
 template <typename A>
@@ -100,9 +110,10 @@ void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
   using A = acc_t<T>;
   using V = at::vec::Vectorized<A>;
   const int64_t W = tl.width();
-  A* tile_mean = part + t * kTileParts * W;
-  A* tile_m2 = tile_mean + W;
-  A* tile_mean_rest = tile_m2 + W;
+  const TilePartials<A> tile(part, t, W);
+  A* tile_mean = tile.mean;
+  A* tile_m2 = tile.m2;  // follows tile_mean: tile_sums<2> below writes both as one array of 2W
+  A* tile_mean_rest = tile.rest;
   const int64_t first = tl.first_offset(t);
   // The flat walk over rows takes its centre repeated over the period (see tile_sums).
   alignas(64) A repeated[kMaxRowsPeriod];
@@ -236,8 +247,8 @@ std::pair<double, double> merged_moments(const Tiling& tl, const A* part, int64_
   double n = 0, mu = 0, q = 0;
   tl.for_channel_tiles(c, [&](int64_t t, int64_t j) {
     const double nb = double(tl.count(t));
-    const A* tile = part + t * kTileParts * W;
-    ChanStep(n, nb).apply(mu, q, double(tile[j]), double(tile[2 * W + j]), double(tile[W + j]));
+    const TilePartials<const A> tile(part, t, W);
+    ChanStep(n, nb).apply(mu, q, double(tile.mean[j]), double(tile.rest[j]), double(tile.m2[j]));
     n += nb;
   });
   return {mu, q};
@@ -263,11 +274,9 @@ class RowMomentMerge {
     for (int64_t t = 0; t < tl.tiles; ++t) {
       const double nb = double(tl.count(t));
       const ChanStep step(n, nb);
-      const A* tile_mean = part + t * kTileParts * W;
-      const A* tile_m2 = tile_mean + W;
-      const A* tile_mean_rest = tile_m2 + W;
+      const TilePartials<const A> tile(part, t, W);
       for (int64_t j = c0; j < c1; ++j) {
-        step.apply(mu[j], q[j], double(tile_mean[j]), double(tile_mean_rest[j]), double(tile_m2[j]));
+        step.apply(mu[j], q[j], double(tile.mean[j]), double(tile.rest[j]), double(tile.m2[j]));
       }
       n += nb;
     }
