@@ -79,6 +79,9 @@ SCHEDULES = [
     pytest.param((24, 96, 4, 4), False, id="plane-blocks-16"),
     pytest.param((20, 40, 7, 7), False, id="plane-blocks-49"),
     pytest.param((1400, 3, 5, 5), False, id="plane-blocks-25-C3"),
+    # Planes of exactly 256 bytes: blocks where planes are walked blocked (Intel AVX512 builds, or
+    # BNFUSED_CPU_WALK=blocked), channel tiles where sequential.
+    pytest.param((40, 32, 8, 8), False, id="plane-blocks-64"),
     # Planes shorter than a vector: the statistics over N rows of C * S positions, each channel's
     # positions merged after (csrc/cpu/forward_kernels.h, short_plane_stats); rows of whole vectors
     # in several tiles, and (planes-7 above) rows walked flat.
@@ -698,7 +701,7 @@ def test_flat_walk_over_short_rows_matches_the_training_forward(shape, channels_
 # The schedule tests again, under each walk (csrc/cpu/walk_order.h): the kernels choose it once per
 # process (rows sequential everywhere; 16-bit planes sequential on AMD processors and AVX2 builds,
 # blocked otherwise), so each runs in a process of its own. The -k expression must not select the tests below.
-_WALK_TESTS = "bitwise_identical or matches_float64 or schedules_agree or within_twice or slice"
+_WALK_TESTS = "bitwise_identical or matches_float64 or schedules_agree or within_twice or slice or plane_blocks"
 
 
 def _pytest_with_walk(walk, *args):
@@ -721,7 +724,8 @@ def test_schedule_tests_pass_under_either_walk(walk):
 # (N, C, H, W)) take the channel tiles.
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_plane_blocks_give_the_bits_of_channel_tiles(threads):
-    cases = [((24, 96, 4, 4), torch.float32), ((20, 40, 7, 7), torch.bfloat16), ((1400, 3, 5, 5), torch.float32)]
+    cases = [((24, 96, 4, 4), torch.float32), ((20, 40, 7, 7), torch.bfloat16), ((1400, 3, 5, 5), torch.float32),
+             ((40, 32, 8, 8), torch.float32)]  # fmt: skip
 
     def compare_all():
         for shape, dtype in cases:

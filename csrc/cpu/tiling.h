@@ -201,25 +201,33 @@ inline PlaneTiles single_tile(const Tiling& tl, int64_t t) {
 // Short planes are walked by blocks of channels, in memory order, where a tile of one channel's
 // planes reads a few cache lines and jumps C * S values to the next (past the hardware prefetcher's
 // reach: it does not cross 4 KB pages), and pays a plane's fixed costs (its run's start and end, a
-// partial vector) per few vectors: planes of under kBlockPlaneBytes, contiguous, grouped several to a
-// tile, with either walk (walk_order.h). A block holds at least kBlockRunBytes of each sample (one
-// run of memory) where it can, at most kMaxBlockChannels channels and kMaxBlockValues values per
-// sample (the state of its sums, and its coefficients repeated per value, stay in L1), and the count
-// of blocks aims at a multiple of the threads, so that each thread gets as many (at most C blocks, and
-// rounding the channels per block up can leave fewer; with fewer channels than threads, the tiles are
-// kept). The backward (grad_sums_then_input) against the channel tiles, op alone, two
+// partial vector) per few vectors: planes of under kBlockPlaneBytes (and of kBlockPlaneBytes where
+// planes are walked blocked), contiguous, grouped several to a tile, with either walk (walk_order.h).
+// A block holds at least kBlockRunBytes of each sample (one run of memory) where it can, at most
+// kMaxBlockChannels channels and kMaxBlockValues values per sample (the state of its sums, and its
+// coefficients repeated per value, stay in L1), and the count of blocks aims at a multiple of the
+// threads, so that each thread gets as many (at most C blocks, and rounding the channels per block up
+// can leave fewer; with fewer channels than threads, the tiles are kept). The backward (grad_sums_then_input) against the channel tiles, op alone, two
 // processes each, 1 / 2 threads:
 //   Zen 4, float32: (32, 576, 4, 4) 217-218 -> 135-142 us / 148-152 -> 106-138 (ATen 150-160 /
 //   84-150); (32, 240, 7, 7) 229-234 -> 177-187 / 119-137 -> 94-101; (32, 40, 7, 7) 44-45 -> 32-36 /
 //   26-30 -> 21-24; (32, 512, 5, 5) 353-373 -> 209-216 / 171-180 -> 116; (64, 256, 3, 3) 189-225 ->
 //   110-113 / 100-105 -> 66-83; bfloat16 (32, 576, 4, 4) 234-237 -> 129-130 / 129-159 -> 84-86; (32,
 //   240, 7, 7) 244-251 -> 145-146 / 212-214 -> 80-94; (128, 64, 8, 8) 176-180 -> 164-178 / 118-138 ->
-//   88-128. Planes of 256 bytes stay in tiles: float32 (128, 64, 8, 8) 204-213 -> 207-240 us / 103-123
-//   -> 126-131 with blocks.
+//   88-128. Planes of 256 bytes stay in tiles there: float32 (128, 64, 8, 8) 204-213 -> 207-240 us /
+//   103-123 -> 126-131 with blocks.
 //   Intel Xeon (AVX512; its blocked walk kept the tiles until measured), float32: (32, 576, 4, 4)
 //   366-408 -> 177-185 us / 182 -> 106-133 (ATen 284-307 / 128-236); (64, 256, 3, 3) 210-282 ->
 //   127-133 / 132-225 -> 71-114; (32, 96, 7, 7) 78-93 -> 75 / 47-67 -> 49-65 (ATen 82-96 / 45-81);
 //   bfloat16 (32, 576, 4, 4) 238-252 -> 122-150 / 159-249 -> 109-156; (128, 32, 2, 2) 50-52 -> 26-29.
+//   Planes of 256 bytes go by blocks there (where planes are walked blocked, walk_order.h), float32,
+//   op alone, four processes each: (64, 16, 8, 8) 37-50 -> 28-43 us / 30-37 -> 26-35 (time over
+//   ATen's 0.80-0.94 -> 0.68-0.73 / 0.84-0.98 -> 0.81-0.85); (32, 32, 8, 8) 37-50 -> 32-33 / 31-41 ->
+//   27-37; (128, 64, 8, 8) 488-649 -> 418-548 / 235-332 -> 200-317 (ATen 442-1295); bfloat16 (64,
+//   64, 8, 16) 267-522 -> 236-386 / 120-190 -> 112-196, (16, 32, 8, 16) the same within the noise.
+//   Larger planes stay in tiles (blocks below 512 bytes, measured): float32 (32, 64, 10, 10)
+//   140-235 -> 139-197 us (0.84-1.01 -> 0.75-1.04 of ATen's), bfloat16 (32, 64, 14, 14) 0.41-0.51 ->
+//   0.54-0.70 of ATen's at 2 threads.
 constexpr int64_t kBlockPlaneBytes = 256;
 constexpr int64_t kBlockRunBytes = 2048;
 constexpr int64_t kMaxBlockChannels = 64;
@@ -228,7 +236,9 @@ constexpr int64_t kMaxBlockValues = 1024;  // per sample: C * S of a block
 // The channels of a block for tl's passes over values of value_bytes, 0 when tl is not walked by blocks.
 inline int64_t plane_block_channels(const Tiling& tl, int64_t value_bytes) {
   const int64_t plane_bytes = tl.L.s * value_bytes;
-  if (!tl.contiguous_planes() || tl.tiles_in_memory_order || tl.group == 1 || plane_bytes >= kBlockPlaneBytes) {
+  const bool short_plane =
+      plane_bytes < kBlockPlaneBytes || (plane_bytes == kBlockPlaneBytes && !tl.sequential_planes);
+  if (!tl.contiguous_planes() || tl.tiles_in_memory_order || tl.group == 1 || !short_plane) {
     return 0;
   }
   const int64_t C = tl.L.c, threads = at::get_num_threads();
