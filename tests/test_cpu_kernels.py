@@ -699,8 +699,10 @@ def test_flat_walk_over_short_rows_matches_the_training_forward(shape, channels_
 
 
 # The schedule tests again, under each walk (csrc/cpu/walk_order.h): the kernels choose it once per
-# process (rows sequential everywhere; 16-bit planes sequential on AMD processors and AVX2 builds,
-# blocked otherwise), so each runs in a process of its own. The -k expression must not select the tests below.
+# process (rows sequential everywhere; planes sequential on AMD processors and AVX2 builds, blocked
+# otherwise: 16-bit planes' tiles, and the backward's blocks of 256-byte planes), so each runs in a
+# process of its own. The -k expression may select test_plane_blocks_give_the_bits_of_channel_tiles
+# below, not the tests that start processes of their own.
 _WALK_TESTS = "bitwise_identical or matches_float64 or schedules_agree or within_twice or slice or plane_blocks"
 
 
@@ -724,8 +726,11 @@ def test_schedule_tests_pass_under_either_walk(walk):
 # (N, C, H, W)) take the channel tiles.
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_plane_blocks_give_the_bits_of_channel_tiles(threads):
-    cases = [((24, 96, 4, 4), torch.float32), ((20, 40, 7, 7), torch.bfloat16), ((1400, 3, 5, 5), torch.float32),
-             ((40, 32, 8, 8), torch.float32)]  # fmt: skip
+    # The last three have planes of 256 bytes: blocks only where planes are walked blocked.
+    cases = [
+        ((24, 96, 4, 4), torch.float32), ((20, 40, 7, 7), torch.bfloat16), ((1400, 3, 5, 5), torch.float32),
+        ((40, 32, 8, 8), torch.float32), ((20, 40, 8, 16), torch.bfloat16), ((40, 30, 4, 8), torch.float64),
+    ]  # fmt: skip
 
     def compare_all():
         for shape, dtype in cases:

@@ -80,7 +80,7 @@ struct Tiling {
   // True when the row tiles are walked flat too (see kFlatTilePeriods): tiles then hold whole
   // periods (but the last), so that each one starts at the pattern's start.
   bool flat;
-  // The walks where two exist (walk_order.h): true for sequential, for row tiles and for 16-bit planes.
+  // The walks where two exist (walk_order.h): true for sequential, for row tiles and for planes.
   bool sequential_rows, sequential_planes;
   // planes: one whole plane per tile, the tiles numbered in memory order (tile t is plane t = n * C + c)
   // rather than channel-major (see one_plane_tiles).
@@ -207,8 +207,8 @@ inline PlaneTiles single_tile(const Tiling& tl, int64_t t) {
 // kMaxBlockChannels channels and kMaxBlockValues values per sample (the state of its sums, and its
 // coefficients repeated per value, stay in L1), and the count of blocks aims at a multiple of the
 // threads, so that each thread gets as many (at most C blocks, and rounding the channels per block up
-// can leave fewer; with fewer channels than threads, the tiles are kept). The backward (grad_sums_then_input) against the channel tiles, op alone, two
-// processes each, 1 / 2 threads:
+// can leave fewer; with fewer channels than threads, the tiles are kept). The backward
+// (grad_sums_then_input) against the channel tiles, op alone, two processes each, 1 / 2 threads:
 //   Zen 4, float32: (32, 576, 4, 4) 217-218 -> 135-142 us / 148-152 -> 106-138 (ATen 150-160 /
 //   84-150); (32, 240, 7, 7) 229-234 -> 177-187 / 119-137 -> 94-101; (32, 40, 7, 7) 44-45 -> 32-36 /
 //   26-30 -> 21-24; (32, 512, 5, 5) 353-373 -> 209-216 / 171-180 -> 116; (64, 256, 3, 3) 189-225 ->
@@ -225,9 +225,9 @@ inline PlaneTiles single_tile(const Tiling& tl, int64_t t) {
 //   ATen's 0.80-0.94 -> 0.68-0.73 / 0.84-0.98 -> 0.81-0.85); (32, 32, 8, 8) 37-50 -> 32-33 / 31-41 ->
 //   27-37; (128, 64, 8, 8) 488-649 -> 418-548 / 235-332 -> 200-317 (ATen 442-1295); bfloat16 (64,
 //   64, 8, 16) 267-522 -> 236-386 / 120-190 -> 112-196, (16, 32, 8, 16) the same within the noise.
-//   Larger planes stay in tiles (blocks below 512 bytes, measured): float32 (32, 64, 10, 10)
-//   140-235 -> 139-197 us (0.84-1.01 -> 0.75-1.04 of ATen's), bfloat16 (32, 64, 14, 14) 0.41-0.51 ->
-//   0.54-0.70 of ATen's at 2 threads.
+//   Larger planes stay in tiles (blocks below 512 bytes, measured): float32 (32, 64, 10, 10), 400
+//   bytes, 140-235 -> 139-197 us (0.84-1.01 -> 0.75-1.04 of ATen's), bfloat16 (32, 64, 14, 14), 392
+//   bytes, 0.41-0.51 -> 0.54-0.70 of ATen's at 2 threads.
 constexpr int64_t kBlockPlaneBytes = 256;
 constexpr int64_t kBlockRunBytes = 2048;
 constexpr int64_t kMaxBlockChannels = 64;

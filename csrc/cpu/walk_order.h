@@ -1,14 +1,16 @@
 // Which of two ways the CPU kernels walk a tensor where both exist, chosen once per process, for rows
-// (channels_last and (N, C) tensors) and for 16-bit planes (NCHW) apart.
+// (channels_last and (N, C) tensors) and for planes (NCHW) apart.
 //
 //   blocked:    row tiles whose rows span several register blocks are summed one block of channels
 //               at a time, in registers, re-reading the tile once per block (tile_sums); the 16-bit
 //               training forward over short planes normalizes each channel's planes while they are in
-//               cache (two_pass), and the 16-bit backward keeps its grouped plane tiles (grad_tiling).
+//               cache (two_pass), the 16-bit backward keeps its grouped plane tiles (grad_tiling), and
+//               the backward takes planes of 256 bytes by blocks of channels (plane_block_channels).
 //   sequential: the same row tiles are summed row after row into accumulators in memory, and that
 //               forward (and over longer planes, when x takes 8 MiB or more) takes the statistics,
 //               then one eval pass in memory order (stats_then_normalize); the backward over longer
-//               16-bit planes one plane per tile in memory order.
+//               16-bit planes one plane per tile in memory order, and over planes of 256 bytes
+//               channel tiles.
 //
 // sequential reads every tensor in address order, which some hardware prefetchers need: blocked
 // reads a few cache lines of each row per block (256 bytes of every 1 KB row for float32 (128, 256,
@@ -31,7 +33,7 @@
 // (read at the first kernel call; empty is unset, any other value an error).
 // Each gives the same bits for any thread count; the two group the row sums, and the 16-bit plane sums,
 // differently, so their bits can differ from each other's (channels_last inputs with wide rows, 16-bit
-// NCHW inputs with long planes).
+// NCHW inputs with long planes; the 256-byte planes' blocks and tiles give the same bits).
 #pragma once
 
 #include <c10/util/Exception.h>
