@@ -39,7 +39,7 @@ SCHEDULES = [
     pytest.param((2001, 120), False, id="rows-flat-NC-120"),
     pytest.param((64, 32, 8, 8), True, id="rows-C32"),  # a multiple of the vector width: row by row
     # Rows of one vector: the forward and backward sums deal them in turn to four sets of register
-    # accumulators (csrc/cpu/tiling.h, row_block_sums); a partial vector when C < 16 and too few rows
+    # accumulators (csrc/cpu/tile_sums.h, row_block_sums); a partial vector when C < 16 and too few rows
     # to walk flat.
     pytest.param((64, 16, 8, 8), True, id="rows-C16"),
     pytest.param((9, 12, 3, 5), True, id="rows-C12-few"),
@@ -52,7 +52,7 @@ SCHEDULES = [
     pytest.param((20, 100, 3, 3), True, id="rows-C100"),
     pytest.param((200, 264), False, id="rows-NC-264"),
     # Larger than L2 (over 1 MiB of float32): with sequential walks (csrc/cpu/walk_order.h) the row sums
-    # are kept in memory, one accumulator per channel (csrc/cpu/tiling.h, tile_sums), rather than in
+    # are kept in memory, one accumulator per channel (csrc/cpu/tile_sums.h, tile_sums), rather than in
     # register blocks when a row spans more than one block (32 channels with AVX2, 64 with AVX512);
     # whole vectors, and rows ending in a partial vector (a period too long to walk flat).
     pytest.param((16, 64, 18, 18), True, id="rows-C64-large"),
@@ -72,8 +72,8 @@ SCHEDULES = [
     # 16-bit planes of 1147 values in over 4 MiB: with sequential walks the backward takes one plane per
     # tile, in memory order (csrc/cpu/backward_kernels.h, grad_tiling); float32 keeps grouped tiles.
     pytest.param((33, 61, 31, 37), False, id="planes-1147-large"),
-    # Planes under 256 bytes: blocks of channels, each sample's planes of a block
-    # in one run (csrc/cpu/tiling.h, plane_block_channels, plane_sums, plane_chunks); blocks of several
+    # Planes under 256 bytes: blocks of channels, each sample's planes of a block in one run
+    # (csrc/cpu/tiling.h, plane_block_channels; tile_sums.h, plane_sums; tile_chunks.h, plane_chunks); blocks of several
     # channels, and of one at 2 threads (C = 3: blocks of 2 and 1; channel tiles at 3 threads, as fewer
     # channels than threads); one whole vector per float32 plane, and planes ending in a partial vector.
     pytest.param((24, 96, 4, 4), False, id="plane-blocks-16"),
@@ -566,7 +566,7 @@ def test_plane_tiles_by_pairs_match_one_vector_rows(shape, dtype):
 
 # float16/bfloat16 rows of whole pairs (C a multiple of 2 * VW: 16 with AVX2, 32 with AVX512) are
 # converted a pair at a time too, each pair's lanes reading the per-channel arrays in pair order
-# (csrc/cpu/tiling.h, rows_in_pairs): one and several pairs per row, rows over several tiles, and
+# (csrc/cpu/channel_coefs.h, rows_in_pairs): one and several pairs per row, rows over several tiles, and
 # more values than one thread takes (kMinTaskValues = 32768), so that 3 threads split the work.
 PAIR_ROWS = [
     pytest.param((6, 16, 3, 3), id="C16"),

@@ -1,5 +1,5 @@
-// The CPU backward kernel of BatchNorm, written once per tile (see tiling.h) and scheduled by
-// two_pass: per-channel sum(g) and sum(g * (x - mean)) with g = dy * act'(z), then
+// The CPU backward kernel of BatchNorm, written once per tile (tiling.h, tile_chunks.h, tile_sums.h) and
+// scheduled by two_pass: per-channel sum(g) and sum(g * (x - mean)) with g = dy * act'(z), then
 // dx = g * k1 - x_hat * k2 - k3, x_hat = (x - mean) * invstd. The op wrapper (backward.cpp) supplies
 // `finish(c, ...)`, which turns channel c's merged sums into k1..k3 before any of its values are written.
 // T is the tensor dtype; A = acc_t<T> (float or double) is the dtype of all arithmetic.
@@ -11,6 +11,8 @@
 #include <vector>
 
 #include "elementwise.h"
+#include "tile_sums.h"
+#include "two_pass.h"
 
 namespace bnfused::cpu {
 

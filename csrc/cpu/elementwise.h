@@ -9,7 +9,7 @@
 #include <type_traits>
 
 #include "../activation.h"
-#include "tiling.h"
+#include "tile_chunks.h"
 
 namespace bnfused::cpu {
 

@@ -1,5 +1,5 @@
-// The CPU forward kernels of BatchNorm, written once per tile (see tiling.h) and scheduled by
-// two_pass: per-channel mean and M2 (tile_moments, merged in tile order), then
+// The CPU forward kernels of BatchNorm, written once per tile (tiling.h, tile_chunks.h, tile_sums.h) and
+// scheduled by two_pass: per-channel mean and M2 (tile_moments, merged in tile order), then
 // y = act((x - mean) * scale + shift (+ residual)); and the one-pass schedules of that normalisation
 // alone (normalize: eval, the normalize op, and with sequential walks (walk_order.h) the 16-bit
 // training forward over short planes, see stats_then_normalize). The op wrappers
@@ -20,6 +20,8 @@
 #include <vector>
 
 #include "elementwise.h"
+#include "tile_sums.h"
+#include "two_pass.h"
 
 namespace bnfused::cpu {
 

@@ -1,0 +1,423 @@
+// Per-channel sums over a tile (K of them at once: the statistics' sums, the backward's two), in
+// registers where the rows allow, in chains whose grouping depends on the tile alone, never on the
+// thread count.
+#pragma once
+
+#include <array>
+#include <cstring>
+#include <type_traits>
+
+#include "tile_chunks.h"
+
+namespace bnfused::cpu {
+
+template <typename A>
+inline A lane_sum(const at::vec::Vectorized<A>& v) {
+  A lanes[vec_width<A>()];
+  v.store(lanes);
+  A total = 0;
+  for (int64_t i = 0; i < vec_width<A>(); ++i) total += lanes[i];
+  return total;
+}
+
+// K sums over the rows of tile t (walked row by row) of its channels c0 .. c0 + C - 1, C <= NV * VW,
+// in NV vectors, added to out[k * L.c + c]. Accumulated in registers: summed in memory, each vector
+// of every row was a store and a dependent reload (a row of one vector, the worst, a chain of them).
+// The rows are dealt in turn to kSets sets of accumulators, so that at least four independent
+// chains of adds hide an add's latency, and the sets are added in a fixed order at the end: the
+// grouping depends on the tile alone, never on the thread count. contrib as for tile_sums.
+template <int NV, int K, typename A, size_t N, typename Contrib>
+void row_block_sums(const Tiling& tl, int64_t t, int64_t c0, int64_t C, const A* center,
+                    const ChannelArrays<A, N>& arrays, const Contrib& contrib, A* out) {
+  using V = at::vec::Vectorized<A>;
+  using Acc = std::array<std::array<V, K>, NV>;
+  constexpr int64_t VW = vec_width<A>();
+  constexpr int kSets = NV == 1 ? 4 : NV == 2 ? 2 : K == 1 ? 2 : 1;  // at most 8 accumulators, in registers
+  const int64_t last = C - (NV - 1) * VW;  // lanes of the last vector, 1 .. VW
+  const Part last_part{last};
+  const Contrib local = contrib;  // a copy in registers, as in tile_chunks
+  std::array<Acc, kSets> acc;
+  for (auto& set : acc) {
+    for (auto& vec : set) vec.fill(V(0));
+  }
+  const auto add = [&](std::array<V, K>& a, auto tag, int64_t off, int64_t lane0) {
+    const int64_t j = c0 + lane0;
+    const RowCoefs<A, N, decltype(tag)> coef{arrays, tag, j};
+    const std::array<V, K> v = local(tag, off + j, center ? ld(tag, center + j) : V(0), coef);
+    for (int k = 0; k < K; ++k) a[k] = a[k] + valid(tag, v[k]);
+  };
+  const auto row = [&](Acc& a, int64_t off) {
+    for (int v = 0; v + 1 < NV; ++v) add(a[v], Full{}, off, v * VW);
+    if (last == VW) {
+      add(a[NV - 1], Full{}, off, (NV - 1) * VW);
+    } else {
+      add(a[NV - 1], last_part, off, (NV - 1) * VW);
+    }
+  };
+  const int64_t rows = tl.count(t);
+  RowOffsets next_row(tl.L, t * tl.block);
+  int64_t r = 0;
+  for (; r + kSets <= rows; r += kSets) {
+    for (int q = 0; q < kSets; ++q) row(acc[q], next_row());
+  }
+  for (int q = 0; r < rows; ++r, ++q) row(acc[q], next_row());
+  alignas(64) A lanes[kSets][K][NV * VW];
+  for (int q = 0; q < kSets; ++q) {
+    for (int k = 0; k < K; ++k) {
+      for (int v = 0; v < NV; ++v) acc[q][v][k].store(lanes[q][k] + v * VW);
+    }
+  }
+  for (int k = 0; k < K; ++k) {
+    for (int64_t c = 0; c < C; ++c) {
+      A total = lanes[0][k][c];
+      if constexpr (kSets == 2) total += lanes[1][k][c];
+      if constexpr (kSets == 4) total = (total + lanes[1][k][c]) + (lanes[2][k][c] + lanes[3][k][c]);
+      out[k * tl.L.c + c0 + c] += total;
+    }
+  }
+}
+
+// Accumulator registers a row tile's sums may use (rows_head_in_registers): AVX512 has 32 vector
+// registers and AVX2 16, the rest hold the sums' operands; other builds (at::vec's generic or NEON
+// vectors, not measured) sum rows in memory alone.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kRowSumRegisters = 24;
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int kRowSumRegisters = 8;
+#else
+constexpr int kRowSumRegisters = 0;
+#endif
+
+// The type of those accumulators: the compiler's own vector type where it has one (GCC, clang), as
+// an array of Vectorized stayed in registers but was also stored to the stack after every row (GCC
+// 12); Vectorized itself elsewhere. Copied in and out with bit_copy.
+#if defined(__GNUC__)
+template <typename A>
+struct RegisterVec {
+  typedef A type __attribute__((vector_size(sizeof(at::vec::Vectorized<A>))));
+};
+#else
+template <typename A>
+struct RegisterVec {
+  using type = at::vec::Vectorized<A>;
+};
+#endif
+
+template <typename To, typename From>
+inline To bit_copy(const From& from) {
+  static_assert(sizeof(To) == sizeof(From) && std::is_trivially_copyable_v<To> && std::is_trivially_copyable_v<From>,
+                "bit_copy needs two trivially copyable types of one size");
+  To to;
+  std::memcpy(&to, &from, sizeof(To));
+  return to;
+}
+
+// Adds a row chunk's K contributions to acc[k * stride + j ..] (the sums of tile_sums kept in memory):
+// contrib at offset off of each row given, in that order, with the lanes' centre and coefficients at
+// place j.
+template <int K, typename A, size_t N, typename Contrib, typename Tag, typename... Off>
+inline void add_chunk(A* acc, int64_t stride, const Contrib& contrib, const ChannelArrays<A, N>& arrays,
+                      const A* center, Tag tag, int64_t j, Off... off) {
+  using V = at::vec::Vectorized<A>;
+  const auto coef = row_coefs<sizeof...(Off)>(arrays, tag, j);
+  const V cen = center ? ld(tag, center + j) : V(0);
+  const std::array<std::array<V, K>, sizeof...(Off)> v{contrib(tag, off, cen, coef)...};
+  for (int k = 0; k < K; ++k) {
+    A* o = acc + k * stride + j;
+    V sum = ld(tag, o);
+    for (const auto& row : v) sum = sum + valid(tag, row[k]);
+    st(tag, o, sum);
+  }
+}
+
+// The sums of tile_sums over rows walked one after another (sequential walks), with the first NR
+// vectors of every row summed in registers and the rest of the row in acc, which holds all C sums at
+// the end, the K sums of each vector's channels side by side: sum k of channel j at
+// acc[(j - j % VW) * K + k * VW + j % VW] (zeroed by the caller, whole vectors). Kept as K arrays of
+// C, a chunk's K sums lay C values apart, 4 or 8 KB for 1024 or 2048 float32 channels: the same low
+// 12 address bits, so that each load of one waited on the store to the other (Zen 4, channels_last,
+// 1 thread, op alone, two runs in each order, medians: statistics of (32, 1024, 14, 14) 1.52 ms
+// side by side against 1.82, (32, 2048, 7, 7) 0.94 against 1.05). Summed in acc alone, every vector was a
+// load, an add and a store per sum; the stores, queued behind the loads of x that wait on memory,
+// stalled the walk (Zen 4, float32 (128, 256, 14, 14) channels_last, 1 thread, op alone: the
+// forward's statistics 2.0-2.1 -> 1.5-1.6 ms, the backward's sums 2.6-3.1 -> 1.8-2.0 ms). Rows are
+// added two at a time (for_row_pairs: each chunk's centre and coefficients loaded, and its sums
+// loaded and stored, once for both): float32 (32, 2048, 7, 7) channels_last backward sums 1.77 ->
+// 1.27 ms, statistics 1.14 -> 1.05, (32, 1024, 14, 14) statistics 1.74 -> 1.38 (1 thread, op alone,
+// one run in each order, medians). Each value is added in the order tile_sums' rows in memory add it
+// (which path a tensor takes depends on the build's vector width; contracted multiply-adds in the
+// contributions can still differ between builds).
+template <int NR, int K, typename A, size_t N, typename Contrib>
+void rows_head_in_registers(const Tiling& tl, int64_t t, const A* center, const ChannelArrays<A, N>& arrays,
+                            const Contrib& contrib, A* __restrict acc) {
+  using V = at::vec::Vectorized<A>;
+  using Raw = typename RegisterVec<A>::type;
+  constexpr int64_t VW = vec_width<A>();
+  const int64_t C = tl.L.c, rows = tl.count(t);
+  const Contrib local = contrib;  // copies in registers, as in tile_chunks
+  const ChannelArrays<A, N> arr = arrays;
+  Raw reg[NR][K];
+#pragma GCC unroll 16
+  for (int v = 0; v < NR; ++v) {
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) reg[v][k] = bit_copy<Raw>(V(0));
+  }
+  const auto add_rows = [&](auto... off) {  // one row or two, added in that order
+#pragma GCC unroll 16
+    for (int v = 0; v < NR; ++v) {
+      const auto coef = row_coefs<sizeof...(off)>(arr, Full{}, v * VW);
+      const V cen = center ? V::loadu(center + v * VW) : V(0);
+      const auto add_row = [&](int64_t o) {
+        const std::array<V, K> c = local(Full{}, o + v * VW, cen, coef);
+#pragma GCC unroll 4
+        for (int k = 0; k < K; ++k) reg[v][k] = reg[v][k] + bit_copy<Raw>(c[k]);
+      };
+      (add_row(off), ...);
+    }
+    int64_t j = NR * VW;
+    for (; j + VW <= C; j += VW) add_chunk<K>(acc + j * (K - 1), VW, local, arr, center, Full{}, j, (off + j)...);
+    if (j < C) add_chunk<K>(acc + j * (K - 1), VW, local, arr, center, Part{C - j}, j, (off + j)...);
+  };
+  for_row_pairs(tl, t, add_rows, add_rows);
+#pragma GCC unroll 16
+  for (int v = 0; v < NR; ++v) {
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) bit_copy<V>(reg[v][k]).store(acc + (v * K + k) * VW);
+  }
+}
+
+// rows_head_in_registers with as many vectors in registers as the row and kRowSumRegisters allow
+// (rows of at least 4 vectors, kRowSumRegisters / K >= 4).
+template <int K, typename A, size_t N, typename Contrib>
+void rows_sums_sequential(const Tiling& tl, int64_t t, const A* center, const ChannelArrays<A, N>& arrays,
+                          const Contrib& contrib, A* acc) {
+  constexpr int kMaxVectors = kRowSumRegisters / K;
+  const int64_t vectors = tl.L.c / vec_width<A>();
+  if constexpr (kMaxVectors >= 12) {
+    if (vectors >= 12) return rows_head_in_registers<12, K>(tl, t, center, arrays, contrib, acc);
+  }
+  if constexpr (kMaxVectors >= 8) {
+    if (vectors >= 8) return rows_head_in_registers<8, K>(tl, t, center, arrays, contrib, acc);
+  }
+  rows_head_in_registers<4, K>(tl, t, center, arrays, contrib, acc);
+}
+
+// One contiguous run of a plane tile's sums: runs of four chunks to chains a0 .. a3 in turn, the
+// whole chunks after them to a0 and a partial one to a1 (chains may alias, see tile_sums).
+// acc = added(acc, tag, offset) adds a chunk. Forced inline, where GCC keeps the chains in registers.
+template <int64_t VW, typename Acc, typename Added>
+BNFUSED_INLINE void add_run(Acc& a0, Acc& a1, Acc& a2, Acc& a3, int64_t off, int64_t len, const Added& added) {
+  int64_t i = 0;
+  for (; i + 4 * VW <= len; i += 4 * VW) {
+    a0 = added(a0, Full{}, off + i);
+    a1 = added(a1, Full{}, off + i + VW);
+    a2 = added(a2, Full{}, off + i + 2 * VW);
+    a3 = added(a3, Full{}, off + i + 3 * VW);
+  }
+  for (; i + VW <= len; i += VW) a0 = added(a0, Full{}, off + i);
+  if (i < len) a1 = added(a1, Part{len - i}, off + i);
+}
+
+// tile_sums over the plane tiles of a block (plane_block_channels), in memory order: K sums of
+// contrib(tag, offset, centre, coef) -> std::array<Vec, K> per tile, channel c's into out_of(c)[0 ..
+// K) with centre center_of(c) (broadcast) and coef its PlaneCoefs. Each plane's chunks go to the
+// same chains, in the same order, as in tile_sums' walk of the tile (see there): the same sums, bit
+// for bit, whichever walk a tensor takes. (Not one function for both: walked as here, a tile's chains
+// kept in memory between planes, or with tile_sums' loop moved into a lambda, GCC 12 compiled the
+// float32 statistics of a single tile's short planes to 1.5-1.6x the time, (32, 576, 4, 4).)
+template <int K, typename A, size_t N, typename CenterOf, typename Contrib, typename OutOf>
+void plane_sums(const Tiling& tl, const PlaneTiles& b, const CenterOf& center_of, const ChannelArrays<A, N>& arrays,
+                const Contrib& contrib, const OutOf& out_of) {
+  using V = at::vec::Vectorized<A>;
+  using Acc = std::array<V, K>;
+  constexpr int64_t VW = vec_width<A>();
+  constexpr bool kFourChains = K == 1;
+  constexpr bool kTwoChains = !kFourChains && sizeof(V) <= 32;
+  constexpr int kChains = kFourChains ? 4 : kTwoChains ? 2 : 1;
+  Acc zero;
+  zero.fill(V(0));
+  const PlaneSpan p = tl.span_of(b.c0, b.k);
+  // Plane (n, c)'s chunks into chains q0 .. q3 (tile_sums' a0, c1, c2, c3; those past kChains stand
+  // for the ones they alias there, and stay zero).
+  const auto plane = [&](Acc& q0, Acc& q1, Acc& q2, Acc& q3, int64_t off, const V& cen, const PlaneCoefs<A, N>& coef) {
+    Acc &a1 = (kFourChains || kTwoChains) ? q1 : q0, &a2 = kFourChains ? q2 : q0;
+    Acc& a3 = kFourChains ? q3 : (kTwoChains ? q1 : q0);
+    // By value in and out, so that the accumulators stay in registers across the loops.
+    const auto added = [&](const Acc& acc, auto tag, int64_t o) {
+      const Acc v = contrib(tag, o, cen, coef);
+      Acc sum;
+      for (int k = 0; k < K; ++k) sum[k] = acc[k] + valid(tag, v[k]);
+      return sum;
+    };
+    add_run<VW>(q0, a1, a2, a3, off, p.len, added);  // blocks are of contiguous planes: no gathers
+  };
+  // Channel c's chains added as tile_sums adds them.
+  const auto write = [&](const std::array<Acc, kChains>& q, int64_t c) {
+    A* out = out_of(c);
+    for (int k = 0; k < K; ++k) {
+      if constexpr (kFourChains) {
+        out[k] = lane_sum((q[0][k] + q[1 % kChains][k]) + (q[2 % kChains][k] + q[3 % kChains][k]));
+      } else if constexpr (kTwoChains) {
+        out[k] = lane_sum(q[0][k] + q[1 % kChains][k]);
+      } else {
+        out[k] = lane_sum(q[0][k]);
+      }
+    }
+  };
+  // Each channel's chains wait in memory (L1) between its planes; only the chains its planes' chunks
+  // reach are loaded and stored.
+  const int64_t fours = p.len / (4 * VW), tail = p.len % VW;
+  const int live = fours == 0 && tail == 0 ? 1 : fours == 0 ? std::min(2, kChains) : kChains;
+  alignas(64) std::array<Acc, kChains> state[kMaxBlockChannels];
+  std::array<Acc, kChains> zeros;
+  zeros.fill(zero);
+  std::fill(state, state + (b.c1 - b.c0), zeros);
+  for (int64_t n = p.n0; n < p.n1; ++n) {
+    for (int64_t c = b.c0; c < b.c1; ++c) {
+      std::array<Acc, kChains>& kept = state[c - b.c0];
+      Acc q0 = kept[0], q1 = zero, q2 = zero, q3 = zero;
+      if constexpr (kChains > 1) {
+        if (live > 1) q1 = kept[1 % kChains];
+      }
+      if constexpr (kChains > 2) {
+        if (live > 2) q2 = kept[2 % kChains], q3 = kept[3 % kChains];
+      }
+      plane(q0, q1, q2, q3, n * tl.L.sn + c * tl.L.sc, V(center_of(c)), PlaneCoefs<A, N>(arrays, c));
+      kept[0] = q0;
+      if constexpr (kChains > 1) {
+        if (live > 1) kept[1 % kChains] = q1;
+      }
+      if constexpr (kChains > 2) {
+        if (live > 2) kept[2 % kChains] = q2, kept[3 % kChains] = q3;
+      }
+    }
+  }
+  for (int64_t c = b.c0; c < b.c1; ++c) write(state[c - b.c0], c);
+}
+
+// K per-channel sums over tile t of contrib(tag, offset, center, coef) -> std::array<Vec, K>, written
+// to out[k * width + j] (out zeroed by the caller). center points at the tile's per-channel centre
+// values (center[0] for a plane tile, center[c] for a row tile) or is null (centre 0); coef gives
+// the values of `arrays` for the chunk's lanes, as in tile_chunks. With tl.flat, center and the
+// arrays hold values repeated over the period, and the tile is summed flat: one accumulator per
+// place of the period, folded into the C sums at the end in a fixed order. contrib captures by
+// value, as for tile_chunks.
+template <int K, typename A, size_t N, typename Contrib>
+void tile_sums(const Tiling& tl, int64_t t, const A* center, const ChannelArrays<A, N>& arrays,
+               const Contrib& contrib_in, A* out) {
+  using V = at::vec::Vectorized<A>;
+  const Contrib contrib = contrib_in;
+  if (!tl.rows) {
+    // One sum (the moments) in four accumulators, the chunks of a run dealt to them in turn: one
+    // accumulator is a chain of dependent adds, an add's latency (4 cycles) per vector, several times
+    // what loading a vector from L1/L2 takes (the training forward took 0.77-0.98x the time of one chain).
+    // The backward's two sums measured slower that way with AVX512 (1.05-1.17x), so they keep one
+    // chain each there; with 256-bit vectors a plane has twice the vectors, each waiting on the last,
+    // and two chains each (alternate chunks) took the (64, 16, 8, 8) float32 backward op from 1.11x
+    // to 0.95x ATen's time, (32, 64, 56, 56) from 0.71x to 0.61x (AVX2 build and ATen on the AVX512
+    // machine, 1 thread), where with AVX512 the first went from 0.87x to 0.96x.
+    // Which chunk goes to which accumulator, and the order they are added in, depend on the tile
+    // alone, never on the thread count (nor on the walk: plane_sums adds a block's planes alike).
+    using Acc = std::array<V, K>;
+    Acc zero;
+    zero.fill(V(0));
+    Acc a0 = zero, c1 = zero, c2 = zero, c3 = zero;
+    constexpr bool kFourChains = K == 1;
+    constexpr bool kTwoChains = !kFourChains && sizeof(V) <= 32;
+    Acc &a1 = (kFourChains || kTwoChains) ? c1 : a0, &a2 = kFourChains ? c2 : a0;
+    Acc& a3 = kFourChains ? c3 : (kTwoChains ? c1 : a0);
+    const V cen(center ? center[0] : A(0));
+    const PlaneSpan p = tl.plane_span(t);
+    const PlaneCoefs<A, N> coef(arrays, p.c);
+    // By value in and out, so that the accumulators stay in registers across the loops.
+    const auto added = [&](const Acc& acc, auto tag, int64_t off) {
+      const Acc v = contrib(tag, off, cen, coef);
+      Acc sum;
+      for (int k = 0; k < K; ++k) sum[k] = acc[k] + valid(tag, v[k]);
+      return sum;
+    };
+    constexpr int64_t VW = vec_width<A>();
+    for (int64_t n = p.n0; n < p.n1; ++n) {
+      const int64_t off = n * tl.L.sn + p.c * tl.L.sc + p.s0 * tl.es;
+      if (tl.es != 1) {
+        for (int64_t i = 0; i < p.len; i += VW) {
+          a0 = added(a0, Gather{std::min(VW, p.len - i), tl.es}, off + i * tl.es);
+        }
+        continue;
+      }
+      add_run<VW>(a0, a1, a2, a3, off, p.len, added);
+    }
+    for (int k = 0; k < K; ++k) {
+      out[k] = lane_sum(kFourChains ? (a0[k] + a1[k]) + (a2[k] + a3[k]) : kTwoChains ? a0[k] + c1[k] : a0[k]);
+    }
+    return;
+  }
+  // Rows walked one by one: in blocks of up to four vectors of channels, each summed over the tile's rows in
+  // registers (row_block_sums; a wider row re-reads the tile, from L1/L2, once per block). Summed in out
+  // itself, row by row, the training forward of (128, 256, 14, 14) channels_last took 1.03x (float32) and
+  // 1.05x (bfloat16) the time with AVX512 on an Intel Xeon (before the memory sums below were rewritten; rows
+  // walk sequentially on every processor since). With sequential walks (walk_order.h) rows wider
+  // than a block are summed one after another (rows_sums_sequential: the first vectors of each row in
+  // registers, the rest in memory), in tensors too large for L2: read a block at a time, a tensor from memory
+  // ran far slower than one row after another on AMD processors (AVX2: the float32 backward of (32, 64, 56,
+  // 56) channels_last, whose 64-channel rows are two 32-channel blocks, at 1.57x ATen's time in register
+  // blocks, 0.99x in memory; Zen 4, AVX512: the backward's sums of (128, 256, 14, 14) 1.6x the time); the
+  // MLP's (64, 512), in cache, stays faster in registers (forward 0.83-0.84x against 0.90-0.92x). Walked
+  // flat: one accumulator per place of the period, folded into out's C sums at the end. Rows of one block (C
+  // <= 4 * VW) are read once either way and keep their registers: in memory, each row's adds wait on the
+  // previous row's stores (channels_last (256, 8, 32, 32) training forward 1.60 ms in registers, 2.27 ms in
+  // memory).
+  constexpr int64_t VW = vec_width<A>();
+  const int64_t C = tl.L.c;
+  const bool rows_in_memory = tl.sequential_rows && C > 4 * VW && C <= kMaxRowsPeriod &&
+                              tl.L.numel() * int64_t(sizeof(A)) > kFuseBytes;
+  if (!tl.flat && !rows_in_memory) {
+    for (int64_t c0 = 0; c0 < C; c0 += 4 * VW) {
+      const int64_t width = std::min(4 * VW, C - c0);
+      switch ((width + VW - 1) / VW) {
+        case 1: row_block_sums<1, K>(tl, t, c0, width, center, arrays, contrib, out); break;
+        case 2: row_block_sums<2, K>(tl, t, c0, width, center, arrays, contrib, out); break;
+        case 3: row_block_sums<3, K>(tl, t, c0, width, center, arrays, contrib, out); break;
+        default: row_block_sums<4, K>(tl, t, c0, width, center, arrays, contrib, out); break;
+      }
+    }
+    return;
+  }
+  const int64_t P = tl.flat ? tl.period : C;
+  static_assert(kMaxRowsPeriod % VW == 0, "P rounded up to whole vectors fits flat_acc");
+  alignas(64) A flat_acc[K * kMaxRowsPeriod];
+  A* const acc = flat_acc;
+  std::fill(acc, acc + K * ((P + VW - 1) / VW * VW), A(0));  // whole vectors, as rows_head_in_registers uses it
+  if constexpr (kRowSumRegisters / K >= 4) {  // not compiled where it cannot run
+    if (!tl.flat) {
+      rows_sums_sequential<K>(tl, t, center, arrays, contrib, acc);
+      // acc holds each vector's K sums side by side (rows_head_in_registers)
+      const auto fold = [&](auto tag, int64_t j) {
+        for (int k = 0; k < K; ++k) st(tag, out + k * C + j, ld(tag, out + k * C + j) + ld(tag, acc + j * K + k * VW));
+      };
+      int64_t j = 0;
+      for (; j + VW <= C; j += VW) fold(Full{}, j);
+      if (j < C) fold(Part{C - j}, j);
+      return;
+    }
+  }
+  const ChannelArrays<A, N> arr = arrays;
+  if (!tl.flat) {  // the rows in rows_head_in_registers' order: builds that take either path add alike
+    const auto add_rows = [=](auto... off) {  // by value: this loop stores
+      walk_row<A, false>(C, [=](auto tag, int64_t j) {
+        add_chunk<K>(acc, P, contrib, arr, center, tag, j, (off + j)...);
+      });
+    };
+    for_row_pairs(tl, t, add_rows, add_rows);
+    for (int64_t i = 0; i < K * C; ++i) out[i] += acc[i];  // one loop over the K * C sums, which vectorises
+    return;
+  }
+  walk_rows<A>(tl, t, [=](auto tag, int64_t off, int64_t j) {  // by value: this loop stores
+    add_chunk<K>(acc, P, contrib, arr, center, tag, j, off);
+  });
+  for (int k = 0; k < K; ++k) {
+    for (int64_t j = 0, c = 0; j < P; ++j, c = c + 1 == C ? 0 : c + 1) out[k * C + c] += acc[k * P + j];
+  }
+}
+
+}  // namespace bnfused::cpu

@@ -1,0 +1,87 @@
+// The schedule of the two-pass kernels (statistics then normalize; backward sums then input
+// gradient): which tiles run where, and when the per-channel finish step runs between the passes.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "tiling.h"
+
+namespace bnfused::cpu {
+
+// Channel partials (channels x tiles) per task of two_pass's finish step, where it forks.
+constexpr int64_t kMinFinishWork = 8192;
+
+// The schedule of every two-pass kernel: reduce(t) on every tile, then finish(c0, c1) on every channel
+// in ranges (it merges channels c0 .. c1 - 1's tile partials, each in tile order; ranges may run
+// concurrently, in any order), then before_apply() once, then apply(t) on every tile; either pass may
+// be absent (null flags). (The schedules below that fuse the three per block or per channel take
+// plane tilings only and call before_apply() first: the kernels that need it run over rows.) With `block` channels per block (plane_block_channels), where reduce and apply
+// also take PlaneTiles (kernels opt in so: a callable of int64_t alone keeps the tiles), one task per
+// block of channels runs reduce on the block's tiles, finish on its channels and apply on its tiles,
+// re-reading the block from cache when it fits and in memory order when not. Else, for planes whose channels fit in L2, and with at least
+// as many channels as threads, one task per channel runs all three for its channel, so apply()
+// re-reads values that reduce() just brought into cache; otherwise (and always for tiles in memory
+// order) each step runs over all tiles at once.
+// Each tile's partials are the same whichever way (plane_sums): so are the results.
+template <typename Reduce, typename Finish, typename Apply, typename BeforeApply = void (*)()>
+void two_pass(const Tiling& tl, int64_t bytes_per_value, bool has_reduce, bool has_apply, const Reduce& reduce,
+              const Finish& finish, const Apply& apply, int64_t block = 0, const BeforeApply& before_apply = [] {}) {
+  if constexpr (std::is_invocable_v<const Reduce&, PlaneTiles> && std::is_invocable_v<const Apply&, PlaneTiles>) {
+    if (block > 0) {
+      const int64_t C = tl.L.c;
+      // kMinTaskValues per task, as everywhere: a small layer's blocks run on one thread, not forked
+      const int64_t grain = std::max<int64_t>(1, kMinTaskValues / (block * tl.L.per_channel()));
+      const auto each_block = [&](auto&& body) {
+        at::parallel_for(0, (C + block - 1) / block, grain, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) body(i * block, std::min(C, (i + 1) * block));
+        });
+      };
+      const auto over_tiles = [&](const auto& pass, int64_t c0, int64_t c1) {
+        for (int64_t k = 0; k < tl.per_channel_tiles; ++k) pass(PlaneTiles{k, c0, c1});
+      };
+      if (has_reduce && has_apply) {
+        before_apply();
+        each_block([&](int64_t c0, int64_t c1) {
+          over_tiles(reduce, c0, c1);
+          finish(c0, c1);
+          over_tiles(apply, c0, c1);
+        });
+        return;
+      }
+      if (has_reduce) each_block([&](int64_t c0, int64_t c1) { over_tiles(reduce, c0, c1); });
+      finish(0, C);
+      before_apply();
+      if (has_apply) each_block([&](int64_t c0, int64_t c1) { over_tiles(apply, c0, c1); });
+      return;
+    }
+  }
+  const bool by_channel = !tl.rows && !tl.tiles_in_memory_order && has_reduce && has_apply &&
+                          tl.L.c >= at::get_num_threads() && tl.L.per_channel() * bytes_per_value <= kFuseBytes;
+  if (by_channel) {
+    before_apply();
+    const int64_t grain = std::max<int64_t>(1, kMinTaskValues / tl.L.per_channel());
+    at::parallel_for(0, tl.L.c, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        tl.for_channel_tiles(c, [&](int64_t t, int64_t) { reduce(t); });
+        finish(c, c + 1);
+        tl.for_channel_tiles(c, [&](int64_t t, int64_t) { apply(t); });
+      }
+    });
+    return;
+  }
+  if (has_reduce) parallel_tiles(tl, reduce);
+  // Serial while the merges are small next to the data: one parallel region less is one barrier less
+  // (on a loaded machine, a barrier waits for the slowest, descheduled thread). The 17 tiles x 2048
+  // channels of (8, 2048, 7, 7) channels_last took 52 us on one thread to finish, a sixth of its
+  // 2-thread training forward. A channel merges every tile of a rows tiling, its own of planes.
+  const int64_t merged_per_channel = std::max<int64_t>(1, tl.rows ? tl.tiles : tl.per_channel_tiles);
+  const int64_t grain = std::max<int64_t>(1, kMinFinishWork / merged_per_channel);
+  at::parallel_for(0, tl.L.c, grain, [&](int64_t begin, int64_t end) { finish(begin, end); });
+  before_apply();
+  if (has_apply) parallel_tiles(tl, apply);
+}
+
+}  // namespace bnfused::cpu
