@@ -83,7 +83,7 @@ SCHEDULES = [
     # BNFUSED_CPU_WALK=blocked), channel tiles where sequential.
     pytest.param((40, 32, 8, 8), False, id="plane-blocks-64"),
     # Planes shorter than a vector: the statistics over N rows of C * S positions, each channel's
-    # positions merged after (csrc/cpu/forward_kernels.h, short_plane_stats); rows of whole vectors
+    # positions merged after (csrc/cpu/moments.h, short_plane_stats); rows of whole vectors
     # in several tiles, and (planes-7 above) rows walked flat.
     pytest.param((128, 96, 2, 2), False, id="short-planes-4"),
     pytest.param((300, 13, 3, 3), False, id="short-planes-9-C13"),
@@ -469,7 +469,7 @@ def test_eager_binding_in_inference_mode_and_no_grad():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_flat_walk_over_short_planes_matches_the_training_forward(shape, dtype):
     """Eval over contiguous short planes walks the tensor in whole vectors, blending two channels'
-    coefficients where a vector straddles planes (csrc/cpu/forward_kernels.h, normalize_flat): every value
+    coefficients where a vector straddles planes (csrc/cpu/normalize.h, normalize_flat): every value
     must equal the training forward's, which applies the same coefficients plane by plane."""
     _assert_normalize_matches_training_forward(make_input(shape, dtype), act_codes.LEAKY_RELU, 0.1)
 
@@ -692,7 +692,7 @@ def test_flat_walk_streams_from_a_misaligned_input():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_flat_walk_over_short_rows_matches_the_training_forward(shape, channels_last, dtype):
     """Eval over dense rows of C channels, C not a multiple of the vector width, walks the tensor flat
-    with coefficients repeated over lcm(C, VW) values (csrc/cpu/forward_kernels.h, normalize_rows_flat): the
+    with coefficients repeated over lcm(C, VW) values (csrc/cpu/normalize.h, normalize_rows_flat): the
     same bits as the training forward's walk by tiles (row by row, or flat for the larger ones)."""
     x = make_input(shape, dtype, channels_last=channels_last)
     _assert_normalize_matches_training_forward(x, act_codes.RELU, 0.0)

@@ -61,6 +61,9 @@ template <typename A, size_t N>
 using ChannelArrays = std::array<const A*, N>;
 template <int I>
 using CoefIndex = std::integral_constant<int, I>;
+// No arrays: the sums whose chunks read no per-channel values.
+template <typename A>
+constexpr ChannelArrays<A, 0> kNoArrays{};
 
 // coef for the chunks of a plane tile: its channel's values, broadcast once per tile. Loaded per
 // chunk instead, they were loaded again after every store of an elementwise pass (a store through

@@ -1,4 +1,4 @@
-// The per-value pieces of the CPU kernels (forward_kernels.h, backward_kernels.h): where each
+// The per-value pieces of the CPU kernels (normalize.h, backward_kernels.h): where each
 // per-channel array sits in a chunk's coefficients (the forward's and the backward's slots), the
 // activations (forward) and their gradients (backward) on vectors and on one value, the forward's
 // epilogue act(z (+ residual)), and which outputs both write with streaming stores.
@@ -21,8 +21,6 @@ constexpr CoefIndex<2> kShift{};
 constexpr CoefIndex<3> kInvstd{};
 constexpr CoefIndex<4> kK2{};
 constexpr CoefIndex<5> kK3{};
-template <typename A>
-constexpr ChannelArrays<A, 0> kNoArrays{};
 
 template <int Act, typename V>
 inline V activate(const V& z, const V& slope) {
