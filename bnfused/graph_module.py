@@ -48,6 +48,7 @@ def hold_everything(gm: fx.GraphModule, model: nn.Module) -> None:
         held = gm.get_submodule(name) if name else gm
         if held is original:
             continue
+        held.training = original.training  # fx's containers are new modules, in training mode
         own = [*original.named_parameters(recurse=False, remove_duplicate=False),
                *original.named_buffers(recurse=False, remove_duplicate=False)]  # fmt: skip
         for key, tensor in own:
@@ -118,6 +119,7 @@ class FusedGraphModule(fx.GraphModule):
     def __deepcopy__(self, memo) -> FusedGraphModule:
         twin = super().__deepcopy__(memo)
         _restore_aliases(twin, {a: copy.deepcopy(getattr(self, a), memo) for a in _REGISTRIES})
+        _restore_modes(twin, self)
         return twin
 
     def __reduce__(self):
@@ -140,12 +142,25 @@ def _restore_aliases(gm: nn.Module, registries: dict[str, dict]) -> None:
         mine.update(ordered)
 
 
+def _restore_modes(gm: nn.Module, source: nn.Module) -> None:
+    """Each module of ``gm`` in the mode (``training``) of ``source``'s module of the same name: fx rebuilds
+    the containers of a copied or unpickled GraphModule as new modules, in training mode."""
+    for name, module in source.named_modules(remove_duplicate=False):
+        (gm.get_submodule(name) if name else gm).training = module.training
+
+
 def _unpickled(rebuild: Callable, args: tuple) -> FusedGraphModule:
     """A pickled FusedGraphModule: fx rebuilds a GraphModule from its code, which becomes this class again."""
     gm = rebuild(*args)
     body = args[0]
     _restore_aliases(gm, {a: body[a] for a in _REGISTRIES if isinstance(body.get(a), dict)})
-    return fused_graph_module(gm, gm.graph)
+    fused = fused_graph_module(gm, gm.graph)
+    if isinstance(body.get("_modules"), dict):  # the pickled containers, with their modes
+        pickled = nn.Module()
+        pickled._modules.update(body["_modules"])
+        pickled.training = body.get("training", gm.training)
+        _restore_modes(fused, pickled)
+    return fused
 
 
 def fused_graph_module(root: nn.Module, graph: fx.Graph) -> FusedGraphModule:

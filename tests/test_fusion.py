@@ -474,6 +474,50 @@ def test_fusing_a_converted_model_keeps_its_memory_mode_and_results(memory):
     torch.testing.assert_close(x.grad, x2.grad)
 
 
+def test_every_module_keeps_its_mode_through_conversion_copies_and_pickles():
+    """fx builds a new container (in training mode) for each module it traces through: the fused
+    model's modules keep the model's modes (an eval model stays all eval), in copies and pickles too."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.bn = nn.BatchNorm2d(3)
+            self.spare = nn.Sequential(nn.Linear(2, 2), nn.Dropout())  # not read by the forward
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.conv(x)))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block(), Block()])
+            self.extra = nn.ModuleDict({"a": Block()})
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return self.extra["a"](x)
+
+    def modes(model):
+        return [(name, m.training) for name, m in model.named_modules(remove_duplicate=False)]
+
+    torch.manual_seed(0)
+    for original in (Net().eval(), torchvision.models.resnet18(num_classes=4).eval()):
+        fused = bnfused.convert_model(copy.deepcopy(original), fuse=True)
+        assert modes(fused) == modes(original)
+        for twin in (copy.copy(fused), copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+            assert modes(twin) == modes(original)
+    mixed = Net().eval()
+    mixed.blocks[1].train()
+    mixed.blocks[1].spare[1].eval()
+    fused = bnfused.convert_model(copy.deepcopy(mixed), fuse=True)
+    assert modes(fused) == modes(mixed)
+    assert modes(pickle.loads(pickle.dumps(fused))) == modes(mixed)
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(fused(x), mixed(x))
+
+
 def test_parameters_keep_their_registration_order():
     """fx registers submodules in the order the forward first uses them; the fused model keeps the
     model's order, which an optimizer's state_dict and parameters_to_vector index by."""
