@@ -117,6 +117,27 @@ def test_environment_variable_sets_the_default():
     assert out.stdout.strip() == "reference"
 
 
+def test_unknown_backend_in_the_environment_is_named_where_it_is_used():
+    """A typo in BNFUSED_BACKEND leaves the import working and fails every use, naming the variable."""
+    code = (
+        "import torch, bnfused\n"
+        "for use in (bnfused.get_backend, lambda: bnfused.BatchNorm1d(3)(torch.randn(4, 3))):\n"
+        "    try:\n"
+        "        use()\n"
+        "    except ValueError as e:\n"
+        "        print(e)\n"
+        "bnfused.set_backend('reference')\n"
+        "print(bnfused.BatchNorm1d(3)(torch.randn(4, 3)).shape)\n"
+    )
+    env = dict(os.environ, BNFUSED_BACKEND="refrence")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 3, out.stdout
+    for line in lines[:2]:
+        assert "unknown backend 'refrence' (the environment variable BNFUSED_BACKEND)" in line
+    assert lines[2] == "torch.Size([4, 3])"
+
+
 def test_python_m_bnfused_reports_backends():
     out = subprocess.run([sys.executable, "-m", "bnfused"], capture_output=True, text=True, check=True, timeout=600)
     assert "torch" in out.stdout and "reference" in out.stdout and "available" in out.stdout

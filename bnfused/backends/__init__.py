@@ -81,6 +81,7 @@ _DEVICE_TYPE = {"cpp": "cpu", "cuda": "cuda"}
 _loaded: dict[str, ModuleType] = {}
 _resolved: dict[tuple[str, torch.device], str] = {}
 _default = os.environ.get("BNFUSED_BACKEND", "auto").strip().lower() or "auto"
+_default_from_environment = "BNFUSED_BACKEND" in os.environ  # until set_backend
 
 
 class BackendUnavailableError(RuntimeError):
@@ -90,20 +91,23 @@ class BackendUnavailableError(RuntimeError):
 def _check_name(name: str) -> str:
     name = name.lower()
     if name not in NAMES:
-        raise ValueError(f"bnfused: unknown backend {name!r}; choose one of {', '.join(NAMES)}")
+        origin = " (the environment variable BNFUSED_BACKEND)" if _default_from_environment and name == _default else ""
+        raise ValueError(f"bnfused: unknown backend {name!r}{origin}; choose one of {', '.join(NAMES)}")
     return name
 
 
 def set_backend(name: str) -> None:
     """Sets the backend used by modules and functions that are not given one explicitly."""
-    global _default
+    global _default, _default_from_environment
     _default = _check_name(name)
+    _default_from_environment = False
     _resolved.clear()
 
 
 def get_backend() -> str:
-    """The process-wide default backend name ("auto" unless changed)."""
-    return _default
+    """The process-wide default backend name ("auto" unless changed); raises ValueError for an unknown
+    name set by the environment."""
+    return _check_name(_default)
 
 
 def module(name: str) -> ModuleType:
