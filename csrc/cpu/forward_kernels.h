@@ -81,23 +81,14 @@ void stats_then_normalize(const T* xp, const Tiling& tl, const Finish& finish, c
   const auto part = tile_parts<A>(tl);
   // Rows walked flat or in pairs read the coefficients arranged (arrange_channels): arranged once every
   // channel is finished, before any apply.
-  const int64_t P = arranged_size<T>(tl);
-  std::vector<A> arranged(3 * P);
-  const A* m = P ? arranged.data() : mean;
-  const A* k = P ? m + P : scale;
-  const A* b = P ? k + P : shift;
+  NormalizeCoefs<T> coefs(tl, mean, scale, shift);
+  const ChannelArrays<A, 3> arrays = coefs.arrays();
   auto reduce = [&](int64_t t) { tile_moments(xp, tl, t, part.get()); };
   RowMomentMerge rows(tl);
   auto merge = [&](int64_t c0, int64_t c1) { finish_channels(xp, tl, part.get(), rows, c0, c1, finish); };
-  auto arrange = [&] {
-    if (!P) return;
-    arrange_channels<T>(tl, mean, arranged.data());
-    arrange_channels<T>(tl, scale, arranged.data() + P);
-    arrange_channels<T>(tl, shift, arranged.data() + 2 * P);
-  };
   with_epilogue(act, slope, rp, [&](const auto& epi) {
     two_pass(tl, sizeof(T), true, true, reduce, merge,
-             [&](int64_t t) { normalize_tile(xp, yp, tl, t, m, k, b, epi); }, 0, arrange);
+             [&](int64_t t) { normalize_tile(xp, yp, tl, t, arrays, epi); }, 0, [&] { coefs.arrange(); });
   });
 }
 

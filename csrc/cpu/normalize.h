@@ -14,14 +14,38 @@
 
 namespace bnfused::cpu {
 
-// y = epi((x - mean[c]) * scale[c] + shift[c]) on tile t. Subtracting the mean first keeps the
-// result exact when |mean| >> std (folding it into the shift would cancel catastrophically). The
-// arrays as arranged for tl (arranged_size, arrange_channels), when it asks for an arrangement.
+// mean, scale and shift as normalize_tile reads them over tiling tl: as given, or as arrange()
+// arranges them for tl (arranged_size, arrange_channels) once they hold their values.
+template <typename T>
+class NormalizeCoefs {
+  using A = acc_t<T>;
+
+ public:
+  NormalizeCoefs(const Tiling& tl, const A* mean, const A* scale, const A* shift)
+      : tl_(tl), given_{mean, scale, shift}, size_(arranged_size<T>(tl)), arranged_(given_.size() * size_) {}
+  void arrange() {
+    if (!size_) return;
+    for (size_t i = 0; i < given_.size(); ++i) arrange_channels<T>(tl_, given_[i], arranged_.data() + i * size_);
+  }
+  ChannelArrays<A, 3> arrays() const {
+    if (!size_) return given_;
+    return {arranged_.data(), arranged_.data() + size_, arranged_.data() + 2 * size_};
+  }
+
+ private:
+  const Tiling& tl_;
+  ChannelArrays<A, 3> given_;
+  int64_t size_;
+  std::vector<A> arranged_;
+};
+
+// y = epi((x - mean[c]) * scale[c] + shift[c]) on tile t, arrays = {mean, scale, shift} as
+// NormalizeCoefs gives them. Subtracting the mean first keeps the result exact when |mean| >> std
+// (folding it into the shift would cancel catastrophically).
 template <typename T, typename Epi>
-void normalize_tile(const T* xp, T* yp, const Tiling& tl, int64_t t, const acc_t<T>* mean, const acc_t<T>* scale,
-                    const acc_t<T>* shift, const Epi& epi) {
+void normalize_tile(const T* xp, T* yp, const Tiling& tl, int64_t t, const ChannelArrays<acc_t<T>, 3>& arrays,
+                    const Epi& epi) {
   const bool stream = tile_streams_output<T>(tl);
-  const ChannelArrays<acc_t<T>, 3> arrays{mean, scale, shift};
   tile_chunks<acc_t<T>, has_pairs<T>()>(
       tl, t, arrays,
       [=](auto tag, int64_t off, auto coef) {
@@ -237,19 +261,12 @@ void normalize(const T* xp, const Tiling& tl, const acc_t<T>* mean, const acc_t<
       return;
     }
     // The tile schedule over rows walked flat or in pairs reads the coefficients arranged.
-    const int64_t P = arranged_size<T>(tl);
-    std::vector<A> arranged(3 * P);
-    const A* m = P ? arranged.data() : mean;
-    const A* k = P ? m + P : scale;
-    const A* b = P ? k + P : shift;
-    if (P) {
-      arrange_channels<T>(tl, mean, arranged.data());
-      arrange_channels<T>(tl, scale, arranged.data() + P);
-      arrange_channels<T>(tl, shift, arranged.data() + 2 * P);
-    }
+    NormalizeCoefs<T> coefs(tl, mean, scale, shift);
+    coefs.arrange();
+    const ChannelArrays<A, 3> arrays = coefs.arrays();
     two_pass(
         tl, sizeof(T), false, true, [](int64_t) {}, [](int64_t, int64_t) {},
-        [&](int64_t t) { normalize_tile(xp, yp, tl, t, m, k, b, epi); });
+        [&](int64_t t) { normalize_tile(xp, yp, tl, t, arrays, epi); });
   });
 }
 
