@@ -81,33 +81,32 @@ _DEVICE_TYPE = {"cpp": "cpu", "cuda": "cuda"}
 _loaded: dict[str, ModuleType] = {}
 _resolved: dict[tuple[str, torch.device], str] = {}
 _default = os.environ.get("BNFUSED_BACKEND", "auto").strip().lower() or "auto"
-_default_from_environment = "BNFUSED_BACKEND" in os.environ  # until set_backend
+if _default not in NAMES:  # at import, as BNFUSED_COMPILE: compiled and scripted calls never resolve a backend
+    raise ValueError(f"bnfused: BNFUSED_BACKEND must be one of {', '.join(NAMES)}, got {_default!r}")
 
 
 class BackendUnavailableError(RuntimeError):
     """A backend that was asked for by name cannot run here; the message says why."""
 
 
-def _check_name(name: str) -> str:
-    name = name.lower()
+def check_name(name: str) -> str:
+    """``name`` as the backends know it (case and spaces aside); ValueError for an unknown one."""
+    name = name.strip().lower()
     if name not in NAMES:
-        origin = " (the environment variable BNFUSED_BACKEND)" if _default_from_environment and name == _default else ""
-        raise ValueError(f"bnfused: unknown backend {name!r}{origin}; choose one of {', '.join(NAMES)}")
+        raise ValueError(f"bnfused: unknown backend {name!r}; choose one of {', '.join(NAMES)}")
     return name
 
 
 def set_backend(name: str) -> None:
     """Sets the backend used by modules and functions that are not given one explicitly."""
-    global _default, _default_from_environment
-    _default = _check_name(name)
-    _default_from_environment = False
+    global _default
+    _default = check_name(name)
     _resolved.clear()
 
 
 def get_backend() -> str:
-    """The process-wide default backend name ("auto" unless changed); raises ValueError for an unknown
-    name set by the environment."""
-    return _check_name(_default)
+    """The process-wide default backend name ("auto" unless changed)."""
+    return _default
 
 
 def module(name: str) -> ModuleType:
@@ -161,7 +160,7 @@ def resolve(name: str | None, device: torch.device) -> str:
 
 
 def _resolve_uncached(name: str, device: torch.device) -> str:
-    name = _check_name(name)
+    name = check_name(name)
     if device.type == "meta":  # shapes only, no data: the reference path propagates them, as torch's meta kernels do
         return "reference"
     if name != "auto":
