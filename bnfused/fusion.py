@@ -89,11 +89,16 @@ class _Tracer(fx.Tracer):
 def _mode_reason(model: nn.Module) -> str | None:
     """Why tracing through ``model`` would freeze behaviour, or None: a traced forward is frozen in the
     mode it was traced in, so a class whose code reads ``self.training`` (a dropout's flag, Inception's
-    auxiliary logits) stays a leaf; so does a class whose source cannot be read."""
+    auxiliary logits) stays a leaf; so does a class whose source cannot be read, and one that overrides
+    ``train()`` or ``eval()`` (a backbone that keeps its BatchNorms' statistics frozen): fx would put a
+    plain container in its place, whose ``train()`` is nn.Module's."""
     for cls in type(model).__mro__:
         # A GraphModule's forward is generated from its graph, which holds no flag reads.
         if cls in (nn.Module, object, FusedGraphModule) or cls.__module__.startswith(("torch.nn", "torch.fx")):
             continue
+        overridden = [name for name in ("train", "eval") if name in vars(cls)]
+        if overridden:
+            return f"{cls.__name__} overrides {overridden[0]}()"
         try:
             source = inspect.getsource(cls)
         except (OSError, TypeError):

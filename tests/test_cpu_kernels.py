@@ -238,7 +238,7 @@ def _assert_moments_match_float64(x):
 @pytest.mark.parametrize("shape, channels_last", SCHEDULES + [pytest.param((64, 512), False, id="NC-512")])
 def test_moments_match_float64_when_the_mean_is_far_from_zero(shape, channels_last, offset, scale):
     # Every schedule's tiles pass their means on as pairs (rounded to float, and the rest; kTileParts in
-    # csrc/cpu/forward_kernels.h) to the merge in double: merged from the rounded means alone, half an
+    # csrc/cpu/moments.h) to the merge in double: merged from the rounded means alone, half an
     # ulp of |mean| per tile went into M2 at first order (invstd 1.4e-4 off on (64, 512) at 1e4
     # standard deviations, 4e-5 on channels_last (64, 96, 3, 3), about 0.1 at 1e7; torch's float32
     # kernel 3e-6 and 0.08). float32 only: bfloat16 holds no such offset with its spread.

@@ -518,6 +518,50 @@ def test_every_module_keeps_its_mode_through_conversion_copies_and_pickles():
     torch.testing.assert_close(fused(x), mixed(x))
 
 
+def test_a_block_that_overrides_train_is_kept_whole():
+    """A block whose train() keeps its BatchNorms' statistics frozen (a detection backbone's pattern)
+    stays a module of its class (fx would put a container there, whose train() is nn.Module's); a
+    root that overrides train() is not traced at all."""
+
+    class FrozenStats(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.conv(x)))
+
+        def train(self, mode=True):
+            super().train(mode)
+            self.bn.eval()
+            return self
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = FrozenStats()
+            self.head = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU())
+
+        def forward(self, x):
+            return self.head(self.backbone(x))
+
+    torch.manual_seed(0)
+    original = Net().train()
+    fused = bnfused.convert_model(copy.deepcopy(original), fuse=True)
+    assert type(fused.backbone) is FrozenStats and fused.head._modules["1"].activation == "relu"
+    x = torch.randn(2, 3, 4, 4)
+    for model in (original, fused):
+        model.eval().train()
+        model(x)
+    assert not fused.backbone.bn.training
+    torch.testing.assert_close(fused.backbone.bn.running_mean, original.backbone.bn.running_mean)
+    torch.testing.assert_close(fused.head._modules["1"].running_mean, original.head[1].running_mean)
+    with pytest.warns(RuntimeWarning, match="FrozenStats overrides train"):
+        root = bnfused.convert_model(FrozenStats(), fuse=True)
+    assert type(root) is FrozenStats
+
+
 def test_parameters_keep_their_registration_order():
     """fx registers submodules in the order the forward first uses them; the fused model keeps the
     model's order, which an optimizer's state_dict and parameters_to_vector index by."""
@@ -1158,11 +1202,14 @@ class _MergesOnEval(_Block):
 
 
 def test_conversion_does_not_call_train():
-    original = _MergesOnEval()
-    weight = original.conv.weight.detach().clone()
+    """The pass tries the model in the other mode by setting flags, never through train(): such a
+    layer's weight is left as it is, and the layer is kept whole (its train() is its own)."""
+    original = nn.Sequential(_Block(), _MergesOnEval())
+    weight = original[1].conv.weight.detach().clone()
     converted = bnfused.convert_model(original, fuse=True)
-    assert converted.bn.takes_residual
-    assert torch.equal(converted.conv.weight, weight)
+    assert converted._modules["0"].bn.takes_residual  # the model was traced
+    assert type(converted._modules["1"]) is _MergesOnEval
+    assert torch.equal(converted._modules["1"].conv.weight, weight)
 
 
 def test_another_threads_autograd_function_does_not_stop_the_fusion():

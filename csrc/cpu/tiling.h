@@ -1,5 +1,7 @@
-// How the CPU kernels cut the (N, C, S) grid into tiles and walk a tile's values in vector chunks
-// (channel_coefs.h, tile_chunks.h, tile_sums.h and two_pass.h build on these).
+// How the CPU kernels cut the (N, C, S) grid into tiles and walk a tile's values in vector chunks,
+// and which planes count as short (their passes go in memory order or flat). The other kernel headers
+// (channel_coefs.h, tile_chunks.h, tile_sums.h, two_pass.h, moments.h, normalize.h, backward_kernels.h)
+// build on these.
 //
 // Two walks cover every layout without a copy:
 //   planes  (spatial stride 1, e.g. NCHW): a tile holds values of one channel c: a block of one
@@ -365,7 +367,7 @@ class RowOffsets {
 // the period (only the tensor's last tile can end in a partial chunk). One walk for both, so that
 // the chunk bodies are compiled once for either. With kPairs (see rows_in_pairs), each row is walked
 // in Pair chunks only. (The sums and most elementwise passes walk rows that are not flat two at a
-// time: see rows_head_in_registers and tile_chunks.)
+// time: see rows_head_in_registers, tile_sums.h, and tile_chunks, tile_chunks.h.)
 template <typename A, bool kPairs = false, typename F>
 inline void walk_rows(const Tiling& tl, int64_t t, F&& f) {
   constexpr int64_t VW = vec_width<A>();
