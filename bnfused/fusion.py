@@ -92,13 +92,13 @@ def _mode_reason(model: nn.Module) -> str | None:
     auxiliary logits) stays a leaf; so does a class whose source cannot be read, and one that overrides
     ``train()`` or ``eval()`` (a backbone that keeps its BatchNorms' statistics frozen): fx would put a
     plain container in its place, whose ``train()`` is nn.Module's."""
+    for name in ("train", "eval"):  # the class whose method runs, wherever else the MRO defines one
+        owner = next(cls for cls in type(model).__mro__ if name in vars(cls))
+        if not _is_torchs(owner):
+            return f"{owner.__name__} overrides {name}()"
     for cls in type(model).__mro__:
-        # A GraphModule's forward is generated from its graph, which holds no flag reads.
-        if cls in (nn.Module, object, FusedGraphModule) or cls.__module__.startswith(("torch.nn", "torch.fx")):
+        if _is_torchs(cls):
             continue
-        overridden = [name for name in ("train", "eval") if name in vars(cls)]
-        if overridden:
-            return f"{cls.__name__} overrides {overridden[0]}()"
         try:
             source = inspect.getsource(cls)
         except (OSError, TypeError):
@@ -106,6 +106,12 @@ def _mode_reason(model: nn.Module) -> str | None:
         if _reads_training(source):
             return f"{cls.__name__} depends on self.training"
     return None
+
+
+def _is_torchs(cls: type) -> bool:
+    """torch's own classes, and FusedGraphModule: a GraphModule's forward is generated from its graph,
+    which holds no flag reads."""
+    return cls in (nn.Module, object, FusedGraphModule) or cls.__module__.startswith(("torch.nn", "torch.fx"))
 
 
 def _reads_training(source: str) -> bool:

@@ -54,11 +54,9 @@ class _FusedBatchNorm:
     ) -> None:
         # Fail at construction, not at the first forward.
         inplace.check_memory_mode(memory, *act_codes.parse(activation, negative_slope))
-        if backend is not None:
-            backends.check_name(backend)
         self.activation = activation
         self.negative_slope = float(negative_slope)  # a float, whatever number type came (TorchScript)
-        self.backend = backend
+        self.backend = None if backend is None else backends.check_name(backend)
         self.memory = memory
 
     def _tensors_and_momentum(self) -> tuple:

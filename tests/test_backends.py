@@ -55,7 +55,19 @@ def test_unknown_backend_name_is_rejected(restore_default):
             make(3, backend="fastest") if make is not bnfused.LazyBatchNorm2d else make(backend="fastest")
     with pytest.raises(ValueError, match="unknown backend 'fastest'"):
         bnfused.functional.batch_norm(torch.randn(4, 3), None, None, training=True, backend="fastest")
-    assert bnfused.BatchNorm1d(3, backend=" CPP ")(torch.randn(4, 3)).shape == (4, 3)  # case and spaces aside
+    layer = bnfused.BatchNorm1d(3, backend=" CPP ")  # case and spaces aside, kept as the backends know it
+    assert layer.backend == "cpp" and layer(torch.randn(4, 3)).shape == (4, 3)
+    assert backends._asks_auto(" Auto ") and not backends._asks_auto(" cpp ")
+    # The functional checks the name itself: an empty batch, vmap and compiled calls resolve none.
+    for name in ("fastest", ""):
+        with pytest.raises(ValueError, match=f"unknown backend {name!r}"):
+            bnfused.functional.batch_norm(torch.randn(0, 3), None, None, training=True, backend=name)
+    with pytest.raises(ValueError, match="unknown backend 'fastest'"):
+        torch.func.vmap(lambda x: bnfused.functional.batch_norm(x, None, None, training=True, backend="fastest"))(
+            torch.randn(2, 4, 3)
+        )
+    with pytest.raises(TypeError, match="named by a string, got int"):
+        bnfused.BatchNorm1d(3, backend=5)
 
 
 def test_explicit_backend_that_cannot_run_raises_its_reason(monkeypatch):

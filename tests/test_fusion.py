@@ -561,6 +561,16 @@ def test_a_block_that_overrides_train_is_kept_whole():
         root = bnfused.convert_model(FrozenStats(), fuse=True)
     assert type(root) is FrozenStats
 
+    class NeverCalled:  # after nn.Module in the MRO: its train() is not the one that runs
+        def train(self, mode=True):
+            raise AssertionError("not called")
+
+    class MixedIn(_Block, NeverCalled):
+        pass
+
+    fused = bnfused.convert_model(MixedIn(), fuse=True)
+    assert fused.bn.takes_residual and fused.bn.activation == "relu"
+
 
 def test_parameters_keep_their_registration_order():
     """fx registers submodules in the order the forward first uses them; the fused model keeps the

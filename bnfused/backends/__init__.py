@@ -91,10 +91,19 @@ class BackendUnavailableError(RuntimeError):
 
 def check_name(name: str) -> str:
     """``name`` as the backends know it (case and spaces aside); ValueError for an unknown one."""
-    name = name.strip().lower()
-    if name not in NAMES:
+    if not isinstance(name, str):
+        raise TypeError(f"bnfused: a backend is named by a string, got {type(name).__name__}")
+    known = name.strip().lower()
+    if known not in NAMES:
         raise ValueError(f"bnfused: unknown backend {name!r}; choose one of {', '.join(NAMES)}")
-    return name
+    return known
+
+
+def check_request(request: str | None) -> None:
+    """Raises for a ``backend=`` argument that names no backend (None asks for the default). The
+    names as the backends know them pass with one membership test, the per-call case."""
+    if request is not None and request not in NAMES:
+        check_name(request)
 
 
 def set_backend(name: str) -> None:
@@ -220,7 +229,7 @@ def defers_in_every_mode(request: str | None, x: torch.Tensor) -> bool:
 
 
 def _asks_auto(request: str | None) -> bool:
-    return (request or _default).lower() == "auto"
+    return (request or _default).strip().lower() == "auto"
 
 
 # The backends whose kernels "auto" may leave to torch's (CUDA ones: the CPU kernels are at or past
