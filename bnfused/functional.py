@@ -272,7 +272,7 @@ def batch_norm(
     """
     if training is not True and training is not False:
         raise _type_error("training", training, "bool")
-    backends.check_request(backend)  # here, for the calls that never resolve one (compiled, vmap, empty)
+    backend = backends.check_request(backend)  # here, for the calls that never resolve one (compiled, vmap, empty)
     if momentum.__class__ is not float or eps.__class__ is not float:  # the common case skips a call
         momentum, eps = float_arguments(momentum, eps)
     act, slope = (act_codes.NONE, 0.0) if activation is None else act_codes.parse(activation, negative_slope)

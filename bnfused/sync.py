@@ -194,7 +194,7 @@ def sync_batch_norm(
     """
     momentum, eps = float_arguments(momentum, eps)
     act, slope = act_codes.parse(activation, negative_slope)
-    backends.check_request(backend)
+    backend = backends.check_request(backend)
     if act not in act_codes.SPLIT_CODES:  # fused in no kernel: the torch activation after the layer
         y = sync_batch_norm(
             input, running_mean, running_var, weight, bias, momentum, eps, None, 0.0, backend, process_group

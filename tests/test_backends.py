@@ -58,6 +58,7 @@ def test_unknown_backend_name_is_rejected(restore_default):
     layer = bnfused.BatchNorm1d(3, backend=" CPP ")  # case and spaces aside, kept as the backends know it
     assert layer.backend == "cpp" and layer(torch.randn(4, 3)).shape == (4, 3)
     assert backends._asks_auto(" Auto ") and not backends._asks_auto(" cpp ")
+    assert backends.check_request(" Auto ") == "auto" and backends.check_request(None) is None
     # The functional checks the name itself: an empty batch, vmap and compiled calls resolve none.
     for name in ("fastest", ""):
         with pytest.raises(ValueError, match=f"unknown backend {name!r}"):

@@ -73,9 +73,10 @@ SCHEDULES = [
     # tile, in memory order (csrc/cpu/backward_kernels.h, grad_tiling); float32 keeps grouped tiles.
     pytest.param((33, 61, 31, 37), False, id="planes-1147-large"),
     # Planes under 256 bytes: blocks of channels, each sample's planes of a block in one run
-    # (csrc/cpu/tiling.h, plane_block_channels; tile_sums.h, plane_sums; tile_chunks.h, plane_chunks); blocks of several
-    # channels, and of one at 2 threads (C = 3: blocks of 2 and 1; channel tiles at 3 threads, as fewer
-    # channels than threads); one whole vector per float32 plane, and planes ending in a partial vector.
+    # (csrc/cpu/tiling.h, plane_block_channels; tile_sums.h, plane_sums; tile_chunks.h, plane_chunks);
+    # blocks of several channels, and of one at 2 threads (C = 3: blocks of 2 and 1; channel tiles at 3
+    # threads, as fewer channels than threads); one whole vector per float32 plane, and planes ending in a
+    # partial vector.
     pytest.param((24, 96, 4, 4), False, id="plane-blocks-16"),
     pytest.param((20, 40, 7, 7), False, id="plane-blocks-49"),
     pytest.param((1400, 3, 5, 5), False, id="plane-blocks-25-C3"),

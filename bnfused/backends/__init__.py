@@ -99,11 +99,10 @@ def check_name(name: str) -> str:
     return known
 
 
-def check_request(request: str | None) -> None:
-    """Raises for a ``backend=`` argument that names no backend (None asks for the default). The
-    names as the backends know them pass with one membership test, the per-call case."""
-    if request is not None and request not in NAMES:
-        check_name(request)
+def check_request(request: str | None) -> str | None:
+    """A ``backend=`` argument as the backends know it (None asks for the default); raises for one
+    that names no backend. Names already so pass with one membership test, the per-call case."""
+    return request if request is None or request in NAMES else check_name(request)
 
 
 def set_backend(name: str) -> None:
