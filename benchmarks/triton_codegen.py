@@ -67,7 +67,15 @@ def compiler_supported() -> str | None:
 
 
 def _ptxas(arch: int = 90) -> Path:
-    """Triton's own ptxas for this architecture (it ships a second one for sm_100 and later)."""
+    """The ptxas Triton assembles sm_<arch> code with: Triton's choice where it names one (3.9 takes its
+    newer ptxas from sm_90 on, and writes PTX the older one refuses), else the one it ships for the
+    architecture (a second one for sm_100 and later)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return Path(get_ptxas(arch).path)
+    except (ImportError, AttributeError, TypeError, RuntimeError):  # older triton, or no ptxas found
+        pass
     folder = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     return folder / "ptxas-blackwell" if arch >= 100 and (folder / "ptxas-blackwell").exists() else folder / "ptxas"
 

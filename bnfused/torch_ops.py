@@ -110,7 +110,41 @@ def batch_norm(
 ) -> torch.Tensor:
     """``act(F.batch_norm(...) [+ residual])`` on checked arguments: the graph torch's BatchNorm, the
     add and the activation give."""
-    y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    if forward_ad._current_level >= 0 and torch.compiler.is_compiling():
+        y = _composed_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    else:
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if residual is not None:
         y = y + residual
     return act_codes.apply(y, act, slope)
+
+
+_HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+def _composed_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps) -> torch.Tensor:
+    """``F.batch_norm`` as reductions and elementwise ops, for a compiled forward-mode (jvp) step.
+
+    torch 2.15's Dynamo fails to trace torch's batch_norm under forward-mode AD (an internal assert
+    in ``_fw_primal``/``_make_dual``, or a pass, depending on when the garbage collector last ran),
+    whoever calls it; these ops carry forward derivatives of their own and trace every time. The
+    values are torch's to rounding (statistics in float32 for half/bfloat16 input, as torch's); the
+    running statistics are updated by torch's own op on the detached input: torch.func refuses an
+    in-place update of a captured tensor from Python ops, and the update carries no tangent.
+    """
+    stats_dims = [0, *range(2, x.dim())]
+    per_channel = (1, -1) + (1,) * (x.dim() - 2)
+    xf = x.float() if x.dtype in _HALF_TYPES else x
+    if training:
+        var, mean = torch.var_mean(xf, stats_dims, correction=0)
+        if running_mean is not None:
+            F.batch_norm(x.detach(), running_mean, running_var, None, None, True, momentum, eps)
+    else:
+        mean, var = running_mean.to(xf.dtype), running_var.to(xf.dtype)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    y = (xf - mean.reshape(per_channel)) * scale.reshape(per_channel)
+    if bias is not None:
+        y = y + bias.reshape(per_channel)
+    return y.to(x.dtype)
