@@ -199,7 +199,7 @@ class _FusedBatchNorm:
         momentum = self._step_momentum(tracked)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         keep_running = not self.training or self.track_running_stats
-        y = F.batch_norm(
+        y = torch_ops.normalize(
             input,
             self.running_mean if keep_running else None,
             self.running_var if keep_running else None,
@@ -224,7 +224,7 @@ class _FusedBatchNorm:
         # torch's checks of the running stats (dtype, shape), which F.batch_norm does not see here: given
         # to it, they would be saved for its backward, and the update below would then fail it.
         check_arguments(input, running_mean, running_var, self.weight, self.bias)
-        y = F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        y = torch_ops.normalize(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
         if input.numel() == 0:  # an empty batch leaves the running stats as they are
             return self._add_and_activate(y, residual)
         # Statistics and update in float32 or wider, rounded once into the buffers, as torch's kernels do

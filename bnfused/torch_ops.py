@@ -17,12 +17,14 @@ fuses and folds better than any standalone kernel.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
 from bnfused import activation as act_codes
+from bnfused import layout
 
 COMPILE_MODES = ("decompose", "kernels")
 # Measured on whole models (benchmarks/bench_models.py, README "Under torch.compile"): on CPU the
@@ -71,7 +73,7 @@ def use_torch_ops(x: torch.Tensor, training: bool) -> bool:
             not training
             or get_compile_mode(x.device.type) == "decompose"
             or _functorch_depth_when_traced() > 0
-            or forward_ad._current_level >= 0
+            or _forward_level_when_traced() >= 0
         )
     return transform_active() or _tracing_state() is not None
 
@@ -93,6 +95,14 @@ def _functorch_depth_when_traced() -> int:
     return functorch_depth()
 
 
+# The forward-mode AD level under torch.compile, read the same way: Dynamo sets it for real while it
+# traces a dual level or torch.func.jvp, and a read of the global would guard every compiled frame on
+# it (a call with a dual input then fails the guard, and the recompile gives up on the whole frame).
+@torch.compiler.assume_constant_result
+def _forward_level_when_traced() -> int:
+    return forward_ad._current_level
+
+
 def transform_active() -> bool:
     """A torch.func transform (vmap, grad, jvp, jacrev, jacfwd, hessian) is running, or a
     forward-mode AD level (``torch.autograd.forward_ad.dual_level``) is open.
@@ -110,13 +120,28 @@ def batch_norm(
 ) -> torch.Tensor:
     """``act(F.batch_norm(...) [+ residual])`` on checked arguments: the graph torch's BatchNorm, the
     add and the activation give."""
-    if forward_ad._current_level >= 0 and torch.compiler.is_compiling():
-        y = _composed_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    else:
-        y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    y = normalize(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if residual is not None:
         y = y + residual
     return act_codes.apply(y, act, slope)
+
+
+def normalize(
+    x: torch.Tensor,
+    running_mean: Optional[torch.Tensor],  # noqa: UP045 (TorchScript compiles this function)
+    running_var: Optional[torch.Tensor],  # noqa: UP045
+    weight: Optional[torch.Tensor],  # noqa: UP045
+    bias: Optional[torch.Tensor],  # noqa: UP045
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> torch.Tensor:
+    """``F.batch_norm``, and the same computation in plainer ops in a compiled forward-mode step (see
+    ``_composed_batch_norm``). Scriptable: the scripted module forward calls it."""
+    if not torch.jit.is_scripting():
+        if torch.compiler.is_compiling() and _forward_level_when_traced() >= 0:
+            return _composed_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
@@ -125,12 +150,14 @@ _HALF_TYPES = (torch.float16, torch.bfloat16)
 def _composed_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps) -> torch.Tensor:
     """``F.batch_norm`` as reductions and elementwise ops, for a compiled forward-mode (jvp) step.
 
-    torch 2.15's Dynamo fails to trace torch's batch_norm under forward-mode AD (an internal assert
-    in ``_fw_primal``/``_make_dual``, or a pass, depending on when the garbage collector last ran),
-    whoever calls it; these ops carry forward derivatives of their own and trace every time. The
-    values are torch's to rounding (statistics in float32 for half/bfloat16 input, as torch's); the
-    running statistics are updated by torch's own op on the detached input: torch.func refuses an
-    in-place update of a captured tensor from Python ops, and the update carries no tangent.
+    Dynamo on torch 2.14 and 2.15 fails to trace torch's batch_norm under forward-mode AD some of the
+    time (an internal assert in ``_fw_primal``/``_make_dual``, or a pass, depending on when the
+    garbage collector last ran), whoever calls it; these ops carry forward derivatives of their own
+    and trace every time. The values are torch's to rounding (statistics in float32 for half/bfloat16
+    input, as torch's), in the memory format torch's eager layer gives; the running statistics are
+    updated by torch's own op on the detached input (torch.func refuses an in-place update of a
+    captured tensor from Python ops, and the update carries no tangent), and in eval mode they are
+    constants, as torch's derivative formula takes them.
     """
     stats_dims = [0, *range(2, x.dim())]
     per_channel = (1, -1) + (1,) * (x.dim() - 2)
@@ -140,11 +167,11 @@ def _composed_batch_norm(x, running_mean, running_var, weight, bias, training, m
         if running_mean is not None:
             F.batch_norm(x.detach(), running_mean, running_var, None, None, True, momentum, eps)
     else:
-        mean, var = running_mean.to(xf.dtype), running_var.to(xf.dtype)
+        mean, var = running_mean.detach().to(xf.dtype), running_var.detach().to(xf.dtype)
     scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight
+    if weight is not None:  # torch takes a weight and bias of any shape with C elements
+        scale = scale * weight.reshape(-1)
     y = (xf - mean.reshape(per_channel)) * scale.reshape(per_channel)
     if bias is not None:
         y = y + bias.reshape(per_channel)
-    return y.to(x.dtype)
+    return y.to(x.dtype).contiguous(memory_format=layout.suggested_format(x))

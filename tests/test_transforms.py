@@ -389,6 +389,7 @@ _TORCH_BEFORE_2_14 = tuple(int(p) for p in torch.__version__.split(".")[:2]) < (
 _COMPILE_SCRIPT = """
 import sys
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 import bnfused
 from bnfused.functional import batch_norm
@@ -406,6 +407,16 @@ def torch_layer(x, w, stats=(None, None), training=True):
 
 def jvp_step(x, w, tangent, layer, stats=(None, None), training=True):
     return torch.func.jvp(lambda x: layer(x, w, stats, training), (x,), (tangent,))
+
+
+def running_stats_jvp_step(x, stats, tangents, layer):
+    \"\"\"Eval mode, tangents on the running stats: torch's formula takes them as constants.\"\"\"
+    return torch.func.jvp(lambda mean, var: layer(x, None, (mean, var), False), stats, tangents)
+
+
+def dual_level_step(layer, x, tangent):
+    with fwAD.dual_level():
+        return tuple(fwAD.unpack_dual(layer(fwAD.make_dual(x, tangent))))
 
 
 def jacfwd_step(x, w, layer):
@@ -431,20 +442,78 @@ def copies(stats):
 
 def jvp_cases():
     \"\"\"(x, w, tangent, running stats or Nones, training): batch statistics with and without running
-    statistics to update, eval mode, a channels_last 4-d input, float64, bfloat16.\"\"\"
-    for shape, training, with_stats, dtype, cl in (
-        ((4, 3, 5), True, False, torch.float32, False),
-        ((4, 3, 5), True, True, torch.float32, False),
-        ((4, 3, 5), False, True, torch.float32, False),
-        ((4, 3, 2, 5), True, True, torch.float32, True),
-        ((4, 3, 5), True, True, torch.float64, False),
-        ((4, 3, 5), True, True, torch.bfloat16, False),
+    statistics to update, eval mode, a channels_last 4-d input, a permuted one, float64, bfloat16, a
+    weight shaped (C, 1) (torch takes any shape with C elements).\"\"\"
+    for shape, training, with_stats, dtype, layout, w_shape in (
+        ((4, 3, 5), True, False, torch.float32, "", (3,)),
+        ((4, 3, 5), True, True, torch.float32, "", (3,)),
+        ((4, 3, 5), False, True, torch.float32, "", (3,)),
+        ((4, 3, 2, 5), True, True, torch.float32, "channels_last", (3,)),
+        ((5, 3, 4), True, True, torch.float32, "permuted", (3,)),
+        ((4, 3, 5), True, True, torch.float64, "", (3, 1)),
+        ((4, 3, 5), False, True, torch.float32, "", (3, 1)),
+        ((4, 3, 5), True, True, torch.bfloat16, "", (3,)),
     ):
         x = torch.randn(shape, dtype=dtype) * 3 + 2
-        if cl:
+        if layout == "channels_last":
             x = x.to(memory_format=torch.channels_last)
+        elif layout == "permuted":
+            x = x.permute(2, 1, 0)
         stats = (torch.randn(3, dtype=dtype), torch.rand(3, dtype=dtype) + 0.5) if with_stats else (None, None)
-        yield x, torch.rand(3, dtype=dtype) + 0.5, torch.randn_like(x), stats, training
+        yield x, torch.rand(w_shape, dtype=dtype) + 0.5, torch.randn_like(x), stats, training
+
+
+def module_cases():
+    \"\"\"(torch.nn class, bnfused class, keyword arguments, training, channels_last)\"\"\"
+    yield torch.nn.BatchNorm2d, bnfused.BatchNorm2d, dict(momentum=None), True, False
+    yield torch.nn.BatchNorm2d, bnfused.BatchNorm2d, {}, True, True
+    yield torch.nn.BatchNorm2d, bnfused.BatchNorm2d, {}, False, False
+    yield torch.nn.BatchNorm1d, bnfused.BatchNorm1d, dict(affine=False), True, False
+
+
+def modules_match_torch():
+    \"\"\"Modules in a compiled step that opens a dual level: outputs, tangents and every buffer after
+    each of two steps are torch.nn's in the same step run eagerly.\"\"\"
+    for torch_class, bnfused_class, kwargs, training, channels_last in module_cases():
+        reference = torch_class(3, **kwargs).train(training)
+        reference.running_mean.uniform_(-1, 1)
+        reference.running_var.uniform_(0.5, 2)
+        layer = bnfused_class(3, **kwargs).train(training)
+        layer.load_state_dict(reference.state_dict())
+        torch._dynamo.reset()
+        step = torch.compile(dual_level_step)
+        for _ in range(2):
+            x = torch.randn(4, 3, 2, 5) * 3 + 2 if torch_class is torch.nn.BatchNorm2d else torch.randn(4, 3, 5)
+            if channels_last:
+                x = x.to(memory_format=torch.channels_last)
+            tangent = torch.randn_like(x)
+            expected, got = dual_level_step(reference, x, tangent), step(layer, x, tangent)
+            torch.testing.assert_close(got, expected)
+            assert got[0].stride() == expected[0].stride(), (got[0].stride(), expected[0].stride())
+            torch.testing.assert_close(layer.state_dict(), reference.state_dict())
+
+
+def plain_calls_stay_compiled():
+    \"\"\"A compiled layer called once with a dual input keeps its graph for the plain calls after it,
+    as torch's layer does: bnfused adds no guard on the forward-mode level.\"\"\"
+    runs = []
+
+    def recording_backend(gm, example_inputs):
+        def run(*args):
+            runs.append(len(gm.graph.nodes))
+            return gm.forward(*args)
+
+        return run
+
+    torch._dynamo.reset()
+    layer = torch.compile(lambda x: bnfused_layer(x, torch.ones(3)), backend=recording_backend)
+    x = torch.randn(4, 3, 5)
+    layer(x)
+    with fwAD.dual_level():
+        layer(fwAD.make_dual(x, torch.randn_like(x)))
+    layer(x)
+    assert len(runs) == 3, runs
+
 
 
 for mode in bnfused.torch_ops.COMPILE_MODES:  # every jvp first: see the note above
@@ -472,6 +541,16 @@ for mode in bnfused.torch_ops.COMPILE_MODES:  # every jvp first: see the note ab
         refused.append(type(got).__name__)
     else:
         torch.testing.assert_close(got, jacfwd_step(x, w, torch_layer))
+    x, stats, tangents = torch.randn(4, 3, 5), (torch.randn(3), torch.rand(3) + 0.5), (torch.randn(3), torch.randn(3))
+    got = compiled(running_stats_jvp_step, x, stats, tangents, bnfused_layer)
+    if isinstance(got, Exception):
+        assert isinstance(compiled(running_stats_jvp_step, x, stats, tangents, torch_layer), type(got)), got
+        refused.append(type(got).__name__)
+    else:
+        torch.testing.assert_close(got, running_stats_jvp_step(x, stats, tangents, torch_layer))
+    if not refused:
+        modules_match_torch()
+        plain_calls_stay_compiled()
     print(mode, "jvp:", "torch's error: " + ", ".join(refused) if refused else "matches torch")
 
 for mode in bnfused.torch_ops.COMPILE_MODES:
