@@ -246,6 +246,36 @@ def test_moments_match_float64_when_the_mean_is_far_from_zero(shape, channels_la
     _assert_moments_match_float64(make_input(shape, torch.float32, channels_last, offset=offset, scale=scale))
 
 
+def _invstd_error(invstd, x64):
+    """Largest relative distance of invstd from the float64 two-pass 1 / std of x64, over its channels
+    of more than one value (at eps = 0 the others have no finite invstd)."""
+    C = x64.shape[1]
+    dims = [d for d in range(x64.dim()) if d != 1]
+    mean = x64.mean(dims)
+    want = (x64 - mean.view(1, C, *[1] * (x64.dim() - 2))).square().mean(dims).rsqrt()
+    varies = torch.isfinite(want)
+    return ((invstd.double() - want).abs() / want)[varies].max().item()
+
+
+@pytest.mark.parametrize("offset", [1e3, 10.0], ids=["mean-1e3-std", "mean-10-std"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape, channels_last", SCHEDULES)
+def test_moments_of_quantized_values_match_float64(shape, channels_last, dtype, offset):
+    # bfloat16 values (in either dtype) take few distinct values, so that the roundings of a float
+    # chain of adds repeat rather than cancel: each chain adds at most kMaxChainAdds values before it
+    # is folded into its tile's total (csrc/cpu/tile_sums.h). Chains over whole tiles left 9-value
+    # planes 3.5e-6 off float64 in invstd with AVX2 builds, (2000, 8, 4, 4) 8e-6 (torch's float32
+    # kernel 7e-8). Within 1e-6, or within torch's float32 error on the same values where that is
+    # larger (channels_last: up to 3e-5).
+    x = make_input(shape, torch.float32, channels_last, offset=offset, scale=1.0).to(torch.bfloat16).to(dtype)
+    C = shape[1]
+    x64 = x.double()
+    _, mean, invstd = native.forward_train(x, torch.ones(C), torch.zeros(C), None, None, 0.1, 0.0, 0, 0.0)
+    torch.testing.assert_close(mean.double(), x64.mean([d for d in range(x.dim()) if d != 1]), rtol=2e-6, atol=0.0)
+    torch_invstd = torch.ops.aten.native_batch_norm(x.float(), None, None, None, None, True, 0.1, 0.0)[2]
+    assert _invstd_error(invstd, x64) <= max(1e-6, _invstd_error(torch_invstd, x64))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(5, 6, 3, 3), (70, 3, 2, 2)], ids=str)
 def test_short_plane_constant_channel_is_exactly_its_value(shape, dtype):

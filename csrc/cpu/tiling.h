@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <utility>
 
 #include "../layout.h"
 #include "vec_chunks.h"
@@ -361,17 +362,18 @@ class RowOffsets {
   int64_t n_, s_;
 };
 
-// Row tile t in chunks: f(tag, offset of the chunk's first element, place of its first lane), the
-// place indexing the per-channel arrays. Row by row, each row is a run of C values whose places are
-// its channels; walked flat (tl.flat), the tile is one run of whole vectors whose places go round
-// the period (only the tensor's last tile can end in a partial chunk). One walk for both, so that
-// the chunk bodies are compiled once for either. With kPairs (see rows_in_pairs), each row is walked
-// in Pair chunks only. (The sums and most elementwise passes walk rows that are not flat two at a
-// time: see rows_head_in_registers, tile_sums.h, and tile_chunks, tile_chunks.h.)
+// Rows r0 .. r0 + rows - 1 in chunks: f(tag, offset of the chunk's first element, place of its first
+// lane), the place indexing the per-channel arrays. Row by row, each row is a run of C values whose
+// places are its channels; walked flat (tl.flat), the rows are one run of whole vectors whose places
+// go round the period from r0, the start of one (only the tensor's last tile can end in a partial
+// chunk). One walk for both, so that the chunk bodies are compiled once for either. With kPairs (see
+// rows_in_pairs), each row is walked in Pair chunks only. (The sums and most elementwise passes walk
+// rows that are not flat two at a time: see rows_head_in_registers, tile_sums.h, and tile_chunks,
+// tile_chunks.h.)
 template <typename A, bool kPairs = false, typename F>
-inline void walk_rows(const Tiling& tl, int64_t t, F&& f) {
+inline void walk_rows(const Tiling& tl, int64_t r0, int64_t rows, F&& f) {
   constexpr int64_t VW = vec_width<A>();
-  const int64_t C = tl.L.c, r0 = t * tl.block, rows = tl.count(t);
+  const int64_t C = tl.L.c;
   const int64_t runs = tl.flat ? 1 : rows, len = tl.flat ? rows * C : C, wrap = tl.flat ? tl.period : C;
   RowOffsets next_row(tl.L, r0);
   for (int64_t r = 0; r < runs; ++r) {
@@ -387,6 +389,12 @@ inline void walk_rows(const Tiling& tl, int64_t t, F&& f) {
       if (i < len) f(Part{len - i}, off + i, j);
     }
   }
+}
+
+// Row tile t in chunks, as above.
+template <typename A, bool kPairs = false, typename F>
+inline void walk_rows(const Tiling& tl, int64_t t, F&& f) {
+  walk_rows<A, kPairs>(tl, t * tl.block, tl.count(t), std::forward<F>(f));
 }
 
 }  // namespace bnfused::cpu
