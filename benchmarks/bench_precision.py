@@ -4,8 +4,11 @@
     python benchmarks/bench_precision.py                  # the default shapes, layouts and offsets
     python benchmarks/bench_precision.py --shapes 64x512,16x256x14x14 --offsets 1e3,1e4 \\
         --providers torch,cpp,reference --csv benchmarks/results/precision.csv
+    python benchmarks/bench_precision.py --values bfloat16 --offsets 10,1e3   # quantized values
 
-The input is float32 randn (std 1) plus an offset of `offset` standard deviations. Each provider
+The input is float32 randn (std 1) plus an offset of `offset` standard deviations; with `--values
+bfloat16`, the same values rounded to bfloat16 (still a float32 tensor): few distinct values, so that
+the roundings of float sums repeat instead of cancelling. Each provider
 takes one training step with momentum 1, so that its running buffers hold the batch mean and the
 unbiased variance; the table gives the largest error over the channels, relative to float64
 statistics of the same float32 values (two passes): the mean's relative to the standard deviation,
@@ -32,12 +35,18 @@ from benchmarks.bench_kernels import parse_shapes  # noqa: E402
 
 DEFAULT_SHAPES = "64x512,256x40,8x40x7x7,32x64x28x28,16x256x14x14,64x96x3x3"
 MAX_OFFSET = 2.0**24
-COLUMNS = ["shape", "layout", "offset", "provider", "mean_error", "var_error"]
+# With --values bfloat16: beyond it bfloat16 spaces its values 16 standard deviations apart or more, and
+# nearly every channel holds a single value.
+MAX_BFLOAT16_OFFSET = 2.0**11
+COLUMNS = ["shape", "layout", "offset", "values", "provider", "mean_error", "var_error"]
+VALUES = ("float32", "bfloat16")
 
 
-def make_input(shape: tuple[int, ...], offset: float, layout: str, device: torch.device) -> torch.Tensor:
+def make_input(
+    shape: tuple[int, ...], offset: float, layout: str, device: torch.device, values: str = "float32"
+) -> torch.Tensor:
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).add_(offset)
-    x = x.float().to(device)
+    x = x.to(getattr(torch, values)).float().to(device)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     return x
@@ -62,8 +71,9 @@ def errors(x: torch.Tensor, provider: str) -> tuple[float, float]:
     want_mean = x64.mean(dims)
     want_var = (x64 - want_mean.view(1, -1, *[1] * (x.dim() - 2))).square().mean(dims)
     mean, var = batch_statistics(x, provider)
-    mean_error = ((mean - want_mean).abs() / want_var.sqrt()).max().item()
-    var_error = ((var - want_var).abs() / want_var).max().item()
+    varies = want_var > 0  # a channel of one value has no relative error (nan when none varies)
+    mean_error = ((mean - want_mean).abs() / want_var.sqrt())[varies].max().item() if varies.any() else math.nan
+    var_error = ((var - want_var).abs() / want_var)[varies].max().item() if varies.any() else math.nan
     return mean_error, var_error
 
 
@@ -75,6 +85,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--offsets",
         default="1e2,1e3,1e4,1e6",
         help="the means, in standard deviations, below 2**24 in magnitude (negative ones as --offsets=-1e4)",
+    )
+    parser.add_argument(
+        "--values", default="float32", help="float32 (randn) and/or bfloat16 (the same values rounded to bfloat16)"
     )
     parser.add_argument("--providers", default="torch,cpp", help="torch and/or bnfused backends by name")
     parser.add_argument("--device", help="cuda, cpu (default: cuda if available, else cpu)")
@@ -97,18 +110,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     layouts = cli.split(args.layout)
     if not set(layouts) <= {"nchw", "channels_last"}:
         raise SystemExit(f"--layout takes nchw and/or channels_last, got {args.layout!r}")
+    values = cli.split(args.values)
+    if not set(values) <= set(VALUES):
+        raise SystemExit(f"--values takes float32 and/or bfloat16, got {args.values!r}")
+    if "bfloat16" in values and not all(abs(o) < MAX_BFLOAT16_OFFSET for o in offsets):
+        raise SystemExit(
+            f"--values bfloat16 takes offsets below 2**11 in magnitude, got {args.offsets!r} (beyond it bfloat16 "
+            "spaces its values 16 standard deviations apart or more: nearly every channel one value)"
+        )
     providers = cli.split(args.providers)
     cases = [(s, lay) for s in shapes for lay in layouts if lay == "nchw" or len(s) in (4, 5)]
-    if not (offsets and providers and cases):
+    if not (offsets and values and providers and cases):
         raise SystemExit(
-            "nothing to measure: give offsets, providers, and shapes that --layout applies to "
+            "nothing to measure: give offsets, values, providers, and shapes that --layout applies to "
             "(channels_last takes 4-D and 5-D shapes)"
         )
     rows = []
     for shape, layout in cases:
-        for offset in offsets:
-            x = make_input(shape, offset, layout, device)
-            row = {"shape": "x".join(map(str, shape)), "layout": layout, "offset": f"{offset:g}"}
+        for offset, kind in ((o, v) for o in offsets for v in values):
+            x = make_input(shape, offset, layout, device, kind)
+            row = {"shape": "x".join(map(str, shape)), "layout": layout, "offset": f"{offset:g}", "values": kind}
             for provider in providers:
                 try:
                     mean_error, var_error = errors(x, provider)

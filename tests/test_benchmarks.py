@@ -239,14 +239,25 @@ def test_bench_precision_compares_each_provider_with_float64(tmp_path, capsys):
     assert "no-such-backend on 64x40 nchw" in capsys.readouterr().err  # reported, and the run goes on
     header, read = _read_csv(csv_path)
     assert header[: len(bench_precision.COLUMNS)] == bench_precision.COLUMNS
-    cases = {(r["shape"], r["layout"], r["offset"], r["provider"]) for r in read}
+    cases = {(r["shape"], r["layout"], r["offset"], r["values"], r["provider"]) for r in read}
     shapes = [("64x40", "nchw"), ("4x8x5x5", "nchw"), ("4x8x5x5", "channels_last")]
-    assert cases == {(s, lay, o, p) for s, lay in shapes for o in ("0", "10000") for p in ("torch", "reference")}
+    want = {(s, lay, o, "float32", p) for s, lay in shapes for o in ("0", "10000") for p in ("torch", "reference")}
+    assert cases == want
     assert len(rows) == len(read)
     for r in read:
         assert 0 <= float(r["mean_error"]) < 1e-2 and 0 <= float(r["var_error"]) < 1e-3, r
         if r["provider"] == "reference":  # float64 arithmetic: only the float32 running buffers round
             assert float(r["var_error"]) < 2e-7, r
+
+
+def test_bench_precision_of_values_rounded_to_bfloat16():
+    argv = ["--device", "cpu", "--shapes", "64x40", "--offsets", "1e3", "--values", "float32,bfloat16"]
+    rows = bench_precision.main([*argv, "--providers", "reference"])
+    assert [r["values"] for r in rows] == ["float32", "bfloat16"]
+    x = bench_precision.make_input((64, 40), 1e3, "nchw", torch.device("cpu"), "bfloat16")
+    assert x.dtype == torch.float32 and torch.equal(x, x.bfloat16().float()) and x.unique().numel() < 10
+    for r in rows:  # float64 arithmetic: only the float32 running buffers round
+        assert float(r["mean_error"]) < 1e-3 and float(r["var_error"]) < 2e-7, r
 
 
 def test_bench_precision_bad_options_exit_with_a_message():
@@ -255,6 +266,9 @@ def test_bench_precision_bad_options_exit_with_a_message():
         (["--offsets=1e30"], "below 2\\*\\*24"),
         (["--layout", "channels_last", "--shapes", "4x3"], "nothing to measure"),
         (["--providers", ","], "nothing to measure"),
+        (["--values", ","], "nothing to measure"),
+        (["--values", "float16"], "--values takes float32 and/or bfloat16"),
+        (["--values", "bfloat16", "--offsets", "1e4"], "below 2\\*\\*11"),
         (["--providers", "no-such-backend", "--shapes", "4x3"], "no provider ran"),
         (["--device", "foo"], "device"),
         (["--shapes", "4x0"], "bad shape"),

@@ -317,7 +317,9 @@ def test_compile_mode_from_the_environment():
 
 # --------------------------------------------------------------------------- whole torchvision models
 
-_TORCHVISION_MODELS = ["resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0"]
+# ResNet-50's blocks hold ResNet-18's BatchNorm -> ReLU pairs; its compiled graphs are compared op for op
+# with torch's below (test_compiled_converted_model_is_torchs_own_graph).
+_TORCHVISION_MODELS = ["resnet18", "mobilenet_v3_small", "efficientnet_b0"]
 
 
 def _models_pair(name):
