@@ -23,14 +23,20 @@ from bnfused.backends import native
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# A second source of the schemas-only copies, with no headers: editing it recompiles that file alone.
+_SMALL_SOURCE = "int bnfused_build_test_value() { return 1; }\n"
+
+
 def _copy_tree(dest: Path, comment: str, full: bool = False) -> Path:
-    """A copy of the bnfused package and of csrc/ (all of it, or only the schemas), one comment apart."""
+    """A copy of the bnfused package and of csrc/ (all of it, or the schemas and _SMALL_SOURCE), one
+    comment apart."""
     shutil.copytree(ROOT / "bnfused", dest / "bnfused", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     if full:
         shutil.copytree(ROOT / "csrc", dest / "csrc")
     else:
         (dest / "csrc").mkdir()
         shutil.copy2(ROOT / "csrc" / "bnfused.cpp", dest / "csrc" / "bnfused.cpp")
+        (dest / "csrc" / "small.cpp").write_text(_SMALL_SOURCE)
     with open(dest / "csrc" / "bnfused.cpp", "a") as f:
         f.write(f"// {comment}\n")
     return dest
@@ -105,11 +111,15 @@ def test_item08_two_trees_share_a_cache_without_rebuilding_each_other(tmp_path):
     for tree in (tree_a, tree_b):
         assert "compiling" not in _load_copy(tree, extensions)
     assert {d: (d / f"{d.name.rsplit('_', 1)[0]}.so").stat().st_mtime_ns for d in folders} == built
-    # An edit gets a folder of its own, seeded from the tree's last build (only what changed compiles).
-    with open(tree_a / "csrc" / "bnfused.cpp", "a") as f:
+    # An edit gets a folder of its own, seeded from the tree's last build: only what changed compiles.
+    with open(tree_a / "csrc" / "small.cpp", "a") as f:
         f.write("// edited\n")
     assert "compiling" in _load_copy(tree_a, extensions)
-    assert len(list(extensions.iterdir())) == 3
+    (edited,) = set(extensions.iterdir()) - set(folders)
+    (first_a,) = [
+        d for d in folders if (d / "bnfused.o").stat().st_mtime_ns == (edited / "bnfused.o").stat().st_mtime_ns
+    ]
+    assert (edited / "small.o").stat().st_mtime_ns > (first_a / "small.o").stat().st_mtime_ns
 
 
 def test_jit_build_compiles_cuda_only_when_a_gpu_is_visible_or_asked_for(monkeypatch):
