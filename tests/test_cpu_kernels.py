@@ -219,16 +219,20 @@ def test_short_plane_moments_match_float64(shape, far, offset, scale, dtype):
     _assert_moments_match_float64(x.to(dtype))
 
 
+def _float64_moments(x64):
+    """Per-channel mean and biased variance of x64, in two passes: at 1e5 standard deviations from zero
+    a one-pass variance is itself 1e-6 off."""
+    dims = [d for d in range(x64.dim()) if d != 1]
+    mean = x64.mean(dims)
+    return mean, (x64 - mean.view(1, -1, *[1] * (x64.dim() - 2))).square().mean(dims)
+
+
 def _assert_moments_match_float64(x):
     """The training forward's mean and invstd, and batch_stats, against float64 statistics of x."""
     C = x.shape[1]
     _, mean, invstd = native.forward_train(x, torch.ones(C), torch.zeros(C), None, None, 0.1, 0.0, 0, 0.0)
     batch_mean, batch_var = native.batch_stats(x)
-    dims = [d for d in range(x.dim()) if d != 1]
-    x64 = x.double()
-    want_mean = x64.mean(dims)
-    # two passes in float64: at 1e5 standard deviations from zero a one-pass variance is itself 1e-6 off
-    want_var = (x64 - want_mean.view(1, C, *[1] * (x.dim() - 2))).square().mean(dims)
+    want_mean, want_var = _float64_moments(x.double())
     torch.testing.assert_close(mean.double(), want_mean, rtol=2e-6, atol=0.0)
     torch.testing.assert_close(invstd.double(), want_var.rsqrt(), rtol=2e-6, atol=0.0)
     torch.testing.assert_close(batch_mean.double(), want_mean, rtol=2e-6, atol=0.0)
@@ -249,10 +253,7 @@ def test_moments_match_float64_when_the_mean_is_far_from_zero(shape, channels_la
 def _invstd_error(invstd, x64):
     """Largest relative distance of invstd from the float64 two-pass 1 / std of x64, over its channels
     of more than one value (at eps = 0 the others have no finite invstd)."""
-    C = x64.shape[1]
-    dims = [d for d in range(x64.dim()) if d != 1]
-    mean = x64.mean(dims)
-    want = (x64 - mean.view(1, C, *[1] * (x64.dim() - 2))).square().mean(dims).rsqrt()
+    want = _float64_moments(x64)[1].rsqrt()
     varies = torch.isfinite(want)
     return ((invstd.double() - want).abs() / want)[varies].max().item()
 
@@ -271,7 +272,7 @@ def test_moments_of_quantized_values_match_float64(shape, channels_last, dtype, 
     C = shape[1]
     x64 = x.double()
     _, mean, invstd = native.forward_train(x, torch.ones(C), torch.zeros(C), None, None, 0.1, 0.0, 0, 0.0)
-    torch.testing.assert_close(mean.double(), x64.mean([d for d in range(x.dim()) if d != 1]), rtol=2e-6, atol=0.0)
+    torch.testing.assert_close(mean.double(), _float64_moments(x64)[0], rtol=2e-6, atol=0.0)
     torch_invstd = torch.ops.aten.native_batch_norm(x.float(), None, None, None, None, True, 0.1, 0.0)[2]
     assert _invstd_error(invstd, x64) <= max(1e-6, _invstd_error(torch_invstd, x64))
 
