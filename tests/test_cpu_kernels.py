@@ -184,6 +184,54 @@ def test_row_moments_stay_exact_when_a_tile_starts_far_out(shape, channels_last,
     torch.testing.assert_close(invstd.double()[far], want[far], rtol=2e-6, atol=0.0)
 
 
+def _gathered_planes(shape):
+    """A dense float32 (N, C, L) input stored as (C, L, N): neither its channels nor its positions are
+    adjacent, so its planes are walked with a gather."""
+    n, c, length = shape
+    return make_input((c, length, n), torch.float32, offset=0.0, scale=1.0).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("offset", [1e3, 10.0], ids=["mean-1e3-std", "mean-10-std"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "shape, gathered",
+    [
+        ((16, 12, 20, 20), False),  # planes grouped several to a tile
+        ((2, 3, 130, 131), False),  # two tiles per plane
+        ((400, 5, 14, 14), False),
+        ((4096, 3, 7), False),
+        ((64, 6, 40), True),
+    ],
+    ids=str,
+)
+def test_plane_moments_stay_exact_when_a_tile_starts_far_out(shape, gathered, dtype, offset):
+    # With 8-float vectors a plane tile's moments are one sweep of sums of (x - shift) and its square,
+    # the shift being the mean of 8 of its values spread over the tile, the first one included
+    # (plane_shift in csrc/cpu/moments.h); a tile whose shift lies more than a standard deviation from
+    # its mean is summed again around its mean. Here the first value of every channel, the first of
+    # its first tile, lies 1000 standard deviations out: that tile's shift lies about 16 of its
+    # standard deviations out, where one sweep would lose about 256x float32's rounding of M2 (one
+    # sweep everywhere: 15 of these 20 cases fail). Builds of wider vectors sum every plane tile twice,
+    # around its first value then its mean; the values must match float64 either way (at e99fc7b, two
+    # sweeps everywhere, 6 cases failed, up to 1.3e-5 off).
+    x = _gathered_planes(shape) if gathered else make_input(shape, torch.float32, offset=0.0, scale=1.0)
+    x += offset
+    x[(0, slice(None)) + (0,) * (x.dim() - 2)] += 1000.0
+    _assert_moments_match_float64(x.to(dtype))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_long_plane_moments_of_quantized_values_with_a_far_row(seed):
+    # Planes longer than a fold of the chains (kMaxChainAdds values per lane, csrc/cpu/tile_sums.h)
+    # are folded inside: the one-sweep sums of the 8515-value tiles of these planes (half a plane each)
+    # added 266 bfloat16 values per lane, and a first row 30 standard deviations out left the variance
+    # up to 1.4e-5 off float64 (torch's float32 kernel 3e-8).
+    torch.manual_seed(seed)
+    x = torch.randn(2, 3, 130, 131) + 10.0
+    x[0, :, 0] += 30.0
+    _assert_moments_match_float64(x.to(torch.bfloat16))
+
+
 @pytest.mark.parametrize(
     "shape, far, offset, scale",
     [

@@ -102,6 +102,9 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
   if (!reduce) arrange_k2_k3();
   const int64_t streams = 2 + (grad_from_output(act) ? 1 : 0) + (grad_from_input(act) && rp ? 1 : 0) +
                           (drp ? 1 : 0);
+  // The tensors the sums read, prefetched ahead over short planes (PlaneStreams).
+  const PlaneStreams sum_streams =
+      PlaneStreams::of(dyp, xp, grad_from_output(act) ? yp : nullptr, grad_from_input(act) ? rp : nullptr);
   auto body = [&](auto act_c) {
     constexpr int kAct = decltype(act_c)::value;
     // g for a chunk, or for one register of a pair (tag PairLo, PairHi); coef(kIndex) gives one of
@@ -147,7 +150,7 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
       } else {
         const int64_t t = tiles;
         const A* center = tl.rows ? sum_arrays[kMean] : mean + tl.plane_channel(t);
-        tile_sums<2>(tl, t, center, sum_arrays, sum_contrib, tile_part(t));
+        tile_sums<2>(tl, t, center, sum_arrays, sum_contrib, tile_part(t), sum_streams);
       }
     };
     // A rows tiling sums each range of channels tiles outermost (as RowMomentMerge, and for the same
