@@ -220,11 +220,26 @@ def test_plane_moments_stay_exact_when_a_tile_starts_far_out(shape, gathered, dt
     _assert_moments_match_float64(x.to(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 16384), (83, 1, 196), (16, 1, 1000)], ids=str)
+def test_plane_tile_mean_stays_exact_when_its_shift_is_far_out(shape, dtype):
+    # Each shape is one plane tile (csrc/cpu/tiling.h). Its one-sweep shift (plane_shift in
+    # csrc/cpu/moments.h) is the mean of 8 of its values, value i in plane i * planes / 8 at position
+    # i * len / 8: here all 8 lie 1000 standard deviations out. The sums around that shift lose bits
+    # of M2 and of the mean alike (sum d's rounding grows with the distance: the mean was 1.5e-4 off
+    # where it is about 1); both are summed again around the mean.
+    n, c, length = shape
+    x = make_input(shape, torch.float32, offset=0.5, scale=1.0)
+    for i in range(8):
+        x[i * n // 8, 0, i * length // 8] = 1000.0
+    _assert_moments_match_float64(x.to(dtype))
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_long_plane_moments_of_quantized_values_with_a_far_row(seed):
     # Planes longer than a fold of the chains (kMaxChainAdds values per lane, csrc/cpu/tile_sums.h)
     # are folded inside: the one-sweep sums of the 8515-value tiles of these planes (half a plane each)
-    # added 266 bfloat16 values per lane, and a first row 30 standard deviations out left the variance
+    # added 532 bfloat16 values per lane to a chain, and a first row 30 standard deviations out left the variance
     # up to 1.4e-5 off float64 (torch's float32 kernel 3e-8).
     torch.manual_seed(seed)
     x = torch.randn(2, 3, 130, 131) + 10.0

@@ -20,10 +20,10 @@
 
 namespace bnfused::cpu {
 
-// A row tile's one-sweep moments (below) are kept for a channel when its sum of squared deviations
-// from its shift is at most this many times its M2, that is when the shift lies within one of the
-// tile's standard deviations from the tile's mean; else the channel's M2 is summed again around the
-// tile's mean. Cancellation and the rounding of sum d (weighted by the shift's distance) then cost
+// A row tile's one-sweep moments (below), and with 8-float vectors a plane tile's, are kept for a
+// channel when its sum of squared deviations from its shift is at most this many times its M2, that
+// is when the shift lies within one of the tile's standard deviations from the tile's mean; else the
+// channel's M2 (a plane tile's mean too) is summed again around the tile's mean. Cancellation and the rounding of sum d (weighted by the shift's distance) then cost
 // M2 a few times what the two-sweep sums' rounding does (invstd within about 1e-6 in float32).
 constexpr double kMaxShiftedLoss = 2.0;
 
@@ -60,17 +60,20 @@ void row_shift(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* shift) {
 // builds of 8-float vectors or fewer.
 constexpr bool kOneSweepPlanes = kNarrowVectors;
 
-// The shift of a plane tile's one-sweep moments: the mean of k = 1, 2, 4 or 8 of its values spread
-// evenly over its planes and positions, summed pairwise as deviations from the first (exact for a
-// constant tile).
+// The shift of a plane tile's one-sweep moments: the mean of k = 1, 2, 4 or 8 of its values, summed
+// pairwise as deviations from the first (exact for a constant tile). Value i lies in plane i * planes
+// / k and at position i * len / k of it: spread over the planes and over the positions alike. (Value
+// i * count / k of the tile in order fell on one position of every plane when the tile held a multiple
+// of 8 planes, pixel (0, 0) of 4x4 to 32x32 ones: a border unlike the rest sent every tile of the
+// channel to the second sweep.)
 template <typename T>
 acc_t<T> plane_shift(const T* xp, const Tiling& tl, int64_t t) {
   using A = acc_t<T>;
   const PlaneSpan p = tl.plane_span(t);
-  const int64_t count = (p.n1 - p.n0) * p.len;
+  const int64_t planes = p.n1 - p.n0, count = planes * p.len;
   const int64_t k = count >= 8 ? 8 : count >= 4 ? 4 : count >= 2 ? 2 : 1;
   const auto value = [&](int64_t i) {
-    const int64_t v = i * count / k, n = p.n0 + v / p.len, s = p.s0 + v % p.len;
+    const int64_t n = p.n0 + i * planes / k, s = p.s0 + i * p.len / k;
     return static_cast<A>(xp[n * tl.L.sn + p.c * tl.L.sc + s * tl.es]);
   };
   const A first = value(0);
@@ -127,8 +130,9 @@ std::unique_ptr<A[]> tile_parts(const Tiling& tl) {
 // whose values are converted on each read). A plane tile likewise, around plane_shift, in builds of
 // 8-float vectors or fewer (kOneSweepPlanes), and summed again around its mean when that shift is too
 // far out. batch_stats alone, AVX2 EPYC, 1 thread, two sweeps -> one: bfloat16 (32, 64, 56, 56)
-// 2.92-3.09 -> 2.13-2.17 ms, float32 2.83-2.96 -> 2.33-2.41; (128, 256, 14, 14) 3.76-3.97 -> 2.73-2.95
-// and 3.93-4.09 -> 3.31-3.39 (and 2.04-2.06, 2.61-2.71 with PlaneStreams' prefetch). Builds of wider
+// 2.92-3.09 -> 2.13-2.17 ms, float32 2.83-2.96 -> 2.33-2.41; (128, 256, 14, 14) bfloat16 3.76-3.97 ->
+// 2.73-2.95, float32 3.93-4.09 -> 3.31-3.39 (with PlaneStreams' prefetch too: bfloat16 2.04-2.06,
+// float32 2.61-2.71). Builds of wider
 // vectors sum a plane tile twice, first the mean of the deviations from its first value, then the
 // squared deviations from that mean: their two sums in one sweep would be a chain of dependent adds
 // each where the mean's sweep runs four (not measured with AVX512).
@@ -235,23 +239,26 @@ void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
     return;
   }
   if (!tl.rows && kOneSweepPlanes) {
-    const A shift = plane_shift(xp, tl, t);
-    tile_mean[0] = tile_m2[0] = A(0);  // W == 1: tile_sums<2> writes both
-    tile_sums<2>(
-        tl, t, &shift, kNoArrays<A>,
-        [=](auto tag, int64_t off, const V& c, auto) {
-          const V d = centered(tag, off, c);
-          return contributions(d, V(d * d));
-        },
-        tile_mean, PlaneStreams::of(xp));
-    const double sum_d = tile_mean[0], squares = tile_m2[0];
-    const double m2 = squares - sum_d * sum_d / count;
-    store_tile_mean(shift, static_cast<A>(sum_d) * inv_count, tile_mean, tile_mean_rest);
-    if (squares <= kMaxShiftedLoss * m2) {
+    // One sweep around `centre`: the tile's mean (as its pair) and M2; false when the centre lies too
+    // far out for M2.
+    const auto sweep = [&](A centre, const PlaneStreams& streams) {
+      tile_mean[0] = tile_m2[0] = A(0);  // W == 1: tile_sums<2> writes both
+      tile_sums<2>(
+          tl, t, &centre, kNoArrays<A>,
+          [=](auto tag, int64_t off, const V& c, auto) {
+            const V d = centered(tag, off, c);
+            return contributions(d, V(d * d));
+          },
+          tile_mean, streams);
+      const double sum_d = tile_mean[0], squares = tile_m2[0];
+      const double m2 = squares - sum_d * sum_d / count;
       tile_m2[0] = static_cast<A>(m2);
-      return;
-    }
-    squares_around_means();
+      store_tile_mean(centre, static_cast<A>(sum_d) * inv_count, tile_mean, tile_mean_rest);
+      return squares <= kMaxShiftedLoss * m2;
+    };
+    // A shift too far out costs the mean its rounding too (sum d's error grows with the distance):
+    // both are summed again, around the mean, from cache.
+    if (!sweep(plane_shift(xp, tl, t), PlaneStreams::of(xp))) sweep(tile_mean[0], PlaneStreams{});
     return;
   }
   for (int64_t j = 0; j < W; ++j) tile_mean[j] = static_cast<A>(xp[first + j]);  // the shift

@@ -30,7 +30,7 @@ inline A lane_sum(const at::vec::Vectorized<A>& v) {
 // values at 1000 standard deviations from zero 8e-6 off float64 in invstd ((2000, 8, 4, 4) with AVX2:
 // 2048 adds per lane; torch 7e-8). Planes longer than a fold are folded inside too: the one-sweep
 // moments (moments.h) of (2, 3, 130, 131) bfloat16 near 10, whose 8515-value tiles (half a plane)
-// added 266 values per lane, had its variance 1.4e-5 off float64 with a row of its values 30
+// added 532 values per lane to a chain, had its variance 1.4e-5 off float64 with a row of its values 30
 // standard deviations out (torch 3e-8).
 constexpr int64_t kMaxChainAdds = 64;
 
@@ -313,6 +313,7 @@ void plane_sums(const Tiling& tl, const PlaneTiles& b, const CenterOf& center_of
   };
   // Each channel's chains, and their total folded every `fold` samples, as tile_sums keeps them
   // (blocks hold planes shorter than one of tile_sums' runs between folds: no fold inside a plane).
+  static_assert(kBlockPlaneBytes / 2 <= kMaxChainAdds * VW, "a block's plane fits one run of tile_sums");
   struct Sums {
     std::array<Acc, kChains> q;
     Acc total;
@@ -399,6 +400,7 @@ struct PlaneStreams {
   template <typename T, typename... More>
   static PlaneStreams of(const T* first, const More*... more) {
     static_assert(sizeof...(More) < 4, "at most four streams");
+    static_assert((std::is_same_v<T, More> && ...), "streams of one dtype");
     PlaneStreams s;
     s.value_bytes = sizeof(T);
     for (const void* p : {static_cast<const void*>(first), static_cast<const void*>(more)...}) {
