@@ -23,8 +23,9 @@ namespace bnfused::cpu {
 // A row tile's one-sweep moments (below), and with 8-float vectors a plane tile's, are kept for a
 // channel when its sum of squared deviations from its shift is at most this many times its M2, that
 // is when the shift lies within one of the tile's standard deviations from the tile's mean; else the
-// channel's M2 (a plane tile's mean too) is summed again around the tile's mean. Cancellation and the rounding of sum d (weighted by the shift's distance) then cost
-// M2 a few times what the two-sweep sums' rounding does (invstd within about 1e-6 in float32).
+// channel's M2 (a plane tile's mean too) is summed again around the tile's mean. Cancellation and the
+// rounding of sum d (weighted by the shift's distance) then cost M2 a few times what the two-sweep
+// sums' rounding does (invstd within about 1e-6 in float32).
 constexpr double kMaxShiftedLoss = 2.0;
 
 // The shift of a row tile's one-sweep moments: per channel, the mean of its first k = 1, 2, 4 or 8
@@ -132,10 +133,9 @@ std::unique_ptr<A[]> tile_parts(const Tiling& tl) {
 // far out. batch_stats alone, AVX2 EPYC, 1 thread, two sweeps -> one: bfloat16 (32, 64, 56, 56)
 // 2.92-3.09 -> 2.13-2.17 ms, float32 2.83-2.96 -> 2.33-2.41; (128, 256, 14, 14) bfloat16 3.76-3.97 ->
 // 2.73-2.95, float32 3.93-4.09 -> 3.31-3.39 (with PlaneStreams' prefetch too: bfloat16 2.04-2.06,
-// float32 2.61-2.71). Builds of wider
-// vectors sum a plane tile twice, first the mean of the deviations from its first value, then the
-// squared deviations from that mean: their two sums in one sweep would be a chain of dependent adds
-// each where the mean's sweep runs four (not measured with AVX512).
+// float32 2.61-2.71). Builds of wider vectors sum a plane tile twice, first the mean of the deviations
+// from its first value, then the squared deviations from that mean: their two sums in one sweep would
+// be a chain of dependent adds each where the mean's sweep runs four (not measured with AVX512).
 template <typename T>
 void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
   using A = acc_t<T>;
