@@ -28,6 +28,23 @@ namespace bnfused::cpu {
 // sums' rounding does (invstd within about 1e-6 in float32).
 constexpr double kMaxShiftedLoss = 2.0;
 
+// The values a one-sweep shift averages, out of count: 1, 2, 4 or 8.
+inline int64_t shift_samples(int64_t count) { return count >= 8 ? 8 : count >= 4 ? 4 : count >= 2 ? 2 : 1; }
+
+// The mean of value(0) .. value(k - 1) (k from shift_samples; scalars or vectors), summed pairwise as
+// deviations from the first, times inv_k = 1 / k: exact when the values are equal, and finite wherever
+// their differences are.
+template <typename X, typename Value>
+X mean_from_first(int64_t k, const Value& value, const X& inv_k) {
+  const X first = value(0);
+  X d[8];
+  for (int64_t i = 0; i < k; ++i) d[i] = value(i) - first;
+  for (int64_t half = k / 2; half >= 1; half /= 2) {
+    for (int64_t i = 0; i < half; ++i) d[i] = d[2 * i] + d[2 * i + 1];
+  }
+  return first + d[0] * inv_k;
+}
+
 // The shift of a row tile's one-sweep moments: per channel, the mean of its first k = 1, 2, 4 or 8
 // rows, summed pairwise as deviations from the first row. Exact for a constant channel (its
 // deviations are 0) and finite wherever the rows' differences are; with 8 rows it lies within a
@@ -38,19 +55,13 @@ void row_shift(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* shift) {
   using V = at::vec::Vectorized<A>;
   constexpr int64_t VW = vec_width<A>();
   const int64_t rows = tl.count(t), W = tl.width();
-  const int64_t k = rows >= 8 ? 8 : rows >= 4 ? 4 : rows >= 2 ? 2 : 1;
+  const int64_t k = shift_samples(rows);
   int64_t off[8];
   RowOffsets next_row(tl.L, t * tl.block);
   for (int64_t i = 0; i < k; ++i) off[i] = next_row();
   const V inv_k(A(1) / A(k));  // a power of two: exact
   const auto shift_of = [&](auto tag, int64_t c) {
-    const V first = ld(tag, xp + off[0] + c);
-    V d[8];
-    for (int64_t i = 0; i < k; ++i) d[i] = ld(tag, xp + off[i] + c) - first;
-    for (int64_t half = k / 2; half >= 1; half /= 2) {
-      for (int64_t i = 0; i < half; ++i) d[i] = d[2 * i] + d[2 * i + 1];
-    }
-    st(tag, shift + c, V(first + d[0] * inv_k));
+    st(tag, shift + c, mean_from_first(k, [&](int64_t i) { return ld(tag, xp + off[i] + c); }, inv_k));
   };
   int64_t c = 0;
   for (; c + VW <= W; c += VW) shift_of(Full{}, c);
@@ -72,18 +83,12 @@ acc_t<T> plane_shift(const T* xp, const Tiling& tl, int64_t t) {
   using A = acc_t<T>;
   const PlaneSpan p = tl.plane_span(t);
   const int64_t planes = p.n1 - p.n0, count = planes * p.len;
-  const int64_t k = count >= 8 ? 8 : count >= 4 ? 4 : count >= 2 ? 2 : 1;
+  const int64_t k = shift_samples(count);
   const auto value = [&](int64_t i) {
     const int64_t n = p.n0 + i * planes / k, s = p.s0 + i * p.len / k;
     return static_cast<A>(xp[n * tl.L.sn + p.c * tl.L.sc + s * tl.es]);
   };
-  const A first = value(0);
-  A d[8];
-  for (int64_t i = 0; i < k; ++i) d[i] = value(i) - first;
-  for (int64_t half = k / 2; half >= 1; half /= 2) {
-    for (int64_t i = 0; i < half; ++i) d[i] = d[2 * i] + d[2 * i + 1];
-  }
-  return first + d[0] * (A(1) / A(k));
+  return mean_from_first(k, value, A(1) / A(k));
 }
 
 // A tile's partial statistics per channel, kTileParts arrays of W values at part[t * kTileParts * W ..]:
