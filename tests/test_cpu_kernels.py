@@ -900,8 +900,21 @@ x = (torch.randn(33, 61, 31, 37, generator=g) * 3 + 2).bfloat16()
 dy = torch.randn(33, 61, 31, 37, generator=g).bfloat16()
 y, mean, invstd = native.forward_train(x, None, None, None, None, 0.1, 1e-5, 0, 0.0)
 out["planes"] = list(native.backward(dy, x, None, None, mean, invstd, 0, 0.0, True, True, True, True)[:3])
+out["walks"] = native.library().module.cpu_walks()
 torch.save(out, sys.argv[1])
 """
+
+
+def _cpu_signature():
+    """(vendor, family, model) of this processor from /proc/cpuinfo; ("", -1, -1) where it is not there."""
+    path = Path("/proc/cpuinfo")
+    fields = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    family, model = (int(v) if v.isdigit() else -1 for v in (fields.get("cpu family", ""), fields.get("model", "")))
+    return fields.get("vendor_id", ""), family, model
 
 
 def test_rows_walk_sequentially_unless_told(tmp_path):
@@ -914,17 +927,24 @@ def test_rows_walk_sequentially_unless_told(tmp_path):
         )
         assert run.returncode == 0, run.stderr[-3000:]
         results[walk] = torch.load(path)
+    walks = {walk: results[walk].pop("walks") for walk in ("", "sequential", "blocked")}
+    assert set(walks["sequential"].values()) == {True} and set(walks["blocked"].values()) == {False}
     short = [results[walk].pop("short") for walk in ("", "sequential", "blocked")]
     assert all(torch.equal(a, c) for other in short[1:] for a, c in zip(short[0], other, strict=True))
     planes = results["sequential"].pop("planes"), results["blocked"].pop("planes"), results[""].pop("planes")
     for key, tensors in results[""].items():
         assert all(torch.equal(a, c) for a, c in zip(tensors, results["sequential"][key], strict=True)), key
         assert not torch.equal(results["sequential"][key][0], results["blocked"][key][0]), key
-    # 16-bit planes: sequential on AMD processors and in builds of narrower vectors than AVX512's
-    vendor = next((line.split()[-1] for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("vendor_id")), "") if Path("/proc/cpuinfo").exists() else ""  # fmt: skip
+    # 16-bit planes: sequential on AMD processors and in builds of narrower vectors than AVX512's; long
+    # ones in memory order there too, except on cores of half-width vector units (Zen and Zen+)
+    vendor, family, model = _cpu_signature()
     sequential = vendor in ("AuthenticAMD", "HygonGenuine") or torch.backends.cpu.get_cpu_capability() != "AVX512"
-    expected = planes[0] if sequential else planes[1]
+    default = walks[""]
+    assert default["sequential_rows"] and default["sequential_planes"] == sequential
+    assert default["sequential_planes"] or not default["long_planes_in_order"]
+    if vendor == "AuthenticAMD" and family == 23 and model >= 0:
+        assert default["long_planes_in_order"] == (model >= 0x30), (family, model)
+    expected = planes[0] if default["long_planes_in_order"] else planes[1]
     assert not torch.equal(planes[0][0], planes[1][0])  # the two walks differ here
     assert all(torch.equal(a, c) for a, c in zip(planes[2], expected, strict=True))
 

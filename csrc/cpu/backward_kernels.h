@@ -47,7 +47,7 @@ constexpr int64_t kGradPlanesInOrderBytes = int64_t{4} << 20;
 template <typename T>
 Tiling grad_tiling(const Tiling& tl) {
   const int64_t plane_bytes = tl.L.s * int64_t(sizeof(T));
-  const bool in_order = is_16bit_float<T>() && tl.sequential_planes && tl.contiguous_planes() && tl.group > 1 &&
+  const bool in_order = is_16bit_float<T>() && tl.long_planes_in_order && tl.contiguous_planes() && tl.group > 1 &&
                         plane_bytes > kShortPlaneBytes && tl.L.numel() * int64_t(sizeof(T)) >= kGradPlanesInOrderBytes;
   return in_order ? tl.one_plane_tiles() : tl;
 }

@@ -69,8 +69,8 @@ void stats_then_normalize(const T* xp, const Tiling& tl, const Finish& finish, c
   // 1.14 / 1.24.
   if constexpr (is_16bit_float<T>()) {
     const int64_t plane_bytes = tl.L.s * int64_t(sizeof(T));
-    const bool in_order =
-        plane_bytes <= kShortPlaneBytes || tl.L.numel() * int64_t(sizeof(T)) >= kLongPlanesInOrderBytes;
+    const bool in_order = plane_bytes <= kShortPlaneBytes ||
+                          (tl.long_planes_in_order && tl.L.numel() * int64_t(sizeof(T)) >= kLongPlanesInOrderBytes);
     if (tl.sequential_planes && planes_in_memory_order(tl) && in_order) {
       const bool one_plane = plane_bytes >= kStatsPlaneBytes && tl.contiguous_planes();
       channel_stats(xp, one_plane ? tl.one_plane_tiles() : tl, finish);

@@ -86,13 +86,15 @@ struct Tiling {
   bool flat;
   // The walks where two exist (walk_order.h): true for sequential, for row tiles and for planes.
   bool sequential_rows, sequential_planes;
+  // Long 16-bit planes of large tensors in memory order (Walks::long_planes).
+  bool long_planes_in_order;
   // planes: one whole plane per tile, the tiles numbered in memory order (tile t is plane t = n * C + c)
   // rather than channel-major (see one_plane_tiles).
   bool tiles_in_memory_order = false;
 
   static Tiling of(const Ncs& L) {
     const Walks walks = sequential_walks();
-    Tiling t{L, false, 1, 0, 1, 1, 0, 0, 0, false, walks.rows, walks.planes};
+    Tiling t{L, false, 1, 0, 1, 1, 0, 0, 0, false, walks.rows, walks.planes, walks.long_planes};
     if (L.s > 1 && L.ss == 1) {
       t.rows = false;
     } else if (L.sc == 1 || L.c == 1) {

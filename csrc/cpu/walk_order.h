@@ -29,7 +29,8 @@
 // 16-bit NCHW planes stay blocked: sequential took the bfloat16 (32, 64, 56, 56) training forward from
 // 0.57 to 0.66-0.69 of torch's time, the (128, 256, 14, 14) backward from 0.20-0.22 to 0.30-0.31.
 // So: rows sequential on every processor; planes sequential on AMD (and Hygon) processors and in
-// builds of 8-float vectors or fewer, blocked otherwise. BNFUSED_CPU_WALK=sequential|blocked sets both
+// builds of 8-float vectors or fewer, blocked otherwise. Long 16-bit planes go by channel, as blocked, on cores of
+// half-width vector units (Zen 1: Walks::long_planes). BNFUSED_CPU_WALK=sequential|blocked sets both
 // (read at the first kernel call; empty is unset, any other value an error).
 // Each gives the same bits for any thread count; the two group the row sums, and the 16-bit plane sums,
 // differently, so their bits can differ from each other's (channels_last inputs with wide rows, 16-bit
@@ -38,6 +39,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -56,18 +58,29 @@ constexpr bool kNarrowVectors = false;
 constexpr bool kNarrowVectors = true;
 #endif
 
-// The processor's vendor string ("AuthenticAMD", "GenuineIntel", ...), empty off x86.
-inline std::string cpu_vendor() {
-  unsigned int regs[4] = {0, 0, 0, 0};  // eax, ebx, ecx, edx of leaf 0
+// EAX, EBX, ECX, EDX of CPUID leaf `leaf`; zeros where the processor has no such leaf (or off x86).
+inline std::array<unsigned int, 4> cpuid(unsigned int leaf) {
+  std::array<unsigned int, 4> regs{0, 0, 0, 0};
 #if defined(__x86_64__) || defined(__i386__)
-  if (!__get_cpuid(0, &regs[0], &regs[1], &regs[2], &regs[3])) return "";
+  if (__get_cpuid_max(leaf & 0x80000000u, nullptr) >= leaf) {
+    __get_cpuid(leaf, &regs[0], &regs[1], &regs[2], &regs[3]);
+  }
 #elif defined(_M_X64) || defined(_M_IX86)
   int r[4];
-  __cpuid(r, 0);
-  for (int i = 0; i < 4; ++i) regs[i] = static_cast<unsigned int>(r[i]);
+  __cpuid(r, static_cast<int>(leaf & 0x80000000u));
+  if (static_cast<unsigned int>(r[0]) >= leaf) {
+    __cpuid(r, static_cast<int>(leaf));
+    for (int i = 0; i < 4; ++i) regs[i] = static_cast<unsigned int>(r[i]);
+  }
 #else
-  return "";
+  (void)leaf;
 #endif
+  return regs;
+}
+
+// The processor's vendor string ("AuthenticAMD", "GenuineIntel", ...), empty off x86.
+inline std::string cpu_vendor() {
+  const std::array<unsigned int, 4> regs = cpuid(0);
   char vendor[13];
   std::memcpy(vendor, &regs[1], 4);  // ebx, edx, ecx
   std::memcpy(vendor + 4, &regs[3], 4);
@@ -76,9 +89,33 @@ inline std::string cpu_vendor() {
   return vendor;
 }
 
-// true where the walk is sequential (see above).
+// True on processors whose vector units are 128 bits wide and run each 256-bit operation as two:
+// AMD's Zen and Zen+ (family 17h, models below 30h) and Hygon's Dhyana built on them (family 18h),
+// or any AMD processor that says so (CPUID Fn8000_001A EAX bit 0, FP128; a hypervisor may hide
+// that leaf, not the family).
+inline bool half_width_vector_units() {
+  const std::string vendor = cpu_vendor();
+  if (vendor != "AuthenticAMD" && vendor != "HygonGenuine") return false;
+  const unsigned int signature = cpuid(1)[0];
+  const unsigned int family = ((signature >> 8) & 0xFu) + ((signature >> 20) & 0xFFu);
+  const unsigned int model = ((signature >> 4) & 0xFu) | (((signature >> 16) & 0xFu) << 4);
+  const bool zen1 = (family == 0x17 && model < 0x30) || (vendor == "HygonGenuine" && family == 0x18);
+  return zen1 || (cpuid(0x8000001Au)[0] & 1u) != 0;
+}
+
+// true where the walk is sequential (see above). long_planes: 16-bit planes longer than
+// kShortPlaneBytes, in tensors of several MiB, walked in memory order by the training forward
+// (kLongPlanesInOrderBytes) and the backward (kGradPlanesInOrderBytes) where planes are sequential,
+// except on cores of half-width vector units. There the conversions and arithmetic of a value take
+// twice the issue slots, and a channel's planes walked C * S values apart while its second pass
+// re-reads them from L2 gained more than memory order's prefetch-friendly streams (Zen 1, AVX2
+// build, bench_kernels, bfloat16, three processes each way, in order -> by channel, training
+// forward 2 / 1 threads: (32, 64, 56, 56) 3.11-3.18 -> 2.63-2.89 ms / 4.97-5.18 -> 4.45-4.69,
+// (64, 128, 28, 28) 2.69-2.97 -> 2.54-2.75 / 4.50-4.77 -> 4.45-4.51; backward 2 threads 3.79-4.15 ->
+// 3.69-3.94 and 4.11-4.25 -> 3.75-4.09). Short planes keep memory order there ((128, 256, 14, 14):
+// 3.12 ms in order, 3.40 by channel).
 struct Walks {
-  bool rows, planes;
+  bool rows, planes, long_planes;
 };
 
 inline Walks sequential_walks() {
@@ -88,10 +125,12 @@ inline Walks sequential_walks() {
       const std::string walk(choice);
       TORCH_CHECK(walk == "sequential" || walk == "blocked",
                   "bnfused: BNFUSED_CPU_WALK must be 'sequential' or 'blocked', got '", walk, "'");
-      return {walk == "sequential", walk == "sequential"};
+      const bool sequential = walk == "sequential";
+      return {sequential, sequential, sequential};
     }
     const std::string vendor = cpu_vendor();
-    return {true, kNarrowVectors || vendor == "AuthenticAMD" || vendor == "HygonGenuine"};
+    const bool planes = kNarrowVectors || vendor == "AuthenticAMD" || vendor == "HygonGenuine";
+    return {true, planes, planes && !half_width_vector_units()};
   }();
   return walks;
 }
