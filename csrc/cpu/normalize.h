@@ -133,11 +133,13 @@ void normalize_flat(const T* xp, T* yp, const Tiling& tl, const acc_t<T>* mean, 
           st_pair(yp + off, y_lo, y_hi, stream);
         };
         for (; end - i >= 2 * VW; i += 2 * VW) {
-          if (left > 2 * VW) {  // inside plane p
-            apply_pair(i, m, k, b, m, k, b);
-            left -= 2 * VW;
-            continue;
-          }
+          // The whole pairs inside plane p (with at least one of its values after them) in a loop of
+          // their own, as the vectors below: checked pair by pair, the loop took 1.3x ATen's time for
+          // the float16 eval forward of (8, 64, 28, 28) at 1 thread (Zen 1, in cache).
+          const int64_t inside = std::min((left - 1) / (2 * VW), (end - i) / (2 * VW));
+          for (const int64_t stop = i + inside * 2 * VW; i < stop; i += 2 * VW) apply_pair(i, m, k, b, m, k, b);
+          left -= inside * 2 * VW;
+          if (end - i < 2 * VW) break;
           c = c + 1 == C ? 0 : c + 1;
           const V m_next(mean[c]), k_next(scale[c]), b_next(shift[c]);
           if (left == 2 * VW) {
