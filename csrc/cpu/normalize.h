@@ -134,7 +134,7 @@ void normalize_flat(const T* xp, T* yp, const Tiling& tl, const acc_t<T>* mean, 
         };
         for (; end - i >= 2 * VW; i += 2 * VW) {
           // The whole pairs inside plane p (with at least one of its values after them) in a loop of
-          // their own, as the vectors below: checked pair by pair, the loop took 1.3x ATen's time for
+          // their own, as the vectors below: checked pair by pair, the loop took 1.37x ATen's time for
           // the float16 eval forward of (8, 64, 28, 28) at 1 thread (Zen 1, in cache).
           const int64_t inside = std::min((left - 1) / (2 * VW), (end - i) / (2 * VW));
           for (const int64_t stop = i + inside * 2 * VW; i < stop; i += 2 * VW) apply_pair(i, m, k, b, m, k, b);
