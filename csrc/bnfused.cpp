@@ -11,8 +11,6 @@
 
 #include <optional>
 
-#include "cpu/walk_order.h"
-
 TORCH_LIBRARY(bnfused_native, m) {
   // The whole layer, autograd included, in C++ (autograd.cpp): the low-overhead eager route.
   m.def(
@@ -210,16 +208,6 @@ PyObject* set_fallback(PyObject*, PyObject* callable) {
   Py_RETURN_NONE;
 }
 
-// The walks the CPU kernels chose for this process (cpu/walk_order.h), for tests and reports.
-PyObject* cpu_walks(PyObject*, PyObject*) {
-  HANDLE_TH_ERRORS
-  const cpu::Walks walks = cpu::sequential_walks();
-  return Py_BuildValue("{s:O,s:O,s:O}", "sequential_rows", walks.rows ? Py_True : Py_False, "sequential_planes",
-                       walks.planes ? Py_True : Py_False, "long_planes_in_order",
-                       walks.long_planes ? Py_True : Py_False);
-  END_HANDLE_TH_ERRORS
-}
-
 PyMethodDef* eager_methods() {
   static PyMethodDef methods[] = {
       {"batch_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&eager_batch_norm)), METH_FASTCALL,
@@ -230,8 +218,6 @@ PyMethodDef* eager_methods() {
        "args_ok(x, running_mean, running_var, weight, bias, training) -> bool: batch_norm's arguments pass "
        "every check of bnfused.functional (False: not shown, check in Python)"},
       {"set_fallback", &set_fallback, METH_O, "set_fallback(op): what eager batch_norm calls off its fast path"},
-      {"cpu_walks", &cpu_walks, METH_NOARGS,
-       "cpu_walks() -> dict: the walks the CPU kernels take in this process (csrc/cpu/walk_order.h)"},
       {nullptr, nullptr, 0, nullptr}};
   return methods;
 }

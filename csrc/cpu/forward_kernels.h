@@ -55,6 +55,7 @@ void stats_then_normalize(const T* xp, const Tiling& tl, const Finish& finish, c
   // threads: 0.30-0.32 -> 0.31-0.37 ms; (8, 64, 56, 56), AVX2, 0.18 -> 0.19). So longer planes go in
   // order when x takes at least kLongPlanesInOrderBytes; that includes AVX2 builds on Intel processors,
   // against the Intel figures above (20% gained on the Zen 4, 5% lost there; not re-measured on Intel).
+  // On cores of half-width vector units (Zen 1) they keep two_pass (Walks::long_planes, walk_order.h).
   // Only planes grouped several to a tile take this path (planes_in_memory_order: up to kTileValues / 2
   // values); longer ones keep two_pass. Taken with sequential walks (walk_order.h): on the Intel AVX512
   // machine two_pass ran at 0.75-0.79 of ATen's time (not measured the other way); on an AMD Zen 4

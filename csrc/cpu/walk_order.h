@@ -30,8 +30,8 @@
 // 0.57 to 0.66-0.69 of torch's time, the (128, 256, 14, 14) backward from 0.20-0.22 to 0.30-0.31.
 // So: rows sequential on every processor; planes sequential on AMD (and Hygon) processors and in
 // builds of 8-float vectors or fewer, blocked otherwise. Long 16-bit planes go by channel, as blocked, on cores of
-// half-width vector units (Zen 1: Walks::long_planes). BNFUSED_CPU_WALK=sequential|blocked sets both
-// (read at the first kernel call; empty is unset, any other value an error).
+// half-width vector units (Zen 1: Walks::long_planes). BNFUSED_CPU_WALK=sequential|blocked sets every
+// walk (read at the first kernel call; empty is unset, any other value an error).
 // Each gives the same bits for any thread count; the two group the row sums, and the 16-bit plane sums,
 // differently, so their bits can differ from each other's (channels_last inputs with wide rows, 16-bit
 // NCHW inputs with long planes; the 256-byte planes' blocks and tiles give the same bits).
@@ -91,8 +91,9 @@ inline std::string cpu_vendor() {
 
 // True on processors whose vector units are 128 bits wide and run each 256-bit operation as two:
 // AMD's Zen and Zen+ (family 17h, models below 30h) and Hygon's Dhyana built on them (family 18h),
-// or any AMD processor that says so (CPUID Fn8000_001A EAX bit 0, FP128; a hypervisor may hide
-// that leaf, not the family).
+// or an AMD or Hygon processor whose CPUID Fn8000_001A EAX has FP128 (bit 0: 128-bit operations at
+// full width) without FP256 (bit 2: 256-bit operations at full width). Zen 1 reports 0x3 there, Zen 3
+// 0x6; a hypervisor may hide the leaf (zeros), not the family.
 inline bool half_width_vector_units() {
   const std::string vendor = cpu_vendor();
   if (vendor != "AuthenticAMD" && vendor != "HygonGenuine") return false;
@@ -100,7 +101,8 @@ inline bool half_width_vector_units() {
   const unsigned int family = ((signature >> 8) & 0xFu) + ((signature >> 20) & 0xFFu);
   const unsigned int model = ((signature >> 4) & 0xFu) | (((signature >> 16) & 0xFu) << 4);
   const bool zen1 = (family == 0x17 && model < 0x30) || (vendor == "HygonGenuine" && family == 0x18);
-  return zen1 || (cpuid(0x8000001Au)[0] & 1u) != 0;
+  const unsigned int widths = cpuid(0x8000001Au)[0];
+  return zen1 || ((widths & 1u) != 0 && (widths & 4u) == 0);
 }
 
 // true where the walk is sequential (see above). long_planes: 16-bit planes longer than
