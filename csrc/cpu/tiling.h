@@ -256,13 +256,29 @@ inline int64_t plane_block_channels(const Tiling& tl, int64_t value_bytes) {
   return (C + blocks - 1) / blocks;
 }
 
-// Runs body(t) for every tile, in parallel. Tiles write disjoint outputs.
+// Runs body(t) for every tile, in parallel. Tiles write disjoint outputs. With last_first, each
+// thread runs its range of tiles backwards in runs of about kLastFirstRunValues values, each run's
+// tiles first to last: at::parallel_for splits the range the same way on every call, so a pass that
+// follows another over the same tiles (two_pass's apply after its reduce) starts on the values that
+// one read last, still in cache, and reads each run in memory order as prefetchers expect. Measured
+// against first to last (op alone, interleaved in one process, Zen 1, 2 threads): float32
+// channels_last (32, 64, 56, 56) / (128, 256, 14, 14) training forward 0.89 / 0.87 of the time,
+// backward 0.93 / 0.90; one tile a run instead lost 8-30% on the backward of bfloat16 planes of one
+// tile each ((64, 128, 28, 28) with sequential walks: 1.30x).
+constexpr int64_t kLastFirstRunValues = 65536;
 template <typename F>
-void parallel_tiles(const Tiling& tl, F&& body) {
+void parallel_tiles(const Tiling& tl, F&& body, bool last_first = false) {
   const int64_t mean_tile_values = std::max<int64_t>(1, tl.L.numel() / tl.tiles);
   const int64_t grain = std::max<int64_t>(1, kMinTaskValues / mean_tile_values);
+  const int64_t run = std::max<int64_t>(1, kLastFirstRunValues / mean_tile_values);
   at::parallel_for(0, tl.tiles, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) body(t);
+    if (!last_first) {
+      for (int64_t t = begin; t < end; ++t) body(t);
+      return;
+    }
+    for (int64_t first = begin + (end - 1 - begin) / run * run; first >= begin; first -= run) {
+      for (int64_t t = first; t < std::min(end, first + run); ++t) body(t);
+    }
   });
 }
 

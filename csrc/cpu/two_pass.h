@@ -18,14 +18,16 @@ constexpr int64_t kMinFinishWork = 8192;
 // in ranges (it merges channels c0 .. c1 - 1's tile partials, each in tile order; ranges may run
 // concurrently, in any order), then before_apply() once, then apply(t) on every tile; either pass may
 // be absent (null flags). (The schedules below that fuse the three per block or per channel take
-// plane tilings only and call before_apply() first: the kernels that need it run over rows.) With `block` channels per block (plane_block_channels), where reduce and apply
-// also take PlaneTiles (kernels opt in so: a callable of int64_t alone keeps the tiles), one task per
-// block of channels runs reduce on the block's tiles, finish on its channels and apply on its tiles,
-// re-reading the block from cache when it fits and in memory order when not. Else, for planes whose channels fit in L2, and with at least
-// as many channels as threads, one task per channel runs all three for its channel, so apply()
-// re-reads values that reduce() just brought into cache; otherwise (and always for tiles in memory
-// order) each step runs over all tiles at once.
-// Each tile's partials are the same whichever way (plane_sums): so are the results.
+// plane tilings only and call before_apply() first: the kernels that need it run over rows.)
+// With `block` channels per block (plane_block_channels), where reduce and apply also take
+// PlaneTiles (kernels opt in so: a callable of int64_t alone keeps the tiles), one task per block of
+// channels runs reduce on the block's tiles, finish on its channels and apply on its tiles,
+// re-reading the block from cache when it fits and in memory order when not. Else, for planes whose
+// channels fit in L2, and with at least as many channels as threads, one task per channel runs all
+// three for its channel, so apply() re-reads values that reduce() just brought into cache; otherwise
+// (and always for tiles in memory order) each step runs over all tiles at once, apply's tiles last
+// to first (parallel_tiles). Each tile's partials are the same whichever way (plane_sums): so are
+// the results.
 template <typename Reduce, typename Finish, typename Apply, typename BeforeApply = void (*)()>
 void two_pass(const Tiling& tl, int64_t bytes_per_value, bool has_reduce, bool has_apply, const Reduce& reduce,
               const Finish& finish, const Apply& apply, int64_t block = 0, const BeforeApply& before_apply = [] {}) {
@@ -81,7 +83,8 @@ void two_pass(const Tiling& tl, int64_t bytes_per_value, bool has_reduce, bool h
   const int64_t grain = std::max<int64_t>(1, kMinFinishWork / merged_per_channel);
   at::parallel_for(0, tl.L.c, grain, [&](int64_t begin, int64_t end) { finish(begin, end); });
   before_apply();
-  if (has_apply) parallel_tiles(tl, apply);
+  // Last to first: the values the reduce pass read last are still in cache.
+  if (has_apply) parallel_tiles(tl, apply, /*last_first=*/has_reduce);
 }
 
 }  // namespace bnfused::cpu
