@@ -202,6 +202,12 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
       for (int64_t c = c0; c < c1; ++c) merge_channel(c);
     };
     const bool stream = tile_streams_output<T>(tl);
+    // The next channel's values, prefetched while this one's are written from cache (two_pass's
+    // schedule by channel).
+    const int64_t ahead =
+        reduce ? apply_prefetch_ahead(tl, streams * int64_t(sizeof(T)), plane_block_channels(tl, sizeof(T))) : 0;
+    const T* ahead_y = grad_from_output(act) ? yp : nullptr;
+    const T* ahead_r = grad_from_input(act) ? rp : nullptr;
     auto input_grad = [&](auto t) {  // a tile, or a block's PlaneTiles (two_pass)
       auto write = [&](auto centered_c) {
         // 16-bit silu and sigmoid: an exponential per value of a pair (see tile_chunks)
@@ -216,6 +222,12 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
               return V(g * cf(kK1));
             }
           };
+          if (ahead) {
+            prefetch_line(dyp + off + ahead);
+            prefetch_line(xp + off + ahead);
+            if (ahead_y) prefetch_line(ahead_y + off + ahead);
+            if (ahead_r) prefetch_line(ahead_r + off + ahead);
+          }
           if constexpr (std::is_same_v<decltype(tag), Pair>) {
             const V g_lo = grad(PairLo{}, off, coef, std::true_type{});
             const V g_hi = grad(PairHi{}, off, coef, std::true_type{});

@@ -87,9 +87,10 @@ void stats_then_normalize(const T* xp, const Tiling& tl, const Finish& finish, c
   auto reduce = [&](int64_t t) { tile_moments(xp, tl, t, part.get()); };
   RowMomentMerge rows(tl);
   auto merge = [&](int64_t c0, int64_t c1) { finish_channels(xp, tl, part.get(), rows, c0, c1, finish); };
+  const int64_t ahead = apply_prefetch_ahead(tl, sizeof(T));
   with_epilogue(act, slope, rp, [&](const auto& epi) {
     two_pass(tl, sizeof(T), true, true, reduce, merge,
-             [&](int64_t t) { normalize_tile(xp, yp, tl, t, arrays, epi); }, 0, [&] { coefs.arrange(); });
+             [&](int64_t t) { normalize_tile(xp, yp, tl, t, arrays, epi, ahead); }, 0, [&] { coefs.arrange(); });
   });
 }
 

@@ -41,10 +41,11 @@ class NormalizeCoefs {
 
 // y = epi((x - mean[c]) * scale[c] + shift[c]) on tile t, arrays = {mean, scale, shift} as
 // NormalizeCoefs gives them. Subtracting the mean first keeps the result exact when |mean| >> std
-// (folding it into the shift would cancel catastrophically).
+// (folding it into the shift would cancel catastrophically). With ahead > 0 each chunk prefetches x
+// that many values on (apply_prefetch_ahead).
 template <typename T, typename Epi>
 void normalize_tile(const T* xp, T* yp, const Tiling& tl, int64_t t, const ChannelArrays<acc_t<T>, 3>& arrays,
-                    const Epi& epi) {
+                    const Epi& epi, int64_t ahead = 0) {
   const bool stream = tile_streams_output<T>(tl);
   tile_chunks<acc_t<T>, has_pairs<T>()>(
       tl, t, arrays,
@@ -53,6 +54,7 @@ void normalize_tile(const T* xp, T* yp, const Tiling& tl, int64_t t, const Chann
           const auto& cf = coef.at(part);
           return epi(part, off, at::vec::fmadd(ld(part, xp + off) - cf(kMean), cf(kScale), cf(kShift)));
         };
+        if (ahead) prefetch_line(xp + off + ahead);
         if constexpr (std::is_same_v<decltype(tag), Pair>) {
           st_pair(yp + off, y(PairLo{}), y(PairHi{}), stream);
         } else {

@@ -383,14 +383,6 @@ constexpr int64_t kPrefetchTensorBytes = int64_t{4} << 20;
 constexpr int64_t kPrefetchAheadBytes = 2048;
 constexpr int64_t kMaxPlanesAhead = 4;
 
-inline void prefetch_line(const void* p) {
-#if defined(__GNUC__)
-  __builtin_prefetch(p, 0, 3);
-#elif defined(_M_X64) || defined(_M_IX86)
-  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
-#endif
-}
-
 // The tensors (up to four, of one dtype) whose values a plane tile's sums read at the chunks'
 // offsets, for the prefetch above; none by default.
 struct PlaneStreams {

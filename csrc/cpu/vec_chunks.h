@@ -277,6 +277,15 @@ inline void st_out(Tag tag, T* p, const VecA<T>& v, bool stream) {
   st(tag, p, v);
 }
 
+// Asks for the cache line holding p (a hint: never faults, whatever p is).
+inline void prefetch_line(const void* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p, 0, 3);
+#elif defined(_M_X64) || defined(_M_IX86)
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+#endif
+}
+
 // Orders a tile's streaming stores before whatever the thread does next (a task's end included).
 inline void stream_fence(bool streamed) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
