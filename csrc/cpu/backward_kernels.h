@@ -223,10 +223,10 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
             }
           };
           if (ahead) {
-            prefetch_line(dyp + off + ahead);
-            prefetch_line(xp + off + ahead);
-            if (ahead_y) prefetch_line(ahead_y + off + ahead);
-            if (ahead_r) prefetch_line(ahead_r + off + ahead);
+            prefetch_value(dyp, off + ahead);
+            prefetch_value(xp, off + ahead);
+            if (ahead_y) prefetch_value(ahead_y, off + ahead);
+            if (ahead_r) prefetch_value(ahead_r, off + ahead);
           }
           if constexpr (std::is_same_v<decltype(tag), Pair>) {
             const V g_lo = grad(PairLo{}, off, coef, std::true_type{});

@@ -54,7 +54,7 @@ void normalize_tile(const T* xp, T* yp, const Tiling& tl, int64_t t, const Chann
           const auto& cf = coef.at(part);
           return epi(part, off, at::vec::fmadd(ld(part, xp + off) - cf(kMean), cf(kScale), cf(kShift)));
         };
-        if (ahead) prefetch_line(xp + off + ahead);
+        if (ahead) prefetch_value(xp, off + ahead);
         if constexpr (std::is_same_v<decltype(tag), Pair>) {
           st_pair(yp + off, y(PairLo{}), y(PairHi{}), stream);
         } else {
