@@ -144,13 +144,13 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
     };
     auto sums = [&](auto tiles) {  // a tile t, or a block's PlaneTiles (two_pass)
       if constexpr (std::is_same_v<decltype(tiles), PlaneTiles>) {
-        plane_sums<2>(
+        plane_sums<2, has_pairs<T>()>(
             tl, tiles, [=](int64_t c) { return mean[c]; }, sum_arrays, sum_contrib,
             [&](int64_t c) { return tile_part(tl.tile_of(c, tiles.k)); });
       } else {
         const int64_t t = tiles;
         const A* center = tl.rows ? sum_arrays[kMean] : mean + tl.plane_channel(t);
-        tile_sums<2>(tl, t, center, sum_arrays, sum_contrib, tile_part(t), sum_streams);
+        tile_sums<2, has_pairs<T>()>(tl, t, center, sum_arrays, sum_contrib, tile_part(t), sum_streams);
       }
     };
     // A rows tiling sums each range of channels tiles outermost (as RowMomentMerge, and for the same

@@ -160,7 +160,7 @@ void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
   auto squares_around_means = [&] {
     if (tl.flat) repeat_channels(tl, tile_mean, repeated);
     std::fill(tile_m2, tile_m2 + W, A(0));
-    tile_sums<1>(
+    tile_sums<1, has_pairs<T>()>(
         tl, t, tl.flat ? repeated : tile_mean, kNoArrays<A>,
         [=](auto tag, int64_t off, const V& c, auto) {
           const V d = centered(tag, off, c);
@@ -248,7 +248,7 @@ void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
     // far out for M2.
     const auto sweep = [&](A centre, const PlaneStreams& streams) {
       tile_mean[0] = tile_m2[0] = A(0);  // W == 1: tile_sums<2> writes both
-      tile_sums<2>(
+      tile_sums<2, has_pairs<T>()>(
           tl, t, &centre, kNoArrays<A>,
           [=](auto tag, int64_t off, const V& c, auto) {
             const V d = centered(tag, off, c);
@@ -270,7 +270,7 @@ void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
   const A* center = tl.flat ? repeated : tile_mean;
   if (tl.flat) repeat_channels(tl, tile_mean, repeated);
   std::fill(tile_m2, tile_m2 + W, A(0));
-  tile_sums<1>(
+  tile_sums<1, has_pairs<T>()>(
       tl, t, center, kNoArrays<A>,
       [=](auto tag, int64_t off, const V& c, auto) { return contributions(V(centered(tag, off, c))); },
       tile_m2, PlaneStreams::of(xp));

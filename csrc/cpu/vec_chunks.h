@@ -484,6 +484,14 @@ template <typename V>
 inline V valid(Full, const V& v) {
   return v;
 }
+template <typename V>
+inline V valid(PairLo, const V& v) {
+  return v;
+}
+template <typename V>
+inline V valid(PairHi, const V& v) {
+  return v;
+}
 template <typename V, typename Tag>
 inline V valid(Tag k, const V& v) {
   using A = typename V::value_type;
