@@ -35,11 +35,13 @@
 // Each gives the same bits for any thread count; the two group the row sums, and the 16-bit plane sums,
 // differently, so their bits can differ from each other's (channels_last inputs with wide rows, 16-bit
 // NCHW inputs with long planes; the 256-byte planes' blocks and tiles give the same bits).
+// Also here: the processor queries such choices read (CPUID, the vendor, vector-unit width, the L3's size).
 #pragma once
 
 #include <c10/util/Exception.h>
 
 #include <array>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -58,22 +60,24 @@ constexpr bool kNarrowVectors = false;
 constexpr bool kNarrowVectors = true;
 #endif
 
-// EAX, EBX, ECX, EDX of CPUID leaf `leaf`; zeros where the processor has no such leaf (or off x86).
-inline std::array<unsigned int, 4> cpuid(unsigned int leaf) {
+// EAX, EBX, ECX, EDX of CPUID leaf `leaf` (sub-leaf `subleaf`); zeros where the processor has no
+// such leaf (or off x86).
+inline std::array<unsigned int, 4> cpuid(unsigned int leaf, unsigned int subleaf = 0) {
   std::array<unsigned int, 4> regs{0, 0, 0, 0};
 #if defined(__x86_64__) || defined(__i386__)
   if (__get_cpuid_max(leaf & 0x80000000u, nullptr) >= leaf) {
-    __get_cpuid(leaf, &regs[0], &regs[1], &regs[2], &regs[3]);
+    __cpuid_count(leaf, subleaf, regs[0], regs[1], regs[2], regs[3]);
   }
 #elif defined(_M_X64) || defined(_M_IX86)
   int r[4];
   __cpuid(r, static_cast<int>(leaf & 0x80000000u));
   if (static_cast<unsigned int>(r[0]) >= leaf) {
-    __cpuid(r, static_cast<int>(leaf));
+    __cpuidex(r, static_cast<int>(leaf), static_cast<int>(subleaf));
     for (int i = 0; i < 4; ++i) regs[i] = static_cast<unsigned int>(r[i]);
   }
 #else
   (void)leaf;
+  (void)subleaf;
 #endif
   return regs;
 }
@@ -87,6 +91,27 @@ inline std::string cpu_vendor() {
   std::memcpy(vendor + 8, &regs[2], 4);
   vendor[12] = '\0';
   return vendor;
+}
+
+// Bytes of the level-3 cache that a core shares, from CPUID's cache descriptions (leaf 4 on Intel,
+// 0x8000001D on AMD and Hygon: ways x partitions x line size x sets), 0 where none is described. Not
+// the C library's figure: glibc's sysconf reads AMD's leaf 0x80000006, which a virtual machine on
+// an AMD EPYC (Zen 1) reported as 64 MiB, the whole processor's, where a core's shared L3 (and
+// 0x8000001D, and Linux's /sys) is 8 MiB.
+inline int64_t l3_cache_bytes() {
+  const std::string vendor = cpu_vendor();
+  const unsigned int leaf = vendor == "AuthenticAMD" || vendor == "HygonGenuine" ? 0x8000001Du : 4u;
+  for (unsigned int i = 0; i < 16; ++i) {
+    const std::array<unsigned int, 4> r = cpuid(leaf, i);
+    const unsigned int type = r[0] & 0x1Fu;  // 0: no more caches; 1 data, 2 instruction, 3 unified
+    if (type == 0) break;
+    if (((r[0] >> 5) & 0x7u) == 3 && type != 2) {
+      const int64_t ways = ((r[1] >> 22) & 0x3FFu) + 1, partitions = ((r[1] >> 12) & 0x3FFu) + 1;
+      const int64_t line = (r[1] & 0xFFFu) + 1, sets = int64_t(r[2]) + 1;
+      return ways * partitions * line * sets;
+    }
+  }
+  return 0;
 }
 
 // True on processors whose vector units are 128 bits wide and run each 256-bit operation as two:
