@@ -206,8 +206,6 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
     // schedule by channel).
     const int64_t ahead =
         reduce ? apply_prefetch_ahead(tl, streams * int64_t(sizeof(T)), plane_block_channels(tl, sizeof(T))) : 0;
-    const T* ahead_y = grad_from_output(act) ? yp : nullptr;
-    const T* ahead_r = grad_from_input(act) ? rp : nullptr;
     auto input_grad = [&](auto t) {  // a tile, or a block's PlaneTiles (two_pass)
       auto write = [&](auto centered_c) {
         // 16-bit silu and sigmoid: an exponential per value of a pair (see tile_chunks)
@@ -222,12 +220,7 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
               return V(g * cf(kK1));
             }
           };
-          if (ahead) {
-            prefetch_value(dyp, off + ahead);
-            prefetch_value(xp, off + ahead);
-            if (ahead_y) prefetch_value(ahead_y, off + ahead);
-            if (ahead_r) prefetch_value(ahead_r, off + ahead);
-          }
+          if (ahead) sum_streams.prefetch_value_at(off + ahead);  // the tensors the next channel's sums read
           if constexpr (std::is_same_v<decltype(tag), Pair>) {
             const V g_lo = grad(PairLo{}, off, coef, std::true_type{});
             const V g_hi = grad(PairHi{}, off, coef, std::true_type{});

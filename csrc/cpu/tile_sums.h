@@ -429,6 +429,13 @@ struct PlaneStreams {
       for (int64_t b = 0; b < len * value_bytes; b += 64) prefetch_line(q + b);
     }
   }
+  // The cache line of each stream that holds value `index`, which may lie past the tensors' ends (the
+  // next channel's place, read from the last channel: prefetch_value).
+  void prefetch_value_at(int64_t index) const {
+    for (int64_t i = 0; i < count; ++i) {
+      prefetch_line(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(base[i]) + uintptr_t(index * value_bytes)));
+    }
+  }
 };
 
 // K per-channel sums over tile t of contrib(tag, offset, center, coef) -> std::array<Vec, K>, written
