@@ -199,10 +199,10 @@ constexpr int64_t kStreamMaxBytes = int64_t{32} << 20;
 // for the next layer either (read from its start, a tensor larger than an LRU cache misses
 // throughout), and an ordinary store first reads each line from memory: such outputs stream from the
 // cache's size, but not below kSmallCacheStreamBytes (the size measured). Zen 1 (8 MiB L3), op alone,
-// 2 threads, alternated processes (two from 16 MiB, three from 8), from 16 MiB -> from 8 MiB: bfloat16 NCHW eval forward
-// of (128, 256, 14, 14) (12.8 MB) 1.95-1.97 -> 1.51-1.60 ms, (32, 64, 56, 56) 1.75-1.80 -> 1.45-1.50,
-// training forward 3.08-3.11 -> 2.66-2.76 and 2.34-2.37 -> 2.17-2.24; float16 eval 1.88 -> 1.46-1.60
-// and 1.78-1.85 -> 1.36-1.51; the backwards alike (3.1-4.7 ms).
+// 2 threads, alternated processes (two from 16 MiB, three from 8), from 16 MiB -> from 8 MiB:
+// bfloat16 NCHW eval forward of (128, 256, 14, 14) (12.8 MB) 1.95-1.97 -> 1.51-1.60 ms, (32, 64, 56,
+// 56) 1.75-1.80 -> 1.45-1.50, training forward 3.08-3.11 -> 2.66-2.76 and 2.34-2.37 -> 2.17-2.24;
+// float16 eval 1.88 -> 1.46-1.60 and 1.78-1.85 -> 1.36-1.51; the backwards alike (3.1-4.7 ms).
 constexpr int64_t kSmallCacheStreamBytes = int64_t{8} << 20;
 
 // The size from which outputs stream: kStreamBytes, or the L3's size where smaller (see above).

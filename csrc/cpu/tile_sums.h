@@ -433,7 +433,8 @@ struct PlaneStreams {
   // next channel's place, read from the last channel: prefetch_value).
   void prefetch_value_at(int64_t index) const {
     for (int64_t i = 0; i < count; ++i) {
-      prefetch_line(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(base[i]) + uintptr_t(index * value_bytes)));
+      const uintptr_t address = reinterpret_cast<uintptr_t>(base[i]) + uintptr_t(index * value_bytes);
+      prefetch_line(reinterpret_cast<const void*>(address));
     }
   }
 };
