@@ -429,13 +429,10 @@ struct PlaneStreams {
       for (int64_t b = 0; b < len * value_bytes; b += 64) prefetch_line(q + b);
     }
   }
-  // The cache line of each stream that holds value `index`, which may lie past the tensors' ends (the
-  // next channel's place, read from the last channel: prefetch_value).
+  // The cache line of each stream that holds value `index`, which may lie past the tensors' ends
+  // (prefetch_byte).
   void prefetch_value_at(int64_t index) const {
-    for (int64_t i = 0; i < count; ++i) {
-      const uintptr_t address = reinterpret_cast<uintptr_t>(base[i]) + uintptr_t(index * value_bytes);
-      prefetch_line(reinterpret_cast<const void*>(address));
-    }
+    for (int64_t i = 0; i < count; ++i) prefetch_byte(base[i], index * value_bytes);
   }
 };
 

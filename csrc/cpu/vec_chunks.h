@@ -286,12 +286,17 @@ inline void prefetch_line(const void* p) {
 #endif
 }
 
-// prefetch_line for the value `index` values on from p, which may lie past the end of p's tensor (the
-// next channel's place, read from the last channel): the address is formed as an integer, since a
-// pointer beyond the tensor is out of bounds in C++ even when nothing reads through it.
+// prefetch_line for the byte `bytes` on from p, which may lie past the end of p's tensor (the next
+// channel's place, read from the last channel): the address is formed as an integer, since a pointer
+// beyond the tensor is out of bounds in C++ even when nothing reads through it.
+inline void prefetch_byte(const void* p, int64_t bytes) {
+  prefetch_line(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + uintptr_t(bytes)));
+}
+
+// prefetch_byte for the value `index` values on from p.
 template <typename T>
 inline void prefetch_value(const T* p, int64_t index) {
-  prefetch_line(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + uintptr_t(index) * sizeof(T)));
+  prefetch_byte(p, index * int64_t(sizeof(T)));
 }
 
 // Orders a tile's streaming stores before whatever the thread does next (a task's end included).
