@@ -125,6 +125,32 @@ def test_item05_tiny_variance_with_tiny_eps(backend):
         torch.testing.assert_close(a.double(), like(o, a), rtol=0, atol=1e-5 * scale, msg=name)
 
 
+@pytest.mark.parametrize("activation", [None, "relu", "leaky_relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape, layout", [((5, 3, 9, 7), "nchw"), ((5, 3, 9, 7), "channels_last"), ((40, 3), "rows")])
+def test_item05_input_gradient_where_k2_times_invstd_leaves_the_dtype(shape, layout, dtype, activation):
+    # The C++ input gradient multiplies x - mean by k2 * invstd, one coefficient per channel. Next to an
+    # ordinary channel: values of 1e-20 with a tiny eps, whose invstd^2 (1e40) overflows float, and
+    # values of 1e30, whose invstd^2 underflows; both must come out as the float64 oracle's.
+    g = torch.Generator(torch.get_default_device()).manual_seed(56)
+    scales = torch.tensor([1e-20, 1.0, 1e30], dtype=torch.float64).view(1, 3, *([1] * (len(shape) - 2)))
+    x = ((torch.randn(shape, generator=g, dtype=torch.float64) + 3.0) * scales).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(shape, generator=g).to(dtype)  # as the backend receives it: the oracle takes the same values
+    w, b = torch.rand(3, generator=g) + 0.5, torch.randn(3, generator=g) * 0.1
+    got = run("cpp", x, torch.zeros(3), torch.ones(3), w, b, eps=1e-45, activation=activation, dy=dy)
+    want = run("oracle", x, torch.zeros(3), torch.ones(3), w, b, eps=1e-45, activation=activation, dy=dy)
+    dx, dx_o = got[3].double(), want[3]
+    for c in range(3):
+        scale = dx_o[:, c].abs().max().item()
+        assert 0 < scale < math.inf
+        tol = (1e-5 if dtype == torch.float32 else 2e-2) * scale
+        torch.testing.assert_close(dx[:, c], dx_o[:, c], rtol=0, atol=tol, msg=f"dx of channel {c}")
+    torch.testing.assert_close(got[4].double(), want[4], rtol=1e-4, atol=0, msg="dw")
+    torch.testing.assert_close(got[5].double(), want[5], rtol=1e-4, atol=1e-4, msg="db")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(4, 6), (2, 3, 40, 40)])
 @pytest.mark.parametrize("spread, offset", [(1.2e-39, 1.2e-37), (1e-44, 0.0), (0.0, 1e-40)])

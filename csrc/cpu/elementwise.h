@@ -15,13 +15,13 @@
 namespace bnfused::cpu {
 
 // Where the kernels' per-channel arrays sit in their ChannelArrays (see tile_chunks): the
-// normalisation's (x - mean) * scale + shift, and the backward's, whose k1 is that same scale.
+// normalisation's (x - mean) * scale + shift, and the backward's (dx = g * k1 - (x - mean) * k2x - k3),
+// whose k1 is that same scale.
 constexpr CoefIndex<0> kMean{};
 constexpr CoefIndex<1> kScale{}, kK1{};
 constexpr CoefIndex<2> kShift{};
-constexpr CoefIndex<3> kInvstd{};
-constexpr CoefIndex<4> kK2{};
-constexpr CoefIndex<5> kK3{};
+constexpr CoefIndex<3> kK2x{};
+constexpr CoefIndex<4> kK3{};
 
 template <int Act, typename V>
 inline V activate(const V& z, const V& slope) {
