@@ -430,9 +430,16 @@ struct PlaneStreams {
     }
   }
   // The cache line of each stream that holds value `index`, which may lie past the tensors' ends
-  // (prefetch_byte).
+  // (prefetch_byte). Constant indices: a kernel's chunk lambda holds a copy of its PlaneStreams, and
+  // base[i] with a variable i takes that copy's address, after which the compiler keeps every value
+  // the lambda captured in memory and re-reads it after each store (a vector store may alias
+  // anything).
   void prefetch_value_at(int64_t index) const {
-    for (int64_t i = 0; i < count; ++i) prefetch_byte(base[i], index * value_bytes);
+    const int64_t bytes = index * value_bytes;
+    if (count > 0) prefetch_byte(base[0], bytes);
+    if (count > 1) prefetch_byte(base[1], bytes);
+    if (count > 2) prefetch_byte(base[2], bytes);
+    if (count > 3) prefetch_byte(base[3], bytes);
   }
 };
 
