@@ -57,10 +57,11 @@ std::pair<Tensor, Tensor> run_backward(const GradInputs& in, const Tensor& x, co
   const std::vector<A> shift = grad_from_input(act) ? channel_values<A>(bias, C, A(0)) : std::vector<A>();
   std::vector<A> k1 = channel_values<A>(weight, C, A(1)), k2(C, A(0)), k3(C, A(0));
   for (int64_t c = 0; c < C; ++c) k1[c] *= invstd_a[c];
+  const double per_count = 1.0 / count;  // a multiply per channel, not a division (Zen 1: 4-5 cycles each)
   auto coefficients = [&](int64_t c) {
     if (!training) return;
-    k2[c] = static_cast<A>(double(k1[c]) * sum_gxhat[c] / count);
-    k3[c] = static_cast<A>(double(k1[c]) * sum_g[c] / count);
+    k2[c] = static_cast<A>(double(k1[c]) * sum_gxhat[c] * per_count);
+    k3[c] = static_cast<A>(double(k1[c]) * sum_g[c] * per_count);
   };
   if (!reduce) {
     for (int64_t c = 0; c < C; ++c) coefficients(c);
