@@ -96,6 +96,11 @@ NUMERIC_COLUMNS = (
 )  # fmt: skip
 
 
+def _fraction(numerator: str, denominator: str) -> str:
+    """A ratio of two columns as written, so that the CSV agrees with itself to its printed digits."""
+    return f"{float(numerator) / float(denominator):.4g}"
+
+
 def shape_text(shape: Sequence[int]) -> str:
     return "x".join(map(str, shape))
 
@@ -194,7 +199,7 @@ class KernelBenchmark:
             row = self._row(case["fields"], timing.median_timing(list(case["timings"].values())))
             x_copy_gbps = statistics.median(x_copies[shape])
             row["x_copy_gbps"] = f"{x_copy_gbps:.4g}"
-            row["x_copy_frac"] = f"{float(row['gbps']) / x_copy_gbps:.4g}"
+            row["x_copy_frac"] = _fraction(row["gbps"], row["x_copy_gbps"])
             base = cases.get((shape, providers.parse(name).baseline, mode))
             rounds = [] if base is None else sorted(case["timings"].keys() & base["timings"].keys())
             speedups = [base["timings"][r].ms / case["timings"][r].ms for r in rounds]
@@ -203,10 +208,11 @@ class KernelBenchmark:
         return rows
 
     def _row(self, fields: dict, measured: timing.Timing) -> dict:
-        gbps = fields["min_bytes"] / (measured.ms * 1e-3) / 1e9
+        gbps = f"{fields['min_bytes'] / (measured.ms * 1e-3) / 1e9:.4g}"
+        copy_gbps = f"{self.copy_gbps:.4g}"
         return {
-            **fields, **timing.as_columns(measured), "gbps": f"{gbps:.4g}",
-            "roofline_frac": f"{gbps / self.copy_gbps:.4g}", "copy_gbps": f"{self.copy_gbps:.4g}", **self.metadata,
+            **fields, **timing.as_columns(measured), "gbps": gbps,
+            "roofline_frac": _fraction(gbps, copy_gbps), "copy_gbps": copy_gbps, **self.metadata,
         }  # fmt: skip
 
     def _fail(self, provider, shape, what: str, exc: BaseException) -> None:
