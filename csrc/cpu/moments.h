@@ -70,7 +70,7 @@ void row_shift(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* shift) {
 
 // Plane tiles' moments in one sweep (sums of deviations from plane_shift and of their squares) in
 // builds of 8-float vectors or fewer.
-constexpr bool kOneSweepPlanes = kNarrowVectors;
+constexpr bool kOneSweepPlanes = true;
 
 // The shift of a plane tile's one-sweep moments: the mean of k = 1, 2, 4 or 8 of its values, summed
 // pairwise as deviations from the first (exact for a constant tile). Value i lies in plane i * planes
@@ -139,8 +139,9 @@ std::unique_ptr<A[]> tile_parts(const Tiling& tl) {
 // 2.92-3.09 -> 2.13-2.17 ms, float32 2.83-2.96 -> 2.33-2.41; (128, 256, 14, 14) bfloat16 3.76-3.97 ->
 // 2.73-2.95, float32 3.93-4.09 -> 3.31-3.39 (with PlaneStreams' prefetch too: bfloat16 2.04-2.06,
 // float32 2.61-2.71). Builds of wider vectors sum a plane tile twice, first the mean of the deviations
-// from its first value, then the squared deviations from that mean: their two sums in one sweep would
-// be a chain of dependent adds each where the mean's sweep runs four (not measured with AVX512).
+// from its first value, then the deviations from that mean and their squares (sums_around_means):
+// the first sweep's two sums in one would be a chain of dependent adds each where the mean's sweep
+// runs four (not measured with AVX512).
 template <typename T>
 void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
   using A = acc_t<T>;
@@ -156,20 +157,36 @@ void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
   auto centered = [=](auto tag, int64_t off, const V& center) { return ld(tag, xp + off) - center; };
   const double count = double(tl.count(t));
   const A inv_count = A(1) / A(tl.count(t));
-  // Squares are taken around the rounded mean: sum (x - rounded)^2 = M2 + count * rest^2.
-  auto squares_around_means = [&] {
-    if (tl.flat) repeat_channels(tl, tile_mean, repeated);
-    std::fill(tile_m2, tile_m2 + W, A(0));
-    tile_sums<1, has_pairs<T>()>(
-        tl, t, tl.flat ? repeated : tile_mean, kNoArrays<A>,
+  // The second sweep, around the first sweep's rounded means: sums of d = x - rounded and of d^2,
+  // then the mean rounded + sum d / count (as its pair) and M2 = sum d^2 - (sum d)^2 / count. The
+  // first sweep's mean, from deviations around a shift that may lie far out, carries that shift's
+  // rounding (sum d's error grows with the distance: 1000 standard deviations out, 1e-5 to 2e-4 of
+  // the mean in float32); the second sweep's sum d, around a centre within rounding of the mean,
+  // takes it out.
+  std::unique_ptr<A[]> wide_centre;  // the centres of rows wider than `repeated`
+  auto sums_around_means = [&] {
+    A* centre = repeated;
+    if (tl.flat) {
+      repeat_channels(tl, tile_mean, repeated);
+    } else {
+      if (W > kMaxRowsPeriod) {
+        if (!wide_centre) wide_centre.reset(new A[W]);
+        centre = wide_centre.get();
+      }
+      std::copy(tile_mean, tile_mean + W, centre);
+    }
+    std::fill(tile_mean, tile_mean + 2 * W, A(0));  // tile_sums<2> writes sum d there, sum d^2 to tile_m2
+    tile_sums<2, has_pairs<T>()>(
+        tl, t, centre, kNoArrays<A>,
         [=](auto tag, int64_t off, const V& c, auto) {
           const V d = centered(tag, off, c);
-          return contributions(V(d * d));
+          return contributions(d, V(d * d));
         },
-        tile_m2);
+        tile_mean);
     for (int64_t j = 0; j < W; ++j) {
-      const double rest = tile_mean_rest[j];
-      tile_m2[j] = static_cast<A>(double(tile_m2[j]) - count * rest * rest);
+      const double sum_d = tile_mean[j], squares = tile_m2[j];
+      tile_m2[j] = static_cast<A>(squares - sum_d * sum_d / count);
+      store_tile_mean(centre[j], static_cast<A>(sum_d) * inv_count, tile_mean + j, tile_mean_rest + j);
     }
   };
   if (tl.rows && (tl.flat || W <= kMaxRowsPeriod)) {
@@ -227,19 +244,21 @@ void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
       }
     }
     if (sweep) {
-      squares_around_means();
+      sums_around_means();
       return;
     }
-    for (int64_t i = 0; i < n_listed; ++i) {
+    for (int64_t i = 0; i < n_listed; ++i) {  // as sums_around_means, one channel in double
       const int64_t j = far[i];
-      double q = 0;
+      const A centre = tile_mean[j];
+      double sum_d = 0, q = 0;
       RowOffsets next_row(tl.L, t * tl.block);
       for (int64_t r = rows; r > 0; --r) {
-        const double d = double(static_cast<A>(xp[next_row() + j])) - double(tile_mean[j]);
+        const double d = double(static_cast<A>(xp[next_row() + j])) - double(centre);
+        sum_d += d;
         q += d * d;
       }
-      const double rest = tile_mean_rest[j];
-      tile_m2[j] = static_cast<A>(q - count * rest * rest);
+      tile_m2[j] = static_cast<A>(q - sum_d * sum_d / count);
+      store_tile_mean(centre, static_cast<A>(sum_d / count), tile_mean + j, tile_mean_rest + j);
     }
     return;
   }
@@ -277,7 +296,7 @@ void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
   for (int64_t j = 0; j < W; ++j) {
     store_tile_mean(tile_mean[j], tile_m2[j] * inv_count, tile_mean + j, tile_mean_rest + j);
   }
-  squares_around_means();
+  sums_around_means();
 }
 
 // Chan et al.'s pairwise update of a running (n, mean, M2) by a tile's (nb, mean_b, M2_b), in
