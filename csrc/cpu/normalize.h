@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -22,21 +23,24 @@ class NormalizeCoefs {
 
  public:
   NormalizeCoefs(const Tiling& tl, const A* mean, const A* scale, const A* shift)
-      : tl_(tl), given_{mean, scale, shift}, size_(arranged_size<T>(tl)), arranged_(given_.size() * size_) {}
+      : tl_(tl),
+        given_{mean, scale, shift},
+        size_(arranged_size<T>(tl)),
+        arranged_(size_ ? new A[given_.size() * size_] : nullptr) {}  // not zeroed: arrange() writes it whole
   void arrange() {
     if (!size_) return;
-    for (size_t i = 0; i < given_.size(); ++i) arrange_channels<T>(tl_, given_[i], arranged_.data() + i * size_);
+    for (size_t i = 0; i < given_.size(); ++i) arrange_channels<T>(tl_, given_[i], arranged_.get() + i * size_);
   }
   ChannelArrays<A, 3> arrays() const {
     if (!size_) return given_;
-    return {arranged_.data(), arranged_.data() + size_, arranged_.data() + 2 * size_};
+    return {arranged_.get(), arranged_.get() + size_, arranged_.get() + 2 * size_};
   }
 
  private:
   const Tiling& tl_;
   ChannelArrays<A, 3> given_;
   int64_t size_;
-  std::vector<A> arranged_;
+  std::unique_ptr<A[]> arranged_;
 };
 
 // y = epi((x - mean[c]) * scale[c] + shift[c]) on tile t, arrays = {mean, scale, shift} as
