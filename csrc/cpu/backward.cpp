@@ -57,20 +57,8 @@ std::pair<Tensor, Tensor> run_backward(const GradInputs& in, const Tensor& x, co
   const std::vector<A> shift = grad_from_input(act) ? channel_values<A>(bias, C, A(0)) : std::vector<A>();
   std::vector<A> k1 = channel_values<A>(weight, C, A(1)), k2(C, A(0)), k3(C, A(0));
   for (int64_t c = 0; c < C; ++c) k1[c] *= invstd_a[c];
-  const double per_count = 1.0 / count;  // a multiply per channel, not a division (Zen 1: 4-5 cycles each)
-  auto coefficients = [&](int64_t c) {
-    if (!training) return;
-    k2[c] = static_cast<A>(double(k1[c]) * sum_gxhat[c] * per_count);
-    k3[c] = static_cast<A>(double(k1[c]) * sum_g[c] * per_count);
-  };
-  if (!reduce) {
-    for (int64_t c = 0; c < C; ++c) coefficients(c);
-  }
-  auto finish = [&](int64_t c, double sum_g_c, double sum_gxhat_c) {
-    sum_g[c] = sum_g_c;
-    sum_gxhat[c] = sum_gxhat_c;
-    coefficients(c);
-  };
+  // 1 / M multiplied per channel, not a division (Zen 1: 4-5 cycles each)
+  const GradCoefs<A> coefs{sum_g.data(), sum_gxhat.data(), k1.data(), k2.data(), k3.data(), 1.0 / count};
   Tensor dx = want_dx ? at::empty_like(x) : Tensor(), dresidual = want_dresidual ? at::empty_like(x) : Tensor();
   const GradTensors<T> io{in.dy.const_data_ptr<T>(),
                           x.const_data_ptr<T>(),
@@ -79,8 +67,7 @@ std::pair<Tensor, Tensor> run_backward(const GradInputs& in, const Tensor& x, co
                           want_dx ? dx.mutable_data_ptr<T>() : nullptr,
                           want_dresidual ? dresidual.mutable_data_ptr<T>() : nullptr};
   const A* shift_p = shift.empty() ? nullptr : shift.data();  // null: read by no chunk, and by no PlaneCoefs
-  grad_sums_then_input<T>(io, in.tl, mean_a.data(), invstd_a.data(), shift_p, reduce, finish, k1.data(), k2.data(),
-                          k3.data(), training, act, slope);
+  grad_sums_then_input<T>(io, in.tl, mean_a.data(), invstd_a.data(), shift_p, reduce, coefs, training, act, slope);
   return {dx, dresidual};
 }
 

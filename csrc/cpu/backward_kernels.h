@@ -1,13 +1,17 @@
 // The CPU backward kernel of BatchNorm, written once per tile (tiling.h, tile_chunks.h, tile_sums.h) and
 // scheduled by two_pass: per-channel sum(g) and sum(g * (x - mean)) with g = dy * act'(z), then
 // dx = g * k1 - x_hat * k2 - k3, x_hat = (x - mean) * invstd. The op wrapper (backward.cpp) supplies
-// `finish(c, ...)`, which turns channel c's merged sums into k1..k3 before any of its values are written.
+// k1 and the arrays (GradCoefs) the pass fills with each channel's sums, k2 and k3 before any of its
+// values are written.
 // T is the tensor dtype; A = acc_t<T> (float or double) is the dtype of all arithmetic.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <type_traits>
@@ -55,18 +59,17 @@ Tiling grad_tiling(const Tiling& tl) {
   return in_order ? tl.one_plane_tiles() : tl;
 }
 
-// The backward: per-channel sum(g) and sum(g * x_hat) with g = dy * act'(z) and x_hat =
-// (x - mean) * invstd, summed per tile in A (as sum(g * (x - mean)), times invstd once merged in
-// double, in tile order; recomputed in double from x_hat when a tile sum overflowed), handed to
-// finish(c, sum_g_c, sum_gxhat_c) (it must fill k1[c], k2[c], k3[c]); then
-//   training (`centered`): dx = g * k1 - x_hat * k2 - k3, written as g * k1 - (x - mean) * k2x - k3
-//                          with k2x = k2 * invstd (see CenteredCoef),
-//   eval:                  dx = g * k1 (x is not read unless z is: an inf or NaN in x, or in the
-//                          running mean, changes nothing, as in torch),
-// skipped when io.dx is null, and dresidual = g when io.dresidual is not null. With reduce == false
-// only those are computed, from given k1..k3. For hardswish and silu, z = (x - mean) * k1 + shift
-// (+ residual) is recomputed exactly as the forward computed it (k1 = weight * invstd is its scale),
-// in both passes.
+// Per-channel arrays (C each) of one backward pass, owned by the op wrapper.
+template <typename A>
+struct GradCoefs {
+  double* sum_g;      // sum(g): filled by the pass when it reduces, else given
+  double* sum_gxhat;  // sum(g * x_hat): the same
+  const A* k1;        // weight * invstd, given
+  A* k2;              // k1 * sum_gxhat / M: filled by the pass when centered
+  A* k3;              // k1 * sum_g / M: the same
+  double per_count;   // 1 / M
+};
+
 // dx = g * k1 - x_hat * k2 - k3 is computed as g * k1 - (x - mean) * k2x - k3, with k2x = k2 * invstd
 // formed once per channel in double: one multiply per value fewer than forming x_hat first (op alone,
 // in-process A/B, Zen 1, 2 threads: bfloat16 channels_last backward 0.90-0.95 of the time, NCHW
@@ -75,22 +78,34 @@ Tiling grad_tiling(const Tiling& tl) {
 // beyond float's range makes it underflow), or is not finite (inf or NaN in k2 or invstd), the
 // channel is `exact`: its vector pass runs with k2x = 0, and its dx is then rewritten in double.
 template <typename A>
-struct CenteredCoef {
-  A k2x;
-  bool exact;
-};
+A k2_times_invstd(A k2, A invstd) {
+  return static_cast<A>(double(k2) * double(invstd));
+}
+// 1 where the channel is exact, else 0: an int from bitwise operations, not a bool from branches nor
+// a struct, so that a loop over channels vectorises (GCC 12 left the others scalar).
 template <typename A>
-CenteredCoef<A> centered_coef(A k2, A invstd) {
-  const A k2x = static_cast<A>(double(k2) * double(invstd));
-  const bool normal = std::isfinite(k2x) && (k2x == A(0) ? (k2 == A(0) || invstd == A(0))
-                                                          : std::abs(k2x) >= std::numeric_limits<A>::min());
-  return normal ? CenteredCoef<A>{k2x, false} : CenteredCoef<A>{A(0), true};
+int exact_channel(A k2, A invstd) {
+  const A mag = std::abs(k2_times_invstd(k2, invstd));
+  // not finite (NaN fails every comparison), or under A's normal range from two factors not 0
+  return int(!(mag <= std::numeric_limits<A>::max())) |
+         (int(mag < std::numeric_limits<A>::min()) & int(k2 != A(0)) & int(invstd != A(0)));
 }
 
-template <typename T, typename Finish>
+// The backward: per-channel sum(g) and sum(g * x_hat) with g = dy * act'(z) and x_hat =
+// (x - mean) * invstd, summed per tile in A (as sum(g * (x - mean)), times invstd once merged in
+// double, in tile order; recomputed in double from x_hat when a tile sum overflowed) into
+// cf.sum_g and cf.sum_gxhat, then (training, `centered`) k2 and k3 from them; then
+//   training: dx = g * k1 - x_hat * k2 - k3, as g * k1 - (x - mean) * k2x - k3 (see k2_times_invstd),
+//   eval:     dx = g * k1 (x is not read unless z is: an inf or NaN in x, or in the running mean,
+//             changes nothing, as in torch),
+// skipped when io.dx is null, and dresidual = g when io.dresidual is not null. With reduce == false
+// only those are computed, from the given sums. For hardswish and silu, z = (x - mean) * k1 + shift
+// (+ residual) is recomputed exactly as the forward computed it (k1 = weight * invstd is its scale),
+// in both passes.
+template <typename T>
 void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const acc_t<T>* mean, const acc_t<T>* invstd,
-                          const acc_t<T>* shift, bool reduce, const Finish& finish, const acc_t<T>* k1,
-                          const acc_t<T>* k2, const acc_t<T>* k3, bool centered, int64_t act, double slope) {
+                          const acc_t<T>* shift, bool reduce, const GradCoefs<acc_t<T>>& cf, bool centered,
+                          int64_t act, double slope) {
   using A = acc_t<T>;
   using V = at::vec::Vectorized<A>;
   const Tiling tl = grad_tiling<T>(tiling);
@@ -106,25 +121,40 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
   // The sums read the arrays as given unless the rows are walked flat; the exact paths of merge read
   // the (C,) arrays.
   const int64_t C = tl.L.c, P = arranged_size<T>(tl);
-  std::vector<A> arranged(5 * P);
+  const std::unique_ptr<A[]> arranged(P ? new A[5 * P] : nullptr);  // not zeroed: each array written whole
   auto arrange = [&](int64_t i, const A* arr) -> const A* {
     if (!P || !arr) return arr;
-    arrange_channels<T>(tl, arr, arranged.data() + i * P);
-    return arranged.data() + i * P;
+    arrange_channels<T>(tl, arr, arranged.get() + i * P);
+    return arranged.get() + i * P;
   };
-  // k2x per channel (centered_coef), filled as each channel's k2 is known (not zeroed first: for
+  const A *k1 = cf.k1, *k2 = cf.k2, *k3 = cf.k3;
+  // k2x per channel (k2_times_invstd), filled as each channel's k2 is known (not zeroed first: for
   // tens of thousands of channels that alone took microseconds).
   const std::unique_ptr<A[]> k2x(centered ? new A[C] : nullptr);
-  std::atomic<bool> any_exact{false};  // set (rarely) from the threads that fold
-  auto fold_k2 = [&](int64_t c) {
+  std::atomic<bool> any_exact{false};  // set (rarely) from the threads that finish channels
+  // k2, k3 and k2x of channels c0..c1 - 1 from their sums: loops over local pointers, without calls,
+  // that vectorise (a loop per channel through captured references re-read them after each store);
+  // k2x a loop apart, as reading each k2 just after it was stored stalled every channel.
+  auto coefficients = [&](int64_t c0, int64_t c1) {
     if (!centered) return;
-    const CenteredCoef<A> cc = centered_coef(k2[c], invstd[c]);
-    k2x[c] = cc.k2x;
-    if (cc.exact) any_exact.store(true, std::memory_order_relaxed);
+    const double *sg = cf.sum_g, *sgx = cf.sum_gxhat;
+    const double per_count = cf.per_count;
+    A *k2_out = cf.k2, *k3_out = cf.k3, *k2x_out = k2x.get();
+    for (int64_t c = c0; c < c1; ++c) {
+      k2_out[c] = static_cast<A>(double(k1[c]) * sgx[c] * per_count);
+      k3_out[c] = static_cast<A>(double(k1[c]) * sg[c] * per_count);
+    }
+    unsigned any = 0;  // an integer, not a bool: GCC vectorises the OR of those
+    for (int64_t c = c0; c < c1; ++c) {
+      const int exact = exact_channel(k2_out[c], invstd[c]);
+      k2x_out[c] = exact ? A(0) : k2_times_invstd(k2_out[c], invstd[c]);
+      any |= unsigned(exact);
+    }
+    if (any) any_exact.store(true, std::memory_order_relaxed);
   };
   const ChannelArrays<A, 5> given{mean, k1, shift, k2x.get(), k3};
-  const A* later_k2x = P ? arranged.data() + kK2x * P : k2x.get();  // arranged by arrange_k2_k3
-  const A* later_k3 = P ? arranged.data() + kK3 * P : k3;
+  const A* later_k2x = P ? arranged.get() + kK2x * P : k2x.get();  // arranged by arrange_k2_k3
+  const A* later_k3 = P ? arranged.get() + kK3 * P : k3;
   const ChannelArrays<A, 5> arrays{arrange(kMean, mean), arrange(kK1, k1), arrange(kShift, shift), later_k2x,
                                    later_k3};
   const ChannelArrays<A, 5>& sum_arrays = tl.flat ? arrays : given;
@@ -133,7 +163,7 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
     arrange(kK3, k3);
   };
   if (!reduce) {
-    for (int64_t c = 0; c < C; ++c) fold_k2(c);
+    coefficients(0, C);
     arrange_k2_k3();
   }
   const int64_t streams = 2 + (grad_from_output(act) ? 1 : 0) + (grad_from_input(act) && rp ? 1 : 0) +
@@ -190,11 +220,11 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
       }
     };
     // A rows tiling sums each range of channels tiles outermost (as RowMomentMerge, and for the same
-    // reason: each channel's sum is a chain of dependent adds, one per tile), in the same order.
-    std::vector<double> rows_sums(reduce && tl.rows ? 2 * W : 0);
+    // reason: each channel's sum is a chain of dependent adds, one per tile), in the same order, into
+    // cf.sum_g and cf.sum_gxhat (the latter times invstd after).
     auto merge_rows = [&](int64_t c0, int64_t c1) {
       for (int64_t half = 0; half < 2 * W; half += W) {
-        double* sums = rows_sums.data() + half;
+        double* sums = half ? cf.sum_gxhat : cf.sum_g;
         std::fill(sums + c0, sums + c1, 0.0);
         for (int64_t t = 0; t < tl.tiles; ++t) {
           const A* tile = tile_part(t) + half;
@@ -213,19 +243,24 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
       }
       return act_grad_value(act_v, double(dyp[off]), y_or_z, slope);
     };
-    // Channel c's sum(g) and sum(g * x_hat), its tiles' partials merged in tile order.
-    auto channel_sums = [&](int64_t c) {
-      double sg = 0, sgx = 0;
+    // sum(g) and sum(g * x_hat) of channels c0..c1 - 1 into cf.sum_g and cf.sum_gxhat, their tiles'
+    // partials merged in tile order.
+    auto channel_sums = [&](int64_t c0, int64_t c1) {
+      double *sg = cf.sum_g, *sgx = cf.sum_gxhat;
       if (tl.rows) {
-        sg = rows_sums[c];
-        sgx = rows_sums[W + c];
-      } else {
-        tl.for_channel_tiles(c, [&](int64_t t, int64_t j) {
-          sg += double(tile_part(t)[j]);
-          sgx += double(tile_part(t)[W + j]);
-        });
+        merge_rows(c0, c1);
+        for (int64_t c = c0; c < c1; ++c) sgx[c] *= double(invstd[c]);
+        return;
       }
-      return std::array<double, 2>{sg, sgx * double(invstd[c])};
+      for (int64_t c = c0; c < c1; ++c) {
+        double sum = 0, sum_x = 0;
+        tl.for_channel_tiles(c, [&](int64_t t, int64_t j) {
+          sum += double(tile_part(t)[j]);
+          sum_x += double(tile_part(t)[W + j]);
+        });
+        sg[c] = sum;
+        sgx[c] = sum_x * double(invstd[c]);
+      }
     };
     // The sums again in double from the values, where a tile sum overflowed in A (or dy or x holds an
     // inf or NaN).
@@ -239,27 +274,32 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
       });
       return std::array<double, 2>{sg, sgx};
     };
-    // Every channel finished from its tile sums first, in a loop without calls (its pointers stay in
-    // registers, where the rare exact path inside it had them re-read for every channel); channels
-    // whose sums are not finite are finished again; then k2 is folded, a loop apart, as reading each
-    // k2 just after finish stored it stalled every channel. float32 (2, 8192) backward op alone, 1
-    // thread: 234 -> 159 us (ATen 72; 135 before k2x).
+    // Channels c0..c1 - 1 finished: their sums from the tile sums, those that are not finite again
+    // by exact_sums (the rare path, in a loop apart, so that the common loops make no calls), then
+    // their coefficients.
     auto merge = [&](int64_t c0, int64_t c1) {
       if (!reduce) return;
-      if (tl.rows) merge_rows(c0, c1);
-      bool finite = true;
+      channel_sums(c0, c1);
+      double *sg = cf.sum_g, *sgx = cf.sum_gxhat;
+      // The exponent bits a sum lacks: none (0) when it is an inf or a NaN. Their minimum over the
+      // channels, an integer reduction that vectorises (a bool one did not).
+      const auto missing_exponent = [](double v) {
+        constexpr uint64_t kExponent = uint64_t{0x7FF} << 52;
+        uint64_t bits;
+        std::memcpy(&bits, &v, sizeof bits);
+        return ~bits & kExponent;
+      };
+      uint64_t least = ~uint64_t{0};
       for (int64_t c = c0; c < c1; ++c) {
-        const std::array<double, 2> s = channel_sums(c);
-        finish(c, s[0], s[1]);
-        finite &= std::isfinite(s[0]) && std::isfinite(s[1]);
+        least = std::min(least, std::min(missing_exponent(sg[c]), missing_exponent(sgx[c])));
       }
-      for (int64_t c = c0; c < c1 && !finite; ++c) {
-        const std::array<double, 2> s = channel_sums(c);
-        if (std::isfinite(s[0]) && std::isfinite(s[1])) continue;
+      for (int64_t c = c0; c < c1 && least == 0; ++c) {
+        if (missing_exponent(sg[c]) != 0 && missing_exponent(sgx[c]) != 0) continue;
         const std::array<double, 2> e = exact_sums(c);
-        finish(c, e[0], e[1]);
+        sg[c] = e[0];
+        sgx[c] = e[1];
       }
-      for (int64_t c = c0; c < c1; ++c) fold_k2(c);
+      coefficients(c0, c1);
     };
     const bool stream = tile_streams_output<T>(tl);
     // The next channel's values, prefetched while this one's are written from cache (two_pass's
@@ -300,10 +340,10 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
              plane_block_channels(tl, sizeof(T)), [&] {
                if (reduce) arrange_k2_k3();
              });
-    // The exact channels' dx in double (see centered_coef): x_hat first, as no k2x holds.
+    // The exact channels' dx in double (see exact_channel): x_hat first, as no k2x holds.
     if (dxp && any_exact.load(std::memory_order_relaxed)) {
       for (int64_t c = 0; c < C; ++c) {
-        if (!centered_coef(k2[c], invstd[c]).exact) continue;
+        if (!exact_channel(k2[c], invstd[c])) continue;
         const double m = double(mean[c]), is = double(invstd[c]);
         for_channel_values(tl, c, [&](int64_t off) {
           const double x_hat = (double(xp[off]) - m) * is;
