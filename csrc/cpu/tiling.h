@@ -88,13 +88,15 @@ struct Tiling {
   bool sequential_rows, sequential_planes;
   // Long 16-bit planes of large tensors in memory order (Walks::long_planes).
   bool long_planes_in_order;
+  // Planes of kBlockPlaneBytes by blocks of channels (Walks::blocks_256).
+  bool blocks_256;
   // planes: one whole plane per tile, the tiles numbered in memory order (tile t is plane t = n * C + c)
   // rather than channel-major (see one_plane_tiles).
   bool tiles_in_memory_order = false;
 
   static Tiling of(const Ncs& L) {
     const Walks walks = sequential_walks();
-    Tiling t{L, false, 1, 0, 1, 1, 0, 0, 0, false, walks.rows, walks.planes, walks.long_planes};
+    Tiling t{L, false, 1, 0, 1, 1, 0, 0, 0, false, walks.rows, walks.planes, walks.long_planes, walks.blocks_256};
     if (L.s > 1 && L.ss == 1) {
       t.rows = false;
     } else if (L.sc == 1 || L.c == 1) {
@@ -208,7 +210,7 @@ inline PlaneTiles single_tile(const Tiling& tl, int64_t t) {
 // planes reads a few cache lines and jumps C * S values to the next (past the hardware prefetcher's
 // reach: it does not cross 4 KB pages), and pays a plane's fixed costs (its run's start and end, a
 // partial vector) per few vectors: planes of under kBlockPlaneBytes (and of kBlockPlaneBytes where
-// planes are walked blocked), contiguous, grouped several to a tile, with either walk (walk_order.h).
+// Walks::blocks_256 says), contiguous, grouped several to a tile, with either walk (walk_order.h).
 // A block holds at least kBlockRunBytes of each sample (one run of memory) where it can, at most
 // kMaxBlockChannels channels and kMaxBlockValues values per sample (the state of its sums, and its
 // coefficients repeated per value, stay in L1), and the count of blocks aims at a multiple of the
@@ -243,7 +245,7 @@ constexpr int64_t kMaxBlockValues = 1024;  // per sample: C * S of a block
 inline int64_t plane_block_channels(const Tiling& tl, int64_t value_bytes) {
   const int64_t plane_bytes = tl.L.s * value_bytes;
   const bool short_plane =
-      plane_bytes < kBlockPlaneBytes || (plane_bytes == kBlockPlaneBytes && !tl.sequential_planes);
+      plane_bytes < kBlockPlaneBytes || (plane_bytes == kBlockPlaneBytes && tl.blocks_256);
   if (!tl.contiguous_planes() || tl.tiles_in_memory_order || tl.group == 1 || !short_plane) {
     return 0;
   }
