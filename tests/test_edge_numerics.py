@@ -151,6 +151,43 @@ def test_item05_input_gradient_where_k2_times_invstd_leaves_the_dtype(shape, lay
     torch.testing.assert_close(got[5].double(), want[5], rtol=1e-4, atol=1e-4, msg="db")
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 64), (3, 500), (2, 16, 3, 3)])
+def test_item05_input_gradient_of_a_dy_near_the_dtypes_largest_values(shape, layout):
+    # dy of 1e37 in float32: k3 = k1 * sum(g) / M can overflow float where dx does not (two values per
+    # channel: dx is about 0), and the C++ kernel's terms gave inf - inf = NaN there, where torch gives
+    # the finite value (or inf). Channel 0 is nearly constant (invstd about 300) with a constant dy, so
+    # that its k3 overflows. dx: never NaN; the float64 oracle's within float32 cancellation of its terms (k1 * |g|)
+    # in every channel whose terms fit in float32 or whose k3 overflowed; inf of the oracle's sign where
+    # the oracle lies beyond float32.
+    g = torch.Generator(torch.get_default_device()).manual_seed(57)
+    x = torch.randn(shape, generator=g)
+    x[:, 0] *= 1e-3
+    if layout == "channels_last" and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = (torch.randn(shape, generator=g, dtype=torch.float64) * 1e37).float()
+    dy[:, 0] = 3e37  # its dx is 0: g equals its mean
+    C = shape[1]
+    w, b = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g)
+    dx = run("cpp", x, None, None, w, b, dy=dy)[3].double()
+    dx_o = run("oracle", x, None, None, w, b, dy=dy)[3]
+    assert not dx.isnan().any(), f"{int(dx.isnan().sum())} NaN in dx"
+    per_channel = lambda t: t.double().transpose(0, 1).reshape(C, -1)  # noqa: E731
+    x64, dy64 = per_channel(x), per_channel(dy)
+    k1 = w.double() * (x64.var(1, unbiased=False) + 1e-5).rsqrt()
+    terms = k1 * dy64.abs().amax(1)
+    k3_overflows = k1 * dy64.sum(1).abs() / x64.shape[1] > torch.finfo(torch.float32).max
+    assert k3_overflows[0]
+    top = torch.finfo(torch.float32).max
+    checked = (terms < top / 4) | k3_overflows
+    dx_c, dx_oc = per_channel(dx), per_channel(dx_o)
+    fits = (dx_oc.abs() < top / 2) & checked[:, None]
+    tol = (1e-5 * terms)[:, None].expand_as(dx_c)
+    assert ((dx_c - dx_oc).abs() <= tol)[fits].all(), "dx off the oracle where it fits in float32"
+    beyond = dx_oc.abs() > 2 * top
+    assert torch.equal(dx_c[beyond], dx_oc[beyond].sign() * math.inf)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(4, 6), (2, 3, 40, 40)])
 @pytest.mark.parametrize("spread, offset", [(1.2e-39, 1.2e-37), (1e-44, 0.0), (0.0, 1e-40)])

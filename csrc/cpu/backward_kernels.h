@@ -82,12 +82,16 @@ A k2_times_invstd(A k2, A invstd) {
   return static_cast<A>(double(k2) * double(invstd));
 }
 // 1 where the channel is exact, else 0: an int from bitwise operations, not a bool from branches nor
-// a struct, so that a loop over channels vectorises (GCC 12 left the others scalar).
+// a struct, so that a loop over channels vectorises (GCC 12 left the others scalar). Also exact: a
+// channel whose k3 overflowed A (a dy near A's largest values; k2 then shows in k2x): its dx is
+// rewritten as k1 * (g - x_hat * sum_gxhat / M - sum_g / M), which stays finite where the result is,
+// where the terms of A gave inf - inf = NaN.
 template <typename A>
-int exact_channel(A k2, A invstd) {
+int exact_channel(A k2, A k3, A invstd) {
   const A mag = std::abs(k2_times_invstd(k2, invstd));
+  constexpr A kMax = std::numeric_limits<A>::max();
   // not finite (NaN fails every comparison), or under A's normal range from two factors not 0
-  return int(!(mag <= std::numeric_limits<A>::max())) |
+  return int(!(mag <= kMax)) | int(!(std::abs(k3) <= kMax)) |
          (int(mag < std::numeric_limits<A>::min()) & int(k2 != A(0)) & int(invstd != A(0)));
 }
 
@@ -146,7 +150,7 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
     }
     unsigned any = 0;  // an integer, not a bool: GCC vectorises the OR of those
     for (int64_t c = c0; c < c1; ++c) {
-      const int exact = exact_channel(k2_out[c], invstd[c]);
+      const int exact = exact_channel(k2_out[c], k3_out[c], invstd[c]);
       k2x_out[c] = exact ? A(0) : k2_times_invstd(k2_out[c], invstd[c]);
       any |= unsigned(exact);
     }
@@ -343,11 +347,12 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
     // The exact channels' dx in double (see exact_channel): x_hat first, as no k2x holds.
     if (dxp && any_exact.load(std::memory_order_relaxed)) {
       for (int64_t c = 0; c < C; ++c) {
-        if (!exact_channel(k2[c], invstd[c])) continue;
-        const double m = double(mean[c]), is = double(invstd[c]);
+        if (!exact_channel(k2[c], k3[c], invstd[c])) continue;
+        const double m = double(mean[c]), is = double(invstd[c]), k1_c = double(k1[c]);
+        const double mean_g = cf.sum_g[c] * cf.per_count, mean_gxhat = cf.sum_gxhat[c] * cf.per_count;
         for_channel_values(tl, c, [&](int64_t off) {
           const double x_hat = (double(xp[off]) - m) * is;
-          const double dx = exact_grad(c, off) * double(k1[c]) - x_hat * double(k2[c]) - double(k3[c]);
+          const double dx = k1_c * (exact_grad(c, off) - x_hat * mean_gxhat - mean_g);
           dxp[off] = static_cast<T>(static_cast<A>(dx));
         });
       }
