@@ -20,12 +20,12 @@
 
 namespace bnfused::cpu {
 
-// A row tile's one-sweep moments (below), and with 8-float vectors a plane tile's, are kept for a
-// channel when its sum of squared deviations from its shift is at most this many times its M2, that
-// is when the shift lies within one of the tile's standard deviations from the tile's mean; else the
-// channel's M2 (a plane tile's mean too) is summed again around the tile's mean. Cancellation and the
-// rounding of sum d (weighted by the shift's distance) then cost M2 a few times what the two-sweep
-// sums' rounding does (invstd within about 1e-6 in float32).
+// A row or plane tile's one-sweep moments (below) are kept for a channel when its sum of squared
+// deviations from its shift is at most this many times its M2, that is when the shift lies within one
+// of the tile's standard deviations from the tile's mean; else the channel's mean and M2 are summed
+// again around the tile's mean. Cancellation and the rounding of sum d (weighted by the shift's
+// distance) then cost M2 a few times what the two-sweep sums' rounding does (invstd within about 1e-6
+// in float32).
 constexpr double kMaxShiftedLoss = 2.0;
 
 // The values a one-sweep shift averages, out of count: 1, 2, 4 or 8.
@@ -67,10 +67,6 @@ void row_shift(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* shift) {
   for (; c + VW <= W; c += VW) shift_of(Full{}, c);
   if (c < W) shift_of(Part{W - c}, c);
 }
-
-// Plane tiles' moments in one sweep (sums of deviations from plane_shift and of their squares) in
-// builds of 8-float vectors or fewer.
-constexpr bool kOneSweepPlanes = true;
 
 // The shift of a plane tile's one-sweep moments: the mean of k = 1, 2, 4 or 8 of its values, summed
 // pairwise as deviations from the first (exact for a constant tile). Value i lies in plane i * planes
@@ -133,15 +129,16 @@ std::unique_ptr<A[]> tile_parts(const Tiling& tl) {
 // tile is read once, for the sums of the deviations from row_shift and of their squares (M2 = sum d^2
 // - (sum d)^2 / n); channels whose shift is too far out (kMaxShiftedLoss) are summed again. The second
 // read of every tile cost about a third of a read from memory (float32) to all of one (bfloat16,
-// whose values are converted on each read). A plane tile likewise, around plane_shift, in builds of
-// 8-float vectors or fewer (kOneSweepPlanes), and summed again around its mean when that shift is too
-// far out. batch_stats alone, AVX2 EPYC, 1 thread, two sweeps -> one: bfloat16 (32, 64, 56, 56)
-// 2.92-3.09 -> 2.13-2.17 ms, float32 2.83-2.96 -> 2.33-2.41; (128, 256, 14, 14) bfloat16 3.76-3.97 ->
-// 2.73-2.95, float32 3.93-4.09 -> 3.31-3.39 (with PlaneStreams' prefetch too: bfloat16 2.04-2.06,
-// float32 2.61-2.71). Builds of wider vectors sum a plane tile twice, first the mean of the deviations
-// from its first value, then the deviations from that mean and their squares (sums_around_means):
-// the first sweep's two sums in one would be a chain of dependent adds each where the mean's sweep
-// runs four (not measured with AVX512).
+// whose values are converted on each read). A plane tile likewise, around plane_shift, and summed
+// again around its mean when that shift is too far out. batch_stats alone, AVX2
+// EPYC, 1 thread, two sweeps -> one: bfloat16 (32, 64, 56, 56) 2.92-3.09 -> 2.13-2.17 ms, float32
+// 2.83-2.96 -> 2.33-2.41; (128, 256, 14, 14) bfloat16 3.76-3.97 -> 2.73-2.95, float32 3.93-4.09 ->
+// 3.31-3.39 (with PlaneStreams' prefetch too: bfloat16 2.04-2.06, float32 2.61-2.71). AVX512 builds
+// summed plane tiles twice until 21ba234 (the mean's deviations from the tile's first value, then the
+// squares around that mean, which kept the first value's rounding in the mean); one sweep there, Zen
+// 5, batch_stats alone, 1 thread: float32 (128, 256, 14, 14) 1.42-1.49 -> 1.25-1.28 ms, bfloat16
+// 0.57-0.60 -> 0.41-0.55. Rows wider than kMaxRowsPeriod (not flat) are summed twice: around their
+// first row, then sums_around_means.
 template <typename T>
 void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
   using A = acc_t<T>;
@@ -262,7 +259,7 @@ void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
     }
     return;
   }
-  if (!tl.rows && kOneSweepPlanes) {
+  if (!tl.rows) {
     // One sweep around `centre`: the tile's mean (as its pair) and M2; false when the centre lies too
     // far out for M2.
     const auto sweep = [&](A centre, const PlaneStreams& streams) {

@@ -144,7 +144,7 @@ inline bool half_width_vector_units() {
 // blocks_256: float32 planes of exactly kBlockPlaneBytes (8x8) walked by blocks of channels by the
 // backward (plane_block_channels, tiling.h) where planes are sequential too, on AMD's Zen 1 and Zen 5
 // (family 1Ah) and later. Zen 5, AVX512 build, backward op alone, default walk -> blocks, two
-// processes each, 1 / 2 threads (ATen 20-21 / 16-21 us for the first): (64, 16, 8, 8) 28-30 -> 19-20 us
+// processes each, 1 / 2 threads (ATen 20-31 / 16-21 us for the first): (64, 16, 8, 8) 28-30 -> 19-20 us
 // / 17-20 -> 15; (128, 64, 8, 8) 198-211 -> 131-137 / 94-128 -> 84-87; (32, 32, 8, 8) 30-33 -> 20-21 /
 // 17-21 -> 15; (16, 256, 8, 8) 90-122 -> 68-69 / 59-65 -> 41-48. Zen 1 (AVX2): (64, 16, 8, 8) about
 // 94 -> 78 us, (128, 64, 8, 8) 1100 -> 790 (1 thread). Zen 4 measured the other way (tiling.h), and
