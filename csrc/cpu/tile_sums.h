@@ -329,7 +329,7 @@ void plane_sums(const Tiling& tl, const PlaneTiles& b, const CenterOf& center_of
   };
   // Each channel's chains, and their total folded every `fold` samples, as tile_sums keeps them
   // (blocks hold planes shorter than one of tile_sums' runs between folds: no fold inside a plane).
-  static_assert(kBlockPlaneBytes / 2 <= kMaxChainAdds * VW, "a block's plane fits one run of tile_sums");
+  static_assert(kMaxBlockPlaneBytes / 2 <= kMaxChainAdds * VW, "a block's plane fits one run of tile_sums");
   struct Sums {
     std::array<Acc, kChains> q;
     Acc total;

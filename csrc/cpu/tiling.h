@@ -88,15 +88,16 @@ struct Tiling {
   bool sequential_rows, sequential_planes;
   // Long 16-bit planes of large tensors in memory order (Walks::long_planes).
   bool long_planes_in_order;
-  // Planes of kBlockPlaneBytes by blocks of channels (Walks::blocks_256).
-  bool blocks_256;
+  // Contiguous planes of up to this many bytes by blocks of channels (Walks::block_plane_bytes).
+  int64_t block_plane_bytes;
   // planes: one whole plane per tile, the tiles numbered in memory order (tile t is plane t = n * C + c)
   // rather than channel-major (see one_plane_tiles).
   bool tiles_in_memory_order = false;
 
   static Tiling of(const Ncs& L) {
     const Walks walks = sequential_walks();
-    Tiling t{L, false, 1, 0, 1, 1, 0, 0, 0, false, walks.rows, walks.planes, walks.long_planes, walks.blocks_256};
+    Tiling t{L, false, 1, 0, 1, 1, 0, 0, 0, false, walks.rows, walks.planes, walks.long_planes,
+             walks.block_plane_bytes};
     if (L.s > 1 && L.ss == 1) {
       t.rows = false;
     } else if (L.sc == 1 || L.c == 1) {
@@ -209,8 +210,9 @@ inline PlaneTiles single_tile(const Tiling& tl, int64_t t) {
 // Short planes are walked by blocks of channels, in memory order, where a tile of one channel's
 // planes reads a few cache lines and jumps C * S values to the next (past the hardware prefetcher's
 // reach: it does not cross 4 KB pages), and pays a plane's fixed costs (its run's start and end, a
-// partial vector) per few vectors: planes of under kBlockPlaneBytes (and of kBlockPlaneBytes where
-// Walks::blocks_256 says), contiguous, grouped several to a tile, with either walk (walk_order.h).
+// partial vector) per few vectors: planes of under kBlockPlaneBytes (and up to kMaxBlockPlaneBytes
+// where Walks::block_plane_bytes says), contiguous, grouped several to a tile, with either walk
+// (walk_order.h).
 // A block holds at least kBlockRunBytes of each sample (one run of memory) where it can, at most
 // kMaxBlockChannels channels and kMaxBlockValues values per sample (the state of its sums, and its
 // coefficients repeated per value, stay in L1), and the count of blocks aims at a multiple of the
@@ -237,6 +239,7 @@ inline PlaneTiles single_tile(const Tiling& tl, int64_t t) {
 //   bytes, 140-235 -> 139-197 us (0.84-1.01 -> 0.75-1.04 of ATen's), bfloat16 (32, 64, 14, 14), 392
 //   bytes, 0.41-0.51 -> 0.54-0.70 of ATen's at 2 threads.
 constexpr int64_t kBlockPlaneBytes = 256;
+constexpr int64_t kMaxBlockPlaneBytes = 512;
 constexpr int64_t kBlockRunBytes = 2048;
 constexpr int64_t kMaxBlockChannels = 64;
 constexpr int64_t kMaxBlockValues = 1024;  // per sample: C * S of a block
@@ -245,7 +248,7 @@ constexpr int64_t kMaxBlockValues = 1024;  // per sample: C * S of a block
 inline int64_t plane_block_channels(const Tiling& tl, int64_t value_bytes) {
   const int64_t plane_bytes = tl.L.s * value_bytes;
   const bool short_plane =
-      plane_bytes < kBlockPlaneBytes || (plane_bytes == kBlockPlaneBytes && tl.blocks_256);
+      plane_bytes < kBlockPlaneBytes || plane_bytes <= std::min(tl.block_plane_bytes, kMaxBlockPlaneBytes);
   if (!tl.contiguous_planes() || tl.tiles_in_memory_order || tl.group == 1 || !short_plane) {
     return 0;
   }

@@ -10,7 +10,7 @@
 //               forward (and over longer planes, when x takes 8 MiB or more) takes the statistics,
 //               then one eval pass in memory order (stats_then_normalize); the backward over longer
 //               16-bit planes one plane per tile in memory order, and over planes of 256 bytes
-//               channel tiles (but on Zen 1 and Zen 5: Walks::blocks_256).
+//               channel tiles (but on Zen 1 and Zen 5: Walks::block_plane_bytes).
 //
 // sequential reads every tensor in address order, which some hardware prefetchers need: blocked
 // reads a few cache lines of each row per block (256 bytes of every 1 KB row for float32 (128, 256,
@@ -141,16 +141,22 @@ inline bool half_width_vector_units() {
 // (64, 128, 28, 28) 2.69-2.97 -> 2.54-2.75 / 4.50-4.77 -> 4.45-4.51; backward 2 threads 3.79-4.15 ->
 // 3.69-3.94 and 4.11-4.25 -> 3.75-4.09). Short planes keep memory order there ((128, 256, 14, 14):
 // 3.12 ms in order, 3.40 by channel).
-// blocks_256: float32 planes of exactly kBlockPlaneBytes (8x8) walked by blocks of channels by the
-// backward (plane_block_channels, tiling.h) where planes are sequential too, on AMD's Zen 1 and Zen 5
-// (family 1Ah) and later. Zen 5, AVX512 build, backward op alone, default walk -> blocks, two
+// block_plane_bytes: the backward walks contiguous planes of up to this many bytes by blocks of
+// channels (plane_block_channels, tiling.h), besides those under 256 bytes that every walk takes so:
+// 256 (float32 8x8) where planes are blocked and on AMD's Zen 1; 512 on Zen 5 (family 1Ah) and later;
+// 0 (none more) elsewhere. Zen 5, AVX512 build, backward op alone, default walk -> blocks, two
 // processes each, 1 / 2 threads (ATen 20-31 / 16-21 us for the first): (64, 16, 8, 8) 28-30 -> 19-20 us
 // / 17-20 -> 15; (128, 64, 8, 8) 198-211 -> 131-137 / 94-128 -> 84-87; (32, 32, 8, 8) 30-33 -> 20-21 /
 // 17-21 -> 15; (16, 256, 8, 8) 90-122 -> 68-69 / 59-65 -> 41-48. Zen 1 (AVX2): (64, 16, 8, 8) about
 // 94 -> 78 us, (128, 64, 8, 8) 1100 -> 790 (1 thread). Zen 4 measured the other way (tiling.h), and
-// keeps the channel tiles. Blocks and tiles give the same bits there.
+// keeps the channel tiles. Zen 5, planes of 257 to 512 bytes, op alone, two processes each, tiles ->
+// blocks, 1 / 2 threads (ATen 45-52 / 28-29 us for the first): float32 (16, 128, 9, 9) 60-66 -> 53-56
+// us / 35-36 -> 35; (32, 64, 10, 10) 66-76 -> 57-58 / 41 -> 38-40; (64, 32, 11, 11) 74-78 -> 69-72 /
+// 42-47 -> 41-43; (32, 128, 9, 9) 114-119 -> 99-101 / 61-67 -> 58-59; bfloat16 (64, 64, 15, 15), 2
+// threads, 100-102 -> 90-92 (ATen 193-198). Blocks and tiles give the same bits there.
 struct Walks {
-  bool rows, planes, long_planes, blocks_256;
+  bool rows, planes, long_planes;
+  int64_t block_plane_bytes;
 };
 
 // AMD's Zen 5 or later (family 1Ah and up).
@@ -168,12 +174,12 @@ inline Walks sequential_walks() {
       TORCH_CHECK(walk == "sequential" || walk == "blocked",
                   "bnfused: BNFUSED_CPU_WALK must be 'sequential' or 'blocked', got '", walk, "'");
       const bool sequential = walk == "sequential";
-      return {sequential, sequential, sequential, !sequential};
+      return {sequential, sequential, sequential, sequential ? 0 : 256};
     }
     const std::string vendor = cpu_vendor();
     const bool planes = kNarrowVectors || vendor == "AuthenticAMD" || vendor == "HygonGenuine";
     const bool half_width = half_width_vector_units();
-    return {true, planes, planes && !half_width, !planes || half_width || zen5_or_later()};
+    return {true, planes, planes && !half_width, zen5_or_later() ? 512 : !planes || half_width ? 256 : 0};
   }();
   return walks;
 }
