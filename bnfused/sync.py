@@ -13,6 +13,9 @@ Forward (training), on every rank:
        Every term is a deviation from a mean, so it is stable for |mean| >> std, and a rank with an
        empty batch (n_r = 0) adds nothing but still joins the collective, as it must. An all_reduce
        of (count, sum, sum of squares) would need the naive E[x^2] - E[x]^2 and is not used.
+       Where a variance overflowed the backend's float32 (|x| beyond ~1e19), every rank sees it in the
+       gathered numbers and gathers again, with local statistics in float64: invstd is then computed
+       from the float64 variance, as torch's CPU kernels do.
     3. running stats updated with the global (mean, unbiased var): the same numbers on every rank
     4. ``normalize`` -> y = act((x - mean) * invstd * w + b)
 
@@ -75,28 +78,40 @@ def merge_stats(gathered: torch.Tensor, num_channels: int) -> tuple[torch.Tensor
     return total, mean, var
 
 
-def global_batch_stats(
-    x: torch.Tensor, backend: str, process_group, world_size: int
-) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """Per-channel statistics of the batch formed by x on every rank of the group (one all_gather).
-
-    Args:
-        x: (N, C, *) kernel-ready; N may be 0 on some ranks.
-    Returns:
-        (global count of values per channel, mean (C,), biased var (C,)); mean and var in the
-        accumulation dtype of x (float32, float64 for float64 x).
-    """
+def _gathered_stats(x: torch.Tensor, backend: str, exact: bool, process_group, world_size: int):
+    """Every rank's (count, mean, biased var), gathered and merged: (total, mean (C,), var (C,)) in float64.
+    ``exact``: the local statistics in ``statistics_dtype`` (float64) rather than by the backend."""
     num_channels = x.shape[1]
     local_count = x.numel() // num_channels
     packed = torch.zeros(1 + 2 * num_channels, dtype=_EXCHANGE_DTYPE, device=x.device)
     packed[0] = local_count
     if local_count > 0:
-        mean, var = backends.module(backend).batch_stats(x)
+        reference = backends.module("reference")
+        mean, var = reference.batch_stats_exact(x) if exact else backends.module(backend).batch_stats(x)
         packed[1 : 1 + num_channels] = mean
         packed[1 + num_channels :] = var
-    total, mean, var = merge_stats(_gather(packed, process_group, world_size), num_channels)
-    acc = backends.module("reference").accumulation_dtype(x.dtype)
-    return int(total.item()), mean.to(acc), var.to(acc)
+    return merge_stats(_gather(packed, process_group, world_size), num_channels)
+
+
+def global_batch_stats(
+    x: torch.Tensor, backend: str, process_group, world_size: int
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Per-channel statistics of the batch formed by x on every rank of the group (one all_gather, two
+    where a variance overflows the accumulation dtype).
+
+    Args:
+        x: (N, C, *) kernel-ready; N may be 0 on some ranks.
+    Returns:
+        (global count of values per channel, mean (C,), biased var (C,)); mean and var in float64.
+    """
+    total, mean, var = _gathered_stats(x, backend, False, process_group, world_size)
+    # One host read for both: the count, and whether a variance overflowed float32 (values beyond
+    # ~1e19), which float64 holds, as torch's CPU kernels do. The gathered numbers are the same on
+    # every rank, so every rank takes the second gather, or none.
+    count, finite = torch.stack([total, torch.isfinite(var).all().to(total.dtype)]).tolist()
+    if count > 0 and not finite and x.dtype != torch.float64:
+        total, mean, var = _gathered_stats(x, backend, True, process_group, world_size)
+    return int(count), mean, var
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -217,9 +232,11 @@ def sync_batch_norm(
         )
     if count == 0:  # every rank is empty: nothing to normalise, running stats stay as they are
         return empty_batch_norm(input, weight, bias, act, slope)
-    backends.module("reference").update_running_stats(running_mean, running_var, mean, var, count, momentum)
-    invstd = torch.rsqrt(var + eps)
-    return SyncBatchNormFunction.apply(x, weight, bias, mean, invstd, count, act, slope, name, process_group)
+    reference = backends.module("reference")
+    reference.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    acc = reference.accumulation_dtype(x.dtype)
+    invstd = reference.invstd_of(var, eps, acc)
+    return SyncBatchNormFunction.apply(x, weight, bias, mean.to(acc), invstd, count, act, slope, name, process_group)
 
 
 class SyncBatchNorm(_FusedBatchNorm, nn.modules.batchnorm._BatchNorm):

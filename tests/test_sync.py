@@ -179,6 +179,8 @@ def _job_sync_cases(rank: int, world_size: int, backend: str) -> None:
                              where=f"case {case} step {step}", **data)  # fmt: skip
     _check_eval_without_communication(rank, mod, ref, tail)
     _check_global_batch_of_one_or_none(rank, world_size, backend)
+    for dtype in (torch.float32, torch.bfloat16):
+        _check_variance_beyond_float32(rank, world_size, backend, dtype)
 
 
 def _job_three_processes(rank: int, world_size: int) -> None:
@@ -234,6 +236,47 @@ def _check_global_batch_of_one_or_none(rank: int, world_size: int, backend: str)
     y = mod(torch.randn(0, 3))
     assert y.shape == (0, 3)
     assert torch.equal(mod.running_mean, torch.zeros(3)) and torch.equal(mod.running_var, torch.ones(3))
+
+
+def _check_variance_beyond_float32(rank: int, world_size: int, backend: str, dtype: torch.dtype) -> None:
+    """Values near 1e30 on rank 0 only: the global variance (1e60) overflows float32 on every rank, which
+    then takes a second gather of float64 statistics; output, input gradient and parameter gradients
+    equal a float64 oracle (torch's float32 kernels give y = bias there), the running variance is inf
+    as the oracle's rounded to float32."""
+    sizes = (3, *[2] * (world_size - 1))
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    torch.manual_seed(7)
+    x = make_input((sum(sizes), 3, 2, 2), torch.float64)
+    x[: sizes[0]] *= 1e30
+    x = x.to(dtype)
+    dy = torch.randn(x.shape, dtype=torch.float64)
+    ref = nn.BatchNorm2d(3, momentum=0.5, dtype=torch.float64)
+    mod = bnfused.SyncBatchNorm(3, momentum=0.5, activation="relu", backend=backend)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.uniform_(-0.5, 0.5)
+    mod.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ref.state_dict().items()})
+    x_ref = x.to(torch.float64).requires_grad_()
+    y_ref = torch.relu(ref(x_ref))
+    y_ref.backward(dy)
+    x_mod = x[lo:hi].detach().requires_grad_()
+    with _CountCollectives() as forward:
+        y = mod(x_mod)
+    y.backward(dy[lo:hi].to(dtype))
+    where = f"{dtype} rank {rank}"
+    assert forward.calls == ["all_gather"] * 2, f"{where}: forward collectives {forward.calls}"
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(y.double(), y_ref[lo:hi], atol=atol, rtol=rtol, msg=lambda m: f"output, {where}: {m}")
+    grad_unit = x_ref.grad.abs().max()  # about 1e-30: compared relative to the largest
+    torch.testing.assert_close(x_mod.grad.double() / grad_unit, x_ref.grad[lo:hi] / grad_unit, atol=atol * 5,
+                               rtol=rtol * 5, msg=lambda m: f"input grad, {where}: {m}")  # fmt: skip
+    for name in ("weight", "bias"):
+        summed = getattr(mod, name).grad.clone()
+        dist.all_reduce(summed)
+        torch.testing.assert_close(summed.double(), getattr(ref, name).grad, atol=atol * 10, rtol=rtol * 5,
+                                   msg=lambda m, n=name: f"{n} grad summed over ranks, {where}: {m}")  # fmt: skip
+    torch.testing.assert_close(mod.running_mean, ref.running_mean.float(), msg=lambda m: f"running_mean, {where}: {m}")
+    assert torch.isinf(mod.running_var).all() and torch.isinf(ref.running_var.float()).all(), where
 
 
 def _check_converted_model_under_ddp(rank: int, world_size: int, sizes) -> None:

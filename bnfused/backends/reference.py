@@ -106,7 +106,7 @@ def statistics_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _batch_stats_exact(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_stats_exact(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance in ``statistics_dtype``, two passes: a +inf in a channel
     gives mean inf and variance NaN, as in torch (a one-pass var_mean gives a NaN mean)."""
     xs = x.to(statistics_dtype(x.device))
@@ -118,11 +118,11 @@ def _batch_stats_exact(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance of x: (N, C, *) -> two (C,) tensors in the accumulation dtype."""
     acc = accumulation_dtype(x.dtype)
-    mean, var = _batch_stats_exact(x)
+    mean, var = batch_stats_exact(x)
     return mean.to(acc), var.to(acc)
 
 
-def _invstd(var: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+def invstd_of(var: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
     """1 / sqrt(var + eps) in ``dtype``, computed in ``statistics_dtype``."""
     return torch.rsqrt(var.to(statistics_dtype(var.device)) + eps).to(dtype)
 
@@ -163,9 +163,9 @@ def forward_train(
     running stats in place when given.
     """
     acc = accumulation_dtype(x.dtype)
-    mean, var = _batch_stats_exact(x)
+    mean, var = batch_stats_exact(x)
     update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
-    mean, invstd = mean.to(acc), _invstd(var, eps, acc)
+    mean, invstd = mean.to(acc), invstd_of(var, eps, acc)
     return normalize(x, weight, bias, mean, invstd, act, slope, residual), mean, invstd
 
 
@@ -173,7 +173,7 @@ def eval_stats(running_mean: torch.Tensor, running_var: torch.Tensor, eps: float
     """The (mean, invstd) pair that eval mode normalises with, in the accumulation dtype of ``dtype``."""
     acc = accumulation_dtype(dtype)
     # A copy, never the buffer itself: saved for backward, it must not change with the next update.
-    return running_mean.to(acc, copy=True), _invstd(running_var, eps, acc)
+    return running_mean.to(acc, copy=True), invstd_of(running_var, eps, acc)
 
 
 def forward_eval(x, weight, bias, running_mean, running_var, eps: float, act: int, slope: float, residual=None):
