@@ -188,6 +188,36 @@ def test_item05_input_gradient_of_a_dy_near_the_dtypes_largest_values(shape, lay
     assert torch.equal(dx_c[beyond], dx_oc[beyond].sign() * math.inf)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(64, 3), (4, 3, 9, 9), (3, 5, 4, 4)])
+def test_item05_input_gradient_whose_terms_overflow_where_it_does_not(shape, layout, dtype):
+    # dy affine in x_hat near float32's largest values: dx = k1 * (g - x_hat * mean(g * x_hat) - mean(g))
+    # is about 0, but the kernel's terms g * k1 and x_hat * k2 + k3 (each finite k2, k3) overflow
+    # float32, which gave dx = -inf (torch's float32 gives inf or NaN). dx: finite and the float64
+    # oracle's within the cancellation of its terms (the statistics are float32).
+    g = torch.Generator(torch.get_default_device()).manual_seed(58)
+    x = torch.randn(shape, generator=g) * 2.0
+    if layout == "channels_last" and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dims = [0, *range(2, x.dim())]
+    mean, var = x.double().mean(dims, keepdim=True), x.double().var(dims, unbiased=False, keepdim=True)
+    dy = (3e36 * (1 + (x.double() - mean) / var.sqrt())).to(dtype)
+    x = x.to(dtype)
+    C = shape[1]
+    w, b = torch.full((C,), 100.0), torch.zeros(C)
+    dx = run("cpp", x, None, None, w, b, dy=dy)[3].double()
+    dx_o = run("oracle", x, None, None, w, b, dy=dy)[3]
+    assert dx.isfinite().all(), f"{int((~dx.isfinite()).sum())} of {dx.numel()} not finite"
+    per_channel = lambda t: t.double().transpose(0, 1).reshape(C, -1)  # noqa: E731
+    x64, dy64 = per_channel(x), per_channel(dy)
+    terms = w.double() * (x64.var(1, unbiased=False) + 1e-5).rsqrt() * dy64.abs().amax(1)
+    assert (terms > torch.finfo(torch.float32).max).any(), "no term overflows float32: the test tests nothing"
+    # and within dx's rounding to the dtype
+    tol = (1e-5 * terms)[:, None] + torch.finfo(dtype).eps * per_channel(dx_o).abs()
+    assert ((per_channel(dx) - per_channel(dx_o)).abs() <= tol).all(), "dx off the oracle"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(4, 6), (2, 3, 40, 40)])
 @pytest.mark.parametrize("spread, offset", [(1.2e-39, 1.2e-37), (1e-44, 0.0), (0.0, 1e-40)])

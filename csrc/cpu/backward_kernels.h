@@ -70,6 +70,12 @@ struct GradCoefs {
   double per_count;   // 1 / M
 };
 
+// sqrt(M), the largest |x_hat| (exact_channel)
+template <typename A>
+A root_count_of(const GradCoefs<A>& cf) {
+  return static_cast<A>(std::sqrt(1.0 / cf.per_count));
+}
+
 // dx = g * k1 - x_hat * k2 - k3 is computed as g * k1 - (x - mean) * k2x - k3, with k2x = k2 * invstd
 // formed once per channel in double: one multiply per value fewer than forming x_hat first (op alone,
 // in-process A/B, Zen 1, 2 threads: bfloat16 channels_last backward 0.90-0.95 of the time, NCHW
@@ -83,15 +89,19 @@ A k2_times_invstd(A k2, A invstd) {
 }
 // 1 where the channel is exact, else 0: an int from bitwise operations, not a bool from branches nor
 // a struct, so that a loop over channels vectorises (GCC 12 left the others scalar). Also exact: a
-// channel whose k3 overflowed A (a dy near A's largest values; k2 then shows in k2x): its dx is
-// rewritten as k1 * (g - x_hat * sum_gxhat / M - sum_g / M), which stays finite where the result is,
-// where the terms of A gave inf - inf = NaN.
+// channel whose x_hat * k2 + k3 may come near A's largest values (a dy near them), where the terms of A
+// overflow (inf - inf = NaN, or an inf where dx is finite: the terms cancel); as |x_hat| <= sqrt(M) (the
+// biased variance's definition), |x_hat * k2 + k3| <= root_count * |k2| + |k3|, flagged from A's
+// largest / 256 (`kTermHeadroom`) up, which also leaves g * k1 room where such terms cancel it. Its dx
+// is rewritten as k1 * (g - x_hat * sum_gxhat / M - sum_g / M), which stays finite where the result is.
+constexpr int kTermHeadroom = 256;
 template <typename A>
-int exact_channel(A k2, A k3, A invstd) {
+int exact_channel(A k2, A k3, A invstd, A root_count) {
   const A mag = std::abs(k2_times_invstd(k2, invstd));
   constexpr A kMax = std::numeric_limits<A>::max();
+  const A terms = root_count * std::abs(k2) + std::abs(k3);
   // not finite (NaN fails every comparison), or under A's normal range from two factors not 0
-  return int(!(mag <= kMax)) | int(!(std::abs(k3) <= kMax)) |
+  return int(!(mag <= kMax)) | int(!(terms <= kMax / kTermHeadroom)) |
          (int(mag < std::numeric_limits<A>::min()) & int(k2 != A(0)) & int(invstd != A(0)));
 }
 
@@ -144,13 +154,14 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
     const double *sg = cf.sum_g, *sgx = cf.sum_gxhat;
     const double per_count = cf.per_count;
     A *k2_out = cf.k2, *k3_out = cf.k3, *k2x_out = k2x.get();
+    const A root_count = root_count_of(cf);
     for (int64_t c = c0; c < c1; ++c) {
       k2_out[c] = static_cast<A>(double(k1[c]) * sgx[c] * per_count);
       k3_out[c] = static_cast<A>(double(k1[c]) * sg[c] * per_count);
     }
     unsigned any = 0;  // an integer, not a bool: GCC vectorises the OR of those
     for (int64_t c = c0; c < c1; ++c) {
-      const int exact = exact_channel(k2_out[c], k3_out[c], invstd[c]);
+      const int exact = exact_channel(k2_out[c], k3_out[c], invstd[c], root_count);
       k2x_out[c] = exact ? A(0) : k2_times_invstd(k2_out[c], invstd[c]);
       any |= unsigned(exact);
     }
@@ -347,7 +358,7 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
     // The exact channels' dx in double (see exact_channel): x_hat first, as no k2x holds.
     if (dxp && any_exact.load(std::memory_order_relaxed)) {
       for (int64_t c = 0; c < C; ++c) {
-        if (!exact_channel(k2[c], k3[c], invstd[c])) continue;
+        if (!exact_channel(k2[c], k3[c], invstd[c], root_count_of(cf))) continue;
         const double m = double(mean[c]), is = double(invstd[c]), k1_c = double(k1[c]);
         const double mean_g = cf.sum_g[c] * cf.per_count, mean_gxhat = cf.sum_gxhat[c] * cf.per_count;
         for_channel_values(tl, c, [&](int64_t off) {
