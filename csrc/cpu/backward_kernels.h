@@ -351,10 +351,10 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
       centered ? write(std::true_type{}) : write(std::false_type{});
       stream_fence(stream);
     };
-    two_pass(tl, streams * int64_t(sizeof(T)), reduce, dxp != nullptr || drp != nullptr, sums, merge, input_grad,
-             plane_block_channels(tl, sizeof(T)), [&] {
-               if (reduce) arrange_k2_k3();
-             });
+    two_pass</*kGrouped=*/true>(tl, streams * int64_t(sizeof(T)), reduce, dxp != nullptr || drp != nullptr, sums,
+                                merge, input_grad, plane_block_channels(tl, sizeof(T)), [&] {
+                                  if (reduce) arrange_k2_k3();
+                                });
     // The exact channels' dx in double (see exact_channel): x_hat first, as no k2x holds.
     if (dxp && any_exact.load(std::memory_order_relaxed)) {
       for (int64_t c = 0; c < C; ++c) {
