@@ -80,8 +80,11 @@ acc_t<T> plane_shift(const T* xp, const Tiling& tl, int64_t t) {
   const PlaneSpan p = tl.plane_span(t);
   const int64_t planes = p.n1 - p.n0, count = planes * p.len;
   const int64_t k = shift_samples(count);
+  // k is a power of two: shifts, not divisions (18 of them took a sixth of the statistics of (2, 512,
+  // 4, 4), a tile per channel of two 16-value planes)
+  const int log2_k = k == 8 ? 3 : k == 4 ? 2 : k == 2 ? 1 : 0;
   const auto value = [&](int64_t i) {
-    const int64_t n = p.n0 + i * planes / k, s = p.s0 + i * p.len / k;
+    const int64_t n = p.n0 + ((i * planes) >> log2_k), s = p.s0 + ((i * p.len) >> log2_k);
     return static_cast<A>(xp[n * tl.L.sn + p.c * tl.L.sc + s * tl.es]);
   };
   return mean_from_first(k, value, A(1) / A(k));
