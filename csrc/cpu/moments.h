@@ -285,12 +285,12 @@ void tile_moments(const T* xp, const Tiling& tl, int64_t t, acc_t<T>* part) {
     if (!sweep(plane_shift(xp, tl, t), PlaneStreams::of(xp))) sweep(tile_mean[0], PlaneStreams{});
     return;
   }
+  // Rows wider than kMaxRowsPeriod, not walked flat: the first row is the shift of a first sweep for
+  // the means alone, then sums_around_means.
   for (int64_t j = 0; j < W; ++j) tile_mean[j] = static_cast<A>(xp[first + j]);  // the shift
-  const A* center = tl.flat ? repeated : tile_mean;
-  if (tl.flat) repeat_channels(tl, tile_mean, repeated);
   std::fill(tile_m2, tile_m2 + W, A(0));
   tile_sums<1, has_pairs<T>()>(
-      tl, t, center, kNoArrays<A>,
+      tl, t, tile_mean, kNoArrays<A>,
       [=](auto tag, int64_t off, const V& c, auto) { return contributions(V(centered(tag, off, c))); },
       tile_m2, PlaneStreams::of(xp));
   for (int64_t j = 0; j < W; ++j) {
