@@ -357,8 +357,9 @@ void grad_sums_then_input(const GradTensors<T>& io, const Tiling& tiling, const 
                                 });
     // The exact channels' dx in double (see exact_channel): x_hat first, as no k2x holds.
     if (dxp && any_exact.load(std::memory_order_relaxed)) {
+      const A root_count = root_count_of(cf);
       for (int64_t c = 0; c < C; ++c) {
-        if (!exact_channel(k2[c], k3[c], invstd[c], root_count_of(cf))) continue;
+        if (!exact_channel(k2[c], k3[c], invstd[c], root_count)) continue;
         const double m = double(mean[c]), is = double(invstd[c]), k1_c = double(k1[c]);
         const double mean_g = cf.sum_g[c] * cf.per_count, mean_gxhat = cf.sum_gxhat[c] * cf.per_count;
         for_channel_values(tl, c, [&](int64_t off) {

@@ -114,6 +114,12 @@ inline int64_t l3_cache_bytes() {
   return 0;
 }
 
+// The processor's family from CPUID 1 (base plus extended family, as AMD numbers its families).
+inline unsigned int cpu_family() {
+  const unsigned int signature = cpuid(1)[0];
+  return ((signature >> 8) & 0xFu) + ((signature >> 20) & 0xFFu);
+}
+
 // True on processors whose vector units are 128 bits wide and run each 256-bit operation as two:
 // AMD's Zen and Zen+ (family 17h, models below 30h) and Hygon's Dhyana built on them (family 18h),
 // or an AMD or Hygon processor whose CPUID Fn8000_001A EAX has FP128 (bit 0: 128-bit operations at
@@ -123,7 +129,7 @@ inline bool half_width_vector_units() {
   const std::string vendor = cpu_vendor();
   if (vendor != "AuthenticAMD" && vendor != "HygonGenuine") return false;
   const unsigned int signature = cpuid(1)[0];
-  const unsigned int family = ((signature >> 8) & 0xFu) + ((signature >> 20) & 0xFFu);
+  const unsigned int family = cpu_family();
   const unsigned int model = ((signature >> 4) & 0xFu) | (((signature >> 16) & 0xFu) << 4);
   const bool zen1 = (family == 0x17 && model < 0x30) || (vendor == "HygonGenuine" && family == 0x18);
   const unsigned int widths = cpuid(0x8000001Au)[0];
@@ -161,9 +167,7 @@ struct Walks {
 
 // AMD's Zen 5 or later (family 1Ah and up).
 inline bool zen5_or_later() {
-  if (cpu_vendor() != "AuthenticAMD") return false;
-  const unsigned int signature = cpuid(1)[0];
-  return ((signature >> 8) & 0xFu) + ((signature >> 20) & 0xFFu) >= 0x1Au;
+  return cpu_vendor() == "AuthenticAMD" && cpu_family() >= 0x1Au;
 }
 
 inline Walks sequential_walks() {
